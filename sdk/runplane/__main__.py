@@ -1,0 +1,3 @@
+from runplane._cli import main
+
+main()

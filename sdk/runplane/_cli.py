@@ -1,0 +1,204 @@
+"""The ``runplane`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from runplane._errors import ApiError, ConfigurationError, RunplaneError
+
+
+def _fail(message: str) -> int:
+    print(f"runplane: {message}", file=sys.stderr)
+    return 2
+
+
+def _parse_json(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise ConfigurationError(f"{what} is not valid JSON: {error}") from None
+
+
+def _print_run(run: Any) -> None:
+    print(f"{run.id}  {run.task_id}  {run.status}  attempts={run.attempt_count}")
+    if run.output is not None:
+        print("output:", orjson.dumps(run.output).decode())
+    if run.error is not None:
+        print(f"error: {run.error.type}: {run.error.message}")
+
+
+async def _trigger(args: argparse.Namespace) -> int:
+    from runplane._client import Client
+
+    payload = _parse_json(args.payload, "--payload")
+    client = Client()
+    handle = await client.tasks.trigger(args.task, payload, tags=args.tag or None)
+    print(handle.id)
+    if not args.wait:
+        return 0
+    status = None
+    async for run in client.runs.subscribe_to_run(handle.id):
+        if run.status != status:
+            status = run.status
+            print(f"  {run.status}", file=sys.stderr)
+    final = await client.runs.retrieve(handle.id)
+    _print_run(final)
+    return 0 if final.is_success else 1
+
+
+async def _runs(args: argparse.Namespace) -> int:
+    from runplane._client import Client
+
+    client = Client()
+    if args.runs_command == "ls":
+        async for run in client.runs.list(status=args.status, task=args.task, tag=args.tag, limit=args.limit):
+            created = run.created_at.isoformat(timespec="seconds") if run.created_at else ""
+            print(f"{run.id}  {run.task_id:<24} {run.status:<15} {created}")
+        return 0
+    if args.runs_command == "show":
+        run = await client.runs.retrieve(args.run_id)
+        print(orjson.dumps(_run_dict(run), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if args.runs_command == "cancel":
+        _print_run(await client.runs.cancel(args.run_id))
+        return 0
+    if args.runs_command == "watch":
+        async for run in client.runs.subscribe_to_run(args.run_id):
+            print(f"v{run.version:<4} {run.status:<15} attempts={run.attempt_count}", flush=True)
+            if run.is_completed:
+                _print_run(run)
+        return 0
+    return _fail(f"unknown runs command {args.runs_command}")
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(run)
+    data.pop("raw", None)
+    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in data.items()}
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from runplane_server import db
+    from runplane_server.auth import create_key
+    from runplane_server.config import SchedulerSettings
+
+    settings = SchedulerSettings.from_env()
+
+    async def run() -> str:
+        engine = db.create_engine(settings.database_url)
+        try:
+            await db.upgrade(engine)
+            return await create_key(engine, args.env)
+        finally:
+            await engine.dispose()
+
+    print(asyncio.run(run()))
+    return 0
+
+
+def _db_upgrade(_args: argparse.Namespace) -> int:
+    from runplane_server import db
+    from runplane_server.config import SchedulerSettings
+
+    url = SchedulerSettings.from_env().database_url
+    db.upgrade_url(url)
+    print("database is up to date", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runplane", description="Durable background tasks for Python.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run everything locally (SQLite, a NATS server, all services)")
+    dev.add_argument("--tasks", action="append", required=True, metavar="MODULE", help="task module to load")
+    dev.add_argument("--port", type=int, default=7070, help="scheduler port (a free one if taken)")
+    dev.add_argument("--trigger", metavar="TASK", help="once ready, trigger TASK and show its run")
+    dev.add_argument("--payload", default="null", help="JSON payload for --trigger")
+    dev.add_argument("--exit", action="store_true", help="stop after the --trigger run finishes")
+
+    sub.add_parser("scheduler", help="run the scheduler (RUNPLANE_DATABASE_URL, RUNPLANE_NATS_URL)")
+    ex = sub.add_parser("executor", help="run an executor with the given task modules")
+    ex.add_argument("--tasks", action="append", required=True, metavar="MODULE")
+    ex.add_argument("--processes", type=int, help="task processes (default: CPU count)")
+    ex.add_argument("--capacity", type=int, help="attempts at once (default 100)")
+    sub.add_parser("realtime", help="run the realtime service")
+
+    trig = sub.add_parser("trigger", help="trigger a task")
+    trig.add_argument("task")
+    trig.add_argument("--payload", default="null", help="JSON payload")
+    trig.add_argument("--tag", action="append")
+    trig.add_argument("--wait", action="store_true", help="follow the run to its end")
+
+    runs = sub.add_parser("runs", help="list, show, cancel and watch runs")
+    rsub = runs.add_subparsers(dest="runs_command", required=True)
+    ls = rsub.add_parser("ls")
+    ls.add_argument("--status", action="append")
+    ls.add_argument("--task", action="append")
+    ls.add_argument("--tag", action="append")
+    ls.add_argument("--limit", type=int, default=20)
+    for name in ("show", "cancel", "watch"):
+        rsub.add_parser(name).add_argument("run_id")
+
+    keys = sub.add_parser("keys", help="secret keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a secret key and print it")
+    kc.add_argument("--env", required=True, choices=["dev", "staging", "prod"])
+
+    dbp = sub.add_parser("db", help="database")
+    dsub = dbp.add_subparsers(dest="db_command", required=True)
+    dsub.add_parser("upgrade", help="apply migrations")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(_dispatch(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ApiError, ConfigurationError) as error:
+        sys.exit(_fail(str(error)))
+    except RunplaneError as error:
+        sys.exit(_fail(f"{type(error).__name__}: {error}"))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from runplane._log import run_async
+
+    if args.command == "dev":
+        from runplane._dev import run_dev
+
+        return run_dev(args)
+    if args.command == "scheduler":
+        from runplane_scheduler.app import main as scheduler_main
+
+        scheduler_main()
+        return 0
+    if args.command == "executor":
+        from runplane_executor.app import main as executor_main
+
+        executor_main(args.tasks, processes=args.processes, capacity=args.capacity)
+        return 0
+    if args.command == "realtime":
+        from runplane_realtime.server import main as realtime_main
+
+        realtime_main()
+        return 0
+    if args.command == "trigger":
+        return run_async(_trigger(args))
+    if args.command == "runs":
+        return run_async(_runs(args))
+    if args.command == "keys":
+        return _keys_create(args)
+    if args.command == "db":
+        return _db_upgrade(args)
+    return _fail(f"unknown command {args.command}")

@@ -1,0 +1,310 @@
+"""The client: ``runplane.Client`` and the module-level namespaces bound to a default client.
+
+Every call is async and has a synchronous twin named ``<name>_sync`` for code without an event
+loop. The twins run the async call on a private event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from opentelemetry import propagate
+
+from runplane._errors import ConfigurationError, from_rpc_error
+from runplane._models import Run, RunHandle, RunStatus
+from runplane._serde import dumps
+from runplane.v1 import (
+    meta_service_pb2,
+    meta_service_pb2_grpc,
+    run_service_pb2 as rpb,
+    run_service_pb2_grpc,
+)
+
+T = TypeVar("T")
+
+DEFAULT_API_URL = "localhost:7070"
+
+
+class _LoopThread:
+    """A daemon thread running an event loop, for the synchronous twins."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="runplane-sync", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    def run(self, coro: Awaitable[T]) -> T:
+        async def wrapper() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop()).result()
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        while True:
+            try:
+                yield self.run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+
+
+class Client:
+    """A connection to one runplane installation with one key.
+
+    ``api_url`` defaults to ``RUNPLANE_API_URL`` (``localhost:7070``), ``secret_key`` to
+    ``RUNPLANE_SECRET_KEY``, ``realtime_url`` to ``RUNPLANE_REALTIME_URL`` or what the scheduler
+    announces."""
+
+    def __init__(
+        self,
+        api_url: str | None = None,
+        secret_key: str | None = None,
+        realtime_url: str | None = None,
+    ) -> None:
+        self.api_url = api_url or os.environ.get("RUNPLANE_API_URL") or DEFAULT_API_URL
+        self.secret_key = secret_key or os.environ.get("RUNPLANE_SECRET_KEY") or ""
+        self._realtime_url = realtime_url or os.environ.get("RUNPLANE_REALTIME_URL") or ""
+        self._channels: dict[tuple[int, str], grpc.aio.Channel] = {}
+        self._sync = _LoopThread()
+        self.tasks = TasksAPI(self)
+        self.runs = RunsAPI(self)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def channel(self, target: str | None = None) -> grpc.aio.Channel:
+        """The gRPC channel to ``target`` (default: the scheduler) for the running event loop."""
+        target = target or self.api_url
+        key = (id(asyncio.get_running_loop()), target)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                ],
+            )
+            self._channels[key] = channel
+        return channel
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        if not self.secret_key:
+            raise ConfigurationError(
+                "no secret key: pass Client(secret_key=...) or set RUNPLANE_SECRET_KEY "
+                "(`runplane dev` writes one to .runplane/dev.env)"
+            )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return (("authorization", f"Bearer {self.secret_key}"), *carrier.items())
+
+    async def call(self, method: Callable[..., Any], request: Any, timeout: float | None = 30) -> Any:
+        try:
+            return await method(request, metadata=self.metadata(), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
+    def run_stub(self) -> run_service_pb2_grpc.RunServiceStub:
+        return run_service_pb2_grpc.RunServiceStub(self.channel())
+
+    async def realtime_url(self) -> str:
+        if not self._realtime_url:
+            stub = meta_service_pb2_grpc.MetaServiceStub(self.channel())
+            info = await self.call(stub.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
+            if not info.realtime_url:
+                raise ConfigurationError(
+                    "the scheduler announces no realtime service; set RUNPLANE_REALTIME_URL"
+                )
+            self._realtime_url = info.realtime_url
+        return self._realtime_url
+
+    def run_sync(self, coro: Awaitable[T]) -> T:
+        return self._sync.run(coro)
+
+    def iterate_sync(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        return self._sync.iterate(agen)
+
+    async def close(self) -> None:
+        loop_id = id(asyncio.get_running_loop())
+        for key in [k for k in self._channels if k[0] == loop_id]:
+            await self._channels.pop(key).close()
+
+
+class _Namespace:
+    def __init__(self, client: Client | None) -> None:
+        self._bound = client
+
+    @property
+    def _client(self) -> Client:
+        return self._bound or default_client()
+
+
+class TasksAPI(_Namespace):
+    """Trigger tasks by id."""
+
+    async def trigger(
+        self,
+        task_id: str,
+        payload: Any = None,
+        *,
+        queue: str | None = None,
+        tags: Sequence[str] | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        priority: int | None = None,
+    ) -> RunHandle:
+        """Trigger a run of ``task_id`` with ``payload`` (anything JSON-serialisable)."""
+        if isinstance(tags, str):
+            tags = [tags]
+        options = rpb.TriggerOptions(
+            queue=getattr(queue, "name", queue) or "",
+            tags=list(tags or []),
+            metadata=dumps(metadata) if metadata is not None else "",
+            max_attempts=max_attempts or 0,
+            idempotency_key=idempotency_key or "",
+            concurrency_key=concurrency_key or "",
+            priority=priority or 0,
+        )
+        request = rpb.TriggerRunRequest(task_id=task_id, payload=dumps(payload), options=options)
+        client = self._client
+        response = await client.call(client.run_stub().TriggerRun, request)
+        return RunHandle(id=response.run.id, is_cached=response.is_cached, run=Run.from_pb(response.run))
+
+    def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
+        return self._client.run_sync(self.trigger(task_id, payload, **options))
+
+
+class RunsAPI(_Namespace):
+    """Read, list, cancel and follow runs."""
+
+    async def retrieve(self, run_id: str | RunHandle) -> Run:
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        response = await client.call(client.run_stub().GetRun, rpb.GetRunRequest(run_id=run_id))
+        return Run.from_pb(response.run)
+
+    def retrieve_sync(self, run_id: str | RunHandle) -> Run:
+        return self._client.run_sync(self.retrieve(run_id))
+
+    async def cancel(self, run_id: str | RunHandle) -> Run:
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        response = await client.call(client.run_stub().CancelRun, rpb.CancelRunRequest(run_id=run_id))
+        return Run.from_pb(response.run)
+
+    def cancel_sync(self, run_id: str | RunHandle) -> Run:
+        return self._client.run_sync(self.cancel(run_id))
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] | None = None,
+        task: str | Sequence[str] | None = None,
+        tag: str | Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int | None = None,
+        page_size: int = 25,
+    ) -> AsyncIterator[Run]:
+        """Runs, newest first, fetched a page at a time; stops after ``limit`` runs."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        request = rpb.ListRunsRequest(
+            statuses=[RunStatus(s).to_pb() for s in statuses],
+            task_ids=[task] if isinstance(task, str) else list(task or []),
+            tags=[tag] if isinstance(tag, str) else list(tag or []),
+            page_size=page_size,
+        )
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
+        client = self._client
+        count = 0
+        while True:
+            response = await client.call(client.run_stub().ListRuns, request)
+            for pb in response.runs:
+                yield Run.from_pb(pb)
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def list_sync(self, **filters: Any) -> Iterator[Run]:
+        return self._client.iterate_sync(self.list(**filters))
+
+    async def poll(self, run_id: str | RunHandle, *, interval: float = 0.5, timeout: float | None = None) -> Run:
+        """Wait for the run to reach a final status by polling; returns the final run."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            run = await self.retrieve(run_id)
+            if run.is_completed:
+                return run
+            if deadline is not None and loop.time() > deadline:
+                raise TimeoutError(f"run {run.id} still {run.status} after {timeout} s")
+            await asyncio.sleep(interval)
+
+    def poll_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Run:
+        return self._client.run_sync(self.poll(run_id, **kwargs))
+
+    async def subscribe_to_run(
+        self, run_id: str | RunHandle, *, stop_on_completion: bool = True, after_version: int = 0
+    ) -> AsyncIterator[Run]:
+        """The run now, then on every change (status, metadata, tags, output), in order; ends
+        after its final status unless ``stop_on_completion=False``. Reconnects transparently."""
+        from runplane._realtime import subscribe_to_run
+
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        channel = client.channel(await client.realtime_url())
+        async for pb in subscribe_to_run(
+            channel,
+            client.metadata(),
+            run_id,
+            stop_on_completion=stop_on_completion,
+            after_version=after_version,
+        ):
+            yield Run.from_pb(pb)
+
+    def subscribe_to_run_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[Run]:
+        return self._client.iterate_sync(self.subscribe_to_run(run_id, **kwargs))
+
+
+_default: Client | None = None
+_default_lock = threading.Lock()
+
+
+def default_client() -> Client:
+    """The client the module-level functions use, configured from the environment."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Client()
+        return _default
+
+
+def configure(api_url: str | None = None, secret_key: str | None = None, realtime_url: str | None = None) -> Client:
+    """Replace the default client."""
+    global _default
+    with _default_lock:
+        _default = Client(api_url=api_url, secret_key=secret_key, realtime_url=realtime_url)
+        return _default
+
+
+tasks = TasksAPI(None)
+runs = RunsAPI(None)

@@ -1,0 +1,177 @@
+"""Defining tasks: ``@task``, ``queue()`` and the registry executors build manifests from."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from runplane._errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from runplane._models import RunHandle
+
+R = TypeVar("R")
+
+MACHINES: dict[str, tuple[float, float]] = {
+    "micro": (0.25, 0.25),
+    "small-1x": (0.5, 0.5),
+    "small-2x": (1, 1),
+    "medium-1x": (1, 2),
+    "medium-2x": (2, 4),
+    "large-1x": (4, 8),
+    "large-2x": (8, 16),
+}
+
+
+@dataclass(frozen=True)
+class Queue:
+    """A named queue, shareable by several tasks; ``concurrency_limit`` None: the environment's."""
+
+    name: str
+    concurrency_limit: int | None = None
+
+
+def queue(name: str, concurrency_limit: int | None = None) -> Queue:
+    """Declare a queue: ``emails = queue(name="emails", concurrency_limit=5)``."""
+    if concurrency_limit is not None and concurrency_limit < 0:
+        raise ConfigurationError(f"queue {name!r}: concurrency_limit must be >= 0")
+    return Queue(name=name, concurrency_limit=concurrency_limit)
+
+
+@dataclass(frozen=True)
+class RetryOptions:
+    max_attempts: int = 3
+    factor: float = 2.0
+    min_timeout: float = 1.0
+    max_timeout: float = 60.0
+    randomize: bool = True
+
+    @classmethod
+    def parse(cls, value: RetryOptions | dict[str, Any] | None) -> RetryOptions:
+        if value is None:
+            return cls()
+        if isinstance(value, RetryOptions):
+            return value
+        unknown = set(value) - set(cls.__dataclass_fields__) - {"out_of_memory"}
+        if unknown:
+            raise ConfigurationError(f"unknown retry option(s): {', '.join(sorted(unknown))}")
+        options = cls(**{k: v for k, v in value.items() if k in cls.__dataclass_fields__})
+        if not 1 <= options.max_attempts <= 250:
+            raise ConfigurationError("retry.max_attempts must be 1..250")
+        return options
+
+
+@dataclass
+class Task(Generic[R]):
+    """A task: the decorated function and its options. Trigger it with :meth:`trigger`."""
+
+    id: str
+    fn: Callable[..., Awaitable[R] | R]
+    queue: Queue
+    retry: RetryOptions = field(default_factory=RetryOptions)
+    machine: str = "small-1x"
+    max_duration: float = 0
+    description: str = ""
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def wants_context(self) -> bool:
+        params = [
+            p
+            for p in inspect.signature(self.fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return len(params) >= 2
+
+    @property
+    def payload_type(self) -> Any:
+        params = list(inspect.signature(self.fn).parameters.values())
+        if not params or params[0].annotation is inspect.Parameter.empty:
+            return None
+        try:
+            hints = inspect.get_annotations(self.fn, eval_str=True)
+        except Exception:
+            return None
+        return hints.get(params[0].name)
+
+    async def trigger(self, payload: Any = None, **options: Any) -> RunHandle:
+        """Trigger a run of this task; see :meth:`runplane.Client.tasks.trigger` for options."""
+        from runplane._client import default_client
+
+        return await default_client().tasks.trigger(self.id, payload, **options)
+
+    def trigger_sync(self, payload: Any = None, **options: Any) -> RunHandle:
+        from runplane._client import default_client
+
+        return default_client().tasks.trigger_sync(self.id, payload, **options)
+
+
+_REGISTRY: dict[str, Task[Any]] = {}
+
+
+def registered_tasks() -> dict[str, Task[Any]]:
+    """Every task defined so far in this process, by id."""
+    return dict(_REGISTRY)
+
+
+@overload
+def task(fn: Callable[..., Awaitable[R]], /) -> Task[R]: ...
+@overload
+def task(
+    *,
+    id: str,
+    queue: Queue | str | None = None,
+    retry: RetryOptions | dict[str, Any] | None = None,
+    machine: str = "small-1x",
+    max_duration: float = 0,
+    description: str = "",
+) -> Callable[[Callable[..., Awaitable[R] | R]], Task[R]]: ...
+
+
+def task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    id: str | None = None,
+    queue: Queue | str | None = None,
+    retry: RetryOptions | dict[str, Any] | None = None,
+    machine: str = "small-1x",
+    max_duration: float = 0,
+    description: str = "",
+) -> Any:
+    """Turn an ``async def`` (or a plain ``def``, run off the event loop) into a :class:`Task`.
+
+    The function takes the payload and, optionally, ``ctx``; its return value (JSON-serialisable)
+    is the run's output."""
+
+    def make(f: Callable[..., Any]) -> Task[Any]:
+        task_id = id or f.__name__.replace("_", "-")
+        if machine not in MACHINES:
+            raise ConfigurationError(f"task {task_id!r}: unknown machine {machine!r}; one of {', '.join(MACHINES)}")
+        if isinstance(queue, Queue):
+            q = queue
+        else:
+            q = Queue(name=queue or f"task/{task_id}")
+        t: Task[Any] = Task(
+            id=task_id,
+            fn=f,
+            queue=q,
+            retry=RetryOptions.parse(retry),
+            machine=machine,
+            max_duration=max_duration,
+            description=description or (inspect.getdoc(f) or "").split("\n")[0],
+        )
+        existing = _REGISTRY.get(task_id)
+        if existing is not None and existing.fn.__qualname__ != f.__qualname__:
+            raise ConfigurationError(f"two tasks with id {task_id!r}")
+        _REGISTRY[task_id] = t
+        return t
+
+    if fn is not None:
+        return make(fn)
+    return make

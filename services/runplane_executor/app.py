@@ -1,0 +1,307 @@
+"""The executor process: one stream to the scheduler, a warm pool of task processes, and its own
+ExecutorService (status and drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from runplane._errors import ConfigurationError
+from runplane.v1 import (
+    executor_service_pb2 as epb,
+    executor_service_pb2_grpc,
+    worker_service_pb2 as wpb,
+    worker_service_pb2_grpc,
+)
+from runplane_executor import taskproc
+from runplane_executor.pool import ProcessPool
+from runplane_server import telemetry
+from runplane_server.grpcserver import Server
+from runplane_server.ids import new_id
+
+log = logging.getLogger("runplane.executor")
+
+
+@dataclass
+class ExecutorSettings:
+    modules: list[str]
+    api_url: str = "localhost:7070"
+    secret_key: str = ""
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    capacity: int = 100
+    listen: str = "127.0.0.1:0"
+    cancel_grace: float = 3.0
+
+    @classmethod
+    def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
+        settings = cls(
+            modules=modules,
+            api_url=os.environ.get("RUNPLANE_API_URL") or "localhost:7070",
+            secret_key=os.environ.get("RUNPLANE_SECRET_KEY", ""),
+            processes=int(os.environ.get("RUNPLANE_EXECUTOR_PROCESSES") or (os.cpu_count() or 1)),
+            capacity=int(os.environ.get("RUNPLANE_EXECUTOR_CAPACITY") or 100),
+            listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or "127.0.0.1:0",
+            cancel_grace=float(os.environ.get("RUNPLANE_CANCEL_GRACE") or 3.0),
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        return settings
+
+
+def build_manifest(modules: list[str]) -> wpb.Manifest:
+    """The manifest of the tasks these modules define (imported here, in the control process)."""
+    tasks = taskproc.import_task_modules(modules)
+    defs = []
+    for t in sorted(tasks.values(), key=lambda t: t.id):
+        defs.append(
+            wpb.TaskDefinition(
+                id=t.id,
+                queue=t.queue.name,
+                queue_concurrency_limit=t.queue.concurrency_limit or 0,
+                retry=wpb.RetryPolicy(
+                    max_attempts=t.retry.max_attempts,
+                    factor=t.retry.factor,
+                    min_timeout_seconds=t.retry.min_timeout,
+                    max_timeout_seconds=t.retry.max_timeout,
+                    randomize=t.retry.randomize,
+                ),
+                max_duration_seconds=t.max_duration,
+                machine=t.machine,
+                description=t.description,
+            )
+        )
+    manifest = wpb.Manifest(tasks=defs)
+    manifest.version = hashlib.sha256(manifest.SerializeToString(deterministic=True)).hexdigest()[:16]
+    return manifest
+
+
+def assignment_to_attempt(a: wpb.Assignment) -> dict[str, Any]:
+    r = a.run
+    return {
+        "attempt_id": a.attempt_id,
+        "number": a.attempt_number,
+        "traceparent": a.traceparent,
+        "environment_slug": a.environment_slug,
+        "run": {
+            "id": r.id,
+            "task_id": r.task_id,
+            "payload": r.payload,
+            "tags": list(r.tags),
+            "is_test": r.is_test,
+            "created_at": r.created_at.ToMilliseconds() if r.HasField("created_at") else 0,
+            "started_at": r.started_at.ToMilliseconds() if r.HasField("started_at") else 0,
+            "idempotency_key": r.idempotency_key,
+            "max_attempts": r.max_attempts,
+            "priority": r.priority,
+            "parent_run_id": r.parent_run_id,
+            "root_run_id": r.root_run_id,
+            "batch_id": r.batch_id,
+            "queue": r.queue,
+        },
+    }
+
+
+def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectRequest:
+    out = wpb.AttemptResult(
+        attempt_id=attempt_id,
+        skip_retrying=bool(result.get("skip_retrying")),
+        canceled=bool(result.get("canceled")),
+        lost=bool(result.get("lost")),
+    )
+    if "output" in result:
+        out.output = result["output"]
+    elif "error" in result:
+        e = result["error"]
+        out.error.type, out.error.message, out.error.stack_trace = e["type"], e["message"], e["stack_trace"]
+    return wpb.ConnectRequest(result=out)
+
+
+class Executor:
+    def __init__(self, settings: ExecutorSettings) -> None:
+        if not settings.secret_key:
+            raise ConfigurationError("the executor needs RUNPLANE_SECRET_KEY")
+        self.settings = settings
+        self.executor_id = new_id("exec")
+        self.manifest = build_manifest(settings.modules)
+        self.pool = ProcessPool(settings.modules, settings.processes, self._on_pool_event, settings.cancel_grace)
+        self.connected = False
+        self.draining = False
+        self._outgoing: asyncio.Queue[wpb.ConnectRequest] | None = None
+        self._unsent: list[wpb.ConnectRequest] = []  # results produced while disconnected
+        self._task: asyncio.Task[None] | None = None
+        self.server = Server(authenticate=None)
+        self.port = 0
+
+    async def start(self) -> None:
+        provided = await self.pool.start()
+        log.info("executor %s: %d task processes ready with tasks %s", self.executor_id, self.pool.size, ", ".join(provided))
+        self.server.add(
+            executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server,
+            _ExecutorServicer(self),
+            "runplane.v1.ExecutorService",
+        )
+        self.port = await self.server.start(self.settings.listen)
+        self._task = asyncio.create_task(self._connect_forever(), name="scheduler-stream")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.server.stop(grace=1.0)
+        await self.pool.stop()
+
+    def status(self) -> epb.ExecutorStatus:
+        return epb.ExecutorStatus(
+            executor_id=self.executor_id,
+            connected=self.connected,
+            draining=self.draining,
+            capacity=self.settings.capacity,
+            running_attempts=self.pool.running,
+            task_ids=[t.id for t in self.manifest.tasks],
+            task_processes=self.pool.size,
+        )
+
+    def drain(self) -> None:
+        self.draining = True
+        self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True)))
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    def _send(self, message: wpb.ConnectRequest) -> None:
+        if self._outgoing is not None and self.connected:
+            self._outgoing.put_nowait(message)
+        elif message.WhichOneof("message") == "result":
+            self._unsent.append(message)
+
+    def _on_pool_event(self, kind: str, attempt_id: str, result: dict[str, Any] | None) -> None:
+        if kind == "started":
+            self._send(wpb.ConnectRequest(started=wpb.AttemptStarted(attempt_id=attempt_id)))
+        elif result is not None:
+            self._send(result_message(attempt_id, result))
+
+    async def _connect_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._session()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    log.error("the scheduler refused this executor: %s", error.details())
+                else:
+                    log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
+            except Exception:
+                log.exception("scheduler stream failed")
+            self.connected = False
+            log.info("reconnecting to the scheduler in %.1f s", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _session(self) -> None:
+        outgoing: asyncio.Queue[wpb.ConnectRequest] = asyncio.Queue()
+        outgoing.put_nowait(
+            wpb.ConnectRequest(
+                register=wpb.Register(
+                    executor_id=self.executor_id,
+                    manifest=self.manifest,
+                    capacity=0 if self.draining else self.settings.capacity,
+                    running_attempt_ids=self.pool.running_attempts(),
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[wpb.ConnectRequest]:
+            while True:
+                yield await outgoing.get()
+
+        async with grpc.aio.insecure_channel(self.settings.api_url) as channel:
+            stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            call = stub.Connect(
+                requests(), metadata=(("authorization", f"Bearer {self.settings.secret_key}"),)
+            )
+            heartbeat: asyncio.Task[None] | None = None
+            try:
+                async for response in call:
+                    kind = response.WhichOneof("message")
+                    if kind == "registered":
+                        self._outgoing = outgoing
+                        self.connected = True
+                        for message in self._unsent:
+                            outgoing.put_nowait(message)
+                        self._unsent.clear()
+                        if self.draining:
+                            outgoing.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True)))
+                        interval = response.registered.heartbeat_interval_ms / 1000 or 2.0
+                        heartbeat = asyncio.create_task(self._heartbeat(outgoing, interval))
+                        log.info("connected to the scheduler at %s", self.settings.api_url)
+                    elif kind == "assignment":
+                        a = response.assignment
+                        outgoing.put_nowait(wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id)))
+                        self.pool.submit(assignment_to_attempt(a))
+                    elif kind == "cancel":
+                        self.pool.cancel(response.cancel.attempt_id)
+            finally:
+                self.connected = False
+                self._outgoing = None
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
+
+    async def _heartbeat(self, outgoing: asyncio.Queue[wpb.ConnectRequest], interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            outgoing.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=self.draining)))
+
+
+class _ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    async def GetExecutorStatus(
+        self, request: epb.GetExecutorStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> epb.GetExecutorStatusResponse:
+        return epb.GetExecutorStatusResponse(status=self.executor.status())
+
+    async def DrainExecutor(
+        self, request: epb.DrainExecutorRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> epb.DrainExecutorResponse:
+        self.executor.drain()
+        return epb.DrainExecutorResponse(status=self.executor.status())
+
+
+async def _serve(settings: ExecutorSettings) -> None:
+    telemetry.setup("runplane-executor")
+    executor = Executor(settings)
+    await executor.start()
+    log.info("executor status service on 127.0.0.1:%d", executor.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("executor stopping")
+    await executor.stop()
+    telemetry.shutdown()
+
+
+def main(modules: list[str], **overrides: Any) -> None:
+    from runplane._log import configure_logging, run_async
+
+    configure_logging()
+    run_async(_serve(ExecutorSettings.from_env(modules, **overrides)))
+
+
+__all__ = ["Executor", "ExecutorSettings", "main"]

@@ -1,0 +1,1 @@
+"""The scheduler: the run engine, the only writer of the database."""

@@ -1,0 +1,97 @@
+"""The scheduler process: database, run engine, outbox relay and gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from runplane.v1 import meta_service_pb2_grpc, run_service_pb2_grpc, worker_service_pb2_grpc
+from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.relay import Relay
+from runplane_scheduler.service import MetaServicer, RunServicer, WorkerServicer
+from runplane_scheduler.store import Store
+from runplane_server import db, telemetry
+from runplane_server.auth import KeyAuthenticator
+from runplane_server.config import SchedulerSettings
+from runplane_server.grpcserver import Server
+
+log = logging.getLogger("runplane.scheduler")
+
+
+class Scheduler:
+    """A running scheduler. Build with :func:`start_scheduler`."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.engine_db = db.create_engine(settings.database_url)
+        self.relay: Relay
+        self.store = Store(self.engine_db, on_commit=lambda n: self.relay.notify(n))
+        self.relay = Relay(self.store, settings.nats_url)
+        self.engine = RunEngine(self.store, settings)
+        self.server = Server(KeyAuthenticator(self.engine_db))
+        self.port = 0
+
+    async def start(self) -> None:
+        await db.upgrade(self.engine_db)
+        await self.engine.start()
+        self.relay.start()
+        self.server.add(
+            run_service_pb2_grpc.add_RunServiceServicer_to_server,
+            RunServicer(self.engine, self.settings),
+            "runplane.v1.RunService",
+        )
+        self.server.add(
+            worker_service_pb2_grpc.add_WorkerServiceServicer_to_server,
+            WorkerServicer(self.engine, self.settings),
+            "runplane.v1.WorkerService",
+        )
+        self.server.add(
+            meta_service_pb2_grpc.add_MetaServiceServicer_to_server,
+            MetaServicer(self.settings),
+            "runplane.v1.MetaService",
+        )
+        self.port = await self.server.start(self.settings.listen)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=2.0)
+        await self.engine.stop()
+        await self.relay.stop()
+        await self.engine_db.dispose()
+
+
+async def start_scheduler(settings: SchedulerSettings) -> Scheduler:
+    scheduler = Scheduler(settings)
+    await scheduler.start()
+    return scheduler
+
+
+async def _serve() -> None:
+    settings = SchedulerSettings.from_env()
+    telemetry.setup("runplane-scheduler")
+    scheduler = await start_scheduler(settings)
+    host = settings.listen.rsplit(":", 1)[0]
+    log.info("scheduler listening on %s:%d (database %s)", host, scheduler.port, _redact(settings.database_url))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("scheduler stopping")
+    await scheduler.stop()
+    telemetry.shutdown()
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.split("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def main() -> None:
+    from runplane._log import configure_logging, run_async
+
+    configure_logging()
+    run_async(_serve())

@@ -1,0 +1,169 @@
+"""In-memory dispatch index: queued runs per queue, slots, executors and leases.
+
+The database is the truth; this index makes the hot path fast. It is rebuilt from the database
+when the scheduler starts. Pure data structures, no IO.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+QueueKey = tuple[str, str]  # (environment_id, queue name)
+
+
+@dataclass(order=True)
+class QueuedRun:
+    sort_key: int  # queued_at - priority, ms
+    seq: int
+    run_id: str = field(compare=False)
+    task_id: str = field(compare=False)
+
+
+@dataclass
+class QueueState:
+    key: QueueKey
+    limit: int = 0  # 0: only the environment limit applies
+    running: int = 0
+    heap: list[QueuedRun] = field(default_factory=list)
+
+    def has_slot(self) -> bool:
+        return self.limit <= 0 or self.running < self.limit
+
+
+@dataclass
+class ExecutorState:
+    executor_id: str
+    environment_id: str
+    tasks: frozenset[str]
+    capacity: int
+    outbox: Any  # asyncio.Queue of ConnectResponse, owned by the stream handler
+    last_seen: float
+    connected: bool = True
+    draining: bool = False
+    attempts: set[str] = field(default_factory=set)
+
+    def free(self) -> int:
+        return self.capacity - len(self.attempts) if self.connected and not self.draining else 0
+
+
+@dataclass
+class Lease:
+    attempt_id: str
+    run_id: str
+    queue: QueueKey
+    executor_id: str
+    assigned_at: float
+    started: bool = False
+    acked: bool = False
+    lapsing: bool = False
+
+
+class DispatchIndex:
+    """Queues with their waiting runs, slot counts, executors and attempt leases."""
+
+    def __init__(self, environment_limit: int) -> None:
+        self.environment_limit = environment_limit
+        self.queues: dict[QueueKey, QueueState] = {}
+        self.env_running: dict[str, int] = {}
+        self.executors: dict[str, ExecutorState] = {}
+        self.leases: dict[str, Lease] = {}
+        self._seq = itertools.count()
+        self._rotation: deque[QueueKey] = deque()
+
+    def queue(self, key: QueueKey) -> QueueState:
+        state = self.queues.get(key)
+        if state is None:
+            state = self.queues[key] = QueueState(key)
+            self._rotation.append(key)
+        return state
+
+    def push(self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int) -> None:
+        heapq.heappush(
+            self.queue(key).heap,
+            QueuedRun(queued_at - priority * 1000, next(self._seq), run_id, task_id),
+        )
+
+    def executor_for(self, environment_id: str, task_id: str) -> ExecutorState | None:
+        best: ExecutorState | None = None
+        for ex in self.executors.values():
+            if ex.environment_id == environment_id and task_id in ex.tasks and ex.free() > 0:
+                if best is None or ex.free() > best.free():
+                    best = ex
+        return best
+
+    def provides(self, environment_id: str, task_id: str) -> bool:
+        return any(
+            ex.connected and ex.environment_id == environment_id and task_id in ex.tasks
+            for ex in self.executors.values()
+        )
+
+    def take(self) -> list[tuple[QueuedRun, QueueKey, ExecutorState]]:
+        """Runs to dispatch now, fairly across queues (one per queue per round), reserving their
+        slots. Runs whose task no executor can take right now stay queued."""
+        picked: list[tuple[QueuedRun, QueueKey, ExecutorState]] = []
+        progress = True
+        while progress:
+            progress = False
+            for _ in range(len(self._rotation)):
+                key = self._rotation[0]
+                self._rotation.rotate(-1)
+                q = self.queues[key]
+                env = key[0]
+                if not q.heap or not q.has_slot():
+                    continue
+                if self.env_running.get(env, 0) >= self.environment_limit:
+                    continue
+                head = q.heap[0]
+                ex = self.executor_for(env, head.task_id)
+                if ex is None:
+                    continue
+                heapq.heappop(q.heap)
+                q.running += 1
+                self.env_running[env] = self.env_running.get(env, 0) + 1
+                ex.attempts.add(f"reserved:{head.run_id}")
+                picked.append((head, key, ex))
+                progress = True
+        return picked
+
+    def unreserve(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
+        ex.attempts.discard(f"reserved:{run_id}")
+        self._release_slot(key)
+
+    def lease(self, lease: Lease, ex: ExecutorState) -> None:
+        ex.attempts.discard(f"reserved:{lease.run_id}")
+        ex.attempts.add(lease.attempt_id)
+        self.leases[lease.attempt_id] = lease
+
+    def adopt(self, lease: Lease) -> None:
+        """A lease found in the database after a restart: its slot is taken."""
+        q = self.queue(lease.queue)
+        q.running += 1
+        env = lease.queue[0]
+        self.env_running[env] = self.env_running.get(env, 0) + 1
+        self.leases[lease.attempt_id] = lease
+        ex = self.executors.get(lease.executor_id)
+        if ex is not None:
+            ex.attempts.add(lease.attempt_id)
+
+    def release(self, attempt_id: str) -> Lease | None:
+        """Drop a lease and free its slot."""
+        lease = self.leases.pop(attempt_id, None)
+        if lease is None:
+            return None
+        ex = self.executors.get(lease.executor_id)
+        if ex is not None:
+            ex.attempts.discard(attempt_id)
+        self._release_slot(lease.queue)
+        return lease
+
+    def _release_slot(self, key: QueueKey) -> None:
+        q = self.queues.get(key)
+        if q is not None and q.running > 0:
+            q.running -= 1
+        env = key[0]
+        if self.env_running.get(env, 0) > 0:
+            self.env_running[env] -= 1

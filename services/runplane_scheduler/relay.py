@@ -1,0 +1,125 @@
+"""The outbox relay: publishes committed outbox rows to JetStream in order, then deletes them.
+
+Each event's id is its ``Nats-Msg-Id``, so a row published twice (a crash after publish, before
+delete) is dropped by JetStream's duplicate window instead of reaching subscribers twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from runplane_scheduler.store import Store, Tx
+from runplane_server import subjects
+
+log = logging.getLogger("runplane.scheduler.relay")
+
+BATCH = 1000
+# Longest time a published row can wait for deletion before a restart re-publishes it.
+DUPLICATE_WINDOW = 120.0
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    config = StreamConfig(
+        name=subjects.RUN_EVENTS_STREAM,
+        subjects=subjects.run_events_subjects(),
+        storage=StorageType.FILE,
+        duplicate_window=DUPLICATE_WINDOW,
+        max_age=7 * 24 * 3600,
+    )
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+
+
+class Relay:
+    def __init__(self, store: Store, nats_url: str) -> None:
+        self._store = store
+        self._nats_url = nats_url
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._nc: NATS | None = None
+        self.published = 0
+        self.connected = asyncio.Event()
+
+    def notify(self, _count: int = 0) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
+
+    async def _connect(self) -> JetStreamContext:
+        backoff = 0.2
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    self._nats_url,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                )
+                js = self._nc.jetstream()
+                await ensure_streams(js)
+                self.connected.set()
+                log.info("relay connected to NATS at %s", self._nats_url)
+                return js
+            except Exception as error:
+                log.warning("NATS at %s not reachable (%s); retrying", self._nats_url, error)
+                if self._nc is not None:
+                    await self._nc.close()
+                    self._nc = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _run(self) -> None:
+        js = await self._connect()
+        backoff = 0.2
+        while True:
+            rows = await self._store.read_outbox(BATCH)
+            if not rows:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                continue
+            try:
+                acks = [
+                    await js.publish_async(
+                        r.subject,
+                        r.data,
+                        headers={"Nats-Msg-Id": r.event_id, "traceparent": r.traceparent}
+                        if r.traceparent
+                        else {"Nats-Msg-Id": r.event_id},
+                    )
+                    for r in rows
+                ]
+                await asyncio.wait_for(asyncio.gather(*acks), timeout=10)
+            except Exception as error:
+                log.warning("publishing %d events failed (%s); retrying", len(rows), error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            ids = [r.event_id for r in rows]
+
+            async def op(tx: Tx, ids: list[str] = ids) -> None:
+                await Store.delete_outbox(tx, ids)
+
+            await self._store.writer.run(op)
+            self.published += len(rows)

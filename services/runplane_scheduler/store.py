@@ -1,0 +1,400 @@
+"""The storage seam: every SQL statement the scheduler runs, and the group-commit writer.
+
+Writes go through :class:`Writer`, which runs many operations in one transaction (one fsync for
+many runs). An operation checks before it writes: when it raises a ServiceError or a
+TransitionError it has written nothing, so the rest of its batch still commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from runplane.v1 import events_pb2, run_pb2
+from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
+from runplane_server import db, subjects
+from runplane_server.errors import ServiceError
+from runplane_server.ids import new_id
+
+log = logging.getLogger("runplane.scheduler.store")
+
+T = TypeVar("T")
+RunRow = Row[Any]
+
+MAX_BATCH = 512
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _ts(ms: int | None) -> Timestamp | None:
+    if ms is None:
+        return None
+    ts = Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
+    """The public shape of a run row."""
+    m = row if isinstance(row, Mapping) else row._mapping
+    error = None
+    if m["error"]:
+        e = orjson.loads(m["error"])
+        error = run_pb2.RunError(
+            type=e.get("type", ""), message=e.get("message", ""), stack_trace=e.get("stack_trace", "")
+        )
+    return run_pb2.Run(
+        id=m["id"],
+        task_id=m["task_id"],
+        status=run_pb2.RunStatus.Value("RUN_STATUS_" + m["status"]),
+        payload=m["payload"],
+        output=m["output"] or "",
+        error=error,
+        tags=orjson.loads(m["tags"]),
+        metadata=m["metadata"],
+        queue=m["queue"],
+        idempotency_key=m["idempotency_key"] or "",
+        concurrency_key=m["concurrency_key"],
+        priority=m["priority"],
+        attempt_count=m["attempt_count"],
+        max_attempts=m["max_attempts"],
+        version=m["version"],
+        environment_id=m["environment_id"],
+        is_test=m["is_test"],
+        parent_run_id=m["parent_run_id"] or "",
+        root_run_id=m["root_run_id"] or "",
+        batch_id=m["batch_id"] or "",
+        created_at=_ts(m["created_at"]),
+        updated_at=_ts(m["updated_at"]),
+        queued_at=_ts(m["queued_at"]),
+        started_at=_ts(m["started_at"]),
+        finished_at=_ts(m["finished_at"]),
+        duration_ms=m["duration_ms"],
+    )
+
+
+@dataclass
+class Tx:
+    """One operation's view of the current group-commit transaction."""
+
+    conn: AsyncConnection
+    events: list[dict[str, Any]]
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    def emit(self, event_type: str, row: RunRow | Mapping[str, Any]) -> None:
+        """Queue a RunEvent with the run's snapshot for the outbox (same transaction)."""
+        m = row if isinstance(row, Mapping) else row._mapping
+        event_id = new_id("evt")
+        event = events_pb2.RunEvent(
+            event_id=event_id, type=event_type, run=run_to_pb(row), occurred_at=_ts(m["updated_at"])
+        )
+        self.events.append(
+            {
+                "event_id": event_id,
+                "subject": subjects.run_event(m["environment_id"], m["id"]),
+                "data": event.SerializeToString(),
+                "traceparent": m["traceparent"],
+                "created_at": m["updated_at"],
+            }
+        )
+
+    async def transition(
+        self,
+        run_id: str,
+        sources: Iterable[Status],
+        target: Status,
+        event_type: str,
+        *conditions: Any,
+        **values: Any,
+    ) -> RunRow | None:
+        """Move the run to ``target`` if its status is one of ``sources`` (and ``conditions`` hold),
+        bumping its version and emitting the event. None when it did not apply."""
+        sources = tuple(sources)
+        for source in sources:
+            if source != target and not can_transition(source, target):
+                raise TransitionError(source, target)
+        ts = values.pop("updated_at", None) or now_ms()
+        stmt = (
+            update(db.runs)
+            .where(db.runs.c.id == run_id, db.runs.c.status.in_([s.value for s in sources]), *conditions)
+            .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
+            .returning(*db.runs.c)
+        )
+        row = (await self.conn.execute(stmt)).first()
+        if row is not None:
+            self.emit(event_type, row)
+        return row
+
+
+Op = Callable[[Tx], Awaitable[T]]
+
+# Errors an operation raises before writing anything: they fail that operation only.
+CLEAN_ERRORS = (ServiceError, TransitionError)
+
+
+class Writer:
+    """Runs write operations in batches, one transaction per batch (group commit)."""
+
+    def __init__(self, engine: AsyncEngine, on_commit: Callable[[int], None]) -> None:
+        self._engine = engine
+        self._on_commit = on_commit
+        self._queue: asyncio.Queue[tuple[Op[Any], asyncio.Future[Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.ops = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def run(self, op: Op[T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.cancel()
+                raise
+            except Exception:
+                log.exception("batch of %d failed; retrying one by one", len(batch))
+                for item in batch:
+                    try:
+                        await self._commit([item])
+                    except Exception as error:  # the op's own failure
+                        if not item[1].done():
+                            item[1].set_exception(error)
+
+    async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        events: list[dict[str, Any]] = []
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        after: list[Callable[[], None]] = []
+        async with self._engine.begin() as conn:
+            for op, future in batch:
+                if future.done():  # caller gone
+                    continue
+                tx = Tx(conn, events)
+                try:
+                    result = await op(tx)
+                except CLEAN_ERRORS as error:
+                    outcomes.append((future, False, error))
+                    continue
+                outcomes.append((future, True, result))
+                after.extend(tx.after_commit)
+            if events:
+                await conn.execute(insert(db.outbox), events)
+        self.batches += 1
+        self.ops += len(outcomes)
+        for future, ok, value in outcomes:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        for effect in after:
+            try:
+                effect()
+            except Exception:
+                log.exception("after-commit effect failed")
+        if events:
+            self._on_commit(len(events))
+
+
+class Store:
+    """Reads (any connection) and the writer (group commit)."""
+
+    def __init__(self, engine: AsyncEngine, on_commit: Callable[[int], None]) -> None:
+        self.engine = engine
+        self.writer = Writer(engine, on_commit)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_run(self, environment_id: str, run_id: str) -> RunRow | None:
+        async with self.engine.connect() as conn:
+            return (
+                await conn.execute(
+                    select(db.runs).where(
+                        db.runs.c.id == run_id, db.runs.c.environment_id == environment_id
+                    )
+                )
+            ).first()
+
+    async def list_runs(
+        self,
+        environment_id: str,
+        *,
+        statuses: Sequence[str],
+        task_ids: Sequence[str],
+        tags: Sequence[str],
+        created_after: int | None,
+        created_before: int | None,
+        before_id: str | None,
+        limit: int,
+    ) -> list[RunRow]:
+        r = db.runs.c
+        conditions: list[Any] = [r.environment_id == environment_id]
+        if statuses:
+            conditions.append(r.status.in_(statuses))
+        if task_ids:
+            conditions.append(r.task_id.in_(task_ids))
+        if created_after is not None:
+            conditions.append(r.created_at >= created_after)
+        if created_before is not None:
+            conditions.append(r.created_at < created_before)
+        if before_id:
+            conditions.append(r.id < before_id)
+        for tag in tags:
+            conditions.append(
+                r.id.in_(
+                    select(db.run_tags.c.run_id).where(
+                        db.run_tags.c.environment_id == environment_id, db.run_tags.c.tag == tag
+                    )
+                )
+            )
+        stmt = select(db.runs).where(and_(*conditions)).order_by(r.id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(stmt)).all())
+
+    async def load_task_definitions(self) -> list[RunRow]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(db.task_definitions))).all())
+
+    async def load_active_runs(self) -> list[RunRow]:
+        """Runs the engine must index after a restart, oldest first."""
+        active = [
+            Status.PENDING_VERSION,
+            Status.QUEUED,
+            Status.DEQUEUED,
+            Status.EXECUTING,
+        ]
+        async with self.engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        select(db.runs)
+                        .where(db.runs.c.status.in_([s.value for s in active]))
+                        .order_by(db.runs.c.id)
+                    )
+                ).all()
+            )
+
+    async def load_timers(self) -> list[RunRow]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(db.timers).order_by(db.timers.c.due_at))).all())
+
+    async def read_outbox(self, limit: int) -> list[RunRow]:
+        async with self.engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(select(db.outbox).order_by(db.outbox.c.event_id).limit(limit))
+                ).all()
+            )
+
+    # -- writes (each used inside an op) -----------------------------------------------------
+
+    @staticmethod
+    async def find_idempotent(
+        tx: Tx, environment_id: str, task_id: str, key: str
+    ) -> RunRow | None:
+        """The run holding ``key`` for the task, unless it ended in a status that releases keys."""
+        releasing = [s.value for s in FINAL if s not in (Status.COMPLETED, Status.CANCELED)]
+        return (
+            await tx.conn.execute(
+                select(db.runs)
+                .where(
+                    db.runs.c.environment_id == environment_id,
+                    db.runs.c.task_id == task_id,
+                    db.runs.c.idempotency_key == key,
+                    db.runs.c.status.not_in(releasing),
+                )
+                .limit(1)
+            )
+        ).first()
+
+    @staticmethod
+    async def insert_run(tx: Tx, values: dict[str, Any], tags: Sequence[str]) -> None:
+        """Insert a run; ``values`` holds every column."""
+        await tx.conn.execute(insert(db.runs), [values])
+        if tags:
+            await tx.conn.execute(
+                insert(db.run_tags),
+                [
+                    {"run_id": values["id"], "tag": t, "environment_id": values["environment_id"]}
+                    for t in dict.fromkeys(tags)
+                ],
+            )
+        tx.emit("created", values)
+
+    @staticmethod
+    async def insert_attempt(tx: Tx, values: dict[str, Any]) -> None:
+        await tx.conn.execute(insert(db.attempts), [values])
+
+    @staticmethod
+    async def finish_attempt(tx: Tx, attempt_id: str, status: str, error: str | None = None) -> None:
+        await tx.conn.execute(
+            update(db.attempts)
+            .where(db.attempts.c.id == attempt_id)
+            .values(status=status, finished_at=now_ms(), error=error)
+        )
+
+    @staticmethod
+    async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
+        await tx.conn.execute(
+            update(db.attempts)
+            .where(db.attempts.c.id == attempt_id)
+            .values(status="EXECUTING", started_at=ts)
+        )
+
+    @staticmethod
+    async def add_timer(tx: Tx, timer_id: str, due_at: int, kind: str, target: str) -> None:
+        await tx.conn.execute(
+            insert(db.timers),
+            [{"id": timer_id, "due_at": due_at, "kind": kind, "target": target, "data": "{}"}],
+        )
+
+    @staticmethod
+    async def delete_timer(tx: Tx, timer_id: str) -> bool:
+        result = await tx.conn.execute(delete(db.timers).where(db.timers.c.id == timer_id))
+        return bool(result.rowcount)
+
+    @staticmethod
+    async def delete_outbox(tx: Tx, event_ids: Sequence[str]) -> None:
+        await tx.conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(event_ids)))
+
+    @staticmethod
+    async def upsert_task_definitions(tx: Tx, environment_id: str, rows: list[dict[str, Any]]) -> None:
+        ids = [r["task_id"] for r in rows]
+        if ids:
+            await tx.conn.execute(
+                delete(db.task_definitions).where(
+                    db.task_definitions.c.environment_id == environment_id,
+                    db.task_definitions.c.task_id.in_(ids),
+                )
+            )
+            await tx.conn.execute(insert(db.task_definitions), rows)

@@ -1,0 +1,101 @@
+"""Service settings, read from ``RUNPLANE_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_API_URL = "localhost:7070"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def default_database_url() -> str:
+    return f"sqlite+aiosqlite:///{Path('.runplane').absolute() / 'runplane.db'}"
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class Limits:
+    """API limits (SPEC §3); each is configurable through ``RUNPLANE_LIMIT_*``."""
+
+    payload_bytes: int = 3 * 1024 * 1024
+    output_bytes: int = 10 * 1024 * 1024
+    metadata_bytes: int = 256 * 1024
+    tags: int = 10
+    tag_length: int = 128
+    idempotency_key_length: int = 2048
+    max_attempts: int = 250
+    page_size: int = 100
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        d = cls()
+        return cls(
+            payload_bytes=_int("RUNPLANE_LIMIT_PAYLOAD_BYTES", d.payload_bytes),
+            output_bytes=_int("RUNPLANE_LIMIT_OUTPUT_BYTES", d.output_bytes),
+            metadata_bytes=_int("RUNPLANE_LIMIT_METADATA_BYTES", d.metadata_bytes),
+            tags=_int("RUNPLANE_LIMIT_TAGS", d.tags),
+            tag_length=_int("RUNPLANE_LIMIT_TAG_LENGTH", d.tag_length),
+            idempotency_key_length=_int("RUNPLANE_LIMIT_IDEMPOTENCY_KEY_LENGTH", d.idempotency_key_length),
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    database_url: str = field(default_factory=default_database_url)
+    nats_url: str = DEFAULT_NATS_URL
+    listen: str = "127.0.0.1:7070"
+    realtime_url: str = ""
+    # An executor whose stream is silent this long loses its attempts.
+    lease_timeout: float = 15.0
+    heartbeat_interval: float = 2.0
+    # An assignment not acknowledged this long goes back to the queue.
+    ack_timeout: float = 10.0
+    environment_concurrency_limit: int = 100
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls) -> SchedulerSettings:
+        d = cls()
+        return cls(
+            database_url=os.environ.get("RUNPLANE_DATABASE_URL") or d.database_url,
+            nats_url=os.environ.get("RUNPLANE_NATS_URL") or d.nats_url,
+            listen=os.environ.get("RUNPLANE_SCHEDULER_LISTEN") or d.listen,
+            realtime_url=os.environ.get("RUNPLANE_REALTIME_URL", ""),
+            lease_timeout=_float("RUNPLANE_LEASE_TIMEOUT", d.lease_timeout),
+            heartbeat_interval=_float("RUNPLANE_HEARTBEAT_INTERVAL", d.heartbeat_interval),
+            ack_timeout=_float("RUNPLANE_ACK_TIMEOUT", d.ack_timeout),
+            environment_concurrency_limit=_int(
+                "RUNPLANE_ENV_CONCURRENCY_LIMIT", d.environment_concurrency_limit
+            ),
+            limits=Limits.from_env(),
+        )
+
+
+@dataclass(frozen=True)
+class RealtimeSettings:
+    nats_url: str = DEFAULT_NATS_URL
+    api_url: str = DEFAULT_API_URL
+    listen: str = "127.0.0.1:7071"
+    # With no event for this long, a subscription checks the scheduler's snapshot.
+    reconcile_interval: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> RealtimeSettings:
+        d = cls()
+        return cls(
+            nats_url=os.environ.get("RUNPLANE_NATS_URL") or d.nats_url,
+            api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
+            listen=os.environ.get("RUNPLANE_REALTIME_LISTEN") or d.listen,
+            reconcile_interval=_float("RUNPLANE_RECONCILE_INTERVAL", d.reconcile_interval),
+        )

@@ -1,0 +1,150 @@
+"""The gRPC server factory and the one interceptor for auth, tracing and error mapping."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from runplane_server import telemetry
+from runplane_server.auth import Principal, current_principal
+from runplane_server.errors import ServiceError, Unauthenticated
+
+log = logging.getLogger("runplane.grpc")
+
+Authenticator = Callable[[str], Awaitable[Principal]]
+
+# Methods callable without credentials.
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value if isinstance(value, str) else value.decode()
+            return text.removeprefix("Bearer ").strip()
+    return ""
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    status = error.to_status()
+    await context.abort(
+        error.code,
+        error.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates the caller, continues the caller's trace and maps ServiceError to a status."""
+
+    def __init__(self, authenticate: Authenticator | None) -> None:
+        self._authenticate = authenticate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(PUBLIC_PREFIXES):
+            return handler
+        method = details.method
+        authenticate = self._authenticate
+
+        async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> object:
+            metadata = context.invocation_metadata()
+            ctx = telemetry.context_from_metadata(metadata)
+            token = otel_context.attach(ctx)
+            if authenticate is not None:
+                key = bearer_token(metadata)
+                if not key:
+                    raise Unauthenticated("missing `authorization: Bearer <secret key>` metadata")
+                current_principal.set(await authenticate(key))
+            return token
+
+        def wrap_unary(behavior: Any) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    await enter(context)
+                    with telemetry.tracer().start_as_current_span(method, kind=trace.SpanKind.SERVER):
+                        return await behavior(request, context)
+                except ServiceError as error:
+                    await _abort(context, error)
+
+            return call
+
+        def wrap_stream(behavior: Any) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                try:
+                    await enter(context)
+                    async for item in behavior(request, context):
+                        yield item
+                except ServiceError as error:
+                    await _abort(context, error)
+
+            return call
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                wrap_stream(handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class Server:
+    """A grpc.aio server with health, reflection and a graceful stop."""
+
+    def __init__(self, authenticate: Authenticator | None, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self.grpc = grpc.aio.server(
+            interceptors=[ServiceInterceptor(authenticate)],
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.port = 0
+
+    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str) -> None:
+        register(servicer, self.grpc)
+        self._service_names.append(name)
+
+    async def start(self, address: str) -> int:
+        """Listen on ``address`` (``host:0`` picks a free port) and return the port."""
+        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.grpc)
+        self.port = self.grpc.add_insecure_port(address)
+        await self.grpc.start()
+        for name in self._service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
