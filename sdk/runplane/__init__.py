@@ -1,12 +1,12 @@
 """runplane: durable background tasks for Python.
 
-    from runplane import task
+from runplane import task
 
-    @task(id="hello")
-    async def hello(payload: dict) -> str:
-        return f"hello {payload['name']}"
+@task(id="hello")
+async def hello(payload: dict) -> str:
+    return f"hello {payload['name']}"
 
-    handle = await hello.trigger({"name": "world"})
+handle = await hello.trigger({"name": "world"})
 """
 
 from runplane._client import Client, RunsAPI, TasksAPI, configure, default_client, runs, tasks

@@ -57,7 +57,9 @@ async def _runs(args: argparse.Namespace) -> int:
 
     client = Client()
     if args.runs_command == "ls":
-        async for run in client.runs.list(status=args.status, task=args.task, tag=args.tag, limit=args.limit):
+        async for run in client.runs.list(
+            status=args.status, task=args.task, tag=args.tag, limit=args.limit
+        ):
             created = run.created_at.isoformat(timespec="seconds") if run.created_at else ""
             print(f"{run.id}  {run.task_id:<24} {run.status:<15} {created}")
         return 0
@@ -115,11 +117,15 @@ def _db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runplane", description="Durable background tasks for Python.")
+    parser = argparse.ArgumentParser(
+        prog="runplane", description="Durable background tasks for Python."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev", help="run everything locally (SQLite, a NATS server, all services)")
-    dev.add_argument("--tasks", action="append", required=True, metavar="MODULE", help="task module to load")
+    dev.add_argument(
+        "--tasks", action="append", required=True, metavar="MODULE", help="task module to load"
+    )
     dev.add_argument("--port", type=int, default=7070, help="scheduler port (a free one if taken)")
     dev.add_argument("--trigger", metavar="TASK", help="once ready, trigger TASK and show its run")
     dev.add_argument("--payload", default="null", help="JSON payload for --trigger")

@@ -22,8 +22,11 @@ from runplane._serde import dumps
 from runplane.v1 import (
     meta_service_pb2,
     meta_service_pb2_grpc,
-    run_service_pb2 as rpb,
+    run_pb2,
     run_service_pb2_grpc,
+)
+from runplane.v1 import (
+    run_service_pb2 as rpb,
 )
 
 T = TypeVar("T")
@@ -83,7 +86,7 @@ class Client:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def channel(self, target: str | None = None) -> grpc.aio.Channel:
+    def _channel(self, target: str | None = None) -> grpc.aio.Channel:
         """The gRPC channel to ``target`` (default: the scheduler) for the running event loop."""
         target = target or self.api_url
         key = (id(asyncio.get_running_loop()), target)
@@ -99,7 +102,7 @@ class Client:
             self._channels[key] = channel
         return channel
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
         if not self.secret_key:
             raise ConfigurationError(
                 "no secret key: pass Client(secret_key=...) or set RUNPLANE_SECRET_KEY "
@@ -109,19 +112,21 @@ class Client:
         propagate.inject(carrier)
         return (("authorization", f"Bearer {self.secret_key}"), *carrier.items())
 
-    async def call(self, method: Callable[..., Any], request: Any, timeout: float | None = 30) -> Any:
+    async def _call(
+        self, method: Callable[..., Any], request: Any, timeout: float | None = 30
+    ) -> Any:
         try:
-            return await method(request, metadata=self.metadata(), timeout=timeout)
+            return await method(request, metadata=self._metadata(), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
-    def run_stub(self) -> run_service_pb2_grpc.RunServiceStub:
-        return run_service_pb2_grpc.RunServiceStub(self.channel())
+    def _run_stub(self) -> run_service_pb2_grpc.RunServiceStub:
+        return run_service_pb2_grpc.RunServiceStub(self._channel())
 
-    async def realtime_url(self) -> str:
+    async def _resolve_realtime_url(self) -> str:
         if not self._realtime_url:
-            stub = meta_service_pb2_grpc.MetaServiceStub(self.channel())
-            info = await self.call(stub.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
+            stub = meta_service_pb2_grpc.MetaServiceStub(self._channel())
+            info = await self._call(stub.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
             if not info.realtime_url:
                 raise ConfigurationError(
                     "the scheduler announces no realtime service; set RUNPLANE_REALTIME_URL"
@@ -129,10 +134,10 @@ class Client:
             self._realtime_url = info.realtime_url
         return self._realtime_url
 
-    def run_sync(self, coro: Awaitable[T]) -> T:
+    def _run_sync(self, coro: Awaitable[T]) -> T:
         return self._sync.run(coro)
 
-    def iterate_sync(self, agen: AsyncIterator[T]) -> Iterator[T]:
+    def _iterate_sync(self, agen: AsyncIterator[T]) -> Iterator[T]:
         return self._sync.iterate(agen)
 
     async def close(self) -> None:
@@ -180,11 +185,13 @@ class TasksAPI(_Namespace):
         )
         request = rpb.TriggerRunRequest(task_id=task_id, payload=dumps(payload), options=options)
         client = self._client
-        response = await client.call(client.run_stub().TriggerRun, request)
-        return RunHandle(id=response.run.id, is_cached=response.is_cached, run=Run.from_pb(response.run))
+        response = await client._call(client._run_stub().TriggerRun, request)
+        return RunHandle(
+            id=response.run.id, is_cached=response.is_cached, run=Run.from_pb(response.run)
+        )
 
     def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
-        return self._client.run_sync(self.trigger(task_id, payload, **options))
+        return self._client._run_sync(self.trigger(task_id, payload, **options))
 
 
 class RunsAPI(_Namespace):
@@ -193,20 +200,22 @@ class RunsAPI(_Namespace):
     async def retrieve(self, run_id: str | RunHandle) -> Run:
         client = self._client
         run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
-        response = await client.call(client.run_stub().GetRun, rpb.GetRunRequest(run_id=run_id))
+        response = await client._call(client._run_stub().GetRun, rpb.GetRunRequest(run_id=run_id))
         return Run.from_pb(response.run)
 
     def retrieve_sync(self, run_id: str | RunHandle) -> Run:
-        return self._client.run_sync(self.retrieve(run_id))
+        return self._client._run_sync(self.retrieve(run_id))
 
     async def cancel(self, run_id: str | RunHandle) -> Run:
         client = self._client
         run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
-        response = await client.call(client.run_stub().CancelRun, rpb.CancelRunRequest(run_id=run_id))
+        response = await client._call(
+            client._run_stub().CancelRun, rpb.CancelRunRequest(run_id=run_id)
+        )
         return Run.from_pb(response.run)
 
     def cancel_sync(self, run_id: str | RunHandle) -> Run:
-        return self._client.run_sync(self.cancel(run_id))
+        return self._client._run_sync(self.cancel(run_id))
 
     async def list(
         self,
@@ -222,7 +231,7 @@ class RunsAPI(_Namespace):
         """Runs, newest first, fetched a page at a time; stops after ``limit`` runs."""
         statuses = [status] if isinstance(status, str) else list(status or [])
         request = rpb.ListRunsRequest(
-            statuses=[RunStatus(s).to_pb() for s in statuses],
+            statuses=[run_pb2.RunStatus.ValueType(RunStatus(s).to_pb()) for s in statuses],
             task_ids=[task] if isinstance(task, str) else list(task or []),
             tags=[tag] if isinstance(tag, str) else list(tag or []),
             page_size=page_size,
@@ -234,7 +243,7 @@ class RunsAPI(_Namespace):
         client = self._client
         count = 0
         while True:
-            response = await client.call(client.run_stub().ListRuns, request)
+            response = await client._call(client._run_stub().ListRuns, request)
             for pb in response.runs:
                 yield Run.from_pb(pb)
                 count += 1
@@ -245,9 +254,11 @@ class RunsAPI(_Namespace):
             request.page_token = response.next_page_token
 
     def list_sync(self, **filters: Any) -> Iterator[Run]:
-        return self._client.iterate_sync(self.list(**filters))
+        return self._client._iterate_sync(self.list(**filters))
 
-    async def poll(self, run_id: str | RunHandle, *, interval: float = 0.5, timeout: float | None = None) -> Run:
+    async def poll(
+        self, run_id: str | RunHandle, *, interval: float = 0.5, timeout: float | None = None
+    ) -> Run:
         """Wait for the run to reach a final status by polling; returns the final run."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -260,7 +271,7 @@ class RunsAPI(_Namespace):
             await asyncio.sleep(interval)
 
     def poll_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Run:
-        return self._client.run_sync(self.poll(run_id, **kwargs))
+        return self._client._run_sync(self.poll(run_id, **kwargs))
 
     async def subscribe_to_run(
         self, run_id: str | RunHandle, *, stop_on_completion: bool = True, after_version: int = 0
@@ -271,10 +282,10 @@ class RunsAPI(_Namespace):
 
         client = self._client
         run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
-        channel = client.channel(await client.realtime_url())
+        channel = client._channel(await client._resolve_realtime_url())
         async for pb in subscribe_to_run(
             channel,
-            client.metadata(),
+            client._metadata(),
             run_id,
             stop_on_completion=stop_on_completion,
             after_version=after_version,
@@ -282,7 +293,7 @@ class RunsAPI(_Namespace):
             yield Run.from_pb(pb)
 
     def subscribe_to_run_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[Run]:
-        return self._client.iterate_sync(self.subscribe_to_run(run_id, **kwargs))
+        return self._client._iterate_sync(self.subscribe_to_run(run_id, **kwargs))
 
 
 _default: Client | None = None
@@ -298,7 +309,9 @@ def default_client() -> Client:
         return _default
 
 
-def configure(api_url: str | None = None, secret_key: str | None = None, realtime_url: str | None = None) -> Client:
+def configure(
+    api_url: str | None = None, secret_key: str | None = None, realtime_url: str | None = None
+) -> Client:
     """Replace the default client."""
     global _default
     with _default_lock:

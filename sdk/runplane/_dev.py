@@ -12,8 +12,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,10 +45,13 @@ def free_port(preferred: int = 0) -> int:
 
 
 def find_nats_server() -> str:
-    found = shutil.which("nats-server") or ("/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None)
+    found = shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if Path("/usr/sbin/nats-server").exists() else None
+    )
     if found is None:
         raise ConfigurationError(
-            "nats-server not found: install it (`apt-get install nats-server`) or set RUNPLANE_NATS_URL"
+            "nats-server not found: install it (`apt-get install nats-server`) "
+            "or set RUNPLANE_NATS_URL"
         )
     return found
 
@@ -133,7 +138,9 @@ async def wait_executor_connected(address: str, timeout: float = 60.0) -> None:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         while True:
             try:
-                reply = await stub.GetExecutorStatus(executor_service_pb2.GetExecutorStatusRequest(), timeout=1)
+                reply = await stub.GetExecutorStatus(
+                    executor_service_pb2.GetExecutorStatusRequest(), timeout=1
+                )
                 if reply.status.connected:
                     return
             except grpc.aio.AioRpcError:
@@ -179,7 +186,10 @@ async def dev(args: argparse.Namespace) -> int:
     python = sys.executable
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    database_url = env.get("RUNPLANE_DATABASE_URL") or f"sqlite+aiosqlite:///{(STATE_DIR / 'runplane.db').absolute()}"
+    database_url = (
+        env.get("RUNPLANE_DATABASE_URL")
+        or f"sqlite+aiosqlite:///{(STATE_DIR / 'runplane.db').absolute()}"
+    )
     env["RUNPLANE_DATABASE_URL"] = database_url
     services: list[Service] = []
     supervisors: list[asyncio.Task[None]] = []
@@ -195,7 +205,16 @@ async def dev(args: argparse.Namespace) -> int:
             store = (STATE_DIR / "nats").absolute()
             nats = Service(
                 "nats",
-                [find_nats_server(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(nats_port)],
+                [
+                    find_nats_server(),
+                    "-js",
+                    "-sd",
+                    str(store),
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(nats_port),
+                ],
                 env,
             )
             await nats.start()
@@ -228,10 +247,14 @@ async def dev(args: argparse.Namespace) -> int:
             await service.start()
             services.append(service)
         supervisors = [asyncio.create_task(s.supervise()) for s in services]
-        ready = asyncio.gather(
-            wait_serving(api_url), wait_serving(realtime_url), wait_executor_connected(f"127.0.0.1:{executor_port}")
+        ready: asyncio.Future[object] = asyncio.ensure_future(
+            _all(
+                wait_serving(api_url),
+                wait_serving(realtime_url),
+                wait_executor_connected(f"127.0.0.1:{executor_port}"),
+            )
         )
-        stopped = asyncio.ensure_future(stop.wait())
+        stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if stopped in done:
             ready.cancel()
@@ -240,8 +263,15 @@ async def dev(args: argparse.Namespace) -> int:
         (STATE_DIR / "dev.env").write_text(
             f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\nRUNPLANE_SECRET_KEY={key}\n"
         )
-        say("dev", f"ready: API {api_url}, realtime {realtime_url}; settings in {STATE_DIR / 'dev.env'}")
-        say("dev", "trigger with: set -a; . .runplane/dev.env; runplane trigger TASK --payload '{...}' --wait")
+        say(
+            "dev",
+            f"ready: API {api_url}, realtime {realtime_url}; settings in {STATE_DIR / 'dev.env'}",
+        )
+        say(
+            "dev",
+            "trigger with: set -a; . .runplane/dev.env; "
+            "runplane trigger TASK --payload '{...}' --wait",
+        )
         if args.trigger:
             code = await _trigger_and_show(args.trigger, args.payload, api_url, realtime_url, key)
             if args.exit:
@@ -259,7 +289,9 @@ async def dev(args: argparse.Namespace) -> int:
             await service.stop()
 
 
-async def _trigger_and_show(task_id: str, payload_text: str, api_url: str, realtime_url: str, key: str) -> int:
+async def _trigger_and_show(
+    task_id: str, payload_text: str, api_url: str, realtime_url: str, key: str
+) -> int:
     import orjson
 
     from runplane._client import Client
@@ -276,6 +308,10 @@ async def _trigger_and_show(task_id: str, payload_text: str, api_url: str, realt
             say("dev", f"error: {run.error}")
             return 1
     return 1
+
+
+async def _all(*aws: Coroutine[Any, Any, None]) -> object:
+    return await asyncio.gather(*aws)
 
 
 def run_dev(args: argparse.Namespace) -> int:

@@ -1,18 +1,18 @@
 """The SDK's error tree, rooted in :class:`RunplaneError`.
 
-    RunplaneError
-    ├── ApiError                       a call to runplane failed (gRPC status + details)
-    │   ├── InvalidArgumentError       (also ValueError) names the field in ``.field``
-    │   ├── NotFoundError              (also LookupError)
-    │   ├── AlreadyExistsError
-    │   ├── FailedPreconditionError
-    │   ├── UnauthenticatedError
-    │   ├── PermissionDeniedError
-    │   ├── UnavailableError           (also ConnectionError)
-    │   └── DeadlineExceededError      (also TimeoutError)
-    ├── AbortTaskRunError              raise in a task to fail the run without retrying
-    ├── TaskRunError                   a run's recorded error, raised by Result.unwrap()
-    └── ConfigurationError             missing or bad settings (no secret key, ...)
+RunplaneError
+├── ApiError                       a call to runplane failed (gRPC status + details)
+│   ├── InvalidArgumentError       (also ValueError) names the field in ``.field``
+│   ├── NotFoundError              (also LookupError)
+│   ├── AlreadyExistsError
+│   ├── FailedPreconditionError
+│   ├── UnauthenticatedError
+│   ├── PermissionDeniedError
+│   ├── UnavailableError           (also ConnectionError)
+│   └── DeadlineExceededError      (also TimeoutError)
+├── AbortTaskRunError              raise in a task to fail the run without retrying
+├── TaskRunError                   a run's recorded error, raised by Result.unwrap()
+└── ConfigurationError             missing or bad settings (no secret key, ...)
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class ApiError(RunplaneError):
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, field: str = "") -> None:
+    def __init__(
+        self, message: str, *, code: grpc.StatusCode | None = None, field: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -152,11 +152,10 @@ def task(
     def make(f: Callable[..., Any]) -> Task[Any]:
         task_id = id or f.__name__.replace("_", "-")
         if machine not in MACHINES:
-            raise ConfigurationError(f"task {task_id!r}: unknown machine {machine!r}; one of {', '.join(MACHINES)}")
-        if isinstance(queue, Queue):
-            q = queue
-        else:
-            q = Queue(name=queue or f"task/{task_id}")
+            raise ConfigurationError(
+                f"task {task_id!r}: unknown machine {machine!r}; one of {', '.join(MACHINES)}"
+            )
+        q = queue if isinstance(queue, Queue) else Queue(name=queue or f"task/{task_id}")
         t: Task[Any] = Task(
             id=task_id,
             fn=f,

@@ -18,9 +18,13 @@ import grpc
 from runplane._errors import ConfigurationError
 from runplane.v1 import (
     executor_service_pb2 as epb,
+)
+from runplane.v1 import (
     executor_service_pb2_grpc,
-    worker_service_pb2 as wpb,
     worker_service_pb2_grpc,
+)
+from runplane.v1 import (
+    worker_service_pb2 as wpb,
 )
 from runplane_executor import taskproc
 from runplane_executor.pool import ProcessPool
@@ -81,7 +85,9 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
             )
         )
     manifest = wpb.Manifest(tasks=defs)
-    manifest.version = hashlib.sha256(manifest.SerializeToString(deterministic=True)).hexdigest()[:16]
+    manifest.version = hashlib.sha256(manifest.SerializeToString(deterministic=True)).hexdigest()[
+        :16
+    ]
     return manifest
 
 
@@ -122,7 +128,11 @@ def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectReques
         out.output = result["output"]
     elif "error" in result:
         e = result["error"]
-        out.error.type, out.error.message, out.error.stack_trace = e["type"], e["message"], e["stack_trace"]
+        out.error.type, out.error.message, out.error.stack_trace = (
+            e["type"],
+            e["message"],
+            e["stack_trace"],
+        )
     return wpb.ConnectRequest(result=out)
 
 
@@ -133,7 +143,9 @@ class Executor:
         self.settings = settings
         self.executor_id = new_id("exec")
         self.manifest = build_manifest(settings.modules)
-        self.pool = ProcessPool(settings.modules, settings.processes, self._on_pool_event, settings.cancel_grace)
+        self.pool = ProcessPool(
+            settings.modules, settings.processes, self._on_pool_event, settings.cancel_grace
+        )
         self.connected = False
         self.draining = False
         self._outgoing: asyncio.Queue[wpb.ConnectRequest] | None = None
@@ -144,7 +156,12 @@ class Executor:
 
     async def start(self) -> None:
         provided = await self.pool.start()
-        log.info("executor %s: %d task processes ready with tasks %s", self.executor_id, self.pool.size, ", ".join(provided))
+        log.info(
+            "executor %s: %d task processes ready with tasks %s",
+            self.executor_id,
+            self.pool.size,
+            ", ".join(provided),
+        )
         self.server.add(
             executor_service_pb2_grpc.add_ExecutorServiceServicer_to_server,
             _ExecutorServicer(self),
@@ -198,7 +215,10 @@ class Executor:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
-                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                if error.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
                     log.error("the scheduler refused this executor: %s", error.details())
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
@@ -242,13 +262,17 @@ class Executor:
                             outgoing.put_nowait(message)
                         self._unsent.clear()
                         if self.draining:
-                            outgoing.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True)))
+                            outgoing.put_nowait(
+                                wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True))
+                            )
                         interval = response.registered.heartbeat_interval_ms / 1000 or 2.0
                         heartbeat = asyncio.create_task(self._heartbeat(outgoing, interval))
                         log.info("connected to the scheduler at %s", self.settings.api_url)
                     elif kind == "assignment":
                         a = response.assignment
-                        outgoing.put_nowait(wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id)))
+                        outgoing.put_nowait(
+                            wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
+                        )
                         self.pool.submit(assignment_to_attempt(a))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
@@ -260,7 +284,9 @@ class Executor:
                     with contextlib.suppress(asyncio.CancelledError):
                         await heartbeat
 
-    async def _heartbeat(self, outgoing: asyncio.Queue[wpb.ConnectRequest], interval: float) -> None:
+    async def _heartbeat(
+        self, outgoing: asyncio.Queue[wpb.ConnectRequest], interval: float
+    ) -> None:
         while True:
             await asyncio.sleep(interval)
             outgoing.put_nowait(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=self.draining)))

@@ -8,6 +8,7 @@ without counting against their retries) and the process is replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -40,7 +41,9 @@ class _Proc:
 
 
 class ProcessPool:
-    def __init__(self, modules: list[str], size: int, sink: EventSink, cancel_grace: float = 3.0) -> None:
+    def __init__(
+        self, modules: list[str], size: int, sink: EventSink, cancel_grace: float = 3.0
+    ) -> None:
         self.modules = modules
         self.size = max(1, size)
         self.sink = sink
@@ -65,7 +68,10 @@ class ProcessPool:
         assert self._loop is not None
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=taskproc.main, args=(child, self.modules), name=f"runplane-task-{index}", daemon=True
+            target=taskproc.main,
+            args=(child, self.modules),
+            name=f"runplane-task-{index}",
+            daemon=True,
         )
         process.start()
         child.close()
@@ -74,7 +80,9 @@ class ProcessPool:
             self._procs[index] = proc
         else:
             self._procs.append(proc)
-        threading.Thread(target=self._read, args=(proc,), name=f"pool-reader-{index}", daemon=True).start()
+        threading.Thread(
+            target=self._read, args=(proc,), name=f"pool-reader-{index}", daemon=True
+        ).start()
         return proc
 
     def _read(self, proc: _Proc) -> None:
@@ -93,7 +101,9 @@ class ProcessPool:
                 proc.ready.set_result(message[1])
         elif kind == "failed":
             if proc.ready is not None and not proc.ready.done():
-                proc.ready.set_exception(RuntimeError(f"task modules failed to import:\n{message[1]}"))
+                proc.ready.set_exception(
+                    RuntimeError(f"task modules failed to import:\n{message[1]}")
+                )
         elif kind == "started":
             self.sink("started", message[1], None)
         elif kind == "result":
@@ -125,7 +135,11 @@ class ProcessPool:
                 },
             )
         if not self._stopping:
-            log.warning("task process %d exited (code %s); starting a new one", proc.index, proc.process.exitcode)
+            log.warning(
+                "task process %d exited (code %s); starting a new one",
+                proc.index,
+                proc.process.exitcode,
+            )
             self._spawn(proc.index)
 
     @property
@@ -158,7 +172,9 @@ class ProcessPool:
         await asyncio.sleep(self.cancel_grace)
         if attempt_id not in proc.attempts or proc.dead:
             return
-        log.warning("attempt %s ignored its cancel; killing task process %d", attempt_id, proc.index)
+        log.warning(
+            "attempt %s ignored its cancel; killing task process %d", attempt_id, proc.index
+        )
         proc.dead = True
         others = [a for a in proc.attempts if a != attempt_id]
         proc.attempts.clear()
@@ -177,10 +193,8 @@ class ProcessPool:
             task.cancel()
         for proc in self._procs:
             if not proc.dead:
-                try:
+                with contextlib.suppress(OSError):
                     proc.send(("stop",))
-                except OSError:
-                    pass
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         for proc in self._procs:

@@ -67,10 +67,14 @@ def build_context(attempt: dict[str, Any], task: Task[Any]) -> Context:
             root_run_id=run["root_run_id"] or None,
             batch_id=run["batch_id"] or None,
         ),
-        attempt=AttemptContext(id=attempt["attempt_id"], number=attempt["number"], started_at=datetime.now(UTC)),
+        attempt=AttemptContext(
+            id=attempt["attempt_id"], number=attempt["number"], started_at=datetime.now(UTC)
+        ),
         task=TaskContext(id=task.id),
         queue=QueueContext(name=run["queue"]),
-        environment=EnvironmentContext(id=f"env_{slug}", slug=slug, type=ENV_TYPES.get(slug, slug.upper())),
+        environment=EnvironmentContext(
+            id=f"env_{slug}", slug=slug, type=ENV_TYPES.get(slug, slug.upper())
+        ),
         machine=MachineContext(name=task.machine, cpu=cpu, memory=memory),
     )
 
@@ -135,7 +139,9 @@ class TaskProcess:
         task = self.tasks.get(attempt["run"]["task_id"])
         try:
             if task is None:
-                raise LookupError(f"task {attempt['run']['task_id']!r} is not defined in this executor")
+                raise LookupError(
+                    f"task {attempt['run']['task_id']!r} is not defined in this executor"
+                )
             ctx = build_context(attempt, task)
             self.running[attempt_id] = (self.running[attempt_id][0], ctx)
             self.send(("started", attempt_id))
@@ -170,7 +176,14 @@ class TaskProcess:
         args = (payload, ctx) if task.wants_context else (payload,)
         if task.is_async:
             return await task.fn(*args)
-        return await self.loop.run_in_executor(None, lambda: task.fn(*args))
+        thread = self.loop.run_in_executor(None, lambda: task.fn(*args))
+        try:
+            return await asyncio.shield(thread)
+        except asyncio.CancelledError:
+            # A thread can't be interrupted: report only once it ends. If it never does, the
+            # executor kills this process after the cancel grace period.
+            await thread
+            raise
 
 
 async def _main(conn: Connection, modules: list[str]) -> None:

@@ -71,7 +71,12 @@ async def _serve() -> None:
     telemetry.setup("runplane-scheduler")
     scheduler = await start_scheduler(settings)
     host = settings.listen.rsplit(":", 1)[0]
-    log.info("scheduler listening on %s:%d (database %s)", host, scheduler.port, _redact(settings.database_url))
+    log.info(
+        "scheduler listening on %s:%d (database %s)",
+        host,
+        scheduler.port,
+        _redact(settings.database_url),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -90,9 +90,9 @@ class DispatchIndex:
     def executor_for(self, environment_id: str, task_id: str) -> ExecutorState | None:
         best: ExecutorState | None = None
         for ex in self.executors.values():
-            if ex.environment_id == environment_id and task_id in ex.tasks and ex.free() > 0:
-                if best is None or ex.free() > best.free():
-                    best = ex
+            usable = ex.environment_id == environment_id and task_id in ex.tasks and ex.free() > 0
+            if usable and (best is None or ex.free() > best.free()):
+                best = ex
         return best
 
     def provides(self, environment_id: str, task_id: str) -> bool:

@@ -7,6 +7,7 @@ group-commit writer; the in-memory :class:`DispatchIndex` is updated only after 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -18,14 +19,15 @@ import orjson
 from opentelemetry import trace
 from sqlalchemy import func, select
 
-from runplane.v1 import run_pb2, worker_service_pb2 as wpb
+from runplane.v1 import run_pb2
+from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms, run_to_pb
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import FailedPrecondition, NotFound
+from runplane_server.errors import NotFound
 from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler")
@@ -103,7 +105,9 @@ class RunEngine:
             if status is Status.QUEUED:
                 self.index.push(key, m["id"], m["task_id"], m["queued_at"], m["priority"])
             elif status is Status.PENDING_VERSION:
-                self.pending_version.setdefault((m["environment_id"], m["task_id"]), []).append(m["id"])
+                self.pending_version.setdefault((m["environment_id"], m["task_id"]), []).append(
+                    m["id"]
+                )
             elif m["current_attempt_id"]:
                 # Its executor has lease_timeout to reconnect and claim it.
                 self.index.adopt(
@@ -141,17 +145,23 @@ class RunEngine:
 
     # -- API -----------------------------------------------------------------------------------
 
-    async def trigger(self, environment_id: str, spec: TriggerSpec) -> tuple[RunRow | dict[str, Any], bool]:
+    async def trigger(
+        self, environment_id: str, spec: TriggerSpec
+    ) -> tuple[RunRow | dict[str, Any], bool]:
         """Create a run (or return the one holding the idempotency key). Returns (run, cached)."""
         td = self.task_defs.get((environment_id, spec.task_id))
         queue = spec.queue or (td.queue if td else f"task/{spec.task_id}")
-        max_attempts = spec.max_attempts or (td.retry.max_attempts if td else RetryPolicy().max_attempts)
+        max_attempts = spec.max_attempts or (
+            td.retry.max_attempts if td else RetryPolicy().max_attempts
+        )
         known = self.index.provides(environment_id, spec.task_id)
         traceparent = telemetry.current_traceparent()
 
         async def op(tx: Tx) -> tuple[RunRow | dict[str, Any], bool]:
             if spec.idempotency_key:
-                existing = await Store.find_idempotent(tx, environment_id, spec.task_id, spec.idempotency_key)
+                existing = await Store.find_idempotent(
+                    tx, environment_id, spec.task_id, spec.idempotency_key
+                )
                 if existing is not None:
                     return existing, True
             ts = now_ms()
@@ -190,11 +200,15 @@ class RunEngine:
             await Store.insert_run(tx, values, spec.tags)
             if known:
                 tx.after_commit.append(
-                    lambda: self._enqueue((environment_id, queue), run_id, spec.task_id, ts, spec.priority)
+                    lambda: self._enqueue(
+                        (environment_id, queue), run_id, spec.task_id, ts, spec.priority
+                    )
                 )
             else:
                 tx.after_commit.append(
-                    lambda: self.pending_version.setdefault((environment_id, spec.task_id), []).append(run_id)
+                    lambda: self.pending_version.setdefault(
+                        (environment_id, spec.task_id), []
+                    ).append(run_id)
                 )
             return values, False
 
@@ -214,8 +228,7 @@ class RunEngine:
                 current_attempt_id=None,
             )
             if row is None:
-                current = await self._get_in_tx(tx, environment_id, run_id)
-                return current
+                return await self._get_in_tx(tx, environment_id, run_id)
             attempt_id = self._attempt_of(run_id)
             if attempt_id is not None:
                 await Store.finish_attempt(tx, attempt_id, "CANCELED")
@@ -227,7 +240,9 @@ class RunEngine:
     async def _get_in_tx(self, tx: Tx, environment_id: str, run_id: str) -> RunRow:
         row = (
             await tx.conn.execute(
-                select(db.runs).where(db.runs.c.id == run_id, db.runs.c.environment_id == environment_id)
+                select(db.runs).where(
+                    db.runs.c.id == run_id, db.runs.c.environment_id == environment_id
+                )
             )
         ).first()
         if row is None:
@@ -246,14 +261,19 @@ class RunEngine:
             ex = self.index.executors.get(lease.executor_id)
             if ex is not None and ex.connected:
                 ex.outbox.put_nowait(
-                    wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=attempt_id, run_id=run_id))
+                    wpb.ConnectResponse(
+                        cancel=wpb.CancelAttempt(attempt_id=attempt_id, run_id=run_id)
+                    )
                 )
         self._dispatch_wake.set()
 
     # -- executors -----------------------------------------------------------------------------
 
     async def register_executor(
-        self, environment_id: str, register: wpb.Register, outbox: asyncio.Queue[wpb.ConnectResponse]
+        self,
+        environment_id: str,
+        register: wpb.Register,
+        outbox: asyncio.Queue[wpb.ConnectResponse],
     ) -> ExecutorState:
         executor_id = register.executor_id or new_id("exec")
         defs = [
@@ -314,7 +334,9 @@ class RunEngine:
                 ex.attempts.add(attempt_id)
                 lease.acked = True
         self.index.executors[executor_id] = ex
-        log.info("executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity)
+        log.info(
+            "executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity
+        )
         for d in defs:
             waiting = self.pending_version.pop((environment_id, d.task_id), None)
             if waiting:
@@ -332,12 +354,19 @@ class RunEngine:
             async def op(tx: Tx) -> None:
                 ts = now_ms()
                 row = await tx.transition(
-                    run_id, [Status.PENDING_VERSION], Status.QUEUED, "queued", queued_at=ts, updated_at=ts
+                    run_id,
+                    [Status.PENDING_VERSION],
+                    Status.QUEUED,
+                    "queued",
+                    queued_at=ts,
+                    updated_at=ts,
                 )
                 if row is not None:
                     m = row._mapping
                     tx.after_commit.append(
-                        lambda: self._enqueue((environment_id, m["queue"]), run_id, m["task_id"], ts, m["priority"])
+                        lambda: self._enqueue(
+                            (environment_id, m["queue"]), run_id, m["task_id"], ts, m["priority"]
+                        )
                     )
 
             return op
@@ -436,7 +465,11 @@ class RunEngine:
         await self.store.writer.run(op)
 
     async def _fail(
-        self, lease: Lease, error: dict[str, str], skip_retrying: bool, final_status: Status = Status.FAILED
+        self,
+        lease: Lease,
+        error: dict[str, str],
+        skip_retrying: bool,
+        final_status: Status = Status.FAILED,
     ) -> None:
         """An attempt failed: retry after back-off if allowed, else end the run."""
         attempt_id = lease.attempt_id
@@ -479,12 +512,12 @@ class RunEngine:
                     updated_at=ts,
                 )
                 await Store.add_timer(tx, timer_id, ts + delay_ms, "retry", lease.run_id)
-                tx.after_commit.append(lambda: self._add_timer(_Timer(ts + delay_ms, timer_id, "retry", lease.run_id)))
+                tx.after_commit.append(
+                    lambda: self._add_timer(_Timer(ts + delay_ms, timer_id, "retry", lease.run_id))
+                )
             else:
-                if status is Status.DEQUEUED:  # it never started: not the task's failure
-                    final = Status.SYSTEM_FAILURE
-                else:
-                    final = final_status
+                # A run that never started did not fail through its own code.
+                final = Status.SYSTEM_FAILURE if status is Status.DEQUEUED else final_status
                 await tx.transition(
                     lease.run_id,
                     [status],
@@ -523,14 +556,18 @@ class RunEngine:
             if row is not None:
                 m = row._mapping
                 tx.after_commit.append(
-                    lambda: self._enqueue(lease.queue, lease.run_id, m["task_id"], ts, m["priority"])
+                    lambda: self._enqueue(
+                        lease.queue, lease.run_id, m["task_id"], ts, m["priority"]
+                    )
                 )
 
         await self.store.writer.run(op)
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def _enqueue(self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int) -> None:
+    def _enqueue(
+        self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int
+    ) -> None:
         self.index.push(key, run_id, task_id, queued_at, priority)
         self._dispatch_wake.set()
 
@@ -621,10 +658,8 @@ class RunEngine:
                 continue
             delay = (self._timers[0].due_at - now_ms()) / 1000
             if delay > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._timer_wake.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
                 continue
             timer = heapq.heappop(self._timers)
             self._spawn(self._fire(timer))
@@ -707,4 +742,4 @@ class RunEngine:
 
 
 def status_from_pb(value: int) -> str:
-    return run_pb2.RunStatus.Name(value).removeprefix("RUN_STATUS_")
+    return run_pb2.RunStatus.Name(run_pb2.RunStatus.ValueType(value)).removeprefix("RUN_STATUS_")

@@ -7,6 +7,7 @@ delete) is dropped by JetStream's duplicate window instead of reaching subscribe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -93,10 +94,8 @@ class Relay:
             rows = await self._store.read_outbox(BATCH)
             if not rows:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                except TimeoutError:
-                    pass
                 continue
             try:
                 acks = [

@@ -6,17 +6,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from runplane.v1 import (
     meta_service_pb2 as mpb,
+)
+from runplane.v1 import (
     meta_service_pb2_grpc,
-    run_service_pb2 as rpb,
     run_service_pb2_grpc,
-    worker_service_pb2 as wpb,
     worker_service_pb2_grpc,
+)
+from runplane.v1 import (
+    run_service_pb2 as rpb,
+)
+from runplane.v1 import (
+    worker_service_pb2 as wpb,
 )
 from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine
@@ -27,7 +33,7 @@ from runplane_server.errors import InvalidArgument, NotFound
 
 log = logging.getLogger("runplane.scheduler")
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class RunServicer(run_service_pb2_grpc.RunServiceServicer):
@@ -35,7 +41,9 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         self.engine = engine
         self.limits = settings.limits
 
-    async def TriggerRun(self, request: rpb.TriggerRunRequest, context: Context) -> rpb.TriggerRunResponse:
+    async def TriggerRun(
+        self, request: rpb.TriggerRunRequest, context: Context
+    ) -> rpb.TriggerRunResponse:
         spec = validation.trigger(request, self.limits)
         row, cached = await self.engine.trigger(principal().environment_id, spec)
         return rpb.TriggerRunResponse(run=run_to_pb(row), is_cached=cached)
@@ -47,7 +55,9 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             raise NotFound(f"run {run_id} not found")
         return rpb.GetRunResponse(run=run_to_pb(row))
 
-    async def ListRuns(self, request: rpb.ListRunsRequest, context: Context) -> rpb.ListRunsResponse:
+    async def ListRuns(
+        self, request: rpb.ListRunsRequest, context: Context
+    ) -> rpb.ListRunsResponse:
         size = validation.page_size(request.page_size, self.limits.page_size)
         for i, t in enumerate(request.task_ids):
             validation.task_id(t, f"task_ids[{i}]")
@@ -56,7 +66,9 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             statuses=validation.statuses(list(request.statuses)),
             task_ids=list(request.task_ids),
             tags=list(request.tags),
-            created_after=request.created_after.ToMilliseconds() if request.HasField("created_after") else None,
+            created_after=request.created_after.ToMilliseconds()
+            if request.HasField("created_after")
+            else None,
             created_before=request.created_before.ToMilliseconds()
             if request.HasField("created_before")
             else None,
@@ -70,7 +82,9 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             next_page_token=validation.encode_page_token(rows[-1].id) if more else "",
         )
 
-    async def CancelRun(self, request: rpb.CancelRunRequest, context: Context) -> rpb.CancelRunResponse:
+    async def CancelRun(
+        self, request: rpb.CancelRunRequest, context: Context
+    ) -> rpb.CancelRunResponse:
         run_id = validation.run_id(request.run_id)
         row = await self.engine.cancel(principal().environment_id, run_id)
         return rpb.CancelRunResponse(run=run_to_pb(row))
@@ -129,7 +143,9 @@ class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
 
-    async def GetServerInfo(self, request: mpb.GetServerInfoRequest, context: Context) -> mpb.GetServerInfoResponse:
+    async def GetServerInfo(
+        self, request: mpb.GetServerInfoRequest, context: Context
+    ) -> mpb.GetServerInfoResponse:
         from runplane import __version__
 
         return mpb.GetServerInfoResponse(

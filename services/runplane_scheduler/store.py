@@ -53,7 +53,9 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
     if m["error"]:
         e = orjson.loads(m["error"])
         error = run_pb2.RunError(
-            type=e.get("type", ""), message=e.get("message", ""), stack_trace=e.get("stack_trace", "")
+            type=e.get("type", ""),
+            message=e.get("message", ""),
+            stack_trace=e.get("stack_trace", ""),
         )
     return run_pb2.Run(
         id=m["id"],
@@ -91,7 +93,7 @@ class Tx:
 
     conn: AsyncConnection
     events: list[dict[str, Any]]
-    after_commit: list[Callable[[], None]] = field(default_factory=list)
+    after_commit: list[Callable[[], object]] = field(default_factory=list)
 
     def emit(self, event_type: str, row: RunRow | Mapping[str, Any]) -> None:
         """Queue a RunEvent with the run's snapshot for the outbox (same transaction)."""
@@ -128,7 +130,11 @@ class Tx:
         ts = values.pop("updated_at", None) or now_ms()
         stmt = (
             update(db.runs)
-            .where(db.runs.c.id == run_id, db.runs.c.status.in_([s.value for s in sources]), *conditions)
+            .where(
+                db.runs.c.id == run_id,
+                db.runs.c.status.in_([s.value for s in sources]),
+                *conditions,
+            )
             .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
             .returning(*db.runs.c)
         )
@@ -193,7 +199,7 @@ class Writer:
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         events: list[dict[str, Any]] = []
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        after: list[Callable[[], None]] = []
+        after: list[Callable[[], object]] = []
         async with self._engine.begin() as conn:
             for op, future in batch:
                 if future.done():  # caller gone
@@ -312,16 +318,16 @@ class Store:
         async with self.engine.connect() as conn:
             return list(
                 (
-                    await conn.execute(select(db.outbox).order_by(db.outbox.c.event_id).limit(limit))
+                    await conn.execute(
+                        select(db.outbox).order_by(db.outbox.c.event_id).limit(limit)
+                    )
                 ).all()
             )
 
     # -- writes (each used inside an op) -----------------------------------------------------
 
     @staticmethod
-    async def find_idempotent(
-        tx: Tx, environment_id: str, task_id: str, key: str
-    ) -> RunRow | None:
+    async def find_idempotent(tx: Tx, environment_id: str, task_id: str, key: str) -> RunRow | None:
         """The run holding ``key`` for the task, unless it ended in a status that releases keys."""
         releasing = [s.value for s in FINAL if s not in (Status.COMPLETED, Status.CANCELED)]
         return (
@@ -356,7 +362,9 @@ class Store:
         await tx.conn.execute(insert(db.attempts), [values])
 
     @staticmethod
-    async def finish_attempt(tx: Tx, attempt_id: str, status: str, error: str | None = None) -> None:
+    async def finish_attempt(
+        tx: Tx, attempt_id: str, status: str, error: str | None = None
+    ) -> None:
         await tx.conn.execute(
             update(db.attempts)
             .where(db.attempts.c.id == attempt_id)
@@ -388,7 +396,9 @@ class Store:
         await tx.conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(event_ids)))
 
     @staticmethod
-    async def upsert_task_definitions(tx: Tx, environment_id: str, rows: list[dict[str, Any]]) -> None:
+    async def upsert_task_definitions(
+        tx: Tx, environment_id: str, rows: list[dict[str, Any]]
+    ) -> None:
         ids = [r["task_id"] for r in rows]
         if ids:
             await tx.conn.execute(

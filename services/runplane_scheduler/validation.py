@@ -7,7 +7,8 @@ import re
 
 import orjson
 
-from runplane.v1 import run_pb2, run_service_pb2 as rpb
+from runplane.v1 import run_pb2
+from runplane.v1 import run_service_pb2 as rpb
 from runplane_scheduler.engine import TriggerSpec
 from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_server.config import Limits
@@ -22,7 +23,9 @@ def json_text(field: str, text: str, limit: int, limit_name: str, *, default: st
         return default
     size = len(text.encode())
     if size > limit:
-        raise InvalidArgument(field, f"{size} bytes is over the {limit_name} limit of {limit} bytes")
+        raise InvalidArgument(
+            field, f"{size} bytes is over the {limit_name} limit of {limit} bytes"
+        )
     try:
         orjson.loads(text)
     except orjson.JSONDecodeError as error:
@@ -52,11 +55,14 @@ def trigger(request: rpb.TriggerRunRequest, limits: Limits) -> TriggerSpec:
     o = request.options
     tags = tuple(o.tags)
     if len(tags) > limits.tags:
-        raise InvalidArgument("options.tags", f"{len(tags)} tags is over the limit of {limits.tags}")
+        raise InvalidArgument(
+            "options.tags", f"{len(tags)} tags is over the limit of {limits.tags}"
+        )
     for i, tag in enumerate(tags):
         if not 1 <= len(tag) <= limits.tag_length:
             raise InvalidArgument(
-                f"options.tags[{i}]", f"a tag must be 1..{limits.tag_length} characters, got {len(tag)}"
+                f"options.tags[{i}]",
+                f"a tag must be 1..{limits.tag_length} characters, got {len(tag)}",
             )
     metadata = json_text(
         "options.metadata", o.metadata, limits.metadata_bytes, "metadata", default="{}"
@@ -64,11 +70,14 @@ def trigger(request: rpb.TriggerRunRequest, limits: Limits) -> TriggerSpec:
     if not isinstance(orjson.loads(metadata), dict):
         raise InvalidArgument("options.metadata", "must be a JSON object")
     if not 0 <= o.max_attempts <= MAX_ATTEMPTS_CAP:
-        raise InvalidArgument("options.max_attempts", f"must be 1..{MAX_ATTEMPTS_CAP}, got {o.max_attempts}")
+        raise InvalidArgument(
+            "options.max_attempts", f"must be 1..{MAX_ATTEMPTS_CAP}, got {o.max_attempts}"
+        )
     if len(o.idempotency_key) > limits.idempotency_key_length:
         raise InvalidArgument(
             "options.idempotency_key",
-            f"{len(o.idempotency_key)} characters is over the limit of {limits.idempotency_key_length}",
+            f"{len(o.idempotency_key)} characters is over the limit of "
+            f"{limits.idempotency_key_length}",
         )
     if o.priority < 0:
         raise InvalidArgument("options.priority", f"must not be negative, got {o.priority}")
@@ -78,7 +87,9 @@ def trigger(request: rpb.TriggerRunRequest, limits: Limits) -> TriggerSpec:
         raise InvalidArgument("options.queue", f"{o.queue[:80]!r} is not a queue name")
     return TriggerSpec(
         task_id=task_id(request.task_id),
-        payload=json_text("payload", request.payload, limits.payload_bytes, "payload", default="null"),
+        payload=json_text(
+            "payload", request.payload, limits.payload_bytes, "payload", default="null"
+        ),
         queue=o.queue,
         tags=tags,
         metadata=metadata,
@@ -94,7 +105,9 @@ def statuses(values: list[int]) -> list[str]:
     for i, v in enumerate(values):
         if v not in run_pb2.RunStatus.values() or v == run_pb2.RUN_STATUS_UNSPECIFIED:
             raise InvalidArgument(f"statuses[{i}]", f"{v} is not a run status")
-        out.append(run_pb2.RunStatus.Name(v).removeprefix("RUN_STATUS_"))
+        out.append(
+            run_pb2.RunStatus.Name(run_pb2.RunStatus.ValueType(v)).removeprefix("RUN_STATUS_")
+        )
     return out
 
 

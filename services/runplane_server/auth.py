@@ -47,7 +47,9 @@ def generate_key(slug: str) -> str:
 async def create_key(engine: AsyncEngine, slug: str) -> str:
     """Make a new secret key for the environment ``slug``; only its hash is stored."""
     if slug not in ENVIRONMENT_SLUGS:
-        raise InvalidArgument("env", f"unknown environment {slug!r}; one of {', '.join(ENVIRONMENT_SLUGS)}")
+        raise InvalidArgument(
+            "env", f"unknown environment {slug!r}; one of {', '.join(ENVIRONMENT_SLUGS)}"
+        )
     async with engine.begin() as conn:
         env_id = (
             await conn.execute(select(db.environments.c.id).where(db.environments.c.slug == slug))

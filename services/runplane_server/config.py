@@ -46,7 +46,9 @@ class Limits:
             metadata_bytes=_int("RUNPLANE_LIMIT_METADATA_BYTES", d.metadata_bytes),
             tags=_int("RUNPLANE_LIMIT_TAGS", d.tags),
             tag_length=_int("RUNPLANE_LIMIT_TAG_LENGTH", d.tag_length),
-            idempotency_key_length=_int("RUNPLANE_LIMIT_IDEMPOTENCY_KEY_LENGTH", d.idempotency_key_length),
+            idempotency_key_length=_int(
+                "RUNPLANE_LIMIT_IDEMPOTENCY_KEY_LENGTH", d.idempotency_key_length
+            ),
         )
 
 

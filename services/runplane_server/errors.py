@@ -40,7 +40,9 @@ class InvalidArgument(ServiceError):
         status = super().to_status()
         detail = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.problem)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=self.field, description=self.problem
+                )
             ]
         )
         status.details.add().Pack(detail)

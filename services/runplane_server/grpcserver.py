@@ -75,7 +75,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
                     await enter(context)
-                    with telemetry.tracer().start_as_current_span(method, kind=trace.SpanKind.SERVER):
+                    with telemetry.tracer().start_as_current_span(
+                        method, kind=trace.SpanKind.SERVER
+                    ):
                         return await behavior(request, context)
                 except ServiceError as error:
                     await _abort(context, error)
@@ -83,7 +85,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return call
 
         def wrap_stream(behavior: Any) -> Any:
-            async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def call(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
                 try:
                     await enter(context)
                     async for item in behavior(request, context):
@@ -117,7 +121,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class Server:
     """A grpc.aio server with health, reflection and a graceful stop."""
 
-    def __init__(self, authenticate: Authenticator | None, max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self, authenticate: Authenticator | None, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ):
         self.grpc = grpc.aio.server(
             interceptors=[ServiceInterceptor(authenticate)],
             options=[
@@ -128,16 +134,22 @@ class Server:
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self._service_names: list[str] = [
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        ]
         self.port = 0
 
-    def add(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str) -> None:
+    def add(
+        self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str
+    ) -> None:
         register(servicer, self.grpc)
         self._service_names.append(name)
 
     async def start(self, address: str) -> int:
         """Listen on ``address`` (``host:0`` picks a free port) and return the port."""
-        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.grpc)
+        reflection.enable_server_reflection(
+            [*self._service_names, reflection.SERVICE_NAME], self.grpc
+        )
         self.port = self.grpc.add_insecure_port(address)
         await self.grpc.start()
         for name in self._service_names:

@@ -11,7 +11,9 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _lock = threading.Lock()
 _last = (0, 0)
 
-PREFIXES = frozenset({"run", "batch", "waitpoint", "sched", "queue", "attempt", "evt", "exec", "env", "key"})
+PREFIXES = frozenset(
+    {"run", "batch", "waitpoint", "sched", "queue", "attempt", "evt", "exec", "env", "key"}
+)
 
 
 def _encode(value: int, length: int) -> str:

@@ -1,8 +1,9 @@
 """OpenTelemetry setup and W3C trace-context helpers.
 
 Export is configured by the standard ``OTEL_*`` variables: with ``OTEL_EXPORTER_OTLP_ENDPOINT``
-(or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP/gRPC collector; ``OTEL_TRACES_EXPORTER=console``
-prints them. Without either, spans are not recorded but trace context still propagates.
+(or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP/gRPC collector;
+``OTEL_TRACES_EXPORTER=console`` prints them. Without either, spans are not recorded but trace
+context still propagates.
 """
 
 from __future__ import annotations

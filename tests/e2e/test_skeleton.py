@@ -1,0 +1,164 @@
+"""End to end: every service is its own process, talking gRPC over loopback, with a real
+nats-server and a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+import runplane
+from runplane import RunStatus
+from tests.helpers.cluster import Cluster
+from tests.helpers.wait import eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+async def test_hello_from_the_sdk_completes_with_its_output(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("hello-world", {"name": "Ada"})
+    run = await client.runs.poll(handle, interval=0.05, timeout=60)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == {"message": "Hello, Ada!", "run": handle.id, "attempt": 1}
+    assert run.attempt_count == 1
+    assert run.is_success and run.is_completed and not run.is_failed
+
+
+async def test_hello_from_the_cli_completes_with_its_output(cluster: Cluster) -> None:
+    env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runplane", "trigger", "hello-world",
+        "--payload", '{"name": "CLI"}', "--wait",
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    text = out.decode()
+    assert "COMPLETED" in text
+    assert '"message":"Hello, CLI!"' in text
+    run_id = text.split()[0]
+    run = await cluster.client().runs.retrieve(run_id)
+    assert run.output["message"] == "Hello, CLI!"
+
+
+async def test_a_failing_task_is_retried_with_backoff_and_ends_failed(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("flaky", {"succeed_on": 99})
+    history = [run async for run in client.runs.subscribe_to_run(handle)]
+    final = history[-1]
+    assert final.status is RunStatus.FAILED
+    assert final.attempt_count == 3
+    assert final.error is not None
+    assert final.error.type == "RuntimeError"
+    assert "attempt 3 failed on purpose" in final.error.message
+    assert "Traceback" in final.error.stack_trace
+    # Each failed attempt but the last waits out its back-off (min_timeout 0.2 s, factor 2) before
+    # the run is queued again.
+    waits = []
+    for before, after in itertools.pairwise(history):
+        if before.status is RunStatus.EXECUTING and after.status is RunStatus.QUEUED:
+            assert before.updated_at is not None and after.updated_at is not None
+            waits.append((after.updated_at - before.updated_at).total_seconds())
+    assert len(waits) == 2
+    assert waits[0] >= 0.2 - 0.01
+    assert waits[1] >= 0.4 - 0.01
+
+
+async def test_a_task_that_succeeds_on_retry_completes(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("flaky", {"succeed_on": 2})
+    run = await client.runs.poll(handle, interval=0.05, timeout=60)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == {"attempt": 2}
+
+
+async def test_abort_fails_without_retrying(cluster: Cluster) -> None:
+    client = cluster.client()
+    run = await client.runs.poll(await client.tasks.trigger("refuse"), interval=0.05, timeout=60)
+    assert run.status is RunStatus.FAILED
+    assert run.attempt_count == 1
+    assert run.error is not None and run.error.type == "AbortTaskRunError"
+
+
+async def test_subscriber_sees_every_status_in_order_without_gaps(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("hello-world", {"name": "sub"})
+    seen = [run async for run in client.runs.subscribe_to_run(handle)]
+    versions = [r.version for r in seen]
+    assert versions == list(range(1, len(seen) + 1))
+    assert [r.status for r in seen] == [
+        RunStatus.QUEUED,
+        RunStatus.DEQUEUED,
+        RunStatus.EXECUTING,
+        RunStatus.COMPLETED,
+    ]
+    assert seen[-1].output["message"] == "Hello, sub!"
+
+
+async def test_cancel_stops_a_busy_looping_plain_def_task(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("busy-loop", {"seconds": 600})
+    await eventually(
+        lambda: _status_is(client, handle.id, RunStatus.EXECUTING),
+        timeout=30,
+        description="run executing",
+    )
+    canceled = await client.runs.cancel(handle)
+    assert canceled.status is RunStatus.CANCELED
+    # The attempt is stopped hard: its process is killed, the executor's slot frees up, and a new
+    # run still completes.
+    await eventually(
+        lambda: "ignored its cancel; killing task process" in cluster.executor.log(),
+        timeout=15,
+        description="the busy task process was killed",
+    )
+    after = await client.runs.poll(
+        await client.tasks.trigger("hello-world", {"name": "next"}), interval=0.05, timeout=60
+    )
+    assert after.status is RunStatus.COMPLETED
+    assert (await client.runs.retrieve(handle)).status is RunStatus.CANCELED
+
+
+async def test_kill_9_of_the_executor_retries_on_a_restarted_executor(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("sleepy", {"seconds": 3})
+    await eventually(
+        lambda: _status_is(client, handle.id, RunStatus.EXECUTING),
+        timeout=30,
+        description="run executing",
+    )
+    cluster.executor.kill()
+    await cluster.start_executor()
+    run = await client.runs.poll(handle, interval=0.1, timeout=90)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == 3
+    assert run.attempt_count == 2
+
+
+async def test_a_key_of_one_environment_cannot_read_another_environments_run(
+    cluster: Cluster,
+) -> None:
+    dev, prod = cluster.client("dev"), cluster.client("prod")
+    handle = await dev.tasks.trigger("hello-world", {"name": "private"})
+    with pytest.raises(runplane.NotFoundError):
+        await prod.runs.retrieve(handle)
+    with pytest.raises(runplane.NotFoundError):
+        await prod.runs.cancel(handle)
+    assert [r async for r in prod.runs.list()] == []
+    with pytest.raises(runplane.NotFoundError):
+        async for _ in prod.runs.subscribe_to_run(handle):
+            pass
+    bad = runplane.Client(
+        api_url=cluster.api_url, secret_key="rp_dev_wrong", realtime_url=cluster.realtime_url
+    )
+    with pytest.raises(runplane.UnauthenticatedError):
+        await bad.runs.retrieve(handle)
+    assert (await dev.runs.retrieve(handle)).id == handle.id
+
+
+async def _status_is(client: runplane.Client, run_id: str, status: RunStatus) -> bool:
+    return (await client.runs.retrieve(run_id)).status is status

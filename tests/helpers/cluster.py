@@ -1,0 +1,153 @@
+"""Every runplane service as its own process (scheduler, realtime, executor), for end-to-end
+and fault tests. Logs go to files that failures print."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import runplane
+from runplane._dev import wait_executor_connected, wait_serving
+from runplane_server import db
+from runplane_server.auth import create_key
+from tests.helpers.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceProcess:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        log.write(f"--- start {' '.join(self.argv)}\n".encode())
+        log.flush()
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """kill -9 the whole process group (the executor's task processes too)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, self.process.wait), grace)
+        except TimeoutError:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Cluster:
+    """Scheduler, realtime and one executor, started as processes on free ports."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        nats_url: str,
+        database_url: str,
+        tasks: str = "examples.hello",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.tmp = tmp
+        self.database_url = database_url
+        self.api_url = f"127.0.0.1:{free_port()}"
+        self.realtime_url = f"127.0.0.1:{free_port()}"
+        self.executor_status_url = f"127.0.0.1:{free_port()}"
+        self.tasks = tasks
+        self.keys: dict[str, str] = {}
+        base = dict(os.environ)
+        base.update(
+            PYTHONPATH=os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)]),
+            PYTHONUNBUFFERED="1",
+            RUNPLANE_DATABASE_URL=database_url,
+            RUNPLANE_NATS_URL=nats_url,
+            RUNPLANE_SCHEDULER_LISTEN=self.api_url,
+            RUNPLANE_API_URL=self.api_url,
+            RUNPLANE_REALTIME_LISTEN=self.realtime_url,
+            RUNPLANE_REALTIME_URL=self.realtime_url,
+            RUNPLANE_EXECUTOR_LISTEN=self.executor_status_url,
+            RUNPLANE_LEASE_TIMEOUT="3",
+            RUNPLANE_HEARTBEAT_INTERVAL="0.5",
+            RUNPLANE_CANCEL_GRACE="1",
+            RUNPLANE_RECONCILE_INTERVAL="1",
+        )
+        base.update(env or {})
+        self.env = base
+        py = sys.executable
+        self.scheduler = ServiceProcess("scheduler", [py, "-m", "runplane", "scheduler"], base, tmp)
+        self.realtime = ServiceProcess("realtime", [py, "-m", "runplane", "realtime"], base, tmp)
+        self.executor = ServiceProcess(
+            "executor",
+            [py, "-m", "runplane", "executor", "--tasks", tasks, "--processes", "2"],
+            base,
+            tmp,
+        )
+
+    async def start(self) -> None:
+        engine = db.create_engine(self.database_url)
+        try:
+            await db.upgrade(engine)
+            for env in ("dev", "prod"):
+                self.keys[env] = await create_key(engine, env)
+        finally:
+            await engine.dispose()
+        self.executor.env = {**self.env, "RUNPLANE_SECRET_KEY": self.keys["dev"]}
+        try:
+            self.scheduler.start()
+            self.realtime.start()
+            await wait_serving(self.api_url, 60)
+            await wait_serving(self.realtime_url, 60)
+            await self.start_executor()
+        except BaseException:
+            print(self.logs())
+            raise
+
+    async def start_executor(self) -> None:
+        self.executor.start()
+        await wait_executor_connected(self.executor_status_url, 60)
+
+    async def restart_scheduler(self) -> None:
+        await self.scheduler.stop()
+        self.scheduler.start()
+        await wait_serving(self.api_url, 60)
+
+    def client(self, env: str = "dev") -> runplane.Client:
+        return runplane.Client(
+            api_url=self.api_url, secret_key=self.keys[env], realtime_url=self.realtime_url
+        )
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"===== {p.name}\n{p.log()[-6000:]}"
+            for p in (self.scheduler, self.realtime, self.executor)
+        )
+
+    async def stop(self) -> None:
+        await asyncio.gather(self.executor.stop(), self.realtime.stop())
+        await self.scheduler.stop()

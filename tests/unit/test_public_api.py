@@ -1,0 +1,77 @@
+"""The public API is frozen: changing it must be deliberate."""
+
+from __future__ import annotations
+
+import inspect
+
+import runplane
+
+PUBLIC = [
+    "AbortTaskRunError",
+    "AlreadyExistsError",
+    "ApiError",
+    "Client",
+    "ConfigurationError",
+    "Context",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Queue",
+    "RetryOptions",
+    "Run",
+    "RunError",
+    "RunHandle",
+    "RunStatus",
+    "RunplaneError",
+    "RunsAPI",
+    "Signal",
+    "Task",
+    "TaskRunError",
+    "TasksAPI",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "__version__",
+    "configure",
+    "default_client",
+    "queue",
+    "runs",
+    "task",
+    "tasks",
+]
+
+
+def test_all_is_frozen() -> None:
+    assert sorted(runplane.__all__) == sorted(PUBLIC)
+    for name in runplane.__all__:
+        assert hasattr(runplane, name), name
+
+
+def test_no_protobuf_type_in_public_signatures() -> None:
+    for cls in (runplane.Client, runplane.RunsAPI, runplane.TasksAPI, runplane.Task):
+        for name, member in inspect.getmembers(cls, inspect.isfunction):
+            if name.startswith("_"):
+                continue
+            annotations = str(inspect.signature(member))
+            assert "_pb2" not in annotations, f"{cls.__name__}.{name}{annotations}"
+
+
+def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
+    assert issubclass(runplane.InvalidArgumentError, ValueError)
+    assert issubclass(runplane.NotFoundError, LookupError)
+    assert issubclass(runplane.UnavailableError, ConnectionError)
+    assert issubclass(runplane.DeadlineExceededError, TimeoutError)
+    for name in runplane.__all__:
+        obj = getattr(runplane, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, runplane.RunplaneError), name
+
+
+def test_every_client_call_has_a_sync_twin() -> None:
+    for cls in (runplane.RunsAPI, runplane.TasksAPI):
+        for name, member in inspect.getmembers(cls, inspect.isfunction):
+            if name.startswith("_") or name.endswith("_sync"):
+                continue
+            if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member):
+                assert hasattr(cls, f"{name}_sync"), f"{cls.__name__}.{name} has no _sync twin"

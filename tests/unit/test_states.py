@@ -1,0 +1,89 @@
+"""Every allowed and every forbidden status transition."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from runplane_scheduler.states import (
+    ALLOWED,
+    FINAL,
+    HOLDS_CONCURRENCY,
+    Status,
+    TransitionError,
+    can_transition,
+    is_final,
+    transition,
+)
+
+EXPECTED_ALLOWED = {
+    ("PENDING_VERSION", "QUEUED"),
+    ("PENDING_VERSION", "CANCELED"),
+    ("PENDING_VERSION", "EXPIRED"),
+    ("DELAYED", "QUEUED"),
+    ("DELAYED", "CANCELED"),
+    ("DELAYED", "EXPIRED"),
+    ("QUEUED", "DEQUEUED"),
+    ("QUEUED", "PENDING_VERSION"),
+    ("QUEUED", "CANCELED"),
+    ("QUEUED", "EXPIRED"),
+    ("DEQUEUED", "EXECUTING"),
+    ("DEQUEUED", "QUEUED"),
+    ("DEQUEUED", "CANCELED"),
+    ("DEQUEUED", "SYSTEM_FAILURE"),
+    ("DEQUEUED", "CRASHED"),
+    ("EXECUTING", "QUEUED"),
+    ("EXECUTING", "WAITING"),
+    ("EXECUTING", "COMPLETED"),
+    ("EXECUTING", "FAILED"),
+    ("EXECUTING", "CRASHED"),
+    ("EXECUTING", "SYSTEM_FAILURE"),
+    ("EXECUTING", "TIMED_OUT"),
+    ("EXECUTING", "CANCELED"),
+    ("WAITING", "QUEUED"),
+    ("WAITING", "EXECUTING"),
+    ("WAITING", "CANCELED"),
+    ("WAITING", "SYSTEM_FAILURE"),
+    ("WAITING", "CRASHED"),
+}
+
+PAIRS = list(itertools.product(Status, Status))
+
+
+def test_thirteen_statuses() -> None:
+    assert len(Status) == 13
+    assert set(ALLOWED) == set(Status)
+
+
+@pytest.mark.parametrize(("current", "target"), PAIRS, ids=[f"{a}->{b}" for a, b in PAIRS])
+def test_transition(current: Status, target: Status) -> None:
+    allowed = (current.value, target.value) in EXPECTED_ALLOWED
+    assert can_transition(current, target) is allowed
+    if allowed:
+        assert transition(current, target) is target
+    else:
+        with pytest.raises(TransitionError) as raised:
+            transition(current, target)
+        assert current.value in str(raised.value)
+        assert target.value in str(raised.value)
+
+
+def test_final_statuses_are_terminal() -> None:
+    assert {s.value for s in FINAL} == {
+        "COMPLETED",
+        "CANCELED",
+        "FAILED",
+        "CRASHED",
+        "SYSTEM_FAILURE",
+        "EXPIRED",
+        "TIMED_OUT",
+    }
+    for status in Status:
+        assert is_final(status) is (status in FINAL)
+        if status in FINAL:
+            assert not ALLOWED[status]
+
+
+def test_only_dequeued_and_executing_hold_concurrency() -> None:
+    assert {Status.DEQUEUED, Status.EXECUTING} == HOLDS_CONCURRENCY
