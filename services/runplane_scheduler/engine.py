@@ -239,7 +239,7 @@ class RunEngine:
 
     async def _get_in_tx(self, tx: Tx, environment_id: str, run_id: str) -> RunRow:
         row = (
-            await tx.conn.execute(
+            await tx.execute(
                 select(db.runs).where(
                     db.runs.c.id == run_id, db.runs.c.environment_id == environment_id
                 )
@@ -478,7 +478,7 @@ class RunEngine:
         async def op(tx: Tx) -> None:
             ts = now_ms()
             current = (
-                await tx.conn.execute(
+                await tx.execute(
                     db.runs.select().where(
                         db.runs.c.id == lease.run_id, db.runs.c.current_attempt_id == attempt_id
                     )

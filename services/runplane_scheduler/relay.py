@@ -61,7 +61,8 @@ class Relay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+            with contextlib.suppress(Exception):  # NATS may be gone already
+                await self._nc.close()
 
     async def _connect(self) -> JetStreamContext:
         backoff = 0.2
@@ -108,7 +109,12 @@ class Relay:
                     )
                     for r in rows
                 ]
-                await asyncio.wait_for(asyncio.gather(*acks), timeout=10)
+                results = await asyncio.wait_for(
+                    asyncio.gather(*acks, return_exceptions=True), timeout=10
+                )
+                failed = next((r for r in results if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    raise failed
             except Exception as error:
                 log.warning("publishing %d events failed (%s); retrying", len(rows), error)
                 await asyncio.sleep(backoff)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import Table, and_, delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -88,12 +88,36 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
 
 
 @dataclass
+class _Batch:
+    """One group-commit transaction: its connection, outbox rows and deferred inserts."""
+
+    conn: AsyncConnection
+    events: list[dict[str, Any]] = field(default_factory=list)
+    # Inserts nobody reads back within the batch run as one executemany per table, in order.
+    pending: dict[Table, list[dict[str, Any]]] = field(default_factory=dict)
+
+    async def flush(self) -> None:
+        for table, rows in self.pending.items():
+            if rows:
+                await self.conn.execute(insert(table), rows)
+        self.pending.clear()
+
+
+@dataclass
 class Tx:
     """One operation's view of the current group-commit transaction."""
 
-    conn: AsyncConnection
-    events: list[dict[str, Any]]
+    batch: _Batch
     after_commit: list[Callable[[], object]] = field(default_factory=list)
+
+    async def execute(self, statement: Any, params: Any = None) -> Any:
+        """Run a statement after the batch's deferred inserts, so it sees them."""
+        await self.batch.flush()
+        return await self.batch.conn.execute(statement, params)
+
+    def insert_later(self, table: Table, row: dict[str, Any]) -> None:
+        """Insert ``row`` with the rest of the batch (one statement for many operations)."""
+        self.batch.pending.setdefault(table, []).append(row)
 
     def emit(self, event_type: str, row: RunRow | Mapping[str, Any]) -> None:
         """Queue a RunEvent with the run's snapshot for the outbox (same transaction)."""
@@ -102,7 +126,7 @@ class Tx:
         event = events_pb2.RunEvent(
             event_id=event_id, type=event_type, run=run_to_pb(row), occurred_at=_ts(m["updated_at"])
         )
-        self.events.append(
+        self.batch.events.append(
             {
                 "event_id": event_id,
                 "subject": subjects.run_event(m["environment_id"], m["id"]),
@@ -138,7 +162,7 @@ class Tx:
             .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
             .returning(*db.runs.c)
         )
-        row = (await self.conn.execute(stmt)).first()
+        row = (await self.execute(stmt)).first()
         if row is not None:
             self.emit(event_type, row)
         return row
@@ -197,14 +221,15 @@ class Writer:
                             item[1].set_exception(error)
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
-        events: list[dict[str, Any]] = []
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         after: list[Callable[[], object]] = []
         async with self._engine.begin() as conn:
+            work = _Batch(conn)
+            events = work.events
             for op, future in batch:
                 if future.done():  # caller gone
                     continue
-                tx = Tx(conn, events)
+                tx = Tx(work)
                 try:
                     result = await op(tx)
                 except CLEAN_ERRORS as error:
@@ -212,6 +237,7 @@ class Writer:
                     continue
                 outcomes.append((future, True, result))
                 after.extend(tx.after_commit)
+            await work.flush()
             if events:
                 await conn.execute(insert(db.outbox), events)
         self.batches += 1
@@ -331,7 +357,7 @@ class Store:
         """The run holding ``key`` for the task, unless it ended in a status that releases keys."""
         releasing = [s.value for s in FINAL if s not in (Status.COMPLETED, Status.CANCELED)]
         return (
-            await tx.conn.execute(
+            await tx.execute(
                 select(db.runs)
                 .where(
                     db.runs.c.environment_id == environment_id,
@@ -346,26 +372,23 @@ class Store:
     @staticmethod
     async def insert_run(tx: Tx, values: dict[str, Any], tags: Sequence[str]) -> None:
         """Insert a run; ``values`` holds every column."""
-        await tx.conn.execute(insert(db.runs), [values])
-        if tags:
-            await tx.conn.execute(
-                insert(db.run_tags),
-                [
-                    {"run_id": values["id"], "tag": t, "environment_id": values["environment_id"]}
-                    for t in dict.fromkeys(tags)
-                ],
+        tx.insert_later(db.runs, values)
+        for tag in dict.fromkeys(tags):
+            tx.insert_later(
+                db.run_tags,
+                {"run_id": values["id"], "tag": tag, "environment_id": values["environment_id"]},
             )
         tx.emit("created", values)
 
     @staticmethod
     async def insert_attempt(tx: Tx, values: dict[str, Any]) -> None:
-        await tx.conn.execute(insert(db.attempts), [values])
+        tx.insert_later(db.attempts, values)
 
     @staticmethod
     async def finish_attempt(
         tx: Tx, attempt_id: str, status: str, error: str | None = None
     ) -> None:
-        await tx.conn.execute(
+        await tx.execute(
             update(db.attempts)
             .where(db.attempts.c.id == attempt_id)
             .values(status=status, finished_at=now_ms(), error=error)
@@ -373,7 +396,7 @@ class Store:
 
     @staticmethod
     async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
-        await tx.conn.execute(
+        await tx.execute(
             update(db.attempts)
             .where(db.attempts.c.id == attempt_id)
             .values(status="EXECUTING", started_at=ts)
@@ -381,19 +404,19 @@ class Store:
 
     @staticmethod
     async def add_timer(tx: Tx, timer_id: str, due_at: int, kind: str, target: str) -> None:
-        await tx.conn.execute(
+        await tx.execute(
             insert(db.timers),
             [{"id": timer_id, "due_at": due_at, "kind": kind, "target": target, "data": "{}"}],
         )
 
     @staticmethod
     async def delete_timer(tx: Tx, timer_id: str) -> bool:
-        result = await tx.conn.execute(delete(db.timers).where(db.timers.c.id == timer_id))
+        result = await tx.execute(delete(db.timers).where(db.timers.c.id == timer_id))
         return bool(result.rowcount)
 
     @staticmethod
     async def delete_outbox(tx: Tx, event_ids: Sequence[str]) -> None:
-        await tx.conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(event_ids)))
+        await tx.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(event_ids)))
 
     @staticmethod
     async def upsert_task_definitions(
@@ -401,10 +424,10 @@ class Store:
     ) -> None:
         ids = [r["task_id"] for r in rows]
         if ids:
-            await tx.conn.execute(
+            await tx.execute(
                 delete(db.task_definitions).where(
                     db.task_definitions.c.environment_id == environment_id,
                     db.task_definitions.c.task_id.in_(ids),
                 )
             )
-            await tx.conn.execute(insert(db.task_definitions), rows)
+            await tx.execute(insert(db.task_definitions), rows)
