@@ -149,7 +149,8 @@ class Executor:
         self.connected = False
         self.draining = False
         self._outgoing: asyncio.Queue[wpb.ConnectRequest] | None = None
-        self._unsent: list[wpb.ConnectRequest] = []  # results produced while disconnected
+        # Attempt reports (started, result) produced while disconnected, sent on reconnect.
+        self._unsent: list[wpb.ConnectRequest] = []
         self._task: asyncio.Task[None] | None = None
         self.server = Server(authenticate=None)
         self.port = 0
@@ -197,7 +198,7 @@ class Executor:
     def _send(self, message: wpb.ConnectRequest) -> None:
         if self._outgoing is not None and self.connected:
             self._outgoing.put_nowait(message)
-        elif message.WhichOneof("message") == "result":
+        elif message.WhichOneof("message") in ("started", "result"):
             self._unsent.append(message)
 
     def _on_pool_event(self, kind: str, attempt_id: str, result: dict[str, Any] | None) -> None:
@@ -237,7 +238,11 @@ class Executor:
                     executor_id=self.executor_id,
                     manifest=self.manifest,
                     capacity=0 if self.draining else self.settings.capacity,
-                    running_attempt_ids=self.pool.running_attempts(),
+                    # Attempts with results still to report are ours too.
+                    running_attempt_ids=[
+                        *self.pool.running_attempts(),
+                        *(m.result.attempt_id for m in self._unsent if m.HasField("result")),
+                    ],
                 )
             )
         )

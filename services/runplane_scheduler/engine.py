@@ -138,6 +138,12 @@ class RunEngine:
         await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
         await self.store.writer.stop()
 
+    def _submit(self, op: Callable[[Tx], Coroutine[Any, Any, Any]]) -> None:
+        """Queue a write without waiting for it: writes commit in submission order, so a
+        stream's messages are applied in order while the next one is already being read."""
+        future = self.store.writer.submit(op)
+        future.add_done_callback(_log_failure)
+
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
         self._spawned.add(task)
@@ -379,7 +385,7 @@ class RunEngine:
             ex.connected = False
             log.info("executor %s disconnected", ex.executor_id)
 
-    async def on_message(self, ex: ExecutorState, msg: wpb.ConnectRequest) -> None:
+    def on_message(self, ex: ExecutorState, msg: wpb.ConnectRequest) -> None:
         ex.last_seen = time.monotonic()
         kind = msg.WhichOneof("message")
         if kind == "heartbeat":
@@ -392,11 +398,11 @@ class RunEngine:
             if lease is not None:
                 lease.acked = True
         elif kind == "started":
-            await self._started(msg.started.attempt_id)
+            self._started(msg.started.attempt_id)
         elif kind == "result":
-            await self._result(msg.result)
+            self._result(msg.result)
 
-    async def _started(self, attempt_id: str) -> None:
+    def _started(self, attempt_id: str) -> None:
         lease = self.index.leases.get(attempt_id)
         if lease is None:
             return
@@ -418,18 +424,18 @@ class RunEngine:
             if row is not None:
                 await Store.start_attempt(tx, attempt_id, ts)
 
-        await self.store.writer.run(op)
+        self._submit(op)
 
-    async def _result(self, result: wpb.AttemptResult) -> None:
+    def _result(self, result: wpb.AttemptResult) -> None:
         attempt_id = result.attempt_id
         lease = self.index.leases.get(attempt_id)
         if lease is None:
             return  # stale: the run was cancelled or its lease lapsed
         outcome = result.WhichOneof("outcome")
         if result.lost:
-            await self._requeue_lost(lease)
+            self._requeue_lost(lease)
         elif outcome == "output":
-            await self._complete(lease, result.output)
+            self._complete(lease, result.output)
         elif result.canceled:
             self.index.release(attempt_id)
         else:
@@ -438,10 +444,10 @@ class RunEngine:
                 "message": result.error.message,
                 "stack_trace": result.error.stack_trace,
             }
-            await self._fail(lease, error, result.skip_retrying)
+            self._fail(lease, error, result.skip_retrying)
         self._dispatch_wake.set()
 
-    async def _complete(self, lease: Lease, output: str) -> None:
+    def _complete(self, lease: Lease, output: str) -> None:
         attempt_id = lease.attempt_id
 
         async def op(tx: Tx) -> None:
@@ -462,9 +468,9 @@ class RunEngine:
                 await Store.finish_attempt(tx, attempt_id, "COMPLETED")
             tx.after_commit.append(lambda: self.index.release(attempt_id))
 
-        await self.store.writer.run(op)
+        self._submit(op)
 
-    async def _fail(
+    def _fail(
         self,
         lease: Lease,
         error: dict[str, str],
@@ -530,9 +536,9 @@ class RunEngine:
                     updated_at=ts,
                 )
 
-        await self.store.writer.run(op)
+        self._submit(op)
 
-    async def _requeue_lost(self, lease: Lease) -> None:
+    def _requeue_lost(self, lease: Lease) -> None:
         """The attempt never ran to an end through no fault of its own: queue the run again."""
         attempt_id = lease.attempt_id
 
@@ -561,7 +567,7 @@ class RunEngine:
                     )
                 )
 
-        await self.store.writer.run(op)
+        self._submit(op)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -736,9 +742,14 @@ class RunEngine:
                 "message": "the executor running this attempt stopped responding",
                 "stack_trace": "",
             }
-            self._spawn(self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE))
+            self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE)
         else:
-            self._spawn(self._requeue_lost(lease))
+            self._requeue_lost(lease)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("write failed", exc_info=future.exception())
 
 
 def status_from_pb(value: int) -> str:

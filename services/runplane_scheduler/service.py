@@ -116,7 +116,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         async def read() -> None:
             async for msg in request_iterator:
                 try:
-                    await self.engine.on_message(ex, msg)
+                    self.engine.on_message(ex, msg)
                 except Exception:
                     log.exception("message from executor %s failed: %s", ex.executor_id, msg)
 

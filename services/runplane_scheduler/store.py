@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Table, and_, delete, insert, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import CursorResult, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runplane.v1 import events_pb2, run_pb2
@@ -110,10 +110,11 @@ class Tx:
     batch: _Batch
     after_commit: list[Callable[[], object]] = field(default_factory=list)
 
-    async def execute(self, statement: Any, params: Any = None) -> Any:
+    async def execute(self, statement: Any, params: Any = None) -> CursorResult[Any]:
         """Run a statement after the batch's deferred inserts, so it sees them."""
         await self.batch.flush()
-        return await self.batch.conn.execute(statement, params)
+        result: CursorResult[Any] = await self.batch.conn.execute(statement, params)
+        return result
 
     def insert_later(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` with the rest of the batch (one statement for many operations)."""
@@ -194,10 +195,14 @@ class Writer:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def run(self, op: Op[T]) -> T:
+    def submit(self, op: Op[T]) -> asyncio.Future[T]:
+        """Queue ``op``; operations commit in the order they were submitted."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, future))
-        return await future
+        return future
+
+    async def run(self, op: Op[T]) -> T:
+        return await self.submit(op)
 
     async def _run(self) -> None:
         while True:

@@ -162,3 +162,32 @@ async def test_a_key_of_one_environment_cannot_read_another_environments_run(
 
 async def _status_is(client: runplane.Client, run_id: str, status: RunStatus) -> bool:
     return (await client.runs.retrieve(run_id)).status is status
+
+
+async def test_a_run_waits_in_pending_version_until_an_executor_provides_its_task(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    await cluster.executor.stop()
+    handle = await client.tasks.trigger("hello-world", {"name": "later"})
+    assert (await client.runs.retrieve(handle)).status is RunStatus.PENDING_VERSION
+    await cluster.start_executor()
+    run = await client.runs.poll(handle, interval=0.05, timeout=60)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output["message"] == "Hello, later!"
+
+
+async def test_a_scheduler_restart_mid_run_loses_nothing(cluster: Cluster) -> None:
+    client = cluster.client()
+    running = await client.tasks.trigger("sleepy", {"seconds": 2})
+    await eventually(
+        lambda: _status_is(client, running.id, RunStatus.EXECUTING), timeout=30, description="executing"
+    )
+    await cluster.restart_scheduler()
+    queued_after = await client.tasks.trigger("hello-world", {"name": "after restart"})
+    first = await client.runs.poll(running, interval=0.1, timeout=60)
+    second = await client.runs.poll(queued_after, interval=0.05, timeout=60)
+    # The executor reconnected, claimed its attempt and reported it: no second attempt.
+    assert first.status is RunStatus.COMPLETED
+    assert first.attempt_count == 1
+    assert second.status is RunStatus.COMPLETED
