@@ -1,0 +1,1 @@
+"""The realtime service: run subscriptions fed by JetStream, reconciled against the scheduler."""
