@@ -1,7 +1,7 @@
 """Generate the Python protobuf/gRPC modules under sdk/runplane/v1/ from protos/.
 
-    python scripts/gen_protos.py           # write the modules
-    python scripts/gen_protos.py --check   # fail if the committed modules are stale
+python scripts/gen_protos.py           # write the modules
+python scripts/gen_protos.py --check   # fail if the committed modules are stale
 """
 
 from __future__ import annotations

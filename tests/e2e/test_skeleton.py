@@ -181,7 +181,9 @@ async def test_a_scheduler_restart_mid_run_loses_nothing(cluster: Cluster) -> No
     client = cluster.client()
     running = await client.tasks.trigger("sleepy", {"seconds": 2})
     await eventually(
-        lambda: _status_is(client, running.id, RunStatus.EXECUTING), timeout=30, description="executing"
+        lambda: _status_is(client, running.id, RunStatus.EXECUTING),
+        timeout=30,
+        description="executing",
     )
     await cluster.restart_scheduler()
     queued_after = await client.tasks.trigger("hello-world", {"name": "after restart"})

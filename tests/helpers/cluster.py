@@ -126,6 +126,7 @@ class Cluster:
             await self.start_executor()
         except BaseException:
             print(self.logs())
+            await self.stop()
             raise
 
     async def start_executor(self) -> None:

@@ -1,0 +1,37 @@
+# Names the project's commands; scripts/setup.sh and pyproject.toml hold the details.
+PY := .venv/bin/python
+BUF := node_modules/.bin/buf
+
+.PHONY: setup gen lint typecheck check-gen test bench demo ci
+.NOTPARALLEL:
+
+setup:
+	bash scripts/setup.sh
+
+gen:
+	$(PY) scripts/gen_protos.py
+
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	$(BUF) lint
+	$(BUF) format -d --exit-code
+
+typecheck:
+	.venv/bin/mypy sdk/runplane services
+
+check-gen:
+	$(PY) scripts/gen_protos.py --check
+
+# Runs the PostgreSQL variants too (tests marked `postgres`); with CI set they fail, not skip,
+# when PostgreSQL is unreachable.
+test: setup lint typecheck check-gen
+	$(PY) -m pytest -ra
+
+bench:
+	$(PY) bench/run.py
+
+demo: setup
+	.venv/bin/runplane dev --tasks examples.hello --trigger hello-world --payload '{"name": "world"}' --exit
+
+ci: test

@@ -1,0 +1,76 @@
+"""runplane benchmark client (runs in the product venv)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import time
+
+import runplane
+
+TASK = {"noop": "bench-noop", "sleep": os.environ.get("BENCH_RUNPLANE_SLEEP_TASK", "bench-sleep")}
+
+
+async def _maybe_await(x):
+    return await x if inspect.isawaitable(x) else x
+
+
+def _ids(result) -> list:
+    runs = getattr(result, "runs", result)
+    return [getattr(r, "id", r) for r in runs]
+
+
+class Client:
+    def __init__(self, c) -> None:
+        self.c = c
+
+    async def enqueue(self, kind: str, key: str, i: int, t: float) -> str:
+        handle = await self.c.tasks.trigger(TASK[kind], {"k": key, "i": i, "t": t})
+        return handle.id
+
+    async def enqueue_batch(self, kind: str, key: str, items: list[tuple[int, float]]) -> list:
+        # Trigger.dev shape: batch_trigger(task_id, [{"payload": ...}, ...])
+        items_ = [{"payload": {"k": key, "i": i, "t": t}} for i, t in items]
+        return _ids(await self.c.tasks.batch_trigger(TASK[kind], items_))
+
+    async def verify(self, ids: list, deadline: float) -> dict:
+        """Every sampled run must reach status COMPLETED (polled until deadline)."""
+        pending = list(ids)
+        statuses: dict[str, int] = {}
+        sem = asyncio.Semaphore(32)
+
+        async def one(rid):
+            async with sem:
+                r = await self.c.runs.retrieve(rid)
+                s = getattr(r, "status", "?")
+                return rid, str(getattr(s, "value", s)).rsplit(".", 1)[-1]
+
+        while True:
+            res = await asyncio.gather(*(one(r) for r in pending))
+            statuses = {}
+            still = []
+            for rid, s in res:
+                if s != "COMPLETED":
+                    still.append(rid)
+                    statuses[s] = statuses.get(s, 0) + 1
+            done = len(ids) - len(still)
+            if not still or time.monotonic() > deadline:
+                statuses["COMPLETED"] = done
+                return {"ok": not still, "checked": len(ids), "statuses": statuses}
+            pending = still
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        for name in ("aclose", "close"):
+            f = getattr(self.c, name, None)
+            if f:
+                await _maybe_await(f())
+                return
+
+
+async def open_client(cfg: dict) -> Client:
+    c = runplane.Client(
+        api_url=os.environ["RUNPLANE_API_URL"], secret_key=os.environ["RUNPLANE_SECRET_KEY"]
+    )
+    return Client(c)

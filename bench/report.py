@@ -1,0 +1,222 @@
+"""Summaries, the console table and the ratio table (stdlib only)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+PEER_ORDER = ["celery", "dramatiq", "taskiq", "procrastinate"]
+
+
+def _stat(vals: list[float]) -> dict[str, float] | None:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def summarize(
+    workload: str, reps: list[dict[str, Any]], ideal_s: float | None = None
+) -> dict[str, Any]:
+    """Medians over repetitions. A workload is ok only if every repetition completed every task."""
+    ok_reps = [r for r in reps if r.get("ok")]
+    failed = [r for r in reps if not r.get("ok")]
+    out: dict[str, Any] = {
+        "ok": bool(reps) and not failed,
+        "reps": len(reps),
+        "ok_reps": len(ok_reps),
+    }
+    if failed:
+        f = failed[0]
+        out["error"] = (
+            f"{f.get('completed', '?')}/{f.get('n', '?')} completed; {f.get('error', '')}"
+        ).strip()
+    if not ok_reps:
+        return out
+    out["enqueue_rate"] = _stat([r["enqueue_rate"] for r in ok_reps])
+    out["e2e_rate"] = _stat([r["e2e_rate"] for r in ok_reps])
+    out["e2e_s"] = _stat([r["e2e_s"] for r in ok_reps])
+    for p in ("50", "95", "99", "100"):
+        out[f"p{p}_ms"] = _stat([r["lat_ms"][p] for r in ok_reps])
+    out["dups"] = sum(r.get("dups", 0) for r in ok_reps)
+    out["offered_rate"] = _stat([r.get("offered_rate", math.nan) for r in ok_reps])
+    out["enqueue_s"] = _stat([r.get("enqueue_s", math.nan) for r in ok_reps])
+    if ideal_s:
+        out["ideal_s"] = ideal_s
+        out["efficiency"] = _stat([ideal_s / r["e2e_s"] for r in ok_reps])
+    return out
+
+
+def _fmt(v: float, unit: str = "") -> str:
+    if v >= 100:
+        s = f"{v:,.0f}"
+    elif v >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.2f}"
+    return s + unit
+
+
+def cell(st: dict[str, float] | None, unit: str = "") -> str:
+    if not st:
+        return "-"
+    if st["n"] == 1:
+        return _fmt(st["median"], unit)
+    return f"{_fmt(st['median'], unit)} [{_fmt(st['min'])}-{_fmt(st['max'])}]"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w[i]) for i, h in enumerate(headers))
+    out = [line, "  ".join("-" * x for x in w)]
+    out += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    return "\n".join(out)
+
+
+def render(results: dict[str, Any]) -> str:
+    meta, rows = results["meta"], results["rows"]
+    cfg = meta["config"]
+    parts: list[str] = []
+    parts.append(
+        f"runplane benchmark  {meta['date']}  ({meta['host']})  reps<={cfg['reps']}  "
+        "values: median [min-max] over the reps that ran (check column)"
+    )
+    # W1
+    body = []
+    for name, row in rows.items():
+        s = row["workloads"].get("W1")
+        if not s:
+            continue
+        if not s["ok"]:
+            body.append(
+                [name, "FAIL", "FAIL", f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}"]
+            )
+            continue
+        body.append(
+            [
+                name,
+                cell(s["enqueue_rate"]),
+                cell(s["e2e_rate"]),
+                f"{s['ok_reps']}/{s['reps']} ok" + (f", {s['dups']} dup" if s["dups"] else ""),
+            ]
+        )
+    if body:
+        parts.append(
+            f"\nW1 throughput: {cfg['n1']:,} no-op tasks, one enqueue call each"
+            " (+batch rows: batched)\n"
+            + _table(["system", "enqueue /s", "end-to-end /s", "check"], body)
+        )
+    # W2
+    body = []
+    for name, row in rows.items():
+        s = row["workloads"].get("W2")
+        if not s:
+            continue
+        if not s["ok"]:
+            body.append(
+                [
+                    name,
+                    "FAIL",
+                    "FAIL",
+                    "FAIL",
+                    f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}",
+                ]
+            )
+            continue
+        body.append(
+            [
+                name,
+                cell(s["p50_ms"]),
+                cell(s["p95_ms"]),
+                cell(s["p99_ms"]),
+                f"{s['ok_reps']}/{s['reps']} ok, max {_fmt(s['p100_ms']['median'])} ms"
+                + _offered(s, cfg["rate2"]),
+            ]
+        )
+    if body:
+        parts.append(
+            f"\nW2 trigger-to-start latency (ms): {cfg['n2']:,} tasks at {cfg['rate2']:g}/s,"
+            " idle workers\n" + _table(["system", "p50 ms", "p95 ms", "p99 ms", "check"], body)
+        )
+    # W3
+    body = []
+    for name, row in rows.items():
+        s = row["workloads"].get("W3")
+        if not s:
+            continue
+        if not s["ok"]:
+            body.append(
+                [name, "FAIL", "FAIL", "", f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}"]
+            )
+            continue
+        body.append(
+            [
+                name,
+                cell(s["e2e_s"], " s"),
+                cell(s["efficiency"]),
+                cell(s.get("enqueue_s"), " s"),
+                f"{s['ok_reps']}/{s['reps']} ok",
+            ]
+        )
+    if body:
+        parts.append(
+            f"\nW3 capacity: {cfg['n3']:,} tasks x 1 s wait, {cfg['slots3']} slots "
+            f"(ideal {cfg['n3'] / cfg['slots3']:.0f} s)\n"
+            + _table(
+                ["system", "makespan", "efficiency (ideal/makespan)", "of which enqueue", "check"],
+                body,
+            )
+        )
+    parts.append(ratios(rows))
+    if meta.get("notes"):
+        parts.append("\nNotes:\n" + "\n".join(f"  {n}" for n in meta["notes"]))
+    parts.append("\nWorker setup per system:")
+    for name, row in rows.items():
+        for prof, desc in row.get("setup", {}).items():
+            parts.append(f"  {name:18s} {prof}: {desc}")
+    return "\n".join(parts)
+
+
+def _offered(s: dict[str, Any], target: float) -> str:
+    """Flag W2 runs whose client could not offer the target rate."""
+    st = s.get("offered_rate")
+    if not st or st["median"] >= 0.95 * target:
+        return ""
+    return f", offered only {_fmt(st['median'])}/s"
+
+
+def _get(rows: dict, name: str, wl: str, key: str) -> float | None:
+    s = rows.get(name, {}).get("workloads", {}).get(wl)
+    if not s or not s.get("ok") or not s.get(key):
+        return None
+    return s[key]["median"]
+
+
+def ratios(rows: dict[str, Any]) -> str:
+    subjects = [n for n in rows if n.startswith("runplane")]
+    peers = [n for n in rows if not n.startswith("runplane")]
+    note = "runplane / peer"
+    if not any(_get(rows, s, "W1", "e2e_rate") or _get(rows, s, "W2", "p50_ms") for s in subjects):
+        if not peers:
+            return ""
+        subjects, peers = [peers[0]], peers[1:]
+        note = f"no runplane results; {subjects[0]} / peer instead"
+    metrics = [
+        ("W1", "e2e_rate", "W1 e2e/s (>1 better)"),
+        ("W1", "enqueue_rate", "W1 enqueue/s (>1 better)"),
+        ("W2", "p50_ms", "W2 p50 (<1 better)"),
+        ("W2", "p99_ms", "W2 p99 (<1 better)"),
+        ("W3", "e2e_s", "W3 makespan (<1 better)"),
+    ]
+    body = []
+    for s in subjects:
+        for p in peers:
+            r = [f"{s} vs {p}"]
+            for wl, key, _ in metrics:
+                a, b = _get(rows, s, wl, key), _get(rows, p, wl, key)
+                r.append(f"{a / b:.2f}x" if a and b else "-")
+            body.append(r)
+    if not body:
+        return ""
+    return f"\nRatios ({note}, medians)\n" + _table(["pair"] + [m[2] for m in metrics], body)

@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""runplane benchmark: runplane vs Celery, Dramatiq, taskiq(+NATS JetStream), procrastinate.
+
+    python bench/run.py                    # full run (make bench)
+    python bench/run.py --quick            # ~1 minute smoke run
+    python bench/run.py --only celery,runplane-pg --workloads W1,W2 --reps 5
+
+Runs each system one after another on this machine, each with its own broker(s) on free
+loopback ports, the same workloads, one client process, and verifies every task's
+completion by count. Writes bench/results/latest.json and latest.png. Orchestrator is
+stdlib-only; peers run in bench/.venv-peers (created here if missing), runplane in the
+product venv (.venv). See bench/README.md for method and caveats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import procs, report  # noqa: E402
+from bench.brokers import BrokerError, Postgres, RedisServer  # noqa: E402
+from bench.procs import log  # noqa: E402
+from bench.systems.base import Ctx, Profile, System  # noqa: E402
+
+BENCH = REPO / "bench"
+PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV") or BENCH / ".venv-peers")
+PEERS_REQ = BENCH / "requirements-peers.txt"
+RESULTS = BENCH / "results"
+
+
+def system_classes() -> dict[str, type[System]]:
+    from bench.systems.celery_sys import Celery
+    from bench.systems.dramatiq_sys import Dramatiq
+    from bench.systems.procrastinate_sys import Procrastinate
+    from bench.systems.runplane_sys import RunplanePG, RunplaneSQLite
+    from bench.systems.taskiq_sys import Taskiq
+
+    return {
+        "celery": Celery,
+        "dramatiq": Dramatiq,
+        "taskiq": Taskiq,
+        "procrastinate": Procrastinate,
+        "runplane-pg": RunplanePG,
+        "runplane-sqlite": RunplaneSQLite,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+def ensure_peers_venv() -> str:
+    py = PEERS_VENV / "bin" / "python"
+    stamp = PEERS_VENV / ".requirements.sha256"
+    want = hashlib.sha256(PEERS_REQ.read_bytes()).hexdigest()
+    if py.exists() and stamp.exists() and stamp.read_text().strip() == want:
+        return str(py)
+    t = time.monotonic()
+    if not py.exists():
+        log(f"creating peers venv {PEERS_VENV} ...")
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(PEERS_VENV)], check=True)
+    log(f"installing {PEERS_REQ.relative_to(REPO)} into the peers venv ...")
+    subprocess.run(
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+            str(PEERS_REQ),
+        ],
+        check=True,
+    )
+    stamp.write_text(want)
+    log(f"peers venv ready ({time.monotonic() - t:.0f} s)")
+    return str(py)
+
+
+def ensure_system_packages(systems: list[str]) -> None:
+    """redis-server (recorder, Celery, Dramatiq) and nats-server (taskiq, runplane) from apt."""
+    from bench.brokers import which
+
+    need = {"redis-server": which("redis-server")}
+    if any(s.startswith(("taskiq", "runplane")) for s in systems):
+        need["nats-server"] = which("/usr/sbin/nats-server", "nats-server")
+    missing = [pkg for pkg, path in need.items() if not path]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        log(f"missing {', '.join(missing)}: install them (apt-get install -y {' '.join(missing)})")
+        return
+    log(f"installing {', '.join(missing)} with apt-get ...")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if procs.run(cmd, env=env, timeout=600).returncode != 0:
+        procs.run(["apt-get", "update"], env=env, timeout=600)
+        r = procs.run(cmd, env=env, timeout=600)
+        if r.returncode != 0:
+            log(f"apt-get install failed: {r.stderr.strip()[-300:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, a: argparse.Namespace, ctx: Ctx) -> None:
+        self.a, self.ctx = a, ctx
+
+    def client(
+        self,
+        system: System,
+        workload: str,
+        n: int,
+        *,
+        rate: float = 0,
+        batch: int = 0,
+        concurrency: int = 1,
+        deadline: float,
+        verify_max: int = 0,
+    ) -> dict:
+        key = f"bench:{system.name}:{workload}:{time.time_ns()}"
+        argv = [
+            system.python,
+            "-m",
+            "bench.client",
+            "--workload",
+            workload,
+            "--n",
+            str(n),
+            "--rate",
+            str(rate),
+            "--batch",
+            str(batch),
+            "--concurrency",
+            str(concurrency),
+            "--key",
+            key,
+            "--deadline",
+            str(deadline),
+            "--stall",
+            str(self.a.stall),
+            "--verify-max",
+            str(verify_max),
+        ]
+        r = procs.run(argv, env=system.env(), cwd=REPO, timeout=deadline + 90)
+        if r.stderr.strip():
+            with (system.logdir / "client.log").open("a") as f:
+                f.write(f"--- {workload} n={n} rc={r.returncode}\n{r.stderr}\n")
+        lines = [ln for ln in r.stdout.strip().splitlines() if ln.startswith("{")]
+        if lines:
+            try:
+                return json.loads(lines[-1])
+            except json.JSONDecodeError:
+                pass
+        return {
+            "ok": False,
+            "workload": workload,
+            "n": n,
+            "error": f"client rc {r.returncode}: {(r.stderr or r.stdout).strip()[-600:]}",
+        }
+
+    def warmup(self, system: System, profile: Profile) -> dict:
+        n = max(20, 4 * profile.procs)
+        time.sleep(0.2)
+        return self.client(system, "warm", n, deadline=self.a.ready_timeout)
+
+    def deadline_for(self, wl: str, n: int) -> float:
+        if wl == "W1":
+            return self.a.w1_timeout
+        if wl == "W2":
+            return n / self.a.rate2 + 60
+        return n / self.a.slots3 * 1.0 + 90
+
+    def run_system(self, cls: type[System], results: dict) -> None:
+        a = self.a
+        system = cls(self.ctx)
+        rows = results["rows"]
+        names = [system.name, *system.extra_rows]
+        for nm in names:
+            rows[nm] = {"system": system.name, "workloads": {}, "setup": {}}
+        todo = [w for w in a.workloads if w in system.workloads]
+        plan: list[tuple[Profile, list[tuple[str, str, dict]]]] = []
+        std = Profile("std", a.procs, a.slots)
+        wide = Profile("wide", a.procs, a.slots3 // a.procs)
+        std_jobs = [(system.name, w, {}) for w in todo if w in ("W1", "W2")]
+        std_jobs += [(nm, wl, extra) for nm, (wl, extra) in system.extra_rows.items() if wl in todo]
+        if std_jobs:
+            plan.append((std, std_jobs))
+        if "W3" in todo:
+            plan.append((wide, [(system.name, "W3", {})]))
+
+        def fail_all(jobs, msg: str) -> None:
+            for nm, wl, _ in jobs:
+                rows[nm]["workloads"][wl] = {"ok": False, "reps": 0, "ok_reps": 0, "error": msg}
+
+        for note in system.notes:
+            log(f"   {note}")
+            results["meta"].setdefault("notes", []).append(note)
+        t_sys = time.monotonic()
+        for nm in names:
+            rows[nm]["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)
+        log(f"== {system.name}: starting broker(s)")
+        try:
+            try:
+                system.start_infra()
+            except Exception as e:
+                log(f"   {system.name}: setup FAILED: {e}")
+                for _, jobs in plan:
+                    fail_all(jobs, f"setup failed: {e}"[:400])
+                return
+            results["meta"]["versions"][system.name] = system.versions()
+            for profile, jobs in plan:
+                desc = system.describe(profile)
+                for nm in {j[0] for j in jobs}:
+                    rows[nm]["setup"][profile.name] = desc
+                log(f"   {system.name}: starting workers [{profile.name}: {desc}]")
+                system.start_workers(profile)
+                system.wait_ready(a.ready_timeout / 2)
+                w = self.warmup(system, profile)
+                if not w.get("ok"):
+                    msg = f"workers not ready: {w.get('error', '')}"
+                    if w.get("missing_runs"):
+                        msg += f"; system says of the missing runs: {w['missing_runs']}"
+                    log(f"   {system.name}: {msg}\n{system.log_tails()}")
+                    fail_all(jobs, msg[:400])
+                    system.stop_workers()
+                    continue
+                log(f"   {system.name}: workers ready (warm-up {w['n']} tasks ok)")
+                for nm, wl, extra in jobs:
+                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3}[wl]
+                    reps: list[dict] = []
+                    t_wl, last = time.monotonic(), 0.0
+                    box = math.inf if a.exact_reps else a.box.get(wl, math.inf)
+                    for rep in range(a.reps):
+                        spent = time.monotonic() - t_wl
+                        if rep > 0 and spent + last > box:
+                            log(f"   {nm} {wl}: time box {box:.0f} s reached after {rep} rep(s)")
+                            break
+                        t_rep = time.monotonic()
+                        if not system.workers_alive():
+                            r = {
+                                "ok": False,
+                                "n": n,
+                                "completed": 0,
+                                "error": "a worker process died",
+                            }
+                        else:
+                            r = self.client(
+                                system,
+                                wl,
+                                n,
+                                rate=a.rate2 if wl == "W2" else 0,
+                                batch=extra.get("batch", 0),
+                                concurrency=1 if wl == "W1" else a.enqueue_concurrency,
+                                deadline=self.deadline_for(wl, n),
+                                verify_max=a.verify_max,
+                            )
+                        reps.append(r)
+                        last = time.monotonic() - t_rep
+                        log(f"   {nm} {wl} rep {rep + 1}/{a.reps}: {self.line(wl, r)}")
+                        if not r.get("ok"):
+                            tails = system.log_tails()
+                            if tails:
+                                log(f"   worker logs:\n{tails}")
+                            break  # a failed workload is a failure; don't burn time on more reps
+                        time.sleep(a.pause)
+                    ideal = n / a.slots3 if wl == "W3" else None
+                    rows[nm]["workloads"][wl] = s = report.summarize(wl, reps, ideal)
+                    s["raw"] = reps
+                    results_save(results)
+                system.stop_workers()
+        finally:
+            system.stop_workers()
+            try:
+                system.stop_infra()
+            except Exception as e:
+                log(f"   {system.name}: teardown warning: {e}")
+            log(f"== {system.name}: done in {time.monotonic() - t_sys:.0f} s")
+
+    @staticmethod
+    def line(wl: str, r: dict) -> str:
+        if not r.get("ok"):
+            extra = f"; missing runs: {r['missing_runs']}" if r.get("missing_runs") else ""
+            done = f"{r.get('completed', '?')}/{r.get('n', '?')} completed"
+            return f"FAIL ({done}) {r.get('error', '')}{extra}"[:500]
+        chk = f"{r['completed']}/{r['n']} ok" + (f", {r['dups']} dup" if r.get("dups") else "")
+        if "verify" in r:
+            chk += f", {r['verify'].get('checked')} runs COMPLETED"
+        if wl == "W1":
+            return (
+                f"enqueue {r['enqueue_rate']:,.0f}/s, end-to-end {r['e2e_rate']:,.0f}/s "
+                f"({r['e2e_s']:.1f} s) [{chk}]"
+            )
+        if wl == "W2":
+            lat = r["lat_ms"]
+            return (
+                f"p50 {lat['50']:.1f} ms, p95 {lat['95']:.1f} ms, p99 {lat['99']:.1f} ms, "
+                f"max {lat['100']:.0f} ms, offered {r['offered_rate']:.0f}/s [{chk}]"
+            )
+        return f"makespan {r['e2e_s']:.2f} s (enqueue {r['enqueue_s']:.1f} s) [{chk}]"
+
+
+_RESULTS_PATH: Path = RESULTS / "latest.json"
+
+
+def results_save(results: dict) -> None:
+    _RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _RESULTS_PATH.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(_RESULTS_PATH)
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run (~1 min): small counts, 1 rep")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated systems (default: all): " + ",".join(system_classes()),
+    )
+    ap.add_argument("--skip", default="", help="comma-separated systems to leave out")
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="exact repetitions per workload (default: up to 3 within --box; quick: 1)",
+    )
+    ap.add_argument(
+        "--box",
+        default="W1=45,W2=26,W3=28",
+        help="without --reps: start another rep only while time spent on that "
+        "system+workload plus the last rep's duration fits this many seconds",
+    )
+    ap.add_argument("--n1", type=int, default=None, help="W1 task count (default 10000; quick 500)")
+    ap.add_argument("--n2", type=int, default=None, help="W2 task count (default 1000; quick 100)")
+    ap.add_argument("--rate2", type=float, default=100.0, help="W2 enqueue rate per second")
+    ap.add_argument("--n3", type=int, default=None, help="W3 task count (default 1000; quick 100)")
+    ap.add_argument("--slots3", type=int, default=100, help="W3 total slots (split over --procs)")
+    ap.add_argument("--procs", type=int, default=2, help="worker processes per system")
+    ap.add_argument(
+        "--slots", type=int, default=8, help="W1/W2 concurrent tasks per worker process"
+    )
+    ap.add_argument(
+        "--enqueue-concurrency",
+        type=int,
+        default=64,
+        help="W2/W3: enqueue calls the client may have in flight (W1 is always 1 at a time)",
+    )
+    ap.add_argument(
+        "--celery-pool",
+        default="prefork",
+        choices=["prefork", "threads", "solo"],
+        help="Celery pool for W1/W2 (prefork: 1 worker -c PROCS; else PROCS workers)",
+    )
+    ap.add_argument(
+        "--runplane-batch",
+        type=int,
+        default=500,
+        help="W1 batch-trigger row size for runplane (0 = no batch row)",
+    )
+    ap.add_argument(
+        "--verify-max",
+        type=int,
+        default=1000,
+        help="runplane: check this many run statuses per rep (system-side check)",
+    )
+    ap.add_argument("--w1-timeout", type=float, default=240.0, help="W1 per-rep deadline, s")
+    ap.add_argument(
+        "--stall", type=float, default=30.0, help="fail a rep after this long without progress, s"
+    )
+    ap.add_argument(
+        "--ready-timeout", type=float, default=90.0, help="workers must finish a warm-up in this, s"
+    )
+    ap.add_argument("--pause", type=float, default=1.0, help="pause between reps, s")
+    ap.add_argument("--product-python", default=str(REPO / ".venv" / "bin" / "python"))
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"))
+    ap.add_argument("--no-chart", action="store_true")
+    a = ap.parse_args(argv)
+    q = a.quick
+    a.exact_reps = a.reps is not None
+    a.reps = a.reps or (1 if q else 3)
+    try:
+        a.box = {
+            k.strip().upper(): float(v) for k, v in (p.split("=") for p in a.box.split(",") if p)
+        }
+    except ValueError:
+        ap.error("--box looks like W1=45,W2=26,W3=28")
+    a.n1 = a.n1 or (500 if q else 10_000)
+    a.n2 = a.n2 or (100 if q else 1000)
+    a.n3 = a.n3 or (100 if q else 1000)
+    if q:
+        a.pause = min(a.pause, 0.3)
+        a.verify_max = min(a.verify_max, 200)
+    classes = system_classes()
+    only = [s.strip() for s in a.only.split(",") if s.strip()] or list(classes)
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    bad = [s for s in [*only, *skip] if s not in classes]
+    if bad:
+        ap.error(f"unknown system(s) {bad}; known: {', '.join(classes)}")
+    a.systems = [s for s in only if s not in skip]
+    a.workloads = [w.strip().upper() for w in a.workloads.split(",") if w.strip()]
+    badw = [w for w in a.workloads if w not in ("W1", "W2", "W3")]
+    if badw:
+        ap.error(f"unknown workload(s) {badw}; available now: W1,W2,W3 (W4-W6 are not written yet)")
+    if a.slots3 % a.procs:
+        ap.error("--slots3 must be divisible by --procs")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    global _RESULTS_PATH
+    _RESULTS_PATH = Path(a.out)
+
+    def _sig(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _sig)
+    signal.signal(signal.SIGHUP, _sig)
+    atexit.register(procs.stop_all)
+
+    log(
+        f"plan: systems={','.join(a.systems)} workloads={','.join(a.workloads)} reps={a.reps} "
+        f"W1 n={a.n1} | W2 n={a.n2}@{a.rate2:g}/s | W3 n={a.n3} slots={a.slots3} | "
+        f"workers: {a.procs} procs x {a.slots} slots"
+    )
+    peers_py = (
+        ensure_peers_venv()
+        if any(not s.startswith("runplane") for s in a.systems) or not a.no_chart
+        else ""
+    )
+    ensure_system_packages(a.systems)
+    workdir = Path(tempfile.mkdtemp(prefix="runplane-bench-"))
+    logdir = RESULTS / "logs"
+    shutil.rmtree(logdir, ignore_errors=True)
+    logdir.mkdir(parents=True, exist_ok=True)
+    run_id = f"{os.getpid()}_{int(time.time())}"
+    results: dict = {
+        "meta": {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "host": f"{os.cpu_count()} cpu, {platform.system()} {platform.machine()}, "
+            f"py {platform.python_version()}",
+            "config": {k: v for k, v in vars(a).items() if k not in ("out",)},
+            "completion_signal": "each task: one RPUSH '<i> <t_enq> <t_start> <t_end>' to a "
+            "dedicated recorder redis-server (raw-socket client, same code in every system)",
+            "versions": {},
+        },
+        "rows": {},
+    }
+    rc = 0
+    pg: Postgres | None = None
+    recorder: RedisServer | None = None
+    try:
+        recorder = RedisServer("recorder", workdir).start()
+        log(f"recorder redis on {recorder.addr}")
+        if any(s in ("procrastinate", "runplane-pg") for s in a.systems):
+            try:
+                pg = Postgres(workdir).start()
+            except BrokerError as e:
+                log(f"PostgreSQL unavailable: {e}")
+        ctx = Ctx(
+            workdir=workdir,
+            logdir=logdir,
+            recorder=recorder.addr,
+            peers_python=peers_py,
+            product_python=a.product_python,
+            pg=pg,
+            run_id=run_id,
+            extra={"runplane_batch": a.runplane_batch, "celery_pool": a.celery_pool},
+        )
+        runner = Runner(a, ctx)
+        classes = system_classes()
+        for name in a.systems:
+            runner.run_system(classes[name], results)
+    except KeyboardInterrupt as e:
+        log(f"interrupted ({e}); stopping everything")
+        rc = 130
+    except Exception as e:
+        log(f"error: {e!r}")
+        rc = 1
+    finally:
+        procs.stop_all()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    results["meta"]["wall_s"] = round(time.monotonic() - procs.T0, 1)
+    results_save(results)
+    text = report.render(results)
+    print("\n" + text + "\n")
+    (Path(a.out).with_suffix(".txt")).write_text(text + "\n")
+    log(f"wrote {a.out} and {Path(a.out).with_suffix('.txt')}")
+    if not a.no_chart and peers_py:
+        png = Path(a.out).with_suffix(".png")
+        r = subprocess.run(
+            [peers_py, str(BENCH / "chart.py"), a.out, str(png)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        log(f"wrote {png}" if r.returncode == 0 else f"chart failed: {r.stderr[-500:]}")
+    failed = [
+        f"{n}/{w}"
+        for n, row in results["rows"].items()
+        for w, s in row["workloads"].items()
+        if not s["ok"]
+    ]
+    if failed:
+        log(f"FAILED: {', '.join(failed)}")
+        rc = rc or 2
+    log(f"total {results['meta']['wall_s']:.0f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

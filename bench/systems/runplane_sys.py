@@ -1,0 +1,206 @@
+"""runplane adapter: scheduler + N executors, PostgreSQL or SQLite, own nats-server.
+
+Contract used (see bench/README.md):
+  runplane db upgrade                      env RUNPLANE_DATABASE_URL
+  runplane keys create --env dev           prints the secret key (last stdout line)
+  runplane scheduler                       env RUNPLANE_DATABASE_URL, RUNPLANE_NATS_URL,
+                                           RUNPLANE_SCHEDULER_LISTEN=127.0.0.1:<port>;
+                                           ready when grpc.health.v1.Health/Check = SERVING
+  runplane executor --tasks bench.tasks_runplane [--processes P] [--capacity C]
+                                           env RUNPLANE_API_URL, RUNPLANE_SECRET_KEY
+  (one executor = a control process + a warm pool of P task processes running up to C attempts at
+  once; the benchmark uses P = --procs and C = --procs x slots, like the peers' process x slots)
+Client: runplane.Client(api_url, secret_key).tasks.trigger(id, payload) -> .id;
+        .runs.retrieve(id).status == "COMPLETED".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from bench import procs
+from bench.brokers import NatsServer
+from bench.systems.base import REPO, Profile, System, SystemError_
+
+
+class Runplane(System):
+    client_module = "runplane_client"
+    backend = "pg"
+
+    def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        self.name = f"runplane-{self.backend}"
+        super().__init__(ctx)
+        self.scheduler = None
+        self.key = ""
+        self.port = 0
+        self.db = ""
+        self.url = ""
+        self._flags: set[str] = set()
+        self._connected_seen = 0
+        self.extra_rows = {}
+        self.notes: list[str] = []
+        if ctx.extra.get("runplane_batch", 0) > 0:
+            if self._sdk_has("TasksAPI", "batch_trigger"):
+                self.extra_rows = {
+                    f"{self.name}+batch": ("W1", {"batch": ctx.extra["runplane_batch"]})
+                }
+            else:
+                self.notes.append(
+                    f"{self.name}+batch: skipped, the SDK has no tasks.batch_trigger yet"
+                )
+
+    def _sdk_has(self, cls: str, attr: str) -> bool:
+        code = f"import runplane; print(hasattr(getattr(runplane, {cls!r}, None), {attr!r}))"
+        r = procs.run([self.ctx.product_python, "-c", code], cwd=REPO, timeout=60)
+        return r.stdout.strip().endswith("True")
+
+    @property
+    def python(self) -> str:
+        return self.ctx.product_python
+
+    @property
+    def exe(self) -> list[str]:
+        b = Path(self.ctx.product_python).parent / "runplane"
+        if b.exists():
+            return [str(b)]
+        return [self.ctx.product_python, "-m", "runplane._cli"]
+
+    def broker_env(self) -> dict[str, str]:
+        env = {
+            "RUNPLANE_DATABASE_URL": self.url,
+            "RUNPLANE_NATS_URL": self.nats.url,
+            "RUNPLANE_SCHEDULER_LISTEN": f"127.0.0.1:{self.port}",
+            "RUNPLANE_API_URL": f"127.0.0.1:{self.port}",
+        }
+        if self.key:
+            env["RUNPLANE_SECRET_KEY"] = self.key
+        return env
+
+    def _cli(self, *args: str, timeout: float = 120) -> str:
+        r = procs.run([*self.exe, *args], env=self.env(), cwd=REPO, timeout=timeout)
+        with (self.logdir / "cli.log").open("a") as f:
+            f.write(f"$ runplane {' '.join(args)}  -> rc {r.returncode}\n{r.stdout}\n{r.stderr}\n")
+        if r.returncode != 0:
+            raise SystemError_(
+                f"`runplane {' '.join(args)}` failed (rc {r.returncode}): "
+                f"{(r.stderr or r.stdout).strip()[-800:]}"
+            )
+        return r.stdout
+
+    def start_infra(self) -> None:
+        if not Path(self.ctx.product_python).exists():
+            raise SystemError_(f"product venv python not found: {self.ctx.product_python}")
+        self.nats = NatsServer(self.name, self.ctx.workdir).start()
+        if self.backend == "pg":
+            if self.ctx.pg is None:
+                raise SystemError_("PostgreSQL not available")
+            self.db = self.ctx.pg.create_db(
+                f"bench_{self.name.replace('-', '_')}_{self.ctx.run_id}"
+            )
+            pg = self.ctx.pg
+            self.url = f"postgresql+asyncpg://{pg.user}@{pg.host}:{pg.port}/{self.db}"
+        else:
+            path = self.ctx.workdir / f"{self.name}.db"
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            self.url = f"sqlite+aiosqlite:///{path}"  # path is absolute -> 4 slashes
+        self.port = procs.free_port()
+        self._cli("db", "upgrade")
+        out = self._cli("keys", "create", "--env", "dev").strip().splitlines()
+        if not out:
+            raise SystemError_("`runplane keys create --env dev` printed no key")
+        self.key = out[-1].strip()
+        log = self.logdir / "scheduler.log"
+        self.scheduler = procs.spawn(
+            f"{self.name}:scheduler",
+            [*self.exe, "scheduler"],
+            env=self.env(),
+            cwd=REPO,
+            log_path=log,
+        )
+        r = procs.run(
+            [self.python, "-m", "bench.clients.grpc_health", f"127.0.0.1:{self.port}", "60"],
+            env=self.env(),
+            cwd=REPO,
+            timeout=75,
+        )
+        if r.returncode != 0 or self.scheduler.poll() is not None:
+            raise SystemError_(
+                f"scheduler not SERVING on 127.0.0.1:{self.port}: {r.stderr.strip()}\n"
+                f"{procs.tail(log)}"
+            )
+        # which executor pool flags this CLI has (env vars are set as well)
+        r = procs.run([*self.exe, "executor", "--help"], env=self.env(), cwd=REPO, timeout=30)
+        helptext = r.stdout + r.stderr
+        self._flags = {
+            f
+            for f in ("--processes", "--capacity")
+            if re.search(rf"(^|\s){re.escape(f)}[\s=]", helptext)
+        }
+
+    def stop_infra(self) -> None:
+        if self.scheduler is not None:
+            procs.stop(self.scheduler)
+            self.scheduler = None
+        if getattr(self, "nats", None):
+            self.nats.stop()
+        if self.db and self.ctx.pg is not None:
+            self.ctx.pg.drop_db(self.db)
+            self.db = ""
+
+    def spawn_workers(self, profile: Profile) -> None:
+        self.worker_logs.append(self.logdir / "scheduler.log")
+        env = self.env()
+        env["RUNPLANE_EXECUTOR_PROCESSES"] = str(profile.procs)
+        env["RUNPLANE_EXECUTOR_CAPACITY"] = str(profile.total)
+        argv = [*self.exe, "executor", "--tasks", "bench.tasks_runplane"]
+        if "--processes" in self._flags:
+            argv += ["--processes", str(profile.procs)]
+        if "--capacity" in self._flags:
+            argv += ["--capacity", str(profile.total)]
+        self.spawn_worker(f"{profile.name}-executor", argv, env=env)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the scheduler logs that the new executor connected (bounded).
+
+        Runs triggered while an executor is still registering can stay PENDING_VERSION
+        (seen here); the benchmark measures steady state, so it waits for the registration.
+        """
+        log = self.logdir / "scheduler.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if text.count(" connected: ") > self._connected_seen:
+                self._connected_seen = text.count(" connected: ")
+                return
+            if not self.workers_alive():
+                return
+            time.sleep(0.1)
+        procs.log(
+            f"   {self.name}: no 'executor ... connected' in scheduler.log after {timeout:.0f} s"
+        )
+
+    def workers_alive(self) -> bool:
+        return (
+            super().workers_alive() and self.scheduler is not None and self.scheduler.poll() is None
+        )
+
+    def describe(self, profile: Profile) -> str:
+        db = "PostgreSQL (asyncpg)" if self.backend == "pg" else "SQLite (aiosqlite)"
+        return (
+            f"1 scheduler + 1 executor --processes {profile.procs} --capacity {profile.total}; "
+            f"{db}; own nats-server -js"
+        )
+
+    def versions(self) -> dict[str, str]:
+        return self.pip_versions("runplane", "grpcio", "nats-py", "SQLAlchemy")
+
+
+class RunplanePG(Runplane):
+    backend = "pg"
+
+
+class RunplaneSQLite(Runplane):
+    backend = "sqlite"

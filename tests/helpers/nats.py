@@ -1,0 +1,219 @@
+"""A real ``nats-server`` with JetStream, as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.helpers.ports import free_port
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has Linux kill the server when the thread that started it ends.
+
+    So a test run that is killed (no fixture teardown) leaves no server behind.
+    """
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, only called after
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+_PREEXEC = _die_with_parent()
+
+
+class NatsServerError(RuntimeError):
+    """The server could not be started, or it exited on its own."""
+
+
+def find_binary() -> str | None:
+    """``$RUNPLANE_NATS_SERVER``, else ``nats-server`` on PATH, else Debian's /usr/sbin one."""
+    if explicit := os.environ.get("RUNPLANE_NATS_SERVER"):
+        return explicit
+    if found := shutil.which("nats-server"):
+        return found
+    return "/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK) else None
+
+
+class NatsServer:
+    """One ``nats-server -js`` process; restarts keep its port and store directory.
+
+    ``start``/``stop`` are async; ``start_blocking``/``stop_blocking`` serve sync fixtures.
+    The server counts as up once it greets a TCP client with ``INFO`` announcing JetStream.
+    Start it from the thread that owns it (the event loop's): on Linux it dies with that thread.
+    """
+
+    def __init__(self, store_dir: Path, *, port: int | None = None, binary: str | None = None):
+        self.store_dir = store_dir
+        self.binary = binary or find_binary() or "nats-server"
+        self.port = port or 0
+        self._fixed_port = port is not None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir.parent / f"{self.store_dir.name}.log"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the server and wait until it accepts clients with JetStream enabled."""
+        for last_try in self._tries():
+            self._launch()
+            try:
+                deadline = time.monotonic() + timeout
+                while not await self._greets_async():
+                    self._check_alive(deadline)
+                    await asyncio.sleep(0.01)
+            except NatsServerError:
+                if last_try:
+                    raise
+                self.port = 0
+                continue
+            self._started = True
+            return
+
+    def start_blocking(self, timeout: float = START_TIMEOUT) -> None:
+        """``start`` for synchronous callers."""
+        for last_try in self._tries():
+            self._launch()
+            try:
+                deadline = time.monotonic() + timeout
+                while not self._greets():
+                    self._check_alive(deadline)
+                    time.sleep(0.01)
+            except NatsServerError:
+                if last_try:
+                    raise
+                self.port = 0
+                continue
+            self._started = True
+            return
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop gracefully (SIGTERM) and wait for the process to exit; JetStream data stays."""
+        process = self._take_process()
+        if process is None:
+            return
+        process.terminate()
+        try:
+            await asyncio.to_thread(process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+            raise NatsServerError(f"nats-server did not stop within {timeout:g}s") from None
+
+    def stop_blocking(self, timeout: float = STOP_TIMEOUT) -> None:
+        """``stop`` for synchronous callers."""
+        process = self._take_process()
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise NatsServerError(f"nats-server did not stop within {timeout:g}s") from None
+
+    def kill(self) -> None:
+        """Kill the server abruptly (SIGKILL), as a crash would; ``start`` brings it back."""
+        process = self._take_process()
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _tries(self) -> list[bool]:
+        """One flag per try, true for the last one.
+
+        A port from free_port() may be taken before the server binds it, so the first start may
+        move to another port; later starts must keep the URL that clients already have.
+        """
+        tries = 1 if self._fixed_port or self._started else 3
+        return [n == tries - 1 for n in range(tries)]
+
+    def _launch(self) -> None:
+        if self.running:
+            raise NatsServerError(f"nats-server is already running on {self.url}")
+        if not self.port:
+            self.port = free_port(HOST)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        command = [self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(self.port)]
+        with self.log_path.open("ab") as log:
+            log.write(f"--- {' '.join(command)}\n".encode())
+            log.flush()
+            try:
+                self._process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_PREEXEC,
+                )
+            except FileNotFoundError:
+                raise NatsServerError(f"no nats-server binary at {self.binary!r}") from None
+
+    def _check_alive(self, deadline: float) -> None:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            self._process = None
+            raise NatsServerError(
+                f"nats-server exited while starting on port {self.port}:\n{self.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            self.kill()
+            raise NatsServerError(f"nats-server not ready on {self.url}:\n{self.log_tail()}")
+
+    def _take_process(self) -> subprocess.Popen[bytes] | None:
+        process, self._process = self._process, None
+        return process
+
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=1.0) as sock:
+                return _is_jetstream_info(sock.makefile("rb").readline(65536))
+        except OSError:
+            return False
+
+    async def _greets_async(self) -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, self.port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            return _is_jetstream_info(await asyncio.wait_for(reader.readline(), 1.0))
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+
+def _is_jetstream_info(line: bytes) -> bool:
+    return line.startswith(b"INFO ") and b'"jetstream":true' in line
