@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from runplane_scheduler.store import Store, Tx
+from runplane_scheduler.store import Store
 from runplane_server import subjects
 
 log = logging.getLogger("runplane.scheduler.relay")
@@ -48,6 +48,8 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
         self.published = 0
+        # Rows up to here are published; their deletion rides on the writer's next commit.
+        self._after = ""
         self.connected = asyncio.Event()
 
     def notify(self, _count: int = 0) -> None:
@@ -92,7 +94,7 @@ class Relay:
         js = await self._connect()
         backoff = 0.2
         while True:
-            rows = await self._store.read_outbox(BATCH)
+            rows = await self._store.read_outbox(self._after, BATCH)
             if not rows:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -121,10 +123,6 @@ class Relay:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.2
-            ids = [r.event_id for r in rows]
-
-            async def op(tx: Tx, ids: list[str] = ids) -> None:
-                await Store.delete_outbox(tx, ids)
-
-            await self._store.writer.run(op)
+            self._store.writer.published([r.event_id for r in rows])
+            self._after = rows[-1].event_id
             self.published += len(rows)

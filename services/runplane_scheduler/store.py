@@ -8,6 +8,7 @@ TransitionError it has written nothing, so the rest of its batch still commits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ T = TypeVar("T")
 RunRow = Row[Any]
 
 MAX_BATCH = 512
+IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
 
 
 def now_ms() -> int:
@@ -183,6 +185,11 @@ class Writer:
         self._on_commit = on_commit
         self._queue: asyncio.Queue[tuple[Op[Any], asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # One long-lived connection: no pool checkout and reset per batch on the hot path.
+        self._conn: AsyncConnection | None = None
+        # Outbox rows the relay has published; deleted with the next batch (or when idle), so
+        # publishing adds no commit of its own.
+        self._published: list[str] = []
         self.batches = 0
         self.ops = 0
 
@@ -194,6 +201,20 @@ class Writer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._published:
+            with contextlib.suppress(Exception):
+                await self._commit([])
+        await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def published(self, event_ids: list[str]) -> None:
+        """The relay published these outbox rows; they go with the next commit."""
+        self._published.extend(event_ids)
 
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         """Queue ``op``; operations commit in the order they were submitted."""
@@ -206,7 +227,12 @@ class Writer:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            try:
+                batch = [await asyncio.wait_for(self._queue.get(), timeout=IDLE_FLUSH)]
+            except TimeoutError:
+                batch = []
+                if not self._published:
+                    continue
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -218,33 +244,27 @@ class Writer:
                 raise
             except Exception:
                 log.exception("batch of %d failed; retrying one by one", len(batch))
+                await self._drop_connection()
                 for item in batch:
                     try:
                         await self._commit([item])
-                    except Exception as error:  # the op's own failure
+                    except Exception as error:  # the op's own failure, or the database's
+                        await self._drop_connection()
                         if not item[1].done():
                             item[1].set_exception(error)
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         after: list[Callable[[], object]] = []
-        async with self._engine.begin() as conn:
-            work = _Batch(conn)
-            events = work.events
-            for op, future in batch:
-                if future.done():  # caller gone
-                    continue
-                tx = Tx(work)
-                try:
-                    result = await op(tx)
-                except CLEAN_ERRORS as error:
-                    outcomes.append((future, False, error))
-                    continue
-                outcomes.append((future, True, result))
-                after.extend(tx.after_commit)
-            await work.flush()
-            if events:
-                await conn.execute(insert(db.outbox), events)
+        if self._conn is None:
+            self._conn = await self._engine.connect()
+        conn = self._conn
+        published, self._published = self._published, []
+        try:
+            events = await self._transaction(conn, batch, published, outcomes, after)
+        except BaseException:
+            self._published[:0] = published
+            raise
         self.batches += 1
         self.ops += len(outcomes)
         for future, ok, value in outcomes:
@@ -261,6 +281,36 @@ class Writer:
                 log.exception("after-commit effect failed")
         if events:
             self._on_commit(len(events))
+
+    async def _transaction(
+        self,
+        conn: AsyncConnection,
+        batch: list[tuple[Op[Any], asyncio.Future[Any]]],
+        published: list[str],
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
+        after: list[Callable[[], object]],
+    ) -> list[dict[str, Any]]:
+        async with conn.begin():
+            for start in range(0, len(published), 500):
+                chunk = published[start : start + 500]
+                await conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(chunk)))
+            work = _Batch(conn)
+            events = work.events
+            for op, future in batch:
+                if future.done():  # caller gone
+                    continue
+                tx = Tx(work)
+                try:
+                    result = await op(tx)
+                except CLEAN_ERRORS as error:
+                    outcomes.append((future, False, error))
+                    continue
+                outcomes.append((future, True, result))
+                after.extend(tx.after_commit)
+            await work.flush()
+            if events:
+                await conn.execute(insert(db.outbox), events)
+        return events
 
 
 class Store:
@@ -345,12 +395,16 @@ class Store:
         async with self.engine.connect() as conn:
             return list((await conn.execute(select(db.timers).order_by(db.timers.c.due_at))).all())
 
-    async def read_outbox(self, limit: int) -> list[RunRow]:
+    async def read_outbox(self, after: str, limit: int) -> list[RunRow]:
+        """Outbox rows after event id ``after``, in order."""
         async with self.engine.connect() as conn:
             return list(
                 (
                     await conn.execute(
-                        select(db.outbox).order_by(db.outbox.c.event_id).limit(limit)
+                        select(db.outbox)
+                        .where(db.outbox.c.event_id > after)
+                        .order_by(db.outbox.c.event_id)
+                        .limit(limit)
                     )
                 ).all()
             )
