@@ -129,6 +129,20 @@ class DispatchIndex:
                 progress = True
         return picked
 
+    def reserve_direct(self, key: QueueKey, task_id: str, run_id: str) -> ExecutorState | None:
+        """Reserve a slot and an executor for a new run, if nothing waits ahead of it."""
+        q = self.queue(key)
+        env = key[0]
+        if q.heap or not q.has_slot() or self.env_running.get(env, 0) >= self.environment_limit:
+            return None
+        ex = self.executor_for(env, task_id)
+        if ex is None:
+            return None
+        q.running += 1
+        self.env_running[env] = self.env_running.get(env, 0) + 1
+        ex.attempts.add(f"reserved:{run_id}")
+        return ex
+
     def unreserve(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
         ex.attempts.discard(f"reserved:{run_id}")
         self._release_slot(key)

@@ -11,7 +11,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +162,12 @@ class RunEngine:
         )
         known = self.index.provides(environment_id, spec.task_id)
         traceparent = telemetry.current_traceparent()
+        key = (environment_id, queue)
+        run_id = new_id("run")
+        # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
+        # dequeued in one commit (both events are still published, in order).
+        ex = self.index.reserve_direct(key, spec.task_id, run_id) if known else None
+        attempt_id = new_id("attempt") if ex is not None else ""
 
         async def op(tx: Tx) -> tuple[RunRow | dict[str, Any], bool]:
             if spec.idempotency_key:
@@ -171,7 +177,6 @@ class RunEngine:
                 if existing is not None:
                     return existing, True
             ts = now_ms()
-            run_id = new_id("run")
             values: dict[str, Any] = {
                 "id": run_id,
                 "environment_id": environment_id,
@@ -203,14 +208,27 @@ class RunEngine:
                 "current_attempt_id": None,
                 "executor_id": None,
             }
-            await Store.insert_run(tx, values, spec.tags)
-            if known:
+            if ex is not None:
+                queued = values
+                values = {
+                    **queued,
+                    "status": Status.DEQUEUED.value,
+                    "version": 2,
+                    "current_attempt_id": attempt_id,
+                    "executor_id": ex.executor_id,
+                }
+                await Store.insert_run(tx, values, spec.tags, created=queued)
+                tx.emit("dequeued", values)
+                await Store.insert_attempt(tx, self._attempt_row(attempt_id, run_id, 1, ex, ts))
+            elif known:
+                await Store.insert_run(tx, values, spec.tags)
                 tx.after_commit.append(
                     lambda: self._enqueue(
                         (environment_id, queue), run_id, spec.task_id, ts, spec.priority
                     )
                 )
             else:
+                await Store.insert_run(tx, values, spec.tags)
                 tx.after_commit.append(
                     lambda: self.pending_version.setdefault(
                         (environment_id, spec.task_id), []
@@ -218,7 +236,36 @@ class RunEngine:
                 )
             return values, False
 
-        return await self.store.writer.run(op)
+        try:
+            row, cached = await self.store.writer.run(op)
+        except BaseException:
+            if ex is not None:
+                self.index.unreserve(run_id, key, ex)
+            raise
+        if ex is not None:
+            if cached:
+                self.index.unreserve(run_id, key, ex)
+                self._dispatch_wake.set()
+            else:
+                assert isinstance(row, dict)
+                self._assign(row, attempt_id, key, ex)
+        return row, cached
+
+    @staticmethod
+    def _attempt_row(
+        attempt_id: str, run_id: str, number: int, ex: ExecutorState, ts: int
+    ) -> dict[str, Any]:
+        return {
+            "id": attempt_id,
+            "run_id": run_id,
+            "number": number,
+            "status": "PENDING",
+            "executor_id": ex.executor_id,
+            "created_at": ts,
+            "started_at": None,
+            "finished_at": None,
+            "error": None,
+        }
 
     async def cancel(self, environment_id: str, run_id: str) -> RunRow:
         async def op(tx: Tx) -> RunRow:
@@ -600,19 +647,9 @@ class RunEngine:
                 updated_at=ts,
             )
             if row is not None:
+                number = row._mapping["attempt_count"] + 1
                 await Store.insert_attempt(
-                    tx,
-                    {
-                        "id": attempt_id,
-                        "run_id": run_id,
-                        "number": row._mapping["attempt_count"] + 1,
-                        "status": "PENDING",
-                        "executor_id": ex.executor_id,
-                        "created_at": ts,
-                        "started_at": None,
-                        "finished_at": None,
-                        "error": None,
-                    },
+                    tx, self._attempt_row(attempt_id, run_id, number, ex, ts)
                 )
             return row
 
@@ -625,7 +662,13 @@ class RunEngine:
             self.index.unreserve(run_id, key, ex)
             self._dispatch_wake.set()
             return
-        m = row._mapping
+        self._assign(dict(row._mapping), attempt_id, key, ex)
+
+    def _assign(
+        self, m: Mapping[str, Any], attempt_id: str, key: QueueKey, ex: ExecutorState
+    ) -> None:
+        """Lease the dequeued run's attempt to ``ex`` and send it the assignment."""
+        run_id = m["id"]
         lease = Lease(attempt_id, run_id, key, ex.executor_id, time.monotonic())
         self.index.lease(lease, ex)
         if not ex.connected:  # gone between pick and commit
@@ -641,7 +684,7 @@ class RunEngine:
         ex.outbox.put_nowait(
             wpb.ConnectResponse(
                 assignment=wpb.Assignment(
-                    run=run_to_pb(row),
+                    run=run_to_pb(m),
                     attempt_id=attempt_id,
                     attempt_number=m["attempt_count"] + 1,
                     traceparent=traceparent,

@@ -429,15 +429,18 @@ class Store:
         ).first()
 
     @staticmethod
-    async def insert_run(tx: Tx, values: dict[str, Any], tags: Sequence[str]) -> None:
-        """Insert a run; ``values`` holds every column."""
+    async def insert_run(
+        tx: Tx, values: dict[str, Any], tags: Sequence[str], created: dict[str, Any] | None = None
+    ) -> None:
+        """Insert a run; ``values`` holds every column; ``created`` is the snapshot its "created"
+        event carries (default: ``values``)."""
         tx.insert_later(db.runs, values)
         for tag in dict.fromkeys(tags):
             tx.insert_later(
                 db.run_tags,
                 {"run_id": values["id"], "tag": tag, "environment_id": values["environment_id"]},
             )
-        tx.emit("created", values)
+        tx.emit("created", created or values)
 
     @staticmethod
     async def insert_attempt(tx: Tx, values: dict[str, Any]) -> None:

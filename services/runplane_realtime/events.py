@@ -1,0 +1,212 @@
+"""JetStream plumbing for run subscriptions: the service's NATS connection and one run's events.
+
+EventsUnavailable   NATS, JetStream or the RUN_EVENTS stream cannot be read right now
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import nats
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from runplane.v1 import events_pb2, run_pb2
+from runplane_server import subjects
+
+log = logging.getLogger("runplane.realtime.events")
+
+# How long a JetStream API call (consumer create/delete) may take before the read falls back to
+# the scheduler; short, because a subscriber is waiting.
+JS_TIMEOUT = 2.0
+# The server deletes a consumer nobody listens to after this long: a safety net for consumers
+# this process could not delete itself (it crashed, or NATS was unreachable at the time).
+CONSUMER_INACTIVE_THRESHOLD = 30.0
+
+
+class EventsUnavailable(Exception):
+    """The run's events cannot be read now: NATS is down, or the stream or consumer is missing."""
+
+
+class NatsLink:
+    """The service's one NATS connection, made in the background and remade after every outage.
+
+    The service must start and serve while NATS is down, so nothing waits for this connection:
+    readers ask :attr:`connected` and fall back to the scheduler while it is false. :attr:`epoch`
+    grows with every (re)connection; a consumer made in an earlier epoch may be gone (a restarted
+    server keeps no in-memory consumers), so readers remake theirs when it changes.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.epoch = 0
+        self._nc: NATS | None = None
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin connecting; returns at once."""
+        self._task = asyncio.create_task(self._connect(), name="realtime-nats-connect")
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and bool(self._nc.is_connected)
+
+    def jetstream(self) -> JetStreamContext:
+        """A JetStream context on the live connection; raises EventsUnavailable when down."""
+        if self._nc is None or not self._nc.is_connected:
+            raise EventsUnavailable(f"not connected to NATS at {self.url}")
+        return self._nc.jetstream(timeout=JS_TIMEOUT)
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a live connection; true if there is one."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), timeout)
+        return self.connected
+
+    async def stop(self) -> None:
+        """Stop connecting and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        nc, self._nc = self._nc, None
+        self._up.clear()
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):  # NATS may be gone already
+                await nc.close()
+
+    async def _connect(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                # With max_reconnect_attempts=-1 nats-py retries the first connection too, so this
+                # returns once NATS is up; the loop only covers errors it does not retry.
+                self._nc = await nats.connect(
+                    self.url,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    error_cb=self._on_error,
+                )
+            except Exception as error:
+                log.warning("cannot connect to NATS at %s (%s); retrying", self.url, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("connected to NATS at %s", self.url)
+            self.epoch += 1
+            self._up.set()
+            return
+
+    async def _on_disconnected(self) -> None:
+        if self._up.is_set():
+            log.warning(
+                "lost NATS at %s; subscriptions follow the scheduler until it returns", self.url
+            )
+        self._up.clear()
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s", self.url)
+        self.epoch += 1
+        self._up.set()
+
+    async def _on_error(self, error: Exception) -> None:
+        # Every failed reconnect attempt lands here; the disconnect itself is logged once above.
+        log.debug("NATS error: %r", error)
+
+
+class RunEvents:
+    """One run's events in stream order, read with an ordered push consumer.
+
+    The consumer is made on first read and remade after every NATS reconnection, starting at the
+    stream sequence after the last event read, so an outage loses no event that JetStream kept.
+    """
+
+    def __init__(self, link: NatsLink, subject: str) -> None:
+        self._link = link
+        self._subject = subject
+        self._sub: Any = None
+        self._epoch = 0
+        # Stream sequence to start the next consumer at; 0 means the stream's first message.
+        self._next_sequence = 0
+
+    async def next(self, timeout: float) -> run_pb2.Run | None:
+        """The run carried by the next event, or None if none came within ``timeout`` seconds
+        (or the event was unreadable). Raises EventsUnavailable when the events cannot be read."""
+        if not self._link.connected:
+            # An idle subscription does not notice a dead connection until its timeout; asking
+            # the link lets the caller switch to the scheduler at once.
+            raise EventsUnavailable(f"not connected to NATS at {self._link.url}")
+        sub = await self._subscription()
+        try:
+            msg = await sub.next_msg(timeout=timeout)
+        except nats.errors.TimeoutError:
+            return None
+        except nats.errors.Error as error:  # the connection closed under the read
+            await self._drop()
+            raise EventsUnavailable(str(error) or type(error).__name__) from error
+        self._next_sequence = msg.metadata.sequence.stream + 1
+        try:
+            event = events_pb2.RunEvent.FromString(msg.data)
+        except DecodeError:
+            # Counts as a missing event: the caller's gap or idle check asks the scheduler.
+            log.warning("skipping an undecodable event on %s", self._subject)
+            return None
+        run: run_pb2.Run = event.run
+        return run
+
+    async def close(self) -> None:
+        """Remove the consumer; the reader may be cancelled, so this never raises an Exception."""
+        await self._drop()
+
+    async def _subscription(self) -> Any:
+        if self._sub is not None and self._epoch == self._link.epoch:
+            return self._sub
+        await self._drop()
+        js = self._link.jetstream()
+        epoch = self._link.epoch
+        if self._next_sequence:
+            policy = DeliverPolicy.BY_START_SEQUENCE
+            config = ConsumerConfig(deliver_policy=policy, opt_start_seq=self._next_sequence)
+        else:
+            policy = DeliverPolicy.ALL
+            config = ConsumerConfig(deliver_policy=policy)
+        try:
+            self._sub = await js.subscribe(
+                self._subject,
+                stream=subjects.RUN_EVENTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=policy,
+                config=config,
+                inactive_threshold=CONSUMER_INACTIVE_THRESHOLD,
+            )
+        except (nats.errors.Error, TimeoutError) as error:
+            raise EventsUnavailable(f"cannot read {self._subject}: {error!r}") from error
+        self._epoch = epoch
+        return self._sub
+
+    async def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        # nats-py leaves an ephemeral consumer on the server after unsubscribe (until the inactive
+        # threshold); delete it now. Its name is only kept on a private attribute, which the
+        # ordered consumer updates whenever it remakes the consumer.
+        consumer = getattr(sub, "_consumer", None)
+        if consumer and self._link.connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._link.jetstream().delete_consumer(subjects.RUN_EVENTS_STREAM, consumer),
+                    JS_TIMEOUT,
+                )
