@@ -193,3 +193,50 @@ async def test_a_scheduler_restart_mid_run_loses_nothing(cluster: Cluster) -> No
     assert first.status is RunStatus.COMPLETED
     assert first.attempt_count == 1
     assert second.status is RunStatus.COMPLETED
+
+
+async def _cli(cluster: Cluster, *args: str) -> tuple[int, str, str]:
+    env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "runplane",
+        *args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_runs_ls_show_watch_and_cancel(cluster: Cluster) -> None:
+    client = cluster.client()
+    done = await client.runs.poll(
+        await client.tasks.trigger("hello-world", {"name": "cli"}), interval=0.05, timeout=60
+    )
+    code, out, err = await _cli(cluster, "runs", "ls")
+    assert code == 0, err
+    assert done.id in out and "COMPLETED" in out
+    code, out, err = await _cli(cluster, "runs", "show", done.id)
+    assert code == 0, err
+    assert '"status": "COMPLETED"' in out and '"Hello, cli!"' in out
+    code, out, err = await _cli(cluster, "runs", "watch", done.id)
+    assert code == 0, err
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("v")] == [
+        "QUEUED",
+        "DEQUEUED",
+        "EXECUTING",
+        "COMPLETED",
+    ]
+    busy = await client.tasks.trigger("busy-loop", {"seconds": 600})
+    code, out, err = await _cli(cluster, "runs", "cancel", busy.id)
+    assert code == 0, err
+    assert "CANCELED" in out
+    code, out, err = await _cli(cluster, "runs", "show", "run_nosuchrun")
+    assert code != 0
+    assert err.startswith("runplane: ") and "Traceback" not in err
+    code, out, err = await _cli(cluster, "trigger", "hello-world", "--payload", "{bad")
+    assert code != 0
+    assert "--payload is not valid JSON" in err and "Traceback" not in err
