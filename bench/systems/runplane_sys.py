@@ -81,7 +81,8 @@ class Runplane(System):
     def _cli(self, *args: str, timeout: float = 120) -> str:
         r = procs.run([*self.exe, *args], env=self.env(), cwd=REPO, timeout=timeout)
         with (self.logdir / "cli.log").open("a") as f:
-            f.write(f"$ runplane {' '.join(args)}  -> rc {r.returncode}\n{r.stdout}\n{r.stderr}\n")
+            out = "<secret key not logged>" if args[:1] == ("keys",) else r.stdout
+            f.write(f"$ runplane {' '.join(args)}  -> rc {r.returncode}\n{out}\n{r.stderr}\n")
         if r.returncode != 0:
             raise SystemError_(
                 f"`runplane {' '.join(args)}` failed (rc {r.returncode}): "

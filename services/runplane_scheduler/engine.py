@@ -229,11 +229,7 @@ class RunEngine:
                 )
             else:
                 await Store.insert_run(tx, values, spec.tags)
-                tx.after_commit.append(
-                    lambda: self.pending_version.setdefault(
-                        (environment_id, spec.task_id), []
-                    ).append(run_id)
-                )
+                tx.after_commit.append(lambda: self._park(environment_id, spec.task_id, run_id))
             return values, False
 
         try:
@@ -250,6 +246,14 @@ class RunEngine:
                 assert isinstance(row, dict)
                 self._assign(row, attempt_id, key, ex)
         return row, cached
+
+    def _park(self, environment_id: str, task_id: str, run_id: str) -> None:
+        """A run no executor provides waits for one; if one registered while the run was being
+        written, release it at once (registration has already emptied the waiting list)."""
+        if self.index.provides(environment_id, task_id):
+            self._spawn(self._release_pending(environment_id, [run_id]))
+        else:
+            self.pending_version.setdefault((environment_id, task_id), []).append(run_id)
 
     @staticmethod
     def _attempt_row(
