@@ -48,6 +48,7 @@ class NatsLink:
         self.epoch = 0
         self._nc: NATS | None = None
         self._up = asyncio.Event()
+        self._warned = False  # about the current outage, so it is logged once
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -103,25 +104,31 @@ class NatsLink:
                 delay = min(delay * 2, 5.0)
                 continue
             log.info("connected to NATS at %s", self.url)
+            self._warned = False
             self.epoch += 1
             self._up.set()
             return
 
     async def _on_disconnected(self) -> None:
-        if self._up.is_set():
-            log.warning(
-                "lost NATS at %s; subscriptions follow the scheduler until it returns", self.url
-            )
         self._up.clear()
+        self._outage(f"lost NATS at {self.url}")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS at %s", self.url)
+        self._warned = False
         self.epoch += 1
         self._up.set()
 
     async def _on_error(self, error: Exception) -> None:
-        # Every failed reconnect attempt lands here; the disconnect itself is logged once above.
-        log.debug("NATS error: %r", error)
+        # Every failed (re)connect attempt lands here: only the first of an outage is a warning.
+        self._outage(f"cannot reach NATS at {self.url} ({error!r})")
+
+    def _outage(self, what: str) -> None:
+        if self._warned:
+            log.debug("%s", what)
+            return
+        self._warned = True
+        log.warning("%s; subscriptions follow the scheduler until it is back", what)
 
 
 class RunEvents:

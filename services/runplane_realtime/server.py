@@ -114,6 +114,7 @@ class Subscription:
     def __init__(
         self,
         scheduler: Scheduler,
+        link: NatsLink,
         events: RunEvents,
         credentials: Metadata,
         run_id: str,
@@ -121,6 +122,7 @@ class Subscription:
         reconcile_interval: float,
     ) -> None:
         self._scheduler = scheduler
+        self._link = link
         self._events = events
         self._credentials = credentials
         self._run_id = run_id
@@ -156,12 +158,16 @@ class Subscription:
             try:
                 run = await self._events.next(min(READ_SLICE, reconcile_at - loop.time()))
             except EventsUnavailable as error:
-                log.debug(
-                    "run %s: events unreadable (%s); asking the scheduler", self._run_id, error
-                )
+                log.debug("run %s: events unreadable (%s)", self._run_id, error)
+                nats_down = not self._link.connected
+                # NATS down: give it up to a poll interval to come back (a service just started,
+                # a blip) before asking the scheduler; that wait also paces the polling.
+                if nats_down and await self._link.wait_connected(OUTAGE_POLL_INTERVAL):
+                    continue
                 if snapshot := await self._newer_snapshot():
                     return snapshot
-                await asyncio.sleep(OUTAGE_POLL_INTERVAL)
+                if not nats_down:  # connected, but no stream or consumer yet: pace the retries
+                    await asyncio.sleep(OUTAGE_POLL_INTERVAL)
                 continue
             if run is None or run.version <= self.last_version:
                 continue  # a quiet slice, or a duplicate, or history the subscriber already has
@@ -199,7 +205,10 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
         """End every open subscription and wait for each to remove its consumer."""
         tasks = [task for task in self._serving if not task.done()]
         for task in tasks:
-            task.cancel()
+            # A task gRPC already cancelled is cleaning up; cancelling it again would cut that
+            # short and leave its consumer behind.
+            if not task.cancelling():
+                task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
@@ -223,6 +232,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
                 return  # the subscriber already has the final version
             subscription = Subscription(
                 self._scheduler,
+                self._link,
                 RunEvents(self._link, subjects.run_event(current.environment_id, current.id)),
                 credentials,
                 request.run_id,

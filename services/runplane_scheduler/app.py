@@ -26,7 +26,7 @@ class Scheduler:
         self.settings = settings
         self.engine_db = db.create_engine(settings.database_url)
         self.relay: Relay
-        self.store = Store(self.engine_db, on_commit=lambda n: self.relay.notify(n))
+        self.store = Store(self.engine_db, on_commit=lambda events: self.relay.committed(events))
         self.relay = Relay(self.store, settings.nats_url)
         self.engine = RunEngine(self.store, settings)
         self.server = Server(KeyAuthenticator(self.engine_db))

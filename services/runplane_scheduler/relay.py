@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
+from typing import Any, NamedTuple
 
 import nats
 from nats.aio.client import Client as NATS
@@ -22,6 +24,17 @@ from runplane_server import subjects
 log = logging.getLogger("runplane.scheduler.relay")
 
 BATCH = 1000
+# Committed events kept in memory for publishing; beyond this the relay reads the database.
+MAX_PENDING = 50_000
+
+
+class Outgoing(NamedTuple):
+    event_id: str
+    subject: str
+    data: bytes
+    traceparent: str
+
+
 # Longest time a published row can wait for deletion before a restart re-publishes it.
 DUPLICATE_WINDOW = 120.0
 
@@ -48,12 +61,42 @@ class Relay:
         self._task: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
         self.published = 0
-        # Rows up to here are published; their deletion rides on the writer's next commit.
+        # Events up to here are published; their deletion rides on the writer's next commit.
         self._after = ""
+        # Committed events not yet published, in commit (= event id) order. The database holds
+        # them too: after a restart, or when this overflows, the relay catches up from there.
+        self._pending: deque[Outgoing] = deque()
+        self._catching_up = True
+        self._drops = 0
         self.connected = asyncio.Event()
 
-    def notify(self, _count: int = 0) -> None:
+    def committed(self, events: list[dict[str, Any]]) -> None:
+        """The writer committed these outbox rows (called in commit order)."""
+        if len(self._pending) + len(events) > MAX_PENDING:
+            self._pending.clear()  # still in the database; read them from there
+            self._drops += 1
+            self._catching_up = True
+        else:
+            self._pending.extend(
+                Outgoing(e["event_id"], e["subject"], e["data"], e["traceparent"]) for e in events
+            )
         self._wake.set()
+
+    async def _next_batch(self) -> list[Outgoing]:
+        if self._catching_up:
+            drops = self._drops
+            rows = await self._store.read_outbox(self._after, BATCH)
+            if rows:
+                return [Outgoing(r.event_id, r.subject, r.data, r.traceparent) for r in rows]
+            if drops == self._drops:
+                # Everything committed before now is published; later commits are in memory.
+                self._catching_up = False
+        batch: list[Outgoing] = []
+        while self._pending and len(batch) < BATCH:
+            item = self._pending.popleft()
+            if item.event_id > self._after:
+                batch.append(item)
+        return batch
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
@@ -93,13 +136,15 @@ class Relay:
     async def _run(self) -> None:
         js = await self._connect()
         backoff = 0.2
+        rows: list[Outgoing] = []
         while True:
-            rows = await self._store.read_outbox(self._after, BATCH)
             if not rows:
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                continue
+                rows = await self._next_batch()
+                if not rows:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    continue
             try:
                 acks = [
                     await js.publish_async(
@@ -121,8 +166,9 @@ class Relay:
                 log.warning("publishing %d events failed (%s); retrying", len(rows), error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-                continue
+                continue  # the same batch again: JetStream drops the ones it already has
             backoff = 0.2
             self._store.writer.published([r.event_id for r in rows])
             self._after = rows[-1].event_id
             self.published += len(rows)
+            rows = []

@@ -33,6 +33,8 @@ T = TypeVar("T")
 RunRow = Row[Any]
 
 MAX_BATCH = 512
+
+CommitHook = Callable[[list[dict[str, Any]]], None]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
 
 
@@ -180,7 +182,7 @@ CLEAN_ERRORS = (ServiceError, TransitionError)
 class Writer:
     """Runs write operations in batches, one transaction per batch (group commit)."""
 
-    def __init__(self, engine: AsyncEngine, on_commit: Callable[[int], None]) -> None:
+    def __init__(self, engine: AsyncEngine, on_commit: CommitHook) -> None:
         self._engine = engine
         self._on_commit = on_commit
         self._queue: asyncio.Queue[tuple[Op[Any], asyncio.Future[Any]]] = asyncio.Queue()
@@ -280,7 +282,7 @@ class Writer:
             except Exception:
                 log.exception("after-commit effect failed")
         if events:
-            self._on_commit(len(events))
+            self._on_commit(events)
 
     async def _transaction(
         self,
@@ -316,7 +318,7 @@ class Writer:
 class Store:
     """Reads (any connection) and the writer (group commit)."""
 
-    def __init__(self, engine: AsyncEngine, on_commit: Callable[[int], None]) -> None:
+    def __init__(self, engine: AsyncEngine, on_commit: CommitHook) -> None:
         self.engine = engine
         self.writer = Writer(engine, on_commit)
 
