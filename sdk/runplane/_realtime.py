@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
 from runplane._errors import from_rpc_error
+from runplane._models import RunStatus
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
 
-_FINAL = frozenset(
-    {
-        run_pb2.RUN_STATUS_COMPLETED,
-        run_pb2.RUN_STATUS_CANCELED,
-        run_pb2.RUN_STATUS_FAILED,
-        run_pb2.RUN_STATUS_CRASHED,
-        run_pb2.RUN_STATUS_SYSTEM_FAILURE,
-        run_pb2.RUN_STATUS_EXPIRED,
-        run_pb2.RUN_STATUS_TIMED_OUT,
-    }
-)
-_RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-)
+log = logging.getLogger("runplane.realtime")
+
+_FINAL = frozenset(status.to_pb() for status in RunStatus if status.is_final)
+
+# A realtime service that restarts, or a connection that drops, ends the stream with one of these
+# (INTERNAL: an HTTP/2 stream reset mid-response). Anything else is the server's answer.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+_FIRST_BACKOFF = 0.1
 
 
 async def subscribe_to_run(
@@ -35,27 +31,45 @@ async def subscribe_to_run(
     after_version: int = 0,
     max_backoff: float = 5.0,
 ) -> AsyncIterator[run_pb2.Run]:
-    """Every version of the run newer than ``after_version``, in order. A broken stream is
-    resumed from the last version yielded, so nothing is missed or repeated."""
+    """Every version of the run newer than ``after_version``, in order, each once.
+
+    Ends after a final status when ``stop_on_completion``. A broken stream (the realtime service
+    restarting, a dropped connection) is resumed after a back-off from the last version yielded;
+    other failures raise the SDK's typed ``ApiError``.
+    """
     stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
     last = after_version
-    backoff = 0.1
+    backoff = _FIRST_BACKOFF
     while True:
         request = realtime_service_pb2.SubscribeToRunRequest(
             run_id=run_id, after_version=last, keep_open=not stop_on_completion
         )
+        call = stub.SubscribeToRun(request, metadata=metadata)
         try:
-            async for response in stub.SubscribeToRun(request, metadata=metadata):
-                if response.run.version <= last:
-                    continue
-                last = response.run.version
-                backoff = 0.1
-                yield response.run
-                if stop_on_completion and response.run.status in _FINAL:
+            async for response in call:
+                run: run_pb2.Run = response.run
+                if run.version <= last:
+                    continue  # the server resends nothing old; this guards a buggy one
+                last = run.version
+                backoff = _FIRST_BACKOFF
+                yield run
+                if stop_on_completion and run.status in _FINAL:
                     return
+            # The server ends a stream early only when there is nothing newer to send.
             return
         except grpc.aio.AioRpcError as error:
-            if error.code() not in _RETRYABLE:
+            if error.code() not in _RESUMABLE:
                 raise from_rpc_error(error) from None
+            log.info(
+                "subscription to %s broke (%s: %s); resuming after version %d in %.1f s",
+                run_id,
+                error.code().name,
+                error.details(),
+                last,
+                backoff,
+            )
+        finally:
+            # The caller may stop iterating early (break, cancel): end the RPC with it.
+            call.cancel()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, max_backoff)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -75,11 +76,12 @@ class Task(Generic[R]):
     max_duration: float = 0
     description: str = ""
 
-    @property
+    # Read on every attempt: worked out once.
+    @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.fn)
 
-    @property
+    @functools.cached_property
     def wants_context(self) -> bool:
         params = [
             p
@@ -88,7 +90,7 @@ class Task(Generic[R]):
         ]
         return len(params) >= 2
 
-    @property
+    @functools.cached_property
     def payload_type(self) -> Any:
         params = list(inspect.signature(self.fn).parameters.values())
         if not params or params[0].annotation is inspect.Parameter.empty:
