@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.helpers.ports import free_port
@@ -21,19 +18,15 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that has Linux kill the server when the thread that started it ends.
-
-    So a test run that is killed (no fixture teardown) leaves no server behind.
-    """
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, only called after
-    pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL)
+def _die_with_parent() -> list[str]:
+    """A command prefix that has Linux kill the server when the test process ends, so a killed
+    test run leaves no server behind. ``setpriv`` sets it before exec: a Python ``preexec_fn``
+    would run Python in a forked child of a process with gRPC threads, which can crash."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv and sys.platform == "linux" else []
 
 
-_PREEXEC = _die_with_parent()
+_PREFIX = _die_with_parent()
 
 
 class NatsServerError(RuntimeError):
@@ -171,11 +164,10 @@ class NatsServer:
             log.flush()
             try:
                 self._process = subprocess.Popen(
-                    command,
+                    [*_PREFIX, *command],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_PREEXEC,
                 )
             except FileNotFoundError:
                 raise NatsServerError(f"no nats-server binary at {self.binary!r}") from None
