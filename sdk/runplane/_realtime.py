@@ -30,16 +30,20 @@ async def subscribe_to_run(
     stop_on_completion: bool = True,
     after_version: int = 0,
     max_backoff: float = 5.0,
+    give_up_after: float = 120.0,
 ) -> AsyncIterator[run_pb2.Run]:
     """Every version of the run newer than ``after_version``, in order, each once.
 
     Ends after a final status when ``stop_on_completion``. A broken stream (the realtime service
     restarting, a dropped connection) is resumed after a back-off from the last version yielded;
-    other failures raise the SDK's typed ``ApiError``.
+    other failures raise the SDK's typed ``ApiError``. A realtime service that stays
+    unreachable for ``give_up_after`` seconds (a wrong address, say) raises ``UnavailableError``.
     """
     stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
     last = after_version
     backoff = _FIRST_BACKOFF
+    loop = asyncio.get_running_loop()
+    broken_since: float | None = None
     while True:
         request = realtime_service_pb2.SubscribeToRunRequest(
             run_id=run_id, after_version=last, keep_open=not stop_on_completion
@@ -52,6 +56,7 @@ async def subscribe_to_run(
                     continue  # the server resends nothing old; this guards a buggy one
                 last = run.version
                 backoff = _FIRST_BACKOFF
+                broken_since = None
                 yield run
                 if stop_on_completion and run.status in _FINAL:
                     return
@@ -59,6 +64,9 @@ async def subscribe_to_run(
             return
         except grpc.aio.AioRpcError as error:
             if error.code() not in _RESUMABLE:
+                raise from_rpc_error(error) from None
+            broken_since = broken_since or loop.time()
+            if loop.time() - broken_since > give_up_after:
                 raise from_rpc_error(error) from None
             log.info(
                 "subscription to %s broke (%s: %s); resuming after version %d in %.1f s",
