@@ -49,6 +49,7 @@ async def subscribe_to_run(
             run_id=run_id, after_version=last, keep_open=not stop_on_completion
         )
         call = stub.SubscribeToRun(request, metadata=metadata)
+        started = loop.time()
         try:
             async for response in call:
                 run: run_pb2.Run = response.run
@@ -65,6 +66,8 @@ async def subscribe_to_run(
         except grpc.aio.AioRpcError as error:
             if error.code() not in _RESUMABLE:
                 raise from_rpc_error(error) from None
+            if loop.time() - started > 1.0:
+                broken_since = None  # it was connected: a break, not an unreachable service
             broken_since = broken_since or loop.time()
             if loop.time() - broken_since > give_up_after:
                 raise from_rpc_error(error) from None
