@@ -145,6 +145,8 @@ class RunEvents:
         self._epoch = 0
         # Stream sequence to start the next consumer at; 0 means the stream's first message.
         self._next_sequence = 0
+        # The last event returned left out large fields (RunEvent.truncated).
+        self.truncated = False
 
     async def next(self, timeout: float) -> run_pb2.Run | None:
         """The run carried by the next event, or None if none came within ``timeout`` seconds
@@ -168,6 +170,7 @@ class RunEvents:
             # Counts as a missing event: the caller's gap or idle check asks the scheduler.
             log.warning("skipping an undecodable event on %s", self._subject)
             return None
+        self.truncated = event.truncated
         run: run_pb2.Run = event.run
         return run
 

@@ -172,6 +172,10 @@ class Subscription:
             if run is None or run.version <= self.last_version:
                 continue  # a quiet slice, or a duplicate, or history the subscriber already has
             if run.version == self.last_version + 1:
+                if self._events.truncated:  # too big for NATS: the scheduler has it whole
+                    snapshot = await self._newer_snapshot()
+                    if snapshot is not None and snapshot.version >= run.version:
+                        return snapshot
                 return run
             # A gap: versions between were lost or purged. The snapshot is at least as new as
             # this event unless the scheduler is unreachable; send whichever is newer.

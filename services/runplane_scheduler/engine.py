@@ -11,6 +11,7 @@ import contextlib
 import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx, now_ms, run_to_pb
+from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx, now_ms, run_to_pb
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import NotFound
@@ -79,6 +80,8 @@ class RunEngine:
         self._timers: list[_Timer] = []
         self._timer_wake = asyncio.Event()
         self._dispatch_wake = asyncio.Event()
+        self._reports: deque[Callable[[Tx], Coroutine[Any, Any, Any]]] = deque()
+        self._reports_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
 
@@ -129,6 +132,7 @@ class RunEngine:
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._timer_loop(), name="timers"),
             asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._reports_loop(), name="reports"),
         ]
         self._dispatch_wake.set()
 
@@ -139,10 +143,44 @@ class RunEngine:
         await self.store.writer.stop()
 
     def _submit(self, op: Callable[[Tx], Coroutine[Any, Any, Any]]) -> None:
-        """Queue a write without waiting for it: writes commit in submission order, so a
-        stream's messages are applied in order while the next one is already being read."""
-        future = self.store.writer.submit(op)
-        future.add_done_callback(_log_failure)
+        """Queue a write nobody waits for (executor reports, lapsed leases). Such writes are
+        applied in submission order and retried until the database takes them, so a report
+        that arrives while the database is down is not lost."""
+        self._reports.append(op)
+        self._reports_wake.set()
+
+    async def _reports_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            await self._reports_wake.wait()
+            self._reports_wake.clear()
+            ops = list(self._reports)
+            self._reports.clear()
+            # Submitted together, so they share commits; the writer keeps their order.
+            results = await asyncio.gather(
+                *(self.store.writer.submit(op) for op in ops), return_exceptions=True
+            )
+            failed = next(
+                (
+                    i
+                    for i, r in enumerate(results)
+                    if isinstance(r, Exception) and not isinstance(r, CLEAN_ERRORS)
+                ),
+                None,
+            )
+            for r in results:
+                if isinstance(r, CLEAN_ERRORS):
+                    log.error("write refused: %s", r)
+            if failed is None:
+                backoff = 0.2
+                continue
+            # Writes are guarded by status and attempt id, so re-applying the ones after the
+            # failure that did commit changes nothing.
+            log.warning("database write failed (%s); retrying in %.1f s", results[failed], backoff)
+            self._reports.extendleft(reversed(ops[failed:]))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            self._reports_wake.set()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -792,11 +830,6 @@ class RunEngine:
             self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE)
         else:
             self._requeue_lost(lease)
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("write failed", exc_info=future.exception())
 
 
 def status_from_pb(value: int) -> str:

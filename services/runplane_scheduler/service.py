@@ -61,15 +61,17 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         size = validation.page_size(request.page_size, self.limits.page_size)
         for i, t in enumerate(request.task_ids):
             validation.task_id(t, f"task_ids[{i}]")
+        for i, tag in enumerate(request.tags):
+            validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         rows = await self.engine.store.list_runs(
             principal().environment_id,
             statuses=validation.statuses(list(request.statuses)),
             task_ids=list(request.task_ids),
             tags=list(request.tags),
-            created_after=request.created_after.ToMilliseconds()
+            created_after=validation.timestamp_ms("created_after", request.created_after)
             if request.HasField("created_after")
             else None,
-            created_before=request.created_before.ToMilliseconds()
+            created_before=validation.timestamp_ms("created_before", request.created_before)
             if request.HasField("created_before")
             else None,
             before_id=validation.decode_page_token(request.page_token),
@@ -105,7 +107,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         if first is None or first.WhichOneof("message") != "register":
             raise InvalidArgument("register", "the first message on a stream must be a Register")
         outbox: asyncio.Queue[wpb.ConnectResponse] = asyncio.Queue()
-        ex = await self.engine.register_executor(env, first.register, outbox)
+        ex = await self.engine.register_executor(env, validation.register(first.register), outbox)
         yield wpb.ConnectResponse(
             registered=wpb.Registered(
                 executor_id=ex.executor_id,

@@ -33,6 +33,8 @@ T = TypeVar("T")
 RunRow = Row[Any]
 
 MAX_BATCH = 512
+# Events must fit a NATS message (1 MB by default); larger snapshots drop their big fields.
+MAX_EVENT_BYTES = 512 * 1024
 
 CommitHook = Callable[[list[dict[str, Any]]], None]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
@@ -91,6 +93,22 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
     )
 
 
+def _truncate(event: events_pb2.RunEvent) -> bytes:
+    event.truncated = True
+    run = event.run
+    for name in ("payload", "output", "stack_trace", "metadata", "message"):
+        if name in ("stack_trace", "message"):
+            run.error.ClearField(name)  # type: ignore[arg-type]
+        elif name == "metadata":
+            run.metadata = "{}"
+        else:
+            run.ClearField(name)  # type: ignore[arg-type]
+        data = event.SerializeToString()
+        if len(data) <= MAX_EVENT_BYTES:
+            return data
+    return event.SerializeToString()
+
+
 @dataclass
 class _Batch:
     """One group-commit transaction: its connection, outbox rows and deferred inserts."""
@@ -131,11 +149,14 @@ class Tx:
         event = events_pb2.RunEvent(
             event_id=event_id, type=event_type, run=run_to_pb(row), occurred_at=_ts(m["updated_at"])
         )
+        data = event.SerializeToString()
+        if len(data) > MAX_EVENT_BYTES:
+            data = _truncate(event)
         self.batch.events.append(
             {
                 "event_id": event_id,
                 "subject": subjects.run_event(m["environment_id"], m["id"]),
-                "data": event.SerializeToString(),
+                "data": data,
                 "traceparent": m["traceparent"],
                 "created_at": m["updated_at"],
             }

@@ -11,10 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from sqlalchemy import exc as sa_exc
 
 from runplane_server import telemetry
 from runplane_server.auth import Principal, current_principal
-from runplane_server.errors import ServiceError, Unauthenticated
+from runplane_server.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
 
 log = logging.getLogger("runplane.grpc")
 
@@ -43,6 +44,15 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceErro
     )
 
 
+# Failures of the database or the network under a call: worth a retry, so UNAVAILABLE.
+UNAVAILABLE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, ConnectionError, OSError)
+
+
+def _unavailable(error: BaseException) -> Unavailable:
+    log.warning("call failed on an unavailable dependency: %r", error)
+    return Unavailable(f"a dependency is unavailable ({type(error).__name__}); retry later")
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates the caller, continues the caller's trace and maps ServiceError to a status."""
 
@@ -59,6 +69,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = details.method
         authenticate = self._authenticate
+        parse = handler.request_deserializer
+
+        def decode(raw: bytes) -> Any:
+            # Requests arrive as bytes and are parsed here, so a malformed body is the caller's
+            # INVALID_ARGUMENT rather than grpc's UNKNOWN.
+            try:
+                return parse(raw) if parse is not None else raw
+            except Exception:
+                raise InvalidArgument(
+                    "request", f"the body could not be parsed as a request of {method}"
+                ) from None
+
+        async def decode_stream(raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in raws:
+                yield decode(raw)
 
         async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> object:
             metadata = context.invocation_metadata()
@@ -72,8 +97,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return token
 
         def wrap_unary(behavior: Any) -> Any:
-            async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async def call(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
+                    request = decode(raw)
                     await enter(context)
                     with telemetry.tracer().start_as_current_span(
                         method, kind=trace.SpanKind.SERVER
@@ -81,38 +107,43 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         return await behavior(request, context)
                 except ServiceError as error:
                     await _abort(context, error)
+                except UNAVAILABLE_ERRORS as error:
+                    await _abort(context, _unavailable(error))
 
             return call
 
-        def wrap_stream(behavior: Any) -> Any:
+        def wrap_stream(behavior: Any, streaming: bool) -> Any:
             async def call(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+                raw: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 try:
+                    request = decode_stream(raw) if streaming else decode(raw)
                     await enter(context)
                     async for item in behavior(request, context):
                         yield item
                 except ServiceError as error:
                     await _abort(context, error)
+                except UNAVAILABLE_ERRORS as error:
+                    await _abort(context, _unavailable(error))
 
             return call
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                wrap_stream(handler.unary_stream, streaming=False),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                wrap_stream(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                wrap_stream(handler.stream_stream, streaming=True),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler

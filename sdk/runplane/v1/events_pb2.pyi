@@ -32,9 +32,14 @@ class RunEvent(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     type: _builtins.str
     """What happened: "created", "dequeued", "started", "completed", "failed", "retrying", ..."""
+    truncated: _builtins.bool
+    """The snapshot left out large fields (payload, output, stack trace, metadata) to fit a NATS
+    message; fetch the run for them.
+    """
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     @_builtins.property
@@ -46,10 +51,11 @@ class RunEvent(_message.Message):
         type: _builtins.str = ...,
         run: _run_pb2.Run | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occurred_at", b"occurred_at", "run", b"run", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occurred_at", b"occurred_at", "run", b"run", "truncated", b"truncated", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
