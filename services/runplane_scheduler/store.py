@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Table, and_, delete, insert, select, update
-from sqlalchemy.engine import CursorResult, Row
+from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runplane.v1 import events_pb2, run_pb2
@@ -109,11 +109,34 @@ def _truncate(event: events_pb2.RunEvent) -> bytes:
     return event.SerializeToString()
 
 
+class InlineConnection:
+    """A synchronous SQLite connection driven from the event loop. The writer's statements take
+    microseconds; running them inline beats a thread hop per statement (aiosqlite), and with
+    WAL and synchronous=NORMAL a commit does not wait for the disk. Readers keep aiosqlite."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: Any, params: Any = None) -> CursorResult[Any]:
+        return self._conn.execute(statement, params)
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[None]:
+        with self._conn.begin():
+            yield
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
+WriterConnection = AsyncConnection | InlineConnection
+
+
 @dataclass
 class _Batch:
     """One group-commit transaction: its connection, outbox rows and deferred inserts."""
 
-    conn: AsyncConnection
+    conn: WriterConnection
     events: list[dict[str, Any]] = field(default_factory=list)
     # Inserts nobody reads back within the batch run as one executemany per table, in order.
     pending: dict[Table, list[dict[str, Any]]] = field(default_factory=dict)
@@ -208,8 +231,9 @@ class Writer:
         self._on_commit = on_commit
         self._queue: asyncio.Queue[tuple[Op[Any], asyncio.Future[Any]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._sync_engine: Engine | None = None
         # One long-lived connection: no pool checkout and reset per batch on the hot path.
-        self._conn: AsyncConnection | None = None
+        self._conn: WriterConnection | None = None
         # Outbox rows the relay has published; deleted with the next batch (or when idle), so
         # publishing adds no commit of its own.
         self._published: list[str] = []
@@ -228,6 +252,16 @@ class Writer:
             with contextlib.suppress(Exception):
                 await self._commit([])
         await self._drop_connection()
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+
+    async def _connect(self) -> WriterConnection:
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            if self._sync_engine is None:
+                self._sync_engine = db.create_sync_engine(url.set(drivername="sqlite"))
+            return InlineConnection(self._sync_engine.connect())
+        return await self._engine.connect()
 
     async def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -280,7 +314,7 @@ class Writer:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         after: list[Callable[[], object]] = []
         if self._conn is None:
-            self._conn = await self._engine.connect()
+            self._conn = await self._connect()
         conn = self._conn
         published, self._published = self._published, []
         try:
@@ -307,7 +341,7 @@ class Writer:
 
     async def _transaction(
         self,
-        conn: AsyncConnection,
+        conn: WriterConnection,
         batch: list[tuple[Op[Any], asyncio.Future[Any]]],
         published: list[str],
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
