@@ -140,7 +140,13 @@ class Relay:
         while True:
             if not rows:
                 self._wake.clear()
-                rows = await self._next_batch()
+                try:
+                    rows = await self._next_batch()
+                except Exception as error:  # the database is away while catching up
+                    log.warning("reading the outbox failed (%s); retrying", error)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
                 if not rows:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)

@@ -45,7 +45,20 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceErro
 
 
 # Failures of the database or the network under a call: worth a retry, so UNAVAILABLE.
-UNAVAILABLE_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, ConnectionError, OSError)
+UNAVAILABLE_ERRORS = (sa_exc.DBAPIError, ConnectionError, OSError)
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """A failure to reach the database, not a refused statement: worth a retry."""
+    if isinstance(
+        error, sa_exc.OperationalError | sa_exc.InterfaceError | ConnectionError | OSError
+    ):
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        code = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", "") or "")
+        # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutdown).
+        return bool(error.connection_invalidated) or code.startswith(("08", "57"))
+    return False
 
 
 def _unavailable(error: BaseException) -> Unavailable:
@@ -108,6 +121,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except ServiceError as error:
                     await _abort(context, error)
                 except UNAVAILABLE_ERRORS as error:
+                    if not _is_unavailable(error):
+                        raise
                     await _abort(context, _unavailable(error))
 
             return call
@@ -124,6 +139,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except ServiceError as error:
                     await _abort(context, error)
                 except UNAVAILABLE_ERRORS as error:
+                    if not _is_unavailable(error):
+                        raise
                     await _abort(context, _unavailable(error))
 
             return call
