@@ -1,0 +1,75 @@
+"""Fixtures of the fault tests: a cluster running ``tests.faults.tasks``, and a private
+PostgreSQL cluster the tests may restart."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults.pg import PrivatePostgres, unavailable_reason
+from tests.helpers.cluster import Cluster
+
+TASKS = "tests.faults.tasks"
+
+
+async def _running(tmp_path: Path, nats_url: str, database_url: str) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, nats_url, database_url, tasks=TASKS)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+        # A kill -9 test may leave a restarted process that ignores SIGTERM for long.
+        for process in (c.executor, c.scheduler, c.realtime):
+            process.kill()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, nats_server: Any, database_url: str) -> AsyncIterator[Cluster]:
+    async for c in _running(tmp_path, nats_server.url, database_url):
+        yield c
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    if reason := unavailable_reason():
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    pg = PrivatePostgres()
+    try:
+        pg.init()
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture
+async def pg_cluster(
+    tmp_path: Path, nats_server: Any, private_postgres: PrivatePostgres
+) -> AsyncIterator[Cluster]:
+    async for c in _running(tmp_path, nats_server.url, private_postgres.url):
+        yield c
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name in ("cluster", "pg_cluster"):
+            c = item.funcargs.get(name) if name in item.fixturenames else None
+            if c is not None:
+                report.sections.append(("service logs", c.logs()))
+        pg = (
+            item.funcargs.get("private_postgres")
+            if "private_postgres" in item.fixturenames
+            else None
+        )
+        if pg is not None:
+            report.sections.append(("postgresql log", pg.log_tail()))
