@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -59,6 +60,12 @@ def _is_unavailable(error: BaseException) -> bool:
         # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutdown).
         return bool(error.connection_invalidated) or code.startswith(("08", "57"))
     return False
+
+
+def _internal(error: BaseException) -> ServiceError:
+    """A bug: logged with its traceback here, never shown to the caller (it may hold SQL)."""
+    log.error("call failed", exc_info=error)
+    return ServiceError(f"internal error ({type(error).__name__}); it has been logged")
 
 
 def _unavailable(error: BaseException) -> Unavailable:
@@ -121,9 +128,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except ServiceError as error:
                     await _abort(context, error)
                 except UNAVAILABLE_ERRORS as error:
-                    if not _is_unavailable(error):
-                        raise
-                    await _abort(context, _unavailable(error))
+                    await _abort(
+                        context, _unavailable(error) if _is_unavailable(error) else _internal(error)
+                    )
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as error:
+                    await _abort(context, _internal(error))
 
             return call
 
@@ -139,9 +150,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except ServiceError as error:
                     await _abort(context, error)
                 except UNAVAILABLE_ERRORS as error:
-                    if not _is_unavailable(error):
-                        raise
-                    await _abort(context, _unavailable(error))
+                    await _abort(
+                        context, _unavailable(error) if _is_unavailable(error) else _internal(error)
+                    )
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as error:
+                    await _abort(context, _internal(error))
 
             return call
 

@@ -378,9 +378,7 @@ async def test_postgresql_restarted_mid_load(
     async def fault(load: Load) -> None:
         await private_postgres.restart(down_for=1.5)
 
-    # UNKNOWN too: see test_the_api_answers_unavailable_while_postgresql_shuts_down.
-    refusals = frozenset({"UNAVAILABLE", "UNKNOWN"})
-    load, _ = await _load_with_fault(pg_cluster, nats_server.url, fault, refusals=refusals)
+    load, _ = await _load_with_fault(pg_cluster, nats_server.url, fault)
     assert load.retried, "no trigger met the database down: the fault came too late"
 
 
