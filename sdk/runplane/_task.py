@@ -6,7 +6,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from runplane._errors import ConfigurationError
 
@@ -121,6 +121,15 @@ def registered_tasks() -> dict[str, Task[Any]]:
     return dict(_REGISTRY)
 
 
+class TaskDecorator(Protocol):
+    """What ``@task(id=...)`` returns: turns the function below it into a typed Task."""
+
+    @overload
+    def __call__(self, fn: Callable[..., Awaitable[R]], /) -> Task[R]: ...
+    @overload
+    def __call__(self, fn: Callable[..., R], /) -> Task[R]: ...
+
+
 @overload
 def task(fn: Callable[..., Awaitable[R]], /) -> Task[R]: ...
 @overload
@@ -132,7 +141,7 @@ def task(
     machine: str = "small-1x",
     max_duration: float = 0,
     description: str = "",
-) -> Callable[[Callable[..., Awaitable[R] | R]], Task[R]]: ...
+) -> TaskDecorator: ...
 
 
 def task(
