@@ -20,7 +20,6 @@ import orjson
 from opentelemetry import trace
 from sqlalchemy import func, select
 
-from runplane.v1 import run_pb2
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
@@ -830,7 +829,3 @@ class RunEngine:
             self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE)
         else:
             self._requeue_lost(lease)
-
-
-def status_from_pb(value: int) -> str:
-    return run_pb2.RunStatus.Name(run_pb2.RunStatus.ValueType(value)).removeprefix("RUN_STATUS_")

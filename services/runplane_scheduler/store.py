@@ -534,10 +534,6 @@ class Store:
         return bool(result.rowcount)
 
     @staticmethod
-    async def delete_outbox(tx: Tx, event_ids: Sequence[str]) -> None:
-        await tx.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(event_ids)))
-
-    @staticmethod
     async def upsert_task_definitions(
         tx: Tx, environment_id: str, rows: list[dict[str, Any]]
     ) -> None:

@@ -62,6 +62,15 @@ def _is_unavailable(error: BaseException) -> bool:
     return False
 
 
+def as_service_error(error: Exception) -> ServiceError:
+    """The status a failed call answers with: its own, UNAVAILABLE, or a logged INTERNAL."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, UNAVAILABLE_ERRORS) and _is_unavailable(error):
+        return _unavailable(error)
+    return _internal(error)
+
+
 def _internal(error: BaseException) -> ServiceError:
     """A bug: logged with its traceback here, never shown to the caller (it may hold SQL)."""
     log.error("call failed", exc_info=error)
@@ -125,16 +134,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         method, kind=trace.SpanKind.SERVER
                     ):
                         return await behavior(request, context)
-                except ServiceError as error:
-                    await _abort(context, error)
-                except UNAVAILABLE_ERRORS as error:
-                    await _abort(
-                        context, _unavailable(error) if _is_unavailable(error) else _internal(error)
-                    )
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as error:
-                    await _abort(context, _internal(error))
+                    await _abort(context, as_service_error(error))
 
             return call
 
@@ -147,16 +150,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     await enter(context)
                     async for item in behavior(request, context):
                         yield item
-                except ServiceError as error:
-                    await _abort(context, error)
-                except UNAVAILABLE_ERRORS as error:
-                    await _abort(
-                        context, _unavailable(error) if _is_unavailable(error) else _internal(error)
-                    )
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as error:
-                    await _abort(context, _internal(error))
+                    await _abort(context, as_service_error(error))
 
             return call
 
