@@ -6,6 +6,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -123,6 +124,13 @@ class Run(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
+    DELAY_UNTIL_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    DEPTH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     task_id: _builtins.str
     status: Global___RunStatus.ValueType
@@ -149,6 +157,12 @@ class Run(_message.Message):
     batch_id: _builtins.str
     duration_ms: _builtins.int
     """Milliseconds spent executing, summed over attempts."""
+    machine: _builtins.str
+    """Machine preset name, e.g. "small-1x"."""
+    replayed_from_run_id: _builtins.str
+    """The run was made by ReplayRun from this run."""
+    depth: _builtins.int
+    """Nesting depth: 0 for a run triggered from outside a task."""
     @_builtins.property
     def error(self) -> Global___RunError: ...
     @_builtins.property
@@ -163,6 +177,22 @@ class Run(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def delay_until(self) -> _timestamp_pb2.Timestamp:
+        """When a DELAYED run becomes QUEUED."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """A run not started within ttl of being queued ends EXPIRED."""
+
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """Execution time per attempt (waits excluded); beyond it the run ends TIMED_OUT."""
+
+    @_builtins.property
+    def idempotency_key_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the idempotency key stops matching."""
+
     def __init__(
         self,
         *,
@@ -192,10 +222,17 @@ class Run(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         duration_ms: _builtins.int = ...,
+        delay_until: _timestamp_pb2.Timestamp | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+        machine: _builtins.str = ...,
+        replayed_from_run_id: _builtins.str = ...,
+        idempotency_key_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        depth: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "queued_at", b"queued_at", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "delay_until", b"delay_until", "error", b"error", "finished_at", b"finished_at", "idempotency_key_expires_at", b"idempotency_key_expires_at", "max_duration", b"max_duration", "queued_at", b"queued_at", "started_at", b"started_at", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_id", b"batch_id", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "duration_ms", b"duration_ms", "environment_id", b"environment_id", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "is_test", b"is_test", "max_attempts", b"max_attempts", "metadata", b"metadata", "output", b"output", "parent_run_id", b"parent_run_id", "payload", b"payload", "priority", b"priority", "queue", b"queue", "queued_at", b"queued_at", "root_run_id", b"root_run_id", "started_at", b"started_at", "status", b"status", "tags", b"tags", "task_id", b"task_id", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_id", b"batch_id", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "delay_until", b"delay_until", "depth", b"depth", "duration_ms", b"duration_ms", "environment_id", b"environment_id", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "is_test", b"is_test", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "output", b"output", "parent_run_id", b"parent_run_id", "payload", b"payload", "priority", b"priority", "queue", b"queue", "queued_at", b"queued_at", "replayed_from_run_id", b"replayed_from_run_id", "root_run_id", b"root_run_id", "started_at", b"started_at", "status", b"status", "tags", b"tags", "task_id", b"task_id", "ttl", b"ttl", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,6 +6,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -34,6 +35,12 @@ class TriggerOptions(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    DELAY_UNTIL_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_TTL_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    MACHINE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; empty: the task's queue."""
     metadata: _builtins.str
@@ -43,8 +50,28 @@ class TriggerOptions(_message.Message):
     idempotency_key: _builtins.str
     concurrency_key: _builtins.str
     priority: _builtins.int
+    machine: _builtins.str
+    """Empty: the task's machine."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """The run stays DELAYED for this long; or until delay_until. At most one of the two."""
+
+    @_builtins.property
+    def delay_until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Unset: the task's ttl (none by default)."""
+
+    @_builtins.property
+    def idempotency_key_ttl(self) -> _duration_pb2.Duration:
+        """Unset: 30 days."""
+
+    @_builtins.property
+    def max_duration(self) -> _duration_pb2.Duration:
+        """Unset: the task's max_duration."""
+
     def __init__(
         self,
         *,
@@ -55,10 +82,16 @@ class TriggerOptions(_message.Message):
         idempotency_key: _builtins.str = ...,
         concurrency_key: _builtins.str = ...,
         priority: _builtins.int = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        delay_until: _timestamp_pb2.Timestamp | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        idempotency_key_ttl: _duration_pb2.Duration | None = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+        machine: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "delay_until", b"delay_until", "idempotency_key_ttl", b"idempotency_key_ttl", "max_duration", b"max_duration", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "idempotency_key", b"idempotency_key", "max_attempts", b"max_attempts", "metadata", b"metadata", "priority", b"priority", "queue", b"queue", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
