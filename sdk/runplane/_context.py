@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -96,3 +97,17 @@ class Context:
     machine: MachineContext
     signal: Signal = field(default_factory=Signal, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+_current: contextvars.ContextVar[Context | None] = contextvars.ContextVar(
+    "runplane_context", default=None
+)
+
+
+def current_context() -> Context | None:
+    """The ``ctx`` of the attempt this code runs in, or None outside a task."""
+    return _current.get()
+
+
+def set_current_context(ctx: Context | None) -> contextvars.Token[Context | None]:
+    return _current.set(ctx)

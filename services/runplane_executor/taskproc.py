@@ -9,6 +9,7 @@ process -> executor: ("ready", task_ids) | ("started", attempt_id) | ("result", 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import os
 import signal
@@ -27,6 +28,7 @@ from runplane._context import (
     QueueContext,
     RunContext,
     TaskContext,
+    set_current_context,
 )
 from runplane._errors import AbortTaskRunError
 from runplane._serde import dumps, loads
@@ -144,6 +146,7 @@ class TaskProcess:
                 )
             ctx = build_context(attempt, task)
             self.running[attempt_id] = (self.running[attempt_id][0], ctx)
+            set_current_context(ctx)  # this attempt's asyncio task has its own copy
             self.send(("started", attempt_id))
             with telemetry.tracer().start_as_current_span(
                 f"attempt {task.id}",
@@ -176,7 +179,8 @@ class TaskProcess:
         args = (payload, ctx) if task.wants_context else (payload,)
         if task.is_async:
             return await task.fn(*args)
-        thread = self.loop.run_in_executor(None, lambda: task.fn(*args))
+        # The thread sees this attempt's context variables (current_context()).
+        thread = self.loop.run_in_executor(None, contextvars.copy_context().run, task.fn, *args)
         try:
             return await asyncio.shield(thread)
         except asyncio.CancelledError:
