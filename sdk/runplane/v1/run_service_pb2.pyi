@@ -41,6 +41,7 @@ class TriggerOptions(_message.Message):
     IDEMPOTENCY_KEY_TTL_FIELD_NUMBER: _builtins.int
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; empty: the task's queue."""
     metadata: _builtins.str
@@ -52,6 +53,8 @@ class TriggerOptions(_message.Message):
     priority: _builtins.int
     machine: _builtins.str
     """Empty: the task's machine."""
+    parent_run_id: _builtins.str
+    """Set by the SDK when triggering from inside a run: the new run is its child (same environment)."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -88,10 +91,11 @@ class TriggerOptions(_message.Message):
         idempotency_key_ttl: _duration_pb2.Duration | None = ...,
         max_duration: _duration_pb2.Duration | None = ...,
         machine: _builtins.str = ...,
+        parent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "delay_until", b"delay_until", "idempotency_key_ttl", b"idempotency_key_ttl", "max_duration", b"max_duration", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "parent_run_id", b"parent_run_id", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
