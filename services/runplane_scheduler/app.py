@@ -6,10 +6,15 @@ import asyncio
 import logging
 import signal
 
-from runplane.v1 import meta_service_pb2_grpc, run_service_pb2_grpc, worker_service_pb2_grpc
+from runplane.v1 import (
+    meta_service_pb2_grpc,
+    queue_service_pb2_grpc,
+    run_service_pb2_grpc,
+    worker_service_pb2_grpc,
+)
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.relay import Relay
-from runplane_scheduler.service import MetaServicer, RunServicer, WorkerServicer
+from runplane_scheduler.service import MetaServicer, QueueServicer, RunServicer, WorkerServicer
 from runplane_scheduler.store import Store
 from runplane_server import db, telemetry
 from runplane_server.auth import KeyAuthenticator
@@ -40,6 +45,11 @@ class Scheduler:
             run_service_pb2_grpc.add_RunServiceServicer_to_server,
             RunServicer(self.engine, self.settings),
             "runplane.v1.RunService",
+        )
+        self.server.add(
+            queue_service_pb2_grpc.add_QueueServiceServicer_to_server,
+            QueueServicer(self.engine, self.settings),
+            "runplane.v1.QueueService",
         )
         self.server.add(
             worker_service_pb2_grpc.add_WorkerServiceServicer_to_server,

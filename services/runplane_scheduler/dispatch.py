@@ -12,7 +12,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-QueueKey = tuple[str, str]  # (environment_id, queue name)
+QueueName = tuple[str, str]  # (environment_id, queue name)
+# A queue, or one concurrency key's copy of it: (environment_id, queue name, concurrency key).
+QueueKey = tuple[str, str, str]
 
 
 @dataclass(order=True)
@@ -24,14 +26,32 @@ class QueuedRun:
 
 
 @dataclass
+class QueueConfig:
+    """A queue's settings, shared by its per-concurrency-key copies."""
+
+    limit: int = 0  # declared in code; 0: only the environment limit applies
+    override: int | None = None
+    paused: bool = False
+
+    @property
+    def effective_limit(self) -> int:
+        return self.limit if self.override is None else self.override
+
+
+@dataclass
 class QueueState:
+    """The runs waiting in one queue (or one concurrency key's copy of it) and its slots."""
+
     key: QueueKey
-    limit: int = 0  # 0: only the environment limit applies
+    config: QueueConfig
     running: int = 0
     heap: list[QueuedRun] = field(default_factory=list)
 
     def has_slot(self) -> bool:
-        return self.limit <= 0 or self.running < self.limit
+        if self.config.paused:
+            return False
+        limit = self.config.effective_limit
+        return limit <= 0 or self.running < limit
 
 
 @dataclass
@@ -67,19 +87,37 @@ class DispatchIndex:
 
     def __init__(self, environment_limit: int) -> None:
         self.environment_limit = environment_limit
+        self.configs: dict[QueueName, QueueConfig] = {}
         self.queues: dict[QueueKey, QueueState] = {}
+        # Runs that left QUEUED some other way (cancelled, expired): skipped when reached.
+        self.removed: set[str] = set()
         self.env_running: dict[str, int] = {}
         self.executors: dict[str, ExecutorState] = {}
         self.leases: dict[str, Lease] = {}
         self._seq = itertools.count()
         self._rotation: deque[QueueKey] = deque()
 
+    def config(self, name: QueueName) -> QueueConfig:
+        config = self.configs.get(name)
+        if config is None:
+            config = self.configs[name] = QueueConfig()
+        return config
+
     def queue(self, key: QueueKey) -> QueueState:
         state = self.queues.get(key)
         if state is None:
-            state = self.queues[key] = QueueState(key)
+            state = self.queues[key] = QueueState(key, self.config((key[0], key[1])))
             self._rotation.append(key)
         return state
+
+    def discard(self, run_id: str) -> None:
+        """Forget a queued run that will not be dispatched (its heap entry is dropped lazily)."""
+        self.removed.add(run_id)
+
+    def _forget(self, key: QueueKey) -> None:
+        """Drop an idle concurrency-key copy, so many one-off keys don't grow the index."""
+        del self.queues[key]
+        self._rotation.remove(key)
 
     def push(self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int) -> None:
         heapq.heappush(
@@ -113,7 +151,13 @@ class DispatchIndex:
                 self._rotation.rotate(-1)
                 q = self.queues[key]
                 env = key[0]
-                if not q.heap or not q.has_slot():
+                while q.heap and q.heap[0].run_id in self.removed:
+                    self.removed.discard(heapq.heappop(q.heap).run_id)
+                if not q.heap:
+                    if key[2] and q.running == 0:
+                        self._forget(key)
+                    continue
+                if not q.has_slot():
                     continue
                 if self.env_running.get(env, 0) >= self.environment_limit:
                     continue

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from opentelemetry import trace
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
@@ -27,7 +27,7 @@ from runplane_scheduler.states import Status
 from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx, now_ms, run_to_pb
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import NotFound
+from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler")
@@ -44,21 +44,48 @@ class TaskDef:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_duration: int = 0
     machine: str = "small-1x"
+    ttl_ms: int = 0
 
 
 @dataclass(frozen=True)
 class TriggerSpec:
-    """A validated trigger request."""
+    """A validated trigger request. Times are ms since the epoch; durations ms."""
 
     task_id: str
-    payload: str
-    queue: str
-    tags: tuple[str, ...]
-    metadata: str
-    max_attempts: int
-    idempotency_key: str
-    concurrency_key: str
-    priority: int
+    payload: str = "null"
+    queue: str = ""
+    tags: tuple[str, ...] = ()
+    metadata: str = "{}"
+    max_attempts: int = 0
+    idempotency_key: str = ""
+    idempotency_key_ttl_ms: int = 0  # 0: 30 days
+    concurrency_key: str = ""
+    priority: int = 0
+    delay_until: int = 0  # 0: not delayed
+    ttl_ms: int | None = None  # None: the task's; 0: none
+    max_duration_ms: int | None = None  # None: the task's
+    machine: str = ""  # '': the task's
+    parent_run_id: str = ""
+    replayed_from_run_id: str = ""
+
+
+DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What a new run takes from its parent."""
+
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class _SameAs:
+    """A batch item whose idempotency key an earlier item of the same batch claimed."""
+
+    index: int
 
 
 @dataclass(order=True)
@@ -83,6 +110,11 @@ class RunEngine:
         self._reports_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
+        self._timer_kinds: dict[str, Callable[[Tx, str, int], Coroutine[Any, Any, None]]] = {
+            "retry": self._retry_due,
+            "delay": self._delay_due,
+            "ttl": self._ttl_due,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -99,11 +131,13 @@ class RunEngine:
             )
         for td_key, td in self.task_defs.items():
             self._apply_queue_limit(td_key[0], td)
+        for row in await self.store.load_queues():
+            self._apply_queue_row(row)
         now = time.monotonic()
         for row in await self.store.load_active_runs():
             m = row._mapping
             status = Status(m["status"])
-            key = (m["environment_id"], m["queue"])
+            key = (m["environment_id"], m["queue"], m["concurrency_key"])
             if status is Status.QUEUED:
                 self.index.push(key, m["id"], m["task_id"], m["queued_at"], m["priority"])
             elif status is Status.PENDING_VERSION:
@@ -190,84 +224,27 @@ class RunEngine:
 
     async def trigger(
         self, environment_id: str, spec: TriggerSpec
-    ) -> tuple[RunRow | dict[str, Any], bool]:
+    ) -> tuple[Mapping[Any, Any], bool]:
         """Create a run (or return the one holding the idempotency key). Returns (run, cached)."""
-        td = self.task_defs.get((environment_id, spec.task_id))
-        queue = spec.queue or (td.queue if td else f"task/{spec.task_id}")
-        max_attempts = spec.max_attempts or (
-            td.retry.max_attempts if td else RetryPolicy().max_attempts
-        )
+        queue = self._queue_for(environment_id, spec, "options.queue")
         known = self.index.provides(environment_id, spec.task_id)
-        traceparent = telemetry.current_traceparent()
-        key = (environment_id, queue)
+        key = (environment_id, queue, spec.concurrency_key)
         run_id = new_id("run")
         # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
         # dequeued in one commit (both events are still published, in order).
-        ex = self.index.reserve_direct(key, spec.task_id, run_id) if known else None
+        direct = known and spec.delay_until <= now_ms()
+        ex = self.index.reserve_direct(key, spec.task_id, run_id) if direct else None
         attempt_id = new_id("attempt") if ex is not None else ""
+        traceparent = telemetry.current_traceparent()
 
-        async def op(tx: Tx) -> tuple[RunRow | dict[str, Any], bool]:
-            if spec.idempotency_key:
-                existing = await Store.find_idempotent(
-                    tx, environment_id, spec.task_id, spec.idempotency_key
-                )
-                if existing is not None:
-                    return existing, True
+        async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
             ts = now_ms()
-            values: dict[str, Any] = {
-                "id": run_id,
-                "environment_id": environment_id,
-                "task_id": spec.task_id,
-                "status": (Status.QUEUED if known else Status.PENDING_VERSION).value,
-                "payload": spec.payload,
-                "output": None,
-                "error": None,
-                "tags": orjson.dumps(list(spec.tags)).decode(),
-                "metadata": spec.metadata,
-                "queue": queue,
-                "idempotency_key": spec.idempotency_key or None,
-                "concurrency_key": spec.concurrency_key,
-                "priority": spec.priority,
-                "attempt_count": 0,
-                "max_attempts": max_attempts,
-                "version": 1,
-                "is_test": False,
-                "parent_run_id": None,
-                "root_run_id": None,
-                "batch_id": None,
-                "created_at": ts,
-                "updated_at": ts,
-                "queued_at": ts,
-                "started_at": None,
-                "finished_at": None,
-                "duration_ms": 0,
-                "traceparent": traceparent,
-                "current_attempt_id": None,
-                "executor_id": None,
-            }
-            if ex is not None:
-                queued = values
-                values = {
-                    **queued,
-                    "status": Status.DEQUEUED.value,
-                    "version": 2,
-                    "current_attempt_id": attempt_id,
-                    "executor_id": ex.executor_id,
-                }
-                await Store.insert_run(tx, values, spec.tags, created=queued)
-                tx.emit("dequeued", values)
-                await Store.insert_attempt(tx, self._attempt_row(attempt_id, run_id, 1, ex, ts))
-            elif known:
-                await Store.insert_run(tx, values, spec.tags)
-                tx.after_commit.append(
-                    lambda: self._enqueue(
-                        (environment_id, queue), run_id, spec.task_id, ts, spec.priority
-                    )
-                )
-            else:
-                await Store.insert_run(tx, values, spec.tags)
-                tx.after_commit.append(lambda: self._park(environment_id, spec.task_id, run_id))
-            return values, False
+            [found] = await self._resolve(tx, environment_id, [spec], ts)
+            if isinstance(found, _Resolved):
+                row = self._new_run(environment_id, spec, run_id, queue, found, traceparent, ts)
+                return await self._insert(tx, row, spec, known, ex, attempt_id), False
+            assert not isinstance(found, _SameAs)  # only within a batch
+            return found, True
 
         try:
             row, cached = await self.store.writer.run(op)
@@ -280,9 +257,238 @@ class RunEngine:
                 self.index.unreserve(run_id, key, ex)
                 self._dispatch_wake.set()
             else:
-                assert isinstance(row, dict)
                 self._assign(row, attempt_id, key, ex)
         return row, cached
+
+    async def batch_trigger(
+        self, environment_id: str, specs: list[TriggerSpec], idempotency_key: str = ""
+    ) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
+        """Create a batch's runs in item order, all in one transaction or none."""
+        queues = [
+            self._queue_for(environment_id, spec, f"items[{i}].options.queue")
+            for i, spec in enumerate(specs)
+        ]
+        batch_id = new_id("batch")
+        run_ids = [new_id("run") for _ in specs]
+        traceparent = telemetry.current_traceparent()
+
+        async def op(tx: Tx) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
+            ts = now_ms()
+            if idempotency_key:
+                existing = await self._existing_batch(tx, environment_id, idempotency_key)
+                if existing is not None:
+                    return existing
+            found = await self._resolve(tx, environment_id, specs, ts, where="items[{}].")
+            tx.insert_later(
+                db.batches,
+                {
+                    "id": batch_id,
+                    "environment_id": environment_id,
+                    "run_count": len(specs),
+                    "idempotency_key": idempotency_key or None,
+                    "created_at": ts,
+                },
+            )
+            rows: list[Mapping[Any, Any]] = []
+            cached: list[bool] = []
+            for spec, queue, run_id, item in zip(specs, queues, run_ids, found, strict=True):
+                if not isinstance(item, _Resolved):
+                    rows.append(rows[item.index] if isinstance(item, _SameAs) else item)
+                    cached.append(True)
+                    continue
+                row = self._new_run(environment_id, spec, run_id, queue, item, traceparent, ts)
+                row["batch_id"] = batch_id
+                known = self.index.provides(environment_id, spec.task_id)
+                rows.append(await self._insert(tx, row, spec, known, None, ""))
+                cached.append(False)
+            return batch_id, rows, cached
+
+        return await self.store.writer.run(op)
+
+    async def _existing_batch(
+        self, tx: Tx, environment_id: str, idempotency_key: str
+    ) -> tuple[str, list[Mapping[Any, Any]], list[bool]] | None:
+        batch = (
+            await tx.execute(
+                select(db.batches.c.id).where(
+                    db.batches.c.environment_id == environment_id,
+                    db.batches.c.idempotency_key == idempotency_key,
+                )
+            )
+        ).first()
+        if batch is None:
+            return None
+        rows = (
+            await tx.execute(
+                select(db.runs).where(db.runs.c.batch_id == batch.id).order_by(db.runs.c.id)
+            )
+        ).all()
+        return batch.id, [r._mapping for r in rows], [True] * len(rows)
+
+    def _queue_for(self, environment_id: str, spec: TriggerSpec, field_name: str) -> str:
+        """The run's queue: the trigger's (which code must define), else the task's."""
+        if spec.queue:
+            if (environment_id, spec.queue) not in self.index.configs:
+                raise InvalidArgument(
+                    field_name,
+                    f"unknown queue {spec.queue[:80]!r}: no registered task defines it",
+                )
+            return spec.queue
+        td = self.task_defs.get((environment_id, spec.task_id))
+        return td.queue if td else f"task/{spec.task_id}"
+
+    async def _resolve(
+        self,
+        tx: Tx,
+        environment_id: str,
+        specs: list[TriggerSpec],
+        ts: int,
+        where: str = "",
+    ) -> list[_Resolved | _SameAs | Mapping[Any, Any]]:
+        """Reads before any write: each spec's parent, or the run already holding its
+        idempotency key (also an earlier item of the same batch)."""
+        out: list[_Resolved | _SameAs | Mapping[Any, Any]] = []
+        claimed: dict[tuple[str, str], int] = {}
+        for i, spec in enumerate(specs):
+            prefix = where.format(i)
+            if spec.idempotency_key:
+                claim = (spec.task_id, spec.idempotency_key)
+                if claim in claimed:
+                    out.append(_SameAs(claimed[claim]))
+                    continue
+                existing = await Store.find_idempotent(
+                    tx, environment_id, spec.task_id, spec.idempotency_key, ts
+                )
+                if existing is not None:
+                    out.append(existing._mapping)
+                    continue
+                claimed[claim] = i
+            resolved = _Resolved()
+            if spec.parent_run_id:
+                parent = (
+                    await tx.execute(
+                        select(db.runs.c.id, db.runs.c.root_run_id, db.runs.c.depth).where(
+                            db.runs.c.id == spec.parent_run_id,
+                            db.runs.c.environment_id == environment_id,
+                        )
+                    )
+                ).first()
+                if parent is None:
+                    raise InvalidArgument(
+                        f"{prefix}options.parent_run_id", f"run {spec.parent_run_id} not found"
+                    )
+                resolved = _Resolved(parent.id, parent.root_run_id or parent.id, parent.depth + 1)
+            out.append(resolved)
+        return out
+
+    def _new_run(
+        self,
+        environment_id: str,
+        spec: TriggerSpec,
+        run_id: str,
+        queue: str,
+        resolved: _Resolved,
+        traceparent: str,
+        ts: int,
+    ) -> dict[str, Any]:
+        td = self.task_defs.get((environment_id, spec.task_id))
+        max_attempts = spec.max_attempts or (
+            td.retry.max_attempts if td else RetryPolicy().max_attempts
+        )
+        ttl_ms = spec.ttl_ms if spec.ttl_ms is not None else (td.ttl_ms if td else 0)
+        delayed = spec.delay_until > ts
+        key_ttl = spec.idempotency_key_ttl_ms or DEFAULT_IDEMPOTENCY_TTL_MS
+        return {
+            "id": run_id,
+            "environment_id": environment_id,
+            "task_id": spec.task_id,
+            "status": Status.DELAYED.value if delayed else Status.QUEUED.value,
+            "payload": spec.payload,
+            "output": None,
+            "error": None,
+            "tags": orjson.dumps(list(spec.tags)).decode(),
+            "metadata": spec.metadata,
+            "queue": queue,
+            "idempotency_key": spec.idempotency_key or None,
+            "idempotency_key_expires_at": ts + key_ttl if spec.idempotency_key else None,
+            "concurrency_key": spec.concurrency_key,
+            "priority": spec.priority,
+            "attempt_count": 0,
+            "max_attempts": max_attempts,
+            "version": 1,
+            "is_test": False,
+            "parent_run_id": resolved.parent_run_id,
+            "root_run_id": resolved.root_run_id,
+            "depth": resolved.depth,
+            "batch_id": None,
+            "created_at": ts,
+            "updated_at": ts,
+            "queued_at": None if delayed else ts,
+            "delay_until": spec.delay_until if delayed else None,
+            "ttl_ms": ttl_ms or None,
+            "max_duration_ms": spec.max_duration_ms,
+            "machine": spec.machine,
+            "replayed_from_run_id": spec.replayed_from_run_id or None,
+            "started_at": None,
+            "finished_at": None,
+            "duration_ms": 0,
+            "traceparent": traceparent,
+            "current_attempt_id": None,
+            "executor_id": None,
+        }
+
+    async def _insert(
+        self,
+        tx: Tx,
+        values: dict[str, Any],
+        spec: TriggerSpec,
+        known: bool,
+        ex: ExecutorState | None,
+        attempt_id: str,
+    ) -> dict[str, Any]:
+        """Write a new run (DELAYED, QUEUED, dequeued at once, or PENDING_VERSION) with its
+        timers; the index learns of it after the commit."""
+        run_id, ts = values["id"], values["created_at"]
+        if values["status"] == Status.DELAYED.value:
+            await Store.insert_run(tx, values, spec.tags)
+            await self._schedule(tx, values["delay_until"], "delay", run_id)
+            return values
+        if ex is not None:
+            queued = values
+            values = {
+                **queued,
+                "status": Status.DEQUEUED.value,
+                "version": 2,
+                "current_attempt_id": attempt_id,
+                "executor_id": ex.executor_id,
+            }
+            await Store.insert_run(tx, values, spec.tags, created=queued)
+            tx.emit("dequeued", values)
+            await Store.insert_attempt(tx, self._attempt_row(attempt_id, run_id, 1, ex, ts))
+            return values
+        if not known:
+            values["status"] = Status.PENDING_VERSION.value
+        await Store.insert_run(tx, values, spec.tags)
+        await self._queued(tx, values, ts)
+        return values
+
+    async def _queued(self, tx: Tx, m: Mapping[Any, Any], ts: int) -> None:
+        """A run has just become QUEUED (or PENDING_VERSION): index it after the commit and
+        start its TTL countdown."""
+        if m["ttl_ms"]:
+            await self._schedule(tx, ts + m["ttl_ms"], "ttl", m["id"])
+        if m["status"] == Status.PENDING_VERSION.value:
+            env, task_id, run_id = m["environment_id"], m["task_id"], m["id"]
+            tx.after_commit.append(lambda: self._park(env, task_id, run_id))
+        else:
+            snapshot = dict(m)
+            tx.after_commit.append(lambda: self._enqueue_row(snapshot, ts))
+
+    async def _schedule(self, tx: Tx, due_at: int, kind: str, target: str) -> None:
+        """A durable timer: in the database, and in the in-memory heap once committed."""
+        timer_id = new_id("evt")
+        await Store.add_timer(tx, timer_id, due_at, kind, target)
+        tx.after_commit.append(lambda: self._add_timer(_Timer(due_at, timer_id, kind, target)))
 
     def _park(self, environment_id: str, task_id: str, run_id: str) -> None:
         """A run no executor provides waits for one; if one registered while the run was being
@@ -309,25 +515,113 @@ class RunEngine:
         }
 
     async def cancel(self, environment_id: str, run_id: str) -> RunRow:
+        """Cancel a run that has not finished, and its descendants in progress."""
+
+        async def op(tx: Tx) -> RunRow:
+            row = await self._cancel_one(tx, environment_id, run_id)
+            if row is None:
+                return await self._get_in_tx(tx, environment_id, run_id)
+            frontier = [run_id]
+            while frontier:
+                children = (
+                    await tx.execute(
+                        select(db.runs.c.id).where(
+                            db.runs.c.parent_run_id.in_(frontier),
+                            db.runs.c.status.in_([s.value for s in CANCELLABLE]),
+                        )
+                    )
+                ).all()
+                frontier = [c.id for c in children]
+                for child in frontier:
+                    await self._cancel_one(tx, environment_id, child)
+            return row
+
+        return await self.store.writer.run(op)
+
+    async def _cancel_one(self, tx: Tx, environment_id: str, run_id: str) -> RunRow | None:
+        ts = now_ms()
+        row = await tx.transition(
+            run_id,
+            CANCELLABLE,
+            Status.CANCELED,
+            "canceled",
+            db.runs.c.environment_id == environment_id,
+            finished_at=ts,
+            updated_at=ts,
+            current_attempt_id=None,
+        )
+        if row is None:
+            return None
+        attempt_id = self._attempt_of(run_id)
+        if attempt_id is not None:
+            await Store.finish_attempt(tx, attempt_id, "CANCELED")
+            tx.after_commit.append(lambda: self._cancel_attempt(attempt_id, run_id))
+        else:
+            tx.after_commit.append(lambda: self.index.discard(run_id))
+        return row
+
+    async def replay(self, environment_id: str, run_id: str) -> Mapping[Any, Any]:
+        """A new run of the same task with the original's payload, tags, metadata and options."""
+        original = await self.store.get_run(environment_id, run_id)
+        if original is None:
+            raise NotFound(f"run {run_id} not found")
+        m = original._mapping
+        spec = TriggerSpec(
+            task_id=m["task_id"],
+            payload=m["payload"],
+            queue=m["queue"] if (environment_id, m["queue"]) in self.index.configs else "",
+            tags=tuple(orjson.loads(m["tags"])),
+            metadata=m["metadata"],
+            max_attempts=m["max_attempts"],
+            concurrency_key=m["concurrency_key"],
+            priority=m["priority"],
+            ttl_ms=m["ttl_ms"] or 0,
+            max_duration_ms=m["max_duration_ms"],
+            machine=m["machine"],
+            replayed_from_run_id=run_id,
+        )
+        row, _ = await self.trigger(environment_id, spec)
+        return row
+
+    async def reschedule(self, environment_id: str, run_id: str, delay_until: int) -> RunRow:
+        """Move a DELAYED run's start (queued at once when ``delay_until`` has passed)."""
+
         async def op(tx: Tx) -> RunRow:
             ts = now_ms()
             row = await tx.transition(
                 run_id,
-                CANCELLABLE,
-                Status.CANCELED,
-                "canceled",
+                [Status.DELAYED],
+                Status.DELAYED,
+                "rescheduled",
                 db.runs.c.environment_id == environment_id,
-                finished_at=ts,
+                delay_until=delay_until,
                 updated_at=ts,
-                current_attempt_id=None,
             )
             if row is None:
-                return await self._get_in_tx(tx, environment_id, run_id)
-            attempt_id = self._attempt_of(run_id)
-            if attempt_id is not None:
-                await Store.finish_attempt(tx, attempt_id, "CANCELED")
-                tx.after_commit.append(lambda: self._cancel_attempt(attempt_id, run_id))
+                current = await self._get_in_tx(tx, environment_id, run_id)
+                raise FailedPrecondition(
+                    f"run {run_id} is {current.status}; only DELAYED runs can be rescheduled"
+                )
+            await self._schedule(tx, max(delay_until, ts), "delay", run_id)
             return row
+
+        return await self.store.writer.run(op)
+
+    async def reset_idempotency_key(self, environment_id: str, task_id: str, key: str) -> int:
+        """Release ``key``: the next trigger with it creates a new run."""
+
+        async def op(tx: Tx) -> int:
+            result = await tx.execute(
+                update(db.runs)
+                .where(
+                    db.runs.c.environment_id == environment_id,
+                    db.runs.c.task_id == task_id,
+                    db.runs.c.idempotency_key == key,
+                    db.runs.c.idempotency_key_expires_at > now_ms(),
+                )
+                .values(idempotency_key_expires_at=now_ms())
+            )
+            return int(result.rowcount)
 
         return await self.store.writer.run(op)
 
@@ -406,6 +700,7 @@ class RunEngine:
 
         async def op(tx: Tx) -> None:
             await Store.upsert_task_definitions(tx, environment_id, rows)
+            await self._register_queues(tx, environment_id, defs, ts)
 
         await self.store.writer.run(op)
         for d in defs:
@@ -438,8 +733,78 @@ class RunEngine:
         self._dispatch_wake.set()
         return ex
 
+    async def _register_queues(
+        self, tx: Tx, environment_id: str, defs: list[TaskDef], ts: int
+    ) -> None:
+        """Queues the code declares, with their declared limits (overrides and pauses stay)."""
+        declared = {d.queue: d.queue_concurrency_limit for d in defs}
+        if not declared:
+            return
+        q = db.queues.c
+        existing = {
+            r.name
+            for r in (
+                await tx.execute(
+                    select(q.name).where(
+                        q.environment_id == environment_id, q.name.in_(list(declared))
+                    )
+                )
+            ).all()
+        }
+        for name, limit in declared.items():
+            if name in existing:
+                await tx.execute(
+                    update(db.queues)
+                    .where(q.environment_id == environment_id, q.name == name)
+                    .values(concurrency_limit=limit, updated_at=ts)
+                )
+            else:
+                tx.insert_later(
+                    db.queues,
+                    {
+                        "id": new_id("queue"),
+                        "environment_id": environment_id,
+                        "name": name,
+                        "concurrency_limit": limit,
+                        "limit_override": None,
+                        "overridden_at": None,
+                        "paused": False,
+                        "created_at": ts,
+                        "updated_at": ts,
+                    },
+                )
+
+    async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
+        """Change a queue's pause flag or limit override; dispatch follows after the commit."""
+        q = db.queues.c
+
+        async def op(tx: Tx) -> RunRow:
+            named = q.id == queue if queue.startswith("queue_") else q.name == queue
+            row = (
+                await tx.execute(
+                    update(db.queues)
+                    .where(q.environment_id == environment_id, named)
+                    .values(updated_at=now_ms(), **values)
+                    .returning(*db.queues.c)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"queue {queue} not found")
+            tx.after_commit.append(lambda: self._apply_queue_row(row))
+            return row
+
+        return await self.store.writer.run(op)
+
+    def _apply_queue_row(self, row: RunRow) -> None:
+        m = row._mapping
+        config = self.index.config((m["environment_id"], m["name"]))
+        config.limit = m["concurrency_limit"]
+        config.override = m["limit_override"]
+        config.paused = m["paused"]
+        self._dispatch_wake.set()
+
     def _apply_queue_limit(self, environment_id: str, d: TaskDef) -> None:
-        self.index.queue((environment_id, d.queue)).limit = d.queue_concurrency_limit
+        self.index.config((environment_id, d.queue)).limit = d.queue_concurrency_limit
 
     async def _release_pending(self, environment_id: str, run_ids: list[str]) -> None:
         """Runs that waited for an executor providing their task move to QUEUED."""
@@ -457,11 +822,7 @@ class RunEngine:
                 )
                 if row is not None:
                     m = row._mapping
-                    tx.after_commit.append(
-                        lambda: self._enqueue(
-                            (environment_id, m["queue"]), run_id, m["task_id"], ts, m["priority"]
-                        )
-                    )
+                    tx.after_commit.append(lambda: self._enqueue_row(m, ts))
 
             return op
 
@@ -649,20 +1010,15 @@ class RunEngine:
             tx.after_commit.append(lambda: self.index.release(attempt_id))
             if row is not None:
                 m = row._mapping
-                tx.after_commit.append(
-                    lambda: self._enqueue(
-                        lease.queue, lease.run_id, m["task_id"], ts, m["priority"]
-                    )
-                )
+                tx.after_commit.append(lambda: self._enqueue_row(m, ts))
 
         self._submit(op)
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def _enqueue(
-        self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int
-    ) -> None:
-        self.index.push(key, run_id, task_id, queued_at, priority)
+    def _enqueue_row(self, m: Mapping[Any, Any], queued_at: int) -> None:
+        key = (m["environment_id"], m["queue"], m["concurrency_key"])
+        self.index.push(key, m["id"], m["task_id"], queued_at, m["priority"])
         self._dispatch_wake.set()
 
     async def _dispatch_loop(self) -> None:
@@ -706,7 +1062,7 @@ class RunEngine:
         self._assign(dict(row._mapping), attempt_id, key, ex)
 
     def _assign(
-        self, m: Mapping[str, Any], attempt_id: str, key: QueueKey, ex: ExecutorState
+        self, m: Mapping[Any, Any], attempt_id: str, key: QueueKey, ex: ExecutorState
     ) -> None:
         """Lease the dequeued run's attempt to ``ex`` and send it the assignment."""
         run_id = m["id"]
@@ -755,30 +1111,14 @@ class RunEngine:
             self._spawn(self._fire(timer))
 
     async def _fire(self, timer: _Timer) -> None:
-        if timer.kind != "retry":
+        fire = self._timer_kinds.get(timer.kind)
+        if fire is None:
             log.warning("unknown timer kind %s", timer.kind)
             return
 
         async def op(tx: Tx) -> None:
-            if not await Store.delete_timer(tx, timer.timer_id):
-                return
-            ts = now_ms()
-            row = await tx.transition(
-                timer.target,
-                [Status.EXECUTING],
-                Status.QUEUED,
-                "queued",
-                db.runs.c.current_attempt_id.is_(None),
-                queued_at=ts,
-                updated_at=ts,
-            )
-            if row is not None:
-                m = row._mapping
-                tx.after_commit.append(
-                    lambda: self._enqueue(
-                        (m["environment_id"], m["queue"]), m["id"], m["task_id"], ts, m["priority"]
-                    )
-                )
+            if await Store.delete_timer(tx, timer.timer_id):
+                await fire(tx, timer.target, now_ms())
 
         try:
             await self.store.writer.run(op)
@@ -786,6 +1126,66 @@ class RunEngine:
             log.exception("timer %s failed; retrying in 1 s", timer.timer_id)
             timer.due_at = now_ms() + 1000
             self._add_timer(timer)
+
+    async def _retry_due(self, tx: Tx, run_id: str, ts: int) -> None:
+        """A retry's back-off ended: the run queues for its next attempt."""
+        row = await tx.transition(
+            run_id,
+            [Status.EXECUTING],
+            Status.QUEUED,
+            "queued",
+            db.runs.c.current_attempt_id.is_(None),
+            queued_at=ts,
+            updated_at=ts,
+        )
+        if row is not None:
+            m = row._mapping
+            tx.after_commit.append(lambda: self._enqueue_row(m, ts))
+
+    async def _delay_due(self, tx: Tx, run_id: str, ts: int) -> None:
+        """A DELAYED run's time came (unless it was rescheduled later): it queues, and its TTL
+        starts counting."""
+        current = (
+            await tx.execute(
+                select(db.runs.c.environment_id, db.runs.c.task_id).where(db.runs.c.id == run_id)
+            )
+        ).first()
+        if current is None:
+            return
+        known = self.index.provides(current.environment_id, current.task_id)
+        row = await tx.transition(
+            run_id,
+            [Status.DELAYED],
+            Status.QUEUED if known else Status.PENDING_VERSION,
+            "queued",
+            db.runs.c.delay_until <= ts,
+            queued_at=ts,
+            updated_at=ts,
+        )
+        if row is not None:
+            await self._queued(tx, row._mapping, ts)
+
+    async def _ttl_due(self, tx: Tx, run_id: str, ts: int) -> None:
+        """A run not started within its TTL of being queued expires."""
+        row = await tx.transition(
+            run_id,
+            [Status.QUEUED, Status.PENDING_VERSION],
+            Status.EXPIRED,
+            "expired",
+            db.runs.c.started_at.is_(None),
+            db.runs.c.current_attempt_id.is_(None),
+            error=orjson.dumps(
+                {
+                    "type": "TTL_EXPIRED",
+                    "message": "the run was not started within its ttl",
+                    "stack_trace": "",
+                }
+            ).decode(),
+            finished_at=ts,
+            updated_at=ts,
+        )
+        if row is not None:
+            tx.after_commit.append(lambda: self.index.discard(run_id))
 
     async def _lease_loop(self) -> None:
         """Lapse leases of silent executors and of assignments never acknowledged."""

@@ -15,9 +15,11 @@ from runplane.v1 import (
 )
 from runplane.v1 import (
     meta_service_pb2_grpc,
+    queue_service_pb2_grpc,
     run_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
+from runplane.v1 import queue_service_pb2 as qpb
 from runplane.v1 import (
     run_service_pb2 as rpb,
 )
@@ -26,7 +28,8 @@ from runplane.v1 import (
 )
 from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine
-from runplane_scheduler.store import run_to_pb
+from runplane_scheduler.states import FINAL, Status
+from runplane_scheduler.store import now_ms, run_to_pb, timestamp
 from runplane_server.auth import principal
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import InvalidArgument, NotFound
@@ -68,6 +71,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             statuses=validation.statuses(list(request.statuses)),
             task_ids=list(request.task_ids),
             tags=list(request.tags),
+            batch_id=validation.batch_id(request.batch_id) if request.batch_id else "",
             created_after=validation.timestamp_ms("created_after", request.created_after)
             if request.HasField("created_after")
             else None,
@@ -90,6 +94,163 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         run_id = validation.run_id(request.run_id)
         row = await self.engine.cancel(principal().environment_id, run_id)
         return rpb.CancelRunResponse(run=run_to_pb(row))
+
+    async def BatchTriggerRuns(
+        self, request: rpb.BatchTriggerRunsRequest, context: Context
+    ) -> rpb.BatchTriggerRunsResponse:
+        specs = validation.batch(request, self.limits)
+        batch_id, rows, cached = await self.engine.batch_trigger(
+            principal().environment_id, specs, request.idempotency_key
+        )
+        return rpb.BatchTriggerRunsResponse(
+            batch_id=batch_id, runs=[run_to_pb(r) for r in rows], is_cached=cached
+        )
+
+    async def GetBatch(
+        self, request: rpb.GetBatchRequest, context: Context
+    ) -> rpb.GetBatchResponse:
+        batch_id = validation.batch_id(request.batch_id)
+        batch, runs = await self.engine.store.get_batch(principal().environment_id, batch_id)
+        final = [r.status for r in runs if Status(r.status) in FINAL]
+        if len(final) < len(runs):
+            status = rpb.BATCH_STATUS_PROCESSING
+        elif all(s == Status.COMPLETED for s in final):
+            status = rpb.BATCH_STATUS_COMPLETED
+        else:
+            status = rpb.BATCH_STATUS_PARTIAL_FAILED
+        return rpb.GetBatchResponse(
+            batch=rpb.Batch(
+                id=batch.id,
+                status=status,
+                run_count=batch.run_count,
+                run_ids=[r.id for r in runs],
+                idempotency_key=batch.idempotency_key or "",
+                created_at=timestamp(batch.created_at),
+            )
+        )
+
+    async def ReplayRun(
+        self, request: rpb.ReplayRunRequest, context: Context
+    ) -> rpb.ReplayRunResponse:
+        run_id = validation.run_id(request.run_id)
+        row = await self.engine.replay(principal().environment_id, run_id)
+        return rpb.ReplayRunResponse(run=run_to_pb(row))
+
+    async def RescheduleRun(
+        self, request: rpb.RescheduleRunRequest, context: Context
+    ) -> rpb.RescheduleRunResponse:
+        run_id = validation.run_id(request.run_id)
+        if request.HasField("delay") == request.HasField("delay_until"):
+            raise InvalidArgument("delay", "give exactly one of delay and delay_until")
+        if request.HasField("delay"):
+            delay_until = now_ms() + validation.duration_ms("delay", request.delay)
+        else:
+            delay_until = validation.timestamp_ms("delay_until", request.delay_until)
+        row = await self.engine.reschedule(principal().environment_id, run_id, delay_until)
+        return rpb.RescheduleRunResponse(run=run_to_pb(row))
+
+    async def ResetIdempotencyKey(
+        self, request: rpb.ResetIdempotencyKeyRequest, context: Context
+    ) -> rpb.ResetIdempotencyKeyResponse:
+        task = validation.task_id(request.task_id)
+        if not request.idempotency_key:
+            raise InvalidArgument("idempotency_key", "must not be empty")
+        key = validation.text(
+            "idempotency_key", request.idempotency_key, self.limits.idempotency_key_length
+        )
+        released = await self.engine.reset_idempotency_key(principal().environment_id, task, key)
+        return rpb.ResetIdempotencyKeyResponse(released=released)
+
+
+class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
+    """QueueService: counts come from the database, pauses and overrides persist there."""
+
+    def __init__(self, engine: RunEngine, settings: SchedulerSettings) -> None:
+        self.engine = engine
+        self.limits = settings.limits
+
+    async def _queue_pb(self, row: Any) -> qpb.Queue:
+        [queue] = await self._queues_pb([row])
+        return queue
+
+    async def _queues_pb(self, rows: list[Any]) -> list[qpb.Queue]:
+        counts = await self.engine.store.queue_counts(
+            principal().environment_id, [r.name for r in rows]
+        )
+        out = []
+        for r in rows:
+            running, queued = counts[r.name]
+            queue = qpb.Queue(
+                id=r.id,
+                name=r.name,
+                running=running,
+                queued=queued,
+                paused=r.paused,
+                concurrency_limit=r.concurrency_limit
+                if r.limit_override is None
+                else r.limit_override,
+                base_concurrency_limit=r.concurrency_limit,
+            )
+            if r.limit_override is not None:
+                queue.override_concurrency_limit = r.limit_override
+                if (at := timestamp(r.overridden_at)) is not None:
+                    queue.overridden_at.CopyFrom(at)
+            out.append(queue)
+        return out
+
+    async def ListQueues(
+        self, request: qpb.ListQueuesRequest, context: Context
+    ) -> qpb.ListQueuesResponse:
+        size = validation.page_size(request.page_size, self.limits.page_size)
+        after = validation.decode_name_token(request.page_token)
+        rows = await self.engine.store.list_queues(principal().environment_id, after, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return qpb.ListQueuesResponse(
+            queues=await self._queues_pb(rows),
+            next_page_token=validation.encode_page_token(rows[-1].name) if more else "",
+        )
+
+    async def GetQueue(
+        self, request: qpb.GetQueueRequest, context: Context
+    ) -> qpb.GetQueueResponse:
+        name = validation.queue_ref(request.queue)
+        rows = await self.engine.store.find_queue(principal().environment_id, name)
+        return qpb.GetQueueResponse(queue=await self._queue_pb(rows))
+
+    async def _update(self, queue: str, **values: Any) -> qpb.Queue:
+        row = await self.engine.update_queue(
+            principal().environment_id, validation.queue_ref(queue), **values
+        )
+        return await self._queue_pb(row)
+
+    async def PauseQueue(
+        self, request: qpb.PauseQueueRequest, context: Context
+    ) -> qpb.PauseQueueResponse:
+        return qpb.PauseQueueResponse(queue=await self._update(request.queue, paused=True))
+
+    async def ResumeQueue(
+        self, request: qpb.ResumeQueueRequest, context: Context
+    ) -> qpb.ResumeQueueResponse:
+        return qpb.ResumeQueueResponse(queue=await self._update(request.queue, paused=False))
+
+    async def OverrideQueueConcurrencyLimit(
+        self, request: qpb.OverrideQueueConcurrencyLimitRequest, context: Context
+    ) -> qpb.OverrideQueueConcurrencyLimitResponse:
+        if not 0 <= request.concurrency_limit <= 100_000:
+            raise InvalidArgument(
+                "concurrency_limit", f"must be 0..100000, got {request.concurrency_limit}"
+            )
+        queue = await self._update(
+            request.queue, limit_override=request.concurrency_limit, overridden_at=now_ms()
+        )
+        return qpb.OverrideQueueConcurrencyLimitResponse(queue=queue)
+
+    async def ResetQueueConcurrencyLimit(
+        self, request: qpb.ResetQueueConcurrencyLimitRequest, context: Context
+    ) -> qpb.ResetQueueConcurrencyLimitResponse:
+        queue = await self._update(request.queue, limit_override=None, overridden_at=None)
+        return qpb.ResetQueueConcurrencyLimitResponse(queue=queue)
 
 
 class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):

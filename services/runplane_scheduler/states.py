@@ -47,7 +47,9 @@ _ENDINGS_OF_AN_ATTEMPT = {
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.PENDING_VERSION: frozenset({Status.QUEUED, Status.CANCELED, Status.EXPIRED}),
-    Status.DELAYED: frozenset({Status.QUEUED, Status.CANCELED, Status.EXPIRED}),
+    Status.DELAYED: frozenset(
+        {Status.QUEUED, Status.PENDING_VERSION, Status.CANCELED, Status.EXPIRED}
+    ),
     Status.QUEUED: frozenset(
         {Status.DEQUEUED, Status.PENDING_VERSION, Status.CANCELED, Status.EXPIRED}
     ),

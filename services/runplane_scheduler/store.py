@@ -16,15 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import Table, and_, delete, insert, select, update
+from sqlalchemy import Table, and_, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runplane.v1 import events_pb2, run_pb2
 from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
 from runplane_server import db, subjects
-from runplane_server.errors import ServiceError
+from runplane_server.errors import NotFound, ServiceError
 from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler.store")
@@ -44,12 +45,20 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _ts(ms: int | None) -> Timestamp | None:
+def timestamp(ms: int | None) -> Timestamp | None:
     if ms is None:
         return None
     ts = Timestamp()
     ts.FromMilliseconds(ms)
     return ts
+
+
+def _duration(ms: int | None) -> Duration | None:
+    if not ms:
+        return None
+    d = Duration()
+    d.FromMilliseconds(ms)
+    return d
 
 
 def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
@@ -84,12 +93,19 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
         parent_run_id=m["parent_run_id"] or "",
         root_run_id=m["root_run_id"] or "",
         batch_id=m["batch_id"] or "",
-        created_at=_ts(m["created_at"]),
-        updated_at=_ts(m["updated_at"]),
-        queued_at=_ts(m["queued_at"]),
-        started_at=_ts(m["started_at"]),
-        finished_at=_ts(m["finished_at"]),
+        created_at=timestamp(m["created_at"]),
+        updated_at=timestamp(m["updated_at"]),
+        queued_at=timestamp(m["queued_at"]),
+        started_at=timestamp(m["started_at"]),
+        finished_at=timestamp(m["finished_at"]),
         duration_ms=m["duration_ms"],
+        delay_until=timestamp(m["delay_until"]),
+        ttl=_duration(m["ttl_ms"]),
+        max_duration=_duration(m["max_duration_ms"]),
+        machine=m["machine"],
+        replayed_from_run_id=m["replayed_from_run_id"] or "",
+        idempotency_key_expires_at=timestamp(m["idempotency_key_expires_at"]),
+        depth=m["depth"],
     )
 
 
@@ -170,7 +186,10 @@ class Tx:
         m = row if isinstance(row, Mapping) else row._mapping
         event_id = new_id("evt")
         event = events_pb2.RunEvent(
-            event_id=event_id, type=event_type, run=run_to_pb(row), occurred_at=_ts(m["updated_at"])
+            event_id=event_id,
+            type=event_type,
+            run=run_to_pb(row),
+            occurred_at=timestamp(m["updated_at"]),
         )
         data = event.SerializeToString()
         if len(data) > MAX_EVENT_BYTES:
@@ -396,6 +415,7 @@ class Store:
         statuses: Sequence[str],
         task_ids: Sequence[str],
         tags: Sequence[str],
+        batch_id: str = "",
         created_after: int | None,
         created_before: int | None,
         before_id: str | None,
@@ -407,6 +427,8 @@ class Store:
             conditions.append(r.status.in_(statuses))
         if task_ids:
             conditions.append(r.task_id.in_(task_ids))
+        if batch_id:
+            conditions.append(r.batch_id == batch_id)
         if created_after is not None:
             conditions.append(r.created_at >= created_after)
         if created_before is not None:
@@ -424,6 +446,76 @@ class Store:
         stmt = select(db.runs).where(and_(*conditions)).order_by(r.id.desc()).limit(limit)
         async with self.engine.connect() as conn:
             return list((await conn.execute(stmt)).all())
+
+    async def get_batch(self, environment_id: str, batch_id: str) -> tuple[RunRow, list[Any]]:
+        """A batch and its runs' ids and statuses, in item order."""
+        async with self.engine.connect() as conn:
+            batch = (
+                await conn.execute(
+                    select(db.batches).where(
+                        db.batches.c.id == batch_id, db.batches.c.environment_id == environment_id
+                    )
+                )
+            ).first()
+            if batch is None:
+                raise NotFound(f"batch {batch_id} not found")
+            runs = (
+                await conn.execute(
+                    select(db.runs.c.id, db.runs.c.status)
+                    .where(db.runs.c.batch_id == batch_id)
+                    .order_by(db.runs.c.id)
+                )
+            ).all()
+        return batch, list(runs)
+
+    async def queue_counts(
+        self, environment_id: str, names: Sequence[str]
+    ) -> dict[str, tuple[int, int]]:
+        """(running, queued) per queue name."""
+        r = db.runs.c
+        active = [Status.QUEUED.value, Status.DEQUEUED.value, Status.EXECUTING.value]
+        stmt = (
+            select(r.queue, r.status, func.count())
+            .where(r.environment_id == environment_id, r.queue.in_(names), r.status.in_(active))
+            .group_by(r.queue, r.status)
+        )
+        counts = dict.fromkeys(names, (0, 0))
+        async with self.engine.connect() as conn:
+            for queue, status, n in (await conn.execute(stmt)).all():
+                running, queued = counts[queue]
+                if status == Status.QUEUED.value:
+                    queued += n
+                else:
+                    running += n
+                counts[queue] = (running, queued)
+        return counts
+
+    async def list_queues(
+        self, environment_id: str, after_name: str | None, limit: int
+    ) -> list[RunRow]:
+        q = db.queues.c
+        stmt = select(db.queues).where(q.environment_id == environment_id)
+        if after_name is not None:
+            stmt = stmt.where(q.name > after_name)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(stmt.order_by(q.name).limit(limit))).all())
+
+    async def find_queue(self, environment_id: str, queue: str) -> RunRow:
+        q = db.queues.c
+        named = q.id == queue if queue.startswith("queue_") else q.name == queue
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(db.queues).where(q.environment_id == environment_id, named)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"queue {queue} not found")
+        return row
+
+    async def load_queues(self) -> list[RunRow]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(db.queues))).all())
 
     async def load_task_definitions(self) -> list[RunRow]:
         async with self.engine.connect() as conn:
@@ -469,8 +561,11 @@ class Store:
     # -- writes (each used inside an op) -----------------------------------------------------
 
     @staticmethod
-    async def find_idempotent(tx: Tx, environment_id: str, task_id: str, key: str) -> RunRow | None:
-        """The run holding ``key`` for the task, unless it ended in a status that releases keys."""
+    async def find_idempotent(
+        tx: Tx, environment_id: str, task_id: str, key: str, ts: int
+    ) -> RunRow | None:
+        """The run holding ``key`` for the task, unless the key expired or the run ended in a
+        status that releases keys (FAILED, CRASHED, SYSTEM_FAILURE, TIMED_OUT, EXPIRED)."""
         releasing = [s.value for s in FINAL if s not in (Status.COMPLETED, Status.CANCELED)]
         return (
             await tx.execute(
@@ -479,6 +574,7 @@ class Store:
                     db.runs.c.environment_id == environment_id,
                     db.runs.c.task_id == task_id,
                     db.runs.c.idempotency_key == key,
+                    db.runs.c.idempotency_key_expires_at > ts,
                     db.runs.c.status.not_in(releasing),
                 )
                 .limit(1)

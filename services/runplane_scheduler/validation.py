@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import math
 import re
+import time
 
 import orjson
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import run_pb2
@@ -119,54 +121,128 @@ def run_id(value: str, field: str = "run_id") -> str:
     return value
 
 
+MAX_DURATION_MS = 3650 * 86_400_000  # ten years: longer durations are surely mistakes
+
+
+def duration_ms(field: str, value: Duration, *, minimum_ms: int = 0) -> int:
+    """A non-negative protobuf Duration in ms, within ``minimum_ms``..ten years."""
+    if value.seconds < 0 or value.nanos < 0:
+        raise InvalidArgument(field, "must not be negative")
+    if value.nanos >= 1_000_000_000:
+        raise InvalidArgument(field, "nanos must be 0..999999999")
+    ms = value.seconds * 1000 + value.nanos // 1_000_000
+    if ms > MAX_DURATION_MS:
+        raise InvalidArgument(field, f"{value.seconds} s is over the maximum of ten years")
+    if ms < minimum_ms:
+        raise InvalidArgument(
+            field, f"must be at least {minimum_ms / 1000:g} s, got {ms / 1000:g} s"
+        )
+    return ms
+
+
+def machine(field: str, value: str) -> str:
+    if value and value not in MACHINES:
+        raise InvalidArgument(
+            field, f"unknown machine {value[:40]!r} (one of {', '.join(sorted(MACHINES))})"
+        )
+    return value
+
+
 def trigger(request: rpb.TriggerRunRequest, limits: Limits) -> TriggerSpec:
-    o = request.options
+    return trigger_spec(request.task_id, request.payload, request.options, limits)
+
+
+def trigger_spec(
+    task: str, payload: str, o: rpb.TriggerOptions, limits: Limits, where: str = ""
+) -> TriggerSpec:
+    """A trigger's task, payload and options, checked; ``where`` prefixes field names (a batch
+    item's place)."""
+    f = f"{where}options."
     tags = tuple(o.tags)
     if len(tags) > limits.tags:
-        raise InvalidArgument(
-            "options.tags", f"{len(tags)} tags is over the limit of {limits.tags}"
-        )
+        raise InvalidArgument(f"{f}tags", f"{len(tags)} tags is over the limit of {limits.tags}")
     for i, tag in enumerate(tags):
-        text(f"options.tags[{i}]", tag, limits.tag_length)
+        text(f"{f}tags[{i}]", tag, limits.tag_length)
         if not 1 <= len(tag) <= limits.tag_length:
             raise InvalidArgument(
-                f"options.tags[{i}]",
+                f"{f}tags[{i}]",
                 f"a tag must be 1..{limits.tag_length} characters, got {len(tag)}",
             )
     metadata = json_text(
-        "options.metadata", o.metadata, limits.metadata_bytes, "metadata", default="{}"
+        f"{f}metadata", o.metadata, limits.metadata_bytes, "metadata", default="{}"
     )
     if not isinstance(orjson.loads(metadata), dict):
-        raise InvalidArgument("options.metadata", "must be a JSON object")
+        raise InvalidArgument(f"{f}metadata", "must be a JSON object")
     if not 0 <= o.max_attempts <= MAX_ATTEMPTS_CAP:
         raise InvalidArgument(
-            "options.max_attempts", f"must be 1..{MAX_ATTEMPTS_CAP}, got {o.max_attempts}"
+            f"{f}max_attempts", f"must be 1..{MAX_ATTEMPTS_CAP}, got {o.max_attempts}"
         )
     if len(o.idempotency_key) > limits.idempotency_key_length:
         raise InvalidArgument(
-            "options.idempotency_key",
+            f"{f}idempotency_key",
             f"{len(o.idempotency_key)} characters is over the limit of "
             f"{limits.idempotency_key_length}",
         )
     if o.priority < 0:
-        raise InvalidArgument("options.priority", f"must not be negative, got {o.priority}")
-    text("options.concurrency_key", o.concurrency_key, 256)
-    text("options.idempotency_key", o.idempotency_key, limits.idempotency_key_length)
+        raise InvalidArgument(f"{f}priority", f"must not be negative, got {o.priority}")
+    text(f"{f}concurrency_key", o.concurrency_key, 256)
+    text(f"{f}idempotency_key", o.idempotency_key, limits.idempotency_key_length)
     if o.queue and not TASK_ID.match(o.queue):
-        raise InvalidArgument("options.queue", f"{o.queue[:80]!r} is not a queue name")
+        raise InvalidArgument(f"{f}queue", f"{o.queue[:80]!r} is not a queue name")
+    if o.HasField("delay") and o.HasField("delay_until"):
+        raise InvalidArgument(f"{f}delay_until", "give delay or delay_until, not both")
+    delay_until = 0
+    if o.HasField("delay"):
+        delay_until = int(time.time() * 1000) + duration_ms(f"{f}delay", o.delay)
+    elif o.HasField("delay_until"):
+        delay_until = timestamp_ms(f"{f}delay_until", o.delay_until)
+    if o.parent_run_id:
+        run_id(o.parent_run_id, f"{f}parent_run_id")
     return TriggerSpec(
-        task_id=task_id(request.task_id),
+        task_id=task_id(task, f"{where}task_id"),
         payload=json_text(
-            "payload", request.payload, limits.payload_bytes, "payload", default="null"
+            f"{where}payload", payload, limits.payload_bytes, "payload", default="null"
         ),
         queue=o.queue,
         tags=tags,
         metadata=metadata,
         max_attempts=o.max_attempts,
         idempotency_key=o.idempotency_key,
+        idempotency_key_ttl_ms=duration_ms(
+            f"{f}idempotency_key_ttl", o.idempotency_key_ttl, minimum_ms=1000
+        )
+        if o.HasField("idempotency_key_ttl")
+        else 0,
         concurrency_key=o.concurrency_key,
         priority=o.priority,
+        delay_until=delay_until,
+        # ttl 0 opts out of the task's ttl; otherwise at least a second (reference §2.2).
+        ttl_ms=_ttl(f"{f}ttl", o.ttl) if o.HasField("ttl") else None,
+        max_duration_ms=duration_ms(f"{f}max_duration", o.max_duration, minimum_ms=1000)
+        if o.HasField("max_duration")
+        else None,
+        machine=machine(f"{f}machine", o.machine),
+        parent_run_id=o.parent_run_id,
     )
+
+
+def _ttl(field: str, value: Duration) -> int:
+    ms = duration_ms(field, value)
+    return ms if ms == 0 else duration_ms(field, value, minimum_ms=1000)
+
+
+def batch(request: rpb.BatchTriggerRunsRequest, limits: Limits) -> list[TriggerSpec]:
+    if not request.items:
+        raise InvalidArgument("items", "a batch needs at least one item")
+    if len(request.items) > limits.batch_items:
+        raise InvalidArgument(
+            "items", f"{len(request.items)} items is over the batch limit of {limits.batch_items}"
+        )
+    text("idempotency_key", request.idempotency_key, limits.idempotency_key_length)
+    return [
+        trigger_spec(item.task_id, item.payload, item.options, limits, f"items[{i}].")
+        for i, item in enumerate(request.items)
+    ]
 
 
 def statuses(values: list[int]) -> list[str]:
@@ -184,6 +260,36 @@ def page_size(value: int, maximum: int) -> int:
     if value < 0 or value > maximum:
         raise InvalidArgument("page_size", f"must be 0..{maximum}, got {value}")
     return value or 25
+
+
+BATCH_ID = re.compile(r"^batch_[0-9a-z]{1,36}$")
+
+
+def batch_id(value: str, field: str = "batch_id") -> str:
+    if not BATCH_ID.match(value):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a batch id (batch_...)")
+    return value
+
+
+def queue_ref(value: str, field: str = "queue") -> str:
+    """A queue id (``queue_...``) or name."""
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    if not TASK_ID.match(value):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a queue id or name")
+    return value
+
+
+def decode_name_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(token.encode()).decode()
+    except ValueError:
+        raise InvalidArgument("page_token", "not a token this server issued") from None
+    if not TASK_ID.match(value):
+        raise InvalidArgument("page_token", "not a token this server issued")
+    return value
 
 
 def encode_page_token(last_id: str) -> str:

@@ -36,6 +36,7 @@ class Limits:
     idempotency_key_length: int = 2048
     max_attempts: int = 250
     page_size: int = 100
+    batch_items: int = 1000
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -49,6 +50,7 @@ class Limits:
             idempotency_key_length=_int(
                 "RUNPLANE_LIMIT_IDEMPOTENCY_KEY_LENGTH", d.idempotency_key_length
             ),
+            batch_items=_int("RUNPLANE_LIMIT_BATCH_ITEMS", d.batch_items),
         )
 
 

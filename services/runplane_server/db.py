@@ -80,9 +80,21 @@ runs = Table(
     Column("traceparent", String(64), nullable=False),
     Column("current_attempt_id", String(40)),
     Column("executor_id", String(40)),
+    # When a DELAYED run is queued.
+    Column("delay_until", BigInteger),
+    # Expire if not started within this long of being queued; NULL: never.
+    Column("ttl_ms", BigInteger),
+    # Trigger-time overrides of the task's settings; NULL/'': the task's.
+    Column("max_duration_ms", BigInteger),
+    Column("machine", String(32), nullable=False, server_default=""),
+    Column("replayed_from_run_id", String(40)),
+    Column("idempotency_key_expires_at", BigInteger),
+    Column("depth", Integer, nullable=False, server_default="0"),
     Index("ix_runs_env_id", "environment_id", "id"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_idempotency", "environment_id", "task_id", "idempotency_key"),
+    Index("ix_runs_batch", "batch_id"),
+    Index("ix_runs_parent", "parent_run_id"),
 )
 
 run_tags = Table(
@@ -143,6 +155,35 @@ task_definitions = Table(
     Column("max_duration", BigInteger, nullable=False),
     Column("machine", String(32), nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+)
+
+
+queues = Table(
+    "queues",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    Column("name", String(128), nullable=False),
+    # The limit the code declares (0: bounded by the environment only).
+    Column("concurrency_limit", Integer, nullable=False),
+    # Set by QueueService.OverrideConcurrencyLimit until reset.
+    Column("limit_override", Integer),
+    Column("overridden_at", BigInteger),
+    Column("paused", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ux_queues_env_name", "environment_id", "name", unique=True),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    Column("run_count", Integer, nullable=False),
+    Column("idempotency_key", String(2048)),
+    Column("created_at", BigInteger, nullable=False),
+    Index("ix_batches_env_idempotency", "environment_id", "idempotency_key"),
 )
 
 

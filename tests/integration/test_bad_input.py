@@ -398,7 +398,8 @@ def valid_trigger_requests(draw: st.DrawFn) -> rpb.TriggerRunRequest:
         task_id=draw(task_id_ok),
         payload=draw(st.one_of(st.just(""), json_texts)),
         options=rpb.TriggerOptions(
-            queue=draw(st.one_of(st.just(""), task_id_ok)),
+            # A named queue must be defined by a registered task; none is here.
+            queue="",
             tags=draw(st.lists(task_id_ok, max_size=LIMITS.tags)),
             metadata=draw(
                 st.one_of(
@@ -467,8 +468,34 @@ BREAKERS = {
         lambda r, v: setattr(r.options, "concurrency_key", v),
     ),
     "options.queue": (
-        st.sampled_from(["bad queue", "#", "-x", "q" * 129, "ü"]),
+        # Malformed names, and well-formed ones no registered task defines.
+        st.one_of(st.sampled_from(["bad queue", "#", "-x", "q" * 129, "ü"]), task_id_ok),
         lambda r, v: setattr(r.options, "queue", v),
+    ),
+    "options.delay": (
+        st.integers(-(10**9), -1),
+        lambda r, v: r.options.delay.FromSeconds(v),
+    ),
+    "options.ttl": (
+        # Negative, or under the 1 s minimum (0 is valid: no ttl).
+        st.one_of(st.integers(-(10**9), -1).map(lambda n: n * 1000), st.integers(1, 999)),
+        lambda r, v: r.options.ttl.FromMilliseconds(v),
+    ),
+    "options.idempotency_key_ttl": (
+        st.integers(-(10**6), 999),
+        lambda r, v: r.options.idempotency_key_ttl.FromMilliseconds(v),
+    ),
+    "options.max_duration": (
+        st.integers(10 * 3650 * 86400 + 1, 10**12),
+        lambda r, v: r.options.max_duration.FromSeconds(v),
+    ),
+    "options.machine": (
+        st.sampled_from(["huge", "small", "Small-1x", "large-3x", "micro "]),
+        lambda r, v: setattr(r.options, "machine", v),
+    ),
+    "options.parent_run_id": (
+        st.sampled_from(["run_", "nope", "batch_123", "run_ABC", "run_" + "x" * 40]),
+        lambda r, v: setattr(r.options, "parent_run_id", v),
     ),
 }
 

@@ -28,13 +28,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunplane/v1/run_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\xad\x03\n\x0eTriggerOptions\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x10\n\x08metadata\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x64\x65lay_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13idempotency_key_ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07machine\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\"c\n\x11TriggerRunRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.runplane.v1.TriggerOptions\"F\n\x12TriggerRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\xe9\x01\n\x0fListRunsRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.runplane.v1.RunStatus\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.runplane.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x11\x43\x61ncelRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run2\xb3\x02\n\nRunService\x12M\n\nTriggerRun\x12\x1e.runplane.v1.TriggerRunRequest\x1a\x1f.runplane.v1.TriggerRunResponse\x12\x41\n\x06GetRun\x12\x1a.runplane.v1.GetRunRequest\x1a\x1b.runplane.v1.GetRunResponse\x12G\n\x08ListRuns\x12\x1c.runplane.v1.ListRunsRequest\x1a\x1d.runplane.v1.ListRunsResponse\x12J\n\tCancelRun\x12\x1d.runplane.v1.CancelRunRequest\x1a\x1e.runplane.v1.CancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunplane/v1/run_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\xad\x03\n\x0eTriggerOptions\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x10\n\x08metadata\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x64\x65lay_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13idempotency_key_ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07machine\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\"c\n\x11TriggerRunRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.runplane.v1.TriggerOptions\"F\n\x12TriggerRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\xfb\x01\n\x0fListRunsRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.runplane.v1.RunStatus\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x08 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.runplane.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x11\x43\x61ncelRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"b\n\x10\x42\x61tchTriggerItem\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.runplane.v1.TriggerOptions\"`\n\x17\x42\x61tchTriggerRunsRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.runplane.v1.BatchTriggerItem\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"_\n\x18\x42\x61tchTriggerRunsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x1e\n\x04runs\x18\x02 \x03(\x0b\x32\x10.runplane.v1.Run\x12\x11\n\tis_cached\x18\x03 \x03(\x08\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"\xaa\x01\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.runplane.v1.BatchStatus\x12\x11\n\trun_count\x18\x03 \x01(\x05\x12\x0f\n\x07run_ids\x18\x04 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x10GetBatchResponse\x12!\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.runplane.v1.Batch\"\"\n\x10ReplayRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x11ReplayRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\x81\x01\n\x14RescheduleRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12(\n\x05\x64\x65lay\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x64\x65lay_until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x15RescheduleRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"F\n\x1aResetIdempotencyKeyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"/\n\x1bResetIdempotencyKeyResponse\x12\x10\n\x08released\x18\x01 \x01(\x05*\x85\x01\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TCH_STATUS_PROCESSING\x10\x01\x12\x1a\n\x16\x42\x41TCH_STATUS_COMPLETED\x10\x02\x12\x1f\n\x1b\x42\x41TCH_STATUS_PARTIAL_FAILED\x10\x03\x32\xeb\x05\n\nRunService\x12M\n\nTriggerRun\x12\x1e.runplane.v1.TriggerRunRequest\x1a\x1f.runplane.v1.TriggerRunResponse\x12\x41\n\x06GetRun\x12\x1a.runplane.v1.GetRunRequest\x1a\x1b.runplane.v1.GetRunResponse\x12G\n\x08ListRuns\x12\x1c.runplane.v1.ListRunsRequest\x1a\x1d.runplane.v1.ListRunsResponse\x12J\n\tCancelRun\x12\x1d.runplane.v1.CancelRunRequest\x1a\x1e.runplane.v1.CancelRunResponse\x12_\n\x10\x42\x61tchTriggerRuns\x12$.runplane.v1.BatchTriggerRunsRequest\x1a%.runplane.v1.BatchTriggerRunsResponse\x12G\n\x08GetBatch\x12\x1c.runplane.v1.GetBatchRequest\x1a\x1d.runplane.v1.GetBatchResponse\x12J\n\tReplayRun\x12\x1d.runplane.v1.ReplayRunRequest\x1a\x1e.runplane.v1.ReplayRunResponse\x12V\n\rRescheduleRun\x12!.runplane.v1.RescheduleRunRequest\x1a\".runplane.v1.RescheduleRunResponse\x12h\n\x13ResetIdempotencyKey\x12\'.runplane.v1.ResetIdempotencyKeyRequest\x1a(.runplane.v1.ResetIdempotencyKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.run_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BATCHSTATUS']._serialized_start=2198
+  _globals['_BATCHSTATUS']._serialized_end=2331
   _globals['_TRIGGEROPTIONS']._serialized_start=135
   _globals['_TRIGGEROPTIONS']._serialized_end=564
   _globals['_TRIGGERRUNREQUEST']._serialized_start=566
@@ -46,13 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRUNRESPONSE']._serialized_start=772
   _globals['_GETRUNRESPONSE']._serialized_end=819
   _globals['_LISTRUNSREQUEST']._serialized_start=822
-  _globals['_LISTRUNSREQUEST']._serialized_end=1055
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1057
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1132
-  _globals['_CANCELRUNREQUEST']._serialized_start=1134
-  _globals['_CANCELRUNREQUEST']._serialized_end=1168
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1170
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1220
-  _globals['_RUNSERVICE']._serialized_start=1223
-  _globals['_RUNSERVICE']._serialized_end=1530
+  _globals['_LISTRUNSREQUEST']._serialized_end=1073
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1075
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1150
+  _globals['_CANCELRUNREQUEST']._serialized_start=1152
+  _globals['_CANCELRUNREQUEST']._serialized_end=1186
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1188
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1238
+  _globals['_BATCHTRIGGERITEM']._serialized_start=1240
+  _globals['_BATCHTRIGGERITEM']._serialized_end=1338
+  _globals['_BATCHTRIGGERRUNSREQUEST']._serialized_start=1340
+  _globals['_BATCHTRIGGERRUNSREQUEST']._serialized_end=1436
+  _globals['_BATCHTRIGGERRUNSRESPONSE']._serialized_start=1438
+  _globals['_BATCHTRIGGERRUNSRESPONSE']._serialized_end=1533
+  _globals['_GETBATCHREQUEST']._serialized_start=1535
+  _globals['_GETBATCHREQUEST']._serialized_end=1570
+  _globals['_BATCH']._serialized_start=1573
+  _globals['_BATCH']._serialized_end=1743
+  _globals['_GETBATCHRESPONSE']._serialized_start=1745
+  _globals['_GETBATCHRESPONSE']._serialized_end=1798
+  _globals['_REPLAYRUNREQUEST']._serialized_start=1800
+  _globals['_REPLAYRUNREQUEST']._serialized_end=1834
+  _globals['_REPLAYRUNRESPONSE']._serialized_start=1836
+  _globals['_REPLAYRUNRESPONSE']._serialized_end=1886
+  _globals['_RESCHEDULERUNREQUEST']._serialized_start=1889
+  _globals['_RESCHEDULERUNREQUEST']._serialized_end=2018
+  _globals['_RESCHEDULERUNRESPONSE']._serialized_start=2020
+  _globals['_RESCHEDULERUNRESPONSE']._serialized_end=2074
+  _globals['_RESETIDEMPOTENCYKEYREQUEST']._serialized_start=2076
+  _globals['_RESETIDEMPOTENCYKEYREQUEST']._serialized_end=2146
+  _globals['_RESETIDEMPOTENCYKEYRESPONSE']._serialized_start=2148
+  _globals['_RESETIDEMPOTENCYKEYRESPONSE']._serialized_end=2195
+  _globals['_RUNSERVICE']._serialized_start=2334
+  _globals['_RUNSERVICE']._serialized_end=3081
 # @@protoc_insertion_point(module_scope)

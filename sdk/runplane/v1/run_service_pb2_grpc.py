@@ -58,6 +58,31 @@ class RunServiceStub:
                 request_serializer=runplane_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.BatchTriggerRuns = channel.unary_unary(
+                '/runplane.v1.RunService/BatchTriggerRuns',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsResponse.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/runplane.v1.RunService/GetBatch',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
+        self.ReplayRun = channel.unary_unary(
+                '/runplane.v1.RunService/ReplayRun',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.ReplayRunRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.ReplayRunResponse.FromString,
+                _registered_method=True)
+        self.RescheduleRun = channel.unary_unary(
+                '/runplane.v1.RunService/RescheduleRun',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.RescheduleRunRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.RescheduleRunResponse.FromString,
+                _registered_method=True)
+        self.ResetIdempotencyKey = channel.unary_unary(
+                '/runplane.v1.RunService/ResetIdempotencyKey',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -90,6 +115,40 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchTriggerRuns(self, request, context):
+        """Creates every run of the batch in one transaction, or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRun(self, request, context):
+        """A new run of the same task with the same payload, tags, metadata and options.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RescheduleRun(self, request, context):
+        """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetIdempotencyKey(self, request, context):
+        """Releases an idempotency key: the next trigger with it creates a new run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +171,31 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=runplane_dot_v1_dot_run__service__pb2.CancelRunRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_run__service__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'BatchTriggerRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchTriggerRuns,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsResponse.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.GetBatchRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.GetBatchResponse.SerializeToString,
+            ),
+            'ReplayRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayRun,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.ReplayRunRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.ReplayRunResponse.SerializeToString,
+            ),
+            'RescheduleRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RescheduleRun,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.RescheduleRunRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.RescheduleRunResponse.SerializeToString,
+            ),
+            'ResetIdempotencyKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetIdempotencyKey,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +309,141 @@ class RunService:
             '/runplane.v1.RunService/CancelRun',
             runplane_dot_v1_dot_run__service__pb2.CancelRunRequest.SerializeToString,
             runplane_dot_v1_dot_run__service__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchTriggerRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/BatchTriggerRuns',
+            runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.BatchTriggerRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/GetBatch',
+            runplane_dot_v1_dot_run__service__pb2.GetBatchRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.GetBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/ReplayRun',
+            runplane_dot_v1_dot_run__service__pb2.ReplayRunRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.ReplayRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RescheduleRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/RescheduleRun',
+            runplane_dot_v1_dot_run__service__pb2.RescheduleRunRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.RescheduleRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetIdempotencyKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/ResetIdempotencyKey',
+            runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

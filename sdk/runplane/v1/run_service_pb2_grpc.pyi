@@ -41,6 +41,15 @@ class RunServiceStub:
     GetRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetRunRequest, _run_service_pb2.GetRunResponse]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]
     CancelRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]
+    BatchTriggerRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.BatchTriggerRunsRequest, _run_service_pb2.BatchTriggerRunsResponse]
+    """Creates every run of the batch in one transaction, or none."""
+    GetBatch: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetBatchRequest, _run_service_pb2.GetBatchResponse]
+    ReplayRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ReplayRunRequest, _run_service_pb2.ReplayRunResponse]
+    """A new run of the same task with the same payload, tags, metadata and options."""
+    RescheduleRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.RescheduleRunRequest, _run_service_pb2.RescheduleRunResponse]
+    """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status."""
+    ResetIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ResetIdempotencyKeyRequest, _run_service_pb2.ResetIdempotencyKeyResponse]
+    """Releases an idempotency key: the next trigger with it creates a new run."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -54,6 +63,15 @@ class RunServiceAsyncStub(RunServiceStub):
     GetRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetRunRequest, _run_service_pb2.GetRunResponse]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
+    BatchTriggerRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.BatchTriggerRunsRequest, _run_service_pb2.BatchTriggerRunsResponse]  # type: ignore[assignment]
+    """Creates every run of the batch in one transaction, or none."""
+    GetBatch: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetBatchRequest, _run_service_pb2.GetBatchResponse]  # type: ignore[assignment]
+    ReplayRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ReplayRunRequest, _run_service_pb2.ReplayRunResponse]  # type: ignore[assignment]
+    """A new run of the same task with the same payload, tags, metadata and options."""
+    RescheduleRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.RescheduleRunRequest, _run_service_pb2.RescheduleRunResponse]  # type: ignore[assignment]
+    """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status."""
+    ResetIdempotencyKey: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ResetIdempotencyKeyRequest, _run_service_pb2.ResetIdempotencyKeyResponse]  # type: ignore[assignment]
+    """Releases an idempotency key: the next trigger with it creates a new run."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """RunService triggers, reads and cancels runs. Every call is authorised by a secret key (or a
@@ -88,5 +106,44 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _run_service_pb2.CancelRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.CancelRunResponse, _abc.Awaitable[_run_service_pb2.CancelRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def BatchTriggerRuns(
+        self,
+        request: _run_service_pb2.BatchTriggerRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.BatchTriggerRunsResponse, _abc.Awaitable[_run_service_pb2.BatchTriggerRunsResponse]]:
+        """Creates every run of the batch in one transaction, or none."""
+
+    @_abc_1.abstractmethod
+    def GetBatch(
+        self,
+        request: _run_service_pb2.GetBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetBatchResponse, _abc.Awaitable[_run_service_pb2.GetBatchResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReplayRun(
+        self,
+        request: _run_service_pb2.ReplayRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ReplayRunResponse, _abc.Awaitable[_run_service_pb2.ReplayRunResponse]]:
+        """A new run of the same task with the same payload, tags, metadata and options."""
+
+    @_abc_1.abstractmethod
+    def RescheduleRun(
+        self,
+        request: _run_service_pb2.RescheduleRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.RescheduleRunResponse, _abc.Awaitable[_run_service_pb2.RescheduleRunResponse]]:
+        """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status."""
+
+    @_abc_1.abstractmethod
+    def ResetIdempotencyKey(
+        self,
+        request: _run_service_pb2.ResetIdempotencyKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ResetIdempotencyKeyResponse, _abc.Awaitable[_run_service_pb2.ResetIdempotencyKeyResponse]]:
+        """Releases an idempotency key: the next trigger with it creates a new run."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
