@@ -9,6 +9,7 @@ async def hello(payload: dict) -> str:
 handle = await hello.trigger({"name": "world"})
 """
 
+from runplane._batch import BatchAPI, batch
 from runplane._client import Client, RunsAPI, TasksAPI, configure, default_client, runs, tasks
 from runplane._context import Context, Signal
 from runplane._errors import (
@@ -26,7 +27,19 @@ from runplane._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from runplane._models import Run, RunError, RunHandle, RunStatus
+from runplane._idempotency import IdempotencyKey, IdempotencyKeysAPI, idempotency_keys
+from runplane._models import (
+    Batch,
+    BatchHandle,
+    BatchItem,
+    BatchStatus,
+    QueueInfo,
+    Run,
+    RunError,
+    RunHandle,
+    RunStatus,
+)
+from runplane._queues import QueuesAPI, queues
 from runplane._task import Queue, RetryOptions, Task, queue, task
 
 __version__ = "0.1.0"
@@ -35,15 +48,24 @@ __all__ = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "Batch",
+    "BatchAPI",
+    "BatchHandle",
+    "BatchItem",
+    "BatchStatus",
     "Client",
     "ConfigurationError",
     "Context",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "IdempotencyKey",
+    "IdempotencyKeysAPI",
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
     "Queue",
+    "QueueInfo",
+    "QueuesAPI",
     "RetryOptions",
     "Run",
     "RunError",
@@ -58,9 +80,12 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "batch",
     "configure",
     "default_client",
+    "idempotency_keys",
     "queue",
+    "queues",
     "runs",
     "task",
     "tasks",

@@ -16,8 +16,12 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry import propagate
 
+from runplane import _durations, _idempotency
+from runplane._context import current_context
+from runplane._durations import DurationLike
 from runplane._errors import ConfigurationError, from_rpc_error
-from runplane._models import Run, RunHandle, RunStatus
+from runplane._models import BatchHandle, BatchItem, Run, RunHandle, RunStatus
+from runplane._namespace import Namespace
 from runplane._serde import dumps
 from runplane.v1 import (
     meta_service_pb2,
@@ -81,8 +85,15 @@ class Client:
         self._realtime_url = realtime_url or os.environ.get("RUNPLANE_REALTIME_URL") or ""
         self._channels: dict[tuple[int, str], grpc.aio.Channel] = {}
         self._sync = _LoopThread()
+        from runplane._batch import BatchAPI
+        from runplane._idempotency import IdempotencyKeysAPI
+        from runplane._queues import QueuesAPI
+
         self.tasks = TasksAPI(self)
         self.runs = RunsAPI(self)
+        self.batch = BatchAPI(self)
+        self.queues = QueuesAPI(self)
+        self.idempotency_keys = IdempotencyKeysAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -146,44 +157,65 @@ class Client:
             await self._channels.pop(key).close()
 
 
-class _Namespace:
-    def __init__(self, client: Client | None) -> None:
-        self._bound = client
+def trigger_options(
+    *,
+    queue: Any = None,
+    tags: Sequence[str] | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_attempts: int | None = None,
+    idempotency_key: str | Sequence[str] | None = None,
+    idempotency_key_ttl: DurationLike | None = None,
+    concurrency_key: str | int | None = None,
+    priority: int | None = None,
+    delay: DurationLike | datetime | None = None,
+    ttl: DurationLike | None = None,
+    max_duration: DurationLike | None = None,
+    machine: str | None = None,
+) -> rpb.TriggerOptions:
+    """The options of one trigger (SPEC §3), as the API carries them.
 
-    @property
-    def _client(self) -> Client:
-        return self._bound or default_client()
+    ``delay`` is a duration or a datetime; ``ttl=0`` opts out of the task's ttl; a plain-string
+    ``idempotency_key`` is scoped to the current run when called inside one (see
+    :func:`runplane.idempotency_keys.create`). Called inside a run, the new run is its child."""
+    if isinstance(tags, str):
+        tags = [tags]
+    options = rpb.TriggerOptions(
+        queue=getattr(queue, "name", queue) or "",
+        tags=list(tags or []),
+        metadata=dumps(metadata) if metadata is not None else "",
+        max_attempts=max_attempts or 0,
+        idempotency_key=_idempotency.resolve(idempotency_key),
+        concurrency_key=str(concurrency_key) if concurrency_key is not None else "",
+        priority=priority or 0,
+        machine=machine or "",
+    )
+    if isinstance(delay, datetime):
+        options.delay_until.CopyFrom(_durations.timestamp_pb(delay))
+    elif delay is not None:
+        options.delay.CopyFrom(_durations.to_pb(delay, "delay"))
+    if ttl is not None:
+        options.ttl.CopyFrom(_durations.to_pb(ttl, "ttl"))
+    if idempotency_key_ttl is not None:
+        options.idempotency_key_ttl.CopyFrom(
+            _durations.to_pb(idempotency_key_ttl, "idempotency_key_ttl")
+        )
+    if max_duration is not None:
+        options.max_duration.CopyFrom(_durations.to_pb(max_duration, "max_duration"))
+    ctx = current_context()
+    if ctx is not None:
+        options.parent_run_id = ctx.run.id
+    return options
 
 
-class TasksAPI(_Namespace):
+class TasksAPI(Namespace):
     """Trigger tasks by id."""
 
-    async def trigger(
-        self,
-        task_id: str,
-        payload: Any = None,
-        *,
-        queue: str | None = None,
-        tags: Sequence[str] | str | None = None,
-        metadata: dict[str, Any] | None = None,
-        max_attempts: int | None = None,
-        idempotency_key: str | None = None,
-        concurrency_key: str | None = None,
-        priority: int | None = None,
-    ) -> RunHandle:
-        """Trigger a run of ``task_id`` with ``payload`` (anything JSON-serialisable)."""
-        if isinstance(tags, str):
-            tags = [tags]
-        options = rpb.TriggerOptions(
-            queue=getattr(queue, "name", queue) or "",
-            tags=list(tags or []),
-            metadata=dumps(metadata) if metadata is not None else "",
-            max_attempts=max_attempts or 0,
-            idempotency_key=idempotency_key or "",
-            concurrency_key=concurrency_key or "",
-            priority=priority or 0,
+    async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
+        """Trigger a run of ``task_id`` with ``payload`` (anything JSON-serialisable); the
+        options are :func:`trigger_options`' keyword arguments."""
+        request = rpb.TriggerRunRequest(
+            task_id=task_id, payload=dumps(payload), options=trigger_options(**options)
         )
-        request = rpb.TriggerRunRequest(task_id=task_id, payload=dumps(payload), options=options)
         client = self._client
         response = await client._call(client._run_stub().TriggerRun, request)
         return RunHandle(
@@ -193,8 +225,33 @@ class TasksAPI(_Namespace):
     def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
         return self._client._run_sync(self.trigger(task_id, payload, **options))
 
+    async def batch_trigger(
+        self,
+        task_id: str,
+        items: Sequence[BatchItem | Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> BatchHandle:
+        """Trigger up to 1,000 runs of ``task_id`` at once, all or none; each item is
+        ``{"payload": ..., "options": {...}}``."""
+        from runplane._batch import BatchAPI
 
-class RunsAPI(_Namespace):
+        entries = [{"id": task_id, **_as_item(item)} for item in items]
+        return await BatchAPI(self._bound).trigger(entries, idempotency_key=idempotency_key)
+
+    def batch_trigger_sync(
+        self, task_id: str, items: Sequence[BatchItem | Any], **kwargs: Any
+    ) -> BatchHandle:
+        return self._client._run_sync(self.batch_trigger(task_id, items, **kwargs))
+
+
+def _as_item(item: Any) -> dict[str, Any]:
+    if not isinstance(item, dict) or "payload" not in item:
+        raise ConfigurationError('a batch item is {"payload": ..., "options": {...}}')
+    return {"payload": item["payload"], "options": item.get("options") or {}}
+
+
+class RunsAPI(Namespace):
     """Read, list, cancel and follow runs."""
 
     async def retrieve(self, run_id: str | RunHandle) -> Run:
@@ -223,6 +280,7 @@ class RunsAPI(_Namespace):
         status: RunStatus | str | Sequence[RunStatus | str] | None = None,
         task: str | Sequence[str] | None = None,
         tag: str | Sequence[str] | None = None,
+        batch: str | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         limit: int | None = None,
@@ -234,6 +292,7 @@ class RunsAPI(_Namespace):
             statuses=[run_pb2.RunStatus.ValueType(RunStatus(s).to_pb()) for s in statuses],
             task_ids=[task] if isinstance(task, str) else list(task or []),
             tags=[tag] if isinstance(tag, str) else list(tag or []),
+            batch_id=batch or "",
             page_size=page_size,
         )
         if created_after is not None:
@@ -255,6 +314,33 @@ class RunsAPI(_Namespace):
 
     def list_sync(self, **filters: Any) -> Iterator[Run]:
         return self._client._iterate_sync(self.list(**filters))
+
+    async def replay(self, run_id: str | RunHandle) -> RunHandle:
+        """A new run of the same task with the same payload (``ctx.run.is_replay`` is true)."""
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        response = await client._call(
+            client._run_stub().ReplayRun, rpb.ReplayRunRequest(run_id=run_id)
+        )
+        return RunHandle(id=response.run.id, run=Run.from_pb(response.run))
+
+    def replay_sync(self, run_id: str | RunHandle) -> RunHandle:
+        return self._client._run_sync(self.replay(run_id))
+
+    async def reschedule(self, run_id: str | RunHandle, *, delay: DurationLike | datetime) -> Run:
+        """Move a DELAYED run's start to ``delay`` from now (or to a datetime)."""
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        request = rpb.RescheduleRunRequest(run_id=run_id)
+        if isinstance(delay, datetime):
+            request.delay_until.CopyFrom(_durations.timestamp_pb(delay))
+        else:
+            request.delay.CopyFrom(_durations.to_pb(delay, "delay"))
+        response = await client._call(client._run_stub().RescheduleRun, request)
+        return Run.from_pb(response.run)
+
+    def reschedule_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Run:
+        return self._client._run_sync(self.reschedule(run_id, **kwargs))
 
     async def poll(
         self, run_id: str | RunHandle, *, interval: float = 0.5, timeout: float | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import orjson
 
@@ -100,6 +100,17 @@ class Run:
     finished_at: datetime | None
     duration_ms: int
     raw: run_pb2.Run = field(repr=False, compare=False)
+    delay_until: datetime | None = None
+    ttl: float | None = None  # seconds
+    max_duration: float | None = None  # seconds; None: the task's
+    machine: str | None = None  # None: the task's
+    replayed_from_run_id: str | None = None
+    idempotency_key_expires_at: datetime | None = None
+    depth: int = 0
+
+    @property
+    def is_replay(self) -> bool:
+        return self.replayed_from_run_id is not None
 
     @property
     def is_queued(self) -> bool:
@@ -161,6 +172,17 @@ class Run:
             finished_at=_dt(pb.finished_at, pb.HasField("finished_at")),
             duration_ms=pb.duration_ms,
             raw=pb,
+            delay_until=_dt(pb.delay_until, pb.HasField("delay_until")),
+            ttl=pb.ttl.ToMilliseconds() / 1000 if pb.HasField("ttl") else None,
+            max_duration=pb.max_duration.ToMilliseconds() / 1000
+            if pb.HasField("max_duration")
+            else None,
+            machine=pb.machine or None,
+            replayed_from_run_id=pb.replayed_from_run_id or None,
+            idempotency_key_expires_at=_dt(
+                pb.idempotency_key_expires_at, pb.HasField("idempotency_key_expires_at")
+            ),
+            depth=pb.depth,
         )
 
 
@@ -171,3 +193,55 @@ class RunHandle:
     id: str
     is_cached: bool = False
     run: Run | None = field(default=None, repr=False, compare=False)
+
+
+class BatchItem(TypedDict):
+    """One item of a batch trigger: a payload and its trigger options."""
+
+    payload: Any
+    options: NotRequired[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class BatchHandle:
+    """What a batch trigger returns: the batch id and its runs' handles in item order."""
+
+    batch_id: str
+    runs: list[RunHandle]
+
+    @property
+    def run_count(self) -> int:
+        return len(self.runs)
+
+
+class BatchStatus(StrEnum):
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    PARTIAL_FAILED = "PARTIAL_FAILED"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as ``batch.retrieve`` shows it."""
+
+    id: str
+    status: BatchStatus
+    run_count: int
+    runs: list[str]
+    idempotency_key: str | None
+    created_at: datetime | None
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """A queue as ``queues.retrieve`` shows it: its runs now and its limits."""
+
+    id: str
+    name: str
+    running: int
+    queued: int
+    paused: bool
+    concurrency_limit: int | None  # in force; None: bounded by the environment only
+    base_concurrency_limit: int | None  # declared in code
+    override_concurrency_limit: int | None
+    overridden_at: datetime | None

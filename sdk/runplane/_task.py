@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from runplane._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from runplane._models import RunHandle
+    from runplane._models import BatchHandle, BatchItem, RunHandle
 
 R = TypeVar("R")
 
@@ -111,6 +111,22 @@ class Task(Generic[R]):
         from runplane._client import default_client
 
         return default_client().tasks.trigger_sync(self.id, payload, **options)
+
+    async def batch_trigger(
+        self, items: Sequence[BatchItem], *, idempotency_key: str | None = None
+    ) -> BatchHandle:
+        """Trigger up to 1,000 runs at once, all or none, in item order; each item is
+        ``{"payload": ..., "options": {...}}`` with :meth:`trigger`'s options."""
+        from runplane._client import default_client
+
+        return await default_client().tasks.batch_trigger(
+            self.id, items, idempotency_key=idempotency_key
+        )
+
+    def batch_trigger_sync(self, items: Sequence[BatchItem], **kwargs: Any) -> BatchHandle:
+        from runplane._client import default_client
+
+        return default_client().tasks.batch_trigger_sync(self.id, items, **kwargs)
 
 
 _REGISTRY: dict[str, Task[Any]] = {}

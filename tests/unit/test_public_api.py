@@ -10,15 +10,24 @@ PUBLIC = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "Batch",
+    "BatchAPI",
+    "BatchHandle",
+    "BatchItem",
+    "BatchStatus",
     "Client",
     "ConfigurationError",
     "Context",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "IdempotencyKey",
+    "IdempotencyKeysAPI",
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
     "Queue",
+    "QueueInfo",
+    "QueuesAPI",
     "RetryOptions",
     "Run",
     "RunError",
@@ -33,13 +42,25 @@ PUBLIC = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "batch",
     "configure",
     "default_client",
+    "idempotency_keys",
     "queue",
+    "queues",
     "runs",
     "task",
     "tasks",
 ]
+
+
+NAMESPACES: tuple[type, ...] = (
+    runplane.RunsAPI,
+    runplane.TasksAPI,
+    runplane.BatchAPI,
+    runplane.QueuesAPI,
+    runplane.IdempotencyKeysAPI,
+)
 
 
 def test_all_is_frozen() -> None:
@@ -49,7 +70,7 @@ def test_all_is_frozen() -> None:
 
 
 def test_no_protobuf_type_in_public_signatures() -> None:
-    for cls in (runplane.Client, runplane.RunsAPI, runplane.TasksAPI, runplane.Task):
+    for cls in (*NAMESPACES, runplane.Client, runplane.Task):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_"):
                 continue
@@ -69,7 +90,7 @@ def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
 
 
 def test_every_client_call_has_a_sync_twin() -> None:
-    for cls in (runplane.RunsAPI, runplane.TasksAPI):
+    for cls in NAMESPACES:
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") or name.endswith("_sync"):
                 continue

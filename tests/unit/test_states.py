@@ -22,6 +22,7 @@ EXPECTED_ALLOWED = {
     ("PENDING_VERSION", "CANCELED"),
     ("PENDING_VERSION", "EXPIRED"),
     ("DELAYED", "QUEUED"),
+    ("DELAYED", "PENDING_VERSION"),  # its delay passed while no executor provides the task
     ("DELAYED", "CANCELED"),
     ("DELAYED", "EXPIRED"),
     ("QUEUED", "DEQUEUED"),

@@ -1,0 +1,83 @@
+"""``batch``: trigger runs of several tasks at once (all or none) and read batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from runplane._client import trigger_options
+from runplane._errors import ConfigurationError
+from runplane._models import Batch, BatchHandle, BatchStatus, Run, RunHandle, _dt
+from runplane._namespace import Namespace
+from runplane._serde import dumps
+from runplane.v1 import run_service_pb2 as rpb
+
+
+class BatchAPI(Namespace):
+    async def trigger(
+        self, items: Sequence[dict[str, Any]], *, idempotency_key: str | None = None
+    ) -> BatchHandle:
+        """Trigger ``[{"id": task_id, "payload": ..., "options": {...}}, ...]`` (up to 1,000
+        items) in one transaction: every run is created, in item order, or none is."""
+        request = rpb.BatchTriggerRunsRequest(idempotency_key=idempotency_key or "")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "id" not in item:
+                raise ConfigurationError(
+                    f'batch item {i}: expected {{"id": ..., "payload": ..., "options": {{...}}}}'
+                )
+            request.items.append(
+                rpb.BatchTriggerItem(
+                    task_id=item["id"],
+                    payload=dumps(item.get("payload")),
+                    options=trigger_options(**(item.get("options") or {})),
+                )
+            )
+        client = self._client
+        response = await client._call(client._run_stub().BatchTriggerRuns, request)
+        return BatchHandle(
+            batch_id=response.batch_id,
+            runs=[
+                RunHandle(id=pb.id, is_cached=cached, run=Run.from_pb(pb))
+                for pb, cached in zip(response.runs, response.is_cached, strict=True)
+            ],
+        )
+
+    def trigger_sync(self, items: Sequence[dict[str, Any]], **kwargs: Any) -> BatchHandle:
+        return self._client._run_sync(self.trigger(items, **kwargs))
+
+    async def trigger_by_task(
+        self, items: Sequence[dict[str, Any]], *, idempotency_key: str | None = None
+    ) -> BatchHandle:
+        """Like :meth:`trigger` with task objects: ``[{"task": my_task, "payload": ...}]``."""
+        entries = []
+        for i, item in enumerate(items):
+            task = item.get("task") if isinstance(item, dict) else None
+            if task is None or not hasattr(task, "id"):
+                raise ConfigurationError(f'batch item {i}: expected {{"task": a Task, ...}}')
+            entries.append({**item, "id": task.id})
+        return await self.trigger(entries, idempotency_key=idempotency_key)
+
+    def trigger_by_task_sync(self, items: Sequence[dict[str, Any]], **kwargs: Any) -> BatchHandle:
+        return self._client._run_sync(self.trigger_by_task(items, **kwargs))
+
+    async def retrieve(self, batch_id: str | BatchHandle) -> Batch:
+        client = self._client
+        batch_id = batch_id.batch_id if isinstance(batch_id, BatchHandle) else batch_id
+        response = await client._call(
+            client._run_stub().GetBatch, rpb.GetBatchRequest(batch_id=batch_id)
+        )
+        b = response.batch
+        return Batch(
+            id=b.id,
+            status=BatchStatus(rpb.BatchStatus.Name(b.status).removeprefix("BATCH_STATUS_")),
+            run_count=b.run_count,
+            runs=list(b.run_ids),
+            idempotency_key=b.idempotency_key or None,
+            created_at=_dt(b.created_at, b.HasField("created_at")),
+        )
+
+    def retrieve_sync(self, batch_id: str | BatchHandle) -> Batch:
+        return self._client._run_sync(self.retrieve(batch_id))
+
+
+batch = BatchAPI(None)
