@@ -113,6 +113,7 @@ def assignment_to_attempt(a: wpb.Assignment) -> dict[str, Any]:
             "root_run_id": r.root_run_id,
             "batch_id": r.batch_id,
             "queue": r.queue,
+            "replayed_from_run_id": r.replayed_from_run_id,
         },
     }
 

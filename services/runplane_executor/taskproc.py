@@ -59,7 +59,7 @@ def build_context(attempt: dict[str, Any], task: Task[Any]) -> Context:
             id=run["id"],
             tags=run["tags"],
             is_test=run["is_test"],
-            is_replay=False,
+            is_replay=bool(run.get("replayed_from_run_id")),
             created_at=_ms_to_dt(run["created_at"]),
             started_at=_ms_to_dt(run["started_at"]) or datetime.now(UTC),
             idempotency_key=run["idempotency_key"] or None,

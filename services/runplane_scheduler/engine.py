@@ -915,7 +915,7 @@ class RunEngine:
             )
             if row is not None:
                 await Store.finish_attempt(tx, attempt_id, "COMPLETED")
-            tx.after_commit.append(lambda: self.index.release(attempt_id))
+            tx.after_commit.append(lambda: self._release(attempt_id))
 
         self._submit(op)
 
@@ -939,7 +939,7 @@ class RunEngine:
                     )
                 )
             ).first()
-            tx.after_commit.append(lambda: self.index.release(attempt_id))
+            tx.after_commit.append(lambda: self._release(attempt_id))
             if current is None:
                 return
             m = current._mapping
@@ -1007,7 +1007,7 @@ class RunEngine:
                 attempt_count=db.runs.c.attempt_count - int(lease.started),
             )
             await Store.finish_attempt(tx, attempt_id, "LOST")
-            tx.after_commit.append(lambda: self.index.release(attempt_id))
+            tx.after_commit.append(lambda: self._release(attempt_id))
             if row is not None:
                 m = row._mapping
                 tx.after_commit.append(lambda: self._enqueue_row(m, ts))
@@ -1015,6 +1015,11 @@ class RunEngine:
         self._submit(op)
 
     # -- dispatch --------------------------------------------------------------------------------
+
+    def _release(self, attempt_id: str) -> None:
+        """Free the attempt's slot; the next queued run may take it."""
+        self.index.release(attempt_id)
+        self._dispatch_wake.set()
 
     def _enqueue_row(self, m: Mapping[Any, Any], queued_at: int) -> None:
         key = (m["environment_id"], m["queue"], m["concurrency_key"])
