@@ -47,6 +47,11 @@ def _counted(path: str, key: str) -> Iterator[None]:
                 s[k] -= 1
 
 
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
 async def _hold(payload: dict[str, Any]) -> None:
     """Sleep ``seconds``, or until the file ``release`` exists."""
     if release := payload.get("release"):
@@ -74,8 +79,7 @@ async def per_key_work(payload: dict[str, Any], ctx: Context) -> str:
 async def serial_work(payload: dict[str, Any], ctx: Context) -> str:
     """Appends its label to ``order`` when it starts, then holds the queue's one slot."""
     if order := payload.get("order"):
-        with open(order, "a") as f:
-            f.write(payload["label"] + "\n")
+        _append(order, payload["label"])
     await _hold(payload)
     return str(payload.get("label", ""))
 
