@@ -70,6 +70,10 @@ async def _runs(args: argparse.Namespace) -> int:
     if args.runs_command == "cancel":
         _print_run(await client.runs.cancel(args.run_id))
         return 0
+    if args.runs_command == "replay":
+        handle = await client.runs.replay(args.run_id)
+        print(handle.id)
+        return 0
     if args.runs_command == "watch":
         async for run in client.runs.subscribe_to_run(args.run_id):
             print(f"v{run.version:<4} {run.status:<15} attempts={run.attempt_count}", flush=True)
@@ -77,6 +81,26 @@ async def _runs(args: argparse.Namespace) -> int:
                 _print_run(run)
         return 0
     return _fail(f"unknown runs command {args.runs_command}")
+
+
+async def _queues(args: argparse.Namespace) -> int:
+    from runplane._client import Client
+
+    client = Client()
+    if args.queues_command == "ls":
+        print(f"{'QUEUE':<32} {'RUNNING':>7} {'QUEUED':>7} {'LIMIT':>6}  STATE")
+        async for q in client.queues.list():
+            limit = str(q.concurrency_limit) if q.concurrency_limit else "-"
+            state = "paused" if q.paused else "active"
+            print(f"{q.name:<32} {q.running:>7} {q.queued:>7} {limit:>6}  {state}")
+        return 0
+    if args.queues_command == "pause":
+        q = await client.queues.pause(args.queue)
+        print(f"{q.name} paused ({q.running} running, {q.queued} queued)")
+        return 0
+    q = await client.queues.resume(args.queue)
+    print(f"{q.name} resumed ({q.running} running, {q.queued} queued)")
+    return 0
 
 
 def _run_dict(run: Any) -> dict[str, Any]:
@@ -151,8 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--task", action="append")
     ls.add_argument("--tag", action="append")
     ls.add_argument("--limit", type=int, default=20)
-    for name in ("show", "cancel", "watch"):
+    for name in ("show", "cancel", "replay", "watch"):
         rsub.add_parser(name).add_argument("run_id")
+
+    queues = sub.add_parser("queues", help="list, pause and resume queues")
+    qsub = queues.add_subparsers(dest="queues_command", required=True)
+    qsub.add_parser("ls")
+    for name in ("pause", "resume"):
+        qsub.add_parser(name).add_argument("queue", help="queue name or id")
 
     keys = sub.add_parser("keys", help="secret keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -203,6 +233,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_async(_trigger(args))
     if args.command == "runs":
         return run_async(_runs(args))
+    if args.command == "queues":
+        return run_async(_queues(args))
     if args.command == "keys":
         return _keys_create(args)
     if args.command == "db":

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -311,3 +313,33 @@ async def test_unknown_queue_and_machine_are_refused_with_nothing_written(
     # Named, defined queue: accepted.
     handle = await client.tasks.trigger("echo", 1, queue="limited")
     assert (await _final(client, handle.id)).queue == "limited"
+
+
+async def _cli(cluster: Cluster, *argv: str) -> tuple[int, str, str]:
+    env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runplane", *argv,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_queues_ls_pause_resume_and_runs_replay(cluster: Cluster) -> None:
+    code, out, _ = await _cli(cluster, "queues", "pause", "serial")
+    assert code == 0 and "serial paused" in out
+    code, out, _ = await _cli(cluster, "queues", "ls")
+    assert code == 0
+    line = next(row for row in out.splitlines() if row.startswith("serial "))
+    assert line.split()[-1] == "paused" and line.split()[-2] == "1"
+    code, out, _ = await _cli(cluster, "queues", "resume", "serial")
+    assert code == 0 and "serial resumed" in out
+    code, _, err = await _cli(cluster, "queues", "pause", "nope")
+    assert code != 0 and err.count("\n") == 1 and "queue nope not found" in err
+
+    client = cluster.client()
+    original = await client.tasks.trigger("echo", {"v": 1})
+    code, out, _ = await _cli(cluster, "runs", "replay", original.id)
+    assert code == 0 and out.strip().startswith("run_")
+    assert (await _final(client, out.strip())).replayed_from_run_id == original.id
