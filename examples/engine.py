@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,32 @@ async def parent_of_sleeper(payload: dict[str, Any], ctx: Context) -> str:
 async def echo_sleeper(payload: dict[str, Any]) -> float:
     await asyncio.sleep(payload.get("seconds", 60))
     return float(payload.get("seconds", 60))
+
+
+rated = queue(name="rated", rate_limit={"limit": 2, "period": "1s"})
+capped = queue(name="capped", concurrency_limit=2, total_concurrency_limit=3)
+
+
+@task(id="rated-work", queue=rated)
+async def rated_work(payload: dict[str, Any]) -> float:
+    """Records when it started (wall clock) in ``file``."""
+    started = time.time()
+    _append(payload["file"], repr(started))
+    return started
+
+
+@task(id="capped-work", queue=capped)
+async def capped_work(payload: dict[str, Any]) -> str:
+    with _counted(payload["file"], payload["key"]):
+        await _hold(payload)
+    return payload["key"]
+
+
+@task(id="short-lived", queue=serial, ttl="1s")
+async def short_lived(payload: Any) -> Any:
+    return payload
+
+
+@task(id="debounced")
+async def debounced(payload: Any) -> Any:
+    return payload

@@ -171,6 +171,7 @@ def trigger_options(
     ttl: DurationLike | None = None,
     max_duration: DurationLike | None = None,
     machine: str | None = None,
+    debounce: dict[str, Any] | None = None,
 ) -> rpb.TriggerOptions:
     """The options of one trigger (SPEC §3), as the API carries them.
 
@@ -201,10 +202,33 @@ def trigger_options(
         )
     if max_duration is not None:
         options.max_duration.CopyFrom(_durations.to_pb(max_duration, "max_duration"))
+    if debounce is not None:
+        options.debounce.CopyFrom(_debounce(debounce))
     ctx = current_context()
     if ctx is not None:
         options.parent_run_id = ctx.run.id
     return options
+
+
+def _debounce(value: dict[str, Any]) -> rpb.Debounce:
+    """``{"key": ..., "delay": "5s", "mode": "leading"|"trailing", "max_delay": "1m"}``."""
+    unknown = set(value) - {"key", "delay", "mode", "max_delay"}
+    if unknown or "key" not in value or "delay" not in value:
+        raise ConfigurationError(
+            'debounce is {"key": ..., "delay": ..., "mode": "leading"|"trailing", '
+            f'"max_delay": ...}}, got {value!r}'
+        )
+    mode = value.get("mode", "leading")
+    if mode not in ("leading", "trailing"):
+        raise ConfigurationError(f'debounce mode is "leading" or "trailing", got {mode!r}')
+    d = rpb.Debounce(
+        key=str(value["key"]),
+        mode=rpb.DEBOUNCE_MODE_TRAILING if mode == "trailing" else rpb.DEBOUNCE_MODE_LEADING,
+    )
+    d.delay.CopyFrom(_durations.to_pb(value["delay"], "debounce.delay"))
+    if value.get("max_delay") is not None:
+        d.max_delay.CopyFrom(_durations.to_pb(value["max_delay"], "debounce.max_delay"))
+    return d
 
 
 class TasksAPI(Namespace):

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
+from runplane import _durations
 from runplane._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -28,17 +29,49 @@ MACHINES: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class Queue:
-    """A named queue, shareable by several tasks; ``concurrency_limit`` None: the environment's."""
+    """A named queue, shareable by several tasks; ``concurrency_limit`` None: the environment's.
+
+    With a concurrency key each key gets its own copy of ``concurrency_limit``;
+    ``total_concurrency_limit`` caps all keys together. ``rate_limit`` lets at most
+    ``rate_limit[0]`` runs start per ``rate_limit[1]`` seconds; the rest wait queued."""
 
     name: str
     concurrency_limit: int | None = None
+    rate_limit: tuple[int, float] | None = None
+    total_concurrency_limit: int | None = None
 
 
-def queue(name: str, concurrency_limit: int | None = None) -> Queue:
-    """Declare a queue: ``emails = queue(name="emails", concurrency_limit=5)``."""
-    if concurrency_limit is not None and concurrency_limit < 0:
-        raise ConfigurationError(f"queue {name!r}: concurrency_limit must be >= 0")
-    return Queue(name=name, concurrency_limit=concurrency_limit)
+def queue(
+    name: str,
+    concurrency_limit: int | None = None,
+    *,
+    rate_limit: dict[str, Any] | None = None,
+    total_concurrency_limit: int | None = None,
+) -> Queue:
+    """Declare a queue: ``emails = queue(name="emails", concurrency_limit=5,
+    rate_limit={"limit": 100, "period": "1m"})``."""
+    for option, value in (
+        ("concurrency_limit", concurrency_limit),
+        ("total_concurrency_limit", total_concurrency_limit),
+    ):
+        if value is not None and not 0 <= value <= 100_000:
+            raise ConfigurationError(f"queue {name!r}: {option} must be 0..100000")
+    rate = None
+    if rate_limit is not None:
+        if set(rate_limit) != {"limit", "period"} or not isinstance(rate_limit["limit"], int):
+            raise ConfigurationError(
+                f'queue {name!r}: rate_limit is {{"limit": N, "period": "1m"}}, got {rate_limit!r}'
+            )
+        period = _durations.seconds(rate_limit["period"], f"queue {name!r} rate_limit.period")
+        if rate_limit["limit"] < 1 or period <= 0:
+            raise ConfigurationError(f"queue {name!r}: rate_limit needs limit >= 1, period > 0")
+        rate = (rate_limit["limit"], period)
+    return Queue(
+        name=name,
+        concurrency_limit=concurrency_limit,
+        rate_limit=rate,
+        total_concurrency_limit=total_concurrency_limit,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +108,7 @@ class Task(Generic[R]):
     machine: str = "small-1x"
     max_duration: float = 0
     description: str = ""
+    ttl: float = 0  # seconds; 0: runs never expire
 
     # Read on every attempt: worked out once.
     @functools.cached_property
@@ -157,6 +191,7 @@ def task(
     machine: str = "small-1x",
     max_duration: float = 0,
     description: str = "",
+    ttl: _durations.DurationLike = 0,
 ) -> TaskDecorator: ...
 
 
@@ -170,6 +205,7 @@ def task(
     machine: str = "small-1x",
     max_duration: float = 0,
     description: str = "",
+    ttl: _durations.DurationLike = 0,
 ) -> Any:
     """Turn an ``async def`` (or a plain ``def``, run off the event loop) into a :class:`Task`.
 
@@ -191,6 +227,7 @@ def task(
             machine=machine,
             max_duration=max_duration,
             description=description or (inspect.getdoc(f) or "").split("\n")[0],
+            ttl=_durations.seconds(ttl, f"task {task_id!r} ttl"),
         )
         existing = _REGISTRY.get(task_id)
         if existing is not None and existing.fn.__qualname__ != f.__qualname__:

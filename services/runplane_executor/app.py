@@ -82,6 +82,10 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
                 max_duration_seconds=t.max_duration,
                 machine=t.machine,
                 description=t.description,
+                ttl_seconds=t.ttl,
+                queue_rate_limit=t.queue.rate_limit[0] if t.queue.rate_limit else 0,
+                queue_rate_period_seconds=t.queue.rate_limit[1] if t.queue.rate_limit else 0,
+                queue_total_concurrency_limit=t.queue.total_concurrency_limit or 0,
             )
         )
     manifest = wpb.Manifest(tasks=defs)

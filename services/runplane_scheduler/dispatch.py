@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +33,38 @@ class QueueConfig:
     limit: int = 0  # declared in code; 0: only the environment limit applies
     override: int | None = None
     paused: bool = False
+    # At most rate_limit starts per rate_period seconds (0: no rate limit).
+    rate_limit: int = 0
+    rate_period: float = 0.0
+    # Cap across all concurrency keys together (0: none).
+    total_limit: int = 0
+    running_total: int = 0
+    starts: deque[float] = field(default_factory=deque)
 
     @property
     def effective_limit(self) -> int:
         return self.limit if self.override is None else self.override
+
+    def may_start(self, now: float) -> bool:
+        """Not paused, under the cross-key cap, and a start left in the rate window."""
+        if self.paused or (self.total_limit and self.running_total >= self.total_limit):
+            return False
+        if self.rate_limit:
+            while self.starts and self.starts[0] <= now - self.rate_period:
+                self.starts.popleft()
+            return len(self.starts) < self.rate_limit
+        return True
+
+    def started(self, now: float) -> None:
+        self.running_total += 1
+        if self.rate_limit:
+            self.starts.append(now)
+
+    def rate_window_opens(self) -> float | None:
+        """When a rate-limited queue with a full window may start again."""
+        if self.rate_limit and len(self.starts) >= self.rate_limit:
+            return self.starts[0] + self.rate_period
+        return None
 
 
 @dataclass
@@ -47,8 +76,8 @@ class QueueState:
     running: int = 0
     heap: list[QueuedRun] = field(default_factory=list)
 
-    def has_slot(self) -> bool:
-        if self.config.paused:
+    def has_slot(self, now: float) -> bool:
+        if not self.config.may_start(now):
             return False
         limit = self.config.effective_limit
         return limit <= 0 or self.running < limit
@@ -110,6 +139,11 @@ class DispatchIndex:
             self._rotation.append(key)
         return state
 
+    def next_wake(self) -> float | None:
+        """The monotonic time a rate-limited queue's window reopens, if one is full."""
+        times = [t for c in self.configs.values() if (t := c.rate_window_opens()) is not None]
+        return min(times, default=None)
+
     def discard(self, run_id: str) -> None:
         """Forget a queued run that will not be dispatched (its heap entry is dropped lazily)."""
         self.removed.add(run_id)
@@ -143,6 +177,7 @@ class DispatchIndex:
         """Runs to dispatch now, fairly across queues (one per queue per round), reserving their
         slots. Runs whose task no executor can take right now stay queued."""
         picked: list[tuple[QueuedRun, QueueKey, ExecutorState]] = []
+        now = time.monotonic()
         progress = True
         while progress:
             progress = False
@@ -157,7 +192,7 @@ class DispatchIndex:
                     if key[2] and q.running == 0:
                         self._forget(key)
                     continue
-                if not q.has_slot():
+                if not q.has_slot(now):
                     continue
                 if self.env_running.get(env, 0) >= self.environment_limit:
                     continue
@@ -167,6 +202,7 @@ class DispatchIndex:
                     continue
                 heapq.heappop(q.heap)
                 q.running += 1
+                q.config.started(now)
                 self.env_running[env] = self.env_running.get(env, 0) + 1
                 ex.attempts.add(f"reserved:{head.run_id}")
                 picked.append((head, key, ex))
@@ -177,12 +213,14 @@ class DispatchIndex:
         """Reserve a slot and an executor for a new run, if nothing waits ahead of it."""
         q = self.queue(key)
         env = key[0]
-        if q.heap or not q.has_slot() or self.env_running.get(env, 0) >= self.environment_limit:
+        now = time.monotonic()
+        if q.heap or not q.has_slot(now) or self.env_running.get(env, 0) >= self.environment_limit:
             return None
         ex = self.executor_for(env, task_id)
         if ex is None:
             return None
         q.running += 1
+        q.config.started(now)
         self.env_running[env] = self.env_running.get(env, 0) + 1
         ex.attempts.add(f"reserved:{run_id}")
         return ex
@@ -200,6 +238,7 @@ class DispatchIndex:
         """A lease found in the database after a restart: its slot is taken."""
         q = self.queue(lease.queue)
         q.running += 1
+        q.config.running_total += 1
         env = lease.queue[0]
         self.env_running[env] = self.env_running.get(env, 0) + 1
         self.leases[lease.attempt_id] = lease
@@ -222,6 +261,9 @@ class DispatchIndex:
         q = self.queues.get(key)
         if q is not None and q.running > 0:
             q.running -= 1
+        config = self.configs.get((key[0], key[1]))
+        if config is not None and config.running_total > 0:
+            config.running_total -= 1
         env = key[0]
         if self.env_running.get(env, 0) > 0:
             self.env_running[env] -= 1

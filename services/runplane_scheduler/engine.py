@@ -45,6 +45,9 @@ class TaskDef:
     max_duration: int = 0
     machine: str = "small-1x"
     ttl_ms: int = 0
+    queue_rate_limit: int = 0
+    queue_rate_period: float = 0.0
+    queue_total_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,15 @@ class TriggerSpec:
     machine: str = ""  # '': the task's
     parent_run_id: str = ""
     replayed_from_run_id: str = ""
+    debounce: Debounce | None = None
+
+
+@dataclass(frozen=True)
+class Debounce:
+    key: str
+    delay_ms: int
+    trailing: bool = False
+    max_delay_ms: int = 0  # 0: unbounded
 
 
 DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
@@ -128,6 +140,7 @@ class RunEngine:
                 retry=RetryPolicy.from_dict(orjson.loads(m["retry"])),
                 max_duration=m["max_duration"],
                 machine=m["machine"],
+                ttl_ms=m["ttl_ms"],
             )
         for td_key, td in self.task_defs.items():
             self._apply_queue_limit(td_key[0], td)
@@ -232,7 +245,7 @@ class RunEngine:
         run_id = new_id("run")
         # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
         # dequeued in one commit (both events are still published, in order).
-        direct = known and spec.delay_until <= now_ms()
+        direct = known and spec.delay_until <= now_ms() and spec.debounce is None
         ex = self.index.reserve_direct(key, spec.task_id, run_id) if direct else None
         attempt_id = new_id("attempt") if ex is not None else ""
         traceparent = telemetry.current_traceparent()
@@ -241,6 +254,8 @@ class RunEngine:
             ts = now_ms()
             [found] = await self._resolve(tx, environment_id, [spec], ts)
             if isinstance(found, _Resolved):
+                if (pushed := await self._debounce(tx, environment_id, spec, ts)) is not None:
+                    return pushed, True
                 row = self._new_run(environment_id, spec, run_id, queue, found, traceparent, ts)
                 return await self._insert(tx, row, spec, known, ex, attempt_id), False
             assert not isinstance(found, _SameAs)  # only within a batch
@@ -294,6 +309,10 @@ class RunEngine:
             for spec, queue, run_id, item in zip(specs, queues, run_ids, found, strict=True):
                 if not isinstance(item, _Resolved):
                     rows.append(rows[item.index] if isinstance(item, _SameAs) else item)
+                    cached.append(True)
+                    continue
+                if (pushed := await self._debounce(tx, environment_id, spec, ts)) is not None:
+                    rows.append(pushed)
                     cached.append(True)
                     continue
                 row = self._new_run(environment_id, spec, run_id, queue, item, traceparent, ts)
@@ -392,11 +411,9 @@ class RunEngine:
         ts: int,
     ) -> dict[str, Any]:
         td = self.task_defs.get((environment_id, spec.task_id))
-        max_attempts = spec.max_attempts or (
-            td.retry.max_attempts if td else RetryPolicy().max_attempts
-        )
         ttl_ms = spec.ttl_ms if spec.ttl_ms is not None else (td.ttl_ms if td else 0)
-        delayed = spec.delay_until > ts
+        delay_until = ts + spec.debounce.delay_ms if spec.debounce else spec.delay_until
+        delayed = delay_until > ts
         key_ttl = spec.idempotency_key_ttl_ms or DEFAULT_IDEMPOTENCY_TTL_MS
         return {
             "id": run_id,
@@ -414,7 +431,7 @@ class RunEngine:
             "concurrency_key": spec.concurrency_key,
             "priority": spec.priority,
             "attempt_count": 0,
-            "max_attempts": max_attempts,
+            "max_attempts": self._max_attempts(environment_id, spec),
             "version": 1,
             "is_test": False,
             "parent_run_id": resolved.parent_run_id,
@@ -424,7 +441,8 @@ class RunEngine:
             "created_at": ts,
             "updated_at": ts,
             "queued_at": None if delayed else ts,
-            "delay_until": spec.delay_until if delayed else None,
+            "delay_until": delay_until if delayed else None,
+            "debounce_key": spec.debounce.key if spec.debounce else None,
             "ttl_ms": ttl_ms or None,
             "max_duration_ms": spec.max_duration_ms,
             "machine": spec.machine,
@@ -436,6 +454,59 @@ class RunEngine:
             "current_attempt_id": None,
             "executor_id": None,
         }
+
+    def _max_attempts(self, environment_id: str, spec: TriggerSpec) -> int:
+        """The trigger's max_attempts, else the task's, else the default."""
+        td = self.task_defs.get((environment_id, spec.task_id))
+        return spec.max_attempts or (td.retry.max_attempts if td else RetryPolicy().max_attempts)
+
+    async def _debounce(
+        self, tx: Tx, environment_id: str, spec: TriggerSpec, ts: int
+    ) -> Mapping[Any, Any] | None:
+        """Push back the task's DELAYED run with the same debounce key and return it (in
+        trailing mode with this trigger's payload and options); None when there is none or
+        ``max_delay`` forbids pushing it further (then a new run is made)."""
+        d = spec.debounce
+        if d is None:
+            return None
+        r = db.runs.c
+        current = (
+            await tx.execute(
+                select(r.id, r.created_at)
+                .where(
+                    r.environment_id == environment_id,
+                    r.task_id == spec.task_id,
+                    r.debounce_key == d.key,
+                    r.status == Status.DELAYED.value,
+                )
+                .order_by(r.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if current is None:
+            return None
+        until = ts + d.delay_ms
+        if d.max_delay_ms and until > current.created_at + d.max_delay_ms:
+            return None
+        values: dict[str, Any] = {"delay_until": until, "updated_at": ts}
+        if d.trailing:
+            values.update(
+                payload=spec.payload,
+                metadata=spec.metadata,
+                tags=orjson.dumps(list(spec.tags)).decode(),
+                max_attempts=self._max_attempts(environment_id, spec),
+                max_duration_ms=spec.max_duration_ms,
+                machine=spec.machine,
+            )
+        row = await tx.transition(
+            current.id, [Status.DELAYED], Status.DELAYED, "debounced", **values
+        )
+        if row is None:
+            return None
+        if d.trailing:
+            await Store.replace_tags(tx, environment_id, current.id, spec.tags)
+        await self._schedule(tx, until, "delay", current.id)
+        return row._mapping
 
     async def _insert(
         self,
@@ -680,6 +751,10 @@ class RunEngine:
                 else RetryPolicy(),
                 max_duration=int(t.max_duration_seconds),
                 machine=t.machine or "small-1x",
+                ttl_ms=int(t.ttl_seconds * 1000),
+                queue_rate_limit=t.queue_rate_limit,
+                queue_rate_period=t.queue_rate_period_seconds,
+                queue_total_limit=t.queue_total_concurrency_limit,
             )
             for t in register.manifest.tasks
         ]
@@ -693,6 +768,7 @@ class RunEngine:
                 "retry": orjson.dumps(d.retry.to_dict()).decode(),
                 "max_duration": d.max_duration,
                 "machine": d.machine,
+                "ttl_ms": d.ttl_ms,
                 "updated_at": ts,
             }
             for d in defs
@@ -804,7 +880,11 @@ class RunEngine:
         self._dispatch_wake.set()
 
     def _apply_queue_limit(self, environment_id: str, d: TaskDef) -> None:
-        self.index.config((environment_id, d.queue)).limit = d.queue_concurrency_limit
+        config = self.index.config((environment_id, d.queue))
+        config.limit = d.queue_concurrency_limit
+        config.rate_limit = d.queue_rate_limit
+        config.rate_period = d.queue_rate_period
+        config.total_limit = d.queue_total_limit
 
     async def _release_pending(self, environment_id: str, run_ids: list[str]) -> None:
         """Runs that waited for an executor providing their task move to QUEUED."""
@@ -1028,7 +1108,10 @@ class RunEngine:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            await self._dispatch_wake.wait()
+            wake_at = self.index.next_wake()
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dispatch_wake.wait(), timeout)
             self._dispatch_wake.clear()
             picked = self.index.take()
             for queued, key, ex in picked:

@@ -596,6 +596,14 @@ class Store:
         tx.emit("created", created or values)
 
     @staticmethod
+    async def replace_tags(tx: Tx, environment_id: str, run_id: str, tags: Sequence[str]) -> None:
+        await tx.execute(delete(db.run_tags).where(db.run_tags.c.run_id == run_id))
+        for tag in dict.fromkeys(tags):
+            tx.insert_later(
+                db.run_tags, {"run_id": run_id, "tag": tag, "environment_id": environment_id}
+            )
+
+    @staticmethod
     async def insert_attempt(tx: Tx, values: dict[str, Any]) -> None:
         tx.insert_later(db.attempts, values)
 

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_scheduler.engine import TriggerSpec
+from runplane_scheduler.engine import Debounce, TriggerSpec
 from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_server.config import Limits
 from runplane_server.errors import InvalidArgument
@@ -78,6 +78,16 @@ def register(message: wpb.Register) -> wpb.Register:
             raise InvalidArgument(f"{where}.machine", f"unknown machine {t.machine[:40]!r}")
         text(f"{where}.description", t.description, 2000)
         finite(f"{where}.max_duration_seconds", t.max_duration_seconds, 0, 365 * 86400)
+        finite(f"{where}.ttl_seconds", t.ttl_seconds, 0, 3650 * 86400)
+        if not 0 <= t.queue_rate_limit <= 1_000_000:
+            raise InvalidArgument(f"{where}.queue_rate_limit", "must be 0..1000000")
+        finite(f"{where}.queue_rate_period_seconds", t.queue_rate_period_seconds, 0, 366 * 86400)
+        if t.queue_rate_limit and t.queue_rate_period_seconds <= 0:
+            raise InvalidArgument(
+                f"{where}.queue_rate_period_seconds", "must be > 0 with a rate limit"
+            )
+        if not 0 <= t.queue_total_concurrency_limit <= 1_000_000:
+            raise InvalidArgument(f"{where}.queue_total_concurrency_limit", "must be 0..1000000")
         r = t.retry
         if not 0 <= r.max_attempts <= MAX_ATTEMPTS_CAP:
             raise InvalidArgument(f"{where}.retry.max_attempts", f"must be 0..{MAX_ATTEMPTS_CAP}")
@@ -198,6 +208,11 @@ def trigger_spec(
         delay_until = timestamp_ms(f"{f}delay_until", o.delay_until)
     if o.parent_run_id:
         run_id(o.parent_run_id, f"{f}parent_run_id")
+    debounce = None
+    if o.HasField("debounce"):
+        if delay_until:
+            raise InvalidArgument(f"{f}debounce", "give delay or debounce, not both")
+        debounce = _debounce(f"{f}debounce", o.debounce)
     return TriggerSpec(
         task_id=task_id(task, f"{where}task_id"),
         payload=json_text(
@@ -223,6 +238,29 @@ def trigger_spec(
         else None,
         machine=machine(f"{f}machine", o.machine),
         parent_run_id=o.parent_run_id,
+        debounce=debounce,
+    )
+
+
+def _debounce(field: str, d: rpb.Debounce) -> Debounce:
+    if not 1 <= len(d.key) <= 512:
+        raise InvalidArgument(f"{field}.key", f"must be 1..512 characters, got {len(d.key)}")
+    text(f"{field}.key", d.key, 512)
+    if d.mode not in rpb.DebounceMode.values():
+        raise InvalidArgument(f"{field}.mode", f"{d.mode} is not a debounce mode")
+    if not d.HasField("delay"):
+        raise InvalidArgument(f"{field}.delay", "is required")
+    delay = duration_ms(f"{field}.delay", d.delay, minimum_ms=1000)
+    max_delay = 0
+    if d.HasField("max_delay"):
+        max_delay = duration_ms(f"{field}.max_delay", d.max_delay)
+        if max_delay <= delay:
+            raise InvalidArgument(f"{field}.max_delay", f"must exceed delay ({delay / 1000:g} s)")
+    return Debounce(
+        key=d.key,
+        delay_ms=delay,
+        trailing=d.mode == rpb.DEBOUNCE_MODE_TRAILING,
+        max_delay_ms=max_delay,
     )
 
 

@@ -90,11 +90,14 @@ runs = Table(
     Column("replayed_from_run_id", String(40)),
     Column("idempotency_key_expires_at", BigInteger),
     Column("depth", Integer, nullable=False, server_default="0"),
+    # Triggers with this key collapse into the run while it is DELAYED.
+    Column("debounce_key", String(512)),
     Index("ix_runs_env_id", "environment_id", "id"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_idempotency", "environment_id", "task_id", "idempotency_key"),
     Index("ix_runs_batch", "batch_id"),
     Index("ix_runs_parent", "parent_run_id"),
+    Index("ix_runs_debounce", "environment_id", "task_id", "debounce_key"),
 )
 
 run_tags = Table(
@@ -155,6 +158,7 @@ task_definitions = Table(
     Column("max_duration", BigInteger, nullable=False),
     Column("machine", String(32), nullable=False),
     Column("updated_at", BigInteger, nullable=False),
+    Column("ttl_ms", BigInteger, nullable=False, server_default="0"),
 )
 
 

@@ -343,3 +343,91 @@ async def test_cli_queues_ls_pause_resume_and_runs_replay(cluster: Cluster) -> N
     code, out, _ = await _cli(cluster, "runs", "replay", original.id)
     assert code == 0 and out.strip().startswith("run_")
     assert (await _final(client, out.strip())).replayed_from_run_id == original.id
+
+
+async def test_task_ttl_applies_when_the_trigger_sets_none(cluster: Cluster) -> None:
+    client = cluster.client()
+    await client.queues.pause("serial")
+    handle = await client.tasks.trigger("short-lived", 1)
+    final = await _final(client, handle.id)
+    assert final.status is RunStatus.EXPIRED and final.ttl == 1.0
+    kept = await client.tasks.trigger("short-lived", 2, ttl=0)  # 0 opts out
+    await asyncio.sleep(1.5)
+    assert (await client.runs.retrieve(kept.id)).status is RunStatus.QUEUED
+    await client.queues.resume("serial")
+    assert (await _final(client, kept.id)).status is RunStatus.COMPLETED
+
+
+async def test_debounce_collapses_triggers_into_one_run(cluster: Cluster) -> None:
+    client = cluster.client()
+    trailing = [
+        await client.tasks.trigger(
+            "debounced", {"n": i}, debounce={"key": "u1", "delay": "1s", "mode": "trailing"}
+        )
+        for i in range(5)
+    ]
+    assert len({h.id for h in trailing}) == 1
+    assert [h.is_cached for h in trailing] == [False, True, True, True, True]
+    leading = [
+        await client.tasks.trigger("debounced", {"n": i}, debounce={"key": "u2", "delay": "1s"})
+        for i in range(5)
+    ]
+    assert len({h.id for h in leading}) == 1
+    assert (await _final(client, trailing[0].id)).output == {"n": 4}
+    assert (await _final(client, leading[0].id)).output == {"n": 0}
+    # Once the run has left DELAYED, the key makes a new run.
+    later = await client.tasks.trigger("debounced", 9, debounce={"key": "u1", "delay": "1s"})
+    assert later.id != trailing[0].id
+
+
+async def test_debounce_max_delay_forces_a_run(cluster: Cluster) -> None:
+    client = cluster.client()
+    options = {"key": "busy", "delay": "1s", "max_delay": "2s", "mode": "trailing"}
+    ids = []
+    started = time.monotonic()
+    while time.monotonic() - started < 3.5:  # a trigger every 0.3 s never lets the delay pass
+        ids.append((await client.tasks.trigger("debounced", len(ids), debounce=options)).id)
+        await asyncio.sleep(0.3)
+    first = ids[0]
+    assert len(set(ids)) >= 2  # max_delay made the first one run and started a new run
+    run = await _final(client, first)
+    assert run.status is RunStatus.COMPLETED
+    assert run.started_at is not None and run.created_at is not None
+    assert run.started_at - run.created_at < timedelta(seconds=3.5)
+
+
+async def test_rate_limit_is_never_exceeded_over_several_periods(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    client = cluster.client()
+    starts_file = tmp_path / "starts.txt"
+    handles = [
+        await client.tasks.trigger("rated-work", {"file": str(starts_file)}) for _ in range(8)
+    ]
+    for h in handles:
+        assert (await _final(client, h.id)).status is RunStatus.COMPLETED
+    starts = sorted(float(x) for x in starts_file.read_text().split())
+    # 2 per second: 8 runs span at least 3 periods. Start times are taken inside the tasks, a
+    # little after dispatch, so windows are checked 0.25 s shorter than the period.
+    assert starts[-1] - starts[0] >= 2.75, starts
+    for t in starts:
+        assert sum(1 for u in starts if t <= u < t + 0.75) <= 2, starts
+
+
+async def test_total_concurrency_limit_caps_all_keys_together(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    client = cluster.client()
+    counts = tmp_path / "capped.json"
+    handles = [
+        await client.tasks.trigger(
+            "capped-work", {"file": str(counts), "key": k, "seconds": 0.4}, concurrency_key=k
+        )
+        for k in ("a", "b", "c", "d")
+        for _ in range(3)
+    ]
+    for h in handles:
+        assert (await _final(client, h.id)).status is RunStatus.COMPLETED
+    seen = _counts(counts)
+    assert seen["max:*"] == 3, seen  # the total cap, reached and never exceeded
+    assert all(seen[f"max:{k}"] <= 2 for k in "abcd"), seen

@@ -23,6 +23,27 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DebounceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DebounceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DebounceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEBOUNCE_MODE_UNSPECIFIED: _DebounceMode.ValueType  # 0
+    """The run keeps the first trigger's payload and options."""
+    DEBOUNCE_MODE_LEADING: _DebounceMode.ValueType  # 1
+    DEBOUNCE_MODE_TRAILING: _DebounceMode.ValueType  # 2
+    """Each trigger replaces payload, metadata, tags, max_attempts, max_duration and machine."""
+
+class DebounceMode(_DebounceMode, metaclass=_DebounceModeEnumTypeWrapper): ...
+
+DEBOUNCE_MODE_UNSPECIFIED: DebounceMode.ValueType  # 0
+"""The run keeps the first trigger's payload and options."""
+DEBOUNCE_MODE_LEADING: DebounceMode.ValueType  # 1
+DEBOUNCE_MODE_TRAILING: DebounceMode.ValueType  # 2
+"""Each trigger replaces payload, metadata, tags, max_attempts, max_duration and machine."""
+Global___DebounceMode: _TypeAlias = DebounceMode  # noqa: Y015
+
 class _BatchStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -65,6 +86,7 @@ class TriggerOptions(_message.Message):
     MAX_DURATION_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
+    DEBOUNCE_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; empty: the task's queue."""
     metadata: _builtins.str
@@ -98,6 +120,10 @@ class TriggerOptions(_message.Message):
     def max_duration(self) -> _duration_pb2.Duration:
         """Unset: the task's max_duration."""
 
+    @_builtins.property
+    def debounce(self) -> Global___Debounce:
+        """Collapse triggers that come close together into one run (see Debounce)."""
+
     def __init__(
         self,
         *,
@@ -115,14 +141,57 @@ class TriggerOptions(_message.Message):
         max_duration: _duration_pb2.Duration | None = ...,
         machine: _builtins.str = ...,
         parent_run_id: _builtins.str = ...,
+        debounce: Global___Debounce | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "delay_until", b"delay_until", "idempotency_key_ttl", b"idempotency_key_ttl", "max_duration", b"max_duration", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debounce", b"debounce", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key_ttl", b"idempotency_key_ttl", "max_duration", b"max_duration", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "parent_run_id", b"parent_run_id", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "debounce", b"debounce", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "parent_run_id", b"parent_run_id", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TriggerOptions: _TypeAlias = TriggerOptions  # noqa: Y015
+
+@_typing.final
+class Debounce(_message.Message):
+    """Debounce: the first trigger with a key makes a DELAYED run; each later trigger with the key
+    (for the same task) while that run is still DELAYED pushes its start to now + delay and
+    returns it instead of making a new run. Idempotency keys take precedence.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MAX_DELAY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """1..512 characters; scoped to the task."""
+    mode: Global___DebounceMode.ValueType
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """At least 1 s."""
+
+    @_builtins.property
+    def max_delay(self) -> _duration_pb2.Duration:
+        """Bound on the push-back, counted from the run's creation: a trigger that would start it later
+        leaves it to run and makes a new run. Unset: unbounded. Must exceed delay.
+        """
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        mode: Global___DebounceMode.ValueType = ...,
+        max_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "max_delay", b"max_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "key", b"key", "max_delay", b"max_delay", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Debounce: _TypeAlias = Debounce  # noqa: Y015
 
 @_typing.final
 class TriggerRunRequest(_message.Message):

@@ -66,6 +66,10 @@ class TaskDefinition(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    QUEUE_RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    QUEUE_RATE_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    QUEUE_TOTAL_CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     queue: _builtins.str
     queue_concurrency_limit: _builtins.int
@@ -73,6 +77,13 @@ class TaskDefinition(_message.Message):
     max_duration_seconds: _builtins.float
     machine: _builtins.str
     description: _builtins.str
+    ttl_seconds: _builtins.float
+    """A run not started this long after being queued expires; 0: never."""
+    queue_rate_limit: _builtins.int
+    """At most queue_rate_limit runs of the queue start per queue_rate_period_seconds; 0: no limit."""
+    queue_rate_period_seconds: _builtins.float
+    queue_total_concurrency_limit: _builtins.int
+    """Cap on the queue's runs across all its concurrency keys together; 0: none."""
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
     def __init__(
@@ -85,10 +96,14 @@ class TaskDefinition(_message.Message):
         max_duration_seconds: _builtins.float = ...,
         machine: _builtins.str = ...,
         description: _builtins.str = ...,
+        ttl_seconds: _builtins.float = ...,
+        queue_rate_limit: _builtins.int = ...,
+        queue_rate_period_seconds: _builtins.float = ...,
+        queue_total_concurrency_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "retry", b"retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "queue_rate_limit", b"queue_rate_limit", "queue_rate_period_seconds", b"queue_rate_period_seconds", "queue_total_concurrency_limit", b"queue_total_concurrency_limit", "retry", b"retry", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,4 +1,4 @@
-"""run engine: delays, ttl, overrides, replay, idempotency TTL, depth; queues; batches
+"""run engine: delays, ttl, overrides, replay, idempotency TTL, depth, debounce; queues; batches
 
 Revision ID: 0002
 Revises: 0001
@@ -24,8 +24,16 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("replayed_from_run_id", sa.String(length=40), nullable=True))
         batch_op.add_column(sa.Column("idempotency_key_expires_at", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("depth", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("debounce_key", sa.String(length=512), nullable=True))
         batch_op.create_index("ix_runs_batch", ["batch_id"], unique=False)
         batch_op.create_index("ix_runs_parent", ["parent_run_id"], unique=False)
+        batch_op.create_index(
+            "ix_runs_debounce", ["environment_id", "task_id", "debounce_key"], unique=False
+        )
+    with op.batch_alter_table("task_definitions", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("ttl_ms", sa.BigInteger(), nullable=False, server_default="0")
+        )
     op.create_table(
         "queues",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -59,10 +67,14 @@ def downgrade() -> None:
     op.drop_table("batches")
     op.drop_index("ux_queues_env_name", table_name="queues")
     op.drop_table("queues")
+    with op.batch_alter_table("task_definitions", schema=None) as batch_op:
+        batch_op.drop_column("ttl_ms")
     with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_index("ix_runs_debounce")
         batch_op.drop_index("ix_runs_parent")
         batch_op.drop_index("ix_runs_batch")
         for column in (
+            "debounce_key",
             "depth",
             "idempotency_key_expires_at",
             "replayed_from_run_id",
