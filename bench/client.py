@@ -24,7 +24,7 @@ import traceback
 
 from bench.resp import Redis
 
-KIND = {"W1": "noop", "W2": "noop", "W3": "sleep", "warm": "noop"}
+KIND = {"W1": "noop", "W2": "noop", "W3": "sleep", "W6": "noop", "warm": "noop"}
 
 
 def pct(sorted_vals: list[float], p: float) -> float:

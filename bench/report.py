@@ -168,6 +168,30 @@ def render(results: dict[str, Any]) -> str:
                 body,
             )
         )
+    # W6
+    body = []
+    for name, row in rows.items():
+        s = row["workloads"].get("W6")
+        if not s:
+            continue
+        if not s["ok"]:
+            body.append(
+                [name, "FAIL", "", f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}"]
+            )
+            continue
+        body.append(
+            [
+                name,
+                cell(s["enqueue_s"], " s"),
+                cell(s["e2e_s"], " s"),
+                f"{s['ok_reps']}/{s['reps']} ok",
+            ]
+        )
+    if body:
+        parts.append(
+            "\nW6 batch: one 1,000-item batch trigger (target: accepted in <= 1 s)\n"
+            + _table(["system", "accepted in", "all completed in", "check"], body)
+        )
     parts.append(ratios(rows))
     if meta.get("notes"):
         parts.append("\nNotes:\n" + "\n".join(f"  {n}" for n in meta["notes"]))

@@ -198,6 +198,8 @@ class Runner:
         std = Profile("std", a.procs, a.slots)
         wide = Profile("wide", a.procs, a.slots3 // a.procs)
         std_jobs = [(system.name, w, {}) for w in todo if w in ("W1", "W2")]
+        # W6: one batch of n6 items through the batch API; reported as time to accepted.
+        std_jobs += [(system.name, "W6", {"batch": a.n6}) for w in todo if w == "W6"]
         std_jobs += [(nm, wl, extra) for nm, (wl, extra) in system.extra_rows.items() if wl in todo]
         if std_jobs:
             plan.append((std, std_jobs))
@@ -242,7 +244,7 @@ class Runner:
                     continue
                 log(f"   {system.name}: workers ready (warm-up {w['n']} tasks ok)")
                 for nm, wl, extra in jobs:
-                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3}[wl]
+                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3, "W6": a.n6}[wl]
                     reps: list[dict] = []
                     t_wl, last = time.monotonic(), 0.0
                     box = math.inf if a.exact_reps else a.box.get(wl, math.inf)
@@ -337,7 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated systems (default: all): " + ",".join(system_classes()),
     )
     ap.add_argument("--skip", default="", help="comma-separated systems to leave out")
-    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--workloads", default="W1,W2,W3,W6")
     ap.add_argument(
         "--reps",
         type=int,
@@ -407,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.n1 = a.n1 or (500 if q else 10_000)
     a.n2 = a.n2 or (100 if q else 1000)
     a.n3 = a.n3 or (100 if q else 1000)
+    a.n6 = 1000
     if q:
         a.pause = min(a.pause, 0.3)
         a.verify_max = min(a.verify_max, 200)
@@ -418,9 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown system(s) {bad}; known: {', '.join(classes)}")
     a.systems = [s for s in only if s not in skip]
     a.workloads = [w.strip().upper() for w in a.workloads.split(",") if w.strip()]
-    badw = [w for w in a.workloads if w not in ("W1", "W2", "W3")]
+    badw = [w for w in a.workloads if w not in ("W1", "W2", "W3", "W6")]
     if badw:
-        ap.error(f"unknown workload(s) {badw}; available now: W1,W2,W3 (W4-W6 are not written yet)")
+        ap.error(f"unknown workload(s) {badw}; available now: W1,W2,W3,W6 (W4, W5 not yet)")
     if a.slots3 % a.procs:
         ap.error("--slots3 must be divisible by --procs")
     return a
