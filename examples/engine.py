@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from runplane import Context, queue, task
 
 limited = queue(name="limited", concurrency_limit=2)
@@ -138,3 +140,14 @@ async def short_lived(payload: Any) -> Any:
 @task(id="debounced")
 async def debounced(payload: Any) -> Any:
     return payload
+
+
+class Order(BaseModel):
+    sku: str
+    quantity: int
+
+
+@task(id="typed-order")
+async def typed_order(payload: Order) -> int:
+    """Its payload model's JSON Schema is registered: bad payloads never make a run."""
+    return payload.quantity

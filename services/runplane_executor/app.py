@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import orjson
 
 from runplane._errors import ConfigurationError
+from runplane._task import Task
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -62,6 +64,12 @@ class ExecutorSettings:
         return settings
 
 
+def payload_schema(t: Task[Any]) -> str:
+    """The JSON Schema of a task's pydantic payload model, '' when it takes any value."""
+    schema = getattr(t.payload_type, "model_json_schema", None)
+    return orjson.dumps(schema()).decode() if schema is not None else ""
+
+
 def build_manifest(modules: list[str]) -> wpb.Manifest:
     """The manifest of the tasks these modules define (imported here, in the control process)."""
     tasks = taskproc.import_task_modules(modules)
@@ -86,6 +94,7 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
                 queue_rate_limit=t.queue.rate_limit[0] if t.queue.rate_limit else 0,
                 queue_rate_period_seconds=t.queue.rate_limit[1] if t.queue.rate_limit else 0,
                 queue_total_concurrency_limit=t.queue.total_concurrency_limit or 0,
+                payload_schema=payload_schema(t),
             )
         )
     manifest = wpb.Manifest(tasks=defs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
 import orjson
 from opentelemetry import trace
 from sqlalchemy import func, select, update
@@ -48,6 +50,7 @@ class TaskDef:
     queue_rate_limit: int = 0
     queue_rate_period: float = 0.0
     queue_total_limit: int = 0
+    payload_schema: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,14 @@ class Debounce:
 
 
 DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
+
+
+@functools.lru_cache(maxsize=1024)
+def payload_validator(schema: str) -> jsonschema.protocols.Validator:
+    """A validator for a task's payload schema (checked at registration), compiled once."""
+    loaded = orjson.loads(schema)
+    cls = jsonschema.validators.validator_for(loaded)
+    return cls(loaded)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class RunEngine:
                 max_duration=m["max_duration"],
                 machine=m["machine"],
                 ttl_ms=m["ttl_ms"],
+                payload_schema=m["payload_schema"],
             )
         for td_key, td in self.task_defs.items():
             self._apply_queue_limit(td_key[0], td)
@@ -239,6 +251,7 @@ class RunEngine:
         self, environment_id: str, spec: TriggerSpec
     ) -> tuple[Mapping[Any, Any], bool]:
         """Create a run (or return the one holding the idempotency key). Returns (run, cached)."""
+        self._check_payload(environment_id, spec, "payload")
         queue = self._queue_for(environment_id, spec, "options.queue")
         known = self.index.provides(environment_id, spec.task_id)
         key = (environment_id, queue, spec.concurrency_key)
@@ -279,6 +292,8 @@ class RunEngine:
         self, environment_id: str, specs: list[TriggerSpec], idempotency_key: str = ""
     ) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
         """Create a batch's runs in item order, all in one transaction or none."""
+        for i, spec in enumerate(specs):
+            self._check_payload(environment_id, spec, f"items[{i}].payload")
         queues = [
             self._queue_for(environment_id, spec, f"items[{i}].options.queue")
             for i, spec in enumerate(specs)
@@ -343,6 +358,21 @@ class RunEngine:
             )
         ).all()
         return batch.id, [r._mapping for r in rows], [True] * len(rows)
+
+    def _check_payload(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
+        """The payload against the JSON Schema the task registered (pydantic models register
+        theirs), so a trigger from any language is checked before a run exists."""
+        td = self.task_defs.get((environment_id, spec.task_id))
+        if td is None or not td.payload_schema:
+            return
+        validator = payload_validator(td.payload_schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(orjson.loads(spec.payload)))
+        if error is not None:
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            raise InvalidArgument(
+                f"{field_name}{path}",
+                f"does not match task {spec.task_id!r}'s payload schema: {error.message[:300]}",
+            )
 
     def _queue_for(self, environment_id: str, spec: TriggerSpec, field_name: str) -> str:
         """The run's queue: the trigger's (which code must define), else the task's."""
@@ -755,6 +785,7 @@ class RunEngine:
                 queue_rate_limit=t.queue_rate_limit,
                 queue_rate_period=t.queue_rate_period_seconds,
                 queue_total_limit=t.queue_total_concurrency_limit,
+                payload_schema=t.payload_schema,
             )
             for t in register.manifest.tasks
         ]
@@ -769,6 +800,7 @@ class RunEngine:
                 "max_duration": d.max_duration,
                 "machine": d.machine,
                 "ttl_ms": d.ttl_ms,
+                "payload_schema": d.payload_schema,
                 "updated_at": ts,
             }
             for d in defs

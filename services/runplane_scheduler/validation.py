@@ -7,6 +7,7 @@ import math
 import re
 import time
 
+import jsonschema
 import orjson
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -88,6 +89,8 @@ def register(message: wpb.Register) -> wpb.Register:
             )
         if not 0 <= t.queue_total_concurrency_limit <= 1_000_000:
             raise InvalidArgument(f"{where}.queue_total_concurrency_limit", "must be 0..1000000")
+        if t.payload_schema:
+            _schema(f"{where}.payload_schema", t.payload_schema)
         r = t.retry
         if not 0 <= r.max_attempts <= MAX_ATTEMPTS_CAP:
             raise InvalidArgument(f"{where}.retry.max_attempts", f"must be 0..{MAX_ATTEMPTS_CAP}")
@@ -95,6 +98,18 @@ def register(message: wpb.Register) -> wpb.Register:
         finite(f"{where}.retry.min_timeout_seconds", r.min_timeout_seconds, 0, 365 * 86400)
         finite(f"{where}.retry.max_timeout_seconds", r.max_timeout_seconds, 0, 365 * 86400)
     return message
+
+
+def _schema(field: str, value: str) -> None:
+    """A JSON Schema the scheduler can check payloads against."""
+    text(field, value, 256 * 1024)
+    try:
+        schema = orjson.loads(value)
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except orjson.JSONDecodeError as error:
+        raise InvalidArgument(field, f"not valid JSON ({error})") from None
+    except jsonschema.exceptions.SchemaError as error:
+        raise InvalidArgument(field, f"not a valid JSON Schema: {error.message[:200]}") from None
 
 
 def json_text(field: str, text: str, limit: int, limit_name: str, *, default: str) -> str:

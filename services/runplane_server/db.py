@@ -159,6 +159,8 @@ task_definitions = Table(
     Column("machine", String(32), nullable=False),
     Column("updated_at", BigInteger, nullable=False),
     Column("ttl_ms", BigInteger, nullable=False, server_default="0"),
+    # JSON Schema text of the payload; '' when the task takes any JSON value.
+    Column("payload_schema", Text, nullable=False, server_default=""),
 )
 
 

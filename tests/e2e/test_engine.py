@@ -431,3 +431,26 @@ async def test_total_concurrency_limit_caps_all_keys_together(
     seen = _counts(counts)
     assert seen["max:*"] == 3, seen  # the total cap, reached and never exceeded
     assert all(seen[f"max:{k}"] <= 2 for k in "abcd"), seen
+
+
+async def test_payloads_are_checked_against_the_registered_schema_at_trigger(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.tasks.trigger("typed-order", {"sku": "a", "quantity": "many"})
+    assert info.value.field == "payload.quantity"
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.tasks.trigger("typed-order", {"quantity": 1})
+    assert info.value.field == "payload" and "sku" in str(info.value)
+    with pytest.raises(InvalidArgumentError) as info:
+        await client.batch.trigger(
+            [
+                {"id": "typed-order", "payload": {"sku": "a", "quantity": 1}},
+                {"id": "typed-order", "payload": []},
+            ]
+        )
+    assert info.value.field == "items[1].payload"
+    assert [r async for r in client.runs.list(task="typed-order")] == []
+    ok = await client.tasks.trigger("typed-order", {"sku": "a", "quantity": 3})
+    assert (await _final(client, ok.id)).output == 3

@@ -70,6 +70,7 @@ class TaskDefinition(_message.Message):
     QUEUE_RATE_LIMIT_FIELD_NUMBER: _builtins.int
     QUEUE_RATE_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
     QUEUE_TOTAL_CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SCHEMA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     queue: _builtins.str
     queue_concurrency_limit: _builtins.int
@@ -84,6 +85,10 @@ class TaskDefinition(_message.Message):
     queue_rate_period_seconds: _builtins.float
     queue_total_concurrency_limit: _builtins.int
     """Cap on the queue's runs across all its concurrency keys together; 0: none."""
+    payload_schema: _builtins.str
+    """JSON Schema (JSON text) every payload must satisfy, checked when a run is triggered from any
+    client; empty: any JSON value.
+    """
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
     def __init__(
@@ -100,10 +105,11 @@ class TaskDefinition(_message.Message):
         queue_rate_limit: _builtins.int = ...,
         queue_rate_period_seconds: _builtins.float = ...,
         queue_total_concurrency_limit: _builtins.int = ...,
+        payload_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "queue_rate_limit", b"queue_rate_limit", "queue_rate_period_seconds", b"queue_rate_period_seconds", "queue_total_concurrency_limit", b"queue_total_concurrency_limit", "retry", b"retry", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "payload_schema", b"payload_schema", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "queue_rate_limit", b"queue_rate_limit", "queue_rate_period_seconds", b"queue_rate_period_seconds", "queue_total_concurrency_limit", b"queue_total_concurrency_limit", "retry", b"retry", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,9 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("ttl_ms", sa.BigInteger(), nullable=False, server_default="0")
         )
+        batch_op.add_column(
+            sa.Column("payload_schema", sa.Text(), nullable=False, server_default="")
+        )
     op.create_table(
         "queues",
         sa.Column("id", sa.String(length=40), nullable=False),
@@ -68,6 +71,7 @@ def downgrade() -> None:
     op.drop_index("ux_queues_env_name", table_name="queues")
     op.drop_table("queues")
     with op.batch_alter_table("task_definitions", schema=None) as batch_op:
+        batch_op.drop_column("payload_schema")
         batch_op.drop_column("ttl_ms")
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.drop_index("ix_runs_debounce")
