@@ -20,13 +20,23 @@ from typing import Any
 import jsonschema
 import orjson
 from opentelemetry import trace
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx, now_ms, run_to_pb
+from runplane_scheduler.store import (
+    CLEAN_ERRORS,
+    DURATION_SO_FAR,
+    FIRST_START,
+    ONE_MORE_ATTEMPT,
+    RunRow,
+    Store,
+    Tx,
+    now_ms,
+    run_to_pb,
+)
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -978,9 +988,10 @@ class RunEngine:
                 Status.EXECUTING,
                 "started",
                 db.runs.c.current_attempt_id == attempt_id,
-                started_at=func.coalesce(db.runs.c.started_at, ts),
-                attempt_count=db.runs.c.attempt_count + 1,
+                started_at=FIRST_START,
+                attempt_count=ONE_MORE_ATTEMPT,
                 updated_at=ts,
+                params={"p_now": ts},
             )
             if row is not None:
                 await Store.start_attempt(tx, attempt_id, ts)
@@ -1023,7 +1034,8 @@ class RunEngine:
                 finished_at=ts,
                 updated_at=ts,
                 current_attempt_id=None,
-                duration_ms=db.runs.c.duration_ms + (ts - db.runs.c.started_at),
+                duration_ms=DURATION_SO_FAR,
+                params={"p_now": ts},
             )
             if row is not None:
                 await Store.finish_attempt(tx, attempt_id, "COMPLETED")

@@ -18,9 +18,22 @@ from typing import Any, TypeVar
 import orjson
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import Table, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, CursorResult, Engine, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ClauseElement, Null
 
 from runplane.v1 import events_pb2, run_pb2
 from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
@@ -214,26 +227,136 @@ class Tx:
         **values: Any,
     ) -> RunRow | None:
         """Move the run to ``target`` if its status is one of ``sources`` (and ``conditions`` hold),
-        bumping its version and emitting the event. None when it did not apply."""
+        bumping its version and emitting the event. None when it did not apply.
+
+        ``conditions`` are comparisons of a runs column with a value (or ``is_(None)``); values
+        are plain values or the expressions of :data:`TEMPLATE_EXPRESSIONS` (with their
+        parameters in ``params``). Such calls reuse one compiled statement per shape, which is
+        several times cheaper than building a statement per call; anything else still works,
+        built afresh."""
         sources = tuple(sources)
         for source in sources:
             if source != target and not can_transition(source, target):
                 raise TransitionError(source, target)
+        params: dict[str, Any] = values.pop("params", None) or {}
         ts = values.pop("updated_at", None) or now_ms()
-        stmt = (
-            update(db.runs)
-            .where(
-                db.runs.c.id == run_id,
-                db.runs.c.status.in_([s.value for s in sources]),
-                *conditions,
+        template = _template(sources, target, conditions, values)
+        if template is not None:
+            stmt, bind = template
+            bind.update(params, _rid=run_id, _ts=ts)
+            row = (await self.execute(stmt, bind)).first()
+        else:
+            stmt = (
+                update(db.runs)
+                .where(
+                    db.runs.c.id == run_id,
+                    db.runs.c.status.in_([s.value for s in sources]),
+                    *conditions,
+                )
+                .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
+                .returning(*db.runs.c)
             )
-            .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
-            .returning(*db.runs.c)
-        )
-        row = (await self.execute(stmt)).first()
+            row = (await self.execute(stmt, params or None)).first()
         if row is not None:
             self.emit(event_type, row)
         return row
+
+
+def _p(name: str) -> BindParameter[Any]:
+    return bindparam(name)
+
+
+# Expressions a transition may set, built once so statements using them can be reused.
+_NOW = bindparam("p_now", type_=BigInteger)
+DURATION_SO_FAR = db.runs.c.duration_ms + (_NOW - db.runs.c.started_at)
+FIRST_START = func.coalesce(db.runs.c.started_at, _NOW)
+ONE_MORE_ATTEMPT = db.runs.c.attempt_count + 1
+TEMPLATE_EXPRESSIONS = frozenset({id(DURATION_SO_FAR), id(FIRST_START), id(ONE_MORE_ATTEMPT)})
+
+_COMPARISONS = {
+    operators.eq: "eq",
+    operators.ne: "ne",
+    operators.lt: "lt",
+    operators.le: "le",
+    operators.gt: "gt",
+    operators.ge: "ge",
+}
+_TEMPLATES: dict[tuple[Any, ...], Any] = {}
+
+
+def _template(
+    sources: tuple[Status, ...],
+    target: Status,
+    conditions: tuple[Any, ...],
+    values: dict[str, Any],
+) -> tuple[Any, dict[str, Any]] | None:
+    """A reusable UPDATE ... RETURNING for this shape of transition and its parameters, or None
+    when the shape has parts only a fresh statement can express."""
+    shape: list[Any] = [tuple(sources), target]
+    bind: dict[str, Any] = {}
+    for i, c in enumerate(conditions):
+        if not isinstance(c, BinaryExpression) or not isinstance(c.left, Column):
+            return None
+        if c.operator is operators.is_ and isinstance(c.right, Null):
+            shape.append((c.left.key, "null"))
+        elif c.operator in _COMPARISONS and isinstance(c.right, BindParameter):
+            shape.append((c.left.key, _COMPARISONS[c.operator]))
+            bind[f"_c{i}"] = c.right.effective_value
+        else:
+            return None
+    for key, value in values.items():
+        if isinstance(value, ClauseElement):
+            if id(value) not in TEMPLATE_EXPRESSIONS:
+                return None
+            shape.append((key, id(value)))
+        else:
+            shape.append((key, "bind"))
+            bind[f"_v_{key}"] = value
+    cache_key = tuple(shape)
+    stmt = _TEMPLATES.get(cache_key)
+    if stmt is None:
+        if len(_TEMPLATES) > 512:  # shapes are few; this guards against a caller that varies
+            _TEMPLATES.clear()
+        stmt = _TEMPLATES[cache_key] = _build(sources, target, conditions, values)
+    return stmt, bind
+
+
+def _build(
+    sources: tuple[Status, ...],
+    target: Status,
+    conditions: tuple[Any, ...],
+    values: dict[str, Any],
+) -> Any:
+    r = db.runs.c
+    where = [r.id == _p("_rid"), r.status.in_([s.value for s in sources])]
+    for i, c in enumerate(conditions):
+        column = r[c.left.key]
+        if c.operator is operators.is_:
+            where.append(column.is_(None))
+        else:
+            where.append(c.operator(column, _p(f"_c{i}")))
+    sets = {
+        key: value if isinstance(value, ClauseElement) else _p(f"_v_{key}")
+        for key, value in values.items()
+    }
+    return (
+        update(db.runs)
+        .where(*where)
+        .values(status=target.value, version=r.version + 1, updated_at=_p("_ts"), **sets)
+        .returning(*db.runs.c)
+    )
+
+
+_FINISH_ATTEMPT = (
+    update(db.attempts)
+    .where(db.attempts.c.id == _p("attempt_id"))
+    .values(status=_p("status"), finished_at=_p("finished_at"), error=_p("error"))
+)
+_START_ATTEMPT = (
+    update(db.attempts)
+    .where(db.attempts.c.id == _p("attempt_id"))
+    .values(status="EXECUTING", started_at=_p("started_at"))
+)
 
 
 Op = Callable[[Tx], Awaitable[T]]
@@ -612,18 +735,13 @@ class Store:
         tx: Tx, attempt_id: str, status: str, error: str | None = None
     ) -> None:
         await tx.execute(
-            update(db.attempts)
-            .where(db.attempts.c.id == attempt_id)
-            .values(status=status, finished_at=now_ms(), error=error)
+            _FINISH_ATTEMPT,
+            {"attempt_id": attempt_id, "status": status, "finished_at": now_ms(), "error": error},
         )
 
     @staticmethod
     async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
-        await tx.execute(
-            update(db.attempts)
-            .where(db.attempts.c.id == attempt_id)
-            .values(status="EXECUTING", started_at=ts)
-        )
+        await tx.execute(_START_ATTEMPT, {"attempt_id": attempt_id, "started_at": ts})
 
     @staticmethod
     async def add_timer(tx: Tx, timer_id: str, due_at: int, kind: str, target: str) -> None:
