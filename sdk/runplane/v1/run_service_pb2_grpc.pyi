@@ -41,6 +41,12 @@ class RunServiceStub:
     GetRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetRunRequest, _run_service_pb2.GetRunResponse]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]
     CancelRun: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]
+    UpdateRunMetadata: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.UpdateRunMetadataRequest, _run_service_pb2.UpdateRunMetadataResponse]
+    """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+    AddRunTags: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.AddRunTagsRequest, _run_service_pb2.AddRunTagsResponse]
+    """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+    ListRunLogs: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]
+    """The log lines of a run's attempts, oldest first, a page at a time."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -54,6 +60,12 @@ class RunServiceAsyncStub(RunServiceStub):
     GetRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetRunRequest, _run_service_pb2.GetRunResponse]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunsRequest, _run_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     CancelRun: _aio.UnaryUnaryMultiCallable[_run_service_pb2.CancelRunRequest, _run_service_pb2.CancelRunResponse]  # type: ignore[assignment]
+    UpdateRunMetadata: _aio.UnaryUnaryMultiCallable[_run_service_pb2.UpdateRunMetadataRequest, _run_service_pb2.UpdateRunMetadataResponse]  # type: ignore[assignment]
+    """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+    AddRunTags: _aio.UnaryUnaryMultiCallable[_run_service_pb2.AddRunTagsRequest, _run_service_pb2.AddRunTagsResponse]  # type: ignore[assignment]
+    """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+    ListRunLogs: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
+    """The log lines of a run's attempts, oldest first, a page at a time."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """RunService triggers, reads and cancels runs. Every call is authorised by a secret key (or a
@@ -88,5 +100,29 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _run_service_pb2.CancelRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.CancelRunResponse, _abc.Awaitable[_run_service_pb2.CancelRunResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateRunMetadata(
+        self,
+        request: _run_service_pb2.UpdateRunMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.UpdateRunMetadataResponse, _abc.Awaitable[_run_service_pb2.UpdateRunMetadataResponse]]:
+        """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+
+    @_abc_1.abstractmethod
+    def AddRunTags(
+        self,
+        request: _run_service_pb2.AddRunTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.AddRunTagsResponse, _abc.Awaitable[_run_service_pb2.AddRunTagsResponse]]:
+        """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+
+    @_abc_1.abstractmethod
+    def ListRunLogs(
+        self,
+        request: _run_service_pb2.ListRunLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ListRunLogsResponse, _abc.Awaitable[_run_service_pb2.ListRunLogsResponse]]:
+        """The log lines of a run's attempts, oldest first, a page at a time."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
