@@ -9,7 +9,17 @@ async def hello(payload: dict) -> str:
 handle = await hello.trigger({"name": "world"})
 """
 
-from runplane._client import Client, RunsAPI, TasksAPI, configure, default_client, runs, tasks
+from runplane._client import (
+    Client,
+    RunsAPI,
+    TagsAPI,
+    TasksAPI,
+    configure,
+    default_client,
+    runs,
+    tags,
+    tasks,
+)
 from runplane._context import Context, Signal
 from runplane._errors import (
     AbortTaskRunError,
@@ -26,6 +36,9 @@ from runplane._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from runplane._hooks import CatchErrorResult, Outcome
+from runplane._logger import LogEntry, logger
+from runplane._metadata import metadata
 from runplane._models import Run, RunError, RunHandle, RunStatus
 from runplane._task import Queue, RetryOptions, Task, queue, task
 
@@ -35,13 +48,16 @@ __all__ = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "CatchErrorResult",
     "Client",
     "ConfigurationError",
     "Context",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "LogEntry",
     "NotFoundError",
+    "Outcome",
     "PermissionDeniedError",
     "Queue",
     "RetryOptions",
@@ -52,6 +68,7 @@ __all__ = [
     "RunplaneError",
     "RunsAPI",
     "Signal",
+    "TagsAPI",
     "Task",
     "TaskRunError",
     "TasksAPI",
@@ -60,8 +77,11 @@ __all__ = [
     "__version__",
     "configure",
     "default_client",
+    "logger",
+    "metadata",
     "queue",
     "runs",
+    "tags",
     "task",
     "tasks",
 ]

@@ -20,6 +20,7 @@ import orjson
 from opentelemetry import trace
 from sqlalchemy import func, select
 
+from runplane._metadata import Operation, apply_operations
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
@@ -27,7 +28,7 @@ from runplane_scheduler.states import Status
 from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx, now_ms, run_to_pb
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import NotFound
+from runplane_server.errors import InvalidArgument, NotFound
 from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler")
@@ -59,6 +60,8 @@ class TriggerSpec:
     idempotency_key: str
     concurrency_key: str
     priority: int
+    # Set when triggered from inside a run: the new run is its child.
+    parent_run_id: str = ""
 
 
 @dataclass(order=True)
@@ -214,6 +217,7 @@ class RunEngine:
                 if existing is not None:
                     return existing, True
             ts = now_ms()
+            parent_id, root_id = await self._parent_and_root(tx, environment_id, spec)
             values: dict[str, Any] = {
                 "id": run_id,
                 "environment_id": environment_id,
@@ -232,8 +236,8 @@ class RunEngine:
                 "max_attempts": max_attempts,
                 "version": 1,
                 "is_test": False,
-                "parent_run_id": None,
-                "root_run_id": None,
+                "parent_run_id": parent_id,
+                "root_run_id": root_id,
                 "batch_id": None,
                 "created_at": ts,
                 "updated_at": ts,
@@ -489,6 +493,10 @@ class RunEngine:
             self._started(msg.started.attempt_id)
         elif kind == "result":
             self._result(msg.result)
+        elif kind == "metadata":
+            self._metadata_from_attempt(ex, msg.metadata)
+        elif kind == "logs":
+            self._store_logs(ex, msg.logs)
 
     def _started(self, attempt_id: str) -> None:
         lease = self.index.leases.get(attempt_id)
@@ -532,7 +540,18 @@ class RunEngine:
                 "message": result.error.message,
                 "stack_trace": result.error.stack_trace,
             }
-            self._fail(lease, error, result.skip_retrying)
+            if result.timed_out:  # never retried
+                self._fail(lease, error, True, final_status=Status.TIMED_OUT)
+            elif result.out_of_memory:  # retried only on a named bigger machine
+                self._fail(
+                    lease,
+                    error,
+                    not result.retry_machine,
+                    final_status=Status.CRASHED,
+                    retry_machine=result.retry_machine,
+                )
+            else:
+                self._fail(lease, error, result.skip_retrying, retry_at=_retry_at(result))
         self._dispatch_wake.set()
 
     def _complete(self, lease: Lease, output: str) -> None:
@@ -564,8 +583,13 @@ class RunEngine:
         error: dict[str, str],
         skip_retrying: bool,
         final_status: Status = Status.FAILED,
+        retry_at: int | None = None,
+        retry_machine: str = "",
     ) -> None:
-        """An attempt failed: retry after back-off if allowed, else end the run."""
+        """An attempt failed: retry after back-off if allowed, else end the run.
+
+        ``retry_at`` (ms; from the task's catch_error) replaces the policy's back-off;
+        ``retry_machine`` is the machine the retry runs on."""
         attempt_id = lease.attempt_id
         error_text = orjson.dumps(error).decode()
 
@@ -591,8 +615,12 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "FAILED", error_text)
             elapsed = ts - m["started_at"] if m["started_at"] else 0
             if should_retry(m["max_attempts"], attempt, skip_retrying):
-                delay_ms = int(retry_delay(policy, attempt) * 1000)
+                if retry_at is not None:
+                    delay_ms = max(0, retry_at - ts)
+                else:
+                    delay_ms = int(retry_delay(policy, attempt) * 1000)
                 timer_id = new_id("evt")
+                machine = {"machine": retry_machine} if retry_machine else {}
                 # Back-off counts as EXECUTING (reference §3.1); the slot is released meanwhile.
                 await tx.transition(
                     lease.run_id,
@@ -604,6 +632,7 @@ class RunEngine:
                     executor_id=None,
                     duration_ms=m["duration_ms"] + elapsed,
                     updated_at=ts,
+                    **machine,
                 )
                 await Store.add_timer(tx, timer_id, ts + delay_ms, "retry", lease.run_id)
                 tx.after_commit.append(
@@ -730,6 +759,7 @@ class RunEngine:
                     attempt_number=m["attempt_count"] + 1,
                     traceparent=traceparent,
                     environment_slug=ex.environment_id.removeprefix("env_"),
+                    environment_id=ex.environment_id,
                 )
             )
         )
@@ -829,3 +859,158 @@ class RunEngine:
             self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE)
         else:
             self._requeue_lost(lease)
+
+    # -- run execution: parents, metadata, tags, logs (executor area) ---------------------------
+
+    @staticmethod
+    async def _parent_and_root(
+        tx: Tx, environment_id: str, spec: TriggerSpec
+    ) -> tuple[str | None, str | None]:
+        """The parent and root run ids of a run triggered from inside ``spec.parent_run_id``."""
+        if not spec.parent_run_id:
+            return None, None
+        parent = (
+            await tx.execute(
+                select(db.runs.c.id, db.runs.c.root_run_id).where(
+                    db.runs.c.id == spec.parent_run_id, db.runs.c.environment_id == environment_id
+                )
+            )
+        ).first()
+        if parent is None:
+            raise InvalidArgument("options.parent_run_id", f"run {spec.parent_run_id} not found")
+        return parent.id, parent.root_run_id or parent.id
+
+    def _metadata_op(
+        self,
+        environment_id: str,
+        run_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Callable[[Tx], Coroutine[Any, Any, RunRow]]:
+        """An operation changing a run's metadata as one run update (one event, one version),
+        refused (nothing written) when the result is over the metadata limit."""
+        limit = self.settings.limits.metadata_bytes
+
+        async def op(tx: Tx) -> RunRow:
+            row = await self._get_in_tx(tx, environment_id, run_id)
+            try:
+                text = orjson.dumps(change(orjson.loads(row.metadata or "{}"))).decode()
+            except (TypeError, ValueError) as error:
+                raise InvalidArgument("metadata", str(error)) from None
+            size = len(text.encode())
+            if size > limit:
+                raise InvalidArgument(
+                    "metadata", f"{size} bytes is over the metadata limit of {limit} bytes"
+                )
+            status = Status(row.status)
+            updated = await tx.transition(run_id, [status], status, "metadata", metadata=text)
+            return updated if updated is not None else row
+
+        return op
+
+    def _metadata_from_attempt(self, ex: ExecutorState, update: wpb.MetadataUpdate) -> None:
+        """One flush of an attempt's metadata updates (its run, parent or root)."""
+        lease = self.index.leases.get(update.attempt_id)
+        if lease is None or lease.executor_id != ex.executor_id:
+            log.warning("metadata update from unknown attempt %s dropped", update.attempt_id)
+            return
+        try:
+            operations: list[Operation] = [
+                (o.type, o.key, orjson.loads(o.value) if o.value else None)
+                for o in update.operations
+            ]
+        except orjson.JSONDecodeError:
+            log.warning("metadata update of %s is not JSON; dropped", update.run_id)
+            return
+        self._submit(
+            self._metadata_op(
+                ex.environment_id, update.run_id, lambda doc: apply_operations(doc, operations)
+            )
+        )
+
+    async def update_metadata(self, environment_id: str, run_id: str, metadata: str) -> RunRow:
+        """Replace a run's metadata object (``RunService.UpdateRunMetadata``)."""
+        new = orjson.loads(metadata)
+        return await self.store.writer.run(self._metadata_op(environment_id, run_id, lambda _: new))
+
+    async def add_tags(self, environment_id: str, run_id: str, tags: list[str]) -> RunRow:
+        """Add tags to a run (``RunService.AddRunTags``), within the per-run tag limit."""
+        limit = self.settings.limits.tags
+
+        async def op(tx: Tx) -> RunRow:
+            row = await self._get_in_tx(tx, environment_id, run_id)
+            current: list[str] = orjson.loads(row.tags)
+            new = [t for t in dict.fromkeys(tags) if t not in current]
+            if len(current) + len(new) > limit:
+                raise InvalidArgument(
+                    "tags",
+                    f"{len(current) + len(new)} tags is over the limit of {limit} tags per run",
+                )
+            if not new:
+                return row
+            for tag in new:
+                tx.insert_later(
+                    db.run_tags, {"run_id": run_id, "tag": tag, "environment_id": environment_id}
+                )
+            status = Status(row.status)
+            updated = await tx.transition(
+                run_id, [status], status, "tags", tags=orjson.dumps(current + new).decode()
+            )
+            return updated if updated is not None else row
+
+        return await self.store.writer.run(op)
+
+    def _store_logs(self, ex: ExecutorState, batch: wpb.LogBatch) -> None:
+        """Log lines of attempts, stored in the executor's environment (read by ListRunLogs)."""
+
+        def clean(value: str, length: int | None = None) -> str:
+            value = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+            return value if length is None else value[:length]
+
+        rows = [
+            {
+                "id": new_id("log"),
+                "environment_id": ex.environment_id,
+                "run_id": clean(e.run_id, 40),
+                "attempt_id": clean(e.attempt_id, 40),
+                "attempt_number": e.attempt_number,
+                "level": clean(e.level, 16),
+                "message": clean(e.message),
+                "attributes": clean(e.attributes) or "{}",
+                "time": e.time.ToMilliseconds(),
+                "trace_id": clean(e.trace_id, 32),
+                "span_id": clean(e.span_id, 16),
+            }
+            for e in batch.entries
+        ]
+
+        async def op(tx: Tx) -> None:
+            for row in rows:
+                tx.insert_later(db.run_logs, row)
+
+        if rows:
+            self._submit(op)
+
+    async def list_logs(
+        self, environment_id: str, run_id: str, after_id: str | None, limit: int
+    ) -> list[RunRow]:
+        """A run's log lines after ``after_id``, oldest first."""
+        c = db.run_logs.c
+        stmt = (
+            select(db.run_logs)
+            .where(c.environment_id == environment_id, c.run_id == run_id)
+            .order_by(c.id)
+            .limit(limit)
+        )
+        if after_id:
+            stmt = stmt.where(c.id > after_id)
+        async with self.store.engine.connect() as conn:
+            return list((await conn.execute(stmt)).all())
+
+
+def _retry_at(result: wpb.AttemptResult) -> int | None:
+    """When the task's catch_error wants the retry (ms since the epoch), if it said."""
+    if result.HasField("retry_at"):
+        return int(result.retry_at.ToMilliseconds())
+    if result.HasField("retry_delay_ms"):
+        return now_ms() + max(0, result.retry_delay_ms)
+    return None

@@ -90,6 +90,7 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
         started_at=_ts(m["started_at"]),
         finished_at=_ts(m["finished_at"]),
         duration_ms=m["duration_ms"],
+        machine=m.get("machine") or "",
     )
 
 

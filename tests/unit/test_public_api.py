@@ -10,13 +10,16 @@ PUBLIC = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "CatchErrorResult",
     "Client",
     "ConfigurationError",
     "Context",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "LogEntry",
     "NotFoundError",
+    "Outcome",
     "PermissionDeniedError",
     "Queue",
     "RetryOptions",
@@ -27,6 +30,7 @@ PUBLIC = [
     "RunplaneError",
     "RunsAPI",
     "Signal",
+    "TagsAPI",
     "Task",
     "TaskRunError",
     "TasksAPI",
@@ -35,8 +39,11 @@ PUBLIC = [
     "__version__",
     "configure",
     "default_client",
+    "logger",
+    "metadata",
     "queue",
     "runs",
+    "tags",
     "task",
     "tasks",
 ]
@@ -49,7 +56,13 @@ def test_all_is_frozen() -> None:
 
 
 def test_no_protobuf_type_in_public_signatures() -> None:
-    for cls in (runplane.Client, runplane.RunsAPI, runplane.TasksAPI, runplane.Task):
+    for cls in (
+        runplane.Client,
+        runplane.RunsAPI,
+        runplane.TasksAPI,
+        runplane.TagsAPI,
+        runplane.Task,
+    ):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_"):
                 continue
@@ -69,7 +82,7 @@ def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
 
 
 def test_every_client_call_has_a_sync_twin() -> None:
-    for cls in (runplane.RunsAPI, runplane.TasksAPI):
+    for cls in (runplane.RunsAPI, runplane.TasksAPI, runplane.TagsAPI):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") or name.endswith("_sync"):
                 continue
