@@ -368,7 +368,14 @@ class TaskProcess:
             retry_machine = ctx.extra.get("oom_retry_machine") or ""
             result["retry_machine"] = retry_machine
             skip = not retry_machine
-        result.update(error=error_info(error), skip_retrying=skip)
+        info = error_info(error)
+        if oom:
+            info["type"] = "OutOfMemoryError"
+            info["message"] = (
+                f"the attempt ran out of its machine's memory ({ctx.machine.name}, "
+                f"{ctx.machine.memory:g} GB): {info['message'] or 'MemoryError'}"
+            )
+        result.update(error=info, skip_retrying=skip)
         retried = not skip and ctx.attempt.number < min(ctx.run.max_attempts, MAX_ATTEMPTS_CAP)
         if not retried and not oom:  # an out-of-memory run ends CRASHED: no on_failure
             await self.hooks(task, "on_failure", payload, error, ctx)
