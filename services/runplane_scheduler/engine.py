@@ -551,7 +551,17 @@ class RunEngine:
                     retry_machine=result.retry_machine,
                 )
             else:
-                self._fail(lease, error, result.skip_retrying, retry_at=_retry_at(result))
+                self._fail(
+                    lease,
+                    error,
+                    result.skip_retrying,
+                    retry_at=result.retry_at.ToMilliseconds()
+                    if result.HasField("retry_at")
+                    else None,
+                    retry_delay_ms=result.retry_delay_ms
+                    if result.HasField("retry_delay_ms")
+                    else None,
+                )
         self._dispatch_wake.set()
 
     def _complete(self, lease: Lease, output: str) -> None:
@@ -584,12 +594,13 @@ class RunEngine:
         skip_retrying: bool,
         final_status: Status = Status.FAILED,
         retry_at: int | None = None,
+        retry_delay_ms: int | None = None,
         retry_machine: str = "",
     ) -> None:
         """An attempt failed: retry after back-off if allowed, else end the run.
 
-        ``retry_at`` (ms; from the task's catch_error) replaces the policy's back-off;
-        ``retry_machine`` is the machine the retry runs on."""
+        ``retry_delay_ms`` or ``retry_at`` (ms since the epoch), from the task's catch_error,
+        replace the policy's back-off; ``retry_machine`` is the machine the retry runs on."""
         attempt_id = lease.attempt_id
         error_text = orjson.dumps(error).decode()
 
@@ -615,7 +626,9 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "FAILED", error_text)
             elapsed = ts - m["started_at"] if m["started_at"] else 0
             if should_retry(m["max_attempts"], attempt, skip_retrying):
-                if retry_at is not None:
+                if retry_delay_ms is not None:
+                    delay_ms = max(0, retry_delay_ms)
+                elif retry_at is not None:
                     delay_ms = max(0, retry_at - ts)
                 else:
                     delay_ms = int(retry_delay(policy, attempt) * 1000)
@@ -1005,12 +1018,3 @@ class RunEngine:
             stmt = stmt.where(c.id > after_id)
         async with self.store.engine.connect() as conn:
             return list((await conn.execute(stmt)).all())
-
-
-def _retry_at(result: wpb.AttemptResult) -> int | None:
-    """When the task's catch_error wants the retry (ms since the epoch), if it said."""
-    if result.HasField("retry_at"):
-        return int(result.retry_at.ToMilliseconds())
-    if result.HasField("retry_delay_ms"):
-        return now_ms() + max(0, result.retry_delay_ms)
-    return None
