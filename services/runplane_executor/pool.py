@@ -252,7 +252,9 @@ class ProcessPool:
         await asyncio.sleep(self.cancel_grace)
         if attempt_id not in proc.attempts or proc.dead:
             return
-        log.warning("attempt %s ignored its cancel; killing its task process", attempt_id)
+        log.warning(
+            "attempt %s ignored its cancel; killing task process %d", attempt_id, proc.index
+        )
         self._kill(proc, attempt_id, {"canceled": True})
 
     def _kill(self, proc: _Proc, attempt_id: str, result: dict[str, Any]) -> None:
