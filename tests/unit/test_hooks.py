@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from runplane import AbortTaskRunError, CatchErrorResult, ConfigurationError, Context, Outcome
 from runplane import metadata as md
@@ -319,3 +320,20 @@ def test_retry_out_of_memory_names_a_known_machine() -> None:
     assert RetryOptions.parse({}).out_of_memory_machine is None
     with pytest.raises(ConfigurationError):
         RetryOptions.parse({"out_of_memory": {"machine": "huge"}})
+
+
+class Order(BaseModel):
+    quantity: int
+
+
+async def test_a_payload_that_fails_validation_is_not_retried() -> None:
+    @task(id="unit-validated")
+    async def t(payload: Order) -> int:
+        return payload.quantity
+
+    result, _ = await run(t, attempt(t, payload='{"quantity": "many"}'))
+    assert result["skip_retrying"] is True
+    assert result["error"]["type"] == "PayloadValidationError"
+    assert "quantity" in result["error"]["message"]
+    result, _ = await run(t, attempt(t, payload='{"quantity": 3}'))
+    assert result == {"output": "3"}
