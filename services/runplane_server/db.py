@@ -205,8 +205,9 @@ def upgrade_url(url: str) -> None:
 # -- executor area: run execution (machines, logs) ---------------------------------------------
 
 # The machine a run's next attempt runs on when it differs from its task's (an out-of-memory
-# retry on retry.out_of_memory.machine); NULL: the task's machine.
-runs.append_column(Column("machine", String(32)))
+# retry on retry.out_of_memory.machine); '': the task's machine. Defined exactly as the run
+# engine's trigger-time override column, which it is (keep one of the two when merging).
+runs.append_column(Column("machine", String(32), nullable=False, server_default=""))
 
 # Log lines (and finished user spans) of attempts, as executors send them; read oldest first.
 run_logs = Table(

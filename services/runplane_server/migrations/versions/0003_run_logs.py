@@ -15,7 +15,9 @@ down_revision = "0001"
 
 def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("machine", sa.String(length=32), nullable=True))
+        batch_op.add_column(
+            sa.Column("machine", sa.String(length=32), nullable=False, server_default="")
+        )
     op.create_table(
         "run_logs",
         sa.Column("id", sa.String(length=40), nullable=False),
