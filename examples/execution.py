@@ -296,3 +296,15 @@ async def chatty(payload: object) -> str:
         logger.warning("the fetch was slow", seconds=2.5)
     logger.error("something went wrong, but we carry on")
     return "done"
+
+
+@task(id="oversize")
+async def oversize(payload: object) -> str:
+    """Sets metadata past the 256 KB limit: the update is refused, the run goes on."""
+    metadata.set("small", 1)
+    await metadata.flush()
+    metadata.set("huge", "x" * 300_000)
+    await metadata.flush()
+    await asyncio.sleep(0.5)
+    metadata.set("after", True)
+    return "still here"

@@ -193,3 +193,13 @@ async def test_logs_are_span_events_of_the_attempt_and_carry_its_trace(
     finally:
         await cluster.stop()
         await server.stop(0)
+
+
+async def test_metadata_past_the_limit_is_refused_and_the_run_goes_on(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("oversize", {})
+    run = await finished(cluster, handle.id)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == "still here"
+    assert run.metadata == {"small": 1, "after": True}
+    assert "over the metadata limit" in cluster.scheduler.log()
