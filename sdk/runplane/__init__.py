@@ -10,7 +10,17 @@ handle = await hello.trigger({"name": "world"})
 """
 
 from runplane._batch import BatchAPI, batch
-from runplane._client import Client, RunsAPI, TasksAPI, configure, default_client, runs, tasks
+from runplane._client import (
+    Client,
+    RunsAPI,
+    TagsAPI,
+    TasksAPI,
+    configure,
+    default_client,
+    runs,
+    tags,
+    tasks,
+)
 from runplane._context import Context, Signal
 from runplane._errors import (
     AbortTaskRunError,
@@ -27,7 +37,10 @@ from runplane._errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from runplane._hooks import CatchErrorResult, Outcome
 from runplane._idempotency import IdempotencyKey, IdempotencyKeysAPI, idempotency_keys
+from runplane._logger import LogEntry, logger
+from runplane._metadata import metadata
 from runplane._models import (
     Batch,
     BatchHandle,
@@ -53,6 +66,7 @@ __all__ = [
     "BatchHandle",
     "BatchItem",
     "BatchStatus",
+    "CatchErrorResult",
     "Client",
     "ConfigurationError",
     "Context",
@@ -61,7 +75,9 @@ __all__ = [
     "IdempotencyKey",
     "IdempotencyKeysAPI",
     "InvalidArgumentError",
+    "LogEntry",
     "NotFoundError",
+    "Outcome",
     "PermissionDeniedError",
     "Queue",
     "QueueInfo",
@@ -74,6 +90,7 @@ __all__ = [
     "RunplaneError",
     "RunsAPI",
     "Signal",
+    "TagsAPI",
     "Task",
     "TaskRunError",
     "TasksAPI",
@@ -84,9 +101,12 @@ __all__ = [
     "configure",
     "default_client",
     "idempotency_keys",
+    "logger",
+    "metadata",
     "queue",
     "queues",
     "runs",
+    "tags",
     "task",
     "tasks",
 ]

@@ -67,6 +67,15 @@ async def _runs(args: argparse.Namespace) -> int:
         run = await client.runs.retrieve(args.run_id)
         print(orjson.dumps(_run_dict(run), option=orjson.OPT_INDENT_2).decode())
         return 0
+    if args.runs_command == "logs":
+        async for entry in client.runs.logs(args.run_id):
+            attributes = " " + orjson.dumps(entry.attributes).decode() if entry.attributes else ""
+            stamp = entry.time.isoformat(timespec="milliseconds")
+            print(
+                f"{stamp} #{entry.attempt_number} {entry.level.upper():<7} "
+                f"{entry.message}{attributes}"
+            )
+        return 0
     if args.runs_command == "cancel":
         _print_run(await client.runs.cancel(args.run_id))
         return 0
@@ -168,14 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     trig.add_argument("--tag", action="append")
     trig.add_argument("--wait", action="store_true", help="follow the run to its end")
 
-    runs = sub.add_parser("runs", help="list, show, cancel and watch runs")
+    runs = sub.add_parser("runs", help="list, show, cancel, watch runs and read their logs")
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     ls = rsub.add_parser("ls")
     ls.add_argument("--status", action="append")
     ls.add_argument("--task", action="append")
     ls.add_argument("--tag", action="append")
     ls.add_argument("--limit", type=int, default=20)
-    for name in ("show", "cancel", "replay", "watch"):
+    for name in ("show", "logs", "cancel", "replay", "watch"):
         rsub.add_parser(name).add_argument("run_id")
 
     queues = sub.add_parser("queues", help="list, pause and resume queues")

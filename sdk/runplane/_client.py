@@ -20,6 +20,8 @@ from runplane import _durations, _idempotency
 from runplane._context import current_context
 from runplane._durations import DurationLike
 from runplane._errors import ConfigurationError, from_rpc_error
+from runplane._hooks import GlobalHooks
+from runplane._logger import LogEntry
 from runplane._models import BatchHandle, BatchItem, Run, RunHandle, RunStatus
 from runplane._namespace import Namespace
 from runplane._serde import dumps
@@ -94,6 +96,7 @@ class Client:
         self.batch = BatchAPI(self)
         self.queues = QueuesAPI(self)
         self.idempotency_keys = IdempotencyKeysAPI(self)
+        self.tags = TagsAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -231,8 +234,8 @@ def _debounce(value: dict[str, Any]) -> rpb.Debounce:
     return d
 
 
-class TasksAPI(Namespace):
-    """Trigger tasks by id."""
+class TasksAPI(Namespace, GlobalHooks):
+    """Trigger tasks by id; register global hooks (``tasks.on_success(fn)``, see _hooks)."""
 
     async def trigger(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
         """Trigger a run of ``task_id`` with ``payload`` (anything JSON-serialisable); the
@@ -405,6 +408,59 @@ class RunsAPI(Namespace):
     def subscribe_to_run_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[Run]:
         return self._client._iterate_sync(self.subscribe_to_run(run_id, **kwargs))
 
+    async def update_metadata(self, run_id: str | RunHandle, metadata: dict[str, Any]) -> Run:
+        """Replace the run's metadata object (from outside the run; inside it use ``metadata``)."""
+        client = self._client
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        response = await client._call(
+            client._run_stub().UpdateRunMetadata,
+            rpb.UpdateRunMetadataRequest(run_id=run_id, metadata=dumps(metadata)),
+        )
+        return Run.from_pb(response.run)
+
+    def update_metadata_sync(self, run_id: str | RunHandle, metadata: dict[str, Any]) -> Run:
+        return self._client._run_sync(self.update_metadata(run_id, metadata))
+
+    async def logs(
+        self, run_id: str | RunHandle, *, page_size: int = 100
+    ) -> AsyncIterator[LogEntry]:
+        """The run's log lines (and finished ``logger.trace`` spans), oldest first."""
+        client = self._client
+        request = rpb.ListRunLogsRequest(
+            run_id=run_id.id if isinstance(run_id, RunHandle) else run_id, page_size=page_size
+        )
+        while True:
+            response = await client._call(client._run_stub().ListRunLogs, request)
+            for pb in response.entries:
+                yield LogEntry.from_pb(pb)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def logs_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[LogEntry]:
+        return self._client._iterate_sync(self.logs(run_id, **kwargs))
+
+
+class TagsAPI(Namespace):
+    """Tags of the running run: ``await tags.add("user:42")`` inside a task."""
+
+    async def add(self, tags: str | Sequence[str], *, run_id: str | None = None) -> Run:
+        """Add tags to the run this code runs in (or ``run_id``); at most 10 per run."""
+        if run_id is None:
+            ctx = current_context()
+            if ctx is None:
+                raise ConfigurationError("tags.add outside a run needs run_id=")
+            run_id = ctx.run.id
+        client = self._client
+        response = await client._call(
+            client._run_stub().AddRunTags,
+            rpb.AddRunTagsRequest(run_id=run_id, tags=[tags] if isinstance(tags, str) else tags),
+        )
+        return Run.from_pb(response.run)
+
+    def add_sync(self, tags: str | Sequence[str], *, run_id: str | None = None) -> Run:
+        return self._client._run_sync(self.add(tags, run_id=run_id))
+
 
 _default: Client | None = None
 _default_lock = threading.Lock()
@@ -431,3 +487,4 @@ def configure(
 
 tasks = TasksAPI(None)
 runs = RunsAPI(None)
+tags = TagsAPI(None)

@@ -12,7 +12,8 @@ from typing import Any
 
 class Signal:
     """Tells a task it is being cancelled or has run out of time. Poll ``cancelled`` (also safe
-    from a plain ``def`` task's thread) or ``await signal.wait()``."""
+    from a plain ``def`` task's thread, and set even while the event loop is blocked) or
+    ``await signal.wait()``. ``reason`` is "cancelled" or "timeout"."""
 
     def __init__(self) -> None:
         self._flag = threading.Event()
@@ -52,6 +53,8 @@ class RunContext:
     parent_run_id: str | None
     root_run_id: str | None
     batch_id: str | None
+    # Seconds of execution allowed per attempt; 0: no limit.
+    max_duration: float = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,13 @@ class Context:
     environment: EnvironmentContext
     machine: MachineContext
     signal: Signal = field(default_factory=Signal, compare=False)
+    # The attempt's runtime (metadata buffer, log sink, init value), set by the task process.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def init(self) -> Any:
+        """What the ``init`` hooks returned (the last one's value), or None."""
+        return self.extra.get("init")
 
 
 _current: contextvars.ContextVar[Context | None] = contextvars.ContextVar(

@@ -10,12 +10,17 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from runplane import _durations
 from runplane._errors import ConfigurationError
+from runplane._hooks import HOOK_NAMES, Hooks
 
 if TYPE_CHECKING:
     from runplane._models import BatchHandle, BatchItem, RunHandle
 
 R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
 
+DEFAULT_MACHINE = "small-1x"
+
+# (vcpu, memory in GB) of each machine preset (reference §1.6).
 MACHINES: dict[str, tuple[float, float]] = {
     "micro": (0.25, 0.25),
     "small-1x": (0.5, 0.5),
@@ -81,6 +86,9 @@ class RetryOptions:
     min_timeout: float = 1.0
     max_timeout: float = 60.0
     randomize: bool = True
+    # Retry an attempt that ran out of memory on this machine (``{"out_of_memory": {"machine":
+    # "large-1x"}}``); None: out-of-memory is never retried.
+    out_of_memory_machine: str | None = None
 
     @classmethod
     def parse(cls, value: RetryOptions | dict[str, Any] | None) -> RetryOptions:
@@ -88,10 +96,20 @@ class RetryOptions:
             return cls()
         if isinstance(value, RetryOptions):
             return value
-        unknown = set(value) - set(cls.__dataclass_fields__) - {"out_of_memory"}
+        fields = set(cls.__dataclass_fields__) - {"out_of_memory_machine"}
+        unknown = set(value) - fields - {"out_of_memory"}
         if unknown:
             raise ConfigurationError(f"unknown retry option(s): {', '.join(sorted(unknown))}")
-        options = cls(**{k: v for k, v in value.items() if k in cls.__dataclass_fields__})
+        oom = value.get("out_of_memory") or {}
+        machine = oom.get("machine") if isinstance(oom, dict) else None
+        if machine is not None and machine not in MACHINES:
+            raise ConfigurationError(
+                f"retry.out_of_memory.machine: unknown machine {machine!r}; "
+                f"one of {', '.join(MACHINES)}"
+            )
+        options = cls(
+            **{k: v for k, v in value.items() if k in fields}, out_of_memory_machine=machine
+        )
         if not 1 <= options.max_attempts <= 250:
             raise ConfigurationError("retry.max_attempts must be 1..250")
         return options
@@ -105,10 +123,48 @@ class Task(Generic[R]):
     fn: Callable[..., Awaitable[R] | R]
     queue: Queue
     retry: RetryOptions = field(default_factory=RetryOptions)
-    machine: str = "small-1x"
+    # None: the default machine, run in the executor's shared warm pool; a name: each attempt
+    # runs in a process of its own with that machine's memory limit.
+    machine: str | None = None
     max_duration: float = 0
     description: str = ""
     ttl: float = 0  # seconds; 0: runs never expire
+    hooks: Hooks = field(default_factory=Hooks)
+
+    @property
+    def machine_name(self) -> str:
+        return self.machine or DEFAULT_MACHINE
+
+    # Hooks as decorators on the task object: ``@my_task.on_success``. Signatures: see _hooks.
+    def middleware(self, fn: F) -> F:
+        return self.hooks.add("middleware", fn)
+
+    def init(self, fn: F) -> F:
+        return self.hooks.add("init", fn)
+
+    def on_start(self, fn: F) -> F:
+        return self.hooks.add("on_start", fn)
+
+    def on_start_attempt(self, fn: F) -> F:
+        return self.hooks.add("on_start_attempt", fn)
+
+    def on_success(self, fn: F) -> F:
+        return self.hooks.add("on_success", fn)
+
+    def on_failure(self, fn: F) -> F:
+        return self.hooks.add("on_failure", fn)
+
+    def on_complete(self, fn: F) -> F:
+        return self.hooks.add("on_complete", fn)
+
+    def on_cancel(self, fn: F) -> F:
+        return self.hooks.add("on_cancel", fn)
+
+    def catch_error(self, fn: F) -> F:
+        return self.hooks.add("catch_error", fn)
+
+    def cleanup(self, fn: F) -> F:
+        return self.hooks.add("cleanup", fn)
 
     # Read on every attempt: worked out once.
     @functools.cached_property
@@ -188,10 +244,20 @@ def task(
     id: str,
     queue: Queue | str | None = None,
     retry: RetryOptions | dict[str, Any] | None = None,
-    machine: str = "small-1x",
+    machine: str | None = None,
     max_duration: float = 0,
     description: str = "",
     ttl: _durations.DurationLike = 0,
+    middleware: Callable[..., Any] | None = None,
+    init: Callable[..., Any] | None = None,
+    on_start: Callable[..., Any] | None = None,
+    on_start_attempt: Callable[..., Any] | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_failure: Callable[..., Any] | None = None,
+    on_complete: Callable[..., Any] | None = None,
+    on_cancel: Callable[..., Any] | None = None,
+    catch_error: Callable[..., Any] | None = None,
+    cleanup: Callable[..., Any] | None = None,
 ) -> TaskDecorator: ...
 
 
@@ -202,19 +268,48 @@ def task(
     id: str | None = None,
     queue: Queue | str | None = None,
     retry: RetryOptions | dict[str, Any] | None = None,
-    machine: str = "small-1x",
+    machine: str | None = None,
     max_duration: float = 0,
     description: str = "",
     ttl: _durations.DurationLike = 0,
+    middleware: Callable[..., Any] | None = None,
+    init: Callable[..., Any] | None = None,
+    on_start: Callable[..., Any] | None = None,
+    on_start_attempt: Callable[..., Any] | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_failure: Callable[..., Any] | None = None,
+    on_complete: Callable[..., Any] | None = None,
+    on_cancel: Callable[..., Any] | None = None,
+    catch_error: Callable[..., Any] | None = None,
+    cleanup: Callable[..., Any] | None = None,
 ) -> Any:
     """Turn an ``async def`` (or a plain ``def``, run off the event loop) into a :class:`Task`.
 
     The function takes the payload and, optionally, ``ctx``; its return value (JSON-serialisable)
-    is the run's output."""
+    is the run's output. ``machine`` (a preset name) runs each attempt in a process of its own
+    with that machine's memory limit; left out, attempts share the warm pool. ``max_duration``:
+    seconds per attempt, 0 for none. The hook arguments are described in ``runplane._hooks``."""
+    hooks = Hooks()
+    given = {
+        "middleware": middleware,
+        "init": init,
+        "on_start": on_start,
+        "on_start_attempt": on_start_attempt,
+        "on_success": on_success,
+        "on_failure": on_failure,
+        "on_complete": on_complete,
+        "on_cancel": on_cancel,
+        "catch_error": catch_error,
+        "cleanup": cleanup,
+    }
+    assert set(given) == set(HOOK_NAMES)
+    for name, hook in given.items():
+        if hook is not None:
+            hooks.add(name, hook)
 
     def make(f: Callable[..., Any]) -> Task[Any]:
         task_id = id or f.__name__.replace("_", "-")
-        if machine not in MACHINES:
+        if machine is not None and machine not in MACHINES:
             raise ConfigurationError(
                 f"task {task_id!r}: unknown machine {machine!r}; one of {', '.join(MACHINES)}"
             )
@@ -228,6 +323,7 @@ def task(
             max_duration=max_duration,
             description=description or (inspect.getdoc(f) or "").split("\n")[0],
             ttl=_durations.seconds(ttl, f"task {task_id!r} ttl"),
+            hooks=hooks,
         )
         existing = _REGISTRY.get(task_id)
         if existing is not None and existing.fn.__qualname__ != f.__qualname__:

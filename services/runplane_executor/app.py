@@ -17,7 +17,8 @@ import grpc
 import orjson
 
 from runplane._errors import ConfigurationError
-from runplane._task import Task
+from runplane._serde import dumps
+from runplane._task import DEFAULT_MACHINE, MACHINES, Task
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -70,9 +71,8 @@ def payload_schema(t: Task[Any]) -> str:
     return orjson.dumps(schema()).decode() if schema is not None else ""
 
 
-def build_manifest(modules: list[str]) -> wpb.Manifest:
-    """The manifest of the tasks these modules define (imported here, in the control process)."""
-    tasks = taskproc.import_task_modules(modules)
+def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
+    """The manifest of the tasks (imported here, in the control process)."""
     defs = []
     for t in sorted(tasks.values(), key=lambda t: t.id):
         defs.append(
@@ -88,7 +88,7 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
                     randomize=t.retry.randomize,
                 ),
                 max_duration_seconds=t.max_duration,
-                machine=t.machine,
+                machine=t.machine_name,
                 description=t.description,
                 ttl_seconds=t.ttl,
                 queue_rate_limit=t.queue.rate_limit[0] if t.queue.rate_limit else 0,
@@ -104,17 +104,38 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
     return manifest
 
 
-def assignment_to_attempt(a: wpb.Assignment) -> dict[str, Any]:
+def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> dict[str, Any]:
+    """The attempt as the task process gets it, with its effective machine and max_duration.
+
+    The machine is the trigger's (``Run.machine``) or the task's. An attempt gets a process of
+    its own with that machine's memory limit when the machine was chosen explicitly (the task
+    sets ``machine=``, or the trigger asks for a different one); otherwise it runs in the warm
+    pool. max_duration is the trigger's (``Run.max_duration``) or the task's."""
     r = a.run
+    task_machine = task.machine_name if task is not None else DEFAULT_MACHINE
+    machine = r.machine if r.machine in MACHINES else task_machine
+    explicit = (task is not None and task.machine is not None) or machine != task_machine
+    if r.HasField("max_duration"):
+        max_duration = r.max_duration.ToTimedelta().total_seconds()
+    else:
+        max_duration = task.max_duration if task is not None else 0
+    oom_machine = task.retry.out_of_memory_machine if task is not None else None
     return {
         "attempt_id": a.attempt_id,
         "number": a.attempt_number,
         "traceparent": a.traceparent,
         "environment_slug": a.environment_slug,
+        "environment_id": a.environment_id,
+        "machine": machine,
+        "memory_limit": int(MACHINES[machine][1] * 2**30) if explicit else 0,
+        "max_duration": max_duration,
+        # An out-of-memory attempt is retried on this machine, unless it already ran on it.
+        "oom_retry_machine": oom_machine if oom_machine and oom_machine != machine else "",
         "run": {
             "id": r.id,
             "task_id": r.task_id,
             "payload": r.payload,
+            "metadata": r.metadata or "{}",
             "tags": list(r.tags),
             "is_test": r.is_test,
             "created_at": r.created_at.ToMilliseconds() if r.HasField("created_at") else 0,
@@ -137,6 +158,9 @@ def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectReques
         skip_retrying=bool(result.get("skip_retrying")),
         canceled=bool(result.get("canceled")),
         lost=bool(result.get("lost")),
+        timed_out=bool(result.get("timed_out")),
+        out_of_memory=bool(result.get("out_of_memory")),
+        retry_machine=result.get("retry_machine") or "",
     )
     if "output" in result:
         out.output = result["output"]
@@ -147,7 +171,41 @@ def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectReques
             e["message"],
             e["stack_trace"],
         )
+    if result.get("retry_delay_ms") is not None:
+        out.retry_delay_ms = result["retry_delay_ms"]
+    if result.get("retry_at_ms") is not None:
+        out.retry_at.FromMilliseconds(result["retry_at_ms"])
     return wpb.ConnectRequest(result=out)
+
+
+def metadata_message(attempt_id: str, update: dict[str, Any]) -> wpb.ConnectRequest:
+    return wpb.ConnectRequest(
+        metadata=wpb.MetadataUpdate(
+            run_id=update["run_id"],
+            attempt_id=attempt_id,
+            operations=[
+                wpb.MetadataOperation(type=kind, key=key, value=dumps(value))
+                for kind, key, value in update["operations"]
+            ],
+        )
+    )
+
+
+def logs_message(entries: list[dict[str, Any]]) -> wpb.ConnectRequest:
+    batch = wpb.LogBatch()
+    for e in entries:
+        pb = batch.entries.add(
+            run_id=e["run_id"],
+            attempt_id=e["attempt_id"],
+            attempt_number=e["attempt_number"],
+            level=e["level"],
+            message=e["message"],
+            attributes=e["attributes"],
+            trace_id=e["trace_id"],
+            span_id=e["span_id"],
+        )
+        pb.time.FromMilliseconds(e["time_ms"])
+    return wpb.ConnectRequest(logs=batch)
 
 
 class Executor:
@@ -156,7 +214,8 @@ class Executor:
             raise ConfigurationError("the executor needs RUNPLANE_SECRET_KEY")
         self.settings = settings
         self.executor_id = new_id("exec")
-        self.manifest = build_manifest(settings.modules)
+        self.tasks = taskproc.import_task_modules(settings.modules)
+        self.manifest = build_manifest(self.tasks)
         self.pool = ProcessPool(
             settings.modules, settings.processes, self._on_pool_event, settings.cancel_grace
         )
@@ -212,14 +271,20 @@ class Executor:
     def _send(self, message: wpb.ConnectRequest) -> None:
         if self._outgoing is not None and self.connected:
             self._outgoing.put_nowait(message)
-        elif message.WhichOneof("message") in ("started", "result"):
+        elif message.WhichOneof("message") in ("started", "result", "metadata", "logs"):
             self._unsent.append(message)
 
-    def _on_pool_event(self, kind: str, attempt_id: str, result: dict[str, Any] | None) -> None:
+    def _on_pool_event(self, kind: str, attempt_id: str, data: dict[str, Any] | None) -> None:
         if kind == "started":
             self._send(wpb.ConnectRequest(started=wpb.AttemptStarted(attempt_id=attempt_id)))
-        elif result is not None:
-            self._send(result_message(attempt_id, result))
+        elif data is None:
+            return
+        elif kind == "metadata":
+            self._send(metadata_message(attempt_id, data))
+        elif kind == "logs":
+            self._send(logs_message(data["entries"]))
+        else:
+            self._send(result_message(attempt_id, data))
 
     async def _connect_forever(self) -> None:
         backoff = 0.1
@@ -292,7 +357,7 @@ class Executor:
                         outgoing.put_nowait(
                             wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
                         )
-                        self.pool.submit(assignment_to_attempt(a))
+                        self.pool.submit(assignment_to_attempt(a, self.tasks.get(a.run.task_id)))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
             finally:

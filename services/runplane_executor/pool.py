@@ -1,8 +1,18 @@
 """A warm pool of task processes, owned by the executor's control loop.
 
-An attempt that must be stopped hard (cancelled but still running after the grace period) is
-stopped by killing its process; the other attempts of that process are reported lost (run again
-without counting against their retries) and the process is replaced.
+Attempts of tasks that keep the default machine share the warm processes (the fast path: no
+process start per attempt). An attempt with an explicit machine (the task's ``machine=`` or the
+trigger's) runs in a process of its own started for it, whose data segment is capped at the
+machine's memory (see ``taskproc.main``): an allocation past it raises MemoryError in that
+attempt only, reported as out-of-memory; a process killed from outside (the kernel's OOM killer)
+is reported the same way. Neighbours are never affected.
+
+An attempt that must be stopped hard (cancelled, or past its max_duration, and still running
+after the grace period, e.g. a CPU-bound loop that never yields) is stopped by killing its
+process; the other attempts of that process are reported lost (run again without counting
+against their retries) and the process is replaced. max_duration is timed here, from the
+attempt's start: at the limit the process is told (``ctx.signal`` fires with reason "timeout"
+and the attempt is cancelled), after the grace the process is killed.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +45,8 @@ class _Proc:
     ready: asyncio.Future[list[str]] | None = None
     dead: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Started for one attempt with a machine's memory limit; stopped after it.
+    dedicated: bool = False
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.lock:
@@ -54,6 +67,8 @@ class ProcessPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._kills: set[asyncio.Task[None]] = set()
+        self._attempts: dict[str, dict[str, Any]] = {}
+        self._timeouts: dict[str, asyncio.Task[None]] = {}
         self.task_ids: list[str] = []
 
     async def start(self) -> list[str]:
@@ -64,21 +79,28 @@ class ProcessPool:
         self.task_ids = results[0]
         return self.task_ids
 
-    def _spawn(self, index: int) -> _Proc:
+    def _spawn(self, index: int, memory_limit: int = 0) -> _Proc:
+        """Start a task process; index -1: a dedicated one, outside the warm pool."""
         assert self._loop is not None
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=taskproc.main,
-            args=(child, self.modules),
-            name=f"runplane-task-{index}",
+            args=(child, self.modules, memory_limit),
+            name=f"runplane-task-{index}" if index >= 0 else "runplane-task-dedicated",
             daemon=True,
         )
         process.start()
         child.close()
-        proc = _Proc(index=index, process=process, conn=parent, ready=self._loop.create_future())
-        if index < len(self._procs):
+        proc = _Proc(
+            index=index,
+            process=process,
+            conn=parent,
+            ready=self._loop.create_future(),
+            dedicated=index < 0,
+        )
+        if 0 <= index < len(self._procs):
             self._procs[index] = proc
-        else:
+        elif index >= 0:
             self._procs.append(proc)
         threading.Thread(
             target=self._read, args=(proc,), name=f"pool-reader-{index}", daemon=True
@@ -106,11 +128,25 @@ class ProcessPool:
                 )
         elif kind == "started":
             self.sink("started", message[1], None)
+            self._time(proc, message[1])
+        elif kind in ("metadata", "logs"):
+            self.sink(kind, message[1], message[2])
         elif kind == "result":
-            attempt_id = message[1]
-            proc.attempts.discard(attempt_id)
-            self._where.pop(attempt_id, None)
-            self.sink("result", attempt_id, message[2])
+            self._finish(proc, message[1], message[2])
+
+    def _finish(self, proc: _Proc, attempt_id: str, result: dict[str, Any]) -> None:
+        proc.attempts.discard(attempt_id)
+        self._where.pop(attempt_id, None)
+        self._attempts.pop(attempt_id, None)
+        timer = self._timeouts.pop(attempt_id, None)
+        if timer is not None:
+            timer.cancel()
+        self.sink("result", attempt_id, result)
+        if proc.dedicated and not proc.dead:
+            proc.dead = True  # its end is expected now
+            with contextlib.suppress(OSError):
+                proc.send(("stop",))
+            self._kill_soon(proc)
 
     def _on_exit(self, proc: _Proc) -> None:
         if proc.dead:
@@ -119,21 +155,25 @@ class ProcessPool:
         if proc.ready is not None and not proc.ready.done():
             proc.ready.set_exception(RuntimeError("a task process exited while starting"))
         lost = list(proc.attempts)
-        proc.attempts.clear()
+        proc.process.join(1.0)  # the pipe closed: the exit code follows at once
+        code = proc.process.exitcode
         for attempt_id in lost:
-            self._where.pop(attempt_id, None)
-            self.sink(
-                "result",
-                attempt_id,
-                {
+            attempt = self._attempts.get(attempt_id, {})
+            if proc.dedicated and code == -signal.SIGKILL:
+                # Killed from outside while holding a memory-limited attempt: the OOM killer.
+                result = out_of_memory_result(attempt, "the task process was killed (SIGKILL)")
+            else:
+                result = {
                     "error": {
                         "type": "TaskProcessCrashed",
-                        "message": f"the task process exited with code {proc.process.exitcode}",
+                        "message": f"the task process exited with code {code}",
                         "stack_trace": "",
                     },
                     "skip_retrying": False,
-                },
-            )
+                }
+            self._finish(proc, attempt_id, result)
+        if proc.dedicated:
+            return
         if not self._stopping:
             log.warning(
                 "task process %d exited (code %s); starting a new one",
@@ -150,13 +190,53 @@ class ProcessPool:
         return list(self._where)
 
     def submit(self, attempt: dict[str, Any]) -> None:
-        """Start an attempt on the least busy live process."""
+        """Start an attempt: in a process of its own when it has a memory limit, else on the
+        least busy warm process."""
+        attempt_id = attempt["attempt_id"]
+        self._attempts[attempt_id] = attempt
+        if attempt.get("memory_limit"):
+            proc = self._spawn(-1, attempt["memory_limit"])
+            proc.attempts.add(attempt_id)
+            self._where[attempt_id] = proc
+            task = asyncio.get_running_loop().create_task(self._run_dedicated(proc, attempt))
+            self._kills.add(task)
+            task.add_done_callback(self._kills.discard)
+            return
         live = [p for p in self._procs if not p.dead]
         proc = min(live, key=lambda p: len(p.attempts))
-        attempt_id = attempt["attempt_id"]
         proc.attempts.add(attempt_id)
         self._where[attempt_id] = proc
         proc.send(("run", attempt))
+
+    async def _run_dedicated(self, proc: _Proc, attempt: dict[str, Any]) -> None:
+        assert proc.ready is not None
+        try:
+            await proc.ready
+        except RuntimeError:
+            return  # _on_exit reported the attempt
+        if attempt["attempt_id"] in proc.attempts and not proc.dead:
+            proc.send(("run", attempt))
+
+    def _time(self, proc: _Proc, attempt_id: str) -> None:
+        """Start the attempt's max_duration clock."""
+        seconds = float(self._attempts.get(attempt_id, {}).get("max_duration") or 0)
+        if seconds > 0:
+            self._timeouts[attempt_id] = asyncio.get_running_loop().create_task(
+                self._time_out_later(proc, attempt_id, seconds)
+            )
+
+    async def _time_out_later(self, proc: _Proc, attempt_id: str, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if attempt_id not in proc.attempts or proc.dead:
+            return
+        with contextlib.suppress(OSError):
+            proc.send(("timeout", attempt_id))
+        await asyncio.sleep(self.cancel_grace)
+        if attempt_id not in proc.attempts or proc.dead:
+            return
+        log.warning("attempt %s ran past its max_duration; killing its process", attempt_id)
+        self._timeouts.pop(attempt_id, None)
+        self._kill(proc, attempt_id, taskproc.timeout_result(seconds))
 
     def cancel(self, attempt_id: str) -> None:
         """Ask the attempt to stop; kill its process if it is still running after the grace."""
@@ -175,22 +255,40 @@ class ProcessPool:
         log.warning(
             "attempt %s ignored its cancel; killing task process %d", attempt_id, proc.index
         )
+        self._kill(proc, attempt_id, {"canceled": True})
+
+    def _kill(self, proc: _Proc, attempt_id: str, result: dict[str, Any]) -> None:
+        """Kill ``proc`` to stop ``attempt_id`` (reported with ``result``); its neighbours are
+        lost, and a warm process is replaced."""
         proc.dead = True
         others = [a for a in proc.attempts if a != attempt_id]
-        proc.attempts.clear()
         proc.process.kill()
         for other in others:
-            self._where.pop(other, None)
-            self.sink("result", other, {"lost": True})
-        self._where.pop(attempt_id, None)
-        self.sink("result", attempt_id, {"canceled": True})
-        if not self._stopping:
+            self._finish(proc, other, {"lost": True})
+        self._finish(proc, attempt_id, result)
+        if not self._stopping and not proc.dedicated:
             self._spawn(proc.index)
+
+    def _kill_soon(self, proc: _Proc) -> None:
+        """A dedicated process told to stop: reap it, killing it if it lingers."""
+
+        async def reap() -> None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, proc.process.join, 5.0)
+            if proc.process.is_alive():
+                proc.process.kill()
+                await loop.run_in_executor(None, proc.process.join, 5.0)
+
+        task = asyncio.get_running_loop().create_task(reap())
+        self._kills.add(task)
+        task.add_done_callback(self._kills.discard)
 
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
-        for task in self._kills:
+        for task in [*self._kills, *self._timeouts.values()]:
             task.cancel()
+        for proc in {p for p in self._where.values() if p.dedicated}:
+            proc.process.kill()
         for proc in self._procs:
             if not proc.dead:
                 with contextlib.suppress(OSError):
@@ -202,3 +300,18 @@ class ProcessPool:
             await loop.run_in_executor(None, proc.process.join, remaining)
             if proc.process.is_alive():
                 proc.process.kill()
+
+
+def out_of_memory_result(attempt: dict[str, Any], detail: str) -> dict[str, Any]:
+    """The result of an attempt that ran out of its machine's memory."""
+    retry_machine = attempt.get("oom_retry_machine", "")
+    return {
+        "error": {
+            "type": "OutOfMemoryError",
+            "message": f"the attempt ran out of its machine's memory ({detail})",
+            "stack_trace": "",
+        },
+        "out_of_memory": True,
+        "retry_machine": retry_machine,
+        "skip_retrying": not retry_machine,
+    }

@@ -22,6 +22,7 @@ import orjson
 from opentelemetry import trace
 from sqlalchemy import select, update
 
+from runplane._metadata import Operation, apply_operations
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
@@ -972,6 +973,10 @@ class RunEngine:
             self._started(msg.started.attempt_id)
         elif kind == "result":
             self._result(msg.result)
+        elif kind == "metadata":
+            self._metadata_from_attempt(ex, msg.metadata)
+        elif kind == "logs":
+            self._store_logs(ex, msg.logs)
 
     def _started(self, attempt_id: str) -> None:
         lease = self.index.leases.get(attempt_id)
@@ -1016,7 +1021,28 @@ class RunEngine:
                 "message": result.error.message,
                 "stack_trace": result.error.stack_trace,
             }
-            self._fail(lease, error, result.skip_retrying)
+            if result.timed_out:  # never retried
+                self._fail(lease, error, True, final_status=Status.TIMED_OUT)
+            elif result.out_of_memory:  # retried only on a named bigger machine
+                self._fail(
+                    lease,
+                    error,
+                    not result.retry_machine,
+                    final_status=Status.CRASHED,
+                    retry_machine=result.retry_machine,
+                )
+            else:
+                self._fail(
+                    lease,
+                    error,
+                    result.skip_retrying,
+                    retry_at=result.retry_at.ToMilliseconds()
+                    if result.HasField("retry_at")
+                    else None,
+                    retry_delay_ms=result.retry_delay_ms
+                    if result.HasField("retry_delay_ms")
+                    else None,
+                )
         self._dispatch_wake.set()
 
     def _complete(self, lease: Lease, output: str) -> None:
@@ -1049,8 +1075,14 @@ class RunEngine:
         error: dict[str, str],
         skip_retrying: bool,
         final_status: Status = Status.FAILED,
+        retry_at: int | None = None,
+        retry_delay_ms: int | None = None,
+        retry_machine: str = "",
     ) -> None:
-        """An attempt failed: retry after back-off if allowed, else end the run."""
+        """An attempt failed: retry after back-off if allowed, else end the run.
+
+        ``retry_delay_ms`` or ``retry_at`` (ms since the epoch), from the task's catch_error,
+        replace the policy's back-off; ``retry_machine`` is the machine the retry runs on."""
         attempt_id = lease.attempt_id
         error_text = orjson.dumps(error).decode()
 
@@ -1076,8 +1108,14 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "FAILED", error_text)
             elapsed = ts - m["started_at"] if m["started_at"] else 0
             if should_retry(m["max_attempts"], attempt, skip_retrying):
-                delay_ms = int(retry_delay(policy, attempt) * 1000)
+                if retry_delay_ms is not None:
+                    delay_ms = max(0, retry_delay_ms)
+                elif retry_at is not None:
+                    delay_ms = max(0, retry_at - ts)
+                else:
+                    delay_ms = int(retry_delay(policy, attempt) * 1000)
                 timer_id = new_id("evt")
+                machine = {"machine": retry_machine} if retry_machine else {}
                 # Back-off counts as EXECUTING (reference §3.1); the slot is released meanwhile.
                 await tx.transition(
                     lease.run_id,
@@ -1089,6 +1127,7 @@ class RunEngine:
                     executor_id=None,
                     duration_ms=m["duration_ms"] + elapsed,
                     updated_at=ts,
+                    **machine,
                 )
                 await Store.add_timer(tx, timer_id, ts + delay_ms, "retry", lease.run_id)
                 tx.after_commit.append(
@@ -1218,6 +1257,7 @@ class RunEngine:
                     attempt_number=m["attempt_count"] + 1,
                     traceparent=traceparent,
                     environment_slug=ex.environment_id.removeprefix("env_"),
+                    environment_id=ex.environment_id,
                 )
             )
         )
@@ -1361,3 +1401,131 @@ class RunEngine:
             self._fail(lease, error, False, final_status=Status.SYSTEM_FAILURE)
         else:
             self._requeue_lost(lease)
+
+    # -- run execution: metadata, tags, logs ---------------------------
+
+    def _metadata_op(
+        self,
+        environment_id: str,
+        run_id: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Callable[[Tx], Coroutine[Any, Any, RunRow]]:
+        """An operation changing a run's metadata as one run update (one event, one version),
+        refused (nothing written) when the result is over the metadata limit."""
+        limit = self.settings.limits.metadata_bytes
+
+        async def op(tx: Tx) -> RunRow:
+            row = await self._get_in_tx(tx, environment_id, run_id)
+            try:
+                text = orjson.dumps(change(orjson.loads(row.metadata or "{}"))).decode()
+            except (TypeError, ValueError) as error:
+                raise InvalidArgument("metadata", str(error)) from None
+            size = len(text.encode())
+            if size > limit:
+                raise InvalidArgument(
+                    "metadata", f"{size} bytes is over the metadata limit of {limit} bytes"
+                )
+            status = Status(row.status)
+            updated = await tx.transition(run_id, [status], status, "metadata", metadata=text)
+            return updated if updated is not None else row
+
+        return op
+
+    def _metadata_from_attempt(self, ex: ExecutorState, update: wpb.MetadataUpdate) -> None:
+        """One flush of an attempt's metadata updates (its run, parent or root)."""
+        lease = self.index.leases.get(update.attempt_id)
+        if lease is None or lease.executor_id != ex.executor_id:
+            log.warning("metadata update from unknown attempt %s dropped", update.attempt_id)
+            return
+        try:
+            operations: list[Operation] = [
+                (o.type, o.key, orjson.loads(o.value) if o.value else None)
+                for o in update.operations
+            ]
+        except orjson.JSONDecodeError:
+            log.warning("metadata update of %s is not JSON; dropped", update.run_id)
+            return
+        self._submit(
+            self._metadata_op(
+                ex.environment_id, update.run_id, lambda doc: apply_operations(doc, operations)
+            )
+        )
+
+    async def update_metadata(self, environment_id: str, run_id: str, metadata: str) -> RunRow:
+        """Replace a run's metadata object (``RunService.UpdateRunMetadata``)."""
+        new = orjson.loads(metadata)
+        return await self.store.writer.run(self._metadata_op(environment_id, run_id, lambda _: new))
+
+    async def add_tags(self, environment_id: str, run_id: str, tags: list[str]) -> RunRow:
+        """Add tags to a run (``RunService.AddRunTags``), within the per-run tag limit."""
+        limit = self.settings.limits.tags
+
+        async def op(tx: Tx) -> RunRow:
+            row = await self._get_in_tx(tx, environment_id, run_id)
+            current: list[str] = orjson.loads(row.tags)
+            new = [t for t in dict.fromkeys(tags) if t not in current]
+            if len(current) + len(new) > limit:
+                raise InvalidArgument(
+                    "tags",
+                    f"{len(current) + len(new)} tags is over the limit of {limit} tags per run",
+                )
+            if not new:
+                return row
+            for tag in new:
+                tx.insert_later(
+                    db.run_tags, {"run_id": run_id, "tag": tag, "environment_id": environment_id}
+                )
+            status = Status(row.status)
+            updated = await tx.transition(
+                run_id, [status], status, "tags", tags=orjson.dumps(current + new).decode()
+            )
+            return updated if updated is not None else row
+
+        return await self.store.writer.run(op)
+
+    def _store_logs(self, ex: ExecutorState, batch: wpb.LogBatch) -> None:
+        """Log lines of attempts, stored in the executor's environment (read by ListRunLogs)."""
+
+        def clean(value: str, length: int | None = None) -> str:
+            value = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+            return value if length is None else value[:length]
+
+        rows = [
+            {
+                "id": new_id("log"),
+                "environment_id": ex.environment_id,
+                "run_id": clean(e.run_id, 40),
+                "attempt_id": clean(e.attempt_id, 40),
+                "attempt_number": e.attempt_number,
+                "level": clean(e.level, 16),
+                "message": clean(e.message),
+                "attributes": clean(e.attributes) or "{}",
+                "time": e.time.ToMilliseconds(),
+                "trace_id": clean(e.trace_id, 32),
+                "span_id": clean(e.span_id, 16),
+            }
+            for e in batch.entries
+        ]
+
+        async def op(tx: Tx) -> None:
+            for row in rows:
+                tx.insert_later(db.run_logs, row)
+
+        if rows:
+            self._submit(op)
+
+    async def list_logs(
+        self, environment_id: str, run_id: str, after_id: str | None, limit: int
+    ) -> list[RunRow]:
+        """A run's log lines after ``after_id``, oldest first."""
+        c = db.run_logs.c
+        stmt = (
+            select(db.run_logs)
+            .where(c.environment_id == environment_id, c.run_id == run_id)
+            .order_by(c.id)
+            .limit(limit)
+        )
+        if after_id:
+            stmt = stmt.where(c.id > after_id)
+        async with self.store.engine.connect() as conn:
+            return list((await conn.execute(stmt)).all())

@@ -161,6 +161,52 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         released = await self.engine.reset_idempotency_key(principal().environment_id, task, key)
         return rpb.ResetIdempotencyKeyResponse(released=released)
 
+    async def UpdateRunMetadata(
+        self, request: rpb.UpdateRunMetadataRequest, context: Context
+    ) -> rpb.UpdateRunMetadataResponse:
+        run_id = validation.run_id(request.run_id)
+        metadata = validation.metadata_object("metadata", request.metadata, self.limits)
+        row = await self.engine.update_metadata(principal().environment_id, run_id, metadata)
+        return rpb.UpdateRunMetadataResponse(run=run_to_pb(row))
+
+    async def AddRunTags(
+        self, request: rpb.AddRunTagsRequest, context: Context
+    ) -> rpb.AddRunTagsResponse:
+        run_id = validation.run_id(request.run_id)
+        tags = validation.tags_to_add(list(request.tags), self.limits)
+        row = await self.engine.add_tags(principal().environment_id, run_id, tags)
+        return rpb.AddRunTagsResponse(run=run_to_pb(row))
+
+    async def ListRunLogs(
+        self, request: rpb.ListRunLogsRequest, context: Context
+    ) -> rpb.ListRunLogsResponse:
+        run_id = validation.run_id(request.run_id)
+        size = validation.log_page_size(request.page_size)
+        rows = await self.engine.list_logs(
+            principal().environment_id,
+            run_id,
+            validation.decode_log_page_token(request.page_token),
+            size + 1,
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        response = rpb.ListRunLogsResponse(
+            next_page_token=validation.encode_page_token(rows[-1].id) if more else ""
+        )
+        for row in rows:
+            entry = response.entries.add(
+                run_id=row.run_id,
+                attempt_id=row.attempt_id,
+                attempt_number=row.attempt_number,
+                level=row.level,
+                message=row.message,
+                attributes=row.attributes,
+                trace_id=row.trace_id,
+                span_id=row.span_id,
+            )
+            entry.time.FromMilliseconds(row.time)
+        return response
+
 
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     """QueueService: counts come from the database, pauses and overrides persist there."""

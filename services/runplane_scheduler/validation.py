@@ -359,3 +359,51 @@ def decode_page_token(token: str) -> str | None:
     if not RUN_ID.match(value):
         raise InvalidArgument("page_token", "not a token this server issued")
     return value
+
+
+# -- executor area: metadata, tags, logs -------------------------------------------------------
+
+LOG_ID = re.compile(r"^log_[0-9a-z]{1,36}$")
+
+
+def metadata_object(field: str, value: str, limits: Limits) -> str:
+    """JSON text of a metadata object within the metadata limit."""
+    value = json_text(field, value, limits.metadata_bytes, "metadata", default="{}")
+    if not isinstance(orjson.loads(value), dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
+
+
+def tags_to_add(values: list[str], limits: Limits) -> list[str]:
+    """Tags for AddRunTags: 1..limits.tags of 1..tag_length characters each."""
+    if not values:
+        raise InvalidArgument("tags", "must not be empty")
+    if len(values) > limits.tags:
+        raise InvalidArgument(
+            "tags", f"{len(values)} tags is over the limit of {limits.tags} tags per run"
+        )
+    for i, tag in enumerate(values):
+        text(f"tags[{i}]", tag, limits.tag_length)
+        if not tag:
+            raise InvalidArgument(
+                f"tags[{i}]", f"a tag must be 1..{limits.tag_length} characters, got 0"
+            )
+    return values
+
+
+def log_page_size(value: int) -> int:
+    if not 0 <= value <= 1000:
+        raise InvalidArgument("page_size", f"must be 0..1000, got {value}")
+    return value or 100
+
+
+def decode_log_page_token(token: str) -> str | None:
+    if not token:
+        return None
+    try:
+        value = base64.urlsafe_b64decode(token.encode()).decode()
+    except ValueError:
+        raise InvalidArgument("page_token", "not a token this server issued") from None
+    if not LOG_ID.match(value):
+        raise InvalidArgument("page_token", "not a token this server issued")
+    return value

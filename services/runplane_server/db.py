@@ -247,3 +247,25 @@ def upgrade_url(url: str) -> None:
             await engine.dispose()
 
     asyncio.run(run())
+
+
+# -- run logs -----------------------------------------------------------------------------------
+
+# Log lines (and finished user spans) of attempts, as executors send them; read oldest first.
+run_logs = Table(
+    "run_logs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    Column("run_id", String(40), nullable=False),
+    Column("attempt_id", String(40), nullable=False),
+    Column("attempt_number", Integer, nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    # JSON text of the attributes object.
+    Column("attributes", Text, nullable=False),
+    Column("time", BigInteger, nullable=False),
+    Column("trace_id", String(32), nullable=False),
+    Column("span_id", String(16), nullable=False),
+    Index("ix_run_logs_run", "environment_id", "run_id", "id"),
+)

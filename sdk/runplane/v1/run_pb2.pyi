@@ -237,3 +237,52 @@ class Run(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class LogEntry(_message.Message):
+    """LogEntry is one log line (or finished user span) of an attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPAN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    attempt_id: _builtins.str
+    attempt_number: _builtins.int
+    level: _builtins.str
+    """debug, info, warning, error, or span (a finished `logger.trace` span)."""
+    message: _builtins.str
+    attributes: _builtins.str
+    """JSON text of the attributes object."""
+    trace_id: _builtins.str
+    """W3C trace and span id of the attempt span (or user span) the line belongs to."""
+    span_id: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        attempt_id: _builtins.str = ...,
+        attempt_number: _builtins.int = ...,
+        level: _builtins.str = ...,
+        message: _builtins.str = ...,
+        attributes: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        trace_id: _builtins.str = ...,
+        span_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempt_number", b"attempt_number", "attributes", b"attributes", "level", b"level", "message", b"message", "run_id", b"run_id", "span_id", b"span_id", "time", b"time", "trace_id", b"trace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogEntry: _TypeAlias = LogEntry  # noqa: Y015

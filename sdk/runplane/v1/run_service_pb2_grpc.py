@@ -83,6 +83,21 @@ class RunServiceStub:
                 request_serializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateRunMetadata = channel.unary_unary(
+                '/runplane.v1.RunService/UpdateRunMetadata',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataResponse.FromString,
+                _registered_method=True)
+        self.AddRunTags = channel.unary_unary(
+                '/runplane.v1.RunService/AddRunTags',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.AddRunTagsRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.AddRunTagsResponse.FromString,
+                _registered_method=True)
+        self.ListRunLogs = channel.unary_unary(
+                '/runplane.v1.RunService/ListRunLogs',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -149,6 +164,27 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRunMetadata(self, request, context):
+        """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddRunTags(self, request, context):
+        """Add tags to a run (at most 10 tags of 1..128 characters per run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunLogs(self, request, context):
+        """The log lines of a run's attempts, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +232,21 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ResetIdempotencyKey,
                     request_deserializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.SerializeToString,
+            ),
+            'UpdateRunMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRunMetadata,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataResponse.SerializeToString,
+            ),
+            'AddRunTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddRunTags,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.AddRunTagsRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.AddRunTagsResponse.SerializeToString,
+            ),
+            'ListRunLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunLogs,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +495,87 @@ class RunService:
             '/runplane.v1.RunService/ResetIdempotencyKey',
             runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyRequest.SerializeToString,
             runplane_dot_v1_dot_run__service__pb2.ResetIdempotencyKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRunMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/UpdateRunMetadata',
+            runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.UpdateRunMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddRunTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/AddRunTags',
+            runplane_dot_v1_dot_run__service__pb2.AddRunTagsRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.AddRunTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/ListRunLogs',
+            runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

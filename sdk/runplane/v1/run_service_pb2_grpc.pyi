@@ -50,6 +50,12 @@ class RunServiceStub:
     """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status."""
     ResetIdempotencyKey: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ResetIdempotencyKeyRequest, _run_service_pb2.ResetIdempotencyKeyResponse]
     """Releases an idempotency key: the next trigger with it creates a new run."""
+    UpdateRunMetadata: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.UpdateRunMetadataRequest, _run_service_pb2.UpdateRunMetadataResponse]
+    """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+    AddRunTags: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.AddRunTagsRequest, _run_service_pb2.AddRunTagsResponse]
+    """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+    ListRunLogs: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]
+    """The log lines of a run's attempts, oldest first, a page at a time."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -72,6 +78,12 @@ class RunServiceAsyncStub(RunServiceStub):
     """Moves a DELAYED run's start; FAILED_PRECONDITION in any other status."""
     ResetIdempotencyKey: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ResetIdempotencyKeyRequest, _run_service_pb2.ResetIdempotencyKeyResponse]  # type: ignore[assignment]
     """Releases an idempotency key: the next trigger with it creates a new run."""
+    UpdateRunMetadata: _aio.UnaryUnaryMultiCallable[_run_service_pb2.UpdateRunMetadataRequest, _run_service_pb2.UpdateRunMetadataResponse]  # type: ignore[assignment]
+    """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+    AddRunTags: _aio.UnaryUnaryMultiCallable[_run_service_pb2.AddRunTagsRequest, _run_service_pb2.AddRunTagsResponse]  # type: ignore[assignment]
+    """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+    ListRunLogs: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
+    """The log lines of a run's attempts, oldest first, a page at a time."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """RunService triggers, reads and cancels runs. Every call is authorised by a secret key (or a
@@ -145,5 +157,29 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ResetIdempotencyKeyResponse, _abc.Awaitable[_run_service_pb2.ResetIdempotencyKeyResponse]]:
         """Releases an idempotency key: the next trigger with it creates a new run."""
+
+    @_abc_1.abstractmethod
+    def UpdateRunMetadata(
+        self,
+        request: _run_service_pb2.UpdateRunMetadataRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.UpdateRunMetadataResponse, _abc.Awaitable[_run_service_pb2.UpdateRunMetadataResponse]]:
+        """Replace a run's metadata object (from outside the run; inside it use the SDK's metadata)."""
+
+    @_abc_1.abstractmethod
+    def AddRunTags(
+        self,
+        request: _run_service_pb2.AddRunTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.AddRunTagsResponse, _abc.Awaitable[_run_service_pb2.AddRunTagsResponse]]:
+        """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
+
+    @_abc_1.abstractmethod
+    def ListRunLogs(
+        self,
+        request: _run_service_pb2.ListRunLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.ListRunLogsResponse, _abc.Awaitable[_run_service_pb2.ListRunLogsResponse]]:
+        """The log lines of a run's attempts, oldest first, a page at a time."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,6 +7,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from runplane.v1 import run_pb2 as _run_pb2
 import builtins as _builtins
@@ -241,6 +242,11 @@ class AttemptResult(_message.Message):
     SKIP_RETRYING_FIELD_NUMBER: _builtins.int
     CANCELED_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_MS_FIELD_NUMBER: _builtins.int
+    RETRY_AT_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    OUT_OF_MEMORY_FIELD_NUMBER: _builtins.int
+    RETRY_MACHINE_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     output: _builtins.str
     """JSON text of the return value."""
@@ -252,8 +258,22 @@ class AttemptResult(_message.Message):
     """The attempt was lost through no fault of its own (its process was killed to stop a
     neighbour); it runs again without counting against its retries.
     """
+    retry_delay_ms: _builtins.int
+    """catch_error asked for this back-off instead of the retry policy's."""
+    timed_out: _builtins.bool
+    """The attempt ran past its max_duration: the run ends TIMED_OUT, never retried."""
+    out_of_memory: _builtins.bool
+    """The attempt ran out of its machine's memory: the run ends CRASHED unless retry_machine names
+    a machine for the retry.
+    """
+    retry_machine: _builtins.str
+    """With out_of_memory: the machine the retry runs on (the task's retry.out_of_memory.machine)."""
     @_builtins.property
     def error(self) -> _run_pb2.RunError: ...
+    @_builtins.property
+    def retry_at(self) -> _timestamp_pb2.Timestamp:
+        """catch_error asked for the retry at this time instead of the retry policy's."""
+
     def __init__(
         self,
         *,
@@ -263,13 +283,23 @@ class AttemptResult(_message.Message):
         skip_retrying: _builtins.bool = ...,
         canceled: _builtins.bool = ...,
         lost: _builtins.bool = ...,
+        retry_delay_ms: _builtins.int | None = ...,
+        retry_at: _timestamp_pb2.Timestamp | None = ...,
+        timed_out: _builtins.bool = ...,
+        out_of_memory: _builtins.bool = ...,
+        retry_machine: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "error", b"error", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "canceled", b"canceled", "error", b"error", "lost", b"lost", "outcome", b"outcome", "output", b"output", "skip_retrying", b"skip_retrying"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "attempt_id", b"attempt_id", "canceled", b"canceled", "error", b"error", "lost", b"lost", "out_of_memory", b"out_of_memory", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms", "retry_machine", b"retry_machine", "skip_retrying", b"skip_retrying", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__retry_delay_ms: _TypeAlias = _typing.Literal["retry_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__retry_delay_ms: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms"]  # noqa: Y015
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["output", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_delay_ms) -> _WhichOneofReturnType__retry_delay_ms | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___AttemptResult: _TypeAlias = AttemptResult  # noqa: Y015
@@ -283,6 +313,8 @@ class ConnectRequest(_message.Message):
     ACK_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
@@ -293,6 +325,10 @@ class ConnectRequest(_message.Message):
     def started(self) -> Global___AttemptStarted: ...
     @_builtins.property
     def result(self) -> Global___AttemptResult: ...
+    @_builtins.property
+    def metadata(self) -> Global___MetadataUpdate: ...
+    @_builtins.property
+    def logs(self) -> Global___LogBatch: ...
     def __init__(
         self,
         *,
@@ -301,12 +337,14 @@ class ConnectRequest(_message.Message):
         ack: Global___AssignmentAck | None = ...,
         started: Global___AttemptStarted | None = ...,
         result: Global___AttemptResult | None = ...,
+        metadata: Global___MetadataUpdate | None = ...,
+        logs: Global___LogBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "message", b"message", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result", "metadata", "logs"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -343,11 +381,13 @@ class Assignment(_message.Message):
     ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_SLUG_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     attempt_number: _builtins.int
     traceparent: _builtins.str
     """W3C trace context of the dispatch span."""
     environment_slug: _builtins.str
+    environment_id: _builtins.str
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
@@ -358,10 +398,11 @@ class Assignment(_message.Message):
         attempt_number: _builtins.int = ...,
         traceparent: _builtins.str = ...,
         environment_slug: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempt_number", b"attempt_number", "environment_slug", b"environment_slug", "run", b"run", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempt_number", b"attempt_number", "environment_id", b"environment_id", "environment_slug", b"environment_slug", "run", b"run", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -418,3 +459,86 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class MetadataOperation(_message.Message):
+    """MetadataOperation is one change of a run's metadata object, applied in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """One of set, delete, append, remove, increment, replace."""
+    key: _builtins.str
+    value: _builtins.str
+    """JSON text of the value (for replace: the whole object; for increment: a number)."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "type", b"type", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataOperation: _TypeAlias = MetadataOperation  # noqa: Y015
+
+@_typing.final
+class MetadataUpdate(_message.Message):
+    """MetadataUpdate is one flush of metadata operations made by an attempt (on its own run, its
+    parent or its root): one run update, one version bump.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run whose metadata changes."""
+    attempt_id: _builtins.str
+    """The attempt that made the changes."""
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataOperation]: ...
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        attempt_id: _builtins.str = ...,
+        operations: _abc.Iterable[Global___MetadataOperation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "operations", b"operations", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataUpdate: _TypeAlias = MetadataUpdate  # noqa: Y015
+
+@_typing.final
+class LogBatch(_message.Message):
+    """LogBatch carries log lines of attempts running on the executor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.LogEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_run_pb2.LogEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
