@@ -151,3 +151,8 @@ class Order(BaseModel):
 async def typed_order(payload: Order) -> int:
     """Its payload model's JSON Schema is registered: bad payloads never make a run."""
     return payload.quantity
+
+
+@task(id="big-output", retry={"max_attempts": 3, "min_timeout": 0.1})
+async def big_output(payload: dict[str, int]) -> str:
+    return "x" * payload["size"]

@@ -136,6 +136,24 @@ class _Attempt:
     cancelling: bool = False
 
 
+# The scheduler refuses larger outputs too; checked here so the run fails with a clear error.
+OUTPUT_LIMIT = int(os.environ.get("RUNPLANE_LIMIT_OUTPUT_BYTES") or 10 * 1024 * 1024)
+
+
+class OutputTooLargeError(AbortTaskRunError):
+    """A task returned more than the output limit (not retried: it would again)."""
+
+
+def check_output_size(text: str) -> None:
+    if len(text) * 4 <= OUTPUT_LIMIT:  # at most 4 bytes a character: surely within
+        return
+    size = len(text.encode())
+    if size > OUTPUT_LIMIT:
+        raise OutputTooLargeError(
+            f"the output is {size} bytes, over the output limit of {OUTPUT_LIMIT} bytes"
+        )
+
+
 class TaskProcess:
     """Runs attempts on this process's event loop."""
 
@@ -270,6 +288,7 @@ class TaskProcess:
             payload = self.parse_payload(task, entry.attempt["run"]["payload"])
             output = await self.run_with_middleware(task, payload, ctx)
             text = dumps(output)
+            check_output_size(text)
         except asyncio.CancelledError:
             if entry.timed_out:
                 return timeout_result(ctx.run.max_duration)

@@ -1011,6 +1011,14 @@ class RunEngine:
         outcome = result.WhichOneof("outcome")
         if result.lost:
             self._requeue_lost(lease)
+        elif outcome == "output" and len(result.output) > self.settings.limits.output_bytes:
+            error = {
+                "type": "OutputTooLargeError",
+                "message": f"the output is over the output limit of "
+                f"{self.settings.limits.output_bytes} bytes",
+                "stack_trace": "",
+            }
+            self._fail(lease, error, True)
         elif outcome == "output":
             self._complete(lease, result.output)
         elif result.canceled:

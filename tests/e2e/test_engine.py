@@ -24,7 +24,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 @pytest.fixture
 async def cluster(tmp_path: Path, nats_server, database_url: str) -> AsyncIterator[Cluster]:  # type: ignore[no-untyped-def]
-    c = Cluster(tmp_path, nats_server.url, database_url, tasks="examples.engine")
+    c = Cluster(
+        tmp_path,
+        nats_server.url,
+        database_url,
+        tasks="examples.engine",
+        env={"RUNPLANE_LIMIT_OUTPUT_BYTES": "100000"},
+    )
     await c.start()
     try:
         yield c
@@ -454,3 +460,14 @@ async def test_payloads_are_checked_against_the_registered_schema_at_trigger(
     assert [r async for r in client.runs.list(task="typed-order")] == []
     ok = await client.tasks.trigger("typed-order", {"sku": "a", "quantity": 3})
     assert (await _final(client, ok.id)).output == 3
+
+
+async def test_an_output_over_the_limit_fails_the_run_without_retry(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("big-output", {"size": 200_000})
+    final = await _final(client, handle.id)
+    assert final.status is RunStatus.FAILED and final.attempt_count == 1
+    assert final.error is not None and final.error.type == "OutputTooLargeError"
+    assert "100000" in final.error.message
+    ok = await client.tasks.trigger("big-output", {"size": 90_000})
+    assert (await _final(client, ok.id)).status is RunStatus.COMPLETED
