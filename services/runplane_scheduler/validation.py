@@ -20,9 +20,9 @@ from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_server.config import Limits
 from runplane_server.errors import InvalidArgument
 
-TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
-RUN_ID = re.compile(r"^run_[0-9a-z]{1,36}$")
-EXECUTOR_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}$")
+TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}\Z")
+RUN_ID = re.compile(r"^run_[0-9a-z]{1,36}\Z")
+EXECUTOR_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}\Z")
 MACHINES = frozenset(
     {"micro", "small-1x", "small-2x", "medium-1x", "medium-2x", "large-1x", "large-2x"}
 )
@@ -225,7 +225,7 @@ def trigger_spec(
         run_id(o.parent_run_id, f"{f}parent_run_id")
     debounce = None
     if o.HasField("debounce"):
-        if delay_until:
+        if o.HasField("delay") or o.HasField("delay_until"):
             raise InvalidArgument(f"{f}debounce", "give delay or debounce, not both")
         debounce = _debounce(f"{f}debounce", o.debounce)
     return TriggerSpec(
@@ -315,7 +315,7 @@ def page_size(value: int, maximum: int) -> int:
     return value or 25
 
 
-BATCH_ID = re.compile(r"^batch_[0-9a-z]{1,36}$")
+BATCH_ID = re.compile(r"^batch_[0-9a-z]{1,36}\Z")
 
 
 def batch_id(value: str, field: str = "batch_id") -> str:
@@ -363,7 +363,7 @@ def decode_page_token(token: str) -> str | None:
 
 # -- executor area: metadata, tags, logs -------------------------------------------------------
 
-LOG_ID = re.compile(r"^log_[0-9a-z]{1,36}$")
+LOG_ID = re.compile(r"^log_[0-9a-z]{1,36}\Z")
 
 
 def metadata_object(field: str, value: str, limits: Limits) -> str:
