@@ -36,6 +36,7 @@ from sqlalchemy import func, select
 
 from runplane.v1 import (
     meta_service_pb2,
+    queue_service_pb2,
     realtime_service_pb2,
     run_pb2,
     worker_service_pb2_grpc,
@@ -82,11 +83,23 @@ FUZZ = settings(
 )
 
 RUN = "/runplane.v1.RunService/"
+QUEUE = "/runplane.v1.QueueService/"
 UNARY_METHODS: dict[str, type[Message]] = {
     RUN + "TriggerRun": rpb.TriggerRunRequest,
     RUN + "GetRun": rpb.GetRunRequest,
     RUN + "ListRuns": rpb.ListRunsRequest,
     RUN + "CancelRun": rpb.CancelRunRequest,
+    RUN + "BatchTriggerRuns": rpb.BatchTriggerRunsRequest,
+    RUN + "GetBatch": rpb.GetBatchRequest,
+    RUN + "ReplayRun": rpb.ReplayRunRequest,
+    RUN + "RescheduleRun": rpb.RescheduleRunRequest,
+    RUN + "ResetIdempotencyKey": rpb.ResetIdempotencyKeyRequest,
+    QUEUE + "ListQueues": queue_service_pb2.ListQueuesRequest,
+    QUEUE + "GetQueue": queue_service_pb2.GetQueueRequest,
+    QUEUE + "PauseQueue": queue_service_pb2.PauseQueueRequest,
+    QUEUE + "ResumeQueue": queue_service_pb2.ResumeQueueRequest,
+    QUEUE + "OverrideQueueConcurrencyLimit": queue_service_pb2.OverrideQueueConcurrencyLimitRequest,
+    QUEUE + "ResetQueueConcurrencyLimit": queue_service_pb2.ResetQueueConcurrencyLimitRequest,
     "/runplane.v1.MetaService/GetServerInfo": meta_service_pb2.GetServerInfoRequest,
 }
 SUBSCRIBE = "/runplane.v1.RealtimeService/SubscribeToRun"
