@@ -55,6 +55,10 @@ def queue(
 ) -> Queue:
     """Declare a queue: ``emails = queue(name="emails", concurrency_limit=5,
     rate_limit={"limit": 100, "period": "1m"})``."""
+    if name.startswith("queue_"):
+        raise ConfigurationError(
+            f"queue {name!r}: names starting with 'queue_' are reserved for ids"
+        )
     for option, value in (
         ("concurrency_limit", concurrency_limit),
         ("total_concurrency_limit", total_concurrency_limit),

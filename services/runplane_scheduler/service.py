@@ -330,6 +330,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     log.exception("message from executor %s failed: %s", ex.executor_id, msg)
 
         reader = asyncio.create_task(read(), name=f"executor-{ex.executor_id}")
+        get: asyncio.Future[wpb.ConnectResponse] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(outbox.get())
@@ -342,6 +343,8 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                     get.cancel()
                     break
         finally:
+            if get is not None:
+                get.cancel()  # the stream ended (or was cancelled) while waiting for the outbox
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader

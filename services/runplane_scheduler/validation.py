@@ -73,6 +73,8 @@ def register(message: wpb.Register) -> wpb.Register:
         seen.add(t.id)
         if t.queue and not TASK_ID.match(t.queue):
             raise InvalidArgument(f"{where}.queue", f"{t.queue[:80]!r} is not a queue name")
+        if t.queue.startswith("queue_"):  # the prefix names queues by id
+            raise InvalidArgument(f"{where}.queue", "a queue name must not start with 'queue_'")
         if not 0 <= t.queue_concurrency_limit <= 1_000_000:
             raise InvalidArgument(f"{where}.queue_concurrency_limit", "must be 0..1000000")
         if t.machine and t.machine not in MACHINES:
