@@ -27,6 +27,7 @@ from runplane._errors import (
     UnavailableError,
 )
 from runplane._models import Run, RunError, RunHandle, RunStatus
+from runplane._schedules import Schedule, ScheduledPayload, SchedulesAPI, schedules
 from runplane._task import Queue, RetryOptions, Task, queue, task
 
 __version__ = "0.1.0"
@@ -51,6 +52,9 @@ __all__ = [
     "RunStatus",
     "RunplaneError",
     "RunsAPI",
+    "Schedule",
+    "ScheduledPayload",
+    "SchedulesAPI",
     "Signal",
     "Task",
     "TaskRunError",
@@ -62,6 +66,7 @@ __all__ = [
     "default_client",
     "queue",
     "runs",
+    "schedules",
     "task",
     "tasks",
 ]

@@ -83,6 +83,9 @@ class Client:
         self._sync = _LoopThread()
         self.tasks = TasksAPI(self)
         self.runs = RunsAPI(self)
+        from runplane._schedules import SchedulesAPI  # it builds on this module
+
+        self.schedules = SchedulesAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 

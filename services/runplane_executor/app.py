@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from runplane._errors import ConfigurationError
+from runplane._schedules import declared_schedules
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -65,8 +66,10 @@ class ExecutorSettings:
 def build_manifest(modules: list[str]) -> wpb.Manifest:
     """The manifest of the tasks these modules define (imported here, in the control process)."""
     tasks = taskproc.import_task_modules(modules)
+    declared = declared_schedules()
     defs = []
     for t in sorted(tasks.values(), key=lambda t: t.id):
+        schedule = declared.get(t.id)
         defs.append(
             wpb.TaskDefinition(
                 id=t.id,
@@ -82,6 +85,9 @@ def build_manifest(modules: list[str]) -> wpb.Manifest:
                 max_duration_seconds=t.max_duration,
                 machine=t.machine,
                 description=t.description,
+                schedule=wpb.DeclarativeSchedule(cron=schedule.cron, timezone=schedule.timezone)
+                if schedule
+                else None,
             )
         )
     manifest = wpb.Manifest(tasks=defs)

@@ -83,6 +83,11 @@ class RunEngine:
         self._reports_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._spawned: set[asyncio.Task[Any]] = set()
+        # Called first when an executor registers (environment, registration, executor id):
+        # syncs its declarative schedules; raises, before anything is stored, on a bad one.
+        self.on_register: Callable[[str, wpb.Register, str], Coroutine[Any, Any, None]] | None = (
+            None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -370,6 +375,8 @@ class RunEngine:
         outbox: asyncio.Queue[wpb.ConnectResponse],
     ) -> ExecutorState:
         executor_id = register.executor_id or new_id("exec")
+        if self.on_register is not None:
+            await self.on_register(environment_id, register, executor_id)
         defs = [
             TaskDef(
                 task_id=t.id,

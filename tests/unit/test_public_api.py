@@ -26,6 +26,9 @@ PUBLIC = [
     "RunStatus",
     "RunplaneError",
     "RunsAPI",
+    "Schedule",
+    "ScheduledPayload",
+    "SchedulesAPI",
     "Signal",
     "Task",
     "TaskRunError",
@@ -37,6 +40,7 @@ PUBLIC = [
     "default_client",
     "queue",
     "runs",
+    "schedules",
     "task",
     "tasks",
 ]
@@ -49,7 +53,13 @@ def test_all_is_frozen() -> None:
 
 
 def test_no_protobuf_type_in_public_signatures() -> None:
-    for cls in (runplane.Client, runplane.RunsAPI, runplane.TasksAPI, runplane.Task):
+    for cls in (
+        runplane.Client,
+        runplane.RunsAPI,
+        runplane.TasksAPI,
+        runplane.SchedulesAPI,
+        runplane.Task,
+    ):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_"):
                 continue
@@ -69,7 +79,7 @@ def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
 
 
 def test_every_client_call_has_a_sync_twin() -> None:
-    for cls in (runplane.RunsAPI, runplane.TasksAPI):
+    for cls in (runplane.RunsAPI, runplane.TasksAPI, runplane.SchedulesAPI):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") or name.endswith("_sync"):
                 continue

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x15runplane/v1/run.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xb9\x01\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"$\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\x9f\x01\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x42\t\n\x07outcome\"\xfc\x01\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x42\t\n\x07message\"@\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x86\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xa8\x01\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x42\t\n\x07message2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x15runplane/v1/run.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xed\x01\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x32\n\x08schedule\x18\x08 \x01(\x0b\x32 .runplane.v1.DeclarativeSchedule\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"$\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\x9f\x01\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x42\t\n\x07outcome\"\xfc\x01\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x42\t\n\x07message\"@\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x86\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xa8\x01\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x42\t\n\x07message\"5\n\x13\x44\x65\x63larativeSchedule\x12\x0c\n\x04\x63ron\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYPOLICY']._serialized_start=73
   _globals['_RETRYPOLICY']._serialized_end=201
   _globals['_TASKDEFINITION']._serialized_start=204
-  _globals['_TASKDEFINITION']._serialized_end=389
-  _globals['_MANIFEST']._serialized_start=391
-  _globals['_MANIFEST']._serialized_end=462
-  _globals['_REGISTER']._serialized_start=464
-  _globals['_REGISTER']._serialized_end=583
-  _globals['_HEARTBEAT']._serialized_start=585
-  _globals['_HEARTBEAT']._serialized_end=614
-  _globals['_ASSIGNMENTACK']._serialized_start=616
-  _globals['_ASSIGNMENTACK']._serialized_end=651
-  _globals['_ATTEMPTSTARTED']._serialized_start=653
-  _globals['_ATTEMPTSTARTED']._serialized_end=689
-  _globals['_ATTEMPTRESULT']._serialized_start=692
-  _globals['_ATTEMPTRESULT']._serialized_end=851
-  _globals['_CONNECTREQUEST']._serialized_start=854
-  _globals['_CONNECTREQUEST']._serialized_end=1106
-  _globals['_REGISTERED']._serialized_start=1108
-  _globals['_REGISTERED']._serialized_end=1172
-  _globals['_ASSIGNMENT']._serialized_start=1175
-  _globals['_ASSIGNMENT']._serialized_end=1309
-  _globals['_CANCELATTEMPT']._serialized_start=1311
-  _globals['_CANCELATTEMPT']._serialized_end=1362
-  _globals['_CONNECTRESPONSE']._serialized_start=1365
-  _globals['_CONNECTRESPONSE']._serialized_end=1533
-  _globals['_WORKERSERVICE']._serialized_start=1535
-  _globals['_WORKERSERVICE']._serialized_end=1624
+  _globals['_TASKDEFINITION']._serialized_end=441
+  _globals['_MANIFEST']._serialized_start=443
+  _globals['_MANIFEST']._serialized_end=514
+  _globals['_REGISTER']._serialized_start=516
+  _globals['_REGISTER']._serialized_end=635
+  _globals['_HEARTBEAT']._serialized_start=637
+  _globals['_HEARTBEAT']._serialized_end=666
+  _globals['_ASSIGNMENTACK']._serialized_start=668
+  _globals['_ASSIGNMENTACK']._serialized_end=703
+  _globals['_ATTEMPTSTARTED']._serialized_start=705
+  _globals['_ATTEMPTSTARTED']._serialized_end=741
+  _globals['_ATTEMPTRESULT']._serialized_start=744
+  _globals['_ATTEMPTRESULT']._serialized_end=903
+  _globals['_CONNECTREQUEST']._serialized_start=906
+  _globals['_CONNECTREQUEST']._serialized_end=1158
+  _globals['_REGISTERED']._serialized_start=1160
+  _globals['_REGISTERED']._serialized_end=1224
+  _globals['_ASSIGNMENT']._serialized_start=1227
+  _globals['_ASSIGNMENT']._serialized_end=1361
+  _globals['_CANCELATTEMPT']._serialized_start=1363
+  _globals['_CANCELATTEMPT']._serialized_end=1414
+  _globals['_CONNECTRESPONSE']._serialized_start=1417
+  _globals['_CONNECTRESPONSE']._serialized_end=1585
+  _globals['_DECLARATIVESCHEDULE']._serialized_start=1587
+  _globals['_DECLARATIVESCHEDULE']._serialized_end=1640
+  _globals['_WORKERSERVICE']._serialized_start=1642
+  _globals['_WORKERSERVICE']._serialized_end=1731
 # @@protoc_insertion_point(module_scope)

@@ -66,6 +66,7 @@ class TaskDefinition(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     MACHINE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     queue: _builtins.str
     queue_concurrency_limit: _builtins.int
@@ -75,6 +76,10 @@ class TaskDefinition(_message.Message):
     description: _builtins.str
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
+    @_builtins.property
+    def schedule(self) -> Global___DeclarativeSchedule:
+        """Set when the task is declared with @schedules.task: its declarative schedule."""
+
     def __init__(
         self,
         *,
@@ -85,10 +90,11 @@ class TaskDefinition(_message.Message):
         max_duration_seconds: _builtins.float = ...,
         machine: _builtins.str = ...,
         description: _builtins.str = ...,
+        schedule: Global___DeclarativeSchedule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "retry", b"retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "retry", b"retry", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,3 +403,29 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class DeclarativeSchedule(_message.Message):
+    """A schedule declared in code with its task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    cron: _builtins.str
+    """Five-field cron expression."""
+    timezone: _builtins.str
+    """IANA time zone; empty: UTC."""
+    def __init__(
+        self,
+        *,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclarativeSchedule: _TypeAlias = DeclarativeSchedule  # noqa: Y015
