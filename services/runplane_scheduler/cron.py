@@ -104,7 +104,7 @@ def _value(spec: _FieldSpec, text: str, item: str) -> int:
     upper = text.upper()
     if upper in spec.names:
         return spec.names[upper]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise CronError(spec.name, item, f"{text!r} is not a number{_names_hint(spec)}")
     value = int(text)
     if not spec.low <= value <= spec.high:
@@ -123,7 +123,7 @@ def _parse_item(spec: _FieldSpec, item: str) -> set[int]:
     base, slash, step_text = item.partition("/")
     step = 1
     if slash:
-        if not step_text.isdigit() or int(step_text) == 0:
+        if not (step_text.isascii() and step_text.isdigit()) or int(step_text) == 0:
             raise CronError(spec.name, item, "a step must be a whole number of at least 1")
         step = int(step_text)
     if base in ("*", "?"):

@@ -203,6 +203,8 @@ def test_latest_between_finds_the_last_missed_tick_only() -> None:
         ("*/0 * * * *", "minute", "*/0"),
         ("10-5 * * * *", "minute", "10-5"),
         ("1,,2 * * * *", "minute", "1,,2"),
+        ("\u00b2 * * * *", "minute", "\u00b2"),
+        ("*/\u0663 * * * *", "minute", "*/\u0663"),
         ("* * * * L", "day-of-week", "L"),
         ("* * 5L * *", "day-of-month", "5L"),
         ("0 0 30 2 *", "day-of-month", "30"),
