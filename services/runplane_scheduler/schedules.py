@@ -220,6 +220,7 @@ class ScheduleRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._retries: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
         async with self.engine.store.engine.connect() as conn:
@@ -231,12 +232,18 @@ class ScheduleRunner:
         self._task = asyncio.create_task(self._loop(), name="schedules")
 
     async def stop(self) -> None:
-        for task in [self._task, *self._retries]:
-            if task is not None:
+        """Let a tick being fired finish (its run and the row's advance go together), then
+        end; cancel only if that takes too long."""
+        self._stopping = True
+        self._wake.set()
+        tasks = [t for t in [self._task, *self._retries] if t is not None]
+        for task in self._retries:
+            task.cancel()
+        if self._task is not None:
+            _, pending = await asyncio.wait({self._task}, timeout=5.0)
+            for task in pending:
                 task.cancel()
-        await asyncio.gather(
-            *(t for t in [self._task, *self._retries] if t is not None), return_exceptions=True
-        )
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def due(self, schedule_id: str, tick_ms: int | None) -> None:
         """Fire ``schedule_id`` at ``tick_ms`` (None: not at all)."""
@@ -248,7 +255,7 @@ class ScheduleRunner:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wake.clear()
             if not self._heap:
                 await self._wake.wait()

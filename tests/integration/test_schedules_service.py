@@ -288,6 +288,7 @@ async def test_a_scheduler_stopped_over_several_ticks_makes_one_catch_up_run(
             task="tick", cron="* * * * *", external_id="ext-1", deduplication_key="tick"
         )
         await eventually(lambda: _at_least(client, "tick", 2), 60)
+        await client.close()
     finally:
         await first.stop()
 
@@ -329,6 +330,7 @@ async def test_a_scheduler_stopped_over_several_ticks_makes_one_catch_up_run(
         ]
         stamps = [p.timestamp for p in payloads]
         assert len(stamps) == len(set(stamps))
+        await client.close()
     finally:
         await second.stop()
 
