@@ -53,6 +53,7 @@ from runplane._models import (
     RunStatus,
 )
 from runplane._queues import QueuesAPI, queues
+from runplane._schedules import Schedule, ScheduledPayload, SchedulesAPI, schedules
 from runplane._task import Queue, RetryOptions, Task, queue, task
 
 __version__ = "0.1.0"
@@ -89,6 +90,9 @@ __all__ = [
     "RunStatus",
     "RunplaneError",
     "RunsAPI",
+    "Schedule",
+    "ScheduledPayload",
+    "SchedulesAPI",
     "Signal",
     "TagsAPI",
     "Task",
@@ -106,6 +110,7 @@ __all__ = [
     "queue",
     "queues",
     "runs",
+    "schedules",
     "tags",
     "task",
     "tasks",

@@ -112,6 +112,44 @@ async def _queues(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_schedule(s: Any) -> None:
+    state = "active" if s.active else "inactive"
+    next_run = s.next_run.isoformat(timespec="seconds") if s.next_run else "-"
+    print(
+        f"{s.id}  {s.task_id:<24} {s.cron!r:<18} {s.timezone:<20} {state:<8} "
+        f"next={next_run}  {s.type.lower()}"
+    )
+
+
+async def _schedules(args: argparse.Namespace) -> int:
+    from runplane._client import Client
+
+    api = Client().schedules
+    command = args.schedules_command
+    if command == "ls":
+        async for schedule in api.list(task=args.task):
+            _print_schedule(schedule)
+        return 0
+    if command == "create":
+        _print_schedule(
+            await api.create(
+                task=args.task,
+                cron=args.cron,
+                timezone=args.timezone,
+                external_id=args.external_id,
+                deduplication_key=args.deduplication_key,
+            )
+        )
+        return 0
+    if command == "show":
+        schedule = await api.retrieve(args.schedule_id)
+        print(orjson.dumps(_run_dict(schedule), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    actions = {"delete": api.delete, "activate": api.activate, "deactivate": api.deactivate}
+    _print_schedule(await actions[command](args.schedule_id))
+    return 0
+
+
 def _run_dict(run: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -192,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     qsub.add_parser("ls")
     for name in ("pause", "resume"):
         qsub.add_parser(name).add_argument("queue", help="queue name or id")
+    sched = sub.add_parser("schedules", help="list, create and change cron schedules")
+    ssub = sched.add_subparsers(dest="schedules_command", required=True)
+    sls = ssub.add_parser("ls", help="list schedules")
+    sls.add_argument("--task", action="append", help="only this task's schedules")
+    screate = ssub.add_parser("create", help="create (or, by --dedup-key, update) a schedule")
+    screate.add_argument("task")
+    screate.add_argument("--cron", required=True, help='five fields, e.g. "0 9 * * 1-5"')
+    screate.add_argument("--timezone", default="UTC", help="IANA time zone (default UTC)")
+    screate.add_argument("--external-id")
+    screate.add_argument("--dedup-key", dest="deduplication_key")
+    for name in ("show", "delete", "activate", "deactivate"):
+        ssub.add_parser(name).add_argument("schedule_id")
 
     keys = sub.add_parser("keys", help="secret keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -244,6 +294,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_async(_runs(args))
     if args.command == "queues":
         return run_async(_queues(args))
+    if args.command == "schedules":
+        return run_async(_schedules(args))
     if args.command == "keys":
         return _keys_create(args)
     if args.command == "db":

@@ -97,6 +97,9 @@ class Client:
         self.queues = QueuesAPI(self)
         self.idempotency_keys = IdempotencyKeysAPI(self)
         self.tags = TagsAPI(self)
+        from runplane._schedules import SchedulesAPI  # it builds on this module
+
+        self.schedules = SchedulesAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 

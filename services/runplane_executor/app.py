@@ -17,6 +17,7 @@ import grpc
 import orjson
 
 from runplane._errors import ConfigurationError
+from runplane._schedules import declared_schedules
 from runplane._serde import dumps
 from runplane._task import DEFAULT_MACHINE, MACHINES, Task
 from runplane.v1 import (
@@ -73,8 +74,10 @@ def payload_schema(t: Task[Any]) -> str:
 
 def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
     """The manifest of the tasks (imported here, in the control process)."""
+    declared = declared_schedules()
     defs = []
     for t in sorted(tasks.values(), key=lambda t: t.id):
+        schedule = declared.get(t.id)
         defs.append(
             wpb.TaskDefinition(
                 id=t.id,
@@ -95,6 +98,9 @@ def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
                 queue_rate_period_seconds=t.queue.rate_limit[1] if t.queue.rate_limit else 0,
                 queue_total_concurrency_limit=t.queue.total_concurrency_limit or 0,
                 payload_schema=payload_schema(t),
+                schedule=wpb.DeclarativeSchedule(cron=schedule.cron, timezone=schedule.timezone)
+                if schedule
+                else None,
             )
         )
     manifest = wpb.Manifest(tasks=defs)

@@ -10,10 +10,12 @@ from runplane.v1 import (
     meta_service_pb2_grpc,
     queue_service_pb2_grpc,
     run_service_pb2_grpc,
+    schedule_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.relay import Relay
+from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
 from runplane_scheduler.service import MetaServicer, QueueServicer, RunServicer, WorkerServicer
 from runplane_scheduler.store import Store
 from runplane_server import db, telemetry
@@ -34,12 +36,15 @@ class Scheduler:
         self.store = Store(self.engine_db, on_commit=lambda events: self.relay.committed(events))
         self.relay = Relay(self.store, settings.nats_url)
         self.engine = RunEngine(self.store, settings)
+        self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
+        self.engine.on_register = self.schedules.sync_declarative
         self.server = Server(KeyAuthenticator(self.engine_db))
         self.port = 0
 
     async def start(self) -> None:
         await db.upgrade(self.engine_db)
         await self.engine.start()
+        await self.schedules.start()
         self.relay.start()
         self.server.add(
             run_service_pb2_grpc.add_RunServiceServicer_to_server,
@@ -61,10 +66,16 @@ class Scheduler:
             MetaServicer(self.settings),
             "runplane.v1.MetaService",
         )
+        self.server.add(
+            schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
+            ScheduleServicer(self.schedules, self.settings),
+            "runplane.v1.ScheduleService",
+        )
         self.port = await self.server.start(self.settings.listen)
 
     async def stop(self) -> None:
         await self.server.stop(grace=2.0)
+        await self.schedules.stop()
         await self.engine.stop()
         await self.relay.stop()
         await self.engine_db.dispose()

@@ -149,6 +149,11 @@ class RunEngine:
             "delay": self._delay_due,
             "ttl": self._ttl_due,
         }
+        # Called first when an executor registers (environment, registration, executor id):
+        # syncs its declarative schedules; raises, before anything is stored, on a bad one.
+        self.on_register: Callable[[str, wpb.Register, str], Coroutine[Any, Any, None]] | None = (
+            None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -776,6 +781,8 @@ class RunEngine:
         outbox: asyncio.Queue[wpb.ConnectResponse],
     ) -> ExecutorState:
         executor_id = register.executor_id or new_id("exec")
+        if self.on_register is not None:
+            await self.on_register(environment_id, register, executor_id)
         defs = [
             TaskDef(
                 task_id=t.id,

@@ -67,6 +67,10 @@ class SchedulerSettings:
     ack_timeout: float = 10.0
     environment_concurrency_limit: int = 100
     limits: Limits = field(default_factory=Limits)
+    # The schedule clock, for tests: schedule time = epoch + (real time - epoch) * speed (ms).
+    # At speed 1 (the default) it is the real clock; at 60 a minutely cron ticks every second.
+    schedule_clock_speed: float = 1.0
+    schedule_clock_epoch_ms: int = 0
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -83,6 +87,10 @@ class SchedulerSettings:
                 "RUNPLANE_ENV_CONCURRENCY_LIMIT", d.environment_concurrency_limit
             ),
             limits=Limits.from_env(),
+            schedule_clock_speed=_float("RUNPLANE_SCHEDULE_CLOCK_SPEED", d.schedule_clock_speed),
+            schedule_clock_epoch_ms=_int(
+                "RUNPLANE_SCHEDULE_CLOCK_EPOCH_MS", d.schedule_clock_epoch_ms
+            ),
         )
 
 

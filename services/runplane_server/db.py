@@ -269,3 +269,30 @@ run_logs = Table(
     Column("span_id", String(16), nullable=False),
     Index("ix_run_logs_run", "environment_id", "run_id", "id"),
 )
+
+
+# -- schedules (cron) -----------------------------------------------------------------------------
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    # DECLARATIVE (from a task's code) or IMPERATIVE (from the API).
+    Column("type", String(16), nullable=False),
+    Column("task_id", String(128), nullable=False),
+    Column("cron", String(256), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("external_id", String(256)),
+    # NULL for declarative schedules (one per task) and imperative ones created without a key.
+    Column("deduplication_key", String(256)),
+    Column("active", Boolean, nullable=False),
+    # Nominal times on the schedule clock: the next tick to fire, the last one that fired.
+    Column("next_run_at", BigInteger),
+    Column("last_run_at", BigInteger),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_schedules_env_id", "environment_id", "id"),
+    Index("ux_schedules_dedup", "environment_id", "deduplication_key", unique=True),
+    Index("ix_schedules_env_task", "environment_id", "task_id"),
+)

@@ -38,6 +38,9 @@ PUBLIC = [
     "RunStatus",
     "RunplaneError",
     "RunsAPI",
+    "Schedule",
+    "ScheduledPayload",
+    "SchedulesAPI",
     "Signal",
     "TagsAPI",
     "Task",
@@ -56,6 +59,7 @@ PUBLIC = [
     "queues",
     "runs",
     "tags",
+    "schedules",
     "task",
     "tasks",
 ]

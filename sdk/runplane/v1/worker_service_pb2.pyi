@@ -72,6 +72,7 @@ class TaskDefinition(_message.Message):
     QUEUE_RATE_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
     QUEUE_TOTAL_CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     PAYLOAD_SCHEMA_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     queue: _builtins.str
     queue_concurrency_limit: _builtins.int
@@ -92,6 +93,10 @@ class TaskDefinition(_message.Message):
     """
     @_builtins.property
     def retry(self) -> Global___RetryPolicy: ...
+    @_builtins.property
+    def schedule(self) -> Global___DeclarativeSchedule:
+        """Set when the task is declared with @schedules.task: its declarative schedule."""
+
     def __init__(
         self,
         *,
@@ -107,10 +112,11 @@ class TaskDefinition(_message.Message):
         queue_rate_period_seconds: _builtins.float = ...,
         queue_total_concurrency_limit: _builtins.int = ...,
         payload_schema: _builtins.str = ...,
+        schedule: Global___DeclarativeSchedule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry", b"retry", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "payload_schema", b"payload_schema", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "queue_rate_limit", b"queue_rate_limit", "queue_rate_period_seconds", b"queue_rate_period_seconds", "queue_total_concurrency_limit", b"queue_total_concurrency_limit", "retry", b"retry", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "machine", b"machine", "max_duration_seconds", b"max_duration_seconds", "payload_schema", b"payload_schema", "queue", b"queue", "queue_concurrency_limit", b"queue_concurrency_limit", "queue_rate_limit", b"queue_rate_limit", "queue_rate_period_seconds", b"queue_rate_period_seconds", "queue_total_concurrency_limit", b"queue_total_concurrency_limit", "retry", b"retry", "schedule", b"schedule", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,3 +548,29 @@ class LogBatch(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogBatch: _TypeAlias = LogBatch  # noqa: Y015
+
+@_typing.final
+class DeclarativeSchedule(_message.Message):
+    """A schedule declared in code with its task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    cron: _builtins.str
+    """Five-field cron expression."""
+    timezone: _builtins.str
+    """IANA time zone; empty: UTC."""
+    def __init__(
+        self,
+        *,
+        cron: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclarativeSchedule: _TypeAlias = DeclarativeSchedule  # noqa: Y015
