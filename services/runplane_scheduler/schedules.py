@@ -24,6 +24,7 @@ import logging
 import re
 import time
 import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -330,7 +331,7 @@ class ScheduleRunner:
 
         if await self.engine.store.writer.run(advance) is not None:
             self.due(schedule_id, following)
-        run_id = handle["id"] if isinstance(handle, dict) else handle.id
+        run_id = (handle if isinstance(handle, Mapping) else handle._mapping)["id"]
         log.info(
             "schedule %s fired for %s: run %s%s",
             schedule_id,
