@@ -1016,6 +1016,10 @@ class RunEngine:
         if lease is None:
             return  # stale: the run was cancelled or its lease lapsed
         outcome = result.WhichOneof("outcome")
+        if not lease.started and not result.lost and not result.canceled:
+            # The attempt ran, but its "started" report was lost (sent to a scheduler that
+            # died before committing it): record the start first, in order.
+            self._started(attempt_id)
         if result.lost:
             self._requeue_lost(lease)
         elif outcome == "output" and len(result.output) > self.settings.limits.output_bytes:
