@@ -369,6 +369,11 @@ class Executor:
             finally:
                 self.connected = False
                 self._outgoing = None
+                # Reports the stream never took go out again on the next connection.
+                while not outgoing.empty():
+                    message = outgoing.get_nowait()
+                    if message.WhichOneof("message") in ("started", "result", "metadata", "logs"):
+                        self._unsent.append(message)
                 if heartbeat is not None:
                     heartbeat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
