@@ -26,6 +26,7 @@ from runplane._errors import (
     TaskRunError,
     UnauthenticatedError,
     UnavailableError,
+    WaitpointTimeoutError,
 )
 from runplane._idempotency import IdempotencyKey, IdempotencyKeysAPI, idempotency_keys
 from runplane._models import (
@@ -41,6 +42,7 @@ from runplane._models import (
 )
 from runplane._queues import QueuesAPI, queues
 from runplane._task import Queue, RetryOptions, Task, queue, task
+from runplane._wait import Result, WaitAPI, WaitToken, wait
 
 __version__ = "0.1.0"
 
@@ -66,6 +68,7 @@ __all__ = [
     "Queue",
     "QueueInfo",
     "QueuesAPI",
+    "Result",
     "RetryOptions",
     "Run",
     "RunError",
@@ -79,6 +82,9 @@ __all__ = [
     "TasksAPI",
     "UnauthenticatedError",
     "UnavailableError",
+    "WaitAPI",
+    "WaitToken",
+    "WaitpointTimeoutError",
     "__version__",
     "batch",
     "configure",
@@ -89,4 +95,5 @@ __all__ = [
     "runs",
     "task",
     "tasks",
+    "wait",
 ]

@@ -26,7 +26,7 @@ from runplane.v1 import (
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
-from runplane_executor import taskproc
+from runplane_executor import taskproc, waits
 from runplane_executor.pool import ProcessPool
 from runplane_server import telemetry
 from runplane_server.grpcserver import Server
@@ -203,12 +203,15 @@ class Executor:
     def _send(self, message: wpb.ConnectRequest) -> None:
         if self._outgoing is not None and self.connected:
             self._outgoing.put_nowait(message)
-        elif message.WhichOneof("message") in ("started", "result"):
+        elif message.WhichOneof("message") in ("started", "result", "wait"):
             self._unsent.append(message)
 
     def _on_pool_event(self, kind: str, attempt_id: str, result: dict[str, Any] | None) -> None:
         if kind == "started":
             self._send(wpb.ConnectRequest(started=wpb.AttemptStarted(attempt_id=attempt_id)))
+        elif kind == "wait" and result is not None:
+            request = waits.wait_request(attempt_id, result["seq"], result["request"])
+            self._send(wpb.ConnectRequest(wait=request))
         elif result is not None:
             self._send(result_message(attempt_id, result))
 
@@ -286,6 +289,9 @@ class Executor:
                         self.pool.submit(assignment_to_attempt(a))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
+                    elif kind == "resume":
+                        r = response.resume
+                        self.pool.resume(r.attempt_id, waits.resume_results(r))
             finally:
                 self.connected = False
                 self._outgoing = None

@@ -106,6 +106,8 @@ class ProcessPool:
                 )
         elif kind == "started":
             self.sink("started", message[1], None)
+        elif kind == "wait":
+            self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
         elif kind == "result":
             attempt_id = message[1]
             proc.attempts.discard(attempt_id)
@@ -157,6 +159,12 @@ class ProcessPool:
         proc.attempts.add(attempt_id)
         self._where[attempt_id] = proc
         proc.send(("run", attempt))
+
+    def resume(self, attempt_id: str, results: list[Any]) -> None:
+        """Hand a waiting attempt the results of its completed waits."""
+        proc = self._where.get(attempt_id)
+        if proc is not None:
+            proc.send(("resume", attempt_id, results))
 
     def cancel(self, attempt_id: str) -> None:
         """Ask the attempt to stop; kill its process if it is still running after the grace."""

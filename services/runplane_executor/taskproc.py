@@ -3,7 +3,9 @@ concurrently on its event loop (plain ``def`` tasks in threads).
 
 Messages with the executor travel over a multiprocessing pipe as tuples:
 executor -> process: ("run", attempt) | ("cancel", attempt_id) | ("stop",)
+                     | ("resume", attempt_id, results)
 process -> executor: ("ready", task_ids) | ("started", attempt_id) | ("result", attempt_id, result)
+                     | ("wait", attempt_id, seq, request)
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from runplane._context import (
 from runplane._errors import AbortTaskRunError
 from runplane._serde import dumps, loads
 from runplane._task import MACHINES, Task, registered_tasks
+from runplane._wait import WAITER
+from runplane_executor.waits import AttemptWaiter
 
 ENV_TYPES = {"dev": "DEVELOPMENT", "staging": "STAGING", "prod": "PRODUCTION"}
 
@@ -129,6 +133,10 @@ class TaskProcess:
                 if ctx is not None:
                     ctx.signal.trigger("cancelled")
                 task.cancel()
+        elif kind == "resume":
+            entry = self.running.get(message[1])
+            if entry is not None and entry[1] is not None:
+                entry[1].extra[WAITER].resume(message[2])
         elif kind == "stop":
             self.stopped.set()
 
@@ -145,6 +153,7 @@ class TaskProcess:
                     f"task {attempt['run']['task_id']!r} is not defined in this executor"
                 )
             ctx = build_context(attempt, task)
+            ctx.extra[WAITER] = AttemptWaiter(attempt_id, self.send)
             self.running[attempt_id] = (self.running[attempt_id][0], ctx)
             set_current_context(ctx)  # this attempt's asyncio task has its own copy
             self.send(("started", attempt_id))

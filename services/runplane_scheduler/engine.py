@@ -25,6 +25,7 @@ from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, Que
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx, now_ms, run_to_pb
+from runplane_scheduler.waitpoints import Waitpoints
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -127,6 +128,9 @@ class RunEngine:
             "delay": self._delay_due,
             "ttl": self._ttl_due,
         }
+        self.waits = Waitpoints(self)
+        self._timer_kinds["waitpoint"] = self.waits.timer_due
+        store.writer.on_final = self.waits.run_finished
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -170,6 +174,7 @@ class RunEngine:
                         acked=True,
                     )
                 )
+        await self.waits.load()
         for row in await self.store.load_timers():
             m = row._mapping
             heapq.heappush(self._timers, _Timer(m["due_at"], m["id"], m["kind"], m["target"]))
@@ -628,7 +633,7 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "CANCELED")
             tx.after_commit.append(lambda: self._cancel_attempt(attempt_id, run_id))
         else:
-            tx.after_commit.append(lambda: self.index.discard(run_id))
+            tx.after_commit.append(lambda: self.waits.cancelled(run_id))
         return row
 
     async def replay(self, environment_id: str, run_id: str) -> Mapping[Any, Any]:
@@ -930,6 +935,8 @@ class RunEngine:
             self._started(msg.started.attempt_id)
         elif kind == "result":
             self._result(msg.result)
+        elif kind == "wait":
+            self.waits.on_wait(ex, msg.wait)
 
     def _started(self, attempt_id: str) -> None:
         lease = self.index.leases.get(attempt_id)
@@ -1115,7 +1122,10 @@ class RunEngine:
             self._dispatch_wake.clear()
             picked = self.index.take()
             for queued, key, ex in picked:
-                self._spawn(self._dequeue(queued.run_id, key, ex))
+                if queued.run_id in self.waits.resuming:
+                    self._spawn(self.waits.resume(queued.run_id, key, ex))
+                else:
+                    self._spawn(self._dequeue(queued.run_id, key, ex))
 
     async def _dequeue(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
         attempt_id = new_id("attempt")

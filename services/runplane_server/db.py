@@ -245,3 +245,40 @@ def upgrade_url(url: str) -> None:
             await engine.dispose()
 
     asyncio.run(run())
+
+
+# -- waitpoints (issue 4: durable waits and child runs) ----------------------------------------
+
+waitpoints = Table(
+    "waitpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    # DURATION | TOKEN | BATCH (trigger_and_wait is a batch of one).
+    Column("kind", String(16), nullable=False),
+    # PENDING | COMPLETED
+    Column("status", String(16), nullable=False),
+    # The waiting run and the wait's sequence number in it: unique, so this row is the journal
+    # entry a replay reads back. Both NULL for a token itself (runs wait on it through rows
+    # of their own whose target is the token).
+    Column("run_id", String(40)),
+    Column("seq", Integer),
+    # The token, or the batch of child runs, this wait is on.
+    Column("target", String(40)),
+    Column("ok", Boolean),
+    # JSON text: the token's data, the child runs' results, or null.
+    Column("output", Text),
+    # JSON text {type, message, stack_trace} when not ok.
+    Column("error", Text),
+    Column("due_at", BigInteger),  # a duration's end, a token's timeout
+    Column("idempotency_key", String(2048)),
+    Column("idempotency_key_expires_at", BigInteger),
+    Column("tags", Text, nullable=False),
+    # Completing the token by plain HTTP needs this secret in its URL.
+    Column("secret", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    Column("completed_at", BigInteger),
+    Index("ux_waitpoints_run_seq", "run_id", "seq", unique=True),
+    Index("ix_waitpoints_target", "target"),
+    Index("ix_waitpoints_env_key", "environment_id", "idempotency_key"),
+)

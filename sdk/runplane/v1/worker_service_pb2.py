@@ -24,41 +24,50 @@ _sym_db = _symbol_database.Default()
 
 
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
+from runplane.v1 import run_service_pb2 as runplane_dot_v1_dot_run__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x15runplane/v1/run.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xb2\x02\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x18\n\x10queue_rate_limit\x18\t \x01(\x05\x12!\n\x19queue_rate_period_seconds\x18\n \x01(\x01\x12%\n\x1dqueue_total_concurrency_limit\x18\x0b \x01(\x05\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"$\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\x9f\x01\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x42\t\n\x07outcome\"\xfc\x01\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x42\t\n\x07message\"@\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x86\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xa8\x01\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x42\t\n\x07message2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x15runplane/v1/run.proto\x1a\x1drunplane/v1/run_service.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xb2\x02\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x18\n\x10queue_rate_limit\x18\t \x01(\x05\x12!\n\x19queue_rate_period_seconds\x18\n \x01(\x01\x12%\n\x1dqueue_total_concurrency_limit\x18\x0b \x01(\x05\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"w\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"$\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"\x9f\x01\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x42\t\n\x07outcome\"\xa6\x02\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x12(\n\x04wait\x18\x06 \x01(\x0b\x32\x18.runplane.v1.WaitRequestH\x00\x42\t\n\x07message\"@\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\"\x86\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xcf\x01\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x12%\n\x06resume\x18\x04 \x01(\x0b\x32\x13.runplane.v1.ResumeH\x00\x42\t\n\x07message\"\xa7\x01\n\x0bWaitRequest\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x15\n\x0b\x64uration_ms\x18\x03 \x01(\x03H\x00\x12\x12\n\x08until_ms\x18\x04 \x01(\x03H\x00\x12\x12\n\x08token_id\x18\x05 \x01(\tH\x00\x12\x30\n\x08\x63hildren\x18\x06 \x01(\x0b\x32\x1c.runplane.v1.WaitForChildrenH\x00\x42\x06\n\x04wait\"?\n\x0fWaitForChildren\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.runplane.v1.BatchTriggerItem\"[\n\nWaitResult\x12\x0b\n\x03seq\x18\x01 \x01(\x05\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06output\x18\x03 \x01(\t\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.runplane.v1.RunError\"F\n\x06Resume\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.runplane.v1.WaitResult2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RETRYPOLICY']._serialized_start=73
-  _globals['_RETRYPOLICY']._serialized_end=201
-  _globals['_TASKDEFINITION']._serialized_start=204
-  _globals['_TASKDEFINITION']._serialized_end=510
-  _globals['_MANIFEST']._serialized_start=512
-  _globals['_MANIFEST']._serialized_end=583
-  _globals['_REGISTER']._serialized_start=585
-  _globals['_REGISTER']._serialized_end=704
-  _globals['_HEARTBEAT']._serialized_start=706
-  _globals['_HEARTBEAT']._serialized_end=735
-  _globals['_ASSIGNMENTACK']._serialized_start=737
-  _globals['_ASSIGNMENTACK']._serialized_end=772
-  _globals['_ATTEMPTSTARTED']._serialized_start=774
-  _globals['_ATTEMPTSTARTED']._serialized_end=810
-  _globals['_ATTEMPTRESULT']._serialized_start=813
-  _globals['_ATTEMPTRESULT']._serialized_end=972
-  _globals['_CONNECTREQUEST']._serialized_start=975
-  _globals['_CONNECTREQUEST']._serialized_end=1227
-  _globals['_REGISTERED']._serialized_start=1229
-  _globals['_REGISTERED']._serialized_end=1293
-  _globals['_ASSIGNMENT']._serialized_start=1296
-  _globals['_ASSIGNMENT']._serialized_end=1430
-  _globals['_CANCELATTEMPT']._serialized_start=1432
-  _globals['_CANCELATTEMPT']._serialized_end=1483
-  _globals['_CONNECTRESPONSE']._serialized_start=1486
-  _globals['_CONNECTRESPONSE']._serialized_end=1654
-  _globals['_WORKERSERVICE']._serialized_start=1656
-  _globals['_WORKERSERVICE']._serialized_end=1745
+  _globals['_RETRYPOLICY']._serialized_start=104
+  _globals['_RETRYPOLICY']._serialized_end=232
+  _globals['_TASKDEFINITION']._serialized_start=235
+  _globals['_TASKDEFINITION']._serialized_end=541
+  _globals['_MANIFEST']._serialized_start=543
+  _globals['_MANIFEST']._serialized_end=614
+  _globals['_REGISTER']._serialized_start=616
+  _globals['_REGISTER']._serialized_end=735
+  _globals['_HEARTBEAT']._serialized_start=737
+  _globals['_HEARTBEAT']._serialized_end=766
+  _globals['_ASSIGNMENTACK']._serialized_start=768
+  _globals['_ASSIGNMENTACK']._serialized_end=803
+  _globals['_ATTEMPTSTARTED']._serialized_start=805
+  _globals['_ATTEMPTSTARTED']._serialized_end=841
+  _globals['_ATTEMPTRESULT']._serialized_start=844
+  _globals['_ATTEMPTRESULT']._serialized_end=1003
+  _globals['_CONNECTREQUEST']._serialized_start=1006
+  _globals['_CONNECTREQUEST']._serialized_end=1300
+  _globals['_REGISTERED']._serialized_start=1302
+  _globals['_REGISTERED']._serialized_end=1366
+  _globals['_ASSIGNMENT']._serialized_start=1369
+  _globals['_ASSIGNMENT']._serialized_end=1503
+  _globals['_CANCELATTEMPT']._serialized_start=1505
+  _globals['_CANCELATTEMPT']._serialized_end=1556
+  _globals['_CONNECTRESPONSE']._serialized_start=1559
+  _globals['_CONNECTRESPONSE']._serialized_end=1766
+  _globals['_WAITREQUEST']._serialized_start=1769
+  _globals['_WAITREQUEST']._serialized_end=1936
+  _globals['_WAITFORCHILDREN']._serialized_start=1938
+  _globals['_WAITFORCHILDREN']._serialized_end=2001
+  _globals['_WAITRESULT']._serialized_start=2003
+  _globals['_WAITRESULT']._serialized_end=2094
+  _globals['_RESUME']._serialized_start=2096
+  _globals['_RESUME']._serialized_end=2166
+  _globals['_WORKERSERVICE']._serialized_start=2168
+  _globals['_WORKERSERVICE']._serialized_end=2257
 # @@protoc_insertion_point(module_scope)

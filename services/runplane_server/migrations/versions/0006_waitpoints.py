@@ -1,0 +1,47 @@
+"""waitpoints: durable waits, tokens and child-run waits (the wait journal)
+
+Revision ID: 0006
+Revises: 0002
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0006"
+down_revision = "0002"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "waitpoints",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("environment_id", sa.String(length=40), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("run_id", sa.String(length=40), nullable=True),
+        sa.Column("seq", sa.Integer(), nullable=True),
+        sa.Column("target", sa.String(length=40), nullable=True),
+        sa.Column("ok", sa.Boolean(), nullable=True),
+        sa.Column("output", sa.Text(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("due_at", sa.BigInteger(), nullable=True),
+        sa.Column("idempotency_key", sa.String(length=2048), nullable=True),
+        sa.Column("idempotency_key_expires_at", sa.BigInteger(), nullable=True),
+        sa.Column("tags", sa.Text(), nullable=False),
+        sa.Column("secret", sa.String(length=64), nullable=True),
+        sa.Column("created_at", sa.BigInteger(), nullable=False),
+        sa.Column("completed_at", sa.BigInteger(), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ux_waitpoints_run_seq", "waitpoints", ["run_id", "seq"], unique=True)
+    op.create_index("ix_waitpoints_target", "waitpoints", ["target"])
+    op.create_index("ix_waitpoints_env_key", "waitpoints", ["environment_id", "idempotency_key"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_waitpoints_env_key", table_name="waitpoints")
+    op.drop_index("ix_waitpoints_target", table_name="waitpoints")
+    op.drop_index("ux_waitpoints_run_seq", table_name="waitpoints")
+    op.drop_table("waitpoints")
