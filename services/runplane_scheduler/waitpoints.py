@@ -151,10 +151,8 @@ class Waitpoints:
             if moved is not None:
                 tx.after_commit.append(lambda: self._suspend_leased(run_id, req.attempt_id, ex))
 
-        try:
-            await self.engine.store.writer.run(op)
-        except Exception:
-            log.exception("wait %d of run %s failed", req.seq, run_id)
+        # Through the ordered report queue: after the attempt's "started" sent before it.
+        self.engine._submit(op)
 
     async def _journaled(self, run_id: str, seq: int) -> bool:
         async with self.engine.store.engine.connect() as conn:
