@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from runplane import batch, queue, task, wait
+from runplane import Context, batch, queue, task, wait
 
 one_at_a_time = queue(name="one-at-a-time", concurrency_limit=1)
 
@@ -90,3 +90,13 @@ async def child_then_token(payload: dict[str, Any]) -> Any:
     first = await child.trigger_and_wait({"n": 21}, tags=[payload["tag"]])
     second = await wait.for_token(payload["token"])
     return {"child": first.unwrap(), "token": second.unwrap()}
+
+
+@task(id="keyed-sleeper", retry={"max_attempts": 2, "min_timeout": 0.1, "randomize": False})
+async def keyed_sleeper(payload: dict[str, Any], ctx: Context) -> int:
+    """Attempt 1 waits with an idempotency key and fails; attempt 2 (a retry: a fresh journal)
+    waits with the same key again, which ends when the first wait ended."""
+    await wait.for_(seconds=payload["seconds"], idempotency_key="keyed-sleep")
+    if ctx.attempt.number == 1:
+        raise RuntimeError("fail the first attempt after its wait")
+    return ctx.attempt.number

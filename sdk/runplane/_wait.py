@@ -106,6 +106,20 @@ async def _wait(what: str, request: dict[str, Any]) -> tuple[bool, Any, dict[str
     return ok, loads(output) if output else None, error
 
 
+def _keyed(
+    request: dict[str, Any],
+    key: str | Sequence[str] | None,
+    ttl: _durations.DurationLike | None,
+) -> dict[str, Any]:
+    from runplane._idempotency import resolve
+
+    if key:
+        request["idempotency_key"] = resolve(key)
+        if ttl is not None:
+            request["idempotency_key_ttl_ms"] = round(_durations.seconds(ttl) * 1000)
+    return request
+
+
 async def wait_for_children(what: str, items: list[rpb.BatchTriggerItem]) -> list[Result[Any]]:
     """Trigger child runs and wait until every one has finished; results in item order."""
     ok, output, error = await _wait(
@@ -131,20 +145,33 @@ class WaitAPI(Namespace):
         minutes: float = 0,
         hours: float = 0,
         days: float = 0,
+        idempotency_key: str | Sequence[str] | None = None,
+        idempotency_key_ttl: _durations.DurationLike | None = None,
     ) -> None:
-        """Block the run this long. It is WAITING meanwhile and holds no concurrency slot."""
+        """Block the run this long. It is WAITING meanwhile and holds no concurrency slot.
+        With an idempotency key (scoped to the run unless made with ``idempotency_keys.create``)
+        a later wait with the same key, e.g. in a retry, ends when the first one does."""
         total = timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
         if total < timedelta(0):
             raise ConfigurationError("wait.for_: the duration must not be negative")
-        await _wait("wait.for_", {"duration_ms": round(total.total_seconds() * 1000)})
+        request = {"duration_ms": round(total.total_seconds() * 1000)}
+        await _wait("wait.for_", _keyed(request, idempotency_key, idempotency_key_ttl))
 
-    async def until(self, date: datetime, *, throw_if_in_the_past: bool = False) -> None:
+    async def until(
+        self,
+        date: datetime,
+        *,
+        throw_if_in_the_past: bool = False,
+        idempotency_key: str | Sequence[str] | None = None,
+        idempotency_key_ttl: _durations.DurationLike | None = None,
+    ) -> None:
         """Block the run until ``date`` (timezone-aware, or UTC when naive)."""
         if date.tzinfo is None:
             date = date.replace(tzinfo=UTC)
         if throw_if_in_the_past and date < datetime.now(UTC):
             raise ConfigurationError(f"wait.until: {date.isoformat()} is in the past")
-        await _wait("wait.until", {"until_ms": int(date.timestamp() * 1000)})
+        request = {"until_ms": int(date.timestamp() * 1000)}
+        await _wait("wait.until", _keyed(request, idempotency_key, idempotency_key_ttl))
 
     async def create_token(
         self,

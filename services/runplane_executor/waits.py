@@ -46,7 +46,12 @@ class AttemptWaiter:
 
 def wait_request(attempt_id: str, seq: int, request: dict[str, Any]) -> wpb.WaitRequest:
     """The stream message of a task process's wait."""
-    out = wpb.WaitRequest(attempt_id=attempt_id, seq=seq)
+    out = wpb.WaitRequest(
+        attempt_id=attempt_id,
+        seq=seq,
+        idempotency_key=request.get("idempotency_key", ""),
+        idempotency_key_ttl_ms=request.get("idempotency_key_ttl_ms", 0),
+    )
     if "duration_ms" in request:
         out.duration_ms = request["duration_ms"]
     elif "until_ms" in request:

@@ -804,6 +804,7 @@ class RunEngine:
                 ex.attempts.add(attempt_id)
                 lease.acked = True
         self.index.executors[executor_id] = ex
+        self.waits.registered(ex, claimed)
         log.info(
             "executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity
         )
@@ -966,7 +967,9 @@ class RunEngine:
         attempt_id = result.attempt_id
         lease = self.index.leases.get(attempt_id)
         if lease is None:
-            return  # stale: the run was cancelled or its lease lapsed
+            # Stale (the run was cancelled or its lease lapsed), or a WAITING run's attempt.
+            self.waits.attempt_ended(attempt_id)
+            return
         outcome = result.WhichOneof("outcome")
         if result.lost:
             self._requeue_lost(lease)

@@ -38,7 +38,7 @@ MAX_BATCH = 512
 MAX_EVENT_BYTES = 512 * 1024
 
 CommitHook = Callable[[list[dict[str, Any]]], None]
-# Called in the transaction when a run with a batch reaches a final status (waits on it).
+# Called in the transaction when a run reaches a final status (a parent may wait on it).
 FinalHook = Callable[["Tx", Row[Any]], Awaitable[None]]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
 
@@ -236,7 +236,7 @@ class Tx:
         row = (await self.execute(stmt)).first()
         if row is not None:
             self.emit(event_type, row)
-            if target in FINAL and row.batch_id and self.on_final is not None:
+            if target in FINAL and self.on_final is not None:
                 await self.on_final(self, row)
         return row
 

@@ -91,10 +91,12 @@ class Waitpoints:
                 )
             ).all()
             pending = {
-                r.run_id
+                (r.run_id, r.attempt)
                 for r in (
                     await conn.execute(
-                        select(w.run_id).where(w.status == PENDING, w.run_id.is_not(None))
+                        select(w.run_id, w.attempt).where(
+                            w.status == PENDING, w.run_id.is_not(None)
+                        )
                     )
                 ).all()
             }
@@ -102,7 +104,7 @@ class Waitpoints:
             m = row._mapping
             if m["current_attempt_id"]:
                 self._suspend(m["id"], m["current_attempt_id"], m["executor_id"] or "")
-            if m["id"] not in pending:
+            if (m["id"], m["attempt_count"]) not in pending:
                 self._queue_resume(m)
 
     # -- wait requests from executors ---------------------------------------------------------
@@ -117,26 +119,53 @@ class Waitpoints:
 
     async def _wait(self, ex: ExecutorState, run_id: str, req: wpb.WaitRequest) -> None:
         env = ex.environment_id
-        kind = req.WhichOneof("wait")
-        batch_id = ""
+        children: list[str] = []
         error = ""
-        if kind == "children" and not await self._journaled(run_id, req.seq):
+        async with self.engine.store.engine.connect() as conn:
+            # The attempt's number, fixed when it was made (a replay keeps the lost one's).
+            attempt = (
+                await conn.execute(
+                    select(db.attempts.c.number).where(db.attempts.c.id == req.attempt_id)
+                )
+            ).scalar()
+            journaled = (
+                await conn.execute(
+                    select(w.id).where(w.run_id == run_id, w.attempt == attempt, w.seq == req.seq)
+                )
+            ).first()
+        if attempt is None:
+            return
+        if req.WhichOneof("wait") == "children" and journaled is None:
             try:
-                batch_id = await self._trigger_children(env, run_id, req)
+                children = await self._trigger_children(env, run_id, attempt, req)
             except ServiceError as e:
                 error = _error(type(e).__name__, str(e))
 
         async def op(tx: Tx) -> None:
+            run = (
+                await tx.execute(
+                    select(db.runs.c.status).where(
+                        db.runs.c.id == run_id,
+                        db.runs.c.current_attempt_id == req.attempt_id,
+                    )
+                )
+            ).first()
+            if run is None:
+                return  # the attempt is no longer the run's (cancelled, lapsed)
             row = (
-                await tx.execute(select(db.waitpoints).where(w.run_id == run_id, w.seq == req.seq))
+                await tx.execute(
+                    select(db.waitpoints).where(
+                        w.run_id == run_id, w.attempt == attempt, w.seq == req.seq
+                    )
+                )
             ).first()
             m = (
                 row._mapping
                 if row is not None
-                else await self._journal(tx, env, run_id, req, batch_id, error)
+                else await self._journal(tx, env, run_id, attempt, req, children, error)
             )
             if m["status"] == COMPLETED:
-                if await self._run_status(tx, run_id) is Status.EXECUTING:
+                if run.status == Status.EXECUTING.value:
                     result = result_pb(req.seq, m)
                     tx.after_commit.append(lambda: self._send_resume(ex, req.attempt_id, [result]))
                 return
@@ -154,16 +183,12 @@ class Waitpoints:
         # Through the ordered report queue: after the attempt's "started" sent before it.
         self.engine._submit(op)
 
-    async def _journaled(self, run_id: str, seq: int) -> bool:
-        async with self.engine.store.engine.connect() as conn:
-            found = (
-                await conn.execute(select(w.id).where(w.run_id == run_id, w.seq == seq))
-            ).first()
-        return found is not None
-
-    async def _trigger_children(self, env: str, run_id: str, req: wpb.WaitRequest) -> str:
-        """Trigger the wait's child runs as a batch whose idempotency key is the journal slot:
-        a replay that gets here again (crash between trigger and journal) finds the same batch."""
+    async def _trigger_children(
+        self, env: str, run_id: str, attempt: int, req: wpb.WaitRequest
+    ) -> list[str]:
+        """Trigger the wait's child runs (ids in item order) as a batch whose idempotency key
+        is the journal slot: a replay asking again finds the same batch, so no child runs
+        twice. (A retry is another attempt: a new slot, new children, as in the reference.)"""
         from dataclasses import replace
 
         from runplane_scheduler import validation
@@ -183,13 +208,20 @@ class Waitpoints:
         ]
         if not specs:
             raise InvalidArgument("items", "a batch needs at least one item")
-        batch_id, _, _ = await self.engine.batch_trigger(
-            env, specs, idempotency_key=f"wait/{run_id}/{req.seq}"
+        _, rows, _ = await self.engine.batch_trigger(
+            env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
         )
-        return batch_id
+        return [r["id"] for r in rows]
 
     async def _journal(
-        self, tx: Tx, env: str, run_id: str, req: wpb.WaitRequest, batch_id: str, error: str
+        self,
+        tx: Tx,
+        env: str,
+        run_id: str,
+        attempt: int,
+        req: wpb.WaitRequest,
+        children: list[str],
+        error: str,
     ) -> dict[str, Any]:
         """The journal row of a new wait, completed at once when what it waits on already is."""
         ts = now_ms()
@@ -200,6 +232,7 @@ class Waitpoints:
             "kind": "DURATION",
             "status": PENDING,
             "run_id": run_id,
+            "attempt": attempt,
             "seq": req.seq,
             "target": None,
             "ok": None,
@@ -218,8 +251,16 @@ class Waitpoints:
             done = {"ok": False, "output": None, "error": error}
         elif kind in ("duration_ms", "until_ms"):
             due = ts + req.duration_ms if kind == "duration_ms" else req.until_ms
+            if len(req.idempotency_key) > self.engine.settings.limits.idempotency_key_length:
+                done = {
+                    "ok": False,
+                    "output": None,
+                    "error": _error("InvalidArgumentError", "the idempotency key is too long"),
+                }
+            elif req.idempotency_key:
+                due = await self._keyed_due(tx, env, req, due, ts, row)
             row["due_at"] = due
-            if due <= ts:
+            if done is None and due <= ts:
                 done = {"ok": True, "output": "null", "error": None}
         elif kind == "token_id":
             row.update(kind="TOKEN", target=req.token_id)
@@ -239,8 +280,13 @@ class Waitpoints:
             elif token.status == COMPLETED:
                 done = {"ok": token.ok, "output": token.output, "error": token.error}
         elif kind == "children":
-            row.update(kind="BATCH", target=batch_id)
-            results = await self._batch_results(tx, batch_id)
+            row["kind"] = "BATCH"
+            for position, child_id in enumerate(children):
+                tx.insert_later(
+                    db.waitpoint_children,
+                    {"waitpoint_id": row["id"], "position": position, "run_id": child_id},
+                )
+            results = await self._children_results(tx, row["id"])
             if results is not None:
                 done = {"ok": True, "output": results, "error": None}
         else:
@@ -253,9 +299,26 @@ class Waitpoints:
         return row
 
     @staticmethod
-    async def _run_status(tx: Tx, run_id: str) -> Status | None:
-        status = (await tx.execute(select(db.runs.c.status).where(db.runs.c.id == run_id))).scalar()
-        return Status(status) if status else None
+    async def _keyed_due(
+        tx: Tx, env: str, req: wpb.WaitRequest, due: int, ts: int, row: dict[str, Any]
+    ) -> int:
+        """A keyed wait ends when the first wait with its key (not expired) ends."""
+        first = (
+            await tx.execute(
+                select(w.due_at)
+                .where(
+                    w.environment_id == env,
+                    w.idempotency_key == req.idempotency_key,
+                    w.kind == "DURATION",
+                    w.idempotency_key_expires_at > ts,
+                )
+                .order_by(w.id)
+                .limit(1)
+            )
+        ).first()
+        row["idempotency_key"] = req.idempotency_key
+        row["idempotency_key_expires_at"] = ts + (req.idempotency_key_ttl_ms or 30 * 86_400_000)
+        return int(first.due_at) if first is not None else due
 
     # -- completion --------------------------------------------------------------------------------
 
@@ -296,42 +359,44 @@ class Waitpoints:
         return done
 
     async def _maybe_resume(self, tx: Tx, run_id: str) -> None:
-        pending = (
-            await tx.execute(select(func.count()).where(w.run_id == run_id, w.status == PENDING))
-        ).scalar()
-        if pending:
-            return
         run = (await tx.execute(select(db.runs).where(db.runs.c.id == run_id))).first()
-        if run is not None and run.status == Status.WAITING.value:
+        if run is None or run.status != Status.WAITING.value:
+            return
+        pending = (
+            await tx.execute(
+                select(func.count()).where(
+                    w.run_id == run_id, w.attempt == run.attempt_count, w.status == PENDING
+                )
+            )
+        ).scalar()
+        if not pending:
             m = run._mapping
             tx.after_commit.append(lambda: self._queue_resume(m))
 
     async def run_finished(self, tx: Tx, row: RunRow) -> None:
-        """A run reached a final status: a batch waited on may be complete now."""
-        batch_id = row.batch_id
-        if not batch_id:
-            return
+        """A run reached a final status: a wait on child runs may be complete now."""
         waits = (
             await tx.execute(
-                select(w.id).where(w.target == batch_id, w.kind == "BATCH", w.status == PENDING)
+                select(w.id)
+                .join(db.waitpoint_children, db.waitpoint_children.c.waitpoint_id == w.id)
+                .where(db.waitpoint_children.c.run_id == row.id, w.status == PENDING)
             )
         ).all()
-        if not waits:
-            return
-        results = await self._batch_results(tx, batch_id)
-        if results is None:
-            return
         for r in waits:
-            await self.complete(tx, r.id, ok=True, output=results, error=None)
+            results = await self._children_results(tx, r.id)
+            if results is not None:
+                await self.complete(tx, r.id, ok=True, output=results, error=None)
 
     @staticmethod
-    async def _batch_results(tx: Tx, batch_id: str) -> str | None:
-        """JSON list of the batch's results in item order, or None while one is unfinished."""
+    async def _children_results(tx: Tx, waitpoint_id: str) -> str | None:
+        """JSON list of the children's results in item order, or None while one runs."""
+        c = db.waitpoint_children.c
         runs = (
             await tx.execute(
                 select(db.runs.c.id, db.runs.c.status, db.runs.c.output, db.runs.c.error)
-                .where(db.runs.c.batch_id == batch_id)
-                .order_by(db.runs.c.id)
+                .join(db.waitpoint_children, c.run_id == db.runs.c.id)
+                .where(c.waitpoint_id == waitpoint_id)
+                .order_by(c.position)
             )
         ).all()
         if not runs or any(Status(r.status) not in FINAL for r in runs):
@@ -360,6 +425,24 @@ class Waitpoints:
         """The run went WAITING: its slot is free while the attempt stays with ``ex``."""
         self._suspend(run_id, attempt_id, ex.executor_id)
         self.engine._release(attempt_id)
+
+    def attempt_ended(self, attempt_id: str) -> None:
+        """A WAITING run's suspended attempt ended anyway (its task process died, or it
+        finished without awaiting its wait): the run will resume by replay."""
+        run_id = self.by_attempt.get(attempt_id)
+        if run_id is not None:
+            self.suspended[run_id] = Suspended(attempt_id, "")
+
+    def registered(self, ex: ExecutorState, running: set[str]) -> None:
+        """An executor (re)connected: attempts it still runs that are neither leased nor
+        suspended belong to nobody any more (their run was cancelled, or resumed by replay
+        elsewhere while this executor was away). Stop them."""
+        for attempt_id in running:
+            if attempt_id in self.engine.index.leases or attempt_id in self.by_attempt:
+                continue
+            ex.outbox.put_nowait(
+                wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=attempt_id))
+            )
 
     def forget(self, run_id: str) -> Suspended | None:
         held = self.suspended.pop(run_id, None)
@@ -415,7 +498,7 @@ class Waitpoints:
             )
             if row is None:
                 return None
-            return await self._results(tx, run_id)
+            return await self._results(tx, row)
 
         results = await self._run_or_unreserve(op, run_id, key, ex)
         if results is None:
@@ -477,11 +560,12 @@ class Waitpoints:
         return result
 
     @staticmethod
-    async def _results(tx: Tx, run_id: str) -> list[wpb.WaitResult]:
+    async def _results(tx: Tx, run: RunRow) -> list[wpb.WaitResult]:
+        """The completed waits of the run's current attempt."""
         rows = (
             await tx.execute(
                 select(db.waitpoints)
-                .where(w.run_id == run_id, w.status == COMPLETED)
+                .where(w.run_id == run.id, w.attempt == run.attempt_count, w.status == COMPLETED)
                 .order_by(w.seq)
             )
         ).all()

@@ -258,10 +258,12 @@ waitpoints = Table(
     Column("kind", String(16), nullable=False),
     # PENDING | COMPLETED
     Column("status", String(16), nullable=False),
-    # The waiting run and the wait's sequence number in it: unique, so this row is the journal
-    # entry a replay reads back. Both NULL for a token itself (runs wait on it through rows
-    # of their own whose target is the token).
+    # The waiting run, its attempt number and the wait's sequence number in that attempt:
+    # unique, so this row is the journal entry a replay (same attempt number) reads back; a
+    # retry (next number) starts a fresh journal. NULL for a token itself (runs wait on it
+    # through rows of their own whose target is the token).
     Column("run_id", String(40)),
+    Column("attempt", Integer),
     Column("seq", Integer),
     # The token, or the batch of child runs, this wait is on.
     Column("target", String(40)),
@@ -278,7 +280,18 @@ waitpoints = Table(
     Column("secret", String(64)),
     Column("created_at", BigInteger, nullable=False),
     Column("completed_at", BigInteger),
-    Index("ux_waitpoints_run_seq", "run_id", "seq", unique=True),
+    Index("ux_waitpoints_run_seq", "run_id", "attempt", "seq", unique=True),
     Index("ix_waitpoints_target", "target"),
     Index("ix_waitpoints_env_key", "environment_id", "idempotency_key"),
+)
+
+# The child runs a BATCH waitpoint waits for, in item order (an item may be an existing run
+# found by its idempotency key, outside the batch).
+waitpoint_children = Table(
+    "waitpoint_children",
+    metadata,
+    Column("waitpoint_id", String(40), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Index("ix_waitpoint_children_run", "run_id"),
 )

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 import runplane
 from runplane import RunStatus
+from runplane_server import db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 
@@ -162,3 +164,64 @@ async def test_waits_outside_a_task_raise_a_clear_error() -> None:
 
 def client_wait(client: runplane.Client) -> runplane.WaitAPI:
     return runplane.WaitAPI(client)
+
+
+async def test_a_retry_waits_again_but_a_keyed_wait_ends_with_the_first(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("keyed-sleeper", {"seconds": 1})
+    run = await _final(client, handle.id)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    assert run.output == 2 and run.attempt_count == 2
+    engine = db.create_engine(cluster.database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(db.waitpoints.c.attempt, db.waitpoints.c.seq, db.waitpoints.c.due_at)
+                    .where(db.waitpoints.c.run_id == handle.id)
+                    .order_by(db.waitpoints.c.attempt)
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    # Each attempt journals its own wait; the retry's keyed wait took the first one's end.
+    assert [(r.attempt, r.seq) for r in rows] == [(1, 1), (2, 1)]
+    assert rows[0].due_at == rows[1].due_at
+
+
+async def test_cancelling_a_waiting_parent_cancels_its_child(cluster: Cluster) -> None:
+    client = cluster.client()
+    tag = f"x-{uuid.uuid4().hex[:8]}"
+    handle = await client.tasks.trigger(
+        "parent", {"mode": "one", "child": {"n": 1, "seconds": 120}, "tag": tag}
+    )
+
+    async def child_running() -> runplane.Run:
+        children = [r async for r in client.runs.list(tag=tag)]
+        assert len(children) == 1 and children[0].status is RunStatus.EXECUTING, children
+        return children[0]
+
+    child = await eventually(child_running, 60, description="the child executes")
+    await eventually(
+        lambda: _status_is(client, handle.id, RunStatus.WAITING), 30, description="WAITING"
+    )
+    await client.runs.cancel(handle.id)
+    assert (await _final(client, handle.id)).status is RunStatus.CANCELED
+    assert (await _final(client, child.id)).status is RunStatus.CANCELED
+
+
+async def test_token_calls_answer_bad_input_naming_the_field(cluster: Cluster) -> None:
+    wait = client_wait(cluster.client())
+    with pytest.raises(runplane.InvalidArgumentError) as info:
+        await wait.create_token(tags=["x" * 200])
+    assert info.value.field == "tags[0]"
+    with pytest.raises(runplane.InvalidArgumentError) as info:
+        await wait.complete_token("run_123", {})
+    assert info.value.field == "token_id"
+    with pytest.raises(runplane.NotFoundError):
+        await wait.retrieve_token("waitpoint_0000000000000000000000000a")
+    first = await wait.create_token(idempotency_key="approve-42")
+    again = await wait.create_token(idempotency_key="approve-42")
+    assert again.id == first.id and again.is_cached and not first.is_cached

@@ -437,6 +437,8 @@ class WaitRequest(_message.Message):
     UNTIL_MS_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_TTL_MS_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     seq: _builtins.int
     duration_ms: _builtins.int
@@ -445,6 +447,12 @@ class WaitRequest(_message.Message):
     """Wait until this time (ms since the epoch)."""
     token_id: _builtins.str
     """Wait for a token created with WaitpointService.CreateToken."""
+    idempotency_key: _builtins.str
+    """For a duration or date: a wait with the same key (until it expires) in the environment
+    shares the first one's end, so a retried run does not wait again.
+    """
+    idempotency_key_ttl_ms: _builtins.int
+    """0: 30 days."""
     @_builtins.property
     def children(self) -> Global___WaitForChildren:
         """Trigger these child runs and wait for all of them to finish."""
@@ -458,10 +466,12 @@ class WaitRequest(_message.Message):
         until_ms: _builtins.int = ...,
         token_id: _builtins.str = ...,
         children: Global___WaitForChildren | None = ...,
+        idempotency_key: _builtins.str = ...,
+        idempotency_key_ttl_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "duration_ms", b"duration_ms", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "children", b"children", "duration_ms", b"duration_ms", "seq", b"seq", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "children", b"children", "duration_ms", b"duration_ms", "idempotency_key", b"idempotency_key", "idempotency_key_ttl_ms", b"idempotency_key_ttl_ms", "seq", b"seq", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_wait: _TypeAlias = _typing.Literal["duration_ms", "until_ms", "token_id", "children"]  # noqa: Y015
     _WhichOneofArgType_wait: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015

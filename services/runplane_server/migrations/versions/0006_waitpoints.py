@@ -21,6 +21,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("run_id", sa.String(length=40), nullable=True),
+        sa.Column("attempt", sa.Integer(), nullable=True),
         sa.Column("seq", sa.Integer(), nullable=True),
         sa.Column("target", sa.String(length=40), nullable=True),
         sa.Column("ok", sa.Boolean(), nullable=True),
@@ -35,12 +36,24 @@ def upgrade() -> None:
         sa.Column("completed_at", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
-    op.create_index("ux_waitpoints_run_seq", "waitpoints", ["run_id", "seq"], unique=True)
+    op.create_index(
+        "ux_waitpoints_run_seq", "waitpoints", ["run_id", "attempt", "seq"], unique=True
+    )
     op.create_index("ix_waitpoints_target", "waitpoints", ["target"])
     op.create_index("ix_waitpoints_env_key", "waitpoints", ["environment_id", "idempotency_key"])
+    op.create_table(
+        "waitpoint_children",
+        sa.Column("waitpoint_id", sa.String(length=40), nullable=False),
+        sa.Column("position", sa.Integer(), nullable=False),
+        sa.Column("run_id", sa.String(length=40), nullable=False),
+        sa.PrimaryKeyConstraint("waitpoint_id", "position"),
+    )
+    op.create_index("ix_waitpoint_children_run", "waitpoint_children", ["run_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_waitpoint_children_run", table_name="waitpoint_children")
+    op.drop_table("waitpoint_children")
     op.drop_index("ix_waitpoints_env_key", table_name="waitpoints")
     op.drop_index("ix_waitpoints_target", table_name="waitpoints")
     op.drop_index("ux_waitpoints_run_seq", table_name="waitpoints")
