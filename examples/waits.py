@@ -4,7 +4,9 @@ tests/faults/test_wait_faults.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from runplane import Context, batch, queue, task, wait
@@ -100,3 +102,13 @@ async def keyed_sleeper(payload: dict[str, Any], ctx: Context) -> int:
     if ctx.attempt.number == 1:
         raise RuntimeError("fail the first attempt after its wait")
     return ctx.attempt.number
+
+
+@task(id="pid-then-token")
+async def pid_then_token(payload: dict[str, Any]) -> Any:
+    """Writes its task process's pid to ``pid_file``, then waits on the token: the test kills
+    that process while the run waits."""
+    first = await child.trigger_and_wait({"n": 5}, tags=[payload["tag"]])
+    Path(payload["pid_file"]).write_text(str(os.getpid()))
+    second = await wait.for_token(payload["token"])
+    return {"child": first.unwrap(), "token": second.unwrap()}

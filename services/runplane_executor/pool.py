@@ -161,10 +161,13 @@ class ProcessPool:
         proc.send(("run", attempt))
 
     def resume(self, attempt_id: str, results: list[Any]) -> None:
-        """Hand a waiting attempt the results of its completed waits."""
+        """Hand a waiting attempt the results of its completed waits. One this pool no longer
+        has is reported lost: the scheduler runs it again, replaying its journal."""
         proc = self._where.get(attempt_id)
         if proc is not None:
             proc.send(("resume", attempt_id, results))
+        else:
+            self.sink("result", attempt_id, {"lost": True})
 
     def cancel(self, attempt_id: str) -> None:
         """Ask the attempt to stop; kill its process if it is still running after the grace."""

@@ -477,11 +477,12 @@ class Waitpoints:
         """The WAITING run has a slot (reserved on ``ex``): resume its suspended attempt on the
         executor holding it, or replay it in a fresh attempt on ``ex``."""
         self.resuming.discard(run_id)
-        held = self.forget(run_id)
+        held = self.suspended.get(run_id)
         holder = self.engine.index.executors.get(held.executor_id) if held else None
         if held is not None and holder is not None and holder.connected:
             await self._resume_held(run_id, held, holder, key, ex)
         else:
+            self.forget(run_id)
             await self._replay(run_id, held, key, ex)
 
     async def _resume_held(
@@ -501,6 +502,8 @@ class Waitpoints:
             return await self._results(tx, row)
 
         results = await self._run_or_unreserve(op, run_id, key, ex)
+        # Suspended until now: an executor reconnecting meanwhile keeps the attempt.
+        current = self.forget(run_id)
         if results is None:
             return
         index = self.engine.index
@@ -510,6 +513,10 @@ class Waitpoints:
         )
         index.leases[held.attempt_id] = lease
         holder.attempts.add(held.attempt_id)
+        if current is None or current.executor_id != holder.executor_id:
+            # The attempt ended while the resume was being committed: run it again.
+            self.engine._requeue_lost(lease)
+            return
         self._send_resume(holder, held.attempt_id, results)
 
     async def _replay(

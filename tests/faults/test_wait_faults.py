@@ -4,6 +4,8 @@ SQLite and PostgreSQL. The cluster's lease timeout is 3 s."""
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,6 +92,42 @@ async def test_kill_9_of_the_executor_while_a_run_waits_on_a_token(cluster: Clus
     children = [r async for r in client.runs.list(tag=tag)]
     assert len(children) == 1, children  # the replay found the child in the journal
     assert children[0].parent_run_id == handle.id
+    assert f"run {handle.id} resumes by replay" in cluster.scheduler.log()
+
+
+async def test_a_task_process_dying_under_a_waiting_run_resumes_it_by_replay(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    client = cluster.client()
+    wait = runplane.WaitAPI(client)
+    tag = f"p-{uuid.uuid4().hex[:8]}"
+    pid_file = tmp_path / "pid"
+    token = await wait.create_token()
+    handle = await client.tasks.trigger(
+        "pid-then-token", {"token": token.id, "tag": tag, "pid_file": str(pid_file)}
+    )
+
+    async def waiting_on_the_token() -> bool:
+        run = await client.runs.retrieve(handle.id)
+        return run.status is RunStatus.WAITING and await _journaled(
+            cluster.database_url, handle.id, 2
+        )
+
+    await eventually(waiting_on_the_token, 60, description="the run waits on the token")
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    await eventually(
+        lambda: (
+            "task process 0 exited" in cluster.executor.log()
+            or "task process 1 exited" in cluster.executor.log()
+        ),
+        30,
+        description="the executor noticed its task process died",
+    )
+    await wait.complete_token(token.id, 9)
+    run = await _final(client, handle.id)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    assert run.output == {"child": {"n": 5, "double": 10}, "token": 9}
+    assert len([r async for r in client.runs.list(tag=tag)]) == 1
     assert f"run {handle.id} resumes by replay" in cluster.scheduler.log()
 
 
