@@ -36,6 +36,7 @@ from runplane._errors import (
     TaskRunError,
     UnauthenticatedError,
     UnavailableError,
+    WaitpointTimeoutError,
 )
 from runplane._hooks import CatchErrorResult, Outcome
 from runplane._idempotency import IdempotencyKey, IdempotencyKeysAPI, idempotency_keys
@@ -55,6 +56,7 @@ from runplane._models import (
 from runplane._queues import QueuesAPI, queues
 from runplane._schedules import Schedule, ScheduledPayload, SchedulesAPI, schedules
 from runplane._task import Queue, RetryOptions, Task, queue, task
+from runplane._wait import Result, WaitAPI, WaitToken, wait
 
 __version__ = "0.1.0"
 
@@ -83,6 +85,7 @@ __all__ = [
     "Queue",
     "QueueInfo",
     "QueuesAPI",
+    "Result",
     "RetryOptions",
     "Run",
     "RunError",
@@ -100,6 +103,9 @@ __all__ = [
     "TasksAPI",
     "UnauthenticatedError",
     "UnavailableError",
+    "WaitAPI",
+    "WaitToken",
+    "WaitpointTimeoutError",
     "__version__",
     "batch",
     "configure",
@@ -114,4 +120,5 @@ __all__ = [
     "tags",
     "task",
     "tasks",
+    "wait",
 ]

@@ -10,6 +10,8 @@ from runplane._errors import ConfigurationError
 from runplane._models import Batch, BatchHandle, BatchStatus, Run, RunHandle, _dt
 from runplane._namespace import Namespace
 from runplane._serde import dumps
+from runplane._task import child_item
+from runplane._wait import Result, wait_for_children
 from runplane.v1 import run_service_pb2 as rpb
 
 
@@ -59,6 +61,32 @@ class BatchAPI(Namespace):
 
     def trigger_by_task_sync(self, items: Sequence[dict[str, Any]], **kwargs: Any) -> BatchHandle:
         return self._client._run_sync(self.trigger_by_task(items, **kwargs))
+
+    async def trigger_and_wait(self, items: Sequence[dict[str, Any]]) -> list[Result[Any]]:
+        """Inside a run: trigger ``[{"id": task_id, "payload": ..., "options": {...}}]`` as
+        child runs and wait for all of them; results in item order."""
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "id" not in item:
+                raise ConfigurationError(
+                    f'batch item {i}: expected {{"id": ..., "payload": ..., "options": {{...}}}}'
+                )
+        return await wait_for_children(
+            "batch.trigger_and_wait",
+            [
+                child_item(item["id"], item.get("payload"), item.get("options") or {})
+                for item in items
+            ],
+        )
+
+    async def trigger_by_task_and_wait(self, items: Sequence[dict[str, Any]]) -> list[Result[Any]]:
+        """Like :meth:`trigger_and_wait` with task objects: ``[{"task": my_task, ...}]``."""
+        entries = []
+        for i, item in enumerate(items):
+            task = item.get("task") if isinstance(item, dict) else None
+            if task is None or not hasattr(task, "id"):
+                raise ConfigurationError(f'batch item {i}: expected {{"task": a Task, ...}}')
+            entries.append({**item, "id": task.id})
+        return await self.trigger_and_wait(entries)
 
     async def retrieve(self, batch_id: str | BatchHandle) -> Batch:
         client = self._client

@@ -12,6 +12,7 @@ RunplaneError
 │   └── DeadlineExceededError      (also TimeoutError)
 ├── AbortTaskRunError              raise in a task to fail the run without retrying
 ├── TaskRunError                   a run's recorded error, raised by Result.unwrap()
+├── WaitpointTimeoutError          a wait token timed out (Result.error of wait.for_token)
 └── ConfigurationError             missing or bad settings (no secret key, ...)
 """
 
@@ -42,6 +43,10 @@ class TaskRunError(RunplaneError):
         self.type = type
         self.message = message
         self.stack_trace = stack_trace
+
+
+class WaitpointTimeoutError(RunplaneError):
+    """A wait token was not completed before its timeout."""
 
 
 class ApiError(RunplaneError):

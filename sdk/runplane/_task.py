@@ -14,6 +14,8 @@ from runplane._hooks import HOOK_NAMES, Hooks
 
 if TYPE_CHECKING:
     from runplane._models import BatchHandle, BatchItem, RunHandle
+    from runplane._wait import Result
+    from runplane.v1.run_service_pb2 import BatchTriggerItem
 
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -221,6 +223,36 @@ class Task(Generic[R]):
         from runplane._client import default_client
 
         return default_client().tasks.batch_trigger_sync(self.id, items, **kwargs)
+
+    async def trigger_and_wait(self, payload: Any = None, **options: Any) -> Result[R]:
+        """Inside a run: trigger a child run and wait for it (the run is WAITING meanwhile).
+        Returns a :class:`Result`; a failed child does not raise until ``unwrap()``."""
+        from runplane._wait import wait_for_children
+
+        [result] = await wait_for_children(
+            "trigger_and_wait", [child_item(self.id, payload, options)]
+        )
+        return result
+
+    async def batch_trigger_and_wait(self, items: Sequence[BatchItem]) -> list[Result[R]]:
+        """Inside a run: trigger child runs and wait for all of them; results in item order."""
+        from runplane._wait import wait_for_children
+
+        return await wait_for_children(
+            "batch_trigger_and_wait",
+            [child_item(self.id, item.get("payload"), item.get("options") or {}) for item in items],
+        )
+
+
+def child_item(task_id: str, payload: Any, options: dict[str, Any]) -> BatchTriggerItem:
+    """One child run to trigger from inside a run, as the API carries it."""
+    from runplane._client import trigger_options
+    from runplane._serde import dumps
+    from runplane.v1.run_service_pb2 import BatchTriggerItem
+
+    return BatchTriggerItem(
+        task_id=task_id, payload=dumps(payload), options=trigger_options(**options)
+    )
 
 
 _REGISTRY: dict[str, Task[Any]] = {}

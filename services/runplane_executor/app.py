@@ -30,7 +30,7 @@ from runplane.v1 import (
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
-from runplane_executor import taskproc
+from runplane_executor import taskproc, waits
 from runplane_executor.pool import ProcessPool
 from runplane_server import telemetry
 from runplane_server.grpcserver import Server
@@ -70,6 +70,10 @@ def payload_schema(t: Task[Any]) -> str:
     """The JSON Schema of a task's pydantic payload model, '' when it takes any value."""
     schema = getattr(t.payload_type, "model_json_schema", None)
     return orjson.dumps(schema()).decode() if schema is not None else ""
+
+
+# Messages about attempts that must reach the scheduler: kept while disconnected, sent on reconnect.
+REPORTS = ("started", "result", "metadata", "logs", "wait")
 
 
 def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
@@ -277,7 +281,7 @@ class Executor:
     def _send(self, message: wpb.ConnectRequest) -> None:
         if self._outgoing is not None and self.connected:
             self._outgoing.put_nowait(message)
-        elif message.WhichOneof("message") in ("started", "result", "metadata", "logs"):
+        elif message.WhichOneof("message") in REPORTS:
             self._unsent.append(message)
 
     def _on_pool_event(self, kind: str, attempt_id: str, data: dict[str, Any] | None) -> None:
@@ -289,6 +293,9 @@ class Executor:
             self._send(metadata_message(attempt_id, data))
         elif kind == "logs":
             self._send(logs_message(data["entries"]))
+        elif kind == "wait":
+            request = waits.wait_request(attempt_id, data["seq"], data["request"])
+            self._send(wpb.ConnectRequest(wait=request))
         else:
             self._send(result_message(attempt_id, data))
 
@@ -366,13 +373,16 @@ class Executor:
                         self.pool.submit(assignment_to_attempt(a, self.tasks.get(a.run.task_id)))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
+                    elif kind == "resume":
+                        r = response.resume
+                        self.pool.resume(r.attempt_id, waits.resume_results(r))
             finally:
                 self.connected = False
                 self._outgoing = None
                 # Reports the stream never took go out again on the next connection.
                 while not outgoing.empty():
                     message = outgoing.get_nowait()
-                    if message.WhichOneof("message") in ("started", "result", "metadata", "logs"):
+                    if message.WhichOneof("message") in REPORTS:
                         self._unsent.append(message)
                 if heartbeat is not None:
                     heartbeat.cancel()

@@ -131,6 +131,8 @@ class ProcessPool:
             self._time(proc, message[1])
         elif kind in ("metadata", "logs"):
             self.sink(kind, message[1], message[2])
+        elif kind == "wait":
+            self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
         elif kind == "result":
             self._finish(proc, message[1], message[2])
 
@@ -237,6 +239,15 @@ class ProcessPool:
         log.warning("attempt %s ran past its max_duration; killing its process", attempt_id)
         self._timeouts.pop(attempt_id, None)
         self._kill(proc, attempt_id, taskproc.timeout_result(seconds))
+
+    def resume(self, attempt_id: str, results: list[Any]) -> None:
+        """Hand a waiting attempt the results of its completed waits. One this pool no longer
+        has is reported lost: the scheduler runs it again, replaying its journal."""
+        proc = self._where.get(attempt_id)
+        if proc is not None:
+            proc.send(("resume", attempt_id, results))
+        else:
+            self.sink("result", attempt_id, {"lost": True})
 
     def cancel(self, attempt_id: str) -> None:
         """Ask the attempt to stop; kill its process if it is still running after the grace."""

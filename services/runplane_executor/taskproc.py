@@ -4,9 +4,10 @@ concurrently on its event loop (plain ``def`` tasks in threads), with their hook
 
 Messages with the executor travel over a multiprocessing pipe as tuples:
 executor -> process: ("run", attempt) | ("cancel", attempt_id) | ("timeout", attempt_id) | ("stop",)
+  | ("resume", attempt_id, results)
 process -> executor: ("ready", task_ids) | ("failed", traceback) | ("started", attempt_id)
   | ("metadata", attempt_id, {"run_id", "operations"}) | ("logs", "", {"entries"})
-  | ("result", attempt_id, result)
+  | ("wait", attempt_id, seq, request) | ("result", attempt_id, result)
 An attempt's metadata and logs are sent before its result, so the scheduler applies them first.
 """
 
@@ -43,6 +44,8 @@ from runplane._logger import logger
 from runplane._metadata import AttemptMetadata
 from runplane._serde import dumps, loads
 from runplane._task import DEFAULT_MACHINE, MACHINES, Task, registered_tasks
+from runplane._wait import WAITER
+from runplane_executor.waits import AttemptWaiter
 
 log = logging.getLogger("runplane.executor.taskproc")
 
@@ -205,6 +208,10 @@ class TaskProcess:
             if entry is not None and entry.task is not None:
                 entry.timed_out = True
                 entry.task.cancel()
+        elif kind == "resume":
+            entry = self.running.get(message[1])
+            if entry is not None and entry.ctx is not None:
+                entry.ctx.extra[WAITER].resume(message[2])
         elif kind == "stop":
             self.stopped.set()
 
@@ -262,6 +269,7 @@ class TaskProcess:
                 flush_metadata=lambda: self.flush_metadata(attempt_id),
                 oom_retry_machine=attempt.get("oom_retry_machine", ""),
             )
+            ctx.extra[WAITER] = AttemptWaiter(attempt_id, self.send)
             entry.ctx = ctx
             set_current_context(ctx)  # this attempt's asyncio task has its own copy
             self.send(("started", attempt_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from runplane.v1 import (
@@ -11,13 +12,21 @@ from runplane.v1 import (
     queue_service_pb2_grpc,
     run_service_pb2_grpc,
     schedule_service_pb2_grpc,
+    waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
-from runplane_scheduler.service import MetaServicer, QueueServicer, RunServicer, WorkerServicer
+from runplane_scheduler.service import (
+    MetaServicer,
+    QueueServicer,
+    RunServicer,
+    WaitpointServicer,
+    WorkerServicer,
+)
 from runplane_scheduler.store import Store
+from runplane_scheduler.token_http import TokenHttpServer
 from runplane_server import db, telemetry
 from runplane_server.auth import KeyAuthenticator
 from runplane_server.config import SchedulerSettings
@@ -40,12 +49,26 @@ class Scheduler:
         self.engine.on_register = self.schedules.sync_declarative
         self.server = Server(KeyAuthenticator(self.engine_db))
         self.port = 0
+        self.http = TokenHttpServer(self.engine.waits)
+        self.http_url = ""
 
     async def start(self) -> None:
         await db.upgrade(self.engine_db)
         await self.engine.start()
         await self.schedules.start()
         self.relay.start()
+        # Wait tokens are completed by POSTing to a URL on this endpoint.
+        host = self.settings.listen.rsplit(":", 1)[0]
+        http_listen = os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN") or f"{host}:0"
+        http_port = await self.http.start(http_listen)
+        self.http_url = os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL") or (
+            f"http://{http_listen.rsplit(':', 1)[0]}:{http_port}"
+        )
+        self.server.add(
+            waitpoint_service_pb2_grpc.add_WaitpointServiceServicer_to_server,
+            WaitpointServicer(self.engine, self.settings, self.http_url),
+            "runplane.v1.WaitpointService",
+        )
         self.server.add(
             run_service_pb2_grpc.add_RunServiceServicer_to_server,
             RunServicer(self.engine, self.settings),
@@ -63,7 +86,7 @@ class Scheduler:
         )
         self.server.add(
             meta_service_pb2_grpc.add_MetaServiceServicer_to_server,
-            MetaServicer(self.settings),
+            MetaServicer(self.settings, self.http_url),
             "runplane.v1.MetaService",
         )
         self.server.add(
@@ -76,6 +99,7 @@ class Scheduler:
     async def stop(self) -> None:
         await self.server.stop(grace=2.0)
         await self.schedules.stop()
+        await self.http.stop()
         await self.engine.stop()
         await self.relay.stop()
         await self.engine_db.dispose()

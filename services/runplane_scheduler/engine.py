@@ -38,6 +38,7 @@ from runplane_scheduler.store import (
     now_ms,
     run_to_pb,
 )
+from runplane_scheduler.waitpoints import Waitpoints
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -154,6 +155,9 @@ class RunEngine:
         self.on_register: Callable[[str, wpb.Register, str], Coroutine[Any, Any, None]] | None = (
             None
         )
+        self.waits = Waitpoints(self)
+        self._timer_kinds["waitpoint"] = self.waits.timer_due
+        store.writer.on_final = self.waits.run_finished
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class RunEngine:
                         acked=True,
                     )
                 )
+        await self.waits.load()
         for row in await self.store.load_timers():
             m = row._mapping
             heapq.heappush(self._timers, _Timer(m["due_at"], m["id"], m["kind"], m["target"]))
@@ -674,7 +679,7 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "CANCELED")
             tx.after_commit.append(lambda: self._cancel_attempt(attempt_id, run_id))
         else:
-            tx.after_commit.append(lambda: self.index.discard(run_id))
+            tx.after_commit.append(lambda: self.waits.cancelled(run_id))
         return row
 
     async def replay(self, environment_id: str, run_id: str) -> Mapping[Any, Any]:
@@ -849,6 +854,7 @@ class RunEngine:
                 ex.attempts.add(attempt_id)
                 lease.acked = True
         self.index.executors[executor_id] = ex
+        self.waits.registered(ex, claimed)
         log.info(
             "executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity
         )
@@ -984,6 +990,8 @@ class RunEngine:
             self._metadata_from_attempt(ex, msg.metadata)
         elif kind == "logs":
             self._store_logs(ex, msg.logs)
+        elif kind == "wait":
+            self.waits.on_wait(ex, msg.wait)
 
     def _started(self, attempt_id: str) -> None:
         lease = self.index.leases.get(attempt_id)
@@ -1014,7 +1022,9 @@ class RunEngine:
         attempt_id = result.attempt_id
         lease = self.index.leases.get(attempt_id)
         if lease is None:
-            return  # stale: the run was cancelled or its lease lapsed
+            # Stale (the run was cancelled or its lease lapsed), or a WAITING run's attempt.
+            self.waits.attempt_ended(attempt_id)
+            return
         outcome = result.WhichOneof("outcome")
         if not lease.started and not result.lost and not result.canceled:
             # The attempt ran, but its "started" report was lost (sent to a scheduler that
@@ -1217,7 +1227,10 @@ class RunEngine:
             self._dispatch_wake.clear()
             picked = self.index.take()
             for queued, key, ex in picked:
-                self._spawn(self._dequeue(queued.run_id, key, ex))
+                if queued.run_id in self.waits.resuming:
+                    self._spawn(self.waits.resume(queued.run_id, key, ex))
+                else:
+                    self._spawn(self._dequeue(queued.run_id, key, ex))
 
     async def _dequeue(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
         attempt_id = new_id("attempt")

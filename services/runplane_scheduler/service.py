@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
+import orjson
 
 from runplane.v1 import (
     meta_service_pb2 as mpb,
@@ -16,13 +18,16 @@ from runplane.v1 import (
 from runplane.v1 import (
     meta_service_pb2_grpc,
     queue_service_pb2_grpc,
+    run_pb2,
     run_service_pb2_grpc,
+    waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
 from runplane.v1 import queue_service_pb2 as qpb
 from runplane.v1 import (
     run_service_pb2 as rpb,
 )
+from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
@@ -30,6 +35,7 @@ from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import now_ms, run_to_pb, timestamp
+from runplane_scheduler.waitpoints import token_status
 from runplane_server.auth import principal
 from runplane_server.config import SchedulerSettings
 from runplane_server.errors import InvalidArgument, NotFound
@@ -352,8 +358,9 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
 
 
 class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
-    def __init__(self, settings: SchedulerSettings) -> None:
+    def __init__(self, settings: SchedulerSettings, http_url: str = "") -> None:
         self.settings = settings
+        self.http_url = http_url
 
     async def GetServerInfo(
         self, request: mpb.GetServerInfoRequest, context: Context
@@ -364,4 +371,116 @@ class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
             realtime_url=self.settings.realtime_url,
             version=__version__,
             environment=principal().environment_slug,
+            http_url=self.http_url,
         )
+
+
+class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
+    """Wait tokens: create, complete, read."""
+
+    def __init__(self, engine: RunEngine, settings: SchedulerSettings, http_url: str) -> None:
+        self.waits = engine.waits
+        self.limits = settings.limits
+        self.http_url = http_url
+
+    def _token_pb(self, m: Any) -> wspb.WaitToken:
+        error = None
+        if m["error"]:
+            e = orjson.loads(m["error"])
+            error = run_pb2.RunError(type=e.get("type", ""), message=e.get("message", ""))
+        return wspb.WaitToken(
+            id=m["id"],
+            status=wspb.WaitpointStatus.Value(f"WAITPOINT_STATUS_{token_status(m)}"),
+            url=f"{self.http_url}/api/v1/waitpoints/tokens/{m['id']}/complete?secret={m['secret']}",
+            idempotency_key=m["idempotency_key"] or "",
+            idempotency_key_expires_at=timestamp(m["idempotency_key_expires_at"]),
+            tags=orjson.loads(m["tags"]),
+            timeout_at=timestamp(m["due_at"]),
+            created_at=timestamp(m["created_at"]),
+            completed_at=timestamp(m["completed_at"]),
+            output=m["output"] or "",
+            error=error,
+        )
+
+    async def CreateToken(
+        self, request: wspb.CreateTokenRequest, context: Context
+    ) -> wspb.CreateTokenResponse:
+        tags = list(request.tags)
+        if len(tags) > self.limits.tags:
+            raise InvalidArgument(
+                "tags", f"{len(tags)} tags is over the limit of {self.limits.tags}"
+            )
+        for i, tag in enumerate(tags):
+            if not 1 <= len(tag) <= self.limits.tag_length:
+                raise InvalidArgument(
+                    f"tags[{i}]", f"a tag must be 1..{self.limits.tag_length} characters"
+                )
+        validation.text(
+            "idempotency_key", request.idempotency_key, self.limits.idempotency_key_length
+        )
+        row, cached = await self.waits.create_token(
+            principal().environment_id,
+            timeout_ms=validation.duration_ms("timeout", request.timeout, minimum_ms=1)
+            if request.HasField("timeout")
+            else 0,
+            idempotency_key=request.idempotency_key,
+            idempotency_key_ttl_ms=validation.duration_ms(
+                "idempotency_key_ttl", request.idempotency_key_ttl, minimum_ms=1000
+            )
+            if request.HasField("idempotency_key_ttl")
+            else 0,
+            tags=tags,
+        )
+        return wspb.CreateTokenResponse(token=self._token_pb(row), is_cached=cached)
+
+    async def CompleteToken(
+        self, request: wspb.CompleteTokenRequest, context: Context
+    ) -> wspb.CompleteTokenResponse:
+        token_id = _token_id(request.token_id)
+        data = validation.json_text(
+            "data", request.data, self.limits.payload_bytes, "payload", default="null"
+        )
+        row = await self.waits.complete_token(token_id, data, env=principal().environment_id)
+        return wspb.CompleteTokenResponse(token=self._token_pb(row))
+
+    async def GetToken(
+        self, request: wspb.GetTokenRequest, context: Context
+    ) -> wspb.GetTokenResponse:
+        row = await self.waits.get_token(principal().environment_id, _token_id(request.token_id))
+        return wspb.GetTokenResponse(token=self._token_pb(row))
+
+    async def ListTokens(
+        self, request: wspb.ListTokensRequest, context: Context
+    ) -> wspb.ListTokensResponse:
+        size = validation.page_size(request.page_size, self.limits.page_size)
+        statuses = []
+        for i, v in enumerate(request.statuses):
+            if v not in wspb.WaitpointStatus.values() or v == wspb.WAITPOINT_STATUS_UNSPECIFIED:
+                raise InvalidArgument(f"statuses[{i}]", f"{v} is not a waitpoint status")
+            statuses.append(wspb.WaitpointStatus.Name(v).removeprefix("WAITPOINT_STATUS_"))
+        after = None
+        if request.page_token:
+            after = _token_id(validation.decode_name_token(request.page_token) or "", "page_token")
+        rows = await self.waits.list_tokens(
+            principal().environment_id,
+            statuses=statuses,
+            tags=list(request.tags),
+            idempotency_key=request.idempotency_key,
+            after=after,
+            limit=size + 1,
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return wspb.ListTokensResponse(
+            tokens=[self._token_pb(r) for r in rows],
+            next_page_token=validation.encode_page_token(rows[-1]["id"]) if more else "",
+        )
+
+
+TOKEN_ID = re.compile(r"^waitpoint_[0-9a-z]{1,36}$")
+
+
+def _token_id(value: str, field: str = "token_id") -> str:
+    if not TOKEN_ID.match(value):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a token id (waitpoint_...)")
+    return value

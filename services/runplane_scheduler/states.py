@@ -59,8 +59,16 @@ ALLOWED: dict[Status, frozenset[Status]] = {
     ),
     # EXECUTING -> QUEUED is a retry (after its back-off) or a lost attempt run again.
     Status.EXECUTING: frozenset({Status.QUEUED, Status.WAITING} | _ENDINGS_OF_AN_ATTEMPT),
+    # WAITING -> DEQUEUED: resumed by replay in a fresh attempt (its executor was lost).
     Status.WAITING: frozenset(
-        {Status.QUEUED, Status.EXECUTING, Status.CANCELED, Status.SYSTEM_FAILURE, Status.CRASHED}
+        {
+            Status.QUEUED,
+            Status.DEQUEUED,
+            Status.EXECUTING,
+            Status.CANCELED,
+            Status.SYSTEM_FAILURE,
+            Status.CRASHED,
+        }
     ),
     **{final: frozenset() for final in FINAL},
 }

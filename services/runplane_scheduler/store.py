@@ -51,6 +51,8 @@ MAX_BATCH = 512
 MAX_EVENT_BYTES = 512 * 1024
 
 CommitHook = Callable[[list[dict[str, Any]]], None]
+# Called in the transaction when a run reaches a final status (a parent may wait on it).
+FinalHook = Callable[["Tx", Row[Any]], Awaitable[None]]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
 
 
@@ -183,6 +185,7 @@ class Tx:
 
     batch: _Batch
     after_commit: list[Callable[[], object]] = field(default_factory=list)
+    on_final: FinalHook | None = None
 
     async def execute(self, statement: Any, params: Any = None) -> CursorResult[Any]:
         """Run a statement after the batch's deferred inserts, so it sees them."""
@@ -259,6 +262,8 @@ class Tx:
             row = (await self.execute(stmt, params or None)).first()
         if row is not None:
             self.emit(event_type, row)
+            if target in FINAL and self.on_final is not None:
+                await self.on_final(self, row)
         return row
 
 
@@ -381,6 +386,7 @@ class Writer:
         self._published: list[str] = []
         self.batches = 0
         self.ops = 0
+        self.on_final: FinalHook | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
@@ -498,7 +504,7 @@ class Writer:
             for op, future in batch:
                 if future.done():  # caller gone
                     continue
-                tx = Tx(work)
+                tx = Tx(work, on_final=self.on_final)
                 try:
                     result = await op(tx)
                 except CLEAN_ERRORS as error:

@@ -296,3 +296,53 @@ schedules = Table(
     Index("ux_schedules_dedup", "environment_id", "deduplication_key", unique=True),
     Index("ix_schedules_env_task", "environment_id", "task_id"),
 )
+
+
+# -- waitpoints (issue 4: durable waits and child runs) ----------------------------------------
+
+waitpoints = Table(
+    "waitpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("environment_id", String(40), nullable=False),
+    # DURATION | TOKEN | BATCH (trigger_and_wait is a batch of one).
+    Column("kind", String(16), nullable=False),
+    # PENDING | COMPLETED
+    Column("status", String(16), nullable=False),
+    # The waiting run, its attempt number and the wait's sequence number in that attempt:
+    # unique, so this row is the journal entry a replay (same attempt number) reads back; a
+    # retry (next number) starts a fresh journal. NULL for a token itself (runs wait on it
+    # through rows of their own whose target is the token).
+    Column("run_id", String(40)),
+    Column("attempt", Integer),
+    Column("seq", Integer),
+    # The token, or the batch of child runs, this wait is on.
+    Column("target", String(40)),
+    Column("ok", Boolean),
+    # JSON text: the token's data, the child runs' results, or null.
+    Column("output", Text),
+    # JSON text {type, message, stack_trace} when not ok.
+    Column("error", Text),
+    Column("due_at", BigInteger),  # a duration's end, a token's timeout
+    Column("idempotency_key", String(2048)),
+    Column("idempotency_key_expires_at", BigInteger),
+    Column("tags", Text, nullable=False),
+    # Completing the token by plain HTTP needs this secret in its URL.
+    Column("secret", String(64)),
+    Column("created_at", BigInteger, nullable=False),
+    Column("completed_at", BigInteger),
+    Index("ux_waitpoints_run_seq", "run_id", "attempt", "seq", unique=True),
+    Index("ix_waitpoints_target", "target"),
+    Index("ix_waitpoints_env_key", "environment_id", "idempotency_key"),
+)
+
+# The child runs a BATCH waitpoint waits for, in item order (an item may be an existing run
+# found by its idempotency key, outside the batch).
+waitpoint_children = Table(
+    "waitpoint_children",
+    metadata,
+    Column("waitpoint_id", String(40), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Index("ix_waitpoint_children_run", "run_id"),
+)

@@ -44,6 +44,7 @@ EXPECTED_ALLOWED = {
     ("EXECUTING", "CANCELED"),
     ("WAITING", "QUEUED"),
     ("WAITING", "EXECUTING"),
+    ("WAITING", "DEQUEUED"),  # resumed by replay in a fresh attempt
     ("WAITING", "CANCELED"),
     ("WAITING", "SYSTEM_FAILURE"),
     ("WAITING", "CRASHED"),

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from runplane.v1 import run_pb2 as _run_pb2
+from runplane.v1 import run_service_pb2 as _run_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -321,6 +322,7 @@ class ConnectRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
@@ -335,6 +337,8 @@ class ConnectRequest(_message.Message):
     def metadata(self) -> Global___MetadataUpdate: ...
     @_builtins.property
     def logs(self) -> Global___LogBatch: ...
+    @_builtins.property
+    def wait(self) -> Global___WaitRequest: ...
     def __init__(
         self,
         *,
@@ -345,12 +349,13 @@ class ConnectRequest(_message.Message):
         result: Global___AttemptResult | None = ...,
         metadata: Global___MetadataUpdate | None = ...,
         logs: Global___LogBatch | None = ...,
+        wait: Global___WaitRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result", "metadata", "logs"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result", "metadata", "logs", "wait"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -443,24 +448,28 @@ class ConnectResponse(_message.Message):
     REGISTERED_FIELD_NUMBER: _builtins.int
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
     def assignment(self) -> Global___Assignment: ...
     @_builtins.property
     def cancel(self) -> Global___CancelAttempt: ...
+    @_builtins.property
+    def resume(self) -> Global___Resume: ...
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         assignment: Global___Assignment | None = ...,
         cancel: Global___CancelAttempt | None = ...,
+        resume: Global___Resume | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "resume"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -574,3 +583,139 @@ class DeclarativeSchedule(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeclarativeSchedule: _TypeAlias = DeclarativeSchedule  # noqa: Y015
+
+@_typing.final
+class WaitRequest(_message.Message):
+    """WaitRequest blocks the attempt's run on a waitpoint. `seq` numbers the run's waits in call
+    order; a request whose (run, seq) is already journaled returns the journaled waitpoint, which
+    is how a replay after an executor loss finds completed waits and triggers no child twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    UNTIL_MS_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_TTL_MS_FIELD_NUMBER: _builtins.int
+    attempt_id: _builtins.str
+    seq: _builtins.int
+    duration_ms: _builtins.int
+    """Wait this long from the first time this seq is requested."""
+    until_ms: _builtins.int
+    """Wait until this time (ms since the epoch)."""
+    token_id: _builtins.str
+    """Wait for a token created with WaitpointService.CreateToken."""
+    idempotency_key: _builtins.str
+    """For a duration or date: a wait with the same key (until it expires) in the environment
+    shares the first one's end, so a retried run does not wait again.
+    """
+    idempotency_key_ttl_ms: _builtins.int
+    """0: 30 days."""
+    @_builtins.property
+    def children(self) -> Global___WaitForChildren:
+        """Trigger these child runs and wait for all of them to finish."""
+
+    def __init__(
+        self,
+        *,
+        attempt_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        duration_ms: _builtins.int = ...,
+        until_ms: _builtins.int = ...,
+        token_id: _builtins.str = ...,
+        children: Global___WaitForChildren | None = ...,
+        idempotency_key: _builtins.str = ...,
+        idempotency_key_ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "duration_ms", b"duration_ms", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "children", b"children", "duration_ms", b"duration_ms", "idempotency_key", b"idempotency_key", "idempotency_key_ttl_ms", b"idempotency_key_ttl_ms", "seq", b"seq", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_wait: _TypeAlias = _typing.Literal["duration_ms", "until_ms", "token_id", "children"]  # noqa: Y015
+    _WhichOneofArgType_wait: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_wait) -> _WhichOneofReturnType_wait | None: ...
+
+Global___WaitRequest: _TypeAlias = WaitRequest  # noqa: Y015
+
+@_typing.final
+class WaitForChildren(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[_run_service_pb2.BatchTriggerItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[_run_service_pb2.BatchTriggerItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitForChildren: _TypeAlias = WaitForChildren  # noqa: Y015
+
+@_typing.final
+class WaitResult(_message.Message):
+    """WaitResult is a completed waitpoint of the run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    ok: _builtins.bool
+    output: _builtins.str
+    """JSON text: a token's data; for child runs a list of {ok, output, error} in item order."""
+    @_builtins.property
+    def error(self) -> _run_pb2.RunError: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        ok: _builtins.bool = ...,
+        output: _builtins.str = ...,
+        error: _run_pb2.RunError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok", "output", b"output", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitResult: _TypeAlias = WaitResult  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    """Resume tells the executor holding a waiting attempt that its run may go on, with the results
+    of its completed waitpoints (the attempt ignores the ones it has already had).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    attempt_id: _builtins.str
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WaitResult]: ...
+    def __init__(
+        self,
+        *,
+        attempt_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___WaitResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015

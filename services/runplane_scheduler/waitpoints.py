@@ -1,0 +1,715 @@
+"""Waitpoints: the one mechanism behind every block of a run (a duration, a token, child runs).
+
+A run blocked on a pending waitpoint is WAITING and holds no concurrency slot; its attempt stays
+suspended in the executor that ran it. When no waitpoint of the run is pending any more, the run
+queues for a slot again (ahead by its original queued time) and, once it has one, goes back to
+EXECUTING: the holding executor gets a ``Resume``, or, if that executor is gone, the run gets a
+fresh attempt that replays the task from the top against the journal.
+
+The journal is the ``waitpoints`` rows keyed by (run, seq): a wait request whose seq is already
+there gets the recorded waitpoint back, so a replay re-waits nothing that completed and triggers
+no child twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import func, insert, select, update
+
+from runplane.v1 import run_pb2
+from runplane.v1 import worker_service_pb2 as wpb
+from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
+from runplane_scheduler.states import FINAL, Status
+from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_server import db
+from runplane_server.errors import InvalidArgument, NotFound, ServiceError
+from runplane_server.ids import new_id
+
+if TYPE_CHECKING:
+    from runplane_scheduler.engine import RunEngine, TriggerSpec
+
+log = logging.getLogger("runplane.scheduler.waits")
+
+PENDING, COMPLETED = "PENDING", "COMPLETED"
+TIMEOUT_ERROR = "WaitpointTimeoutError"
+w = db.waitpoints.c
+
+
+@dataclass(frozen=True)
+class Suspended:
+    """A WAITING run's attempt, suspended in the executor that ran it."""
+
+    attempt_id: str
+    executor_id: str
+
+
+def result_pb(seq: int, m: Mapping[Any, Any]) -> wpb.WaitResult:
+    out = wpb.WaitResult(seq=seq, ok=bool(m["ok"]), output=m["output"] or "null")
+    if m["error"]:
+        e = orjson.loads(m["error"])
+        out.error.CopyFrom(
+            run_pb2.RunError(
+                type=e.get("type", ""),
+                message=e.get("message", ""),
+                stack_trace=e.get("stack_trace", ""),
+            )
+        )
+    return out
+
+
+def _error(type_: str, message: str) -> str:
+    return orjson.dumps({"type": type_, "message": message, "stack_trace": ""}).decode()
+
+
+class Waitpoints:
+    """Waitpoint logic the engine calls; it owns the WAITING runs' suspended attempts."""
+
+    def __init__(self, engine: RunEngine) -> None:
+        self.engine = engine
+        self.suspended: dict[str, Suspended] = {}  # run id -> its suspended attempt
+        self.by_attempt: dict[str, str] = {}  # suspended attempt id -> run id
+        self.resuming: set[str] = set()  # WAITING runs queued for a slot to resume
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """After a scheduler restart: remember the WAITING runs, and queue those whose
+        waitpoints all completed while the scheduler was down (or before it resumed them)."""
+        async with self.engine.store.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(db.runs)
+                    .where(db.runs.c.status == Status.WAITING.value)
+                    .order_by(db.runs.c.id)
+                )
+            ).all()
+            pending = {
+                (r.run_id, r.attempt)
+                for r in (
+                    await conn.execute(
+                        select(w.run_id, w.attempt).where(
+                            w.status == PENDING, w.run_id.is_not(None)
+                        )
+                    )
+                ).all()
+            }
+        for row in rows:
+            m = row._mapping
+            if m["current_attempt_id"]:
+                self._suspend(m["id"], m["current_attempt_id"], m["executor_id"] or "")
+            if (m["id"], m["attempt_count"]) not in pending:
+                self._queue_resume(m)
+
+    # -- wait requests from executors ---------------------------------------------------------
+
+    def on_wait(self, ex: ExecutorState, req: wpb.WaitRequest) -> None:
+        lease = self.engine.index.leases.get(req.attempt_id)
+        run_id = lease.run_id if lease is not None else self.by_attempt.get(req.attempt_id)
+        if run_id is None:
+            log.warning("wait request of unknown attempt %s ignored", req.attempt_id)
+            return
+        self.engine._spawn(self._wait(ex, run_id, req))
+
+    async def _wait(self, ex: ExecutorState, run_id: str, req: wpb.WaitRequest) -> None:
+        env = ex.environment_id
+        children: list[str] = []
+        error = ""
+        async with self.engine.store.engine.connect() as conn:
+            # The attempt's number, fixed when it was made (a replay keeps the lost one's).
+            attempt = (
+                await conn.execute(
+                    select(db.attempts.c.number).where(db.attempts.c.id == req.attempt_id)
+                )
+            ).scalar()
+            journaled = (
+                await conn.execute(
+                    select(w.id).where(w.run_id == run_id, w.attempt == attempt, w.seq == req.seq)
+                )
+            ).first()
+        if attempt is None:
+            return
+        if req.WhichOneof("wait") == "children" and journaled is None:
+            try:
+                children = await self._trigger_children(env, run_id, attempt, req)
+            except ServiceError as e:
+                error = _error(type(e).__name__, str(e))
+
+        async def op(tx: Tx) -> None:
+            run = (
+                await tx.execute(
+                    select(db.runs.c.status).where(
+                        db.runs.c.id == run_id,
+                        db.runs.c.current_attempt_id == req.attempt_id,
+                    )
+                )
+            ).first()
+            if run is None:
+                return  # the attempt is no longer the run's (cancelled, lapsed)
+            row = (
+                await tx.execute(
+                    select(db.waitpoints).where(
+                        w.run_id == run_id, w.attempt == attempt, w.seq == req.seq
+                    )
+                )
+            ).first()
+            m = (
+                row._mapping
+                if row is not None
+                else await self._journal(tx, env, run_id, attempt, req, children, error)
+            )
+            if m["status"] == COMPLETED:
+                if run.status == Status.EXECUTING.value:
+                    result = result_pb(req.seq, m)
+                    tx.after_commit.append(lambda: self._send_resume(ex, req.attempt_id, [result]))
+                return
+            moved = await tx.transition(
+                run_id,
+                [Status.EXECUTING],
+                Status.WAITING,
+                "waiting",
+                db.runs.c.current_attempt_id == req.attempt_id,
+                updated_at=now_ms(),
+            )
+            if moved is not None:
+                tx.after_commit.append(lambda: self._suspend_leased(run_id, req.attempt_id, ex))
+
+        # Through the ordered report queue: after the attempt's "started" sent before it.
+        self.engine._submit(op)
+
+    async def _trigger_children(
+        self, env: str, run_id: str, attempt: int, req: wpb.WaitRequest
+    ) -> list[str]:
+        """Trigger the wait's child runs (ids in item order) as a batch whose idempotency key
+        is the journal slot: a replay asking again finds the same batch, so no child runs
+        twice. (A retry is another attempt: a new slot, new children, as in the reference.)"""
+        from dataclasses import replace
+
+        from runplane_scheduler import validation
+
+        specs: list[TriggerSpec] = [
+            replace(
+                validation.trigger_spec(
+                    item.task_id,
+                    item.payload,
+                    item.options,
+                    self.engine.settings.limits,
+                    f"items[{i}].",
+                ),
+                parent_run_id=run_id,
+            )
+            for i, item in enumerate(req.children.items)
+        ]
+        if not specs:
+            raise InvalidArgument("items", "a batch needs at least one item")
+        _, rows, _ = await self.engine.batch_trigger(
+            env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
+        )
+        return [r["id"] for r in rows]
+
+    async def _journal(
+        self,
+        tx: Tx,
+        env: str,
+        run_id: str,
+        attempt: int,
+        req: wpb.WaitRequest,
+        children: list[str],
+        error: str,
+    ) -> dict[str, Any]:
+        """The journal row of a new wait, completed at once when what it waits on already is."""
+        ts = now_ms()
+        kind = req.WhichOneof("wait")
+        row: dict[str, Any] = {
+            "id": new_id("waitpoint"),
+            "environment_id": env,
+            "kind": "DURATION",
+            "status": PENDING,
+            "run_id": run_id,
+            "attempt": attempt,
+            "seq": req.seq,
+            "target": None,
+            "ok": None,
+            "output": None,
+            "error": None,
+            "due_at": None,
+            "idempotency_key": None,
+            "idempotency_key_expires_at": None,
+            "tags": "[]",
+            "secret": None,
+            "created_at": ts,
+            "completed_at": None,
+        }
+        done: dict[str, Any] | None = None
+        if error:
+            done = {"ok": False, "output": None, "error": error}
+        elif kind in ("duration_ms", "until_ms"):
+            due = ts + req.duration_ms if kind == "duration_ms" else req.until_ms
+            if len(req.idempotency_key) > self.engine.settings.limits.idempotency_key_length:
+                done = {
+                    "ok": False,
+                    "output": None,
+                    "error": _error("InvalidArgumentError", "the idempotency key is too long"),
+                }
+            elif req.idempotency_key:
+                due = await self._keyed_due(tx, env, req, due, ts, row)
+            row["due_at"] = due
+            if done is None and due <= ts:
+                done = {"ok": True, "output": "null", "error": None}
+        elif kind == "token_id":
+            row.update(kind="TOKEN", target=req.token_id)
+            token = (
+                await tx.execute(
+                    select(db.waitpoints).where(
+                        w.id == req.token_id, w.environment_id == env, w.run_id.is_(None)
+                    )
+                )
+            ).first()
+            if token is None:
+                done = {
+                    "ok": False,
+                    "output": None,
+                    "error": _error("NotFoundError", f"token {req.token_id} not found"),
+                }
+            elif token.status == COMPLETED:
+                done = {"ok": token.ok, "output": token.output, "error": token.error}
+        elif kind == "children":
+            row["kind"] = "BATCH"
+            for position, child_id in enumerate(children):
+                tx.insert_later(
+                    db.waitpoint_children,
+                    {"waitpoint_id": row["id"], "position": position, "run_id": child_id},
+                )
+            results = await self._children_results(tx, row["id"])
+            if results is not None:
+                done = {"ok": True, "output": results, "error": None}
+        else:
+            raise InvalidArgument("wait", "a wait request needs what to wait on")
+        if done is not None:
+            row.update(status=COMPLETED, completed_at=ts, **done)
+        await tx.execute(insert(db.waitpoints), [row])
+        if row["status"] == PENDING and row["due_at"] is not None:
+            await self.engine._schedule(tx, row["due_at"], "waitpoint", row["id"])
+        return row
+
+    @staticmethod
+    async def _keyed_due(
+        tx: Tx, env: str, req: wpb.WaitRequest, due: int, ts: int, row: dict[str, Any]
+    ) -> int:
+        """A keyed wait ends when the first wait with its key (not expired) ends."""
+        first = (
+            await tx.execute(
+                select(w.due_at)
+                .where(
+                    w.environment_id == env,
+                    w.idempotency_key == req.idempotency_key,
+                    w.kind == "DURATION",
+                    w.idempotency_key_expires_at > ts,
+                )
+                .order_by(w.id)
+                .limit(1)
+            )
+        ).first()
+        row["idempotency_key"] = req.idempotency_key
+        row["idempotency_key_expires_at"] = ts + (req.idempotency_key_ttl_ms or 30 * 86_400_000)
+        return int(first.due_at) if first is not None else due
+
+    # -- completion --------------------------------------------------------------------------------
+
+    async def timer_due(self, tx: Tx, waitpoint_id: str, ts: int) -> None:
+        """A duration ended, or a token timed out."""
+        row = (await tx.execute(select(w.kind).where(w.id == waitpoint_id))).first()
+        if row is None:
+            return
+        if row.kind == "TOKEN":
+            error = _error(TIMEOUT_ERROR, "the wait token timed out before it was completed")
+            await self.complete(tx, waitpoint_id, ok=False, output=None, error=error)
+        else:
+            await self.complete(tx, waitpoint_id, ok=True, output="null", error=None)
+
+    async def complete(
+        self, tx: Tx, waitpoint_id: str, *, ok: bool, output: str | None, error: str | None
+    ) -> RunRow | None:
+        """Complete a pending waitpoint (a token: with the runs' waits on it); a run left with
+        no pending waitpoint queues to resume. None when it was not pending."""
+        done = (
+            await tx.execute(
+                update(db.waitpoints)
+                .where(w.id == waitpoint_id, w.status == PENDING)
+                .values(status=COMPLETED, ok=ok, output=output, error=error, completed_at=now_ms())
+                .returning(*db.waitpoints.c)
+            )
+        ).first()
+        if done is None:
+            return None
+        if done.run_id is None:
+            waiting = (
+                await tx.execute(select(w.id).where(w.target == done.id, w.status == PENDING))
+            ).all()
+            for r in waiting:
+                await self.complete(tx, r.id, ok=ok, output=output, error=error)
+        else:
+            await self._maybe_resume(tx, done.run_id)
+        return done
+
+    async def _maybe_resume(self, tx: Tx, run_id: str) -> None:
+        run = (await tx.execute(select(db.runs).where(db.runs.c.id == run_id))).first()
+        if run is None or run.status != Status.WAITING.value:
+            return
+        pending = (
+            await tx.execute(
+                select(func.count()).where(
+                    w.run_id == run_id, w.attempt == run.attempt_count, w.status == PENDING
+                )
+            )
+        ).scalar()
+        if not pending:
+            m = run._mapping
+            tx.after_commit.append(lambda: self._queue_resume(m))
+
+    async def run_finished(self, tx: Tx, row: RunRow) -> None:
+        """A run reached a final status: a wait on child runs may be complete now."""
+        waits = (
+            await tx.execute(
+                select(w.id)
+                .join(db.waitpoint_children, db.waitpoint_children.c.waitpoint_id == w.id)
+                .where(db.waitpoint_children.c.run_id == row.id, w.status == PENDING)
+            )
+        ).all()
+        for r in waits:
+            results = await self._children_results(tx, r.id)
+            if results is not None:
+                await self.complete(tx, r.id, ok=True, output=results, error=None)
+
+    @staticmethod
+    async def _children_results(tx: Tx, waitpoint_id: str) -> str | None:
+        """JSON list of the children's results in item order, or None while one runs."""
+        c = db.waitpoint_children.c
+        runs = (
+            await tx.execute(
+                select(db.runs.c.id, db.runs.c.status, db.runs.c.output, db.runs.c.error)
+                .join(db.waitpoint_children, c.run_id == db.runs.c.id)
+                .where(c.waitpoint_id == waitpoint_id)
+                .order_by(c.position)
+            )
+        ).all()
+        if not runs or any(Status(r.status) not in FINAL for r in runs):
+            return None
+        items = []
+        for r in runs:
+            ok = r.status == Status.COMPLETED.value
+            items.append(
+                {
+                    "id": r.id,
+                    "ok": ok,
+                    "output": orjson.loads(r.output) if ok and r.output else None,
+                    "error": None if ok else orjson.loads(r.error or "null"),
+                    "status": r.status,
+                }
+            )
+        return orjson.dumps(items).decode()
+
+    # -- suspend and resume -----------------------------------------------------------------------
+
+    def _suspend(self, run_id: str, attempt_id: str, executor_id: str) -> None:
+        self.suspended[run_id] = Suspended(attempt_id, executor_id)
+        self.by_attempt[attempt_id] = run_id
+
+    def _suspend_leased(self, run_id: str, attempt_id: str, ex: ExecutorState) -> None:
+        """The run went WAITING: its slot is free while the attempt stays with ``ex``."""
+        self._suspend(run_id, attempt_id, ex.executor_id)
+        self.engine._release(attempt_id)
+
+    def attempt_ended(self, attempt_id: str) -> None:
+        """A WAITING run's suspended attempt ended anyway (its task process died, or it
+        finished without awaiting its wait): the run will resume by replay."""
+        run_id = self.by_attempt.get(attempt_id)
+        if run_id is not None:
+            self.suspended[run_id] = Suspended(attempt_id, "")
+
+    def registered(self, ex: ExecutorState, running: set[str]) -> None:
+        """An executor (re)connected: attempts it still runs that are neither leased nor
+        suspended belong to nobody any more (their run was cancelled, or resumed by replay
+        elsewhere while this executor was away). Stop them."""
+        for attempt_id in running:
+            if attempt_id in self.engine.index.leases or attempt_id in self.by_attempt:
+                continue
+            ex.outbox.put_nowait(
+                wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=attempt_id))
+            )
+
+    def forget(self, run_id: str) -> Suspended | None:
+        held = self.suspended.pop(run_id, None)
+        if held is not None:
+            self.by_attempt.pop(held.attempt_id, None)
+        self.resuming.discard(run_id)
+        return held
+
+    def cancelled(self, run_id: str) -> None:
+        """A WAITING run was cancelled: stop its suspended attempt."""
+        held = self.forget(run_id)
+        self.engine.index.discard(run_id)
+        if held is None:
+            return
+        ex = self.engine.index.executors.get(held.executor_id)
+        if ex is not None and ex.connected:
+            ex.outbox.put_nowait(
+                wpb.ConnectResponse(
+                    cancel=wpb.CancelAttempt(attempt_id=held.attempt_id, run_id=run_id)
+                )
+            )
+
+    def _queue_resume(self, m: Mapping[Any, Any]) -> None:
+        """Queue the run for a slot, ahead by its original queued time."""
+        if m["id"] in self.resuming:
+            return
+        self.resuming.add(m["id"])
+        self.engine.index.removed.discard(m["id"])
+        self.engine._enqueue_row(m, m["queued_at"] or m["created_at"])
+
+    async def resume(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
+        """The WAITING run has a slot (reserved on ``ex``): resume its suspended attempt on the
+        executor holding it, or replay it in a fresh attempt on ``ex``."""
+        self.resuming.discard(run_id)
+        held = self.suspended.get(run_id)
+        holder = self.engine.index.executors.get(held.executor_id) if held else None
+        if held is not None and holder is not None and holder.connected:
+            await self._resume_held(run_id, held, holder, key, ex)
+        else:
+            self.forget(run_id)
+            await self._replay(run_id, held, key, ex)
+
+    async def _resume_held(
+        self, run_id: str, held: Suspended, holder: ExecutorState, key: QueueKey, ex: ExecutorState
+    ) -> None:
+        async def op(tx: Tx) -> list[wpb.WaitResult] | None:
+            row = await tx.transition(
+                run_id,
+                [Status.WAITING],
+                Status.EXECUTING,
+                "resumed",
+                db.runs.c.current_attempt_id == held.attempt_id,
+                updated_at=now_ms(),
+            )
+            if row is None:
+                return None
+            return await self._results(tx, row)
+
+        results = await self._run_or_unreserve(op, run_id, key, ex)
+        # Suspended until now: an executor reconnecting meanwhile keeps the attempt.
+        current = self.forget(run_id)
+        if results is None:
+            return
+        index = self.engine.index
+        ex.attempts.discard(f"reserved:{run_id}")
+        lease = Lease(
+            held.attempt_id, run_id, key, holder.executor_id, time.monotonic(), True, True
+        )
+        index.leases[held.attempt_id] = lease
+        holder.attempts.add(held.attempt_id)
+        if current is None or current.executor_id != holder.executor_id:
+            # The attempt ended while the resume was being committed: run it again.
+            self.engine._requeue_lost(lease)
+            return
+        self._send_resume(holder, held.attempt_id, results)
+
+    async def _replay(
+        self, run_id: str, held: Suspended | None, key: QueueKey, ex: ExecutorState
+    ) -> None:
+        """A fresh attempt that runs the task from the top; its waits find the journal. It
+        takes the lost attempt's number: a replay is not a retry."""
+        attempt_id = new_id("attempt")
+
+        async def op(tx: Tx) -> RunRow | None:
+            ts = now_ms()
+            row = await tx.transition(
+                run_id,
+                [Status.WAITING],
+                Status.DEQUEUED,
+                "dequeued",
+                current_attempt_id=attempt_id,
+                executor_id=ex.executor_id,
+                attempt_count=db.runs.c.attempt_count - 1,
+                updated_at=ts,
+            )
+            if row is None:
+                return None
+            if held is not None:
+                await Store.finish_attempt(tx, held.attempt_id, "LOST")
+            number = row._mapping["attempt_count"] + 1
+            await Store.insert_attempt(
+                tx, self.engine._attempt_row(attempt_id, run_id, number, ex, ts)
+            )
+            return row
+
+        row = await self._run_or_unreserve(op, run_id, key, ex)
+        if row is not None:
+            log.info("run %s resumes by replay on executor %s", run_id, ex.executor_id)
+            self.engine._assign(dict(row._mapping), attempt_id, key, ex)
+
+    async def _run_or_unreserve(
+        self, op: Any, run_id: str, key: QueueKey, ex: ExecutorState
+    ) -> Any:
+        try:
+            result = await self.engine.store.writer.run(op)
+        except Exception:
+            log.exception("resume of %s failed", run_id)
+            result = None
+        if result is None:
+            self.engine.index.unreserve(run_id, key, ex)
+            self.engine._dispatch_wake.set()
+        return result
+
+    @staticmethod
+    async def _results(tx: Tx, run: RunRow) -> list[wpb.WaitResult]:
+        """The completed waits of the run's current attempt."""
+        rows = (
+            await tx.execute(
+                select(db.waitpoints)
+                .where(w.run_id == run.id, w.attempt == run.attempt_count, w.status == COMPLETED)
+                .order_by(w.seq)
+            )
+        ).all()
+        return [result_pb(r.seq, r._mapping) for r in rows]
+
+    @staticmethod
+    def _send_resume(ex: ExecutorState, attempt_id: str, results: list[wpb.WaitResult]) -> None:
+        if ex.connected:
+            ex.outbox.put_nowait(
+                wpb.ConnectResponse(resume=wpb.Resume(attempt_id=attempt_id, results=results))
+            )
+
+    # -- tokens ------------------------------------------------------------------------------------
+
+    async def create_token(
+        self,
+        env: str,
+        *,
+        timeout_ms: int,
+        idempotency_key: str,
+        idempotency_key_ttl_ms: int,
+        tags: list[str],
+    ) -> tuple[Mapping[Any, Any], bool]:
+        async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
+            ts = now_ms()
+            if idempotency_key:
+                found = (
+                    await tx.execute(
+                        select(db.waitpoints).where(
+                            w.environment_id == env,
+                            w.idempotency_key == idempotency_key,
+                            w.run_id.is_(None),
+                            w.idempotency_key_expires_at > ts,
+                        )
+                    )
+                ).first()
+                if found is not None:
+                    return found._mapping, True
+            row: dict[str, Any] = {
+                "id": new_id("waitpoint"),
+                "environment_id": env,
+                "kind": "TOKEN",
+                "status": PENDING,
+                "run_id": None,
+                "seq": None,
+                "target": None,
+                "ok": None,
+                "output": None,
+                "error": None,
+                "due_at": ts + timeout_ms if timeout_ms else None,
+                "idempotency_key": idempotency_key or None,
+                "idempotency_key_expires_at": ts + (idempotency_key_ttl_ms or 30 * 86_400_000)
+                if idempotency_key
+                else None,
+                "tags": orjson.dumps(tags).decode(),
+                "secret": secrets.token_urlsafe(24),
+                "created_at": ts,
+                "completed_at": None,
+            }
+            await tx.execute(insert(db.waitpoints), [row])
+            if row["due_at"] is not None:
+                await self.engine._schedule(tx, row["due_at"], "waitpoint", row["id"])
+            return row, False
+
+        return await self.engine.store.writer.run(op)
+
+    async def complete_token(
+        self, token_id: str, data: str, *, env: str = "", secret: str = ""
+    ) -> Mapping[Any, Any]:
+        """Complete a token with ``data`` (JSON text), authorised by its environment or by the
+        secret of its URL. Completing a completed token changes nothing."""
+
+        async def op(tx: Tx) -> Mapping[Any, Any]:
+            token = (
+                await tx.execute(select(db.waitpoints).where(w.id == token_id, w.kind == "TOKEN"))
+            ).first()
+            allowed = token is not None and token.run_id is None
+            if allowed and env:
+                allowed = token is not None and token.environment_id == env
+            elif allowed:
+                allowed = token is not None and secrets.compare_digest(token.secret or "", secret)
+            if token is None or not allowed:
+                raise NotFound(f"token {token_id} not found")
+            done = await self.complete(tx, token_id, ok=True, output=data, error=None)
+            return token._mapping if done is None else done._mapping
+
+        return await self.engine.store.writer.run(op)
+
+    async def get_token(self, env: str, token_id: str) -> Mapping[Any, Any]:
+        async with self.engine.store.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(db.waitpoints).where(
+                        w.id == token_id, w.environment_id == env, w.run_id.is_(None)
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"token {token_id} not found")
+        return row._mapping
+
+    async def list_tokens(
+        self,
+        env: str,
+        *,
+        statuses: list[str],
+        tags: list[str],
+        idempotency_key: str,
+        after: str | None,
+        limit: int,
+    ) -> list[Mapping[Any, Any]]:
+        """Tokens newest first; ``statuses`` in WAITING | COMPLETED | TIMED_OUT."""
+        q = select(db.waitpoints).where(
+            w.environment_id == env, w.run_id.is_(None), w.kind == "TOKEN"
+        )
+        if idempotency_key:
+            q = q.where(w.idempotency_key == idempotency_key)
+        if after:
+            q = q.where(w.id < after)
+        async with self.engine.store.engine.connect() as conn:
+            rows = (await conn.execute(q.order_by(w.id.desc()))).all()
+        out: list[Mapping[Any, Any]] = []
+        for r in rows:
+            m = r._mapping
+            if statuses and token_status(m) not in statuses:
+                continue
+            if tags and not set(tags) & set(orjson.loads(m["tags"])):
+                continue
+            out.append(m)
+            if len(out) >= limit:
+                break
+        return out
+
+
+def token_status(m: Mapping[Any, Any]) -> str:
+    if m["status"] == PENDING:
+        return "WAITING"
+    if not m["ok"] and m["error"] and orjson.loads(m["error"]).get("type") == TIMEOUT_ERROR:
+        return "TIMED_OUT"
+    return "COMPLETED"
