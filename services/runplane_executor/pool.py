@@ -69,6 +69,9 @@ class ProcessPool:
         self._kills: set[asyncio.Task[None]] = set()
         self._attempts: dict[str, dict[str, Any]] = {}
         self._timeouts: dict[str, asyncio.Task[None]] = {}
+        # max_duration counts execution only: a waiting attempt's clock is stopped with the
+        # time it has left (attempt id -> (seconds left, loop time the clock last started)).
+        self._clocks: dict[str, tuple[float, float]] = {}
         self.task_ids: list[str] = []
 
     async def start(self) -> list[str]:
@@ -132,6 +135,7 @@ class ProcessPool:
         elif kind in ("metadata", "logs"):
             self.sink(kind, message[1], message[2])
         elif kind == "wait":
+            self._pause_clock(message[1])
             self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
         elif kind == "result":
             self._finish(proc, message[1], message[2])
@@ -143,6 +147,7 @@ class ProcessPool:
         timer = self._timeouts.pop(attempt_id, None)
         if timer is not None:
             timer.cancel()
+        self._clocks.pop(attempt_id, None)
         self.sink("result", attempt_id, result)
         if proc.dedicated and not proc.dead:
             proc.dead = True  # its end is expected now
@@ -219,13 +224,26 @@ class ProcessPool:
         if attempt["attempt_id"] in proc.attempts and not proc.dead:
             proc.send(("run", attempt))
 
-    def _time(self, proc: _Proc, attempt_id: str) -> None:
-        """Start the attempt's max_duration clock."""
-        seconds = float(self._attempts.get(attempt_id, {}).get("max_duration") or 0)
+    def _time(self, proc: _Proc, attempt_id: str, seconds: float | None = None) -> None:
+        """Start (or restart, with ``seconds`` left) the attempt's max_duration clock."""
+        if seconds is None:
+            seconds = float(self._attempts.get(attempt_id, {}).get("max_duration") or 0)
         if seconds > 0:
-            self._timeouts[attempt_id] = asyncio.get_running_loop().create_task(
+            loop = asyncio.get_running_loop()
+            self._clocks[attempt_id] = (seconds, loop.time())
+            self._timeouts[attempt_id] = loop.create_task(
                 self._time_out_later(proc, attempt_id, seconds)
             )
+
+    def _pause_clock(self, attempt_id: str) -> None:
+        """The attempt waits: stop its clock, keeping the time it has left."""
+        timer = self._timeouts.pop(attempt_id, None)
+        clock = self._clocks.get(attempt_id)
+        if timer is None or clock is None:
+            return
+        timer.cancel()
+        left, started = clock
+        self._clocks[attempt_id] = (left - (asyncio.get_running_loop().time() - started), 0.0)
 
     async def _time_out_later(self, proc: _Proc, attempt_id: str, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -246,6 +264,9 @@ class ProcessPool:
         proc = self._where.get(attempt_id)
         if proc is not None:
             proc.send(("resume", attempt_id, results))
+            clock = self._clocks.get(attempt_id)
+            if clock is not None and attempt_id not in self._timeouts:
+                self._time(proc, attempt_id, max(clock[0], 0.001))
         else:
             self.sink("result", attempt_id, {"lost": True})
 
