@@ -9,7 +9,17 @@ async def hello(payload: dict) -> str:
 handle = await hello.trigger({"name": "world"})
 """
 
-from runplane._client import Client, RunsAPI, TasksAPI, configure, default_client, runs, tasks
+from runplane._auth import AuthAPI
+from runplane._client import (
+    Client,
+    RunsAPI,
+    TasksAPI,
+    auth,
+    configure,
+    default_client,
+    runs,
+    tasks,
+)
 from runplane._context import Context, Signal
 from runplane._errors import (
     AbortTaskRunError,
@@ -35,6 +45,7 @@ __all__ = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "AuthAPI",
     "Client",
     "ConfigurationError",
     "Context",
@@ -58,6 +69,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "auth",
     "configure",
     "default_client",
     "queue",

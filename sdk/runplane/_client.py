@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry import propagate
 
+from runplane._auth import AuthAPI
 from runplane._errors import ConfigurationError, from_rpc_error
 from runplane._models import Run, RunHandle, RunStatus
 from runplane._serde import dumps
@@ -83,6 +84,7 @@ class Client:
         self._sync = _LoopThread()
         self.tasks = TasksAPI(self)
         self.runs = RunsAPI(self)
+        self.auth = AuthAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -187,7 +189,10 @@ class TasksAPI(_Namespace):
         client = self._client
         response = await client._call(client._run_stub().TriggerRun, request)
         return RunHandle(
-            id=response.run.id, is_cached=response.is_cached, run=Run.from_pb(response.run)
+            id=response.run.id,
+            is_cached=response.is_cached,
+            run=Run.from_pb(response.run),
+            public_access_token=response.public_access_token,
         )
 
     def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
@@ -321,3 +326,4 @@ def configure(
 
 tasks = TasksAPI(None)
 runs = RunsAPI(None)
+auth = AuthAPI(None)

@@ -6,13 +6,19 @@ import asyncio
 import logging
 import signal
 
-from runplane.v1 import meta_service_pb2_grpc, run_service_pb2_grpc, worker_service_pb2_grpc
+from runplane.v1 import (
+    auth_service_pb2_grpc,
+    meta_service_pb2_grpc,
+    run_service_pb2_grpc,
+    worker_service_pb2_grpc,
+)
+from runplane_scheduler.auth_service import AuthServicer
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.service import MetaServicer, RunServicer, WorkerServicer
 from runplane_scheduler.store import Store
 from runplane_server import db, telemetry
-from runplane_server.auth import KeyAuthenticator
+from runplane_server.auth import KeyAuthenticator, PublicTokens
 from runplane_server.config import SchedulerSettings
 from runplane_server.grpcserver import Server
 
@@ -29,7 +35,8 @@ class Scheduler:
         self.store = Store(self.engine_db, on_commit=lambda events: self.relay.committed(events))
         self.relay = Relay(self.store, settings.nats_url)
         self.engine = RunEngine(self.store, settings)
-        self.server = Server(KeyAuthenticator(self.engine_db))
+        self.tokens = PublicTokens(self.engine_db, settings.signing_key)
+        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens))
         self.port = 0
 
     async def start(self) -> None:
@@ -38,7 +45,7 @@ class Scheduler:
         self.relay.start()
         self.server.add(
             run_service_pb2_grpc.add_RunServiceServicer_to_server,
-            RunServicer(self.engine, self.settings),
+            RunServicer(self.engine, self.settings, self.tokens),
             "runplane.v1.RunService",
         )
         self.server.add(
@@ -50,6 +57,11 @@ class Scheduler:
             meta_service_pb2_grpc.add_MetaServiceServicer_to_server,
             MetaServicer(self.settings),
             "runplane.v1.MetaService",
+        )
+        self.server.add(
+            auth_service_pb2_grpc.add_AuthServiceServicer_to_server,
+            AuthServicer(self.tokens),
+            "runplane.v1.AuthService",
         )
         self.port = await self.server.start(self.settings.listen)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -27,9 +28,10 @@ from runplane.v1 import (
 from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.store import run_to_pb
-from runplane_server.auth import principal
+from runplane_server import auth
+from runplane_server.auth import PublicTokens, principal
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import InvalidArgument, NotFound
+from runplane_server.errors import InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -37,23 +39,43 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class RunServicer(run_service_pb2_grpc.RunServiceServicer):
-    def __init__(self, engine: RunEngine, settings: SchedulerSettings) -> None:
+    def __init__(
+        self, engine: RunEngine, settings: SchedulerSettings, tokens: PublicTokens | None = None
+    ) -> None:
         self.engine = engine
         self.limits = settings.limits
+        self.tokens = tokens
 
     async def TriggerRun(
         self, request: rpb.TriggerRunRequest, context: Context
     ) -> rpb.TriggerRunResponse:
         spec = validation.trigger(request, self.limits)
-        row, cached = await self.engine.trigger(principal().environment_id, spec)
-        return rpb.TriggerRunResponse(run=run_to_pb(row), is_cached=cached)
+        who = principal()
+        auth.authorize_trigger(who, request.task_id)
+        if self.tokens is not None:
+            await self.tokens.consume(who)
+        row, cached = await self.engine.trigger(who.environment_id, spec)
+        run = run_to_pb(row)
+        token = ""
+        if self.tokens is not None:
+            token = await self.tokens.mint(
+                auth.Principal(who.environment_id, who.environment_slug),
+                [f"read:runs:{run.id}"],
+                int(time.time() * 1000) + auth.RUN_TOKEN_LIFETIME_MS,
+            )
+        return rpb.TriggerRunResponse(run=run, is_cached=cached, public_access_token=token)
 
     async def GetRun(self, request: rpb.GetRunRequest, context: Context) -> rpb.GetRunResponse:
         run_id = validation.run_id(request.run_id)
-        row = await self.engine.store.get_run(principal().environment_id, run_id)
+        who = principal()
+        row = await self.engine.store.get_run(who.environment_id, run_id)
         if row is None:
+            if who.is_public:  # a token learns nothing, not even whether a run exists
+                raise PermissionDenied(f"this public access token may not read run {run_id}")
             raise NotFound(f"run {run_id} not found")
-        return rpb.GetRunResponse(run=run_to_pb(row))
+        run = run_to_pb(row)
+        auth.authorize_read(who, run.id, run.tags, run.batch_id)
+        return rpb.GetRunResponse(run=run)
 
     async def ListRuns(
         self, request: rpb.ListRunsRequest, context: Context
@@ -63,6 +85,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             validation.task_id(t, f"task_ids[{i}]")
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
+        auth.authorize_list(principal(), request.tags, request.batch_id)
         rows = await self.engine.store.list_runs(
             principal().environment_id,
             statuses=validation.statuses(list(request.statuses)),
@@ -76,6 +99,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             else None,
             before_id=validation.decode_page_token(request.page_token),
             limit=size + 1,
+            batch_id=request.batch_id or None,
         )
         more = len(rows) > size
         rows = rows[:size]
@@ -154,4 +178,6 @@ class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
             realtime_url=self.settings.realtime_url,
             version=__version__,
             environment=principal().environment_slug,
+            realtime_http_url=self.settings.realtime_http_url,
+            environment_id=principal().environment_id,
         )

@@ -400,9 +400,12 @@ class Store:
         created_before: int | None,
         before_id: str | None,
         limit: int,
+        batch_id: str | None = None,
     ) -> list[RunRow]:
         r = db.runs.c
         conditions: list[Any] = [r.environment_id == environment_id]
+        if batch_id:
+            conditions.append(r.batch_id == batch_id)
         if statuses:
             conditions.append(r.status.in_(statuses))
         if task_ids:

@@ -65,6 +65,10 @@ class SchedulerSettings:
     ack_timeout: float = 10.0
     environment_concurrency_limit: int = 100
     limits: Limits = field(default_factory=Limits)
+    # Signs public access tokens; empty: a key generated once and kept in the database.
+    signing_key: str = ""
+    # Announced to clients: the realtime service's HTTP base URL (SSE, trigger by URL).
+    realtime_http_url: str = ""
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -81,6 +85,8 @@ class SchedulerSettings:
                 "RUNPLANE_ENV_CONCURRENCY_LIMIT", d.environment_concurrency_limit
             ),
             limits=Limits.from_env(),
+            signing_key=os.environ.get("RUNPLANE_SIGNING_KEY", ""),
+            realtime_http_url=os.environ.get("RUNPLANE_REALTIME_HTTP_URL", ""),
         )
 
 
@@ -91,6 +97,14 @@ class RealtimeSettings:
     listen: str = "127.0.0.1:7071"
     # With no event for this long, a subscription checks the scheduler's snapshot.
     reconcile_interval: float = 5.0
+    # The HTTP endpoints for browsers (SSE, trigger by URL); empty: none.
+    http_listen: str = "127.0.0.1:7072"
+    # Origins allowed to call the HTTP endpoints from a browser (CORS), comma-separated.
+    cors_origins: str = "*"
+    # Run streams: largest chunk, largest stream (bytes), and how long chunks are kept (seconds).
+    stream_chunk_bytes: int = 1024 * 1024
+    stream_max_bytes: int = 100 * 1024 * 1024
+    stream_retention: float = 28 * 24 * 3600.0
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -100,4 +114,9 @@ class RealtimeSettings:
             api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
             listen=os.environ.get("RUNPLANE_REALTIME_LISTEN") or d.listen,
             reconcile_interval=_float("RUNPLANE_RECONCILE_INTERVAL", d.reconcile_interval),
+            http_listen=os.environ.get("RUNPLANE_REALTIME_HTTP_LISTEN", d.http_listen),
+            cors_origins=os.environ.get("RUNPLANE_CORS_ORIGINS") or d.cors_origins,
+            stream_chunk_bytes=_int("RUNPLANE_STREAM_CHUNK_BYTES", d.stream_chunk_bytes),
+            stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
+            stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
         )

@@ -10,6 +10,7 @@ PUBLIC = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "AuthAPI",
     "Client",
     "ConfigurationError",
     "Context",
@@ -33,6 +34,7 @@ PUBLIC = [
     "UnauthenticatedError",
     "UnavailableError",
     "__version__",
+    "auth",
     "configure",
     "default_client",
     "queue",
@@ -49,7 +51,13 @@ def test_all_is_frozen() -> None:
 
 
 def test_no_protobuf_type_in_public_signatures() -> None:
-    for cls in (runplane.Client, runplane.RunsAPI, runplane.TasksAPI, runplane.Task):
+    for cls in (
+        runplane.Client,
+        runplane.RunsAPI,
+        runplane.TasksAPI,
+        runplane.AuthAPI,
+        runplane.Task,
+    ):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_"):
                 continue
@@ -69,7 +77,7 @@ def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
 
 
 def test_every_client_call_has_a_sync_twin() -> None:
-    for cls in (runplane.RunsAPI, runplane.TasksAPI):
+    for cls in (runplane.RunsAPI, runplane.TasksAPI, runplane.AuthAPI):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") or name.endswith("_sync"):
                 continue

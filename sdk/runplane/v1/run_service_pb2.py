@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunplane/v1/run_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\xad\x03\n\x0eTriggerOptions\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x10\n\x08metadata\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x64\x65lay_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13idempotency_key_ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07machine\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\"c\n\x11TriggerRunRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.runplane.v1.TriggerOptions\"F\n\x12TriggerRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\xe9\x01\n\x0fListRunsRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.runplane.v1.RunStatus\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.runplane.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x11\x43\x61ncelRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run2\xb3\x02\n\nRunService\x12M\n\nTriggerRun\x12\x1e.runplane.v1.TriggerRunRequest\x1a\x1f.runplane.v1.TriggerRunResponse\x12\x41\n\x06GetRun\x12\x1a.runplane.v1.GetRunRequest\x1a\x1b.runplane.v1.GetRunResponse\x12G\n\x08ListRuns\x12\x1c.runplane.v1.ListRunsRequest\x1a\x1d.runplane.v1.ListRunsResponse\x12J\n\tCancelRun\x12\x1d.runplane.v1.CancelRunRequest\x1a\x1e.runplane.v1.CancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drunplane/v1/run_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\xad\x03\n\x0eTriggerOptions\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x10\n\x08metadata\x18\x03 \x01(\t\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12(\n\x05\x64\x65lay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x64\x65lay_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13idempotency_key_ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cmax_duration\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07machine\x18\r \x01(\t\x12\x15\n\rparent_run_id\x18\x0e \x01(\t\"c\n\x11TriggerRunRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\x12,\n\x07options\x18\x03 \x01(\x0b\x32\x1b.runplane.v1.TriggerOptions\"c\n\x12TriggerRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x11\n\tis_cached\x18\x02 \x01(\x08\x12\x1b\n\x13public_access_token\x18\x03 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"/\n\x0eGetRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\xfb\x01\n\x0fListRunsRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.runplane.v1.RunStatus\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x08 \x01(\t\"K\n\x10ListRunsResponse\x12\x1e\n\x04runs\x18\x01 \x03(\x0b\x32\x10.runplane.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"2\n\x11\x43\x61ncelRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run2\xb3\x02\n\nRunService\x12M\n\nTriggerRun\x12\x1e.runplane.v1.TriggerRunRequest\x1a\x1f.runplane.v1.TriggerRunResponse\x12\x41\n\x06GetRun\x12\x1a.runplane.v1.GetRunRequest\x1a\x1b.runplane.v1.GetRunResponse\x12G\n\x08ListRuns\x12\x1c.runplane.v1.ListRunsRequest\x1a\x1d.runplane.v1.ListRunsResponse\x12J\n\tCancelRun\x12\x1d.runplane.v1.CancelRunRequest\x1a\x1e.runplane.v1.CancelRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRIGGERRUNREQUEST']._serialized_start=566
   _globals['_TRIGGERRUNREQUEST']._serialized_end=665
   _globals['_TRIGGERRUNRESPONSE']._serialized_start=667
-  _globals['_TRIGGERRUNRESPONSE']._serialized_end=737
-  _globals['_GETRUNREQUEST']._serialized_start=739
-  _globals['_GETRUNREQUEST']._serialized_end=770
-  _globals['_GETRUNRESPONSE']._serialized_start=772
-  _globals['_GETRUNRESPONSE']._serialized_end=819
-  _globals['_LISTRUNSREQUEST']._serialized_start=822
-  _globals['_LISTRUNSREQUEST']._serialized_end=1055
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1057
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1132
-  _globals['_CANCELRUNREQUEST']._serialized_start=1134
-  _globals['_CANCELRUNREQUEST']._serialized_end=1168
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1170
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1220
-  _globals['_RUNSERVICE']._serialized_start=1223
-  _globals['_RUNSERVICE']._serialized_end=1530
+  _globals['_TRIGGERRUNRESPONSE']._serialized_end=766
+  _globals['_GETRUNREQUEST']._serialized_start=768
+  _globals['_GETRUNREQUEST']._serialized_end=799
+  _globals['_GETRUNRESPONSE']._serialized_start=801
+  _globals['_GETRUNRESPONSE']._serialized_end=848
+  _globals['_LISTRUNSREQUEST']._serialized_start=851
+  _globals['_LISTRUNSREQUEST']._serialized_end=1102
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1104
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1179
+  _globals['_CANCELRUNREQUEST']._serialized_start=1181
+  _globals['_CANCELRUNREQUEST']._serialized_end=1215
+  _globals['_CANCELRUNRESPONSE']._serialized_start=1217
+  _globals['_CANCELRUNRESPONSE']._serialized_end=1267
+  _globals['_RUNSERVICE']._serialized_start=1270
+  _globals['_RUNSERVICE']._serialized_end=1577
 # @@protoc_insertion_point(module_scope)

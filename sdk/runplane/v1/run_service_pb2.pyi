@@ -134,8 +134,11 @@ class TriggerRunResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     IS_CACHED_FIELD_NUMBER: _builtins.int
+    PUBLIC_ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     is_cached: _builtins.bool
     """True when an idempotency key matched an existing run, which is returned instead."""
+    public_access_token: _builtins.str
+    """A public access token reading this run only (read:runs:<id>), valid for 15 minutes."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
@@ -143,10 +146,11 @@ class TriggerRunResponse(_message.Message):
         *,
         run: _run_pb2.Run | None = ...,
         is_cached: _builtins.bool = ...,
+        public_access_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "public_access_token", b"public_access_token", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,9 +206,12 @@ class ListRunsRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """1..100; 0: 25."""
     page_token: _builtins.str
+    batch_id: _builtins.str
+    """Only the runs of this batch."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus.ValueType]: ...
     @_builtins.property
@@ -225,10 +232,11 @@ class ListRunsRequest(_message.Message):
         created_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "tags", b"tags", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "tags", b"tags", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
