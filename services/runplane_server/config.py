@@ -8,6 +8,7 @@ from pathlib import Path
 
 DEFAULT_API_URL = "localhost:7070"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_REALTIME_HTTP_LISTEN = "127.0.0.1:7072"
 
 
 def default_database_url() -> str:
@@ -97,8 +98,9 @@ class RealtimeSettings:
     listen: str = "127.0.0.1:7071"
     # With no event for this long, a subscription checks the scheduler's snapshot.
     reconcile_interval: float = 5.0
-    # The HTTP endpoints for browsers (SSE, trigger by URL); empty: none.
-    http_listen: str = "127.0.0.1:7072"
+    # The HTTP endpoints for browsers (SSE, trigger by URL); empty: none. From the environment
+    # (RUNPLANE_REALTIME_HTTP_LISTEN) it defaults to 127.0.0.1:7072.
+    http_listen: str = ""
     # Origins allowed to call the HTTP endpoints from a browser (CORS), comma-separated.
     cors_origins: str = "*"
     # Run streams: largest chunk, largest stream (bytes), and how long chunks are kept (seconds).
@@ -114,7 +116,9 @@ class RealtimeSettings:
             api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
             listen=os.environ.get("RUNPLANE_REALTIME_LISTEN") or d.listen,
             reconcile_interval=_float("RUNPLANE_RECONCILE_INTERVAL", d.reconcile_interval),
-            http_listen=os.environ.get("RUNPLANE_REALTIME_HTTP_LISTEN", d.http_listen),
+            http_listen=os.environ.get(
+                "RUNPLANE_REALTIME_HTTP_LISTEN", DEFAULT_REALTIME_HTTP_LISTEN
+            ),
             cors_origins=os.environ.get("RUNPLANE_CORS_ORIGINS") or d.cors_origins,
             stream_chunk_bytes=_int("RUNPLANE_STREAM_CHUNK_BYTES", d.stream_chunk_bytes),
             stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
