@@ -37,6 +37,7 @@ from runplane._errors import (
     UnavailableError,
 )
 from runplane._models import Run, RunError, RunHandle, RunStatus
+from runplane._streams import Stream, StreamsAPI, streams
 from runplane._task import Queue, RetryOptions, Task, queue, task
 
 __version__ = "0.1.0"
@@ -63,6 +64,8 @@ __all__ = [
     "RunplaneError",
     "RunsAPI",
     "Signal",
+    "Stream",
+    "StreamsAPI",
     "Task",
     "TaskRunError",
     "TasksAPI",
@@ -74,6 +77,7 @@ __all__ = [
     "default_client",
     "queue",
     "runs",
+    "streams",
     "task",
     "tasks",
 ]

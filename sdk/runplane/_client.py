@@ -10,7 +10,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -299,6 +299,37 @@ class RunsAPI(_Namespace):
 
     def subscribe_to_run_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[Run]:
         return self._client._iterate_sync(self.subscribe_to_run(run_id, **kwargs))
+
+    async def subscribe_to_runs_with_tag(
+        self, tag: str, *, created_after: datetime | timedelta = timedelta(hours=24)
+    ) -> AsyncIterator[Run]:
+        """The runs with ``tag`` created since ``created_after`` (a time, or how long ago: the
+        last 24 hours by default; at most 7 days), then every change of them and of new runs
+        with the tag, in order per run. Never ends by itself; reconnects transparently."""
+        from runplane._realtime import subscribe_to_runs_with_tag
+
+        if isinstance(created_after, timedelta):
+            created_after = datetime.now(UTC) - created_after
+        client = self._client
+        channel = client._channel(await client._resolve_realtime_url())
+        async for pb in subscribe_to_runs_with_tag(channel, client._metadata(), tag, created_after):
+            yield Run.from_pb(pb)
+
+    def subscribe_to_runs_with_tag_sync(self, tag: str, **kwargs: Any) -> Iterator[Run]:
+        return self._client._iterate_sync(self.subscribe_to_runs_with_tag(tag, **kwargs))
+
+    async def subscribe_to_batch(self, batch_id: str) -> AsyncIterator[Run]:
+        """The runs of a batch, then every change of them, in order per run. Never ends by
+        itself; reconnects transparently."""
+        from runplane._realtime import subscribe_to_batch
+
+        client = self._client
+        channel = client._channel(await client._resolve_realtime_url())
+        async for pb in subscribe_to_batch(channel, client._metadata(), batch_id):
+            yield Run.from_pb(pb)
+
+    def subscribe_to_batch_sync(self, batch_id: str) -> Iterator[Run]:
+        return self._client._iterate_sync(self.subscribe_to_batch(batch_id))
 
 
 _default: Client | None = None

@@ -248,11 +248,12 @@ class RunEvents(OrderedReader):
         return run
 
 
-async def next_sequence(link: NatsLink, stream: str) -> int:
-    """The sequence the stream's next message will have: where a reader of only new messages
-    starts. Raises EventsUnavailable when NATS or the stream cannot say."""
+async def stream_bounds(link: NatsLink, stream: str) -> tuple[int, int]:
+    """The stream's first kept sequence, and the sequence its next message will have (where a
+    reader of only new messages starts). Raises EventsUnavailable when NATS cannot say."""
     try:
         info = await asyncio.wait_for(link.jetstream().stream_info(stream), JS_TIMEOUT)
     except (nats.errors.Error, TimeoutError) as error:
         raise EventsUnavailable(f"cannot read stream {stream}: {error!r}") from error
-    return int(info.state.last_seq) + 1
+    last = int(info.state.last_seq)
+    return max(int(info.state.first_seq), 1), last + 1

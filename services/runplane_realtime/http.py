@@ -3,6 +3,7 @@
     GET  /realtime/v1/runs/{run_id}?after_version=N      SSE: a run's versions (or Last-Event-ID)
     GET  /realtime/v1/runs?tag=T&created_after=MS        SSE: the runs with a tag
     GET  /realtime/v1/batches/{batch_id}                  SSE: the runs of a batch
+    (both resume from ?resume_cursor= or Last-Event-ID: the changes since, in order)
     GET  /realtime/v1/streams/{run_id}/{stream_id}        SSE: a run stream's chunks
     POST /api/v1/tasks/{task_id}/trigger                  JSON {payload, options} → {id, ...}
 
@@ -98,8 +99,9 @@ def _run_event(run: run_pb2.Run) -> tuple[str, dict[str, Any]]:
     return str(run.version), run_json(run)
 
 
-def _set_event(run: run_pb2.Run) -> tuple[str, dict[str, Any]]:
-    return "", run_json(run)
+def _set_event(item: tuple[run_pb2.Run, int]) -> tuple[str, dict[str, Any]]:
+    run, cursor = item
+    return str(cursor) if cursor else "", run_json(run)
 
 
 def _chunk_event(chunk: Chunk) -> tuple[str, dict[str, Any]]:
@@ -186,13 +188,20 @@ class HttpServer:
         tag = request.query.get("tag", "")
         after = _int_param(request, "created_after", -1)
         opened = await self._realtime.open_tag(
-            _credentials(request), tag, after if after >= 0 else None, {}
+            _credentials(request),
+            tag,
+            after if after >= 0 else None,
+            {},
+            _resume_from(request, "resume_cursor"),
         )
         return await self._sse(request, opened, "run", _set_event)
 
     async def _batch(self, request: web.Request) -> web.StreamResponse:
         opened = await self._realtime.open_batch(
-            _credentials(request), request.match_info["batch_id"], {}
+            _credentials(request),
+            request.match_info["batch_id"],
+            {},
+            _resume_from(request, "resume_cursor"),
         )
         return await self._sse(request, opened, "run", _set_event)
 

@@ -89,7 +89,8 @@ class Realtime:
         tag: str,
         created_after_ms: int | None,
         after_versions: Mapping[str, int],
-    ) -> AsyncGenerator[run_pb2.Run, None]:
+        resume_cursor: int = 0,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
         if not tag:
             raise errors.InvalidArgument("tag", "must not be empty")
         now = int(time.time() * 1000)
@@ -98,19 +99,31 @@ class Realtime:
         if created_after_ms < now - MAX_TAG_WINDOW_MS:
             raise errors.InvalidArgument("created_after", "at most 7 days back")
         return await self._open_set(
-            credentials, RunSet.with_tag(tag, created_after_ms), after_versions
+            credentials, RunSet.with_tag(tag, created_after_ms), after_versions, resume_cursor
         )
 
     async def open_batch(
-        self, credentials: Metadata, batch_id: str, after_versions: Mapping[str, int]
-    ) -> AsyncGenerator[run_pb2.Run, None]:
+        self,
+        credentials: Metadata,
+        batch_id: str,
+        after_versions: Mapping[str, int],
+        resume_cursor: int = 0,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
         if not batch_id:
             raise errors.InvalidArgument("batch_id", "must not be empty")
-        return await self._open_set(credentials, RunSet.of_batch(batch_id), after_versions)
+        return await self._open_set(
+            credentials, RunSet.of_batch(batch_id), after_versions, resume_cursor
+        )
 
     async def _open_set(
-        self, credentials: Metadata, runs: RunSet, after_versions: Mapping[str, int]
-    ) -> AsyncGenerator[run_pb2.Run, None]:
+        self,
+        credentials: Metadata,
+        runs: RunSet,
+        after_versions: Mapping[str, int],
+        resume_cursor: int,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+        if resume_cursor < 0:
+            raise errors.InvalidArgument("resume_cursor", "must not be negative")
         for run_id, version in after_versions.items():
             if version < 0:
                 raise errors.InvalidArgument(f"after_versions[{run_id}]", "must not be negative")
@@ -127,6 +140,7 @@ class Realtime:
             runs,
             dict(after_versions),
             self.settings.reconcile_interval,
+            resume_cursor,
         )
         return subscription.runs()
 
@@ -231,22 +245,31 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
                 else None
             )
             runs = await self.realtime.open_tag(
-                _credentials(context), request.tag, after, request.after_versions
+                _credentials(context),
+                request.tag,
+                after,
+                request.after_versions,
+                request.resume_cursor,
             )
             async with contextlib.aclosing(runs):
-                async for run in runs:
-                    yield realtime_service_pb2.SubscribeToRunsWithTagResponse(run=run)
+                async for run, cursor in runs:
+                    yield realtime_service_pb2.SubscribeToRunsWithTagResponse(
+                        run=run, cursor=cursor
+                    )
 
     async def SubscribeToBatch(
         self, request: realtime_service_pb2.SubscribeToBatchRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToBatchResponse]:
         async with self.tracked():
             runs = await self.realtime.open_batch(
-                _credentials(context), request.batch_id, request.after_versions
+                _credentials(context),
+                request.batch_id,
+                request.after_versions,
+                request.resume_cursor,
             )
             async with contextlib.aclosing(runs):
-                async for run in runs:
-                    yield realtime_service_pb2.SubscribeToBatchResponse(run=run)
+                async for run, cursor in runs:
+                    yield realtime_service_pb2.SubscribeToBatchResponse(run=run, cursor=cursor)
 
     async def ReadStream(
         self, request: realtime_service_pb2.ReadStreamRequest, context: Context

@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 
 from runplane.v1 import run_pb2
-from runplane_realtime.events import EventsUnavailable, NatsLink, RunEvents, next_sequence
+from runplane_realtime.events import EventsUnavailable, NatsLink, RunEvents, stream_bounds
 from runplane_realtime.scheduler import Metadata, Scheduler
 from runplane_server import errors, subjects
 
@@ -184,6 +184,7 @@ class RunSetSubscription:
         runs: RunSet,
         after_versions: dict[str, int],
         reconcile_interval: float,
+        resume_cursor: int = 0,
     ) -> None:
         self._scheduler = scheduler
         self._link = link
@@ -192,35 +193,48 @@ class RunSetSubscription:
         self._set = runs
         self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
         self.versions = dict(after_versions)
+        self._resume_cursor = resume_cursor
         self._events: RunEvents | None = None
         self._pending: list[run_pb2.Run] = []
 
-    async def runs(self) -> AsyncGenerator[run_pb2.Run, None]:
-        """Every version newer than the last sent of each run in the set, in order per run."""
+    async def runs(self) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+        """Every version newer than the last sent of each run in the set, in order per run,
+        each with its cursor: the stream position before which every change has been sent."""
         try:
-            await self._start_events()
-            await self._relist()
+            if not await self._start_events():
+                await self._relist()
             while True:
                 while self._pending:
                     run = self._pending.pop(0)
                     if run.version > self.versions.get(run.id, 0):
                         self.versions[run.id] = run.version
-                        yield run
+                        cursor = self._events.next_sequence if self._events is not None else 0
+                        yield run, cursor
                 await self._fill()
         finally:
             if self._events is not None:
                 await self._events.close()
 
     async def _start_events(self) -> bool:
-        """Position a consumer at the stream's end; False while NATS cannot say where that is."""
+        """Position a consumer (at the resume cursor, or at the stream's end) and list the set
+        unless resuming; False while NATS cannot say where to start."""
         if self._events is not None:
             return True
         try:
-            start = await next_sequence(self._link, subjects.RUN_EVENTS_STREAM)
+            first, start = await stream_bounds(self._link, subjects.RUN_EVENTS_STREAM)
         except EventsUnavailable as error:
             log.debug("%s: events unreadable (%s)", self._set.name, error)
             return False
+        if self._resume_cursor >= first:
+            # Every change since the cursor is still in the stream: replay it, in order.
+            self._events = RunEvents(self._link, self._subject, self._resume_cursor)
+            self._resume_cursor = 0
+            return True
+        # A first subscription, or a cursor JetStream has purged since: the list, then what
+        # follows it.
+        self._resume_cursor = 0
         self._events = RunEvents(self._link, self._subject, start_sequence=start)
+        await self._relist_unless_unavailable()
         return True
 
     async def _relist(self) -> None:
@@ -248,7 +262,6 @@ class RunSetSubscription:
                 # scheduler meanwhile.
                 await self._link.wait_connected(OUTAGE_POLL_INTERVAL)
                 if await self._start_events():
-                    await self._relist_unless_unavailable()
                     continue
                 await self._relist_unless_unavailable()
                 await asyncio.sleep(OUTAGE_POLL_INTERVAL)

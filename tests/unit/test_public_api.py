@@ -28,6 +28,8 @@ PUBLIC = [
     "RunplaneError",
     "RunsAPI",
     "Signal",
+    "Stream",
+    "StreamsAPI",
     "Task",
     "TaskRunError",
     "TasksAPI",
@@ -39,6 +41,7 @@ PUBLIC = [
     "default_client",
     "queue",
     "runs",
+    "streams",
     "task",
     "tasks",
 ]
@@ -77,7 +80,7 @@ def test_errors_share_one_root_and_mix_in_stdlib_types() -> None:
 
 
 def test_every_client_call_has_a_sync_twin() -> None:
-    for cls in (runplane.RunsAPI, runplane.TasksAPI, runplane.AuthAPI):
+    for cls in (runplane.RunsAPI, runplane.TasksAPI, runplane.AuthAPI, runplane.Stream):
         for name, member in inspect.getmembers(cls, inspect.isfunction):
             if name.startswith("_") or name.endswith("_sync"):
                 continue

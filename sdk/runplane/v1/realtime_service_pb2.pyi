@@ -95,7 +95,12 @@ class SubscribeToRunsWithTagRequest(_message.Message):
     TAG_FIELD_NUMBER: _builtins.int
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     AFTER_VERSIONS_FIELD_NUMBER: _builtins.int
+    RESUME_CURSOR_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
+    resume_cursor: _builtins.int
+    """Resume: the cursor of the last response received; the changes after it are replayed in
+    order (with after_versions, nothing is sent twice). 0: start from the current list.
+    """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
         """Only runs created at or after this time; unset: the last 24 hours. At most 7 days back."""
@@ -110,10 +115,11 @@ class SubscribeToRunsWithTagRequest(_message.Message):
         tag: _builtins.str = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         after_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        resume_cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "created_after", b"created_after", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "created_after", b"created_after", "resume_cursor", b"resume_cursor", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -124,16 +130,20 @@ class SubscribeToRunsWithTagResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """Where to resume after this response (a RUN_EVENTS stream position)."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
         self,
         *,
         run: _run_pb2.Run | None = ...,
+        cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -165,7 +175,10 @@ class SubscribeToBatchRequest(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     AFTER_VERSIONS_FIELD_NUMBER: _builtins.int
+    RESUME_CURSOR_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
+    resume_cursor: _builtins.int
+    """Resume: the cursor of the last response received (see SubscribeToRunsWithTagRequest)."""
     @_builtins.property
     def after_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Resume: per run id, the last version the subscriber has; only newer versions are sent."""
@@ -175,10 +188,11 @@ class SubscribeToBatchRequest(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         after_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        resume_cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "batch_id", b"batch_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "batch_id", b"batch_id", "resume_cursor", b"resume_cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,16 +203,20 @@ class SubscribeToBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """Where to resume after this response (a RUN_EVENTS stream position)."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
         self,
         *,
         run: _run_pb2.Run | None = ...,
+        cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
