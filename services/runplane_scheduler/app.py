@@ -41,6 +41,7 @@ class Scheduler:
 
     async def start(self) -> None:
         await db.upgrade(self.engine_db)
+        await self.tokens.load()
         await self.engine.start()
         self.relay.start()
         self.server.add(

@@ -9,6 +9,7 @@ PERMISSION_DENIED, expired or forged is UNAUTHENTICATED.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextvars
@@ -214,10 +215,17 @@ class PublicTokens:
     def __init__(self, engine: AsyncEngine, signing_key: str = "") -> None:
         self._engine = engine
         self._key = signing_key.encode() if signing_key else b""
+        self._loading = asyncio.Lock()
 
     async def _signing_key(self) -> bytes:
         if self._key:
             return self._key
+        async with self._loading:  # concurrent first calls load it once
+            if not self._key:
+                self._key = await self._load_signing_key()
+        return self._key
+
+    async def _load_signing_key(self) -> bytes:
         table = db.signing_keys
         async with self._engine.begin() as conn:
             row = (
@@ -237,8 +245,11 @@ class PublicTokens:
                 row = (
                     await conn.execute(select(table.c.secret).where(table.c.id == "default"))
                 ).one()
-        self._key = str(row.secret).encode()
-        return self._key
+        return str(row.secret).encode()
+
+    async def load(self) -> None:
+        """Load (or make) the signing key now rather than on the first call that needs it."""
+        await self._signing_key()
 
     async def mint(
         self, who: Principal, scopes: Iterable[str], expires_at_ms: int, single_use: bool = False
