@@ -53,3 +53,15 @@ async def test_the_node_client_triggers_follows_and_reads_a_stream(cluster: Clus
         f"stdout:\n{out.decode()}\nstderr:\n{err.decode()}\n{cluster.logs()}"
     )
     assert out.decode().startswith("ok: run_")
+
+
+async def test_every_process_lists_its_services_through_reflection(cluster: Cluster) -> None:
+    from tests.integration.test_reflection import _listing
+
+    for address, service in (
+        (cluster.api_url, "runplane.v1.RunService"),
+        (cluster.realtime_url, "runplane.v1.RealtimeService"),
+        (cluster.executor_status_url, "runplane.v1.ExecutorService"),
+    ):
+        listing = await asyncio.to_thread(_listing, address)
+        assert listing.get(service), (address, listing)
