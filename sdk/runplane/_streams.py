@@ -15,6 +15,8 @@ writing needs no executor support; the service keeps them on JetStream (RUN_STRE
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Generic, Literal, TypeVar
 
@@ -22,12 +24,16 @@ import orjson
 
 from runplane._client import Client, default_client
 from runplane._context import current_context
-from runplane._errors import ConfigurationError
+from runplane._errors import ConfigurationError, DeadlineExceededError, UnavailableError
 from runplane._models import RunHandle
 from runplane._serde import dumps
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
 
 T = TypeVar("T")
+
+# An append is retried this many times in all while the realtime service or NATS is away.
+_APPEND_ATTEMPTS = 8
+_FIRST_RETRY_DELAY = 0.1
 
 Target = Literal["self", "parent", "root"] | str
 
@@ -62,15 +68,32 @@ class Stream(Generic[T]):
         return self._bound or default_client()
 
     async def _append(self, run_id: str, chunks: list[str], close: bool) -> int:
+        """One AppendStream, retried while the realtime service or NATS is briefly away; each
+        chunk carries an id, so a retry after a lost reply does not append it twice."""
         client = self._client
-        channel = client._channel(await client._resolve_realtime_url())
-        stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
         request = realtime_service_pb2.AppendStreamRequest(
-            run_id=run_id, stream_id=self.id, chunks=chunks, close=close
+            run_id=run_id,
+            stream_id=self.id,
+            chunks=chunks,
+            close=close,
+            chunk_ids=[uuid.uuid4().hex for _ in chunks],
         )
-        response = await client._call(stub.AppendStream, request)
-        index: int = response.last_index
-        return index
+        delay = _FIRST_RETRY_DELAY
+        attempt = 1
+        while True:
+            channel = client._channel(await client._resolve_realtime_url())
+            stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
+            try:
+                response = await client._call(stub.AppendStream, request)
+            except (UnavailableError, DeadlineExceededError):
+                if attempt >= _APPEND_ATTEMPTS:
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            index: int = response.last_index
+            return index
 
     async def append(self, chunk: T, *, target: Target = "self") -> int:
         """Append one chunk (anything JSON-serialisable); returns its index (1 for the first)."""

@@ -163,7 +163,13 @@ class Realtime:
         return self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
 
     async def append(
-        self, credentials: Metadata, run_id: str, sid: str, chunks: list[str], close: bool
+        self,
+        credentials: Metadata,
+        run_id: str,
+        sid: str,
+        chunks: list[str],
+        close: bool,
+        chunk_ids: list[str],
     ) -> int:
         if not run_id:
             raise errors.InvalidArgument("run_id", "must not be empty")
@@ -172,7 +178,7 @@ class Realtime:
         if is_public_token(token):
             raise errors.PermissionDenied("writing a stream needs a secret key")
         environment_id = await self._write_grant(credentials, token, run_id)
-        return await self.streams.append(environment_id, run_id, sid, chunks, close)
+        return await self.streams.append(environment_id, run_id, sid, chunks, close, chunk_ids)
 
     async def _write_grant(self, credentials: Metadata, token: str, run_id: str) -> str:
         """The run's environment if the secret key may write to it (cached briefly)."""
@@ -293,6 +299,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
             request.stream_id,
             list(request.chunks),
             request.close,
+            list(request.chunk_ids),
         )
         return realtime_service_pb2.AppendStreamResponse(last_index=last)
 

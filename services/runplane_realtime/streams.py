@@ -104,9 +104,18 @@ class RunStreams:
         )
 
     async def append(
-        self, environment_id: str, run_id: str, sid: str, chunks: Sequence[str], close: bool
+        self,
+        environment_id: str,
+        run_id: str,
+        sid: str,
+        chunks: Sequence[str],
+        close: bool,
+        chunk_ids: Sequence[str] = (),
     ) -> int:
-        """Append ``chunks`` (then the close marker if ``close``); the last chunk's index."""
+        """Append ``chunks`` (then the close marker if ``close``); the last chunk's index.
+        A chunk whose id was appended already (a retry) is not appended again."""
+        if chunk_ids and len(chunk_ids) != len(chunks):
+            raise errors.InvalidArgument("chunk_ids", "give one id per chunk, or none")
         limit = self._settings.stream_chunk_bytes
         for i, chunk in enumerate(chunks):
             if len(chunk.encode()) > limit:
@@ -118,32 +127,37 @@ class RunStreams:
         subject = subjects.run_stream(environment_id, run_id, sid)
         try:
             await self._ensure()
-            return await self._append(subject, [c.encode() for c in chunks], close)
+            ids = list(chunk_ids) or [""] * len(chunks)
+            return await self._append(subject, [c.encode() for c in chunks], ids, close)
         except (EventsUnavailable, nats.errors.Error, TimeoutError) as error:
             raise errors.Unavailable(f"run streams are unavailable: {error!r}") from None
 
-    async def _append(self, subject: str, chunks: list[bytes], close: bool) -> int:
+    async def _append(
+        self, subject: str, chunks: list[bytes], chunk_ids: list[str], close: bool
+    ) -> int:
         js = self._link.jetstream()
-        todo = list(chunks)
+        todo = list(zip(chunks, chunk_ids, strict=True))
         conflicts = 0
         end = await self._end(subject)
         if end.closed:
             raise errors.FailedPrecondition(f"stream {subject.rsplit('.', 1)[-1]} is closed")
         limit = self._settings.stream_max_bytes
-        if end.total + sum(len(c) for c in todo) > limit:
+        if end.total + sum(len(c) for c, _ in todo) > limit:
             raise errors.InvalidArgument(
                 "chunks",
                 f"the stream would exceed its size limit of {limit} bytes "
                 "(RUNPLANE_STREAM_MAX_BYTES)",
             )
         while todo or close:
-            data = todo[0] if todo else b""
+            data, chunk_id = todo[0] if todo else (b"", "")
             index = end.index + 1 if todo else end.index
             headers = {
                 "Nats-Expected-Last-Subject-Sequence": str(end.sequence),
                 INDEX: str(index),
                 TOTAL: str(end.total + len(data)),
             }
+            if chunk_id:
+                headers["Nats-Msg-Id"] = f"{subject}:{chunk_id}"
             if not todo:
                 headers[CLOSED] = "1"
             try:
@@ -164,7 +178,10 @@ class RunStreams:
                         "the stream was closed by another writer"
                     ) from None
                 continue
-            end = _End(ack.seq, index, end.total + len(data), not todo)
+            if ack.duplicate:  # appended before (a retry): carry on after the real end
+                end = await self._end(subject)
+            else:
+                end = _End(ack.seq, index, end.total + len(data), not todo)
             if todo:
                 todo.pop(0)
             else:

@@ -281,6 +281,7 @@ class AppendStreamRequest(_message.Message):
     STREAM_ID_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
+    CHUNK_IDS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     stream_id: _builtins.str
     close: _builtins.bool
@@ -289,6 +290,12 @@ class AppendStreamRequest(_message.Message):
     def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """JSON text of each chunk, appended in order."""
 
+    @_builtins.property
+    def chunk_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional, one per chunk: a writer-chosen unique id, so that a retried append (after a lost
+        reply) does not append the chunk twice within JetStream's duplicate window.
+        """
+
     def __init__(
         self,
         *,
@@ -296,10 +303,11 @@ class AppendStreamRequest(_message.Message):
         stream_id: _builtins.str = ...,
         chunks: _abc.Iterable[_builtins.str] | None = ...,
         close: _builtins.bool = ...,
+        chunk_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "close", b"close", "run_id", b"run_id", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_ids", b"chunk_ids", "chunks", b"chunks", "close", b"close", "run_id", b"run_id", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
