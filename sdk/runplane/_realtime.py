@@ -44,49 +44,30 @@ async def subscribe_to_run(
     """
     stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
     last = after_version
-    backoff = _FIRST_BACKOFF
-    loop = asyncio.get_running_loop()
-    broken_since: float | None = None
+    resumer = _Resumer(f"subscription to {run_id}", max_backoff, give_up_after)
     while True:
         request = realtime_service_pb2.SubscribeToRunRequest(
             run_id=run_id, after_version=last, keep_open=not stop_on_completion
         )
         call = stub.SubscribeToRun(request, metadata=metadata)
-        started = loop.time()
+        resumer.connecting()
         try:
             async for response in call:
                 run: run_pb2.Run = response.run
                 if run.version <= last:
                     continue  # the server resends nothing old; this guards a buggy one
                 last = run.version
-                backoff = _FIRST_BACKOFF
-                broken_since = None
+                resumer.delivered()
                 yield run
                 if stop_on_completion and run.status in _FINAL:
                     return
             # The server ends a stream early only when there is nothing newer to send.
             return
         except grpc.aio.AioRpcError as error:
-            if error.code() not in _RESUMABLE:
-                raise from_rpc_error(error) from None
-            if loop.time() - started > 1.0:
-                broken_since = None  # it was connected: a break, not an unreachable service
-            broken_since = broken_since or loop.time()
-            if loop.time() - broken_since > give_up_after:
-                raise from_rpc_error(error) from None
-            log.info(
-                "subscription to %s broke (%s: %s); resuming after version %d in %.1f s",
-                run_id,
-                error.code().name,
-                error.details(),
-                last,
-                backoff,
-            )
+            await resumer.broke(error, f"after version {last}")
         finally:
             # The caller may stop iterating early (break, cancel): end the RPC with it.
             call.cancel()
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, max_backoff)
 
 
 class _Resumer:
