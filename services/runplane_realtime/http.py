@@ -16,8 +16,9 @@ reconnecting.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -42,6 +43,9 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
 }
 _JSON_TEXT_FIELDS = ("payload", "output", "metadata")
+# An idle SSE stream sends a comment this often (seconds).
+KEEPALIVE = 15.0
+_END = object()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -111,7 +115,10 @@ def _chunk_event(chunk: Chunk) -> tuple[str, dict[str, Any]]:
 class HttpServer:
     """aiohttp in the realtime service's event loop."""
 
-    def __init__(self, realtime: Realtime, servicer: RealtimeServicer) -> None:
+    def __init__(
+        self, realtime: Realtime, servicer: RealtimeServicer, keepalive: float = KEEPALIVE
+    ) -> None:
+        self.keepalive = keepalive
         self._realtime = realtime
         self._servicer = servicer
         origins = [o.strip() for o in realtime.settings.cors_origins.split(",") if o.strip()]
@@ -230,17 +237,35 @@ class HttpServer:
         )
         self._cors(request, response)
         await response.prepare(request)
+        following: asyncio.Future[Any] | None = None
         try:
-            async for item in _items(opened):
+            while True:
+                if following is None:
+                    following = asyncio.ensure_future(anext(opened, _END))
+                done, _ = await asyncio.wait({following}, timeout=self.keepalive)
+                if not done:
+                    # A comment line: keeps proxies from closing an idle stream, and finds out
+                    # when the client has gone.
+                    await response.write(b": keepalive\n\n")
+                    continue
+                item, following = following.result(), None
+                if item is _END:
+                    break
                 event_id, data = encode(item)
                 head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
                 await response.write(f"{head}data: {json.dumps(data)}\n\n".encode())
             await response.write(b"event: end\ndata: {}\n\n")
-        except (ConnectionResetError, OSError):
+        except ConnectionResetError:  # aiohttp's "cannot write to closing transport" too
             pass  # the client went away
         except Exception as error:
             body = _error_body(as_service_error(error))
             await response.write(f"event: error\ndata: {json.dumps(body)}\n\n".encode())
+        finally:
+            # However the response ends, the subscription ends with it (and its consumer goes).
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+            await opened.aclose()
         return response
 
     async def _trigger(self, request: web.Request) -> web.StreamResponse:
@@ -275,12 +300,3 @@ class HttpServer:
         )
         self._cors(request, response)
         return response
-
-
-async def _items(opened: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
-    """``opened``, closed (its consumer removed) however the response ends."""
-    try:
-        async for item in opened:
-            yield item
-    finally:
-        await opened.aclose()

@@ -283,11 +283,12 @@ class RunSetSubscription:
             last = self.versions.get(run.id, 0)
             if run.version <= last:
                 continue
-            if run.version == last + 1 and not self._events.truncated:
+            # A run not sent before starts wherever the stream has it (a resumed SSE client
+            # names no versions: it had the versions before the cursor).
+            if (last == 0 or run.version == last + 1) and not self._events.truncated:
                 self._pending.append(run)
                 continue
-            # A gap (or a run first seen mid-history, or a truncated event): the scheduler's
-            # snapshot is at least as new.
+            # A gap (or a truncated event): the scheduler's snapshot is at least as new.
             self._pending.append(await self._snapshot_or(run))
 
     async def _snapshot_or(self, run: run_pb2.Run) -> run_pb2.Run:

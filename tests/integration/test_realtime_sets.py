@@ -4,9 +4,12 @@ setting ``Run.batch_id`` on the runs the tests publish."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import grpc
 import nats
 import pytest
@@ -290,3 +293,78 @@ async def _eventually(check: Any, timeout: float = 15.0) -> None:
     from tests.helpers.wait import eventually
 
     await eventually(check, timeout)
+
+
+@pytest.fixture
+async def http_realtime(
+    nats_server: NatsServer, scheduler: FakeSetScheduler
+) -> AsyncIterator[RealtimeService]:
+    service = await serve(
+        RealtimeSettings(
+            nats_url=nats_server.url,
+            api_url=scheduler.address,
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            reconcile_interval=LONG,
+        )
+    )
+    assert service.http is not None
+    service.http.keepalive = 0.2
+    assert await service.link.wait_connected(15.0)
+    yield service
+    await service.stop(grace=0)
+
+
+class SseReader:
+    """An SSE response read line by line: events as (id, data), comments counted."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.comments = 0
+
+    async def event(self) -> tuple[str, dict[str, Any]]:
+        event_id, data = "", ""
+        async for raw in self.response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                self.comments += 1
+            elif line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif not line and data:
+                parsed = json.loads(data)
+                assert "error" not in parsed, parsed
+                return event_id, parsed
+        raise AssertionError("the stream ended")
+
+
+async def test_sse_batch_resumes_from_last_event_id_and_keeps_idle_streams_alive(
+    js: JetStreamContext, scheduler: FakeSetScheduler, http_realtime: RealtimeService
+) -> None:
+    scheduler.runs["run_0"] = brun("run_0", 1)
+    url = f"http://127.0.0.1:{http_realtime.http_port}/realtime/v1/batches/batch_1"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, params={"token": "rp_dev_test"}) as response:
+            assert response.status == 200
+            sse = SseReader(response)
+            _, listed = await sse.event()
+            assert listed["id"] == "run_0"
+            await publish(js, brun("run_a", 1))
+            last_id, first = await sse.event()
+            assert (first["id"], first["version"]) == ("run_a", 1)
+            while sse.comments == 0:  # idle: keepalive comments, not silence
+                await asyncio.wait_for(response.content.readline(), 10)
+                sse.comments += 1
+        # Missed while disconnected; Last-Event-ID (the cursor) replays it in order.
+        await publish(js, brun("run_a", 2), brun("run_a", 3))
+        async with session.get(
+            url, headers={"Authorization": "Bearer rp_dev_test", "Last-Event-ID": last_id}
+        ) as response:
+            assert response.status == 200, await response.text()
+            sse = SseReader(response)
+            got = [(await sse.event())[1] for _ in range(2)]
+            assert [(r["id"], r["version"]) for r in got] == [("run_a", 2), ("run_a", 3)]
+        async with session.get(url, params={"token": "nope"}) as refused:
+            assert refused.status == 401
+            assert (await refused.json())["error"]["code"] == "UNAUTHENTICATED"
