@@ -35,7 +35,7 @@ class Scheduler:
         self.store = Store(self.engine_db, on_commit=lambda events: self.relay.committed(events))
         self.relay = Relay(self.store, settings.nats_url)
         self.engine = RunEngine(self.store, settings)
-        self.tokens = PublicTokens(self.engine_db, settings.signing_key)
+        self.tokens = PublicTokens(self.engine_db, settings.signing_key, self.store.writer.run)
         self.server = Server(KeyAuthenticator(self.engine_db, self.tokens))
         self.port = 0
 

@@ -19,7 +19,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,10 @@ class KeyAuthenticator:
 
 # -- public access tokens ----------------------------------------------------------------------
 
+# Runs a write operation (given something with an ``execute(statement)``) in the caller's
+# transaction of choice: the scheduler passes its store's writer.
+Write = Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
 DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
 MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
 # The lifetime of the token a trigger hands back for reading its run.
@@ -212,10 +216,15 @@ class PublicTokens:
     tokens survive restarts. Only the scheduler needs it: the realtime service passes tokens on
     to the scheduler, which authorises every read."""
 
-    def __init__(self, engine: AsyncEngine, signing_key: str = "") -> None:
+    def __init__(
+        self, engine: AsyncEngine, signing_key: str = "", write: Write | None = None
+    ) -> None:
         self._engine = engine
         self._key = signing_key.encode() if signing_key else b""
         self._loading = asyncio.Lock()
+        # The scheduler's single writer (its group commit): on SQLite a second writer beside it
+        # would wait on the lock while blocking the loop the writer needs.
+        self._write = write
 
     async def _signing_key(self) -> bytes:
         if self._key:
@@ -289,18 +298,26 @@ class PublicTokens:
         if not who.single_use:
             return
         now = _now_ms()
+        used = db.used_public_tokens
+
+        async def record(tx: Any) -> None:
+            # Checked before writing: a refusal leaves the (shared) transaction untouched.
+            seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == who.token_id))
+            if seen.first() is not None:
+                raise Unauthenticated("this single-use public access token has been used")
+            # Records of expired tokens are useless: the signature check refuses them first.
+            await tx.execute(delete(used).where(used.c.expires_at < now))
+            await tx.execute(
+                insert(used).values(token_id=who.token_id, used_at=now, expires_at=who.expires_at)
+            )
+
         try:
-            async with self._engine.begin() as conn:
-                # Records of expired tokens are useless: the signature check refuses them first.
-                await conn.execute(
-                    delete(db.used_public_tokens).where(db.used_public_tokens.c.expires_at < now)
-                )
-                await conn.execute(
-                    insert(db.used_public_tokens).values(
-                        token_id=who.token_id, used_at=now, expires_at=who.expires_at
-                    )
-                )
-        except sa_exc.IntegrityError:
+            if self._write is not None:
+                await self._write(record)
+            else:
+                async with self._engine.begin() as conn:
+                    await record(conn)
+        except sa_exc.IntegrityError:  # another scheduler recorded it first
             raise Unauthenticated("this single-use public access token has been used") from None
 
 
