@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -58,11 +57,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         run = run_to_pb(row)
         token = ""
         if self.tokens is not None:
-            token = await self.tokens.mint(
-                auth.Principal(who.environment_id, who.environment_slug),
-                [f"read:runs:{run.id}"],
-                int(time.time() * 1000) + auth.RUN_TOKEN_LIFETIME_MS,
-            )
+            token = await self.tokens.read_token(who, "runs", run.id)
         return rpb.TriggerRunResponse(run=run, is_cached=cached, public_access_token=token)
 
     async def GetRun(self, request: rpb.GetRunRequest, context: Context) -> rpb.GetRunResponse:

@@ -278,6 +278,15 @@ class PublicTokens:
             claims["single_use"] = True
         return sign_jwt(await self._signing_key(), claims)
 
+    async def read_token(self, who: Principal, kind: str, resource_id: str) -> str:
+        """A 15-minute token reading one run (``kind="runs"``) or one batch (``"batch"``): what
+        a trigger or a batch trigger hands back, minted for the caller's environment."""
+        return await self.mint(
+            Principal(who.environment_id, who.environment_slug),
+            [f"read:{kind}:{resource_id}"],
+            _now_ms() + RUN_TOKEN_LIFETIME_MS,
+        )
+
     async def verify(self, token: str) -> Principal:
         claims = verify_jwt(await self._signing_key(), token, _now_ms())
         scopes = claims.get("scopes")

@@ -16,6 +16,7 @@ import pytest
 
 import runplane
 from runplane import Run, RunStatus
+from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc
 from runplane_server import db
 from runplane_server.auth import Principal, PublicTokens
 from tests.helpers.cluster import Cluster
@@ -280,8 +281,13 @@ async def test_public_tokens_over_grpc_and_sse(cluster: Cluster) -> None:
     first = await anext(aiter(tagged.runs.subscribe_to_runs_with_tag("mine")))
     assert first.id == a.id
 
-    # SSE: the same rules, with ?token= (EventSource) or a Bearer header.
-    base = cluster.realtime_http_url
+    # SSE: the same rules, with ?token= (EventSource) or a Bearer header, at the HTTP address
+    # the scheduler announces.
+    meta = meta_service_pb2_grpc.MetaServiceStub(public._channel())
+    info = await public._call(meta.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
+    assert info.realtime_http_url == cluster.realtime_http_url
+    assert info.environment_id == env_id
+    base = info.realtime_http_url
     async with aiohttp.ClientSession() as session:
         status, events = await _sse(session, f"{base}/realtime/v1/runs/{a.id}", token=run_token)
         assert status == 200

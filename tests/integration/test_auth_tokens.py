@@ -8,9 +8,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 import runplane
+from runplane.v1 import run_service_pb2 as rpb
+from runplane.v1 import run_service_pb2_grpc
 from runplane_scheduler.app import Scheduler, start_scheduler
+from runplane_server import db
 from runplane_server.auth import Principal, PublicTokens, create_key
 from runplane_server.config import SchedulerSettings
 
@@ -116,6 +120,36 @@ async def test_a_single_use_trigger_token_works_once(scheduler: Scheduler) -> No
     )
     for i in range(3):
         await many.tasks.trigger("not-deployed", {"i": i})
+
+
+async def test_a_batch_read_token_reads_the_batchs_runs_only(scheduler: Scheduler) -> None:
+    client = await _client(scheduler)
+    run = await client.tasks.trigger("not-deployed", {})
+    env_id = (await client.runs.retrieve(run)).raw.environment_id
+    tokens = PublicTokens(scheduler.engine_db)
+    token = await tokens.read_token(Principal(env_id, "dev"), "batch", "batch_1")
+    public = _as(scheduler, token)
+    stub = run_service_pb2_grpc.RunServiceStub(public._channel())
+    listing = await public._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1"))
+    assert list(listing.runs) == []
+    with pytest.raises(runplane.PermissionDeniedError):
+        await public._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_2"))
+    with pytest.raises(runplane.PermissionDeniedError):
+        await public.runs.retrieve(run.id)
+    # Batches are made elsewhere; mark a run as one's directly.
+    member = await client.tasks.trigger("not-deployed", {"in": "batch"})
+    async with scheduler.engine_db.begin() as conn:
+        await conn.execute(
+            update(db.runs).where(db.runs.c.id == member.id).values(batch_id="batch_1")
+        )
+    sdk_token = await client.auth.create_batch_public_token("batch_1")
+    batch_reader = _as(scheduler, sdk_token)
+    assert (await batch_reader.runs.retrieve(member.id)).payload == {"in": "batch"}
+    stub = run_service_pb2_grpc.RunServiceStub(batch_reader._channel())
+    listing = await batch_reader._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1"))
+    assert [r.id for r in listing.runs] == [member.id]
+    with pytest.raises(runplane.PermissionDeniedError):
+        await batch_reader.runs.retrieve(run.id)
 
 
 async def test_a_token_of_one_environment_sees_nothing_of_another(scheduler: Scheduler) -> None:
