@@ -6,7 +6,9 @@ of record, so whenever the stream cannot say what happened next the subscription
 scheduler for the snapshot (``GetRun``, or ``ListRuns`` for a set of runs) and sends what is newer:
 
 - a version gap (events lost or purged): at once;
-- no event for ``reconcile_interval`` seconds: in case the last events never reached NATS;
+- no event for ``reconcile_interval`` seconds: in case the last events never reached NATS (a
+  snapshot more than one version ahead waits a grace first: the versions between are most likely
+  still in the relay, and would be skipped);
 - NATS unreachable: every second until it returns, then the stream again.
 
 :class:`RunSubscription` follows one run from the start of its events. :class:`RunSetSubscription`
@@ -45,6 +47,35 @@ OUTAGE_POLL_INTERVAL = 1.0
 # A waiting subscription looks up from the stream this often, to notice a NATS outage promptly.
 READ_SLICE = 1.0
 MIN_RECONCILE_INTERVAL = 0.1
+# An idle check that finds the scheduler more than one version ahead sends its snapshot only
+# when the gap has lasted this many reconcile intervals (and at least GAP_GRACE_MIN seconds):
+# until then the versions between are most likely still on their way through the relay, and
+# sending the snapshot would skip them.
+GAP_GRACE_INTERVALS = 5
+GAP_GRACE_MIN = 5.0
+
+
+class GapGrace:
+    """When a gap between the last version sent and the scheduler's was first seen, per run."""
+
+    def __init__(self, interval: float) -> None:
+        self._grace = max(GAP_GRACE_INTERVALS * interval, GAP_GRACE_MIN)
+        self._since: dict[str, tuple[int, float]] = {}
+
+    def may_send(self, snapshot: run_pb2.Run, last_version: int) -> bool:
+        """True for the next version (no gap), or for a gap that has outlasted the grace."""
+        if last_version == 0 or snapshot.version == last_version + 1:
+            self._since.pop(snapshot.id, None)
+            return True
+        now = asyncio.get_running_loop().time()
+        seen = self._since.get(snapshot.id)
+        if seen is None or seen[0] != last_version:
+            self._since[snapshot.id] = (last_version, now)
+            return False
+        if now - seen[1] >= self._grace:
+            del self._since[snapshot.id]
+            return True
+        return False
 
 
 def is_final(run: run_pb2.Run) -> bool:
@@ -71,6 +102,7 @@ class RunSubscription:
         self._run_id = run_id
         # A floor, so that a zero setting cannot turn reconciling into a busy loop.
         self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
+        self._gaps = GapGrace(self._interval)
         self.last_version = after_version
 
     async def runs(self, keep_open: bool) -> AsyncGenerator[run_pb2.Run, None]:
@@ -95,7 +127,8 @@ class RunSubscription:
             if loop.time() >= reconcile_at:
                 # Nothing new for a while: the last events may never have reached NATS.
                 reconcile_at = loop.time() + self._interval
-                if snapshot := await self._newer_snapshot():
+                snapshot = await self._newer_snapshot()
+                if snapshot is not None and self._gaps.may_send(snapshot, self.last_version):
                     return snapshot
                 continue
             try:
@@ -194,6 +227,7 @@ class RunSetSubscription:
         self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
         self.versions = dict(after_versions)
         self._resume_cursor = resume_cursor
+        self._gaps = GapGrace(self._interval)
         self._events: RunEvents | None = None
         self._pending: list[run_pb2.Run] = []
 
@@ -237,16 +271,19 @@ class RunSetSubscription:
         await self._relist_unless_unavailable()
         return True
 
-    async def _relist(self) -> None:
-        """Queue the scheduler's list: the state of every run in the set now."""
-        self._pending.extend(
-            await self._scheduler.list_runs(
-                self._credentials,
-                tags=self._set.tags,
-                batch_id=self._set.batch_id,
-                created_after_ms=self._set.created_after_ms,
-            )
+    async def _relist(self, idle: bool = False) -> None:
+        """Queue the scheduler's list: the state of every run in the set now. After an idle
+        interval a run's snapshot across a gap waits out the grace (see GapGrace)."""
+        listed = await self._scheduler.list_runs(
+            self._credentials,
+            tags=self._set.tags,
+            batch_id=self._set.batch_id,
+            created_after_ms=self._set.created_after_ms,
         )
+        for run in listed:
+            last = self.versions.get(run.id, 0)
+            if run.version > last and (not idle or self._gaps.may_send(run, last)):
+                self._pending.append(run)
 
     async def _fill(self) -> None:
         """Wait for something to send and queue it."""
@@ -255,7 +292,7 @@ class RunSetSubscription:
         while not self._pending:
             if loop.time() >= reconcile_at:
                 reconcile_at = loop.time() + self._interval
-                await self._relist_unless_unavailable()
+                await self._relist_unless_unavailable(idle=True)
                 continue
             if not await self._start_events():
                 # The consumer starts after the list, so it must be made first: poll the
@@ -299,9 +336,9 @@ class RunSetSubscription:
             return run
         return snapshot if snapshot.version >= run.version else run
 
-    async def _relist_unless_unavailable(self) -> None:
+    async def _relist_unless_unavailable(self, idle: bool = False) -> None:
         try:
-            await self._relist()
+            await self._relist(idle)
         except errors.Unavailable as error:
             # A refusal (token expired, key revoked) is not caught: it ends the subscription.
             log.warning("%s: no list from the scheduler: %s", self._set.name, error.message)
