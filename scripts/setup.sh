@@ -159,4 +159,19 @@ elif command -v npm >/dev/null; then
 else
     warn "[4/4] npm not found: buf not installed, so \`make lint\` cannot check protos"
 fi
+
+# --- Node.js client (clients/node): its gRPC dependencies, from the committed lock file ----------
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    node_major=$(node -p 'process.versions.node.split(".")[0]')
+    if ((node_major < 18)); then
+        warn "node $(node --version) is older than 18: clients/node not installed"
+    elif [[ -d clients/node/node_modules/@grpc/grpc-js && clients/node/node_modules/.package-lock.json -nt clients/node/package-lock.json ]]; then
+        step "clients/node: dependencies present"
+    else
+        step "clients/node: npm ci ($(node --version))"
+        (cd clients/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci in clients/node failed"
+    fi
+else
+    warn "node/npm not found: the Node.js client (clients/node) is not installed"
+fi
 step "done"

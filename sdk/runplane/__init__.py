@@ -9,12 +9,14 @@ async def hello(payload: dict) -> str:
 handle = await hello.trigger({"name": "world"})
 """
 
+from runplane._auth import AuthAPI
 from runplane._batch import BatchAPI, batch
 from runplane._client import (
     Client,
     RunsAPI,
     TagsAPI,
     TasksAPI,
+    auth,
     configure,
     default_client,
     runs,
@@ -55,6 +57,7 @@ from runplane._models import (
 )
 from runplane._queues import QueuesAPI, queues
 from runplane._schedules import Schedule, ScheduledPayload, SchedulesAPI, schedules
+from runplane._streams import Stream, StreamsAPI, streams
 from runplane._task import Queue, RetryOptions, Task, queue, task
 from runplane._wait import Result, WaitAPI, WaitToken, wait
 
@@ -64,6 +67,7 @@ __all__ = [
     "AbortTaskRunError",
     "AlreadyExistsError",
     "ApiError",
+    "AuthAPI",
     "Batch",
     "BatchAPI",
     "BatchHandle",
@@ -97,6 +101,8 @@ __all__ = [
     "ScheduledPayload",
     "SchedulesAPI",
     "Signal",
+    "Stream",
+    "StreamsAPI",
     "TagsAPI",
     "Task",
     "TaskRunError",
@@ -107,6 +113,7 @@ __all__ = [
     "WaitToken",
     "WaitpointTimeoutError",
     "__version__",
+    "auth",
     "batch",
     "configure",
     "default_client",
@@ -117,6 +124,7 @@ __all__ = [
     "queues",
     "runs",
     "schedules",
+    "streams",
     "tags",
     "task",
     "tasks",

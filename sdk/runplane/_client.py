@@ -10,13 +10,14 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry import propagate
 
 from runplane import _durations, _idempotency
+from runplane._auth import AuthAPI
 from runplane._context import current_context
 from runplane._durations import DurationLike
 from runplane._errors import ConfigurationError, from_rpc_error
@@ -100,6 +101,7 @@ class Client:
         from runplane._schedules import SchedulesAPI  # it builds on this module
 
         self.schedules = SchedulesAPI(self)
+        self.auth = AuthAPI(self)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -249,7 +251,10 @@ class TasksAPI(Namespace, GlobalHooks):
         client = self._client
         response = await client._call(client._run_stub().TriggerRun, request)
         return RunHandle(
-            id=response.run.id, is_cached=response.is_cached, run=Run.from_pb(response.run)
+            id=response.run.id,
+            is_cached=response.is_cached,
+            run=Run.from_pb(response.run),
+            public_access_token=response.public_access_token,
         )
 
     def trigger_sync(self, task_id: str, payload: Any = None, **options: Any) -> RunHandle:
@@ -443,6 +448,37 @@ class RunsAPI(Namespace):
     def logs_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[LogEntry]:
         return self._client._iterate_sync(self.logs(run_id, **kwargs))
 
+    async def subscribe_to_runs_with_tag(
+        self, tag: str, *, created_after: datetime | timedelta = timedelta(hours=24)
+    ) -> AsyncIterator[Run]:
+        """The runs with ``tag`` created since ``created_after`` (a time, or how long ago: the
+        last 24 hours by default; at most 7 days), then every change of them and of new runs
+        with the tag, in order per run. Never ends by itself; reconnects transparently."""
+        from runplane._realtime import subscribe_to_runs_with_tag
+
+        if isinstance(created_after, timedelta):
+            created_after = datetime.now(UTC) - created_after
+        client = self._client
+        channel = client._channel(await client._resolve_realtime_url())
+        async for pb in subscribe_to_runs_with_tag(channel, client._metadata(), tag, created_after):
+            yield Run.from_pb(pb)
+
+    def subscribe_to_runs_with_tag_sync(self, tag: str, **kwargs: Any) -> Iterator[Run]:
+        return self._client._iterate_sync(self.subscribe_to_runs_with_tag(tag, **kwargs))
+
+    async def subscribe_to_batch(self, batch_id: str) -> AsyncIterator[Run]:
+        """The runs of a batch, then every change of them, in order per run. Never ends by
+        itself; reconnects transparently."""
+        from runplane._realtime import subscribe_to_batch
+
+        client = self._client
+        channel = client._channel(await client._resolve_realtime_url())
+        async for pb in subscribe_to_batch(channel, client._metadata(), batch_id):
+            yield Run.from_pb(pb)
+
+    def subscribe_to_batch_sync(self, batch_id: str) -> Iterator[Run]:
+        return self._client._iterate_sync(self.subscribe_to_batch(batch_id))
+
 
 class TagsAPI(Namespace):
     """Tags of the running run: ``await tags.add("user:42")`` inside a task."""
@@ -491,3 +527,4 @@ def configure(
 tasks = TasksAPI(None)
 runs = RunsAPI(None)
 tags = TagsAPI(None)
+auth = AuthAPI(None)

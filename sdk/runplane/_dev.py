@@ -230,7 +230,10 @@ async def dev(args: argparse.Namespace) -> int:
         executor_port = free_port()
         api_url = f"127.0.0.1:{api_port}"
         realtime_url = f"127.0.0.1:{realtime_port}"
+        realtime_http_url = f"http://127.0.0.1:{free_port()}"
         env.update(
+            RUNPLANE_REALTIME_HTTP_URL=realtime_http_url,
+            RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_url.removeprefix("http://"),
             RUNPLANE_SCHEDULER_LISTEN=api_url,
             RUNPLANE_API_URL=api_url,
             RUNPLANE_REALTIME_URL=realtime_url,
@@ -261,11 +264,13 @@ async def dev(args: argparse.Namespace) -> int:
             return 130
         ready.result()
         (STATE_DIR / "dev.env").write_text(
-            f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\nRUNPLANE_SECRET_KEY={key}\n"
+            f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\n"
+            f"RUNPLANE_REALTIME_HTTP_URL={realtime_http_url}\nRUNPLANE_SECRET_KEY={key}\n"
         )
         say(
             "dev",
-            f"ready: API {api_url}, realtime {realtime_url}; settings in {STATE_DIR / 'dev.env'}",
+            f"ready: API {api_url}, realtime {realtime_url} (HTTP {realtime_http_url}); "
+            f"settings in {STATE_DIR / 'dev.env'}",
         )
         say(
             "dev",

@@ -193,6 +193,8 @@ class RunHandle:
     id: str
     is_cached: bool = False
     run: Run | None = field(default=None, repr=False, compare=False)
+    # A token that may read this run only (read:runs:<id>) for 15 minutes: hand it to a browser.
+    public_access_token: str = field(default="", repr=False, compare=False)
 
 
 class BatchItem(TypedDict):

@@ -1,4 +1,5 @@
-"""JetStream plumbing for run subscriptions: the service's NATS connection and one run's events.
+"""JetStream plumbing for subscriptions and streams: the service's NATS connection, ordered
+readers of one subject, and run events.
 
 EventsUnavailable   NATS, JetStream or the RUN_EVENTS stream cannot be read right now
 """
@@ -14,6 +15,7 @@ import nats
 import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -131,48 +133,47 @@ class NatsLink:
         log.warning("%s; subscriptions follow the scheduler until it is back", what)
 
 
-class RunEvents:
-    """One run's events in stream order, read with an ordered push consumer.
+class OrderedReader:
+    """The messages of one subject of one stream in order, read with an ordered push consumer.
 
     The consumer is made on first read and remade after every NATS reconnection, starting at the
-    stream sequence after the last event read, so an outage loses no event that JetStream kept.
+    stream sequence after the last message read, so an outage loses no message JetStream kept.
     """
 
-    def __init__(self, link: NatsLink, subject: str) -> None:
+    def __init__(self, link: NatsLink, stream: str, subject: str, start_sequence: int = 0) -> None:
         self._link = link
+        self._stream = stream
         self._subject = subject
         self._sub: Any = None
         self._epoch = 0
         # Stream sequence to start the next consumer at; 0 means the stream's first message.
-        self._next_sequence = 0
-        # The last event returned left out large fields (RunEvent.truncated).
-        self.truncated = False
+        self._next_sequence = start_sequence
 
-    async def next(self, timeout: float) -> run_pb2.Run | None:
-        """The run carried by the next event, or None if none came within ``timeout`` seconds
-        (or the event was unreadable). Raises EventsUnavailable when the events cannot be read."""
+    @property
+    def subject(self) -> str:
+        return self._subject
+
+    @property
+    def next_sequence(self) -> int:
+        return self._next_sequence
+
+    async def next_msg(self, timeout: float) -> Msg | None:
+        """The next message, or None if none came within ``timeout`` seconds. Raises
+        EventsUnavailable when the stream cannot be read."""
         if not self._link.connected:
-            # An idle subscription does not notice a dead connection until its timeout; asking
-            # the link lets the caller switch to the scheduler at once.
+            # An idle reader does not notice a dead connection until its timeout; asking the link
+            # lets the caller switch to the scheduler at once.
             raise EventsUnavailable(f"not connected to NATS at {self._link.url}")
         sub = await self._subscription()
         try:
-            msg = await sub.next_msg(timeout=timeout)
+            msg: Msg = await sub.next_msg(timeout=timeout)
         except nats.errors.TimeoutError:
             return None
         except nats.errors.Error as error:  # the connection closed under the read
             await self._drop()
             raise EventsUnavailable(str(error) or type(error).__name__) from error
         self._next_sequence = msg.metadata.sequence.stream + 1
-        try:
-            event = events_pb2.RunEvent.FromString(msg.data)
-        except DecodeError:
-            # Counts as a missing event: the caller's gap or idle check asks the scheduler.
-            log.warning("skipping an undecodable event on %s", self._subject)
-            return None
-        self.truncated = event.truncated
-        run: run_pb2.Run = event.run
-        return run
+        return msg
 
     async def close(self) -> None:
         """Remove the consumer; the reader may be cancelled, so this never raises an Exception."""
@@ -193,7 +194,7 @@ class RunEvents:
         try:
             self._sub = await js.subscribe(
                 self._subject,
-                stream=subjects.RUN_EVENTS_STREAM,
+                stream=self._stream,
                 ordered_consumer=True,
                 deliver_policy=policy,
                 config=config,
@@ -217,6 +218,42 @@ class RunEvents:
         if consumer and self._link.connected:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
-                    self._link.jetstream().delete_consumer(subjects.RUN_EVENTS_STREAM, consumer),
+                    self._link.jetstream().delete_consumer(self._stream, consumer),
                     JS_TIMEOUT,
                 )
+
+
+class RunEvents(OrderedReader):
+    """One run's events (or, with a wildcard subject, a whole environment's) in stream order."""
+
+    def __init__(self, link: NatsLink, subject: str, start_sequence: int = 0) -> None:
+        super().__init__(link, subjects.RUN_EVENTS_STREAM, subject, start_sequence)
+        # The last event returned left out large fields (RunEvent.truncated).
+        self.truncated = False
+
+    async def next(self, timeout: float) -> run_pb2.Run | None:
+        """The run carried by the next event, or None if none came within ``timeout`` seconds
+        (or the event was unreadable). Raises EventsUnavailable when the events cannot be read."""
+        msg = await self.next_msg(timeout)
+        if msg is None:
+            return None
+        try:
+            event = events_pb2.RunEvent.FromString(msg.data)
+        except DecodeError:
+            # Counts as a missing event: the caller's gap or idle check asks the scheduler.
+            log.warning("skipping an undecodable event on %s", self.subject)
+            return None
+        self.truncated = event.truncated
+        run: run_pb2.Run = event.run
+        return run
+
+
+async def stream_bounds(link: NatsLink, stream: str) -> tuple[int, int]:
+    """The stream's first kept sequence, and the sequence its next message will have (where a
+    reader of only new messages starts). Raises EventsUnavailable when NATS cannot say."""
+    try:
+        info = await asyncio.wait_for(link.jetstream().stream_info(stream), JS_TIMEOUT)
+    except (nats.errors.Error, TimeoutError) as error:
+        raise EventsUnavailable(f"cannot read stream {stream}: {error!r}") from error
+    last = int(info.state.last_seq)
+    return max(int(info.state.first_seq), 1), last + 1

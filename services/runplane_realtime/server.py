@@ -1,16 +1,10 @@
-"""RealtimeService: a run's versions in order, from JetStream, checked against the scheduler.
+"""RealtimeService: runs' versions in order and run streams, over gRPC and (see ``http.py``) SSE.
 
-A subscription reads the run's events with an ordered JetStream consumer from the stream's start
-and sends every version newer than the last one sent, once and in order. The scheduler's database
-is the system of record, so whenever the stream cannot say what happened next the subscription
-asks the scheduler for the run's snapshot and sends it if it is newer:
-
-- a version gap (events lost or purged): at once;
-- no event for ``reconcile_interval`` seconds: in case the last events never reached NATS;
-- NATS unreachable: every second until it returns, then the stream again.
-
-The service keeps no database and no credentials: each subscription forwards the caller's
-``authorization`` to the scheduler's ``GetRun``, and the scheduler's refusal is the subscriber's.
+The service keeps no database and no credentials: every call forwards the caller's
+``authorization`` to the scheduler (``GetRun``, ``ListRuns``, ``GetServerInfo``), and the
+scheduler's refusal is the caller's. That is also how public access tokens are checked: the
+scheduler holds the signing key and knows each token's scopes. See ``subscriptions.py`` for how
+a subscription stays complete and in order.
 """
 
 from __future__ import annotations
@@ -19,195 +13,204 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, TypeAlias
 
 import grpc
-from opentelemetry import propagate
 
-from runplane.v1 import (
-    realtime_service_pb2,
-    realtime_service_pb2_grpc,
-    run_pb2,
-    run_service_pb2,
-    run_service_pb2_grpc,
+from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
+from runplane_realtime.events import NatsLink, RunEvents
+from runplane_realtime.scheduler import Metadata, Scheduler
+from runplane_realtime.streams import Chunk, RunStreams, stream_id
+from runplane_realtime.subscriptions import (
+    RunSet,
+    RunSetSubscription,
+    RunSubscription,
+    is_final,
 )
-from runplane_realtime.events import EventsUnavailable, NatsLink, RunEvents
 from runplane_server import errors, subjects, telemetry
+from runplane_server.auth import is_public_token
 from runplane_server.config import RealtimeSettings
-from runplane_server.grpcserver import Server
+from runplane_server.grpcserver import Server, bearer_token
 
 log = logging.getLogger("runplane.realtime")
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-Metadata: TypeAlias = tuple[tuple[str, str], ...]
 
 SERVICE_NAME = "runplane.v1.RealtimeService"
 
-FINAL_STATUSES = frozenset(
-    {
-        run_pb2.RUN_STATUS_COMPLETED,
-        run_pb2.RUN_STATUS_CANCELED,
-        run_pb2.RUN_STATUS_FAILED,
-        run_pb2.RUN_STATUS_CRASHED,
-        run_pb2.RUN_STATUS_SYSTEM_FAILURE,
-        run_pb2.RUN_STATUS_EXPIRED,
-        run_pb2.RUN_STATUS_TIMED_OUT,
-    }
-)
-
-# While the stream cannot be read, ask the scheduler this often.
-OUTAGE_POLL_INTERVAL = 1.0
-# A waiting subscription looks up from the stream this often, to notice a NATS outage promptly.
-READ_SLICE = 1.0
-SNAPSHOT_TIMEOUT = 10.0
-MIN_RECONCILE_INTERVAL = 0.1
-
-# The scheduler's refusals, passed on to the subscriber as the same status.
-_REFUSALS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-}
+# A tag subscription covers runs created this long ago at most (RUN_EVENTS keeps 7 days).
+DEFAULT_TAG_WINDOW_MS = 24 * 3600 * 1000
+MAX_TAG_WINDOW_MS = 7 * 24 * 3600 * 1000
+# An AppendStream caller's right to write a run's stream is checked with the scheduler at most
+# this often.
+WRITE_GRANT_TTL = 30.0
 
 
-def is_final(run: run_pb2.Run) -> bool:
-    return run.status in FINAL_STATUSES
+class Realtime:
+    """What the gRPC servicer and the HTTP endpoints share: authorisation, then an iterator.
 
+    Each ``open_*`` method checks the caller's rights (and raises the ServiceError to answer)
+    before returning the iterator, so a refused caller gets a status, never a stream."""
 
-class Scheduler:
-    """The scheduler's ``GetRun``, called with each subscriber's own credentials."""
+    def __init__(self, settings: RealtimeSettings, link: NatsLink, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.link = link
+        self.scheduler = scheduler
+        self.streams = RunStreams(link, settings)
+        self._write_grants: dict[tuple[str, str], tuple[float, str]] = {}
 
-    def __init__(self, api_url: str) -> None:
-        self._channel = grpc.aio.insecure_channel(api_url)
-        self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
+    async def open_run(
+        self, credentials: Metadata, run_id: str, after_version: int, keep_open: bool
+    ) -> AsyncGenerator[run_pb2.Run, None]:
+        if not run_id:
+            raise errors.InvalidArgument("run_id", "must not be empty")
+        if after_version < 0:
+            raise errors.InvalidArgument("after_version", "must not be negative")
+        # The authorisation check; the snapshot also names the run's environment, and so its
+        # exact subject.
+        current = await self.scheduler.get_run(run_id, credentials)
+        subscription = RunSubscription(
+            self.scheduler,
+            self.link,
+            RunEvents(self.link, subjects.run_event(current.environment_id, current.id)),
+            credentials,
+            run_id,
+            after_version,
+            self.settings.reconcile_interval,
+        )
+        has_final = is_final(current) and current.version <= after_version
+        return _empty() if has_final and not keep_open else subscription.runs(keep_open)
 
-    async def get_run(self, run_id: str, credentials: Metadata) -> run_pb2.Run:
-        """The run as the scheduler has it now; raises the ServiceError matching its status."""
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)  # the subscriber's trace continues into the scheduler
-        try:
-            reply = await self._runs.GetRun(
-                run_service_pb2.GetRunRequest(run_id=run_id),
-                metadata=(*credentials, *carrier.items()),
-                timeout=SNAPSHOT_TIMEOUT,
-            )
-        except grpc.aio.AioRpcError as error:
-            message = error.details() or error.code().name
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise errors.InvalidArgument("run_id", message) from None
-            refusal = _REFUSALS.get(error.code())
-            if refusal is not None:
-                raise refusal(message) from None
-            raise errors.Unavailable(f"the scheduler cannot say: {message}") from None
-        run: run_pb2.Run = reply.run
-        return run
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-
-class Subscription:
-    """One subscriber's cursor over one run: the last version sent and where the next comes from."""
-
-    def __init__(
+    async def open_tag(
         self,
-        scheduler: Scheduler,
-        link: NatsLink,
-        events: RunEvents,
+        credentials: Metadata,
+        tag: str,
+        created_after_ms: int | None,
+        after_versions: Mapping[str, int],
+        resume_cursor: int = 0,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+        if not tag:
+            raise errors.InvalidArgument("tag", "must not be empty")
+        now = int(time.time() * 1000)
+        if created_after_ms is None:
+            created_after_ms = now - DEFAULT_TAG_WINDOW_MS
+        if created_after_ms < now - MAX_TAG_WINDOW_MS:
+            raise errors.InvalidArgument("created_after", "at most 7 days back")
+        return await self._open_set(
+            credentials, RunSet.with_tag(tag, created_after_ms), after_versions, resume_cursor
+        )
+
+    async def open_batch(
+        self,
+        credentials: Metadata,
+        batch_id: str,
+        after_versions: Mapping[str, int],
+        resume_cursor: int = 0,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+        if not batch_id:
+            raise errors.InvalidArgument("batch_id", "must not be empty")
+        return await self._open_set(
+            credentials, RunSet.of_batch(batch_id), after_versions, resume_cursor
+        )
+
+    async def _open_set(
+        self,
+        credentials: Metadata,
+        runs: RunSet,
+        after_versions: Mapping[str, int],
+        resume_cursor: int,
+    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+        if resume_cursor < 0:
+            raise errors.InvalidArgument("resume_cursor", "must not be negative")
+        for run_id, version in after_versions.items():
+            if version < 0:
+                raise errors.InvalidArgument(f"after_versions[{run_id}]", "must not be negative")
+        environment_id = await self.scheduler.environment_id(credentials)
+        # The authorisation check: a public token must be allowed the tag or batch.
+        await self.scheduler.list_runs(
+            credentials, tags=runs.tags, batch_id=runs.batch_id, first_page_of=1
+        )
+        subscription = RunSetSubscription(
+            self.scheduler,
+            self.link,
+            credentials,
+            environment_id,
+            runs,
+            dict(after_versions),
+            self.settings.reconcile_interval,
+            resume_cursor,
+        )
+        return subscription.runs()
+
+    async def open_stream(
+        self, credentials: Metadata, run_id: str, sid: str, after_index: int
+    ) -> AsyncGenerator[Chunk, None]:
+        if not run_id:
+            raise errors.InvalidArgument("run_id", "must not be empty")
+        stream_id(sid)
+        if after_index < 0:
+            raise errors.InvalidArgument("after_index", "must not be negative")
+        run = await self.scheduler.get_run(run_id, credentials)
+
+        async def run_is_final() -> bool:
+            try:
+                return is_final(await self.scheduler.get_run(run_id, credentials))
+            except errors.Unavailable:
+                return False
+
+        return self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
+
+    async def append(
+        self,
         credentials: Metadata,
         run_id: str,
-        after_version: int,
-        reconcile_interval: float,
-    ) -> None:
-        self._scheduler = scheduler
-        self._link = link
-        self._events = events
-        self._credentials = credentials
-        self._run_id = run_id
-        # A floor, so that a zero setting cannot turn reconciling into a busy loop.
-        self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
-        self.last_version = after_version
+        sid: str,
+        chunks: list[str],
+        close: bool,
+        chunk_ids: list[str],
+    ) -> int:
+        if not run_id:
+            raise errors.InvalidArgument("run_id", "must not be empty")
+        stream_id(sid)
+        token = bearer_token(credentials)
+        if is_public_token(token):
+            raise errors.PermissionDenied("writing a stream needs a secret key")
+        environment_id = await self._write_grant(credentials, token, run_id)
+        return await self.streams.append(environment_id, run_id, sid, chunks, close, chunk_ids)
 
-    async def runs(self, keep_open: bool) -> AsyncGenerator[run_pb2.Run, None]:
-        """Every version newer than the last sent, in order; ends after a final one unless
-        ``keep_open``."""
-        try:
-            while True:
-                run = await self._next()
-                self.last_version = run.version
-                yield run
-                if is_final(run) and not keep_open:
-                    return
-        finally:
-            await self._events.close()
+    async def _write_grant(self, credentials: Metadata, token: str, run_id: str) -> str:
+        """The run's environment if the secret key may write to it (cached briefly)."""
+        key = (token, run_id)
+        now = time.monotonic()
+        grant = self._write_grants.get(key)
+        if grant is not None and grant[0] > now:
+            return grant[1]
+        run = await self.scheduler.get_run(run_id, credentials)
+        if len(self._write_grants) > 10_000:
+            self._write_grants.clear()
+        self._write_grants[key] = (now + WRITE_GRANT_TTL, run.environment_id)
+        return run.environment_id
 
-    async def _next(self) -> run_pb2.Run:
-        """The next version to send: from the stream, or the scheduler's snapshot when the
-        stream falls short."""
-        loop = asyncio.get_running_loop()
-        reconcile_at = loop.time() + self._interval
-        while True:
-            if loop.time() >= reconcile_at:
-                # Nothing new for a while: the last events may never have reached NATS.
-                reconcile_at = loop.time() + self._interval
-                if snapshot := await self._newer_snapshot():
-                    return snapshot
-                continue
-            try:
-                run = await self._events.next(min(READ_SLICE, reconcile_at - loop.time()))
-            except EventsUnavailable as error:
-                log.debug("run %s: events unreadable (%s)", self._run_id, error)
-                nats_down = not self._link.connected
-                # NATS down: give it up to a poll interval to come back (a service just started,
-                # a blip) before asking the scheduler; that wait also paces the polling.
-                if nats_down and await self._link.wait_connected(OUTAGE_POLL_INTERVAL):
-                    continue
-                if snapshot := await self._newer_snapshot():
-                    return snapshot
-                if not nats_down:  # connected, but no stream or consumer yet: pace the retries
-                    await asyncio.sleep(OUTAGE_POLL_INTERVAL)
-                continue
-            if run is None or run.version <= self.last_version:
-                continue  # a quiet slice, or a duplicate, or history the subscriber already has
-            if run.version == self.last_version + 1:
-                if self._events.truncated:  # too big for NATS: the scheduler has it whole
-                    snapshot = await self._newer_snapshot()
-                    if snapshot is not None and snapshot.version >= run.version:
-                        return snapshot
-                return run
-            # A gap: versions between were lost or purged. The snapshot is at least as new as
-            # this event unless the scheduler is unreachable; send whichever is newer.
-            snapshot = await self._newer_snapshot()
-            return snapshot if snapshot is not None and snapshot.version > run.version else run
 
-    async def _newer_snapshot(self) -> run_pb2.Run | None:
-        """The scheduler's snapshot if newer than the last version sent."""
-        try:
-            run = await self._scheduler.get_run(self._run_id, self._credentials)
-        except errors.Unavailable as error:
-            # The stream may still deliver; the subscriber keeps it. A refusal (key revoked,
-            # run gone) is not caught: it ends the subscription.
-            log.warning("run %s: no snapshot from the scheduler: %s", self._run_id, error.message)
-            return None
-        return run if run.version > self.last_version else None
+async def _empty() -> AsyncGenerator[run_pb2.Run, None]:
+    return
+    yield  # an async generator that yields nothing
 
 
 class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     """``runplane.v1.RealtimeService``: authorised by the scheduler, fed by JetStream."""
 
-    def __init__(self, settings: RealtimeSettings, link: NatsLink, scheduler: Scheduler) -> None:
-        self._settings = settings
-        self._link = link
-        self._scheduler = scheduler
+    def __init__(self, realtime: Realtime) -> None:
+        self.realtime = realtime
         # The tasks serving open subscriptions: gRPC's stop cancels them without waiting, and
         # they must be gone before the NATS connection and the scheduler channel close.
-        self._serving: set[asyncio.Task[Any]] = set()
+        self.serving: set[asyncio.Task[Any]] = set()
 
     async def close(self, timeout: float = 5.0) -> None:
         """End every open subscription and wait for each to remove its consumer."""
-        tasks = [task for task in self._serving if not task.done()]
+        tasks = [task for task in self.serving if not task.done()]
         for task in tasks:
             # A task gRPC already cancelled is cleaning up; cancelling it again would cut that
             # short and leave its consumer behind.
@@ -216,39 +219,89 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
+    @contextlib.asynccontextmanager
+    async def tracked(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None  # gRPC and aiohttp serve each call in a task
+        self.serving.add(task)
+        try:
+            yield
+        finally:
+            self.serving.discard(task)
+
     async def SubscribeToRun(
         self, request: realtime_service_pb2.SubscribeToRunRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToRunResponse]:
-        if not request.run_id:
-            raise errors.InvalidArgument("run_id", "must not be empty")
-        if request.after_version < 0:
-            raise errors.InvalidArgument("after_version", "must not be negative")
-        task = asyncio.current_task()
-        assert task is not None  # gRPC serves each call in a task
-        self._serving.add(task)
-        try:
-            credentials = _credentials(context)
-            # The authorisation check; the snapshot also names the run's environment, and so its
-            # exact subject.
-            current = await self._scheduler.get_run(request.run_id, credentials)
-            has_final = is_final(current) and current.version <= request.after_version
-            if has_final and not request.keep_open:
-                return  # the subscriber already has the final version
-            subscription = Subscription(
-                self._scheduler,
-                self._link,
-                RunEvents(self._link, subjects.run_event(current.environment_id, current.id)),
-                credentials,
-                request.run_id,
-                request.after_version,
-                self._settings.reconcile_interval,
+        async with self.tracked():
+            runs = await self.realtime.open_run(
+                _credentials(context), request.run_id, request.after_version, request.keep_open
             )
             # aclosing: the consumer is removed as soon as this stream ends, however it ends.
-            async with contextlib.aclosing(subscription.runs(request.keep_open)) as runs:
+            async with contextlib.aclosing(runs):
                 async for run in runs:
                     yield realtime_service_pb2.SubscribeToRunResponse(run=run)
-        finally:
-            self._serving.discard(task)
+
+    async def SubscribeToRunsWithTag(
+        self, request: realtime_service_pb2.SubscribeToRunsWithTagRequest, context: Context
+    ) -> AsyncIterator[realtime_service_pb2.SubscribeToRunsWithTagResponse]:
+        async with self.tracked():
+            after = (
+                request.created_after.ToMilliseconds()
+                if request.HasField("created_after")
+                else None
+            )
+            runs = await self.realtime.open_tag(
+                _credentials(context),
+                request.tag,
+                after,
+                request.after_versions,
+                request.resume_cursor,
+            )
+            async with contextlib.aclosing(runs):
+                async for run, cursor in runs:
+                    yield realtime_service_pb2.SubscribeToRunsWithTagResponse(
+                        run=run, cursor=cursor
+                    )
+
+    async def SubscribeToBatch(
+        self, request: realtime_service_pb2.SubscribeToBatchRequest, context: Context
+    ) -> AsyncIterator[realtime_service_pb2.SubscribeToBatchResponse]:
+        async with self.tracked():
+            runs = await self.realtime.open_batch(
+                _credentials(context),
+                request.batch_id,
+                request.after_versions,
+                request.resume_cursor,
+            )
+            async with contextlib.aclosing(runs):
+                async for run, cursor in runs:
+                    yield realtime_service_pb2.SubscribeToBatchResponse(run=run, cursor=cursor)
+
+    async def ReadStream(
+        self, request: realtime_service_pb2.ReadStreamRequest, context: Context
+    ) -> AsyncIterator[realtime_service_pb2.ReadStreamResponse]:
+        async with self.tracked():
+            chunks = await self.realtime.open_stream(
+                _credentials(context), request.run_id, request.stream_id, request.after_index
+            )
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield realtime_service_pb2.ReadStreamResponse(
+                        index=chunk.index, data=chunk.data
+                    )
+
+    async def AppendStream(
+        self, request: realtime_service_pb2.AppendStreamRequest, context: Context
+    ) -> realtime_service_pb2.AppendStreamResponse:
+        last = await self.realtime.append(
+            _credentials(context),
+            request.run_id,
+            request.stream_id,
+            list(request.chunks),
+            request.close,
+            list(request.chunk_ids),
+        )
+        return realtime_service_pb2.AppendStreamResponse(last_index=last)
 
 
 def _credentials(context: Context) -> Metadata:
@@ -263,25 +316,33 @@ class RealtimeService:
     """A running realtime service; build it with :func:`serve`."""
 
     def __init__(self, settings: RealtimeSettings) -> None:
+        from runplane_realtime.http import HttpServer
+
         self.settings = settings
         self.link = NatsLink(settings.nats_url)
         self.scheduler = Scheduler(settings.api_url)
-        # No authenticator: the scheduler authorises each subscription (see SubscribeToRun); the
-        # interceptor still maps errors and continues traces.
+        self.realtime = Realtime(settings, self.link, self.scheduler)
+        # No authenticator: the scheduler authorises each call (see Realtime); the interceptor
+        # still maps errors and continues traces.
         self.server = Server(authenticate=None)
-        self.servicer = RealtimeServicer(settings, self.link, self.scheduler)
+        self.servicer = RealtimeServicer(self.realtime)
         self.server.add(
             realtime_service_pb2_grpc.add_RealtimeServiceServicer_to_server,
             self.servicer,
             SERVICE_NAME,
         )
+        self.http = HttpServer(self.realtime, self.servicer) if settings.http_listen else None
         self.port = 0
+        self.http_port = 0
         self._stopped = False
 
     async def start(self) -> None:
-        """Listen on ``settings.listen`` (port 0 picks one: see :attr:`port`); NATS may be down."""
+        """Listen on ``settings.listen`` (port 0 picks one: see :attr:`port`) and on
+        ``settings.http_listen`` if set (:attr:`http_port`); NATS may be down."""
         self.link.start()
         self.port = await self.server.start(self.settings.listen)
+        if self.http is not None:
+            self.http_port = await self.http.start(self.settings.http_listen)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving (open subscriptions end after ``grace`` seconds); idempotent."""
@@ -290,6 +351,8 @@ class RealtimeService:
         self._stopped = True
         await self.server.stop(grace)
         await self.servicer.close()
+        if self.http is not None:
+            await self.http.stop()
         await self.scheduler.close()
         await self.link.stop()
 
@@ -307,9 +370,10 @@ async def _serve() -> None:
     service = await serve(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
-        "realtime listening on %s:%d (scheduler %s, NATS %s)",
+        "realtime listening on %s:%d, HTTP on %s (scheduler %s, NATS %s)",
         host,
         service.port,
+        f"port {service.http_port}" if service.http_port else "no port",
         settings.api_url,
         settings.nats_url,
     )

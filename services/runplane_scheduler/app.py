@@ -8,6 +8,7 @@ import os
 import signal
 
 from runplane.v1 import (
+    auth_service_pb2_grpc,
     meta_service_pb2_grpc,
     queue_service_pb2_grpc,
     run_service_pb2_grpc,
@@ -15,6 +16,7 @@ from runplane.v1 import (
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
+from runplane_scheduler.auth_service import AuthServicer
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
@@ -28,7 +30,7 @@ from runplane_scheduler.service import (
 from runplane_scheduler.store import Store
 from runplane_scheduler.token_http import TokenHttpServer
 from runplane_server import db, telemetry
-from runplane_server.auth import KeyAuthenticator
+from runplane_server.auth import KeyAuthenticator, PublicTokens
 from runplane_server.config import SchedulerSettings
 from runplane_server.grpcserver import Server
 
@@ -47,13 +49,15 @@ class Scheduler:
         self.engine = RunEngine(self.store, settings)
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
-        self.server = Server(KeyAuthenticator(self.engine_db))
+        self.tokens = PublicTokens(self.engine_db, settings.signing_key, self.store.writer.run)
+        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens))
         self.port = 0
         self.http = TokenHttpServer(self.engine.waits)
         self.http_url = ""
 
     async def start(self) -> None:
         await db.upgrade(self.engine_db)
+        await self.tokens.load()
         await self.engine.start()
         await self.schedules.start()
         self.relay.start()
@@ -71,7 +75,7 @@ class Scheduler:
         )
         self.server.add(
             run_service_pb2_grpc.add_RunServiceServicer_to_server,
-            RunServicer(self.engine, self.settings),
+            RunServicer(self.engine, self.settings, self.tokens),
             "runplane.v1.RunService",
         )
         self.server.add(
@@ -93,6 +97,11 @@ class Scheduler:
             schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
             ScheduleServicer(self.schedules, self.settings),
             "runplane.v1.ScheduleService",
+        )
+        self.server.add(
+            auth_service_pb2_grpc.add_AuthServiceServicer_to_server,
+            AuthServicer(self.tokens),
+            "runplane.v1.AuthService",
         )
         self.port = await self.server.start(self.settings.listen)
 

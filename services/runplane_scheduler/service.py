@@ -36,9 +36,10 @@ from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import now_ms, run_to_pb, timestamp
 from runplane_scheduler.waitpoints import token_status
-from runplane_server.auth import principal
+from runplane_server import auth
+from runplane_server.auth import PublicTokens, principal
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import InvalidArgument, NotFound
+from runplane_server.errors import InvalidArgument, NotFound, PermissionDenied
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -46,23 +47,39 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class RunServicer(run_service_pb2_grpc.RunServiceServicer):
-    def __init__(self, engine: RunEngine, settings: SchedulerSettings) -> None:
+    def __init__(
+        self, engine: RunEngine, settings: SchedulerSettings, tokens: PublicTokens | None = None
+    ) -> None:
         self.engine = engine
         self.limits = settings.limits
+        self.tokens = tokens
 
     async def TriggerRun(
         self, request: rpb.TriggerRunRequest, context: Context
     ) -> rpb.TriggerRunResponse:
         spec = validation.trigger(request, self.limits)
-        row, cached = await self.engine.trigger(principal().environment_id, spec)
-        return rpb.TriggerRunResponse(run=run_to_pb(row), is_cached=cached)
+        who = principal()
+        auth.authorize_trigger(who, request.task_id)
+        if self.tokens is not None:
+            await self.tokens.consume(who)
+        row, cached = await self.engine.trigger(who.environment_id, spec)
+        run = run_to_pb(row)
+        token = ""
+        if self.tokens is not None:
+            token = await self.tokens.read_token(who, "runs", run.id)
+        return rpb.TriggerRunResponse(run=run, is_cached=cached, public_access_token=token)
 
     async def GetRun(self, request: rpb.GetRunRequest, context: Context) -> rpb.GetRunResponse:
         run_id = validation.run_id(request.run_id)
-        row = await self.engine.store.get_run(principal().environment_id, run_id)
+        who = principal()
+        row = await self.engine.store.get_run(who.environment_id, run_id)
         if row is None:
+            if who.is_public:  # a token learns nothing, not even whether a run exists
+                raise PermissionDenied(f"this public access token may not read run {run_id}")
             raise NotFound(f"run {run_id} not found")
-        return rpb.GetRunResponse(run=run_to_pb(row))
+        run = run_to_pb(row)
+        auth.authorize_read(who, run.id, run.tags, run.batch_id)
+        return rpb.GetRunResponse(run=run)
 
     async def ListRuns(
         self, request: rpb.ListRunsRequest, context: Context
@@ -72,6 +89,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             validation.task_id(t, f"task_ids[{i}]")
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
+        auth.authorize_list(principal(), request.tags, request.batch_id)
         rows = await self.engine.store.list_runs(
             principal().environment_id,
             statuses=validation.statuses(list(request.statuses)),
@@ -372,6 +390,8 @@ class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
             version=__version__,
             environment=principal().environment_slug,
             http_url=self.http_url,
+            realtime_http_url=self.settings.realtime_http_url,
+            environment_id=principal().environment_id,
         )
 
 

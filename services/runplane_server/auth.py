@@ -1,18 +1,34 @@
-"""Secret keys per environment, stored hashed, and the principal of the current call."""
+"""Who may call: secret keys per environment (stored hashed), public access tokens (signed,
+scoped, expiring JWTs minted from a secret key), and the principal of the current call.
+
+A secret key sees everything in its environment. A public token sees only what its scopes name
+(``read:runs:<id>``, ``read:tags:<tag>``, ``read:batch:<id>``, ``trigger:tasks:<id>``,
+``write:waitpoints:<id>``) and may call only the read and trigger methods: out of scope is
+PERMISSION_DENIED, expired or forged is UNAUTHENTICATED.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import contextvars
 import hashlib
+import hmac
+import json
+import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runplane_server import db
-from runplane_server.errors import InvalidArgument, Unauthenticated
+from runplane_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from runplane_server.ids import new_id
 
 ENVIRONMENT_SLUGS = ("dev", "staging", "prod")
@@ -20,10 +36,21 @@ ENVIRONMENT_SLUGS = ("dev", "staging", "prod")
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the environment a secret key belongs to."""
+    """Who is calling: the environment a secret key or public token belongs to.
+
+    ``scopes`` is None for a secret key (the whole environment) and the token's scopes for a
+    public token."""
 
     environment_id: str
     environment_slug: str
+    scopes: frozenset[str] | None = None
+    token_id: str = ""
+    single_use: bool = False
+    expires_at: int = 0  # ms; public tokens only
+
+    @property
+    def is_public(self) -> bool:
+        return self.scopes is not None
 
 
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("runplane_principal")
@@ -67,13 +94,19 @@ async def create_key(engine: AsyncEngine, slug: str) -> str:
 
 
 class KeyAuthenticator:
-    """Resolves ``authorization: Bearer <secret key>`` to a Principal, caching hits."""
+    """Resolves ``authorization: Bearer <secret key or public token>`` to a Principal, caching
+    secret-key hits. Without ``tokens`` public tokens are refused."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, tokens: PublicTokens | None = None) -> None:
         self._engine = engine
+        self._tokens = tokens
         self._cache: dict[str, Principal] = {}
 
     async def __call__(self, token: str) -> Principal:
+        if is_public_token(token):
+            if self._tokens is None:
+                raise Unauthenticated("public access tokens are not accepted here")
+            return await self._tokens.verify(token)
         digest = hash_key(token)
         found = self._cache.get(digest)
         if found is not None:
@@ -95,3 +128,244 @@ class KeyAuthenticator:
         found = Principal(environment_id=row.id, environment_slug=row.slug)
         self._cache[digest] = found
         return found
+
+
+# -- public access tokens ----------------------------------------------------------------------
+
+# Runs a write operation (given something with an ``execute(statement)``) in the caller's
+# transaction of choice: the scheduler passes its store's writer.
+Write = Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
+MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
+# The lifetime of the token a trigger hands back for reading its run.
+RUN_TOKEN_LIFETIME_MS = DEFAULT_TOKEN_LIFETIME_MS
+_SCOPE = re.compile(r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s]{1,256}$")
+_HEADER = {"alg": "HS256", "typ": "JWT"}
+
+# The methods a public token may call; its scopes then decide what it sees.
+PUBLIC_TOKEN_METHODS = frozenset(
+    {
+        "/runplane.v1.RunService/GetRun",
+        "/runplane.v1.RunService/ListRuns",
+        "/runplane.v1.RunService/TriggerRun",
+        "/runplane.v1.MetaService/GetServerInfo",
+    }
+)
+
+
+def is_public_token(token: str) -> bool:
+    """A JWT (three dot-separated parts); secret keys never contain a dot."""
+    return token.count(".") == 2
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_jwt(key: bytes, claims: dict[str, Any]) -> str:
+    """An HS256 JWT of ``claims``."""
+    head = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    mac = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(mac)}"
+
+
+def verify_jwt(key: bytes, token: str, now_ms: int) -> dict[str, Any]:
+    """The claims of an HS256 JWT signed with ``key`` and not expired; UNAUTHENTICATED else."""
+    try:
+        head, body, mac = token.split(".")
+        expected = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, _unb64(mac)):
+            raise Unauthenticated("public access token: bad signature")
+        header = json.loads(_unb64(head))
+        claims = json.loads(_unb64(body))
+    except (ValueError, binascii.Error):
+        raise Unauthenticated("public access token: malformed") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+        raise Unauthenticated("public access token: malformed")
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or exp * 1000 <= now_ms:
+        raise Unauthenticated("public access token: expired")
+    return claims
+
+
+def validate_scopes(scopes: Sequence[str]) -> list[str]:
+    """The scopes, checked for shape; INVALID_ARGUMENT names the first bad one."""
+    if not scopes:
+        raise InvalidArgument("scopes", "a public token needs at least one scope")
+    for i, scope in enumerate(scopes):
+        if not _SCOPE.match(scope):
+            raise InvalidArgument(
+                f"scopes[{i}]",
+                f"{scope!r} is not one of read:runs:<id>, read:tags:<tag>, read:batch:<id>, "
+                "trigger:tasks:<id>, write:waitpoints:<id>",
+            )
+    return list(dict.fromkeys(scopes))
+
+
+class PublicTokens:
+    """Mints and verifies public tokens with the installation's signing key.
+
+    The key is ``signing_key`` (RUNPLANE_SIGNING_KEY) when set, else a random key generated once
+    and kept in the ``signing_keys`` table, so every scheduler of one database signs alike and
+    tokens survive restarts. Only the scheduler needs it: the realtime service passes tokens on
+    to the scheduler, which authorises every read."""
+
+    def __init__(
+        self, engine: AsyncEngine, signing_key: str = "", write: Write | None = None
+    ) -> None:
+        self._engine = engine
+        self._key = signing_key.encode() if signing_key else b""
+        self._loading = asyncio.Lock()
+        # The scheduler's single writer (its group commit): on SQLite a second writer beside it
+        # would wait on the lock while blocking the loop the writer needs.
+        self._write = write
+
+    async def _signing_key(self) -> bytes:
+        if self._key:
+            return self._key
+        async with self._loading:  # concurrent first calls load it once
+            if not self._key:
+                self._key = await self._load_signing_key()
+        return self._key
+
+    async def _load_signing_key(self) -> bytes:
+        table = db.signing_keys
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(select(table.c.secret).where(table.c.id == "default"))
+            ).first()
+        if row is None:
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.execute(
+                        insert(table).values(
+                            id="default", secret=secrets.token_hex(32), created_at=_now_ms()
+                        )
+                    )
+            except sa_exc.IntegrityError:
+                pass  # another scheduler made it first: use theirs
+            async with self._engine.begin() as conn:
+                row = (
+                    await conn.execute(select(table.c.secret).where(table.c.id == "default"))
+                ).one()
+        return str(row.secret).encode()
+
+    async def load(self) -> None:
+        """Load (or make) the signing key now rather than on the first call that needs it."""
+        await self._signing_key()
+
+    async def mint(
+        self, who: Principal, scopes: Iterable[str], expires_at_ms: int, single_use: bool = False
+    ) -> str:
+        """A token for ``who``'s environment with ``scopes``; a public token cannot mint."""
+        if who.is_public:
+            raise PermissionDenied("a public access token cannot mint tokens; use a secret key")
+        claims = {
+            "sub": who.environment_id,
+            "env": who.environment_slug,
+            "scopes": list(scopes),
+            "iat": _now_ms() // 1000,
+            "exp": expires_at_ms / 1000,
+            "jti": new_id("tok"),
+        }
+        if single_use:
+            claims["single_use"] = True
+        return sign_jwt(await self._signing_key(), claims)
+
+    async def read_token(self, who: Principal, kind: str, resource_id: str) -> str:
+        """A 15-minute token reading one run (``kind="runs"``) or one batch (``"batch"``): what
+        a trigger or a batch trigger hands back, minted for the caller's environment."""
+        return await self.mint(
+            Principal(who.environment_id, who.environment_slug),
+            [f"read:{kind}:{resource_id}"],
+            _now_ms() + RUN_TOKEN_LIFETIME_MS,
+        )
+
+    async def verify(self, token: str) -> Principal:
+        claims = verify_jwt(await self._signing_key(), token, _now_ms())
+        scopes = claims.get("scopes")
+        env_id, slug = claims.get("sub"), claims.get("env")
+        if not isinstance(scopes, list) or not isinstance(env_id, str) or not isinstance(slug, str):
+            raise Unauthenticated("public access token: malformed claims")
+        return Principal(
+            environment_id=env_id,
+            environment_slug=slug,
+            scopes=frozenset(str(s) for s in scopes),
+            token_id=str(claims.get("jti", "")),
+            single_use=bool(claims.get("single_use", False)),
+            expires_at=int(float(claims["exp"]) * 1000),
+        )
+
+    async def consume(self, who: Principal) -> None:
+        """Record a single-use token's use; a second use is UNAUTHENTICATED."""
+        if not who.single_use:
+            return
+        now = _now_ms()
+        used = db.used_public_tokens
+
+        async def record(tx: Any) -> None:
+            # Checked before writing: a refusal leaves the (shared) transaction untouched.
+            seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == who.token_id))
+            if seen.first() is not None:
+                raise Unauthenticated("this single-use public access token has been used")
+            # Records of expired tokens are useless: the signature check refuses them first.
+            await tx.execute(delete(used).where(used.c.expires_at < now))
+            await tx.execute(
+                insert(used).values(token_id=who.token_id, used_at=now, expires_at=who.expires_at)
+            )
+
+        try:
+            if self._write is not None:
+                await self._write(record)
+            else:
+                async with self._engine.begin() as conn:
+                    await record(conn)
+        except sa_exc.IntegrityError:  # another scheduler recorded it first
+            raise Unauthenticated("this single-use public access token has been used") from None
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def authorize_method(who: Principal, method: str) -> None:
+    """A public token may call only the read and trigger methods."""
+    if who.is_public and method not in PUBLIC_TOKEN_METHODS:
+        raise PermissionDenied(f"a public access token cannot call {method}; use a secret key")
+
+
+def authorize_read(who: Principal, run_id: str, tags: Iterable[str], batch_id: str) -> None:
+    """The caller may read this run: a secret key, or a token naming it, a tag of it or its
+    batch."""
+    if who.scopes is None or f"read:runs:{run_id}" in who.scopes:
+        return
+    if batch_id and f"read:batch:{batch_id}" in who.scopes:
+        return
+    if any(f"read:tags:{tag}" in who.scopes for tag in tags):
+        return
+    raise PermissionDenied(f"this public access token may not read run {run_id}")
+
+
+def authorize_list(who: Principal, tags: Iterable[str], batch_id: str) -> None:
+    """A listing is in scope when one of its filters is: every run it returns then has that tag
+    or batch."""
+    if who.scopes is None:
+        return
+    if batch_id and f"read:batch:{batch_id}" in who.scopes:
+        return
+    if any(f"read:tags:{tag}" in who.scopes for tag in tags):
+        return
+    raise PermissionDenied(
+        "this public access token may list only runs filtered by a tag or batch it may read"
+    )
+
+
+def authorize_trigger(who: Principal, task_id: str) -> None:
+    if who.scopes is not None and f"trigger:tasks:{task_id}" not in who.scopes:
+        raise PermissionDenied(f"this public access token may not trigger task {task_id}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DEFAULT_API_URL = "localhost:7070"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_REALTIME_HTTP_LISTEN = "127.0.0.1:7072"
 
 
 def default_database_url() -> str:
@@ -71,6 +72,10 @@ class SchedulerSettings:
     # At speed 1 (the default) it is the real clock; at 60 a minutely cron ticks every second.
     schedule_clock_speed: float = 1.0
     schedule_clock_epoch_ms: int = 0
+    # Signs public access tokens; empty: a key generated once and kept in the database.
+    signing_key: str = ""
+    # Announced to clients: the realtime service's HTTP base URL (SSE, trigger by URL).
+    realtime_http_url: str = ""
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -91,6 +96,8 @@ class SchedulerSettings:
             schedule_clock_epoch_ms=_int(
                 "RUNPLANE_SCHEDULE_CLOCK_EPOCH_MS", d.schedule_clock_epoch_ms
             ),
+            signing_key=os.environ.get("RUNPLANE_SIGNING_KEY", ""),
+            realtime_http_url=os.environ.get("RUNPLANE_REALTIME_HTTP_URL", ""),
         )
 
 
@@ -101,6 +108,15 @@ class RealtimeSettings:
     listen: str = "127.0.0.1:7071"
     # With no event for this long, a subscription checks the scheduler's snapshot.
     reconcile_interval: float = 5.0
+    # The HTTP endpoints for browsers (SSE, trigger by URL); empty: none. From the environment
+    # (RUNPLANE_REALTIME_HTTP_LISTEN) it defaults to 127.0.0.1:7072.
+    http_listen: str = ""
+    # Origins allowed to call the HTTP endpoints from a browser (CORS), comma-separated.
+    cors_origins: str = "*"
+    # Run streams: largest chunk, largest stream (bytes), and how long chunks are kept (seconds).
+    stream_chunk_bytes: int = 1024 * 1024
+    stream_max_bytes: int = 100 * 1024 * 1024
+    stream_retention: float = 28 * 24 * 3600.0
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -110,4 +126,11 @@ class RealtimeSettings:
             api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
             listen=os.environ.get("RUNPLANE_REALTIME_LISTEN") or d.listen,
             reconcile_interval=_float("RUNPLANE_RECONCILE_INTERVAL", d.reconcile_interval),
+            http_listen=os.environ.get(
+                "RUNPLANE_REALTIME_HTTP_LISTEN", DEFAULT_REALTIME_HTTP_LISTEN
+            ),
+            cors_origins=os.environ.get("RUNPLANE_CORS_ORIGINS") or d.cors_origins,
+            stream_chunk_bytes=_int("RUNPLANE_STREAM_CHUNK_BYTES", d.stream_chunk_bytes),
+            stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
+            stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
         )

@@ -346,3 +346,24 @@ waitpoint_children = Table(
     Column("run_id", String(40), nullable=False),
     Index("ix_waitpoint_children_run", "run_id"),
 )
+
+
+# -- access: public access tokens (realtime) ---------------------------------------------------
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    # "default": the installation's key for public access tokens (unless RUNPLANE_SIGNING_KEY).
+    Column("id", String(40), primary_key=True),
+    Column("secret", String(128), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+used_public_tokens = Table(
+    "used_public_tokens",
+    metadata,
+    # The jti of a single-use token that has been used; kept until it expires.
+    Column("token_id", String(40), primary_key=True),
+    Column("used_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+)

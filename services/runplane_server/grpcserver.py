@@ -15,7 +15,7 @@ from opentelemetry import trace
 from sqlalchemy import exc as sa_exc
 
 from runplane_server import telemetry
-from runplane_server.auth import Principal, current_principal
+from runplane_server.auth import Principal, authorize_method, current_principal
 from runplane_server.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
 
 log = logging.getLogger("runplane.grpc")
@@ -122,7 +122,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 key = bearer_token(metadata)
                 if not key:
                     raise Unauthenticated("missing `authorization: Bearer <secret key>` metadata")
-                current_principal.set(await authenticate(key))
+                who = await authenticate(key)
+                authorize_method(who, method)
+                current_principal.set(who)
             return token
 
         def wrap_unary(behavior: Any) -> Any:

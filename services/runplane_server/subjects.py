@@ -17,3 +17,21 @@ def run_event(environment_id: str, run_id: str) -> str:
 
 def run_event_any_env(run_id: str) -> str:
     return f"{RUN_EVENTS_PREFIX}.*.{run_id}"
+
+
+def run_events_of_environment(environment_id: str) -> str:
+    """Subject of every run's events in one environment."""
+    return f"{RUN_EVENTS_PREFIX}.{environment_id}.*"
+
+
+RUN_STREAMS_STREAM = "RUN_STREAMS"
+RUN_STREAMS_PREFIX = "runplane.streams"
+
+
+def run_streams_subjects() -> list[str]:
+    return [f"{RUN_STREAMS_PREFIX}.>"]
+
+
+def run_stream(environment_id: str, run_id: str, stream_id: str) -> str:
+    """Subject of one run's stream's chunks."""
+    return f"{RUN_STREAMS_PREFIX}.{environment_id}.{run_id}.{stream_id}"

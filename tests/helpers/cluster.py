@@ -79,6 +79,7 @@ class Cluster:
         self.api_url = f"127.0.0.1:{free_port()}"
         self.realtime_url = f"127.0.0.1:{free_port()}"
         self.executor_status_url = f"127.0.0.1:{free_port()}"
+        self.realtime_http_url = f"http://127.0.0.1:{free_port()}"
         self.tasks = tasks
         self.keys: dict[str, str] = {}
         base = dict(os.environ)
@@ -91,6 +92,8 @@ class Cluster:
             RUNPLANE_API_URL=self.api_url,
             RUNPLANE_REALTIME_LISTEN=self.realtime_url,
             RUNPLANE_REALTIME_URL=self.realtime_url,
+            RUNPLANE_REALTIME_HTTP_LISTEN=self.realtime_http_url.removeprefix("http://"),
+            RUNPLANE_REALTIME_HTTP_URL=self.realtime_http_url,
             RUNPLANE_EXECUTOR_LISTEN=self.executor_status_url,
             RUNPLANE_LEASE_TIMEOUT="3",
             RUNPLANE_HEARTBEAT_INTERVAL="0.5",

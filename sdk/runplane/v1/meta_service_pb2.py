@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/meta_service.proto\x12\x0brunplane.v1\"\x16\n\x14GetServerInfoRequest\"e\n\x15GetServerInfoResponse\x12\x14\n\x0crealtime_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x10\n\x08http_url\x18\x04 \x01(\t2e\n\x0bMetaService\x12V\n\rGetServerInfo\x12!.runplane.v1.GetServerInfoRequest\x1a\".runplane.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/meta_service.proto\x12\x0brunplane.v1\"\x16\n\x14GetServerInfoRequest\"\x98\x01\n\x15GetServerInfoResponse\x12\x14\n\x0crealtime_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x10\n\x08http_url\x18\x04 \x01(\t\x12\x19\n\x11realtime_http_url\x18\x06 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t2e\n\x0bMetaService\x12V\n\rGetServerInfo\x12!.runplane.v1.GetServerInfoRequest\x1a\".runplane.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSERVERINFOREQUEST']._serialized_start=47
   _globals['_GETSERVERINFOREQUEST']._serialized_end=69
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=71
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=172
-  _globals['_METASERVICE']._serialized_start=174
-  _globals['_METASERVICE']._serialized_end=275
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=72
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=224
+  _globals['_METASERVICE']._serialized_start=226
+  _globals['_METASERVICE']._serialized_end=327
 # @@protoc_insertion_point(module_scope)

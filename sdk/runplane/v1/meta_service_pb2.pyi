@@ -40,6 +40,8 @@ class GetServerInfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     HTTP_URL_FIELD_NUMBER: _builtins.int
+    REALTIME_HTTP_URL_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
     realtime_url: _builtins.str
     """Address of a realtime service (host:port) clients should subscribe through."""
     version: _builtins.str
@@ -47,6 +49,12 @@ class GetServerInfoResponse(_message.Message):
     """Slug of the environment the caller's key belongs to."""
     http_url: _builtins.str
     """Base URL (http://host:port) of the scheduler's HTTP endpoint (wait token completion)."""
+    realtime_http_url: _builtins.str
+    """Base URL (http://host:port) of the realtime service's HTTP endpoints (Server-Sent Events,
+    trigger by URL) for browsers.
+    """
+    environment_id: _builtins.str
+    """Id of the environment the caller's key belongs to (realtime subjects are per environment)."""
     def __init__(
         self,
         *,
@@ -54,10 +62,12 @@ class GetServerInfoResponse(_message.Message):
         version: _builtins.str = ...,
         environment: _builtins.str = ...,
         http_url: _builtins.str = ...,
+        realtime_http_url: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "http_url", b"http_url", "realtime_url", b"realtime_url", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment", b"environment", "environment_id", b"environment_id", "http_url", b"http_url", "realtime_http_url", b"realtime_http_url", "realtime_url", b"realtime_url", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

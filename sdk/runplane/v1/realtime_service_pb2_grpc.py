@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class RealtimeServiceStub:
-    """RealtimeService streams run changes to any client.
+    """RealtimeService streams run changes and run streams to any client.
     """
 
     def __init__(self, channel):
@@ -41,14 +41,62 @@ class RealtimeServiceStub:
                 request_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunResponse.FromString,
                 _registered_method=True)
+        self.SubscribeToRunsWithTag = channel.unary_stream(
+                '/runplane.v1.RealtimeService/SubscribeToRunsWithTag',
+                request_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagResponse.FromString,
+                _registered_method=True)
+        self.SubscribeToBatch = channel.unary_stream(
+                '/runplane.v1.RealtimeService/SubscribeToBatch',
+                request_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchResponse.FromString,
+                _registered_method=True)
+        self.ReadStream = channel.unary_stream(
+                '/runplane.v1.RealtimeService/ReadStream',
+                request_serializer=runplane_dot_v1_dot_realtime__service__pb2.ReadStreamRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_realtime__service__pb2.ReadStreamResponse.FromString,
+                _registered_method=True)
+        self.AppendStream = channel.unary_unary(
+                '/runplane.v1.RealtimeService/AppendStream',
+                request_serializer=runplane_dot_v1_dot_realtime__service__pb2.AppendStreamRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_realtime__service__pb2.AppendStreamResponse.FromString,
+                _registered_method=True)
 
 
 class RealtimeServiceServicer:
-    """RealtimeService streams run changes to any client.
+    """RealtimeService streams run changes and run streams to any client.
     """
 
     def SubscribeToRun(self, request, context):
         """The run's current state, then every change in order, ending after the final status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeToRunsWithTag(self, request, context):
+        """The runs with a tag created in a window, then every change of them and of new runs with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeToBatch(self, request, context):
+        """The runs of a batch, then every change of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadStream(self, request, context):
+        """A run's stream from its first chunk (or after a given index) until it closes or the run ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendStream(self, request, context):
+        """Append chunks to a run's stream (secret keys only: tasks write, browsers read).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -62,6 +110,26 @@ def add_RealtimeServiceServicer_to_server(servicer, server):
                     request_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunResponse.SerializeToString,
             ),
+            'SubscribeToRunsWithTag': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeToRunsWithTag,
+                    request_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagResponse.SerializeToString,
+            ),
+            'SubscribeToBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeToBatch,
+                    request_deserializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchResponse.SerializeToString,
+            ),
+            'ReadStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadStream,
+                    request_deserializer=runplane_dot_v1_dot_realtime__service__pb2.ReadStreamRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_realtime__service__pb2.ReadStreamResponse.SerializeToString,
+            ),
+            'AppendStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendStream,
+                    request_deserializer=runplane_dot_v1_dot_realtime__service__pb2.AppendStreamRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_realtime__service__pb2.AppendStreamResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'runplane.v1.RealtimeService', rpc_method_handlers)
@@ -71,7 +139,7 @@ def add_RealtimeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RealtimeService:
-    """RealtimeService streams run changes to any client.
+    """RealtimeService streams run changes and run streams to any client.
     """
 
     @staticmethod
@@ -91,6 +159,114 @@ class RealtimeService:
             '/runplane.v1.RealtimeService/SubscribeToRun',
             runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunRequest.SerializeToString,
             runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeToRunsWithTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/runplane.v1.RealtimeService/SubscribeToRunsWithTag',
+            runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagRequest.SerializeToString,
+            runplane_dot_v1_dot_realtime__service__pb2.SubscribeToRunsWithTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeToBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/runplane.v1.RealtimeService/SubscribeToBatch',
+            runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchRequest.SerializeToString,
+            runplane_dot_v1_dot_realtime__service__pb2.SubscribeToBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/runplane.v1.RealtimeService/ReadStream',
+            runplane_dot_v1_dot_realtime__service__pb2.ReadStreamRequest.SerializeToString,
+            runplane_dot_v1_dot_realtime__service__pb2.ReadStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RealtimeService/AppendStream',
+            runplane_dot_v1_dot_realtime__service__pb2.AppendStreamRequest.SerializeToString,
+            runplane_dot_v1_dot_realtime__service__pb2.AppendStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RealtimeServiceStub:
-    """RealtimeService streams run changes to any client."""
+    """RealtimeService streams run changes and run streams to any client."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -36,17 +36,33 @@ class RealtimeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RealtimeServiceAsyncStub: ...
     SubscribeToRun: _grpc.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToRunRequest, _realtime_service_pb2.SubscribeToRunResponse]
     """The run's current state, then every change in order, ending after the final status."""
+    SubscribeToRunsWithTag: _grpc.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToRunsWithTagRequest, _realtime_service_pb2.SubscribeToRunsWithTagResponse]
+    """The runs with a tag created in a window, then every change of them and of new runs with it."""
+    SubscribeToBatch: _grpc.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToBatchRequest, _realtime_service_pb2.SubscribeToBatchResponse]
+    """The runs of a batch, then every change of them."""
+    ReadStream: _grpc.UnaryStreamMultiCallable[_realtime_service_pb2.ReadStreamRequest, _realtime_service_pb2.ReadStreamResponse]
+    """A run's stream from its first chunk (or after a given index) until it closes or the run ends."""
+    AppendStream: _grpc.UnaryUnaryMultiCallable[_realtime_service_pb2.AppendStreamRequest, _realtime_service_pb2.AppendStreamResponse]
+    """Append chunks to a run's stream (secret keys only: tasks write, browsers read)."""
 
 @_typing.type_check_only
 class RealtimeServiceAsyncStub(RealtimeServiceStub):
-    """RealtimeService streams run changes to any client."""
+    """RealtimeService streams run changes and run streams to any client."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubscribeToRun: _aio.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToRunRequest, _realtime_service_pb2.SubscribeToRunResponse]  # type: ignore[assignment]
     """The run's current state, then every change in order, ending after the final status."""
+    SubscribeToRunsWithTag: _aio.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToRunsWithTagRequest, _realtime_service_pb2.SubscribeToRunsWithTagResponse]  # type: ignore[assignment]
+    """The runs with a tag created in a window, then every change of them and of new runs with it."""
+    SubscribeToBatch: _aio.UnaryStreamMultiCallable[_realtime_service_pb2.SubscribeToBatchRequest, _realtime_service_pb2.SubscribeToBatchResponse]  # type: ignore[assignment]
+    """The runs of a batch, then every change of them."""
+    ReadStream: _aio.UnaryStreamMultiCallable[_realtime_service_pb2.ReadStreamRequest, _realtime_service_pb2.ReadStreamResponse]  # type: ignore[assignment]
+    """A run's stream from its first chunk (or after a given index) until it closes or the run ends."""
+    AppendStream: _aio.UnaryUnaryMultiCallable[_realtime_service_pb2.AppendStreamRequest, _realtime_service_pb2.AppendStreamResponse]  # type: ignore[assignment]
+    """Append chunks to a run's stream (secret keys only: tasks write, browsers read)."""
 
 class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
-    """RealtimeService streams run changes to any client."""
+    """RealtimeService streams run changes and run streams to any client."""
 
     @_abc_1.abstractmethod
     def SubscribeToRun(
@@ -55,5 +71,37 @@ class RealtimeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_realtime_service_pb2.SubscribeToRunResponse], _abc.AsyncIterator[_realtime_service_pb2.SubscribeToRunResponse]]:
         """The run's current state, then every change in order, ending after the final status."""
+
+    @_abc_1.abstractmethod
+    def SubscribeToRunsWithTag(
+        self,
+        request: _realtime_service_pb2.SubscribeToRunsWithTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realtime_service_pb2.SubscribeToRunsWithTagResponse], _abc.AsyncIterator[_realtime_service_pb2.SubscribeToRunsWithTagResponse]]:
+        """The runs with a tag created in a window, then every change of them and of new runs with it."""
+
+    @_abc_1.abstractmethod
+    def SubscribeToBatch(
+        self,
+        request: _realtime_service_pb2.SubscribeToBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realtime_service_pb2.SubscribeToBatchResponse], _abc.AsyncIterator[_realtime_service_pb2.SubscribeToBatchResponse]]:
+        """The runs of a batch, then every change of them."""
+
+    @_abc_1.abstractmethod
+    def ReadStream(
+        self,
+        request: _realtime_service_pb2.ReadStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_realtime_service_pb2.ReadStreamResponse], _abc.AsyncIterator[_realtime_service_pb2.ReadStreamResponse]]:
+        """A run's stream from its first chunk (or after a given index) until it closes or the run ends."""
+
+    @_abc_1.abstractmethod
+    def AppendStream(
+        self,
+        request: _realtime_service_pb2.AppendStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_realtime_service_pb2.AppendStreamResponse, _abc.Awaitable[_realtime_service_pb2.AppendStreamResponse]]:
+        """Append chunks to a run's stream (secret keys only: tasks write, browsers read)."""
 
 def add_RealtimeServiceServicer_to_server(servicer: RealtimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

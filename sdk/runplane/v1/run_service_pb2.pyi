@@ -226,8 +226,11 @@ class TriggerRunResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     IS_CACHED_FIELD_NUMBER: _builtins.int
+    PUBLIC_ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     is_cached: _builtins.bool
     """True when an idempotency key matched an existing run, which is returned instead."""
+    public_access_token: _builtins.str
+    """A public access token reading this run only (read:runs:<id>), valid for 15 minutes."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
@@ -235,10 +238,11 @@ class TriggerRunResponse(_message.Message):
         *,
         run: _run_pb2.Run | None = ...,
         is_cached: _builtins.bool = ...,
+        public_access_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "public_access_token", b"public_access_token", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,6 +303,7 @@ class ListRunsRequest(_message.Message):
     """1..100; 0: 25."""
     page_token: _builtins.str
     batch_id: _builtins.str
+    """Only the runs of this batch."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus.ValueType]: ...
     @_builtins.property

@@ -1,0 +1,114 @@
+"""The scheduler as the realtime service sees it: every call made with the subscriber's own
+credentials, so the scheduler's authorisation (secret key or public token scopes) is the
+subscriber's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import grpc
+from opentelemetry import propagate
+
+from runplane.v1 import (
+    meta_service_pb2,
+    meta_service_pb2_grpc,
+    run_pb2,
+    run_service_pb2,
+    run_service_pb2_grpc,
+)
+from runplane_server import errors
+
+Metadata: TypeAlias = tuple[tuple[str, str], ...]
+
+SNAPSHOT_TIMEOUT = 10.0
+LIST_PAGE_SIZE = 100
+
+# The scheduler's refusals, passed on to the subscriber as the same status.
+_REFUSALS: dict[grpc.StatusCode, type[errors.ServiceError]] = {
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+}
+
+
+def _refusal(error: grpc.aio.AioRpcError, field: str) -> errors.ServiceError:
+    message = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        # The scheduler names the field in its message ("task_id: ..."); keep it.
+        name, _, problem = message.partition(": ")
+        return errors.InvalidArgument(name if problem else field, problem or message)
+    refusal = _REFUSALS.get(error.code())
+    if refusal is not None:
+        return refusal(message)
+    return errors.Unavailable(f"the scheduler cannot say: {message}")
+
+
+class Scheduler:
+    """The scheduler's RunService and MetaService, called with each caller's credentials."""
+
+    def __init__(self, api_url: str) -> None:
+        self._channel = grpc.aio.insecure_channel(api_url)
+        self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
+        self._meta = meta_service_pb2_grpc.MetaServiceStub(self._channel)
+
+    async def _call(self, method: Any, request: Any, credentials: Metadata, field: str) -> Any:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the subscriber's trace continues into the scheduler
+        try:
+            return await method(
+                request, metadata=(*credentials, *carrier.items()), timeout=SNAPSHOT_TIMEOUT
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _refusal(error, field) from None
+
+    async def get_run(self, run_id: str, credentials: Metadata) -> run_pb2.Run:
+        """The run as the scheduler has it now; raises the ServiceError matching its status."""
+        request = run_service_pb2.GetRunRequest(run_id=run_id)
+        reply = await self._call(self._runs.GetRun, request, credentials, "run_id")
+        run: run_pb2.Run = reply.run
+        return run
+
+    async def list_runs(
+        self,
+        credentials: Metadata,
+        *,
+        tags: Sequence[str] = (),
+        batch_id: str = "",
+        created_after_ms: int | None = None,
+        first_page_of: int = 0,
+    ) -> list[run_pb2.Run]:
+        """Every run matching, all pages, oldest first; or only the newest ``first_page_of``
+        (an authorisation check)."""
+        request = run_service_pb2.ListRunsRequest(
+            tags=list(tags), batch_id=batch_id, page_size=first_page_of or LIST_PAGE_SIZE
+        )
+        if created_after_ms is not None:
+            request.created_after.FromMilliseconds(created_after_ms)
+        found: list[run_pb2.Run] = []
+        while True:
+            reply = await self._call(self._runs.ListRuns, request, credentials, "tag")
+            found.extend(reply.runs)
+            if not reply.next_page_token or first_page_of:
+                return found[::-1]
+            request.page_token = reply.next_page_token
+
+    async def environment_id(self, credentials: Metadata) -> str:
+        """The environment the credentials belong to."""
+        request = meta_service_pb2.GetServerInfoRequest()
+        reply = await self._call(self._meta.GetServerInfo, request, credentials, "authorization")
+        env: str = reply.environment_id
+        return env
+
+    async def trigger_run(
+        self, request: run_service_pb2.TriggerRunRequest, credentials: Metadata
+    ) -> run_service_pb2.TriggerRunResponse:
+        reply: run_service_pb2.TriggerRunResponse = await self._call(
+            self._runs.TriggerRun, request, credentials, "task_id"
+        )
+        return reply
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,44 @@
+"""AuthService: public access tokens minted for the caller's environment."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeAlias
+
+import grpc
+
+from runplane.v1 import auth_service_pb2 as apb
+from runplane.v1 import auth_service_pb2_grpc
+from runplane_server import auth
+from runplane_server.errors import InvalidArgument
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
+    def __init__(self, tokens: auth.PublicTokens) -> None:
+        self.tokens = tokens
+
+    async def CreatePublicToken(
+        self, request: apb.CreatePublicTokenRequest, context: Context
+    ) -> apb.CreatePublicTokenResponse:
+        scopes = auth.validate_scopes(list(request.scopes))
+        now = int(time.time() * 1000)
+        if request.HasField("expires_in") and request.HasField("expires_at"):
+            raise InvalidArgument("expires_at", "give expires_in or expires_at, not both")
+        if request.HasField("expires_at"):
+            expires_at = request.expires_at.ToMilliseconds()
+            field = "expires_at"
+        elif request.HasField("expires_in"):
+            expires_at = now + request.expires_in.ToMilliseconds()
+            field = "expires_in"
+        else:
+            expires_at, field = now + auth.DEFAULT_TOKEN_LIFETIME_MS, "expires_in"
+        if expires_at <= now:
+            raise InvalidArgument(field, "the token would be expired already")
+        if expires_at - now > auth.MAX_TOKEN_LIFETIME_MS:
+            raise InvalidArgument(field, "a public token lives at most 30 days")
+        token = await self.tokens.mint(auth.principal(), scopes, expires_at, request.single_use)
+        response = apb.CreatePublicTokenResponse(token=token)
+        response.expires_at.FromMilliseconds(expires_at)
+        return response
