@@ -69,9 +69,13 @@ class WaitToken:
     completed_at: datetime | None = None
     output: Any = None
     is_cached: bool = False
+    # Completes this token only (``Client(secret_key=token.public_access_token)``); set on create.
+    public_access_token: str = field(default="", repr=False)
 
     @classmethod
-    def from_pb(cls, pb: wspb.WaitToken, is_cached: bool = False) -> WaitToken:
+    def from_pb(
+        cls, pb: wspb.WaitToken, is_cached: bool = False, public_access_token: str = ""
+    ) -> WaitToken:
         return cls(
             id=pb.id,
             url=pb.url,
@@ -83,6 +87,7 @@ class WaitToken:
             completed_at=_dt(pb.completed_at, pb.HasField("completed_at")),
             output=loads(pb.output) if pb.output else None,
             is_cached=is_cached,
+            public_access_token=public_access_token,
         )
 
 
@@ -193,7 +198,7 @@ class WaitAPI(Namespace):
                 _durations.to_pb(idempotency_key_ttl, "idempotency_key_ttl")
             )
         response = await self._call("CreateToken", request)
-        return WaitToken.from_pb(response.token, response.is_cached)
+        return WaitToken.from_pb(response.token, response.is_cached, response.public_access_token)
 
     async def for_token(self, token: WaitToken | str) -> Result[Any]:
         """Block the run until the token is completed (ok, with its data) or times out

@@ -70,7 +70,7 @@ class Scheduler:
         )
         self.server.add(
             waitpoint_service_pb2_grpc.add_WaitpointServiceServicer_to_server,
-            WaitpointServicer(self.engine, self.settings, self.http_url),
+            WaitpointServicer(self.engine, self.settings, self.http_url, self.tokens),
             "runplane.v1.WaitpointService",
         )
         self.server.add(

@@ -398,10 +398,17 @@ class MetaServicer(meta_service_pb2_grpc.MetaServiceServicer):
 class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
     """Wait tokens: create, complete, read."""
 
-    def __init__(self, engine: RunEngine, settings: SchedulerSettings, http_url: str) -> None:
+    def __init__(
+        self,
+        engine: RunEngine,
+        settings: SchedulerSettings,
+        http_url: str,
+        tokens: PublicTokens,
+    ) -> None:
         self.waits = engine.waits
         self.limits = settings.limits
         self.http_url = http_url
+        self.tokens = tokens
 
     def _token_pb(self, m: Any) -> wspb.WaitToken:
         error = None
@@ -451,12 +458,19 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
             else 0,
             tags=tags,
         )
-        return wspb.CreateTokenResponse(token=self._token_pb(row), is_cached=cached)
+        who = principal()
+        access = await self.tokens.mint(
+            who, [f"write:waitpoints:{row['id']}"], now_ms() + TOKEN_ACCESS_LIFETIME_MS
+        )
+        return wspb.CreateTokenResponse(
+            token=self._token_pb(row), is_cached=cached, public_access_token=access
+        )
 
     async def CompleteToken(
         self, request: wspb.CompleteTokenRequest, context: Context
     ) -> wspb.CompleteTokenResponse:
         token_id = _token_id(request.token_id)
+        auth.authorize_complete_token(principal(), token_id)
         data = validation.json_text(
             "data", request.data, self.limits.payload_bytes, "payload", default="null"
         )
@@ -497,7 +511,8 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
         )
 
 
-TOKEN_ID = re.compile(r"^waitpoint_[0-9a-z]{1,36}$")
+TOKEN_ID = re.compile(r"^waitpoint_[0-9a-z]{1,36}\Z")
+TOKEN_ACCESS_LIFETIME_MS = 24 * 3600 * 1000
 
 
 def _token_id(value: str, field: str = "token_id") -> str:

@@ -150,6 +150,7 @@ PUBLIC_TOKEN_METHODS = frozenset(
         "/runplane.v1.RunService/ListRuns",
         "/runplane.v1.RunService/TriggerRun",
         "/runplane.v1.MetaService/GetServerInfo",
+        "/runplane.v1.WaitpointService/CompleteToken",
     }
 )
 
@@ -364,6 +365,11 @@ def authorize_list(who: Principal, tags: Iterable[str], batch_id: str) -> None:
     raise PermissionDenied(
         "this public access token may list only runs filtered by a tag or batch it may read"
     )
+
+
+def authorize_complete_token(who: Principal, token_id: str) -> None:
+    if who.scopes is not None and f"write:waitpoints:{token_id}" not in who.scopes:
+        raise PermissionDenied(f"this public access token may not complete {token_id}")
 
 
 def authorize_trigger(who: Principal, task_id: str) -> None:

@@ -225,3 +225,21 @@ async def test_token_calls_answer_bad_input_naming_the_field(cluster: Cluster) -
     first = await wait.create_token(idempotency_key="approve-42")
     again = await wait.create_token(idempotency_key="approve-42")
     assert again.id == first.id and again.is_cached and not first.is_cached
+
+
+async def test_a_tokens_public_access_token_completes_that_token_only(cluster: Cluster) -> None:
+    client = cluster.client()
+    token = await client_wait(client).create_token(tags=["pat"])
+    other = await client_wait(client).create_token()
+    assert token.public_access_token and token.public_access_token != other.public_access_token
+    browser = runplane.Client(
+        api_url=cluster.api_url, secret_key=token.public_access_token, realtime_url="-"
+    )
+    with pytest.raises(runplane.PermissionDeniedError):
+        await client_wait(browser).complete_token(other.id, {"no": 1})
+    with pytest.raises(runplane.PermissionDeniedError):
+        await client_wait(browser).retrieve_token(token.id)  # it may complete, not read
+    await client_wait(browser).complete_token(token.id, {"approved": True})
+    done = await client_wait(client).retrieve_token(token.id)
+    assert done.status == "COMPLETED" and done.output == {"approved": True}
+    assert (await client_wait(client).retrieve_token(other.id)).status == "WAITING"

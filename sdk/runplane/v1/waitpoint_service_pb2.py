@@ -28,33 +28,33 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#runplane/v1/waitpoint_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\x81\x03\n\tWaitToken\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.runplane.v1.WaitpointStatus\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12>\n\x1aidempotency_key_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12.\n\ntimeout_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\n \x01(\t\x12$\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x15.runplane.v1.RunError\"\x9f\x01\n\x12\x43reateTokenRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x36\n\x13idempotency_key_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tags\x18\x04 \x03(\t\"O\n\x13\x43reateTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\x12\x11\n\tis_cached\x18\x02 \x01(\x08\"6\n\x14\x43ompleteTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\">\n\x15\x43ompleteTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\"#\n\x0fGetTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"9\n\x10GetTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\"\x91\x01\n\x11ListTokensRequest\x12.\n\x08statuses\x18\x01 \x03(\x0e\x32\x1c.runplane.v1.WaitpointStatus\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"U\n\x12ListTokensResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.runplane.v1.WaitToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x91\x01\n\x0fWaitpointStatus\x12 \n\x1cWAITPOINT_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18WAITPOINT_STATUS_WAITING\x10\x01\x12\x1e\n\x1aWAITPOINT_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aWAITPOINT_STATUS_TIMED_OUT\x10\x03\x32\xd4\x02\n\x10WaitpointService\x12P\n\x0b\x43reateToken\x12\x1f.runplane.v1.CreateTokenRequest\x1a .runplane.v1.CreateTokenResponse\x12V\n\rCompleteToken\x12!.runplane.v1.CompleteTokenRequest\x1a\".runplane.v1.CompleteTokenResponse\x12G\n\x08GetToken\x12\x1c.runplane.v1.GetTokenRequest\x1a\x1d.runplane.v1.GetTokenResponse\x12M\n\nListTokens\x12\x1e.runplane.v1.ListTokensRequest\x1a\x1f.runplane.v1.ListTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#runplane/v1/waitpoint_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\x81\x03\n\tWaitToken\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.runplane.v1.WaitpointStatus\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12>\n\x1aidempotency_key_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12.\n\ntimeout_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06output\x18\n \x01(\t\x12$\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x15.runplane.v1.RunError\"\x9f\x01\n\x12\x43reateTokenRequest\x12*\n\x07timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x36\n\x13idempotency_key_ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04tags\x18\x04 \x03(\t\"l\n\x13\x43reateTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\x12\x11\n\tis_cached\x18\x02 \x01(\x08\x12\x1b\n\x13public_access_token\x18\x03 \x01(\t\"6\n\x14\x43ompleteTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\">\n\x15\x43ompleteTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\"#\n\x0fGetTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"9\n\x10GetTokenResponse\x12%\n\x05token\x18\x01 \x01(\x0b\x32\x16.runplane.v1.WaitToken\"\x91\x01\n\x11ListTokensRequest\x12.\n\x08statuses\x18\x01 \x03(\x0e\x32\x1c.runplane.v1.WaitpointStatus\x12\x0c\n\x04tags\x18\x02 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"U\n\x12ListTokensResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.runplane.v1.WaitToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x91\x01\n\x0fWaitpointStatus\x12 \n\x1cWAITPOINT_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18WAITPOINT_STATUS_WAITING\x10\x01\x12\x1e\n\x1aWAITPOINT_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aWAITPOINT_STATUS_TIMED_OUT\x10\x03\x32\xd4\x02\n\x10WaitpointService\x12P\n\x0b\x43reateToken\x12\x1f.runplane.v1.CreateTokenRequest\x1a .runplane.v1.CreateTokenResponse\x12V\n\rCompleteToken\x12!.runplane.v1.CompleteTokenRequest\x1a\".runplane.v1.CompleteTokenResponse\x12G\n\x08GetToken\x12\x1c.runplane.v1.GetTokenRequest\x1a\x1d.runplane.v1.GetTokenResponse\x12M\n\nListTokens\x12\x1e.runplane.v1.ListTokensRequest\x1a\x1f.runplane.v1.ListTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.waitpoint_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WAITPOINTSTATUS']._serialized_start=1223
-  _globals['_WAITPOINTSTATUS']._serialized_end=1368
+  _globals['_WAITPOINTSTATUS']._serialized_start=1252
+  _globals['_WAITPOINTSTATUS']._serialized_end=1397
   _globals['_WAITTOKEN']._serialized_start=141
   _globals['_WAITTOKEN']._serialized_end=526
   _globals['_CREATETOKENREQUEST']._serialized_start=529
   _globals['_CREATETOKENREQUEST']._serialized_end=688
   _globals['_CREATETOKENRESPONSE']._serialized_start=690
-  _globals['_CREATETOKENRESPONSE']._serialized_end=769
-  _globals['_COMPLETETOKENREQUEST']._serialized_start=771
-  _globals['_COMPLETETOKENREQUEST']._serialized_end=825
-  _globals['_COMPLETETOKENRESPONSE']._serialized_start=827
-  _globals['_COMPLETETOKENRESPONSE']._serialized_end=889
-  _globals['_GETTOKENREQUEST']._serialized_start=891
-  _globals['_GETTOKENREQUEST']._serialized_end=926
-  _globals['_GETTOKENRESPONSE']._serialized_start=928
-  _globals['_GETTOKENRESPONSE']._serialized_end=985
-  _globals['_LISTTOKENSREQUEST']._serialized_start=988
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1133
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1135
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1220
-  _globals['_WAITPOINTSERVICE']._serialized_start=1371
-  _globals['_WAITPOINTSERVICE']._serialized_end=1711
+  _globals['_CREATETOKENRESPONSE']._serialized_end=798
+  _globals['_COMPLETETOKENREQUEST']._serialized_start=800
+  _globals['_COMPLETETOKENREQUEST']._serialized_end=854
+  _globals['_COMPLETETOKENRESPONSE']._serialized_start=856
+  _globals['_COMPLETETOKENRESPONSE']._serialized_end=918
+  _globals['_GETTOKENREQUEST']._serialized_start=920
+  _globals['_GETTOKENREQUEST']._serialized_end=955
+  _globals['_GETTOKENRESPONSE']._serialized_start=957
+  _globals['_GETTOKENRESPONSE']._serialized_end=1014
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1017
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1162
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1164
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1249
+  _globals['_WAITPOINTSERVICE']._serialized_start=1400
+  _globals['_WAITPOINTSERVICE']._serialized_end=1740
 # @@protoc_insertion_point(module_scope)

@@ -141,8 +141,13 @@ class CreateTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     IS_CACHED_FIELD_NUMBER: _builtins.int
+    PUBLIC_ACCESS_TOKEN_FIELD_NUMBER: _builtins.int
     is_cached: _builtins.bool
     """The token existed already under the idempotency key."""
+    public_access_token: _builtins.str
+    """A public access token (write:waitpoints:<id>, 24 hours) that may complete this token only:
+    hand it to a browser or another service instead of a secret key.
+    """
     @_builtins.property
     def token(self) -> Global___WaitToken: ...
     def __init__(
@@ -150,10 +155,11 @@ class CreateTokenResponse(_message.Message):
         *,
         token: Global___WaitToken | None = ...,
         is_cached: _builtins.bool = ...,
+        public_access_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_cached", b"is_cached", "public_access_token", b"public_access_token", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
