@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from examples.hello import flaky, hello_world  # noqa: F401  (registered for the executor)
-from runplane import Context, streams, task
+from runplane import Context, metadata, streams, task
 
 tokens = streams.define(id="tokens")
 
@@ -33,3 +33,29 @@ async def stream_two_writers(payload: dict[str, int], ctx: Context) -> list[int]
 
     a, b = await asyncio.gather(write("a"), write("b"))
     return sorted(a + b)
+
+
+@task(id="metadata-steps")
+async def metadata_steps(payload: dict[str, int], ctx: Context) -> int:
+    """Sets its metadata ``payload["steps"]`` times, flushing each one (a run update each)."""
+    for step in range(payload["steps"]):
+        metadata.set("step", step)
+        await metadata.flush()
+    return payload["steps"]
+
+
+@task(id="stream-to-parent")
+async def stream_to_parent(payload: dict[str, int], ctx: Context) -> int:
+    """A child that writes to its parent's and its root's stream."""
+    await tokens.append({"from": "child", "to": "parent"}, target="parent")
+    await tokens.append({"from": "child", "to": "root"}, target="root")
+    return 2
+
+
+@task(id="stream-parent")
+async def stream_parent(payload: dict[str, int], ctx: Context) -> str:
+    """Writes its own chunk, then waits for a child that writes to this run's stream."""
+    await tokens.append({"from": "parent"})
+    result = await stream_to_parent.trigger_and_wait({})
+    await tokens.close()
+    return result.id

@@ -81,7 +81,11 @@ async def _finals(client: runplane.Client, ids: list[str]) -> dict[str, Run]:
 
 # Each workload: (task id, payload) triggered many times at once. Retrying runs give each run
 # many versions; add workloads (metadata updates from inside tasks, say) here.
-WORKLOADS = [("flaky", {"succeed_on": 2}), ("hello-world", {"name": "load"})]
+WORKLOADS = [
+    ("flaky", {"succeed_on": 2}),
+    ("hello-world", {"name": "load"}),
+    ("metadata-steps", {"steps": 3}),  # three metadata flushes: three run updates each
+]
 
 
 async def test_200_concurrent_runs_every_subscriber_sees_every_version_in_order(
@@ -104,6 +108,8 @@ async def test_200_concurrent_runs_every_subscriber_sees_every_version_in_order(
     finals = await _finals(client, ids)
     assert {r.status for r in finals.values()} == {RunStatus.COMPLETED}
     assert any(r.attempt_count == 2 for r in finals.values())
+    with_metadata = [r for r in finals.values() if r.task_id == "metadata-steps"]
+    assert with_metadata and all(r.metadata == {"step": 2} for r in with_metadata)
     run_seen.assert_complete(finals)
     for seen in run_seen.versions.values():
         assert seen[0] == 1  # a subscription replays the run from its first version
@@ -196,6 +202,22 @@ async def test_a_late_reader_gets_the_stream_from_its_first_chunk(cluster: Clust
     assert len(chunks) == 20
     for writer in ("a", "b"):
         assert [c["i"] for c in chunks if c["writer"] == writer] == list(range(10))
+
+
+async def test_a_child_writes_to_its_parents_and_roots_stream(cluster: Cluster) -> None:
+    client = cluster.client()
+    tokens = runplane.Stream[dict[str, str]]("tokens", client)
+    handle = await client.tasks.trigger("stream-parent", {})
+    run = await client.runs.poll(handle, interval=0.1, timeout=90)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    chunks = [c async for c in tokens.read(handle)]
+    assert chunks == [
+        {"from": "parent"},
+        {"from": "child", "to": "parent"},
+        {"from": "child", "to": "root"},  # the parent is also the root here
+    ]
+    child = await client.runs.retrieve(run.output)
+    assert child.parent_run_id == handle.id
 
 
 async def test_stream_limits_are_invalid_arguments_naming_the_limit(cluster: Cluster) -> None:
