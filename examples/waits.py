@@ -112,3 +112,22 @@ async def pid_then_token(payload: dict[str, Any]) -> Any:
     Path(payload["pid_file"]).write_text(str(os.getpid()))
     second = await wait.for_token(payload["token"])
     return {"child": first.unwrap(), "token": second.unwrap()}
+
+
+_HOOK_CALLS: dict[str, list[str]] = {}
+
+
+def _record(name: str) -> Any:
+    def hook(payload: Any, wait: dict[str, Any], ctx: Context) -> None:
+        _HOOK_CALLS.setdefault(ctx.run.id, []).append(f"{name}:{wait['type']}")
+
+    return hook
+
+
+@task(id="hooked-wait", on_wait=_record("on_wait"), on_resume=_record("on_resume"))
+async def hooked_wait(payload: Any, ctx: Context) -> list[str]:
+    """Waits twice; returns the on_wait/on_resume calls it saw (they run in this process)."""
+    await wait.for_(seconds=0.2)
+    _HOOK_CALLS.setdefault(ctx.run.id, []).append("between")
+    await wait.for_(seconds=0.2)
+    return _HOOK_CALLS.pop(ctx.run.id, [])

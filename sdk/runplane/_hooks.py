@@ -29,6 +29,10 @@ on_cancel           ``(payload, ctx)``                               an executin
 catch_error         ``(payload, error, ctx)`` -> CatchErrorResult,   run (or middleware, init,
                     a dict of its fields, or None                    on_start*) raised
 cleanup             ``(payload, ctx)``                               after every attempt
+on_wait             ``(payload, wait, ctx)``: the wait as a dict     a wait or child run starts
+                    (``{"type": "duration"|"until"|"token"|
+                    "children", ...}``)
+on_resume           ``(payload, wait, ctx)``                         that wait has ended
 ==================  ===============================================  =============================
 
 Order per attempt: global middlewares, task middleware, [init, on_start, on_start_attempt, run];
@@ -38,7 +42,8 @@ on_complete; last cleanup. For each lifecycle hook the global ones run before th
 Errors in middleware, init, on_start and on_start_attempt fail the attempt like an error in
 ``run``; errors in on_success, on_failure, on_complete, on_cancel, catch_error and cleanup are
 logged to the run's logs and change nothing. An attempt stopped by its max_duration calls no
-hooks (reference §1.7). ``on_wait``/``on_resume`` belong to waits and come with them.
+hooks (reference §1.7). on_wait and on_resume errors are logged too; they run in the attempt
+around each wait (with parallel waits, around each of them).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ HOOK_NAMES = (
     "on_cancel",
     "catch_error",
     "cleanup",
+    "on_wait",
+    "on_resume",
 )
 
 
@@ -167,3 +174,9 @@ class GlobalHooks:
 
     def cleanup(self, fn: F) -> F:
         return GLOBAL_HOOKS.add("cleanup", fn)
+
+    def on_wait(self, fn: F) -> F:
+        return GLOBAL_HOOKS.add("on_wait", fn)
+
+    def on_resume(self, fn: F) -> F:
+        return GLOBAL_HOOKS.add("on_resume", fn)

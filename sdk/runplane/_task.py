@@ -172,6 +172,12 @@ class Task(Generic[R]):
     def cleanup(self, fn: F) -> F:
         return self.hooks.add("cleanup", fn)
 
+    def on_wait(self, fn: F) -> F:
+        return self.hooks.add("on_wait", fn)
+
+    def on_resume(self, fn: F) -> F:
+        return self.hooks.add("on_resume", fn)
+
     # Read on every attempt: worked out once.
     @functools.cached_property
     def is_async(self) -> bool:
@@ -294,6 +300,8 @@ def task(
     on_cancel: Callable[..., Any] | None = None,
     catch_error: Callable[..., Any] | None = None,
     cleanup: Callable[..., Any] | None = None,
+    on_wait: Callable[..., Any] | None = None,
+    on_resume: Callable[..., Any] | None = None,
 ) -> TaskDecorator: ...
 
 
@@ -318,6 +326,8 @@ def task(
     on_cancel: Callable[..., Any] | None = None,
     catch_error: Callable[..., Any] | None = None,
     cleanup: Callable[..., Any] | None = None,
+    on_wait: Callable[..., Any] | None = None,
+    on_resume: Callable[..., Any] | None = None,
 ) -> Any:
     """Turn an ``async def`` (or a plain ``def``, run off the event loop) into a :class:`Task`.
 
@@ -337,6 +347,8 @@ def task(
         "on_cancel": on_cancel,
         "catch_error": catch_error,
         "cleanup": cleanup,
+        "on_wait": on_wait,
+        "on_resume": on_resume,
     }
     assert set(given) == set(HOOK_NAMES)
     for name, hook in given.items():

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -269,7 +270,7 @@ class TaskProcess:
                 flush_metadata=lambda: self.flush_metadata(attempt_id),
                 oom_retry_machine=attempt.get("oom_retry_machine", ""),
             )
-            ctx.extra[WAITER] = AttemptWaiter(attempt_id, self.send)
+            ctx.extra[WAITER] = AttemptWaiter(attempt_id, self.send, self.wait_hooks(task, ctx))
             entry.ctx = ctx
             set_current_context(ctx)  # this attempt's asyncio task has its own copy
             self.send(("started", attempt_id))
@@ -290,10 +291,21 @@ class TaskProcess:
         self.flush_logs()
         self.send(("result", attempt_id, result))
 
+    def wait_hooks(
+        self, task: Task[Any], ctx: Context
+    ) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+        """The on_wait/on_resume hooks of an attempt, as its waiter calls them."""
+
+        async def call(name: str, wait: dict[str, Any]) -> None:
+            await self.hooks(task, name, ctx.extra.get("payload"), wait, ctx)
+
+        return call
+
     async def execute(self, entry: _Attempt, task: Task[Any], ctx: Context) -> dict[str, Any]:
         payload: Any = None
         try:
             payload = self.parse_payload(task, entry.attempt["run"]["payload"])
+            ctx.extra["payload"] = payload
             output = await self.run_with_middleware(task, payload, ctx)
             text = dumps(output)
             check_output_size(text)

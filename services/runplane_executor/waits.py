@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runplane.v1 import worker_service_pb2 as wpb
 
 Outcome = tuple[bool, str, dict[str, str] | None]
 Send = Callable[[tuple[Any, ...]], None]
+# Called with (hook name, the wait described for the user): the on_wait/on_resume hooks.
+WaitHooks = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class AttemptWaiter:
-    def __init__(self, attempt_id: str, send: Send) -> None:
+    def __init__(self, attempt_id: str, send: Send, hooks: WaitHooks | None = None) -> None:
         self.attempt_id = attempt_id
         self._send = send
+        self._hooks = hooks
         self._seq = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Outcome]] = {}
 
@@ -30,11 +33,17 @@ class AttemptWaiter:
         seq = next(self._seq)
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending[seq] = future
+        described = describe(request)
+        if self._hooks is not None:
+            await self._hooks("on_wait", described)
         self._send(("wait", self.attempt_id, seq, request))
         try:
-            return await future
+            outcome = await future
         finally:
             self._pending.pop(seq, None)
+        if self._hooks is not None:
+            await self._hooks("on_resume", described)
+        return outcome
 
     def resume(self, results: list[tuple[int, bool, str, dict[str, str] | None]]) -> None:
         """Resolve the waits these results are for; results of earlier waits are ignored."""
@@ -42,6 +51,17 @@ class AttemptWaiter:
             future = self._pending.get(seq)
             if future is not None and not future.done():
                 future.set_result((ok, output, error))
+
+
+def describe(request: dict[str, Any]) -> dict[str, Any]:
+    """A wait as the on_wait/on_resume hooks see it."""
+    if "duration_ms" in request:
+        return {"type": "duration", "seconds": request["duration_ms"] / 1000}
+    if "until_ms" in request:
+        return {"type": "until", "until_ms": request["until_ms"]}
+    if "token_id" in request:
+        return {"type": "token", "token_id": request["token_id"]}
+    return {"type": "children", "count": len(request.get("children", []))}
 
 
 def wait_request(attempt_id: str, seq: int, request: dict[str, Any]) -> wpb.WaitRequest:

@@ -243,3 +243,17 @@ async def test_a_tokens_public_access_token_completes_that_token_only(cluster: C
     done = await client_wait(client).retrieve_token(token.id)
     assert done.status == "COMPLETED" and done.output == {"approved": True}
     assert (await client_wait(client).retrieve_token(other.id)).status == "WAITING"
+
+
+async def test_on_wait_and_on_resume_hooks_fire_around_each_wait(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("hooked-wait", None)
+    run = await _final(client, handle.id)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    assert run.output == [
+        "on_wait:duration",
+        "on_resume:duration",
+        "between",
+        "on_wait:duration",
+        "on_resume:duration",
+    ]
