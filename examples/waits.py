@@ -131,3 +131,14 @@ async def hooked_wait(payload: Any, ctx: Context) -> list[str]:
     _HOOK_CALLS.setdefault(ctx.run.id, []).append("between")
     await wait.for_(seconds=0.2)
     return _HOOK_CALLS.pop(ctx.run.id, [])
+
+
+def _note_cancel(payload: dict[str, Any], ctx: Context) -> None:
+    Path(payload["file"]).write_text(f"attempt={ctx.attempt.number} signal={ctx.signal.cancelled}")
+
+
+@task(id="cancel-hooked", queue=one_at_a_time, on_cancel=_note_cancel)
+async def cancel_hooked(payload: dict[str, Any]) -> None:
+    """Waits on a token that never comes; its on_cancel hook writes ``payload["file"]``."""
+    token = await wait.create_token()
+    await wait.for_token(token)

@@ -373,6 +373,16 @@ class Executor:
                         self.pool.submit(assignment_to_attempt(a, self.tasks.get(a.run.task_id)))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
+                    elif kind == "run_canceled":
+                        c = response.run_canceled
+                        assignment = wpb.Assignment(
+                            run=c.run,
+                            attempt_id="",
+                            environment_slug=c.environment_slug,
+                            environment_id=c.environment_id,
+                        )
+                        task = self.tasks.get(c.run.task_id)
+                        self.pool.cancel_hooks(assignment_to_attempt(assignment, task))
                     elif kind == "resume":
                         r = response.resume
                         self.pool.resume(r.attempt_id, waits.resume_results(r))

@@ -215,6 +215,13 @@ class ProcessPool:
         self._where[attempt_id] = proc
         proc.send(("run", attempt))
 
+    def cancel_hooks(self, attempt: dict[str, Any]) -> None:
+        """Run the on_cancel hooks of a run cancelled with no attempt running (on a warm
+        process; nothing is reported back)."""
+        live = [p for p in self._procs if not p.dead]
+        if live:
+            min(live, key=lambda p: len(p.attempts)).send(("cancel_hooks", attempt))
+
     async def _run_dedicated(self, proc: _Proc, attempt: dict[str, Any]) -> None:
         assert proc.ready is not None
         try:

@@ -5,6 +5,7 @@ concurrently on its event loop (plain ``def`` tasks in threads), with their hook
 Messages with the executor travel over a multiprocessing pipe as tuples:
 executor -> process: ("run", attempt) | ("cancel", attempt_id) | ("timeout", attempt_id) | ("stop",)
   | ("resume", attempt_id, results)
+  | ("cancel_hooks", attempt)
 process -> executor: ("ready", task_ids) | ("failed", traceback) | ("started", attempt_id)
   | ("metadata", attempt_id, {"run_id", "operations"}) | ("logs", "", {"entries"})
   | ("wait", attempt_id, seq, request) | ("result", attempt_id, result)
@@ -204,6 +205,8 @@ class TaskProcess:
             if entry is not None and not entry.cancelling:
                 entry.cancelling = True
                 self._spawn(self.cancel_attempt(entry))
+        elif kind == "cancel_hooks":
+            self._spawn(self.cancel_hooks(message[1]))
         elif kind == "timeout":
             entry = self.running.get(message[1])
             if entry is not None and entry.task is not None:
@@ -290,6 +293,23 @@ class TaskProcess:
         self.running.pop(attempt_id, None)
         self.flush_logs()
         self.send(("result", attempt_id, result))
+
+    async def cancel_hooks(self, attempt: dict[str, Any]) -> None:
+        """on_cancel for a run cancelled while queued, delayed or waiting without its attempt:
+        ``ctx.attempt.number`` is 0 and ``ctx.signal`` is already set."""
+        task = self.tasks.get(attempt["run"]["task_id"])
+        if task is None:
+            return
+        ctx = build_context(attempt, task)
+        ctx.extra.update(log_sink=self.log_sink)
+        ctx.signal.trigger("cancelled")
+        set_current_context(ctx)  # this hook's own asyncio task
+        try:
+            payload = self.parse_payload(task, attempt["run"]["payload"])
+        except Exception:
+            payload = loads(attempt["run"]["payload"])
+        await self.hooks(task, "on_cancel", payload, ctx)
+        self.flush_logs()
 
     def wait_hooks(
         self, task: Task[Any], ctx: Context

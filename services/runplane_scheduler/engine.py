@@ -679,8 +679,32 @@ class RunEngine:
             await Store.finish_attempt(tx, attempt_id, "CANCELED")
             tx.after_commit.append(lambda: self._cancel_attempt(attempt_id, run_id))
         else:
-            tx.after_commit.append(lambda: self.waits.cancelled(run_id))
+            m = row._mapping
+            tx.after_commit.append(lambda: self._cancelled_without_attempt(m))
         return row
+
+    def _cancelled_without_attempt(self, m: Mapping[Any, Any]) -> None:
+        """A run cancelled with no leased attempt: a suspended (waiting) attempt is stopped and
+        runs its on_cancel hooks itself; otherwise (queued, delayed, or waiting with its attempt
+        gone) one executor providing its task runs them (best effort)."""
+        if self.waits.cancelled(m["id"]):
+            return
+        for ex in self.index.executors.values():
+            if (
+                ex.connected
+                and ex.environment_id == m["environment_id"]
+                and m["task_id"] in ex.tasks
+            ):
+                ex.outbox.put_nowait(
+                    wpb.ConnectResponse(
+                        run_canceled=wpb.RunCanceled(
+                            run=run_to_pb(m),
+                            environment_slug=ex.environment_id.removeprefix("env_"),
+                            environment_id=ex.environment_id,
+                        )
+                    )
+                )
+                return
 
     async def replay(self, environment_id: str, run_id: str) -> Mapping[Any, Any]:
         """A new run of the same task with the original's payload, tags, metadata and options."""

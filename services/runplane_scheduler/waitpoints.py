@@ -451,19 +451,20 @@ class Waitpoints:
         self.resuming.discard(run_id)
         return held
 
-    def cancelled(self, run_id: str) -> None:
-        """A WAITING run was cancelled: stop its suspended attempt."""
+    def cancelled(self, run_id: str) -> bool:
+        """A run without a leased attempt was cancelled: stop its suspended attempt, if a WAITING
+        run has one. True when an attempt was told (its on_cancel hooks run there)."""
         held = self.forget(run_id)
         self.engine.index.discard(run_id)
         if held is None:
-            return
+            return False
         ex = self.engine.index.executors.get(held.executor_id)
-        if ex is not None and ex.connected:
-            ex.outbox.put_nowait(
-                wpb.ConnectResponse(
-                    cancel=wpb.CancelAttempt(attempt_id=held.attempt_id, run_id=run_id)
-                )
-            )
+        if ex is None or not ex.connected:
+            return False
+        ex.outbox.put_nowait(
+            wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=held.attempt_id, run_id=run_id))
+        )
+        return True
 
     def _queue_resume(self, m: Mapping[Any, Any]) -> None:
         """Queue the run for a slot, ahead by its original queued time."""

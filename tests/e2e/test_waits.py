@@ -257,3 +257,23 @@ async def test_on_wait_and_on_resume_hooks_fire_around_each_wait(cluster: Cluste
         "on_wait:duration",
         "on_resume:duration",
     ]
+
+
+async def test_on_cancel_runs_for_runs_cancelled_while_queued_or_waiting(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    client = cluster.client()
+    await client.queues.pause("one-at-a-time")
+    queued_file = tmp_path / "queued"
+    queued = await client.tasks.trigger("cancel-hooked", {"file": str(queued_file)})
+    await client.runs.cancel(queued.id)
+    text = await eventually(lambda: queued_file.exists() and queued_file.read_text(), 30)
+    assert text == "attempt=0 signal=True"  # no attempt ever ran
+
+    await client.queues.resume("one-at-a-time")
+    waiting_file = tmp_path / "waiting"
+    waiting = await client.tasks.trigger("cancel-hooked", {"file": str(waiting_file)})
+    await eventually(lambda: _status_is(client, waiting.id, RunStatus.WAITING), 60)
+    await client.runs.cancel(waiting.id)
+    text = await eventually(lambda: waiting_file.exists() and waiting_file.read_text(), 30)
+    assert text == "attempt=1 signal=True"  # its suspended attempt was stopped

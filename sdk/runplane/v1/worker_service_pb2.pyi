@@ -449,6 +449,7 @@ class ConnectResponse(_message.Message):
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    RUN_CANCELED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -457,6 +458,8 @@ class ConnectResponse(_message.Message):
     def cancel(self) -> Global___CancelAttempt: ...
     @_builtins.property
     def resume(self) -> Global___Resume: ...
+    @_builtins.property
+    def run_canceled(self) -> Global___RunCanceled: ...
     def __init__(
         self,
         *,
@@ -464,12 +467,13 @@ class ConnectResponse(_message.Message):
         assignment: Global___Assignment | None = ...,
         cancel: Global___CancelAttempt | None = ...,
         resume: Global___Resume | None = ...,
+        run_canceled: Global___RunCanceled | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "resume"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "resume", "run_canceled"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -719,3 +723,34 @@ class Resume(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Resume: _TypeAlias = Resume  # noqa: Y015
+
+@_typing.final
+class RunCanceled(_message.Message):
+    """RunCanceled asks the executor to run the task's on_cancel hooks for a run cancelled while it
+    had no attempt running (queued, delayed, or waiting with its attempt gone). Best effort: sent
+    once, to one connected executor that provides the task.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_SLUG_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_ID_FIELD_NUMBER: _builtins.int
+    environment_slug: _builtins.str
+    environment_id: _builtins.str
+    @_builtins.property
+    def run(self) -> _run_pb2.Run: ...
+    def __init__(
+        self,
+        *,
+        run: _run_pb2.Run | None = ...,
+        environment_slug: _builtins.str = ...,
+        environment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["environment_id", b"environment_id", "environment_slug", b"environment_slug", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunCanceled: _TypeAlias = RunCanceled  # noqa: Y015
