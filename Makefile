@@ -24,9 +24,11 @@ check-gen:
 	$(PY) scripts/gen_protos.py --check
 
 # Runs the PostgreSQL variants too (tests marked `postgres`); with CI set they fail, not skip,
-# when PostgreSQL is unreachable.
+# when PostgreSQL is unreachable. Three workers for most tests (they mostly wait on services);
+# the fault tests (kill -9, restarts, a latency gate) run alone afterwards.
 test: setup lint typecheck check-gen
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n 3 --ignore=tests/faults
+	$(PY) -m pytest -ra tests/faults
 
 bench:
 	$(PY) bench/run.py
