@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,20 +21,8 @@ from tests.helpers.wait import eventually
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, nats_server, database_url: str) -> AsyncIterator[Cluster]:  # type: ignore[no-untyped-def]
-    c = Cluster(
-        tmp_path,
-        nats_server.url,
-        database_url,
-        tasks="examples.engine",
-        env={"RUNPLANE_LIMIT_OUTPUT_BYTES": "100000"},
-    )
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
+CLUSTER_TASKS = "examples.engine"
+CLUSTER_ENV = {"RUNPLANE_LIMIT_OUTPUT_BYTES": "100000"}
 
 
 async def _final(client: runplane.Client, run_id: str, timeout: float = 60) -> runplane.Run:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +16,7 @@ from tests.helpers.wait import eventually
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, nats_server, database_url: str) -> AsyncIterator[Cluster]:  # type: ignore[no-untyped-def]
-    c = Cluster(tmp_path, nats_server.url, database_url, tasks="examples.execution")
-    await c.start()
-    try:
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        await c.stop()
+CLUSTER_TASKS = "examples.execution"
 
 
 async def finished(cluster: Cluster, run_id: str) -> Run:

@@ -5,29 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from tests.helpers.cluster import ROOT, Cluster
-from tests.helpers.nats import NatsServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 NODE_CLIENT = ROOT / "clients" / "node"
 
 
-@pytest.fixture
-async def cluster(
-    tmp_path: Path, nats_server: NatsServer, database_url: str
-) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path, nats_server.url, database_url, tasks="tests.e2e.realtime_tasks")
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
+CLUSTER_TASKS = "tests.e2e.realtime_tasks"
 
 
 async def test_the_node_client_triggers_follows_and_reads_a_stream(cluster: Cluster) -> None:

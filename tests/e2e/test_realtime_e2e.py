@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,19 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 TASKS = "tests.e2e.realtime_tasks"
 
 
-@pytest.fixture
-async def cluster(
-    tmp_path: Path, nats_server: NatsServer, database_url: str
-) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path, nats_server.url, database_url, tasks=TASKS)
-    await c.start()
-    try:
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        await c.stop()
+CLUSTER_TASKS = TASKS
 
 
 @dataclass

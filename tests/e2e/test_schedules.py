@@ -11,10 +11,7 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,26 +22,15 @@ from tests.helpers.wait import eventually
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, nats_server: Any, database_url: str) -> AsyncIterator[Cluster]:
-    c = Cluster(
-        tmp_path,
-        nats_server.url,
-        database_url,
-        tasks="examples.scheduled",
-        env={
-            "RUNPLANE_SCHEDULE_CLOCK_SPEED": "60",
-            "RUNPLANE_SCHEDULE_CLOCK_EPOCH_MS": str(time.time_ns() // 1_000_000),
-        },
-    )
-    await c.start()
-    try:
-        yield c
-    except BaseException:
-        print(c.logs())
-        raise
-    finally:
-        await c.stop()
+CLUSTER_TASKS = "examples.scheduled"
+
+
+def CLUSTER_ENV() -> dict[str, str]:
+    """A schedule clock 60 times faster than real time, starting now."""
+    return {
+        "RUNPLANE_SCHEDULE_CLOCK_SPEED": "60",
+        "RUNPLANE_SCHEDULE_CLOCK_EPOCH_MS": str(time.time_ns() // 1_000_000),
+    }
 
 
 async def test_a_declarative_schedule_runs_its_task_with_the_scheduled_payload(

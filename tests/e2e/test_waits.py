@@ -7,7 +7,6 @@ import asyncio
 import json
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,7 @@ from tests.helpers.wait import eventually
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, nats_server, database_url: str) -> AsyncIterator[Cluster]:  # type: ignore[no-untyped-def]
-    c = Cluster(tmp_path, nats_server.url, database_url, tasks="examples.waits")
-    await c.start()
-    try:
-        yield c
-    finally:
-        await c.stop()
+CLUSTER_TASKS = "examples.waits"
 
 
 async def _final(client: runplane.Client, run_id: str, timeout: float = 90) -> runplane.Run:
