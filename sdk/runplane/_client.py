@@ -139,6 +139,23 @@ class Client:
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
 
+    async def _paged(
+        self, method: Callable[..., Any], request: Any, items: str, limit: int | None = None
+    ) -> AsyncIterator[Any]:
+        """Every item (field ``items``) of a paged List call, a page at a time; at most
+        ``limit``."""
+        count = 0
+        while True:
+            response = await self._call(method, request)
+            for pb in getattr(response, items):
+                yield pb
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
     def _run_stub(self) -> run_service_pb2_grpc.RunServiceStub:
         return run_service_pb2_grpc.RunServiceStub(self._channel())
 
@@ -335,17 +352,8 @@ class RunsAPI(Namespace):
         if created_before is not None:
             request.created_before.FromDatetime(created_before)
         client = self._client
-        count = 0
-        while True:
-            response = await client._call(client._run_stub().ListRuns, request)
-            for pb in response.runs:
-                yield Run.from_pb(pb)
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        async for pb in client._paged(client._run_stub().ListRuns, request, "runs", limit):
+            yield Run.from_pb(pb)
 
     def list_sync(self, **filters: Any) -> Iterator[Run]:
         return self._client._iterate_sync(self.list(**filters))
@@ -437,13 +445,8 @@ class RunsAPI(Namespace):
         request = rpb.ListRunLogsRequest(
             run_id=run_id.id if isinstance(run_id, RunHandle) else run_id, page_size=page_size
         )
-        while True:
-            response = await client._call(client._run_stub().ListRunLogs, request)
-            for pb in response.entries:
-                yield LogEntry.from_pb(pb)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        async for pb in client._paged(client._run_stub().ListRunLogs, request, "entries"):
+            yield LogEntry.from_pb(pb)
 
     def logs_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[LogEntry]:
         return self._client._iterate_sync(self.logs(run_id, **kwargs))

@@ -40,13 +40,8 @@ class QueuesAPI(Namespace):
     async def list(self, *, page_size: int = 25) -> AsyncIterator[QueueInfo]:
         """Every queue of the environment, by name, fetched a page at a time."""
         request = qpb.ListQueuesRequest(page_size=page_size)
-        while True:
-            response = await self._client._call(self._stub().ListQueues, request)
-            for q in response.queues:
-                yield _info(q)
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        async for q in self._client._paged(self._stub().ListQueues, request, "queues"):
+            yield _info(q)
 
     def list_sync(self, **kwargs: Any) -> Iterator[QueueInfo]:
         return self._client._iterate_sync(self.list(**kwargs))

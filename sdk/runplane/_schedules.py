@@ -200,18 +200,10 @@ class SchedulesAPI(Namespace):
         request = spb.ListSchedulesRequest(
             task_ids=[task] if isinstance(task, str) else list(task or []), page_size=page_size
         )
-        client = self._client
-        count = 0
-        while True:
-            response = await client._call(self._stub().ListSchedules, request)
-            for pb in response.schedules:
-                yield Schedule.from_pb(pb)
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-            if not response.next_page_token:
-                return
-            request.page_token = response.next_page_token
+        async for pb in self._client._paged(
+            self._stub().ListSchedules, request, "schedules", limit
+        ):
+            yield Schedule.from_pb(pb)
 
     def list_sync(self, **filters: Any) -> Iterator[Schedule]:
         return self._client._iterate_sync(self.list(**filters))
