@@ -117,6 +117,7 @@ class DispatchIndex:
     def __init__(self, environment_limit: int) -> None:
         self.environment_limit = environment_limit
         self.configs: dict[QueueName, QueueConfig] = {}
+        self._rate_limited: dict[QueueName, QueueConfig] = {}
         self.queues: dict[QueueKey, QueueState] = {}
         # Runs that left QUEUED some other way (cancelled, expired): skipped when reached.
         self.removed: set[str] = set()
@@ -139,9 +140,18 @@ class DispatchIndex:
             self._rotation.append(key)
         return state
 
+    def set_rate_limit(self, name: QueueName, limit: int, period: float) -> None:
+        config = self.config(name)
+        config.rate_limit, config.rate_period = limit, period
+        if limit:
+            self._rate_limited[name] = config
+        else:
+            self._rate_limited.pop(name, None)
+
     def next_wake(self) -> float | None:
-        """The monotonic time a rate-limited queue's window reopens, if one is full."""
-        times = [t for c in self.configs.values() if (t := c.rate_window_opens()) is not None]
+        """The monotonic time a rate-limited queue's window reopens, if one is full (only
+        rate-limited queues are looked at: this runs on every dispatch round)."""
+        times = [t for c in self._rate_limited.values() if (t := c.rate_window_opens()) is not None]
         return min(times, default=None)
 
     def discard(self, run_id: str) -> None:

@@ -960,11 +960,11 @@ class RunEngine:
         self._dispatch_wake.set()
 
     def _apply_queue_limit(self, environment_id: str, d: TaskDef) -> None:
-        config = self.index.config((environment_id, d.queue))
+        name = (environment_id, d.queue)
+        config = self.index.config(name)
         config.limit = d.queue_concurrency_limit
-        config.rate_limit = d.queue_rate_limit
-        config.rate_period = d.queue_rate_period
         config.total_limit = d.queue_total_limit
+        self.index.set_rate_limit(name, d.queue_rate_limit, d.queue_rate_period)
 
     async def _release_pending(self, environment_id: str, run_ids: list[str]) -> None:
         """Runs that waited for an executor providing their task move to QUEUED."""

@@ -17,7 +17,6 @@ code path.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import heapq
 import logging
@@ -53,7 +52,7 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 DECLARATIVE = "DECLARATIVE"
 IMPERATIVE = "IMPERATIVE"
 UPCOMING = 5
-SCHEDULE_ID = re.compile(r"^sched_[0-9a-z]{1,36}$")
+SCHEDULE_ID = re.compile(r"^sched_[0-9a-z]{1,36}\Z")
 TEXT_LIMIT = 256
 
 
@@ -437,18 +436,6 @@ class ScheduleRunner:
 # -- the service ----------------------------------------------------------------------------------
 
 
-def _decode_page_token(token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        value = base64.urlsafe_b64decode(token.encode()).decode()
-    except ValueError:
-        raise InvalidArgument("page_token", "not a token this server issued") from None
-    if not SCHEDULE_ID.match(value):
-        raise InvalidArgument("page_token", "not a token this server issued")
-    return value
-
-
 class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
     def __init__(self, runner: ScheduleRunner, settings: SchedulerSettings) -> None:
         self.runner = runner
@@ -551,7 +538,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
     ) -> spb.ListSchedulesResponse:
         size = validation.page_size(request.page_size, self.limits.page_size)
         task_ids = [validation.task_id(t, f"task_ids[{i}]") for i, t in enumerate(request.task_ids)]
-        after = _decode_page_token(request.page_token)
+        after = validation.decode_page_token(request.page_token, SCHEDULE_ID)
         stmt = select(db.schedules).where(S.environment_id == principal().environment_id)
         if task_ids:
             stmt = stmt.where(S.task_id.in_(task_ids))
@@ -563,7 +550,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         rows = rows[:size]
         return spb.ListSchedulesResponse(
             schedules=[schedule_to_pb(r) for r in rows],
-            next_page_token=base64.urlsafe_b64encode(rows[-1].id.encode()).decode() if more else "",
+            next_page_token=validation.encode_page_token(rows[-1].id) if more else "",
         )
 
     async def _change(self, schedule_id: str, change: Any) -> RunRow:

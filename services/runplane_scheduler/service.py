@@ -209,7 +209,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         rows = await self.engine.list_logs(
             principal().environment_id,
             run_id,
-            validation.decode_log_page_token(request.page_token),
+            validation.decode_page_token(request.page_token, validation.LOG_ID),
             size + 1,
         )
         more = len(rows) > size
@@ -272,7 +272,7 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: qpb.ListQueuesRequest, context: Context
     ) -> qpb.ListQueuesResponse:
         size = validation.page_size(request.page_size, self.limits.page_size)
-        after = validation.decode_name_token(request.page_token)
+        after = validation.decode_page_token(request.page_token, validation.TASK_ID)
         rows = await self.engine.store.list_queues(principal().environment_id, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
@@ -432,16 +432,7 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
     async def CreateToken(
         self, request: wspb.CreateTokenRequest, context: Context
     ) -> wspb.CreateTokenResponse:
-        tags = list(request.tags)
-        if len(tags) > self.limits.tags:
-            raise InvalidArgument(
-                "tags", f"{len(tags)} tags is over the limit of {self.limits.tags}"
-            )
-        for i, tag in enumerate(tags):
-            if not 1 <= len(tag) <= self.limits.tag_length:
-                raise InvalidArgument(
-                    f"tags[{i}]", f"a tag must be 1..{self.limits.tag_length} characters"
-                )
+        tags = list(validation.tag_list("tags", list(request.tags), self.limits))
         validation.text(
             "idempotency_key", request.idempotency_key, self.limits.idempotency_key_length
         )
@@ -492,9 +483,7 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
             if v not in wspb.WaitpointStatus.values() or v == wspb.WAITPOINT_STATUS_UNSPECIFIED:
                 raise InvalidArgument(f"statuses[{i}]", f"{v} is not a waitpoint status")
             statuses.append(wspb.WaitpointStatus.Name(v).removeprefix("WAITPOINT_STATUS_"))
-        after = None
-        if request.page_token:
-            after = _token_id(validation.decode_name_token(request.page_token) or "", "page_token")
+        after = validation.decode_page_token(request.page_token, TOKEN_ID)
         rows = await self.waits.list_tokens(
             principal().environment_id,
             statuses=statuses,

@@ -185,16 +185,7 @@ def trigger_spec(
     """A trigger's task, payload and options, checked; ``where`` prefixes field names (a batch
     item's place)."""
     f = f"{where}options."
-    tags = tuple(o.tags)
-    if len(tags) > limits.tags:
-        raise InvalidArgument(f"{f}tags", f"{len(tags)} tags is over the limit of {limits.tags}")
-    for i, tag in enumerate(tags):
-        text(f"{f}tags[{i}]", tag, limits.tag_length)
-        if not 1 <= len(tag) <= limits.tag_length:
-            raise InvalidArgument(
-                f"{f}tags[{i}]",
-                f"a tag must be 1..{limits.tag_length} characters, got {len(tag)}",
-            )
+    tags = tag_list(f"{f}tags", list(o.tags), limits)
     metadata = json_text(
         f"{f}metadata", o.metadata, limits.metadata_bytes, "metadata", default="{}"
     )
@@ -281,6 +272,19 @@ def _debounce(field: str, d: rpb.Debounce) -> Debounce:
     )
 
 
+def tag_list(field: str, values: list[str], limits: Limits) -> tuple[str, ...]:
+    """At most ``limits.tags`` tags of 1..``limits.tag_length`` characters each."""
+    if len(values) > limits.tags:
+        raise InvalidArgument(field, f"{len(values)} tags is over the limit of {limits.tags}")
+    for i, tag in enumerate(values):
+        text(f"{field}[{i}]", tag, limits.tag_length)
+        if not tag:
+            raise InvalidArgument(
+                f"{field}[{i}]", f"a tag must be 1..{limits.tag_length} characters, got 0"
+            )
+    return tuple(values)
+
+
 def _ttl(field: str, value: Duration) -> int:
     ms = duration_ms(field, value)
     return ms if ms == 0 else duration_ms(field, value, minimum_ms=1000)
@@ -335,30 +339,20 @@ def queue_ref(value: str, field: str = "queue") -> str:
     return value
 
 
-def decode_name_token(token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        value = base64.urlsafe_b64decode(token.encode()).decode()
-    except ValueError:
-        raise InvalidArgument("page_token", "not a token this server issued") from None
-    if not TASK_ID.match(value):
-        raise InvalidArgument("page_token", "not a token this server issued")
-    return value
-
-
 def encode_page_token(last_id: str) -> str:
     return base64.urlsafe_b64encode(last_id.encode()).decode()
 
 
-def decode_page_token(token: str) -> str | None:
+def decode_page_token(token: str, last: re.Pattern[str] = RUN_ID) -> str | None:
+    """The last id (or name) of the previous page, which must match ``last``; None: from the
+    start."""
     if not token:
         return None
     try:
         value = base64.urlsafe_b64decode(token.encode()).decode()
     except ValueError:
         raise InvalidArgument("page_token", "not a token this server issued") from None
-    if not RUN_ID.match(value):
+    if not last.match(value):
         raise InvalidArgument("page_token", "not a token this server issued")
     return value
 
@@ -380,32 +374,10 @@ def tags_to_add(values: list[str], limits: Limits) -> list[str]:
     """Tags for AddRunTags: 1..limits.tags of 1..tag_length characters each."""
     if not values:
         raise InvalidArgument("tags", "must not be empty")
-    if len(values) > limits.tags:
-        raise InvalidArgument(
-            "tags", f"{len(values)} tags is over the limit of {limits.tags} tags per run"
-        )
-    for i, tag in enumerate(values):
-        text(f"tags[{i}]", tag, limits.tag_length)
-        if not tag:
-            raise InvalidArgument(
-                f"tags[{i}]", f"a tag must be 1..{limits.tag_length} characters, got 0"
-            )
-    return values
+    return list(tag_list("tags", values, limits))
 
 
 def log_page_size(value: int) -> int:
     if not 0 <= value <= 1000:
         raise InvalidArgument("page_size", f"must be 0..1000, got {value}")
     return value or 100
-
-
-def decode_log_page_token(token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        value = base64.urlsafe_b64decode(token.encode()).decode()
-    except ValueError:
-        raise InvalidArgument("page_token", "not a token this server issued") from None
-    if not LOG_ID.match(value):
-        raise InvalidArgument("page_token", "not a token this server issued")
-    return value
