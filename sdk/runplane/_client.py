@@ -87,6 +87,7 @@ class Client:
         self.secret_key = secret_key or os.environ.get("RUNPLANE_SECRET_KEY") or ""
         self._realtime_url = realtime_url or os.environ.get("RUNPLANE_REALTIME_URL") or ""
         self._channels: dict[tuple[int, str], grpc.aio.Channel] = {}
+        self._run_stubs: dict[int, run_service_pb2_grpc.RunServiceStub] = {}
         self._sync = _LoopThread()
         from runplane._batch import BatchAPI
         from runplane._idempotency import IdempotencyKeysAPI
@@ -157,7 +158,13 @@ class Client:
             request.page_token = response.next_page_token
 
     def _run_stub(self) -> run_service_pb2_grpc.RunServiceStub:
-        return run_service_pb2_grpc.RunServiceStub(self._channel())
+        """The RunService stub on the current loop's channel (built once: a stub makes a
+        callable per method, which costs more than the call it is for)."""
+        channel = self._channel()
+        stub = self._run_stubs.get(id(channel))
+        if stub is None:
+            stub = self._run_stubs[id(channel)] = run_service_pb2_grpc.RunServiceStub(channel)
+        return stub
 
     async def _resolve_realtime_url(self) -> str:
         if not self._realtime_url:
@@ -179,7 +186,9 @@ class Client:
     async def close(self) -> None:
         loop_id = id(asyncio.get_running_loop())
         for key in [k for k in self._channels if k[0] == loop_id]:
-            await self._channels.pop(key).close()
+            channel = self._channels.pop(key)
+            self._run_stubs.pop(id(channel), None)
+            await channel.close()
 
 
 def trigger_options(

@@ -54,6 +54,9 @@ CommitHook = Callable[[list[dict[str, Any]]], None]
 # Called in the transaction when a run reaches a final status (a parent may wait on it).
 FinalHook = Callable[["Tx", Row[Any]], Awaitable[None]]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
+# Published outbox rows ride along with a busy writer's commits in chunks this large (or once
+# the oldest has waited IDLE_FLUSH), not one small DELETE per commit.
+DELETE_CHUNK = 256
 
 
 def now_ms() -> int:
@@ -431,6 +434,7 @@ class Writer:
         # Outbox rows the relay has published; deleted with the next batch (or when idle), so
         # publishing adds no commit of its own.
         self._published: list[str] = []
+        self._published_since = 0.0  # when the oldest of them was published (monotonic)
         self.batches = 0
         self.ops = 0
         self.on_final: FinalHook | None = None
@@ -465,8 +469,22 @@ class Writer:
                 await conn.close()
 
     def published(self, event_ids: list[str]) -> None:
-        """The relay published these outbox rows; they go with the next commit."""
+        """The relay published these outbox rows; they go with a later commit."""
+        if not self._published:
+            self._published_since = time.monotonic()
         self._published.extend(event_ids)
+
+    def _deletions(self, batch_empty: bool) -> list[str]:
+        """The published rows this commit deletes: all of them when idle, when there are
+        enough, or when the oldest has waited long enough; else none yet."""
+        if not self._published or not (
+            batch_empty
+            or len(self._published) >= DELETE_CHUNK
+            or time.monotonic() - self._published_since >= IDLE_FLUSH
+        ):
+            return []
+        published, self._published = self._published, []
+        return published
 
     def submit(self, op: Op[T]) -> asyncio.Future[T]:
         """Queue ``op``; operations commit in the order they were submitted."""
@@ -511,11 +529,13 @@ class Writer:
         if self._conn is None:
             self._conn = await self._connect()
         conn = self._conn
-        published, self._published = self._published, []
+        published = self._deletions(not batch)
         try:
             events = await self._transaction(conn, batch, published, outcomes, after)
         except BaseException:
             self._published[:0] = published
+            if published:
+                self._published_since = 0.0  # overdue: the next commit deletes them
             raise
         self.batches += 1
         self.ops += len(outcomes)

@@ -168,9 +168,12 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+_HEAD = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
+
+
 def sign_jwt(key: bytes, claims: dict[str, Any]) -> str:
     """An HS256 JWT of ``claims``."""
-    head = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
+    head = _HEAD
     body = _b64(json.dumps(claims, separators=(",", ":")).encode())
     mac = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{_b64(mac)}"

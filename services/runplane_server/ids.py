@@ -3,25 +3,19 @@ Crockford base32, monotonic within a process (like ULID)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET)
 _lock = threading.Lock()
 _last = (0, 0)
 
 PREFIXES = frozenset(
     {"run", "batch", "waitpoint", "sched", "queue", "attempt", "evt", "exec", "env", "key"}
 )
-
-
-def _encode(value: int, length: int) -> str:
-    out = []
-    for _ in range(length):
-        out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
 
 
 def new_id(prefix: str) -> str:
@@ -35,7 +29,9 @@ def new_id(prefix: str) -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
         _last = (ms, rand)
-    return f"{prefix}_{_encode(ms, 10)}{_encode(rand, 16)}"
+    # 48 bits of time and 80 of randomness in 26 base32 digits: the low 130 bits of 160.
+    digits = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
+    return f"{prefix}_{digits.decode().translate(_FROM_RFC4648)}"
 
 
 def has_prefix(value: str, prefix: str) -> bool:
