@@ -313,7 +313,7 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                     cell(s["p50_ms"]),
                     cell(s["p99_ms"]),
                     cell(s["p100_ms"]),
-                    f"{cell(s['saw_final'])}/{subs}",
+                    f"{s['saw_final']['median']:.0f}/{subs}",
                     _check(s),
                 ]
             )

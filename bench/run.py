@@ -212,8 +212,10 @@ class Runner:
         std_jobs += [(system.name, "W6", "W6", {"batch": a.n6}) for w in todo if w == "W6"]
         extra = [(nm, wl, wl, x) for nm, (wl, x) in system.extra_rows.items() if wl in todo]
         std_jobs += [j for j in extra if j[2] != "W3"]
-        # W4 / W5 (runplane only): waiting runs, realtime subscribers; the std executor
-        std_jobs += [(system.name, "W4", "W4", {}) for w in todo if w == "W4"]
+        # W4 / W5 (runplane only): waiting runs, realtime subscribers
+        w4_job = [(system.name, "W4", "W4", {}) for w in todo if w == "W4"]
+        if a.w4_profile == "std":
+            std_jobs += w4_job
         std_jobs += [
             (system.name, f"W5/{mode}/{subs}", "W5", {"subs": subs, "mode": mode})
             for w in todo
@@ -225,6 +227,8 @@ class Runner:
             plan.append((std, std_jobs))
         wide_jobs = [(system.name, "W3", "W3", {})] if "W3" in todo else []
         wide_jobs += [j for j in extra if j[2] == "W3"]
+        if a.w4_profile == "wide":
+            wide_jobs += w4_job
         if wide_jobs:
             plan.append((wide, wide_jobs))
 
@@ -279,7 +283,10 @@ class Runner:
                             msg = f"realtime service failed: {e}"
                             log(f"   {nm} {key}: {msg}")
                             rows[nm]["workloads"][key] = {
-                                "ok": False, "reps": 0, "ok_reps": 0, "error": msg[:400]
+                                "ok": False,
+                                "reps": 0,
+                                "ok_reps": 0,
+                                "error": msg[:400],
                             }
                             continue
                     reps: list[dict] = []
@@ -416,6 +423,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slots3", type=int, default=100, help="W3 total slots (split over --procs)")
     ap.add_argument(
         "--n4", type=int, default=None, help="W4 waiting runs (default 10000; quick 500)"
+    )
+    ap.add_argument(
+        "--w4-profile",
+        default="std",
+        choices=["std", "wide"],
+        help="W4's executor: std (--slots per process) or wide (--slots3 in total, as W3)",
     )
     ap.add_argument(
         "--subs5",

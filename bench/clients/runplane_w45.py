@@ -6,7 +6,7 @@ RPUSHes one record to the recorder redis, and every index 0..N-1 must be there e
 
 W4: N runs of ``bench-wait-token`` (batch-triggered, tagged), all waiting on ONE wait token the
 client holds. Phase 1 "all waiting": the recorder list ``<key>:w`` (each run says it is about to
-wait) reaches N, then the scheduler's own view — ``runs.list(status=WAITING, tag=...)`` — counts N.
+wait) reaches N, then the scheduler's own view — ``runs.list(status=WAITING)`` — counts N.
 Memory of the executor tree (control process + task processes) and of the scheduler is sampled
 from /proc (``bench/procmem.py``) before the wave, every 0.5 s during it, when all are waiting and
 after all completed. Phase 2 "all resume": the client completes the token; every run resumes and
@@ -36,6 +36,8 @@ from bench import procmem
 from bench.client import pct, wait_done
 from bench.resp import Redis
 from runplane import Client, RunStatus, WaitAPI
+from runplane.v1 import waitpoint_service_pb2 as wspb
+from runplane.v1 import waitpoint_service_pb2_grpc
 
 WAIT_TASK = "bench-wait-token"
 BATCH = 500
@@ -104,15 +106,22 @@ async def _trigger_wave(
     return ids, t0, time.time()
 
 
-async def _count_waiting(c: Client, tag: str) -> int:
+async def _count_waiting(c: Client) -> int:
+    """Runs the scheduler lists as WAITING. Each system has its own fresh database and nothing
+    else waits there, so no tag filter: with one, ListRuns on 10,000 just-written runs took 1-3 s
+    a page on PostgreSQL (stale planner statistics pick a nested loop), 20 ms without."""
     n = 0
-    async for _ in c.runs.list(status="WAITING", tag=tag, page_size=100):
+    async for _ in c.runs.list(status="WAITING", page_size=100):
         n += 1
     return n
 
 
-async def _release(c: Client, token: str) -> None:
-    await WaitAPI(c).complete_token(token, {"go": True})
+async def _release(c: Client, token: str, timeout: float) -> None:
+    """Complete the token. The scheduler completes every wait on it in one transaction, which
+    takes longer than the SDK's 30 s deadline with 10,000 waiters, so call with ``timeout``."""
+    stub = waitpoint_service_pb2_grpc.WaitpointServiceStub(c._channel())
+    request = wspb.CompleteTokenRequest(token_id=token, data='{"go": true}')
+    await c._call(stub.CompleteToken, request, timeout=max(30.0, timeout))
 
 
 def _mb(kb: int) -> float:
@@ -136,7 +145,7 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         ids, t0, t_acc = await _trigger_wave(c, key, n, token, tag)
         res["trigger_s"] = t_acc - t0
         # phase 1: all waiting (the runs' own word, then the scheduler's)
-        got, why = wait_done(rec, key + ":w", n, deadline, a.stall)
+        _, why = wait_done(rec, key + ":w", n, deadline, a.stall)
         if why:
             res["error"] = f"not all waiting: {why}"
             res["completed"] = int(rec.call("LLEN", key))  # type: ignore[arg-type]
@@ -144,7 +153,7 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         t_entered = time.time()
         waiting, polls = 0, 0
         while True:
-            waiting = await _count_waiting(c, tag)
+            waiting = await _count_waiting(c)
             polls += 1
             if waiting >= n or time.monotonic() > deadline:
                 break
@@ -168,7 +177,7 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             return res
         # phase 2: release; all resume and complete
         t_rel = time.time()
-        await _release(c, token)
+        await _release(c, token, deadline - time.monotonic())
         res["release_call_s"] = time.time() - t_rel
         _, why = wait_done(rec, key, n, deadline, a.stall)
         seen, dups, t_last = _records(rec, key, n)
@@ -182,6 +191,9 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             error=why,
             ok=len(seen) == n and not why,
         )
+    except Exception as e:  # a failed call fails the workload; keep what was measured
+        res["error"] = f"{type(e).__name__}: {e}"[:400]
+        return res
     finally:
         sampler.stop()
         mem: dict[str, Any] = {"before": before, "peak": sampler.peak, "samples": sampler.samples}
@@ -211,33 +223,36 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
 class Sub:
     """One subscriber's view: latest status per run, and the latency of each event."""
 
-    __slots__ = ("events", "final", "first", "lat")
+    __slots__ = ("events", "final", "first", "lat", "log")
 
     def __init__(self) -> None:
-        self.first = False
+        self.first = 0.0  # when the subscriber received its first message (it is connected)
         self.final: dict[str, str] = {}
-        self.lat: list[tuple[str, float]] = []  # (run id, receive - updated_at)
+        # (run id, receive - updated_at) of each version produced after the subscriber was
+        # connected: earlier ones (the snapshot, a backlog replayed on connecting) are not events
+        self.lat: list[tuple[str, float]] = []
         self.events = 0
+        self.log: list[tuple[str, int, float, float]] = []  # (status, version, recv, updated)
+
+    def got(self, run: Any, now: float) -> None:
+        self.events += 1
+        self.final[run.id] = str(run.status)
+        updated = run.updated_at.timestamp() if run.updated_at is not None else math.nan
+        if len(self.log) < 12:
+            self.log.append((str(run.status), run.version, now, updated))
+        if self.first and updated >= self.first:
+            self.lat.append((run.id, now - updated))
+        self.first = self.first or now
 
 
 async def _follow_run(c: Client, run_id: str, s: Sub) -> None:
     async for run in c.runs.subscribe_to_run(run_id):
-        now = time.time()
-        s.events += 1
-        if s.first and run.updated_at is not None:
-            s.lat.append((run.id, now - run.updated_at.timestamp()))
-        s.first = True  # the first message is the snapshot of the run now, not an event
-        s.final[run.id] = str(run.status)
+        s.got(run, time.time())
 
 
 async def _follow_tag(c: Client, tag: str, s: Sub) -> None:
     async for run in c.runs.subscribe_to_runs_with_tag(tag, created_after=timedelta(minutes=10)):
-        now = time.time()
-        s.events += 1
-        s.first = True
-        if run.updated_at is not None:
-            s.lat.append((run.id, now - run.updated_at.timestamp()))
-        s.final[run.id] = str(run.status)
+        s.got(run, time.time())
 
 
 async def _until(cond: Any, deadline: float, step: float = 0.1) -> bool:
@@ -269,14 +284,17 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
                 return res
             t_sub = time.time()
             tasks = [
-                asyncio.create_task(_follow_run(c, rid, s)) for rid, s in zip(ids, subs, strict=True)
+                asyncio.create_task(_follow_run(c, rid, s))
+                for rid, s in zip(ids, subs, strict=True)
             ]
             if not await _until(lambda: all(s.first for s in subs), deadline):
-                res["error"] = f"only {sum(s.first for s in subs)}/{subs_n} subscribers connected"
+                res["error"] = (
+                    f"only {sum(bool(s.first) for s in subs)}/{subs_n} subscribers connected"
+                )
                 return res
             res["connect_s"] = time.time() - t_sub
             t_go = time.time()
-            await _release(c, token)
+            await _release(c, token, deadline - time.monotonic())
             expected = [{rid} for rid in ids]
         else:
             runs_n = a.tag_runs
@@ -294,7 +312,9 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             t_go = time.time()
             ids = []
             for i in range(runs_n):
-                h = await c.tasks.trigger("bench-noop", {"k": key, "i": i, "t": time.time()}, tags=[tag])
+                h = await c.tasks.trigger(
+                    "bench-noop", {"k": key, "i": i, "t": time.time()}, tags=[tag]
+                )
                 ids.append(h.id)
             expected = [set(ids)] * subs_n
 
@@ -323,6 +343,9 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             deliveries=sum(s.events for s in subs),
             wave_s=t_done - t_go,
             lat_ms={p: pct(lat, float(p)) * 1000 for p in ("50", "95", "99", "100")},
+            first_subscriber=[
+                (st, v, round(r - t_go, 4), round(u - t_go, 4)) for st, v, r, u in subs[0].log
+            ],
             error=why
             or (
                 ""
@@ -330,6 +353,9 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
                 else f"{subs_n - full}/{subs_n} subscribers did not see every run COMPLETED"
             ),
         )
+    except Exception as e:  # a failed call fails the workload; keep what was measured
+        res["error"] = f"{type(e).__name__}: {e}"[:400]
+        return res
     finally:
         for t in tasks:
             t.cancel()
