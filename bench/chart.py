@@ -176,16 +176,10 @@ def main() -> None:
                 )
             else:
                 note.append(f"W4 {name}: FAIL")
-        if note:
-            ax.text(
-                0.98,
-                0.98,
-                "\n".join(note),
-                transform=ax.transAxes,
-                ha="right",
-                va="top",
-                fontsize=7,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "gray"},
+        if note:  # W4 has no panel of its own: its memory per waiting run under the title
+            ax.set_title(
+                "W5 realtime: event-to-subscriber latency (runplane only)\n" + "\n".join(note),
+                fontsize=9,
             )
 
     fig.suptitle(

@@ -10,7 +10,10 @@ read is skipped.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -57,3 +60,18 @@ def tree_mem(pid: int) -> dict[str, int]:
 
 def sample(pids: dict[str, int]) -> dict[str, dict[str, int]]:
     return {name: tree_mem(pid) for name, pid in pids.items()}
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by pid and its live descendants."""
+    total = 0
+    for p in descendants(pid):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+def cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: tree_cpu(pid) for name, pid in pids.items()}

@@ -75,6 +75,8 @@ def _summarize_w5(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, An
         out[f"p{p}_ms"] = _stat([r["lat_ms"][p] for r in ok])
     for k in ("connect_s", "wave_s", "events", "saw_final", "runs"):
         out[k] = _stat([r.get(k, math.nan) for r in ok])
+    for proc in ("realtime", "client", "scheduler"):
+        out[f"cpu_{proc}_s"] = _stat([r.get("cpu_s", {}).get(proc, math.nan) for r in ok])
     out["mode"], out["subs"] = ok[0]["mode"], ok[0]["n"]
     out["dups"] = sum(r.get("dups", 0) for r in ok)
     return out
@@ -303,7 +305,7 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             _, mode, subs = key.split("/")
             what = f"{subs} x own run" if mode == "run" else f"{subs} on 1 tag"
             if not s["ok"]:
-                body.append([name, what, "FAIL", "", "", "", "", _fail(s)])
+                body.append([name, what, "FAIL", "", "", "", "", "", "", _fail(s)])
                 continue
             body.append(
                 [
@@ -314,6 +316,8 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                     cell(s["p99_ms"]),
                     cell(s["p100_ms"]),
                     f"{s['saw_final']['median']:.0f}/{subs}",
+                    cell(s["wave_s"], " s"),
+                    f"{cell(s['cpu_realtime_s'])} / {cell(s['cpu_client_s'])}",
                     _check(s),
                 ]
             )
@@ -322,7 +326,9 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     return [
         "\nW5 realtime (runplane only): event-to-subscriber latency = receive time - the run "
         "version's updated_at; 'x own run': each subscriber follows its own run (all released "
-        f"at once); 'on 1 tag': all follow one tag, {cfg.get('w5_tag_runs', 10)} runs\n"
+        f"at once); 'on 1 tag': all follow one tag, {cfg.get('w5_tag_runs', 10)} runs; wave: "
+        "release (or first trigger) until every subscriber saw every run COMPLETED; CPU s: "
+        "used in the wave\n"
         + _table(
             [
                 "system",
@@ -332,6 +338,8 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 "p99 ms",
                 "max ms",
                 "saw final",
+                "wave",
+                "CPU s realtime / client",
                 "check",
             ],
             body,

@@ -203,6 +203,8 @@ class Runner:
         for nm in names:
             rows[nm] = {"system": system.name, "workloads": {}, "setup": {}}
         todo = [w for w in a.workloads if w in system.workloads]
+        if "all" not in a.w45_on and system.name not in a.w45_on:
+            todo = [w for w in todo if w not in ("W4", "W5")]
         # jobs: (row, result key, workload, extra); the key is the workload except for W5's cases
         plan: list[tuple[Profile, list[tuple[str, str, str, dict]]]] = []
         std = Profile("std", a.procs, a.slots)
@@ -276,9 +278,12 @@ class Runner:
                         special = ("--pids", json.dumps(system.pids()))  # type: ignore[attr-defined]
                     if wl == "W5":
                         n = extra["subs"]
-                        special = ("--mode", extra["mode"], "--tag-runs", str(a.w5_tag_runs))
                         try:
                             system.start_realtime()  # type: ignore[attr-defined]
+                            special = (
+                                *("--mode", extra["mode"], "--tag-runs", str(a.w5_tag_runs)),
+                                *("--pids", json.dumps(system.pids())),  # type: ignore[attr-defined]
+                            )
                         except Exception as e:
                             msg = f"realtime service failed: {e}"
                             log(f"   {nm} {key}: {msg}")
@@ -370,7 +375,9 @@ class Runner:
                 f"{r['mode']} x{r['n']}: {r['events']:,} events, p50 {lat['50']:.1f} ms, "
                 f"p99 {lat['99']:.1f} ms, max {lat['100']:.0f} ms; {r['saw_final']}/{r['n']} "
                 f"subscribers saw every run COMPLETED (connect {r.get('connect_s', 0):.1f} s, "
-                f"wave {r['wave_s']:.1f} s) [{chk}]"
+                f"wave {r['wave_s']:.1f} s; CPU s in the wave: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r.get("cpu_s", {}).items())
+                + f") [{chk}]"
             )
         if wl == "W2":
             lat = r["lat_ms"]
@@ -423,6 +430,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slots3", type=int, default=100, help="W3 total slots (split over --procs)")
     ap.add_argument(
         "--n4", type=int, default=None, help="W4 waiting runs (default 10000; quick 500)"
+    )
+    ap.add_argument(
+        "--w45-on",
+        default=None,
+        help="runplane systems that run W4 and W5 (comma-separated, or 'all'; quick: all); one "
+        "by default (runplane-sqlite) to "
+        "keep `make bench` short: what they measure (executor memory, realtime delivery) does "
+        "not depend on the database, and SQLite fills 10,000 waiting runs fastest",
     )
     ap.add_argument(
         "--w4-profile",
@@ -503,12 +518,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError:
         ap.error("--subs5 looks like 200,1000")
     a.w5_modes = [m.strip() for m in a.w5_modes.split(",") if m.strip()]
+    a.w45_on = [x.strip() for x in (a.w45_on or ("all" if q else "runplane-sqlite")).split(",")]
     if set(a.w5_modes) - {"run", "tag"}:
         ap.error("--w5-modes: run and/or tag")
     if q:
         a.pause = min(a.pause, 0.3)
         a.verify_max = min(a.verify_max, 200)
     classes = system_classes()
+    if set(a.w45_on) - {"all", *(s for s in classes if s.startswith("runplane"))}:
+        ap.error("--w45-on: runplane systems (runplane-pg, runplane-sqlite) or 'all'")
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(classes)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = [s for s in [*only, *skip] if s not in classes]
@@ -539,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"plan: systems={','.join(a.systems)} workloads={','.join(a.workloads)} reps={a.reps} "
         f"W1 n={a.n1} | W2 n={a.n2}@{a.rate2:g}/s | W3 n={a.n3} slots={a.slots3} | "
-        f"W4 n={a.n4} | W5 subs={a.subs5} {'+'.join(a.w5_modes)} | "
+        f"W4 n={a.n4}, W5 subs={a.subs5} {'+'.join(a.w5_modes)} on {','.join(a.w45_on)} | "
         f"workers: {a.procs} procs x {a.slots} slots"
     )
     peers_py = (

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import threading
 import time
 from datetime import timedelta
@@ -265,6 +266,8 @@ async def _until(cond: Any, deadline: float, step: float = 0.1) -> bool:
 
 async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
     subs_n, mode, key = a.n, a.mode, a.key
+    pids = {k: int(v) for k, v in json.loads(a.pids or "{}").items()}
+    pids["client"] = os.getpid()
     deadline = time.monotonic() + a.deadline
     tag = f"w5{mode}-{time.time_ns()}"
     res: dict[str, Any] = {"workload": "W5", "mode": mode, "n": subs_n, "ok": False}
@@ -293,7 +296,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
                 )
                 return res
             res["connect_s"] = time.time() - t_sub
-            t_go = time.time()
+            t_go, cpu0 = time.time(), procmem.cpu(pids)
             await _release(c, token, deadline - time.monotonic())
             expected = [{rid} for rid in ids]
         else:
@@ -309,7 +312,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
                 res["error"] = f"only {seen}/{subs_n} subscribers saw the marker run"
                 return res
             res["connect_s"] = time.time() - t_sub
-            t_go = time.time()
+            t_go, cpu0 = time.time(), procmem.cpu(pids)
             ids = []
             for i in range(runs_n):
                 h = await c.tasks.trigger(
@@ -326,7 +329,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             deadline,
             step=0.2,
         )
-        t_done = time.time()
+        t_done, cpu1 = time.time(), procmem.cpu(pids)
         _, why = wait_done(rec, key, runs_n, deadline, a.stall)
         seen, dups, _ = _records(rec, key, runs_n)
         full = sum(saw_all(s, w) for s, w in zip(subs, expected, strict=True))
@@ -342,6 +345,9 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             events=len(lat),
             deliveries=sum(s.events for s in subs),
             wave_s=t_done - t_go,
+            # CPU seconds each process used from the release (run) / first trigger (tag) until
+            # every subscriber had seen every run COMPLETED: who was busy delivering
+            cpu_s={k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1},
             lat_ms={p: pct(lat, float(p)) * 1000 for p in ("50", "95", "99", "100")},
             first_subscriber=[
                 (st, v, round(r - t_go, 4), round(u - t_go, 4)) for st, v, r, u in subs[0].log

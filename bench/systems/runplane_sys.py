@@ -181,12 +181,14 @@ class Runplane(System):
 
     def pids(self) -> dict[str, int]:
         """The process trees W4 measures: the executor (control process + task processes)
-        and the scheduler."""
+        and the scheduler (W5: and the realtime service, for its CPU time)."""
         out = {}
         if self.workers:
             out["executor"] = self.workers[0].pid
         if self.scheduler is not None:
             out["scheduler"] = self.scheduler.pid
+        if self.realtime is not None:
+            out["realtime"] = self.realtime.pid
         return out
 
     def stop_infra(self) -> None:
