@@ -75,7 +75,7 @@ def _summarize_w5(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, An
         out[f"p{p}_ms"] = _stat([r["lat_ms"][p] for r in ok])
     for k in ("connect_s", "wave_s", "events", "saw_final", "runs"):
         out[k] = _stat([r.get(k, math.nan) for r in ok])
-    for proc in ("realtime", "client", "scheduler"):
+    for proc in ("realtime", "client", "scheduler", "nats"):
         out[f"cpu_{proc}_s"] = _stat([r.get("cpu_s", {}).get(proc, math.nan) for r in ok])
     out["mode"], out["subs"] = ok[0]["mode"], ok[0]["n"]
     out["dups"] = sum(r.get("dups", 0) for r in ok)
@@ -317,7 +317,8 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                     cell(s["p100_ms"]),
                     f"{s['saw_final']['median']:.0f}/{subs}",
                     cell(s["wave_s"], " s"),
-                    f"{cell(s['cpu_realtime_s'])} / {cell(s['cpu_client_s'])}",
+                    f"{cell(s['cpu_realtime_s'])} / {cell(s['cpu_nats_s'])} / "
+                    f"{cell(s['cpu_client_s'])}",
                     _check(s),
                 ]
             )
@@ -339,7 +340,7 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 "max ms",
                 "saw final",
                 "wave",
-                "CPU s realtime / client",
+                "CPU s realtime / nats / client",
                 "check",
             ],
             body,

@@ -296,7 +296,8 @@ class Runner:
                             continue
                     reps: list[dict] = []
                     t_wl, last = time.monotonic(), 0.0
-                    box = math.inf if a.exact_reps else a.box.get(wl, math.inf)
+                    box_key = f"{wl}+WAIT" if nm.endswith("+wait") else wl
+                    box = math.inf if a.exact_reps else a.box.get(box_key, math.inf)
                     for rep in range(a.reps):
                         spent = time.monotonic() - t_wl
                         if rep > 0 and spent + last > box:
@@ -337,6 +338,8 @@ class Runner:
                     s["raw"] = reps
                     results_save(results)
                 system.stop_workers()
+                if hasattr(system, "stop_realtime"):
+                    system.stop_realtime()  # W5's realtime service: not left running for W3
         finally:
             system.stop_workers()
             try:
@@ -419,7 +422,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--box",
-        default="W1=45,W2=26,W3=28,W4=1,W5=1",
+        default="W1=45,W2=26,W3=28,W4=1,W5=1,W3+wait=1",
         help="without --reps: start another rep only while time spent on that "
         "system+workload plus the last rep's duration fits this many seconds",
     )
@@ -507,7 +510,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         }
     except ValueError:
         ap.error("--box looks like W1=45,W2=26,W3=28")
-    a.box = {"W4": 1.0, "W5": 1.0, **a.box}  # one rep of W4 / W5 unless --reps
+    # one rep of W4, W5 and the W3 +wait rows unless --reps or --box says otherwise
+    a.box = {"W4": 1.0, "W5": 1.0, "W3+WAIT": 1.0, **a.box}
     a.n1 = a.n1 or (500 if q else 10_000)
     a.n2 = a.n2 or (100 if q else 1000)
     a.n3 = a.n3 or (100 if q else 1000)

@@ -181,7 +181,7 @@ class Runplane(System):
 
     def pids(self) -> dict[str, int]:
         """The process trees W4 measures: the executor (control process + task processes)
-        and the scheduler (W5: and the realtime service, for its CPU time)."""
+        and the scheduler (W5: and the realtime service and nats-server, for their CPU time)."""
         out = {}
         if self.workers:
             out["executor"] = self.workers[0].pid
@@ -189,6 +189,9 @@ class Runplane(System):
             out["scheduler"] = self.scheduler.pid
         if self.realtime is not None:
             out["realtime"] = self.realtime.pid
+            nats = getattr(getattr(self, "nats", None), "proc", None)
+            if nats is not None:
+                out["nats"] = nats.pid
         return out
 
     def stop_infra(self) -> None:
