@@ -62,7 +62,7 @@ def _summarize_w4(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, An
         out[f"{name}_pss_kb_per_waiting_run"] = _stat(
             [r.get(f"{name}_pss_kb_per_waiting_run", math.nan) for r in ok]
         )
-        for when in ("before", "peak", "after"):
+        for when in ("before", "all_waiting", "peak", "after"):
             out[f"{name}_rss_mb_{when}"] = _stat(
                 [r.get(f"{name}_rss_mb", {}).get(when, math.nan) for r in ok]
             )
@@ -255,15 +255,14 @@ def _w4(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         if not s:
             continue
         if not s["ok"]:
-            body.append([name, "FAIL", "", "", "", "", _fail(s)])
+            body.append([name, "FAIL", "", "", "", "", "", _fail(s)])
             continue
-        mem = (
-            f"{cell(s['executor_rss_mb_before'])} -> {cell(s['executor_rss_mb_peak'])} -> "
-            f"{cell(s['executor_rss_mb_after'])}"
-        )
-        sched = (
-            f"{cell(s['scheduler_rss_mb_before'])} -> {cell(s['scheduler_rss_mb_peak'])}"
-            f" ({cell(s['scheduler_kb_per_waiting_run'])} KB/run)"
+        mem, sched = (
+            " -> ".join(
+                cell(s[f"{proc}_rss_mb_{when}"])
+                for when in ("before", "all_waiting", "peak", "after")
+            )
+            for proc in ("executor", "scheduler")
         )
         body.append(
             [
@@ -271,6 +270,7 @@ def _w4(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 cell(s["all_waiting_s"], " s"),
                 cell(s["executor_kb_per_waiting_run"], " KB"),
                 mem,
+                cell(s["scheduler_kb_per_waiting_run"], " KB"),
                 sched,
                 cell(s["resume_s"], " s"),
                 _check(s),
@@ -286,8 +286,9 @@ def _w4(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 "system",
                 "all WAITING after",
                 "executor / waiting run",
-                "executor RSS MB before -> peak -> after",
-                "scheduler RSS MB before -> peak",
+                "executor RSS MB: before -> all waiting -> peak -> after",
+                "scheduler / waiting run",
+                "scheduler RSS MB: before -> all waiting -> peak -> after",
                 "all resumed+done in",
                 "check",
             ],

@@ -364,13 +364,15 @@ class Runner:
                 f"({r['e2e_s']:.1f} s) [{chk}]"
             )
         if wl == "W4":
-            ex = r.get("executor_rss_mb", {})
+            mem = "; ".join(
+                f"{proc} RSS MB "
+                + " -> ".join(f"{k} {v}" for k, v in r.get(f"{proc}_rss_mb", {}).items())
+                + f" = {r.get(f'{proc}_kb_per_waiting_run', math.nan):.1f} KB/waiting run"
+                for proc in ("executor", "scheduler")
+            )
             return (
                 f"all {r['n']:,} waiting after {r['all_waiting_s']:.1f} s, resumed+completed in "
-                f"{r['resume_s']:.1f} s; executor RSS {ex.get('before')} -> peak {ex.get('peak')}"
-                f" -> after {ex.get('after')} MB = "
-                f"{r.get('executor_kb_per_waiting_run', math.nan):.1f} KB/waiting run; "
-                f"scheduler {r.get('scheduler_kb_per_waiting_run', math.nan):.1f} KB/run [{chk}]"
+                f"{r['resume_s']:.1f} s; {mem} [{chk}]"
             )
         if wl == "W5":
             lat = r["lat_ms"]

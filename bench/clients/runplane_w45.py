@@ -170,10 +170,8 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             early_completions=early,
         )
         if waiting < n or early:
-            res["error"] = (
-                f"scheduler shows {waiting}/{n} WAITING"
-                + (f"; {early} completed before the release" if early else "")
-                + " (deadline)"
+            res["error"] = f"scheduler shows {waiting}/{n} WAITING" + (
+                f"; {early} completed before the release" if early else " at the deadline"
             )
             return res
         # phase 2: release; all resume and complete
@@ -203,14 +201,20 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         with contextlib.suppress(NameError):
             mem["after"] = after  # type: ignore[possibly-undefined]
         res["mem"] = mem
+        # per waiting run: (when all N wait - before) / N; the peak (which for the scheduler
+        # comes while it resumes them all) and the memory after all completed are kept too
         for name in pids:
-            b, p = before.get(name), sampler.peak.get(name)
-            if b and p:
-                res[f"{name}_kb_per_waiting_run"] = (p["rss_kb"] - b["rss_kb"]) / n
-                res[f"{name}_pss_kb_per_waiting_run"] = (p["pss_kb"] - b["pss_kb"]) / n
-                res[f"{name}_rss_mb"] = {"before": _mb(b["rss_kb"]), "peak": _mb(p["rss_kb"])}
-                if "after" in mem:
-                    res[f"{name}_rss_mb"]["after"] = _mb(mem["after"][name]["rss_kb"])
+            b, w = before.get(name), mem.get("all_waiting", {}).get(name)
+            if b and w:
+                res[f"{name}_kb_per_waiting_run"] = (w["rss_kb"] - b["rss_kb"]) / n
+                res[f"{name}_pss_kb_per_waiting_run"] = (w["pss_kb"] - b["pss_kb"]) / n
+            mb = {
+                when: _mb(mem[when][name]["rss_kb"])
+                for when in ("before", "all_waiting", "peak", "after")
+                if name in mem.get(when, {})
+            }
+            if mb:
+                res[f"{name}_rss_mb"] = mb
         for k in (key, key + ":w"):
             rec.call("DEL", k)
     if res["ok"]:
