@@ -19,7 +19,15 @@ def main() -> None:
     with open(src) as f:
         res = json.load(f)
     rows, cfg = res["rows"], res["meta"]["config"]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.8))
+    w5 = [
+        (name, key, s)
+        for name, row in rows.items()
+        for key, s in row["workloads"].items()
+        if key.startswith("W5/")
+    ]
+    w4 = [(name, row["workloads"]["W4"]) for name, row in rows.items() if "W4" in row["workloads"]]
+    extra = bool(w5 or w4)
+    fig, axes = plt.subplots(1, 4 if extra else 3, figsize=(22 if extra else 17, 5.8))
 
     def series(wl: str, key: str):
         names, med, lo, hi, failed = [], [], [], [], []
@@ -126,6 +134,53 @@ def main() -> None:
     ax.set_title(f"W3 capacity ({cfg['n3']:,} x 1 s, {cfg['slots3']} slots)")
     ax.set_ylabel("makespan s (lower is better)")
     ax.legend(fontsize=8)
+
+    if extra:
+        # W5 p50/p99 per case (runplane only), with W4's memory per waiting run as a note
+        ax = axes[3]
+        labels, p50, p99, fails = [], [], [], []
+        for name, key, st in w5:
+            _, mode, subs = key.split("/")
+            labels.append(
+                f"{name.removeprefix('runplane-')} {subs} {'own run' if mode == 'run' else '1 tag'}"
+            )
+            good = st.get("ok") and st.get("p50_ms")
+            p50.append(st["p50_ms"]["median"] if good else 0)
+            p99.append(st["p99_ms"]["median"] if good else 0)
+            fails.append(not good)
+        xs = list(range(len(labels)))
+        w = 0.4
+        ax.bar(
+            [x - w / 2 for x in xs], [max(v, 1e-3) for v in p50], w, label="p50", color="#2ca02c"
+        )
+        ax.bar(
+            [x + w / 2 for x in xs], [max(v, 1e-3) for v in p99], w, label="p99", color="#9467bd"
+        )
+        for x, v, f in zip(xs, p99, fails, strict=True):
+            if not f:
+                ax.text(x + w / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
+        mark_failed(ax, xs, fails)
+        if labels:
+            ax.set_yscale("log")
+        ax.set_xticks(xs, labels, rotation=30, ha="right")
+        ax.set_title("W5 realtime: event-to-subscriber latency (runplane only)")
+        ax.set_ylabel("ms (log scale)")
+        ax.legend(fontsize=8, loc="upper left")
+        note = []
+        for name, st in w4:
+            if st.get("ok"):
+                note.append(
+                    f"W4 {name}: {cfg.get('n4', 0):,} waiting, "
+                    f"{st['executor_kb_per_waiting_run']['median']:.1f} KB/run executor, "
+                    f"{st['scheduler_kb_per_waiting_run']['median']:.1f} KB/run scheduler"
+                )
+            else:
+                note.append(f"W4 {name}: FAIL")
+        if note:  # W4 has no panel of its own: its memory per waiting run under the title
+            ax.set_title(
+                "W5 realtime: event-to-subscriber latency (runplane only)\n" + "\n".join(note),
+                fontsize=9,
+            )
 
     fig.suptitle(
         f"runplane vs peers — {res['meta']['date']} — {res['meta']['host']} — "

@@ -25,6 +25,8 @@ import traceback
 from bench.resp import Redis
 
 KIND = {"W1": "noop", "W2": "noop", "W3": "sleep", "W6": "noop", "warm": "noop"}
+# W4 and W5 are runplane-only and have their own flow (bench/clients/runplane_w45.py).
+SPECIAL = ("W4", "W5")
 
 
 def pct(sorted_vals: list[float], p: float) -> float:
@@ -115,8 +117,33 @@ def wait_done(rec: Redis, key: str, n: int, deadline: float, stall: float) -> tu
         time.sleep(0.05)
 
 
+async def special(a: argparse.Namespace) -> dict:
+    """W4 / W5 (runplane only): the flow lives in bench/clients/runplane_w45.py."""
+    from bench.clients import runplane_w45
+
+    rec = Redis.from_addr(os.environ["BENCH_RECORDER"])
+    mod = importlib.import_module(f"bench.clients.{os.environ['BENCH_CLIENT']}")
+    client = await mod.open_client({})
+
+    async def verify(ids: list, deadline: float, limit: int) -> dict:
+        if limit <= 0:
+            return {"ok": True, "checked": 0}
+        step = max(1, len(ids) // limit)
+        return await client.verify(ids[::step][:limit], deadline=deadline)
+
+    try:
+        fn = runplane_w45.w4 if a.workload == "W4" else runplane_w45.w5
+        return await fn(a, client.c, rec, verify)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 10)
+        rec.close()
+
+
 async def amain(a: argparse.Namespace) -> dict:
-    kind = KIND[a.workload]
+    if a.workload in SPECIAL:
+        return await special(a)
+    kind = a.kind or KIND[a.workload]
     t_start_wall = time.monotonic()
     deadline = t_start_wall + a.deadline
     rec = Redis.from_addr(os.environ["BENCH_RECORDER"])
@@ -197,7 +224,8 @@ async def amain(a: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", required=True, choices=sorted(KIND))
+    ap.add_argument("--workload", required=True, choices=sorted([*KIND, *SPECIAL]))
+    ap.add_argument("--kind", default="", help="task kind instead of the workload's (e.g. wait)")
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument(
         "--rate", type=float, default=0.0, help="enqueue rate/s (0 = as fast as possible)"
@@ -208,6 +236,9 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=300.0)
     ap.add_argument("--stall", type=float, default=30.0)
     ap.add_argument("--verify-max", type=int, default=0)
+    ap.add_argument("--pids", default="", help="W4: JSON {name: pid} of process trees to measure")
+    ap.add_argument("--mode", default="run", choices=["run", "tag"], help="W5 subscription kind")
+    ap.add_argument("--tag-runs", type=int, default=10, help="W5 tag mode: runs to follow")
     a = ap.parse_args()
     try:
         if os.environ.get("BENCH_UVLOOP") == "1":

@@ -34,6 +34,10 @@ def summarize(
         ).strip()
     if not ok_reps:
         return out
+    if workload == "W4":
+        return _summarize_w4(out, ok_reps)
+    if workload == "W5":
+        return _summarize_w5(out, ok_reps)
     out["enqueue_rate"] = _stat([r["enqueue_rate"] for r in ok_reps])
     out["e2e_rate"] = _stat([r["e2e_rate"] for r in ok_reps])
     out["e2e_s"] = _stat([r["e2e_s"] for r in ok_reps])
@@ -45,6 +49,36 @@ def summarize(
     if ideal_s:
         out["ideal_s"] = ideal_s
         out["efficiency"] = _stat([ideal_s / r["e2e_s"] for r in ok_reps])
+    return out
+
+
+def _summarize_w4(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, Any]:
+    for k in ("trigger_s", "all_waiting_s", "resume_s", "e2e_s", "release_call_s"):
+        out[k] = _stat([r.get(k, math.nan) for r in ok])
+    for name in ("executor", "scheduler"):
+        out[f"{name}_kb_per_waiting_run"] = _stat(
+            [r.get(f"{name}_kb_per_waiting_run", math.nan) for r in ok]
+        )
+        out[f"{name}_pss_kb_per_waiting_run"] = _stat(
+            [r.get(f"{name}_pss_kb_per_waiting_run", math.nan) for r in ok]
+        )
+        for when in ("before", "all_waiting", "peak", "after"):
+            out[f"{name}_rss_mb_{when}"] = _stat(
+                [r.get(f"{name}_rss_mb", {}).get(when, math.nan) for r in ok]
+            )
+    out["dups"] = sum(r.get("dups", 0) for r in ok)
+    return out
+
+
+def _summarize_w5(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, Any]:
+    for p in ("50", "95", "99", "100"):
+        out[f"p{p}_ms"] = _stat([r["lat_ms"][p] for r in ok])
+    for k in ("connect_s", "wave_s", "events", "saw_final", "runs"):
+        out[k] = _stat([r.get(k, math.nan) for r in ok])
+    for proc in ("realtime", "client", "scheduler", "nats"):
+        out[f"cpu_{proc}_s"] = _stat([r.get("cpu_s", {}).get(proc, math.nan) for r in ok])
+    out["mode"], out["subs"] = ok[0]["mode"], ok[0]["n"]
+    out["dups"] = sum(r.get("dups", 0) for r in ok)
     return out
 
 
@@ -162,7 +196,9 @@ def render(results: dict[str, Any]) -> str:
     if body:
         parts.append(
             f"\nW3 capacity: {cfg['n3']:,} tasks x 1 s wait, {cfg['slots3']} slots "
-            f"(ideal {cfg['n3'] / cfg['slots3']:.0f} s)\n"
+            f"(ideal {cfg['n3'] / cfg['slots3']:.0f} s; +wait rows: runplane's durable "
+            "wait.for_(seconds=1), which frees the slot while waiting, so they may beat the "
+            "ideal; no peer equivalent)\n"
             + _table(
                 ["system", "makespan", "efficiency (ideal/makespan)", "of which enqueue", "check"],
                 body,
@@ -192,6 +228,8 @@ def render(results: dict[str, Any]) -> str:
             "\nW6 batch: one 1,000-item batch trigger (target: accepted in <= 1 s)\n"
             + _table(["system", "accepted in", "all completed in", "check"], body)
         )
+    parts += _w4(rows, cfg)
+    parts += _w5(rows, cfg)
     parts.append(ratios(rows))
     if meta.get("notes"):
         parts.append("\nNotes:\n" + "\n".join(f"  {n}" for n in meta["notes"]))
@@ -200,6 +238,115 @@ def render(results: dict[str, Any]) -> str:
         for prof, desc in row.get("setup", {}).items():
             parts.append(f"  {name:18s} {prof}: {desc}")
     return "\n".join(parts)
+
+
+def _check(s: dict[str, Any]) -> str:
+    return f"{s['ok_reps']}/{s['reps']} ok" + (f", {s['dups']} dup" if s.get("dups") else "")
+
+
+def _fail(s: dict[str, Any]) -> str:
+    return f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:90]}"
+
+
+def _w4(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    body = []
+    for name, row in rows.items():
+        s = row["workloads"].get("W4")
+        if not s:
+            continue
+        if not s["ok"]:
+            body.append([name, "FAIL", "", "", "", "", "", _fail(s)])
+            continue
+        mem, sched = (
+            " -> ".join(
+                cell(s[f"{proc}_rss_mb_{when}"])
+                for when in ("before", "all_waiting", "peak", "after")
+            )
+            for proc in ("executor", "scheduler")
+        )
+        body.append(
+            [
+                name,
+                cell(s["all_waiting_s"], " s"),
+                cell(s["executor_kb_per_waiting_run"], " KB"),
+                mem,
+                cell(s["scheduler_kb_per_waiting_run"], " KB"),
+                sched,
+                cell(s["resume_s"], " s"),
+                _check(s),
+            ]
+        )
+    if not body:
+        return []
+    return [
+        f"\nW4 waiting (runplane only): {cfg.get('n4', 0):,} runs wait on one token at once, then "
+        "it is completed and all resume\n"
+        + _table(
+            [
+                "system",
+                "all WAITING after",
+                "executor / waiting run",
+                "executor RSS MB: before -> all waiting -> peak -> after",
+                "scheduler / waiting run",
+                "scheduler RSS MB: before -> all waiting -> peak -> after",
+                "all resumed+done in",
+                "check",
+            ],
+            body,
+        )
+    ]
+
+
+def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    body = []
+    for name, row in rows.items():
+        for key, s in row["workloads"].items():
+            if not key.startswith("W5/"):
+                continue
+            _, mode, subs = key.split("/")
+            what = f"{subs} x own run" if mode == "run" else f"{subs} on 1 tag"
+            if not s["ok"]:
+                body.append([name, what, "FAIL", "", "", "", "", "", "", _fail(s)])
+                continue
+            body.append(
+                [
+                    name,
+                    what,
+                    cell(s["events"]),
+                    cell(s["p50_ms"]),
+                    cell(s["p99_ms"]),
+                    cell(s["p100_ms"]),
+                    f"{s['saw_final']['median']:.0f}/{subs}",
+                    cell(s["wave_s"], " s"),
+                    f"{cell(s['cpu_realtime_s'])} / {cell(s['cpu_nats_s'])} / "
+                    f"{cell(s['cpu_client_s'])}",
+                    _check(s),
+                ]
+            )
+    if not body:
+        return []
+    return [
+        "\nW5 realtime (runplane only): event-to-subscriber latency = receive time - the run "
+        "version's updated_at; 'x own run': each subscriber follows its own run (all released "
+        f"at once); 'on 1 tag': all follow one tag, {cfg.get('w5_tag_runs', 10)} runs; wave: "
+        "release (or first trigger) until every subscriber saw every run COMPLETED; CPU s: "
+        "used in the wave\n"
+        + _table(
+            [
+                "system",
+                "subscribers",
+                "events",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "saw final",
+                "wave",
+                "CPU s realtime / nats / client",
+                "check",
+            ],
+            body,
+        )
+    ]
 
 
 def _offered(s: dict[str, Any], target: float) -> str:
@@ -218,7 +365,8 @@ def _get(rows: dict, name: str, wl: str, key: str) -> float | None:
 
 
 def ratios(rows: dict[str, Any]) -> str:
-    subjects = [n for n in rows if n.startswith("runplane")]
+    # +wait rows (a durable wait that frees the slot) have no like-for-like peer
+    subjects = [n for n in rows if n.startswith("runplane") and not n.endswith("+wait")]
     peers = [n for n in rows if not n.startswith("runplane")]
     note = "runplane / peer"
     if not any(_get(rows, s, "W1", "e2e_rate") or _get(rows, s, "W2", "p50_ms") for s in subjects):

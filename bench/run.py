@@ -43,6 +43,7 @@ BENCH = REPO / "bench"
 PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV") or BENCH / ".venv-peers")
 PEERS_REQ = BENCH / "requirements-peers.txt"
 RESULTS = BENCH / "results"
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 
 
 def system_classes() -> dict[str, type[System]]:
@@ -132,6 +133,8 @@ class Runner:
         concurrency: int = 1,
         deadline: float,
         verify_max: int = 0,
+        kind: str = "",
+        special: tuple[str, ...] = (),
     ) -> dict:
         key = f"bench:{system.name}:{workload}:{time.time_ns()}"
         argv = [
@@ -156,6 +159,8 @@ class Runner:
             str(self.a.stall),
             "--verify-max",
             str(verify_max),
+            *(["--kind", kind] if kind else []),
+            *special,
         ]
         r = procs.run(argv, env=system.env(), cwd=REPO, timeout=deadline + 90)
         if r.stderr.strip():
@@ -184,6 +189,10 @@ class Runner:
             return self.a.w1_timeout
         if wl == "W2":
             return n / self.a.rate2 + 60
+        if wl == "W4":  # n runs start, wait, resume and finish: generous, a stall fails sooner
+            return n / 25 + 120
+        if wl == "W5":
+            return n / 10 + 120
         return n / self.a.slots3 * 1.0 + 90
 
     def run_system(self, cls: type[System], results: dict) -> None:
@@ -194,21 +203,40 @@ class Runner:
         for nm in names:
             rows[nm] = {"system": system.name, "workloads": {}, "setup": {}}
         todo = [w for w in a.workloads if w in system.workloads]
-        plan: list[tuple[Profile, list[tuple[str, str, dict]]]] = []
+        if "all" not in a.w45_on and system.name not in a.w45_on:
+            todo = [w for w in todo if w not in ("W4", "W5")]
+        # jobs: (row, result key, workload, extra); the key is the workload except for W5's cases
+        plan: list[tuple[Profile, list[tuple[str, str, str, dict]]]] = []
         std = Profile("std", a.procs, a.slots)
         wide = Profile("wide", a.procs, a.slots3 // a.procs)
-        std_jobs = [(system.name, w, {}) for w in todo if w in ("W1", "W2")]
+        std_jobs = [(system.name, w, w, {}) for w in todo if w in ("W1", "W2")]
         # W6: one batch of n6 items through the batch API; reported as time to accepted.
-        std_jobs += [(system.name, "W6", {"batch": a.n6}) for w in todo if w == "W6"]
-        std_jobs += [(nm, wl, extra) for nm, (wl, extra) in system.extra_rows.items() if wl in todo]
+        std_jobs += [(system.name, "W6", "W6", {"batch": a.n6}) for w in todo if w == "W6"]
+        extra = [(nm, wl, wl, x) for nm, (wl, x) in system.extra_rows.items() if wl in todo]
+        std_jobs += [j for j in extra if j[2] != "W3"]
+        # W4 / W5 (runplane only): waiting runs, realtime subscribers
+        w4_job = [(system.name, "W4", "W4", {}) for w in todo if w == "W4"]
+        if a.w4_profile == "std":
+            std_jobs += w4_job
+        std_jobs += [
+            (system.name, f"W5/{mode}/{subs}", "W5", {"subs": subs, "mode": mode})
+            for w in todo
+            if w == "W5"
+            for mode in a.w5_modes
+            for subs in a.subs5
+        ]
         if std_jobs:
             plan.append((std, std_jobs))
-        if "W3" in todo:
-            plan.append((wide, [(system.name, "W3", {})]))
+        wide_jobs = [(system.name, "W3", "W3", {})] if "W3" in todo else []
+        wide_jobs += [j for j in extra if j[2] == "W3"]
+        if a.w4_profile == "wide":
+            wide_jobs += w4_job
+        if wide_jobs:
+            plan.append((wide, wide_jobs))
 
         def fail_all(jobs, msg: str) -> None:
-            for nm, wl, _ in jobs:
-                rows[nm]["workloads"][wl] = {"ok": False, "reps": 0, "ok_reps": 0, "error": msg}
+            for nm, key, _, _ in jobs:
+                rows[nm]["workloads"][key] = {"ok": False, "reps": 0, "ok_reps": 0, "error": msg}
 
         for note in system.notes:
             log(f"   {note}")
@@ -243,15 +271,37 @@ class Runner:
                     system.stop_workers()
                     continue
                 log(f"   {system.name}: workers ready (warm-up {w['n']} tasks ok)")
-                for nm, wl, extra in jobs:
-                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3, "W6": a.n6}[wl]
+                for nm, key, wl, extra in jobs:
+                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3, "W4": a.n4, "W6": a.n6}.get(wl, 0)
+                    special: tuple[str, ...] = ()
+                    if wl == "W4":
+                        special = ("--pids", json.dumps(system.pids()))  # type: ignore[attr-defined]
+                    if wl == "W5":
+                        n = extra["subs"]
+                        try:
+                            system.start_realtime()  # type: ignore[attr-defined]
+                            special = (
+                                *("--mode", extra["mode"], "--tag-runs", str(a.w5_tag_runs)),
+                                *("--pids", json.dumps(system.pids())),  # type: ignore[attr-defined]
+                            )
+                        except Exception as e:
+                            msg = f"realtime service failed: {e}"
+                            log(f"   {nm} {key}: {msg}")
+                            rows[nm]["workloads"][key] = {
+                                "ok": False,
+                                "reps": 0,
+                                "ok_reps": 0,
+                                "error": msg[:400],
+                            }
+                            continue
                     reps: list[dict] = []
                     t_wl, last = time.monotonic(), 0.0
-                    box = math.inf if a.exact_reps else a.box.get(wl, math.inf)
+                    box_key = f"{wl}+WAIT" if nm.endswith("+wait") else wl
+                    box = math.inf if a.exact_reps else a.box.get(box_key, math.inf)
                     for rep in range(a.reps):
                         spent = time.monotonic() - t_wl
                         if rep > 0 and spent + last > box:
-                            log(f"   {nm} {wl}: time box {box:.0f} s reached after {rep} rep(s)")
+                            log(f"   {nm} {key}: time box {box:.0f} s reached after {rep} rep(s)")
                             break
                         t_rep = time.monotonic()
                         if not system.workers_alive():
@@ -271,10 +321,12 @@ class Runner:
                                 concurrency=1 if wl == "W1" else a.enqueue_concurrency,
                                 deadline=self.deadline_for(wl, n),
                                 verify_max=a.verify_max,
+                                kind=extra.get("kind", ""),
+                                special=special,
                             )
                         reps.append(r)
                         last = time.monotonic() - t_rep
-                        log(f"   {nm} {wl} rep {rep + 1}/{a.reps}: {self.line(wl, r)}")
+                        log(f"   {nm} {key} rep {rep + 1}/{a.reps}: {self.line(wl, r)}")
                         if not r.get("ok"):
                             tails = system.log_tails()
                             if tails:
@@ -282,10 +334,12 @@ class Runner:
                             break  # a failed workload is a failure; don't burn time on more reps
                         time.sleep(a.pause)
                     ideal = n / a.slots3 if wl == "W3" else None
-                    rows[nm]["workloads"][wl] = s = report.summarize(wl, reps, ideal)
+                    rows[nm]["workloads"][key] = s = report.summarize(wl, reps, ideal)
                     s["raw"] = reps
                     results_save(results)
                 system.stop_workers()
+                if hasattr(system, "stop_realtime"):
+                    system.stop_realtime()  # W5's realtime service: not left running for W3
         finally:
             system.stop_workers()
             try:
@@ -300,13 +354,35 @@ class Runner:
             extra = f"; missing runs: {r['missing_runs']}" if r.get("missing_runs") else ""
             done = f"{r.get('completed', '?')}/{r.get('n', '?')} completed"
             return f"FAIL ({done}) {r.get('error', '')}{extra}"[:500]
-        chk = f"{r['completed']}/{r['n']} ok" + (f", {r['dups']} dup" if r.get("dups") else "")
+        done_of = r.get("runs", r["n"])
+        chk = f"{r['completed']}/{done_of} ok" + (f", {r['dups']} dup" if r.get("dups") else "")
         if "verify" in r:
             chk += f", {r['verify'].get('checked')} runs COMPLETED"
         if wl == "W1":
             return (
                 f"enqueue {r['enqueue_rate']:,.0f}/s, end-to-end {r['e2e_rate']:,.0f}/s "
                 f"({r['e2e_s']:.1f} s) [{chk}]"
+            )
+        if wl == "W4":
+            mem = "; ".join(
+                f"{proc} RSS MB "
+                + " -> ".join(f"{k} {v}" for k, v in r.get(f"{proc}_rss_mb", {}).items())
+                + f" = {r.get(f'{proc}_kb_per_waiting_run', math.nan):.1f} KB/waiting run"
+                for proc in ("executor", "scheduler")
+            )
+            return (
+                f"all {r['n']:,} waiting after {r['all_waiting_s']:.1f} s, resumed+completed in "
+                f"{r['resume_s']:.1f} s; {mem} [{chk}]"
+            )
+        if wl == "W5":
+            lat = r["lat_ms"]
+            return (
+                f"{r['mode']} x{r['n']}: {r['events']:,} events, p50 {lat['50']:.1f} ms, "
+                f"p99 {lat['99']:.1f} ms, max {lat['100']:.0f} ms; {r['saw_final']}/{r['n']} "
+                f"subscribers saw every run COMPLETED (connect {r.get('connect_s', 0):.1f} s, "
+                f"wave {r['wave_s']:.1f} s; CPU s in the wave: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r.get("cpu_s", {}).items())
+                + f") [{chk}]"
             )
         if wl == "W2":
             lat = r["lat_ms"]
@@ -339,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated systems (default: all): " + ",".join(system_classes()),
     )
     ap.add_argument("--skip", default="", help="comma-separated systems to leave out")
-    ap.add_argument("--workloads", default="W1,W2,W3,W6")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument(
         "--reps",
         type=int,
@@ -348,7 +424,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--box",
-        default="W1=45,W2=26,W3=28",
+        default="W1=45,W2=26,W3=28,W4=1,W5=1,W3+wait=1",
         help="without --reps: start another rep only while time spent on that "
         "system+workload plus the last rep's duration fits this many seconds",
     )
@@ -357,6 +433,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rate2", type=float, default=100.0, help="W2 enqueue rate per second")
     ap.add_argument("--n3", type=int, default=None, help="W3 task count (default 1000; quick 100)")
     ap.add_argument("--slots3", type=int, default=100, help="W3 total slots (split over --procs)")
+    ap.add_argument(
+        "--n4", type=int, default=None, help="W4 waiting runs (default 10000; quick 500)"
+    )
+    ap.add_argument(
+        "--w45-on",
+        default=None,
+        help="runplane systems that run W4 and W5 (comma-separated, or 'all'; quick: all); one "
+        "by default (runplane-sqlite) to "
+        "keep `make bench` short: what they measure (executor memory, realtime delivery) does "
+        "not depend on the database, and SQLite fills 10,000 waiting runs fastest",
+    )
+    ap.add_argument(
+        "--w4-profile",
+        default="std",
+        choices=["std", "wide"],
+        help="W4's executor: std (--slots per process) or wide (--slots3 in total, as W3)",
+    )
+    ap.add_argument(
+        "--subs5",
+        default=None,
+        help="W5 subscriber counts, comma-separated (default 200,1000; quick 50)",
+    )
+    ap.add_argument(
+        "--w5-modes",
+        default="run,tag",
+        help="W5: run = one subscriber per run (subscribe_to_run); tag = all on one tag",
+    )
+    ap.add_argument(
+        "--w5-tag-runs", type=int, default=10, help="W5 tag mode: runs every subscriber follows"
+    )
     ap.add_argument("--procs", type=int, default=2, help="worker processes per system")
     ap.add_argument(
         "--slots", type=int, default=8, help="W1/W2 concurrent tasks per worker process"
@@ -406,14 +512,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         }
     except ValueError:
         ap.error("--box looks like W1=45,W2=26,W3=28")
+    # one rep of W4, W5 and the W3 +wait rows unless --reps or --box says otherwise
+    a.box = {"W4": 1.0, "W5": 1.0, "W3+WAIT": 1.0, **a.box}
     a.n1 = a.n1 or (500 if q else 10_000)
     a.n2 = a.n2 or (100 if q else 1000)
     a.n3 = a.n3 or (100 if q else 1000)
+    a.n4 = a.n4 or (500 if q else 10_000)
     a.n6 = 1000
+    try:
+        a.subs5 = [int(x) for x in (a.subs5 or ("50" if q else "200,1000")).split(",") if x]
+    except ValueError:
+        ap.error("--subs5 looks like 200,1000")
+    a.w5_modes = [m.strip() for m in a.w5_modes.split(",") if m.strip()]
+    a.w45_on = [x.strip() for x in (a.w45_on or ("all" if q else "runplane-sqlite")).split(",")]
+    if set(a.w5_modes) - {"run", "tag"}:
+        ap.error("--w5-modes: run and/or tag")
     if q:
         a.pause = min(a.pause, 0.3)
         a.verify_max = min(a.verify_max, 200)
     classes = system_classes()
+    if set(a.w45_on) - {"all", *(s for s in classes if s.startswith("runplane"))}:
+        ap.error("--w45-on: runplane systems (runplane-pg, runplane-sqlite) or 'all'")
     only = [s.strip() for s in a.only.split(",") if s.strip()] or list(classes)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     bad = [s for s in [*only, *skip] if s not in classes]
@@ -421,9 +540,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"unknown system(s) {bad}; known: {', '.join(classes)}")
     a.systems = [s for s in only if s not in skip]
     a.workloads = [w.strip().upper() for w in a.workloads.split(",") if w.strip()]
-    badw = [w for w in a.workloads if w not in ("W1", "W2", "W3", "W6")]
+    badw = [w for w in a.workloads if w not in WORKLOADS]
     if badw:
-        ap.error(f"unknown workload(s) {badw}; available now: W1,W2,W3,W6 (W4, W5 not yet)")
+        ap.error(f"unknown workload(s) {badw}; available: {','.join(WORKLOADS)}")
     if a.slots3 % a.procs:
         ap.error("--slots3 must be divisible by --procs")
     return a
@@ -444,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"plan: systems={','.join(a.systems)} workloads={','.join(a.workloads)} reps={a.reps} "
         f"W1 n={a.n1} | W2 n={a.n2}@{a.rate2:g}/s | W3 n={a.n3} slots={a.slots3} | "
+        f"W4 n={a.n4}, W5 subs={a.subs5} {'+'.join(a.w5_modes)} on {','.join(a.w45_on)} | "
         f"workers: {a.procs} procs x {a.slots} slots"
     )
     peers_py = (

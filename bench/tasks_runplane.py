@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from bench.recorder import record
-from runplane import task
+from runplane import task, wait
 
 
 @task(id="bench-noop")
@@ -23,13 +23,20 @@ async def sleep1(payload: dict) -> None:
     record(payload["k"], payload["i"], payload["t"], s)
 
 
-try:  # W3 durable-wait row, once the SDK has it (`wait.for_` frees the slot while waiting)
-    from runplane import wait  # type: ignore[attr-defined]
+@task(id="bench-wait")
+async def wait1(payload: dict) -> None:
+    """W3 `+wait` row: a durable 1 s wait (`wait.for_` frees the slot while waiting)."""
+    s = time.time()
+    await wait.for_(seconds=1)
+    record(payload["k"], payload["i"], payload["t"], s)
 
-    @task(id="bench-wait")
-    async def wait1(payload: dict) -> None:
-        s = time.time()
-        await wait.for_(seconds=1)
-        record(payload["k"], payload["i"], payload["t"], s)
-except ImportError:  # pragma: no cover
-    pass
+
+@task(id="bench-wait-token")
+async def wait_token(payload: dict) -> None:
+    """W4 and W5: say "about to wait" (list ``<k>:w``), wait on the client's token, then record.
+
+    Every run of a wave waits on the same token, so the client decides when all resume."""
+    s = time.time()
+    record(payload["k"] + ":w", payload["i"], payload["t"], s)
+    (await wait.for_token(payload["token"])).unwrap()
+    record(payload["k"], payload["i"], payload["t"], s)

@@ -9,7 +9,11 @@ import time
 
 import runplane
 
-TASK = {"noop": "bench-noop", "sleep": os.environ.get("BENCH_RUNPLANE_SLEEP_TASK", "bench-sleep")}
+TASK = {
+    "noop": "bench-noop",
+    "sleep": os.environ.get("BENCH_RUNPLANE_SLEEP_TASK", "bench-sleep"),
+    "wait": "bench-wait",  # W3 `+wait` row: wait.for_(seconds=1), frees the slot
+}
 
 
 async def _maybe_await(x):

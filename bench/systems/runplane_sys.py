@@ -28,12 +28,14 @@ from bench.systems.base import REPO, Profile, System, SystemError_
 class Runplane(System):
     client_module = "runplane_client"
     backend = "pg"
-    workloads = ("W1", "W2", "W3", "W6")
+    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
         self.name = f"runplane-{self.backend}"
         super().__init__(ctx)
         self.scheduler = None
+        self.realtime = None
+        self.realtime_port = 0
         self.key = ""
         self.port = 0
         self.db = ""
@@ -51,6 +53,8 @@ class Runplane(System):
                 self.notes.append(
                     f"{self.name}+batch: skipped, the SDK has no tasks.batch_trigger yet"
                 )
+        # W3 with a durable wait (`wait.for_(seconds=1)` frees the slot while waiting)
+        self.extra_rows[f"{self.name}+wait"] = ("W3", {"kind": "wait"})
 
     def _sdk_has(self, cls: str, attr: str) -> bool:
         code = f"import runplane; print(hasattr(getattr(runplane, {cls!r}, None), {attr!r}))"
@@ -77,6 +81,11 @@ class Runplane(System):
         }
         if self.key:
             env["RUNPLANE_SECRET_KEY"] = self.key
+        if self.realtime_port:
+            env["RUNPLANE_REALTIME_LISTEN"] = env["RUNPLANE_REALTIME_URL"] = (
+                f"127.0.0.1:{self.realtime_port}"
+            )
+            env["RUNPLANE_REALTIME_HTTP_LISTEN"] = ""  # no SSE endpoints
         return env
 
     def _cli(self, *args: str, timeout: float = 120) -> str:
@@ -142,7 +151,51 @@ class Runplane(System):
             if re.search(rf"(^|\s){re.escape(f)}[\s=]", helptext)
         }
 
+    def start_realtime(self) -> None:
+        """The realtime service (W5 only): `runplane realtime` on a free port."""
+        if self.realtime is not None:
+            return
+        self.realtime_port = procs.free_port()
+        log = self.logdir / "realtime.log"
+        self.realtime = procs.spawn(
+            f"{self.name}:realtime", [*self.exe, "realtime"], env=self.env(), cwd=REPO, log_path=log
+        )
+        addr = f"127.0.0.1:{self.realtime_port}"
+        r = procs.run(
+            [self.python, "-m", "bench.clients.grpc_health", addr, "60"],
+            env=self.env(),
+            cwd=REPO,
+            timeout=75,
+        )
+        if r.returncode != 0 or self.realtime.poll() is not None:
+            raise SystemError_(
+                f"realtime not SERVING on {addr}: {r.stderr.strip()}\n{procs.tail(log)}"
+            )
+        self.worker_logs.append(log)
+
+    def stop_realtime(self) -> None:
+        if self.realtime is not None:
+            procs.stop(self.realtime)
+            self.realtime = None
+        self.realtime_port = 0
+
+    def pids(self) -> dict[str, int]:
+        """The process trees W4 measures: the executor (control process + task processes)
+        and the scheduler (W5: and the realtime service and nats-server, for their CPU time)."""
+        out = {}
+        if self.workers:
+            out["executor"] = self.workers[0].pid
+        if self.scheduler is not None:
+            out["scheduler"] = self.scheduler.pid
+        if self.realtime is not None:
+            out["realtime"] = self.realtime.pid
+            nats = getattr(getattr(self, "nats", None), "proc", None)
+            if nats is not None:
+                out["nats"] = nats.pid
+        return out
+
     def stop_infra(self) -> None:
+        self.stop_realtime()
         if self.scheduler is not None:
             procs.stop(self.scheduler)
             self.scheduler = None
