@@ -13,15 +13,16 @@ no child twice.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import exists, func, insert, select, update
 
 from runplane.v1 import run_pb2
 from runplane.v1 import worker_service_pb2 as wpb
@@ -40,6 +41,8 @@ log = logging.getLogger("runplane.scheduler.waits")
 PENDING, COMPLETED = "PENDING", "COMPLETED"
 TIMEOUT_ERROR = "WaitpointTimeoutError"
 w = db.waitpoints.c
+# Runs looked up per statement when a token's completion resumes them.
+RESUME_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -364,14 +367,46 @@ class Waitpoints:
         if done is None:
             return None
         if done.run_id is None:
-            waiting = (
-                await tx.execute(select(w.id).where(w.target == done.id, w.status == PENDING))
-            ).all()
-            for r in waiting:
-                await self.complete(tx, r.id, ok=ok, output=output, error=error)
+            await self._complete_waits_on(tx, done.id, ok=ok, output=output, error=error)
         else:
             await self._maybe_resume(tx, done.run_id)
         return done
+
+    async def _complete_waits_on(
+        self, tx: Tx, token_id: str, *, ok: bool, output: str | None, error: str | None
+    ) -> None:
+        """Complete every run's wait on a token, and queue the runs left with nothing to wait
+        for: a few statements however many runs wait (10,000 waiting on one token is fine)."""
+        waits = (
+            await tx.execute(
+                update(db.waitpoints)
+                .where(w.target == token_id, w.status == PENDING, w.run_id.is_not(None))
+                .values(status=COMPLETED, ok=ok, output=output, error=error, completed_at=now_ms())
+                .returning(w.run_id)
+            )
+        ).all()
+        run_ids = sorted({r.run_id for r in waits})
+        r = db.runs.c
+        other = db.waitpoints.alias("other")
+        for start in range(0, len(run_ids), RESUME_CHUNK):
+            ready = (
+                await tx.execute(
+                    select(db.runs).where(
+                        r.id.in_(run_ids[start : start + RESUME_CHUNK]),
+                        r.status == Status.WAITING.value,
+                        ~exists().where(
+                            other.c.run_id == r.id,
+                            other.c.attempt == r.attempt_count,
+                            other.c.status == PENDING,
+                        ),
+                    )
+                )
+            ).all()
+            tx.after_commit.append(functools.partial(self._queue_resumes, ready))
+
+    def _queue_resumes(self, runs: Sequence[RunRow]) -> None:
+        for run in runs:
+            self._queue_resume(run._mapping)
 
     async def _maybe_resume(self, tx: Tx, run_id: str) -> None:
         run = (await tx.execute(select(db.runs).where(db.runs.c.id == run_id))).first()
