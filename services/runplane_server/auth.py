@@ -140,7 +140,10 @@ DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
 MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
 # The lifetime of the token a trigger hands back for reading its run.
 RUN_TOKEN_LIFETIME_MS = DEFAULT_TOKEN_LIFETIME_MS
-_SCOPE = re.compile(r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s]{1,256}$")
+# The resource: 1..256 characters, none of them blank or a control character.
+_SCOPE = re.compile(
+    r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s\x00-\x1f\x7f]{1,256}\Z"
+)
 _HEADER = {"alg": "HS256", "typ": "JWT"}
 
 # The methods a public token may call; its scopes then decide what it sees.
