@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import re
 import socket
 import time
@@ -1146,6 +1147,8 @@ RAW_REQUESTS = [
     b"\xff\xfe\xfd /\xff HTTP/1.1\r\n\r\n",
     COMPLETE + b"Content-Length: -5\r\n\r\n",
     COMPLETE + b"Content-Length: abc\r\n\r\n",
+    COMPLETE + b"Content-Length: \xb2\r\n\r\n",
+    COMPLETE + b"Content-Length: 5_0\r\n\r\n",
     COMPLETE + b"Content-Length: 99999999999\r\n\r\n",
     COMPLETE + b"Content-Length: 10\r\n\r\n{}",
     b"POST /api/v1/waitpoints/tokens/waitpoint_x/complete?secret=%ZZ HTTP/1.1\r\n\r\n",
@@ -1228,3 +1231,94 @@ def test_a_nul_character_is_refused_naming_the_field(world: World, case: str) ->
     assert_proper(outcome, f"{method} with a NUL ({case})")
     _refused(outcome, {name}, case)
     assert world.rows(db.runs, db.waitpoints, db.schedules) == before
+
+
+# -- metadata updates from an attempt --------------------------------------------------------------
+
+
+class FakeExecutor:
+    """A worker stream driven from the test thread: what it sends goes through a queue."""
+
+    def __init__(self, stack: Stack, tasks: list[str]) -> None:
+        self._sending: queue.Queue[wpb.ConnectRequest | None] = queue.Queue()
+        manifest = wpb.Manifest(tasks=[wpb.TaskDefinition(id=t) for t in tasks])
+        self.send(wpb.ConnectRequest(register=wpb.Register(manifest=manifest, capacity=4)))
+        call = stack.channel().stream_stream(
+            CONNECT,
+            request_serializer=wpb.ConnectRequest.SerializeToString,
+            response_deserializer=wpb.ConnectResponse.FromString,
+        )
+        self._call = call(iter(self._sending.get, None), metadata=stack.auth("dev"), timeout=120)
+        first = next(self._call)
+        assert first.WhichOneof("message") == "registered", first
+
+    def send(self, message: wpb.ConnectRequest) -> None:
+        self._sending.put(message)
+
+    def start_next(self) -> wpb.Assignment:
+        """The next assignment, acknowledged and started."""
+        for response in self._call:
+            if response.WhichOneof("message") == "assignment":
+                attempt = response.assignment.attempt_id
+                self.send(wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=attempt)))
+                self.send(wpb.ConnectRequest(started=wpb.AttemptStarted(attempt_id=attempt)))
+                return response.assignment
+        raise AssertionError("the worker stream ended")
+
+    def set_metadata(self, attempt: str, run_id: str, key: str, value: Any) -> None:
+        operation = wpb.MetadataOperation(type="set", key=key, value=json.dumps(value))
+        update = wpb.MetadataUpdate(run_id=run_id, attempt_id=attempt, operations=[operation])
+        self.send(wpb.ConnectRequest(metadata=update))
+
+    def close(self) -> None:
+        self._sending.put(None)
+        self._call.cancel()
+
+
+def _metadata_of(w: World, run_id: str) -> dict[str, Any]:
+    got = w.ok(RUN + "GetRun", rpb.GetRunRequest(run_id=run_id), "dev", rpb.GetRunResponse)
+    metadata: dict[str, Any] = json.loads(got.run.metadata)
+    return metadata
+
+
+def _eventually(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(0.05)
+
+
+def test_an_attempt_changes_only_its_own_its_parents_and_its_roots_metadata(world: World) -> None:
+    w = world
+    executor = FakeExecutor(w.stack, ["meta-task"])
+    try:
+        root = w.ok(
+            RUN + "TriggerRun",
+            rpb.TriggerRunRequest(task_id="meta-task"),
+            "dev",
+            rpb.TriggerRunResponse,
+        ).run.id
+        root_attempt = executor.start_next()
+        assert root_attempt.run.id == root
+        child_request = rpb.TriggerRunRequest(
+            task_id="meta-task", options=rpb.TriggerOptions(parent_run_id=root)
+        )
+        child = w.ok(RUN + "TriggerRun", child_request, "dev", rpb.TriggerRunResponse).run.id
+        child_attempt = executor.start_next()
+        assert child_attempt.run.id == child
+        stranger = w.runs["dev"]
+        before = _metadata_of(w, stranger)
+        # Refused: a run that is neither the attempt's own, nor its parent or root.
+        executor.set_metadata(root_attempt.attempt_id, stranger, "hijacked", True)
+        executor.set_metadata(child_attempt.attempt_id, stranger, "hijacked", True)
+        # Allowed: the child's parent (also its root), and each attempt's own run.
+        executor.set_metadata(child_attempt.attempt_id, root, "from-child", 1)
+        executor.set_metadata(child_attempt.attempt_id, child, "own", 2)
+        executor.set_metadata(root_attempt.attempt_id, root, "own", 3)
+        # Updates are applied in order: once the last is in, the earlier ones were decided.
+        _eventually(lambda: _metadata_of(w, root).get("own") == 3, "the root's own update")
+        assert _metadata_of(w, root) == {"from-child": 1, "own": 3}
+        assert _metadata_of(w, child) == {"own": 2}
+        assert _metadata_of(w, stranger) == before
+    finally:
+        executor.close()
