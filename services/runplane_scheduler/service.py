@@ -134,6 +134,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         self, request: rpb.GetBatchRequest, context: Context
     ) -> rpb.GetBatchResponse:
         batch_id = validation.batch_id(request.batch_id)
+        # Before the lookup: a token learns nothing of batches outside its scope.
+        auth.authorize_batch(principal(), batch_id)
         batch, runs = await self.engine.store.get_batch(principal().environment_id, batch_id)
         final = [r.status for r in runs if Status(r.status) in FINAL]
         if len(final) < len(runs):

@@ -20,7 +20,7 @@ from runplane_server.errors import NotFound
 
 log = logging.getLogger("runplane.scheduler.http")
 
-PATH = re.compile(r"^/api/v1/waitpoints/tokens/(waitpoint_[0-9a-z]{1,36})/complete$")
+PATH = re.compile(r"^/api/v1/waitpoints/tokens/(waitpoint_[0-9a-z]{1,36})/complete\Z")
 MAX_BODY = 3 * 1024 * 1024
 
 

@@ -151,6 +151,7 @@ PUBLIC_TOKEN_METHODS = frozenset(
     {
         "/runplane.v1.RunService/GetRun",
         "/runplane.v1.RunService/ListRuns",
+        "/runplane.v1.RunService/GetBatch",
         "/runplane.v1.RunService/TriggerRun",
         "/runplane.v1.MetaService/GetServerInfo",
         "/runplane.v1.WaitpointService/CompleteToken",
@@ -368,6 +369,12 @@ def authorize_list(who: Principal, tags: Iterable[str], batch_id: str) -> None:
     raise PermissionDenied(
         "this public access token may list only runs filtered by a tag or batch it may read"
     )
+
+
+def authorize_batch(who: Principal, batch_id: str) -> None:
+    """The caller may read this batch: a secret key, or a token naming it."""
+    if who.scopes is not None and f"read:batch:{batch_id}" not in who.scopes:
+        raise PermissionDenied(f"this public access token may not read batch {batch_id}")
 
 
 def authorize_complete_token(who: Principal, token_id: str) -> None:
