@@ -29,6 +29,7 @@ from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import realtime_service_pb2 as rtpb
 from runplane.v1 import run_service_pb2 as rpb
 from runplane_server import subjects
+from runplane_server.grpcserver import MAX_MESSAGE_BYTES
 from tests.integration.test_bad_input import (
     DEADLINE,
     FUZZ,
@@ -705,3 +706,23 @@ def test_a_batch_subscription_with_a_public_token_needs_the_batch_in_its_scope(
         assert outcome.code is wanted, f"{scope}: {outcome}"
         if wanted is OK:
             assert outcome.responses[0].run.batch_id == batch
+
+
+def test_oversized_requests_are_refused_by_their_size(world: World) -> None:
+    w = world
+    before, chunks = _rows(w), w.chunks_stored()
+    big = json.dumps("x" * MAX_MESSAGE_BYTES)
+    request = rtpb.AppendStreamRequest(run_id=w.ids["dev"], stream_id="big", chunks=[big])
+    outcome = unary(w.stack.realtime_channel(), RT + "AppendStream", request, w.stack.auth("dev"))
+    assert outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED, str(outcome)
+    # HTTP: a trigger body over the payload limit and 1 MiB for options, whatever its content.
+    headers = {"Authorization": f"Bearer {w.stack.keys['dev']}"}
+    over = LIMITS.payload_bytes + (1 << 20) + 1
+    for body in (json.dumps({"payload": "x" * over}).encode(), b"\xff" * over):
+        status, _, _ = _http(w, "POST", "/api/v1/tasks/t/trigger", headers, body)
+        assert status == 413, status
+    assert (_rows(w), w.chunks_stored()) == (before, chunks)
+    # A payload the API takes is taken by URL too (it is over aiohttp's default of 1 MiB).
+    legal = json.dumps({"payload": "x" * (LIMITS.payload_bytes - 100)}).encode()
+    status, _, data = _http(w, "POST", "/api/v1/tasks/t/trigger", headers, legal)
+    assert status == 200, (status, data[:300])
