@@ -31,6 +31,7 @@ from runplane_realtime.scheduler import Metadata
 from runplane_realtime.server import Realtime, RealtimeServicer
 from runplane_realtime.streams import Chunk
 from runplane_server import errors
+from runplane_server.config import Limits
 from runplane_server.grpcserver import as_service_error
 
 _HTTP_STATUS = {
@@ -123,7 +124,9 @@ class HttpServer:
         self._servicer = servicer
         origins = [o.strip() for o in realtime.settings.cors_origins.split(",") if o.strip()]
         self._origins = origins or ["*"]
-        self.app = web.Application(middlewares=[self._middleware])
+        # A trigger body carries a payload up to the payload limit, and its options.
+        body_limit = Limits.from_env().payload_bytes + 1024 * 1024
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=body_limit)
         self.app.add_routes(
             [
                 web.get("/realtime/v1/runs/{run_id}", self._run),

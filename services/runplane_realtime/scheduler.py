@@ -71,6 +71,13 @@ class Scheduler:
         run: run_pb2.Run = reply.run
         return run
 
+    async def get_batch(self, batch_id: str, credentials: Metadata) -> run_service_pb2.Batch:
+        """The batch as the scheduler has it; raises the ServiceError matching its status."""
+        request = run_service_pb2.GetBatchRequest(batch_id=batch_id)
+        reply = await self._call(self._runs.GetBatch, request, credentials, "batch_id")
+        batch: run_service_pb2.Batch = reply.batch
+        return batch
+
     async def list_runs(
         self,
         credentials: Metadata,

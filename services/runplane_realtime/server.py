@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
 from runplane_realtime.events import NatsLink, RunEvents
@@ -99,7 +100,11 @@ class Realtime:
         if created_after_ms < now - MAX_TAG_WINDOW_MS:
             raise errors.InvalidArgument("created_after", "at most 7 days back")
         return await self._open_set(
-            credentials, RunSet.with_tag(tag, created_after_ms), after_versions, resume_cursor
+            credentials,
+            RunSet.with_tag(tag, created_after_ms),
+            after_versions,
+            resume_cursor,
+            "tag",
         )
 
     async def open_batch(
@@ -111,8 +116,12 @@ class Realtime:
     ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
         if not batch_id:
             raise errors.InvalidArgument("batch_id", "must not be empty")
+        _check_resume(after_versions, resume_cursor)
+        # A batch that is not the caller's (or no batch at all) is NOT_FOUND, as for GetBatch,
+        # not a subscription that never sends anything.
+        await self.scheduler.get_batch(batch_id, credentials)
         return await self._open_set(
-            credentials, RunSet.of_batch(batch_id), after_versions, resume_cursor
+            credentials, RunSet.of_batch(batch_id), after_versions, resume_cursor, "batch_id"
         )
 
     async def _open_set(
@@ -121,17 +130,18 @@ class Realtime:
         runs: RunSet,
         after_versions: Mapping[str, int],
         resume_cursor: int,
+        field: str,
     ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
-        if resume_cursor < 0:
-            raise errors.InvalidArgument("resume_cursor", "must not be negative")
-        for run_id, version in after_versions.items():
-            if version < 0:
-                raise errors.InvalidArgument(f"after_versions[{run_id}]", "must not be negative")
+        """``field`` names the request's tag or batch, which the scheduler checks as a filter."""
+        _check_resume(after_versions, resume_cursor)
         environment_id = await self.scheduler.environment_id(credentials)
         # The authorisation check: a public token must be allowed the tag or batch.
-        await self.scheduler.list_runs(
-            credentials, tags=runs.tags, batch_id=runs.batch_id, first_page_of=1
-        )
+        try:
+            await self.scheduler.list_runs(
+                credentials, tags=runs.tags, batch_id=runs.batch_id, first_page_of=1
+            )
+        except errors.InvalidArgument as error:  # it names its own field (tags[0])
+            raise errors.InvalidArgument(field, error.problem) from None
         subscription = RunSetSubscription(
             self.scheduler,
             self.link,
@@ -194,6 +204,14 @@ class Realtime:
         return run.environment_id
 
 
+def _check_resume(after_versions: Mapping[str, int], resume_cursor: int) -> None:
+    if resume_cursor < 0:
+        raise errors.InvalidArgument("resume_cursor", "must not be negative")
+    for run_id, version in after_versions.items():
+        if version < 0:
+            raise errors.InvalidArgument(f"after_versions[{run_id[:80]}]", "must not be negative")
+
+
 async def _empty() -> AsyncGenerator[run_pb2.Run, None]:
     return
     yield  # an async generator that yields nothing
@@ -246,7 +264,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToRunsWithTagResponse]:
         async with self.tracked():
             after = (
-                request.created_after.ToMilliseconds()
+                _timestamp_ms("created_after", request.created_after)
                 if request.HasField("created_after")
                 else None
             )
@@ -302,6 +320,15 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
             list(request.chunk_ids),
         )
         return realtime_service_pb2.AppendStreamResponse(last_index=last)
+
+
+def _timestamp_ms(field: str, value: Timestamp) -> int:
+    try:
+        return int(value.ToMilliseconds())  # checks the range: years 1..9999, valid nanos
+    except ValueError:
+        raise errors.InvalidArgument(
+            field, "not a valid timestamp (years 1..9999, nanos 0..999999999)"
+        ) from None
 
 
 def _credentials(context: Context) -> Metadata:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.js.api import StorageType, StreamConfig
 
 from runplane_realtime.events import JS_TIMEOUT, EventsUnavailable, NatsLink, OrderedReader
@@ -26,7 +27,7 @@ from runplane_server.config import RealtimeSettings
 
 log = logging.getLogger("runplane.realtime.streams")
 
-STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+STREAM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would allow a final newline
 INDEX = "Rp-Index"
 TOTAL = "Rp-Total"
 CLOSED = "Rp-Closed"
@@ -124,6 +125,10 @@ class RunStreams:
                     f"larger than the chunk size limit of {limit} bytes "
                     "(RUNPLANE_STREAM_CHUNK_BYTES)",
                 )
+            try:  # readers (the SDK, the SSE endpoint) parse every chunk
+                orjson.loads(chunk)
+            except orjson.JSONDecodeError as error:
+                raise errors.InvalidArgument(f"chunks[{i}]", f"not valid JSON ({error})") from None
         subject = subjects.run_stream(environment_id, run_id, sid)
         try:
             await self._ensure()

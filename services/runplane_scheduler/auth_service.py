@@ -9,6 +9,7 @@ import grpc
 
 from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import auth_service_pb2_grpc
+from runplane_scheduler import validation
 from runplane_server import auth
 from runplane_server.errors import InvalidArgument
 
@@ -27,10 +28,10 @@ class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
         if request.HasField("expires_in") and request.HasField("expires_at"):
             raise InvalidArgument("expires_at", "give expires_in or expires_at, not both")
         if request.HasField("expires_at"):
-            expires_at = request.expires_at.ToMilliseconds()
+            expires_at = validation.timestamp_ms("expires_at", request.expires_at)
             field = "expires_at"
         elif request.HasField("expires_in"):
-            expires_at = now + request.expires_in.ToMilliseconds()
+            expires_at = now + validation.duration_ms("expires_in", request.expires_in)
             field = "expires_in"
         else:
             expires_at, field = now + auth.DEFAULT_TOKEN_LIFETIME_MS, "expires_in"

@@ -44,7 +44,7 @@ from runplane_scheduler.store import (
 from runplane_scheduler.waitpoints import Waitpoints
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
+from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler")
@@ -1552,11 +1552,24 @@ class RunEngine:
         except orjson.JSONDecodeError:
             log.warning("metadata update of %s is not JSON; dropped", update.run_id)
             return
-        self._submit(
-            self._metadata_op(
-                ex.environment_id, update.run_id, lambda doc: apply_operations(doc, operations)
-            )
+        change = self._metadata_op(
+            ex.environment_id, update.run_id, lambda doc: apply_operations(doc, operations)
         )
+        own = lease.run_id
+
+        async def op(tx: Tx) -> RunRow:
+            # An attempt changes its own run's metadata, its parent's or its root's (SPEC §7,
+            # metadata.parent / metadata.root), never another run's of the environment.
+            if update.run_id != own:
+                row = await self._get_in_tx(tx, ex.environment_id, own)
+                if update.run_id not in (row.parent_run_id, row.root_run_id):
+                    raise PermissionDenied(
+                        f"attempt {update.attempt_id} of run {own} may change the metadata of "
+                        f"its run, its parent or its root, not of {update.run_id[:80]}"
+                    )
+            return await change(tx)
+
+        self._submit(op)
 
     async def update_metadata(self, environment_id: str, run_id: str, metadata: str) -> RunRow:
         """Replace a run's metadata object (``RunService.UpdateRunMetadata``)."""

@@ -134,6 +134,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         self, request: rpb.GetBatchRequest, context: Context
     ) -> rpb.GetBatchResponse:
         batch_id = validation.batch_id(request.batch_id)
+        # Before the lookup: a token learns nothing of batches outside its scope.
+        auth.authorize_batch(principal(), batch_id)
         batch, runs = await self.engine.store.get_batch(principal().environment_id, batch_id)
         final = [r.status for r in runs if Status(r.status) in FINAL]
         if len(final) < len(runs):
@@ -206,12 +208,13 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> rpb.ListRunLogsResponse:
         run_id = validation.run_id(request.run_id)
         size = validation.log_page_size(request.page_size)
-        rows = await self.engine.list_logs(
-            principal().environment_id,
-            run_id,
-            validation.decode_page_token(request.page_token, validation.LOG_ID),
-            size + 1,
-        )
+        after = validation.decode_page_token(request.page_token, validation.LOG_ID)
+        env = principal().environment_id
+        # Logs are stored by the run id the executor reported; the run itself must be the
+        # caller's, as for GetRun.
+        if await self.engine.store.get_run(env, run_id) is None:
+            raise NotFound(f"run {run_id} not found")
+        rows = await self.engine.list_logs(env, run_id, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         response = rpb.ListRunLogsResponse(
@@ -483,6 +486,11 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
             if v not in wspb.WaitpointStatus.values() or v == wspb.WAITPOINT_STATUS_UNSPECIFIED:
                 raise InvalidArgument(f"statuses[{i}]", f"{v} is not a waitpoint status")
             statuses.append(wspb.WaitpointStatus.Name(v).removeprefix("WAITPOINT_STATUS_"))
+        for i, tag in enumerate(request.tags):
+            validation.text(f"tags[{i}]", tag, self.limits.tag_length)
+        validation.text(
+            "idempotency_key", request.idempotency_key, self.limits.idempotency_key_length
+        )
         after = validation.decode_page_token(request.page_token, TOKEN_ID)
         rows = await self.waits.list_tokens(
             principal().environment_id,

@@ -20,8 +20,12 @@ from runplane_server.errors import NotFound
 
 log = logging.getLogger("runplane.scheduler.http")
 
-PATH = re.compile(r"^/api/v1/waitpoints/tokens/(waitpoint_[0-9a-z]{1,36})/complete$")
+PATH = re.compile(r"^/api/v1/waitpoints/tokens/(waitpoint_[0-9a-z]{1,36})/complete\Z")
 MAX_BODY = 3 * 1024 * 1024
+
+
+class _BadRequest(ValueError):
+    """A request this endpoint cannot read; the message says why."""
 
 
 class TokenHttpServer:
@@ -43,13 +47,25 @@ class TokenHttpServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             status, body = await asyncio.wait_for(self._respond(reader), 30)
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
-            status, body = 400, {"error": "bad request"}
+        except _BadRequest as error:
+            status, body = 400, {"error": str(error)}
+        except asyncio.IncompleteReadError:
+            status, body = 400, {"error": "the body is shorter than its Content-Length"}
+        except TimeoutError:
+            status, body = 400, {"error": "the request did not arrive within 30 s"}
+        except (ValueError, ConnectionError):  # a line over the reader's limit, a reset
+            status, body = 400, {"error": "malformed request: a line is too long or cut off"}
         except Exception:
             log.exception("token HTTP request failed")
             status, body = 500, {"error": "internal error"}
         data = orjson.dumps(body)
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            413: "Content Too Large",
+        }
         head = (
             f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
@@ -62,7 +78,10 @@ class TokenHttpServer:
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
         request_line = (await reader.readline()).decode("latin-1").strip()
-        method, target, _ = request_line.split(" ", 2)
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            raise _BadRequest("malformed request line (expected: METHOD /path HTTP/1.1)")
+        method, target, _ = parts
         length = 0
         while True:
             line = (await reader.readline()).decode("latin-1").strip()
@@ -70,9 +89,11 @@ class TokenHttpServer:
                 break
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-length":
+                if not (value.strip().isascii() and value.strip().isdigit()):
+                    raise _BadRequest(f"Content-Length {value.strip()[:40]!r} is not a number")
                 length = int(value.strip())
-        if not 0 <= length <= MAX_BODY:
-            return 400, {"error": f"the body must be at most {MAX_BODY} bytes"}
+        if length > MAX_BODY:
+            return 413, {"error": f"the body must be at most {MAX_BODY} bytes, got {length}"}
         body = await reader.readexactly(length) if length else b""
         url = urlsplit(target)
         match = PATH.match(url.path)

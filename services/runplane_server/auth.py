@@ -140,7 +140,10 @@ DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
 MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
 # The lifetime of the token a trigger hands back for reading its run.
 RUN_TOKEN_LIFETIME_MS = DEFAULT_TOKEN_LIFETIME_MS
-_SCOPE = re.compile(r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s]{1,256}$")
+# The resource: 1..256 characters, none of them blank or a control character.
+_SCOPE = re.compile(
+    r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s\x00-\x1f\x7f]{1,256}\Z"
+)
 _HEADER = {"alg": "HS256", "typ": "JWT"}
 
 # The methods a public token may call; its scopes then decide what it sees.
@@ -148,6 +151,7 @@ PUBLIC_TOKEN_METHODS = frozenset(
     {
         "/runplane.v1.RunService/GetRun",
         "/runplane.v1.RunService/ListRuns",
+        "/runplane.v1.RunService/GetBatch",
         "/runplane.v1.RunService/TriggerRun",
         "/runplane.v1.MetaService/GetServerInfo",
         "/runplane.v1.WaitpointService/CompleteToken",
@@ -368,6 +372,12 @@ def authorize_list(who: Principal, tags: Iterable[str], batch_id: str) -> None:
     raise PermissionDenied(
         "this public access token may list only runs filtered by a tag or batch it may read"
     )
+
+
+def authorize_batch(who: Principal, batch_id: str) -> None:
+    """The caller may read this batch: a secret key, or a token naming it."""
+    if who.scopes is not None and f"read:batch:{batch_id}" not in who.scopes:
+        raise PermissionDenied(f"this public access token may not read batch {batch_id}")
 
 
 def authorize_complete_token(who: Principal, token_id: str) -> None:

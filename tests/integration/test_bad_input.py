@@ -117,6 +117,8 @@ class Stack:
     database_url: str
     nats_url: str
     with_realtime: bool = False
+    # More SchedulerSettings fields (a frozen schedule clock, say).
+    options: dict[str, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     scheduler: Scheduler | None = None
     realtime: RealtimeService | None = None
@@ -133,7 +135,10 @@ class Stack:
         self.scheduler = self.run(
             start_scheduler(
                 SchedulerSettings(
-                    database_url=self.database_url, nats_url=self.nats_url, listen="127.0.0.1:0"
+                    database_url=self.database_url,
+                    nats_url=self.nats_url,
+                    listen="127.0.0.1:0",
+                    **self.options,
                 )
             )
         )
@@ -146,6 +151,7 @@ class Stack:
                         nats_url=self.nats_url,
                         api_url=f"127.0.0.1:{self.scheduler.port}",
                         listen="127.0.0.1:0",
+                        http_listen="127.0.0.1:0",
                     )
                 )
             )
@@ -207,8 +213,10 @@ class Stack:
         return self.run(count())
 
 
-def _start(database_url: str, nats_url: str, with_realtime: bool = False) -> Iterator[Stack]:
-    stack = Stack(database_url, nats_url, with_realtime)
+def _start(
+    database_url: str, nats_url: str, with_realtime: bool = False, **options: Any
+) -> Iterator[Stack]:
+    stack = Stack(database_url, nats_url, with_realtime, options)
     stack.start()
     try:
         yield stack

@@ -79,6 +79,12 @@ class FakeSetScheduler(FakeScheduler):
             runs=page, next_page_token=str(start + size) if more else ""
         )
 
+    async def GetBatch(self, request: Any, context: Any) -> Any:
+        """Every batch exists, in every environment (a batch here is only a runs' label)."""
+        if KEYS.get(bearer_token(context.invocation_metadata())) is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown secret key")
+        return run_service_pb2.GetBatchResponse(batch=run_service_pb2.Batch(id=request.batch_id))
+
 
 class FakeMeta(meta_service_pb2_grpc.MetaServiceServicer):
     async def GetServerInfo(self, request: Any, context: Any) -> Any:
