@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="evict a token or child-run wait after this long, a longer duration wait at once "
-        "(default 5, 0: never)",
+        "(default 60, 0: never)",
     )
     sub.add_parser("realtime", help="run the realtime service")
 

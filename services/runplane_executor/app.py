@@ -50,9 +50,11 @@ class ExecutorSettings:
     cancel_grace: float = 3.0
     # Waiting attempts kept suspended in memory (0: no cap), and how long a wait of unknown end
     # (a token, child runs) stays before it is evicted; a duration wait expected to last longer
-    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay.
+    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay,
+    # which runs the code before the wait again and costs a scheduler round trip per journaled
+    # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
     max_resident_waits: int = 1000
-    evict_waits_after: float = 5.0
+    evict_waits_after: float = 60.0
 
     @classmethod
     def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:

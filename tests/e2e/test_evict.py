@@ -201,3 +201,28 @@ async def test_a_long_duration_wait_is_evicted_once_settled_and_a_short_one_stay
     assert await _attempts(cluster.database_url, short.id) == [(1, "COMPLETED")]
     assert await _attempts(cluster.database_url, long.id) == [(1, "LOST"), (1, "COMPLETED")]
     assert executor.pool.waits.evicted == 1
+
+
+async def test_an_evicted_run_resumes_after_a_scheduler_restart(
+    cluster: Cluster, start_executor: StartExecutor, tmp_path: Path
+) -> None:
+    """The restarted scheduler loads the run as suspended in this executor: its resume reaches
+    the executor, which reports the attempt lost, and the run is replayed without a retry."""
+    executor = await start_executor(max_resident_waits=0, evict_waits_after=1)
+    client = cluster.client()
+    wait = runplane.WaitAPI(client)
+    token = await wait.create_token()
+    tag = f"r-{uuid.uuid4().hex[:8]}"
+    handle = await client.tasks.trigger(
+        "evict-parent", {"n": 3, "token": token.id, "tag": tag, "dir": str(tmp_path)}
+    )
+    await eventually(lambda: executor.pool.waits.evicted >= 1, 60, description="evicted")
+    await eventually(lambda: executor.pool.running == 0, 30, description="no attempt in memory")
+    await cluster.restart_scheduler()
+    await wait.complete_token(token.id, "after restart")
+    run = await client.runs.poll(handle.id, interval=0.2, timeout=120)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    assert run.output == {"n": 3, "child": {"double": 6}, "token": "after restart"}
+    assert run.attempt_count == 1
+    assert await _attempts(cluster.database_url, handle.id) == [(1, "LOST"), (1, "COMPLETED")]
+    assert len([r async for r in client.runs.list(tag=tag)]) == 1
