@@ -32,6 +32,7 @@ from runplane.v1 import (
 )
 from runplane_executor import taskproc, waits
 from runplane_executor.pool import ProcessPool
+from runplane_executor.starts import HeldStarts
 from runplane_server import telemetry
 from runplane_server.grpcserver import Server
 from runplane_server.ids import new_id
@@ -252,6 +253,7 @@ class Executor:
         self._outgoing: asyncio.Queue[wpb.ConnectRequest] | None = None
         # Attempt reports (started, result) produced while disconnected, sent on reconnect.
         self._unsent: list[wpb.ConnectRequest] = []
+        self.starts = HeldStarts(self._send)
         self._task: asyncio.Task[None] | None = None
         self.server = Server(authenticate=None)
         self.port = 0
@@ -304,10 +306,20 @@ class Executor:
 
     def _on_pool_event(self, kind: str, attempt_id: str, data: dict[str, Any] | None) -> None:
         if kind == "started":
-            self._send(wpb.ConnectRequest(started=wpb.AttemptStarted(attempt_id=attempt_id)))
-        elif data is None:
+            self.starts.started(attempt_id)
             return
-        elif kind == "metadata":
+        if kind == "result":
+            if data is not None:
+                message = result_message(attempt_id, data)
+                started_at = self.starts.ended(attempt_id)
+                if started_at is not None:
+                    message.result.started_at.FromMilliseconds(started_at)
+                self._send(message)
+            return
+        self.starts.release(attempt_id)  # the scheduler sees the start before what follows
+        if data is None:
+            return
+        if kind == "metadata":
             self._send(metadata_message(attempt_id, data))
         elif kind == "logs":
             self._send(logs_message(data["entries"]))
@@ -385,9 +397,7 @@ class Executor:
                         log.info("connected to the scheduler at %s", self.settings.api_url)
                     elif kind == "assignment":
                         a = response.assignment
-                        outgoing.put_nowait(
-                            wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
-                        )
+                        self.starts.assigned(a.attempt_id)
                         self.pool.submit(assignment_to_attempt(a, self.tasks.get(a.run.task_id)))
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)

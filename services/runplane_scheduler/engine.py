@@ -29,12 +29,15 @@ from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import (
     CLEAN_ERRORS,
+    DURATION_SINCE_START,
     DURATION_SO_FAR,
     FIRST_START,
     ONE_MORE_ATTEMPT,
+    STARTED_AT_START,
     RunRow,
     Store,
     Tx,
+    Via,
     now_ms,
     run_to_pb,
 )
@@ -1007,7 +1010,7 @@ class RunEngine:
             if lease is not None:
                 lease.acked = True
         elif kind == "started":
-            self._started(msg.started.attempt_id)
+            self._started(msg.started.attempt_id, _ms(msg.started, "started_at"))
         elif kind == "result":
             self._result(msg.result)
         elif kind == "metadata":
@@ -1017,7 +1020,8 @@ class RunEngine:
         elif kind == "wait":
             self.waits.on_wait(ex, msg.wait)
 
-    def _started(self, attempt_id: str) -> None:
+    def _started(self, attempt_id: str, started_at: int = 0) -> None:
+        """The attempt began (at ``started_at`` by the executor's clock; 0: now)."""
         lease = self.index.leases.get(attempt_id)
         if lease is None:
             return
@@ -1026,6 +1030,7 @@ class RunEngine:
 
         async def op(tx: Tx) -> None:
             ts = now_ms()
+            start = min(started_at, ts) if started_at else ts
             row = await tx.transition(
                 run_id,
                 [Status.DEQUEUED],
@@ -1035,10 +1040,10 @@ class RunEngine:
                 started_at=FIRST_START,
                 attempt_count=ONE_MORE_ATTEMPT,
                 updated_at=ts,
-                params={"p_now": ts},
+                params={"p_now": start},
             )
             if row is not None:
-                await Store.start_attempt(tx, attempt_id, ts)
+                await Store.start_attempt(tx, attempt_id, start)
 
         self._submit(op)
 
@@ -1050,13 +1055,21 @@ class RunEngine:
             self.waits.attempt_ended(attempt_id)
             return
         outcome = result.WhichOneof("outcome")
+        too_large = outcome == "output" and len(result.output) > self.settings.limits.output_bytes
         if not lease.started and not result.lost and not result.canceled:
-            # The attempt ran, but its "started" report was lost (sent to a scheduler that
-            # died before committing it): record the start first, in order.
-            self._started(attempt_id)
+            started_at = _ms(result, "started_at")
+            if started_at and outcome == "output" and not too_large:
+                # It ended at once, so its executor held back its start: one write for both.
+                lease.started = True
+                self._complete(lease, result.output, started_at)
+                self._dispatch_wake.set()
+                return
+            # Its start was held back, or its "started" report was lost (sent to a scheduler
+            # that died before committing it): record the start first, in order.
+            self._started(attempt_id, started_at)
         if result.lost:
             self._requeue_lost(lease)
-        elif outcome == "output" and len(result.output) > self.settings.limits.output_bytes:
+        elif too_large:
             error = {
                 "type": "OutputTooLargeError",
                 "message": f"the output is over the output limit of "
@@ -1098,11 +1111,16 @@ class RunEngine:
                 )
         self._dispatch_wake.set()
 
-    def _complete(self, lease: Lease, output: str) -> None:
+    def _complete(self, lease: Lease, output: str, started_at: int = 0) -> None:
+        """The attempt returned ``output``; with ``started_at`` its start is recorded with it."""
         attempt_id = lease.attempt_id
 
         async def op(tx: Tx) -> None:
             ts = now_ms()
+            if started_at:
+                await self._start_and_complete(tx, lease, output, min(started_at, ts), ts)
+                tx.after_commit.append(lambda: self._release(attempt_id))
+                return
             row = await tx.transition(
                 lease.run_id,
                 [Status.EXECUTING],
@@ -1121,6 +1139,39 @@ class RunEngine:
             tx.after_commit.append(lambda: self._release(attempt_id))
 
         self._submit(op)
+
+    @staticmethod
+    async def _start_and_complete(tx: Tx, lease: Lease, output: str, start: int, ts: int) -> None:
+        """DEQUEUED -> EXECUTING -> COMPLETED in one statement, with both events."""
+        attempt_id = lease.attempt_id
+
+        def as_started(m: dict[str, Any]) -> None:
+            m.update(
+                updated_at=start,
+                output=None,
+                finished_at=None,
+                current_attempt_id=attempt_id,
+                duration_ms=m["duration_ms"] - (ts - m["started_at"]),
+            )
+
+        row = await tx.transition(
+            lease.run_id,
+            [Status.DEQUEUED],
+            Status.COMPLETED,
+            "completed",
+            db.runs.c.current_attempt_id == attempt_id,
+            via=Via(Status.EXECUTING, "started", as_started),
+            output=output,
+            finished_at=ts,
+            updated_at=ts,
+            current_attempt_id=None,
+            started_at=STARTED_AT_START,
+            attempt_count=ONE_MORE_ATTEMPT,
+            duration_ms=DURATION_SINCE_START,
+            params={"p_now": ts, "p_start": start},
+        )
+        if row is not None:
+            await Store.start_and_finish_attempt(tx, attempt_id, "COMPLETED", start, ts)
 
     def _fail(
         self,
@@ -1168,7 +1219,7 @@ class RunEngine:
                 else:
                     delay_ms = int(retry_delay(policy, attempt) * 1000)
                 timer_id = new_id("evt")
-                machine = {"machine": retry_machine} if retry_machine else {}
+                machine: dict[str, Any] = {"machine": retry_machine} if retry_machine else {}
                 # Back-off counts as EXECUTING (reference §3.1); the slot is released meanwhile.
                 await tx.transition(
                     lease.run_id,
@@ -1585,3 +1636,8 @@ class RunEngine:
             stmt = stmt.where(c.id > after_id)
         async with self.store.engine.connect() as conn:
             return list((await conn.execute(stmt)).all())
+
+
+def _ms(message: Any, field: str) -> int:
+    """A Timestamp field in milliseconds, 0 when unset."""
+    return int(getattr(message, field).ToMilliseconds()) if message.HasField(field) else 0

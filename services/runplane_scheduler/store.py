@@ -227,6 +227,7 @@ class Tx:
         target: Status,
         event_type: str,
         *conditions: Any,
+        via: Via | None = None,
         **values: Any,
     ) -> RunRow | None:
         """Move the run to ``target`` if its status is one of ``sources`` (and ``conditions`` hold),
@@ -236,14 +237,22 @@ class Tx:
         are plain values or the expressions of :data:`TEMPLATE_EXPRESSIONS` (with their
         parameters in ``params``). Such calls reuse one compiled statement per shape, which is
         several times cheaper than building a statement per call; anything else still works,
-        built afresh."""
+        built afresh.
+
+        With ``via`` the run passes through ``via.status`` on the way, in the same statement:
+        its version goes up by two and both events are emitted, the first with the snapshot
+        ``via.as_then`` makes of the final row."""
         sources = tuple(sources)
         for source in sources:
-            if source != target and not can_transition(source, target):
+            if via is not None:
+                if not (can_transition(source, via.status) and can_transition(via.status, target)):
+                    raise TransitionError(source, target)
+            elif source != target and not can_transition(source, target):
                 raise TransitionError(source, target)
+        steps = 1 if via is None else 2
         params: dict[str, Any] = values.pop("params", None) or {}
         ts = values.pop("updated_at", None) or now_ms()
-        template = _template(sources, target, conditions, values)
+        template = _template(sources, target, conditions, values, steps)
         if template is not None:
             stmt, bind = template
             bind.update(params, _rid=run_id, _ts=ts)
@@ -256,11 +265,18 @@ class Tx:
                     db.runs.c.status.in_([s.value for s in sources]),
                     *conditions,
                 )
-                .values(status=target.value, version=db.runs.c.version + 1, updated_at=ts, **values)
+                .values(
+                    status=target.value, version=db.runs.c.version + steps, updated_at=ts, **values
+                )
                 .returning(*db.runs.c)
             )
             row = (await self.execute(stmt, params or None)).first()
         if row is not None:
+            if via is not None:
+                then = dict(row._mapping)
+                then.update(status=via.status.value, version=row.version - 1)
+                via.as_then(then)
+                self.emit(via.event_type, then)
             self.emit(event_type, row)
             if target in FINAL and self.on_final is not None:
                 await self.on_final(self, row)
@@ -273,10 +289,34 @@ def _p(name: str) -> BindParameter[Any]:
 
 # Expressions a transition may set, built once so statements using them can be reused.
 _NOW = bindparam("p_now", type_=BigInteger)
+_START = bindparam("p_start", type_=BigInteger)
 DURATION_SO_FAR = db.runs.c.duration_ms + (_NOW - db.runs.c.started_at)
 FIRST_START = func.coalesce(db.runs.c.started_at, _NOW)
 ONE_MORE_ATTEMPT = db.runs.c.attempt_count + 1
-TEMPLATE_EXPRESSIONS = frozenset({id(DURATION_SO_FAR), id(FIRST_START), id(ONE_MORE_ATTEMPT)})
+# For a run started and ended in one statement (``via``): its start is ``p_start``.
+STARTED_AT_START = func.coalesce(db.runs.c.started_at, _START)
+DURATION_SINCE_START = db.runs.c.duration_ms + (_NOW - STARTED_AT_START)
+TEMPLATE_EXPRESSIONS = frozenset(
+    id(e)
+    for e in (
+        DURATION_SO_FAR,
+        FIRST_START,
+        ONE_MORE_ATTEMPT,
+        STARTED_AT_START,
+        DURATION_SINCE_START,
+    )
+)
+
+
+@dataclass(frozen=True)
+class Via:
+    """A status a transition passes through (see :meth:`Tx.transition`)."""
+
+    status: Status
+    event_type: str
+    # Turns a copy of the final row into the run as it was in ``status`` (its event's snapshot).
+    as_then: Callable[[dict[str, Any]], None]
+
 
 _COMPARISONS = {
     operators.eq: "eq",
@@ -294,10 +334,11 @@ def _template(
     target: Status,
     conditions: tuple[Any, ...],
     values: dict[str, Any],
+    steps: int,
 ) -> tuple[Any, dict[str, Any]] | None:
     """A reusable UPDATE ... RETURNING for this shape of transition and its parameters, or None
     when the shape has parts only a fresh statement can express."""
-    shape: list[Any] = [tuple(sources), target]
+    shape: list[Any] = [tuple(sources), target, steps]
     bind: dict[str, Any] = {}
     for i, c in enumerate(conditions):
         if not isinstance(c, BinaryExpression) or not isinstance(c.left, Column):
@@ -322,7 +363,7 @@ def _template(
     if stmt is None:
         if len(_TEMPLATES) > 512:  # shapes are few; this guards against a caller that varies
             _TEMPLATES.clear()
-        stmt = _TEMPLATES[cache_key] = _build(sources, target, conditions, values)
+        stmt = _TEMPLATES[cache_key] = _build(sources, target, conditions, values, steps)
     return stmt, bind
 
 
@@ -331,6 +372,7 @@ def _build(
     target: Status,
     conditions: tuple[Any, ...],
     values: dict[str, Any],
+    steps: int,
 ) -> Any:
     r = db.runs.c
     where = [r.id == _p("_rid"), r.status.in_([s.value for s in sources])]
@@ -347,7 +389,7 @@ def _build(
     return (
         update(db.runs)
         .where(*where)
-        .values(status=target.value, version=r.version + 1, updated_at=_p("_ts"), **sets)
+        .values(status=target.value, version=r.version + steps, updated_at=_p("_ts"), **sets)
         .returning(*db.runs.c)
     )
 
@@ -361,6 +403,11 @@ _START_ATTEMPT = (
     update(db.attempts)
     .where(db.attempts.c.id == _p("attempt_id"))
     .values(status="EXECUTING", started_at=_p("started_at"))
+)
+_START_AND_FINISH_ATTEMPT = (
+    update(db.attempts)
+    .where(db.attempts.c.id == _p("attempt_id"))
+    .values(status=_p("status"), started_at=_p("started_at"), finished_at=_p("finished_at"))
 )
 
 
@@ -743,6 +790,20 @@ class Store:
         await tx.execute(
             _FINISH_ATTEMPT,
             {"attempt_id": attempt_id, "status": status, "finished_at": now_ms(), "error": error},
+        )
+
+    @staticmethod
+    async def start_and_finish_attempt(
+        tx: Tx, attempt_id: str, status: str, started_at: int, finished_at: int
+    ) -> None:
+        await tx.execute(
+            _START_AND_FINISH_ATTEMPT,
+            {
+                "attempt_id": attempt_id,
+                "status": status,
+                "started_at": started_at,
+                "finished_at": finished_at,
+            },
         )
 
     @staticmethod

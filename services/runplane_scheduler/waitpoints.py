@@ -76,6 +76,9 @@ class Waitpoints:
         self.suspended: dict[str, Suspended] = {}  # run id -> its suspended attempt
         self.by_attempt: dict[str, str] = {}  # suspended attempt id -> run id
         self.resuming: set[str] = set()  # WAITING runs queued for a slot to resume
+        # Runs a pending wait waits on (a superset: an entry goes after its run's end commits),
+        # so the end of any other run needs no lookup.
+        self.awaited: set[str] = set()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -90,6 +93,17 @@ class Waitpoints:
                     .order_by(db.runs.c.id)
                 )
             ).all()
+            self.awaited = set(
+                (
+                    await conn.execute(
+                        select(db.waitpoint_children.c.run_id)
+                        .join(db.waitpoints, w.id == db.waitpoint_children.c.waitpoint_id)
+                        .where(w.status == PENDING)
+                    )
+                )
+                .scalars()
+                .all()
+            )
             pending = {
                 (r.run_id, r.attempt)
                 for r in (
@@ -281,6 +295,7 @@ class Waitpoints:
                 done = {"ok": token.ok, "output": token.output, "error": token.error}
         elif kind == "children":
             row["kind"] = "BATCH"
+            self.awaited.update(children)
             for position, child_id in enumerate(children):
                 tx.insert_later(
                     db.waitpoint_children,
@@ -375,6 +390,10 @@ class Waitpoints:
 
     async def run_finished(self, tx: Tx, row: RunRow) -> None:
         """A run reached a final status: a wait on child runs may be complete now."""
+        if row.id not in self.awaited:
+            return
+        run_id = row.id
+        tx.after_commit.append(lambda: self.awaited.discard(run_id))
         waits = (
             await tx.execute(
                 select(w.id)

@@ -225,15 +225,21 @@ class AttemptStarted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt began on the executor; unset: when the scheduler received this."""
+
     def __init__(
         self,
         *,
         attempt_id: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +260,7 @@ class AttemptResult(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     OUT_OF_MEMORY_FIELD_NUMBER: _builtins.int
     RETRY_MACHINE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     output: _builtins.str
     """JSON text of the return value."""
@@ -281,6 +288,12 @@ class AttemptResult(_message.Message):
     def retry_at(self) -> _timestamp_pb2.Timestamp:
         """catch_error asked for the retry at this time instead of the retry policy's."""
 
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Set when the attempt's start was not reported by an AttemptStarted of its own (it ended
+        within moments of starting): when it began. The scheduler records start and end together.
+        """
+
     def __init__(
         self,
         *,
@@ -295,10 +308,11 @@ class AttemptResult(_message.Message):
         timed_out: _builtins.bool = ...,
         out_of_memory: _builtins.bool = ...,
         retry_machine: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "error", b"error", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "error", b"error", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "attempt_id", b"attempt_id", "canceled", b"canceled", "error", b"error", "lost", b"lost", "out_of_memory", b"out_of_memory", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms", "retry_machine", b"retry_machine", "skip_retrying", b"skip_retrying", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms", "attempt_id", b"attempt_id", "canceled", b"canceled", "error", b"error", "lost", b"lost", "out_of_memory", b"out_of_memory", "outcome", b"outcome", "output", b"output", "retry_at", b"retry_at", "retry_delay_ms", b"retry_delay_ms", "retry_machine", b"retry_machine", "skip_retrying", b"skip_retrying", "started_at", b"started_at", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__retry_delay_ms: _TypeAlias = _typing.Literal["retry_delay_ms"]  # noqa: Y015
     _WhichOneofArgType__retry_delay_ms: _TypeAlias = _typing.Literal["_retry_delay_ms", b"_retry_delay_ms"]  # noqa: Y015
