@@ -207,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tasks", action="append", required=True, metavar="MODULE")
     ex.add_argument("--processes", type=int, help="task processes (default: CPU count)")
     ex.add_argument("--capacity", type=int, help="attempts at once (default 100)")
+    ex.add_argument(
+        "--max-resident-waits",
+        type=int,
+        help="waiting runs kept in memory; more are evicted, then replayed from their journal "
+        "(default 1000, 0: no cap)",
+    )
+    ex.add_argument(
+        "--evict-waits-after",
+        type=float,
+        metavar="SECONDS",
+        help="evict a token or child-run wait after this long, a longer duration wait at once "
+        "(default 60, 0: never)",
+    )
     sub.add_parser("realtime", help="run the realtime service")
 
     trig = sub.add_parser("trigger", help="trigger a task")
@@ -281,7 +294,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "executor":
         from runplane_executor.app import main as executor_main
 
-        executor_main(args.tasks, processes=args.processes, capacity=args.capacity)
+        executor_main(
+            args.tasks,
+            processes=args.processes,
+            capacity=args.capacity,
+            max_resident_waits=args.max_resident_waits,
+            evict_waits_after=args.evict_waits_after,
+        )
         return 0
     if args.command == "realtime":
         from runplane_realtime.server import main as realtime_main

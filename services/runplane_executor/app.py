@@ -49,6 +49,13 @@ class ExecutorSettings:
     capacity: int = 100
     listen: str = "127.0.0.1:0"
     cancel_grace: float = 3.0
+    # Waiting attempts kept suspended in memory (0: no cap), and how long a wait of unknown end
+    # (a token, child runs) stays before it is evicted; a duration wait expected to last longer
+    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay,
+    # which runs the code before the wait again and costs a scheduler round trip per journaled
+    # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
+    max_resident_waits: int = 1000
+    evict_waits_after: float = 60.0
 
     @classmethod
     def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
@@ -60,6 +67,12 @@ class ExecutorSettings:
             capacity=int(os.environ.get("RUNPLANE_EXECUTOR_CAPACITY") or 100),
             listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or "127.0.0.1:0",
             cancel_grace=float(os.environ.get("RUNPLANE_CANCEL_GRACE") or 3.0),
+            max_resident_waits=int(
+                os.environ.get("RUNPLANE_EXECUTOR_MAX_RESIDENT_WAITS") or cls.max_resident_waits
+            ),
+            evict_waits_after=float(
+                os.environ.get("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER") or cls.evict_waits_after
+            ),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -228,7 +241,12 @@ class Executor:
         self.tasks = taskproc.import_task_modules(settings.modules)
         self.manifest = build_manifest(self.tasks)
         self.pool = ProcessPool(
-            settings.modules, settings.processes, self._on_pool_event, settings.cancel_grace
+            settings.modules,
+            settings.processes,
+            self._on_pool_event,
+            settings.cancel_grace,
+            max_resident_waits=settings.max_resident_waits,
+            evict_waits_after=settings.evict_waits_after,
         )
         self.connected = False
         self.draining = False

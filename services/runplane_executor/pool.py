@@ -13,6 +13,13 @@ process; the other attempts of that process are reported lost (run again without
 against their retries) and the process is replaced. max_duration is timed here, from the
 attempt's start: at the limit the process is told (``ctx.signal`` fires with reason "timeout"
 and the attempt is cancelled), after the grace the process is killed.
+
+Waiting attempts are evicted by the policy of :class:`~runplane_executor.waits.ResidentWaits`
+(``max_resident_waits``, ``evict_waits_after``): the process drops the attempt's coroutine
+(``cleanup`` hooks run, no other hook) and reports it lost; the scheduler keeps the run WAITING
+and, once its waits complete, replays it from its journal on any executor, with the same attempt
+number. The replayed attempt's max_duration clock starts afresh: it counts that execution, which
+runs the code before the wait again.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from runplane_executor import taskproc
+from runplane_executor.waits import ResidentWaits
 
 log = logging.getLogger("runplane.executor.pool")
 
@@ -55,7 +64,13 @@ class _Proc:
 
 class ProcessPool:
     def __init__(
-        self, modules: list[str], size: int, sink: EventSink, cancel_grace: float = 3.0
+        self,
+        modules: list[str],
+        size: int,
+        sink: EventSink,
+        cancel_grace: float = 3.0,
+        max_resident_waits: int = 0,
+        evict_waits_after: float = 0.0,
     ) -> None:
         self.modules = modules
         self.size = max(1, size)
@@ -73,6 +88,11 @@ class ProcessPool:
         # time it has left (attempt id -> (seconds left, loop time the clock last started)).
         self._clocks: dict[str, tuple[float, float]] = {}
         self.task_ids: list[str] = []
+        # Waiting attempts kept in memory, and those told to go (their "lost" result follows).
+        self.waits = ResidentWaits(max_resident_waits, evict_waits_after)
+        self._evicting: set[str] = set()
+        self._check: asyncio.TimerHandle | None = None
+        self._check_at = 0.0
 
     async def start(self) -> list[str]:
         """Start the processes; returns the task ids they provide."""
@@ -137,6 +157,9 @@ class ProcessPool:
         elif kind == "wait":
             self._pause_clock(message[1])
             self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
+            if self.waits.enabled and message[1] not in self._evicting:
+                self.waits.wait(message[1], message[2], message[3], time.time())
+                self._evict_due()
         elif kind == "result":
             self._finish(proc, message[1], message[2])
 
@@ -148,6 +171,8 @@ class ProcessPool:
         if timer is not None:
             timer.cancel()
         self._clocks.pop(attempt_id, None)
+        self.waits.ended(attempt_id)
+        self._evicting.discard(attempt_id)
         self.sink("result", attempt_id, result)
         if proc.dedicated and not proc.dead:
             proc.dead = True  # its end is expected now
@@ -268,14 +293,43 @@ class ProcessPool:
     def resume(self, attempt_id: str, results: list[Any]) -> None:
         """Hand a waiting attempt the results of its completed waits. One this pool no longer
         has is reported lost: the scheduler runs it again, replaying its journal."""
+        if attempt_id in self._evicting:
+            return  # its "lost" result is on its way; the scheduler replays the run
         proc = self._where.get(attempt_id)
         if proc is not None:
+            self.waits.resumed(attempt_id, (r[0] for r in results))
             proc.send(("resume", attempt_id, results))
             clock = self._clocks.get(attempt_id)
             if clock is not None and attempt_id not in self._timeouts:
                 self._time(proc, attempt_id, max(clock[0], 0.001))
         else:
             self.sink("result", attempt_id, {"lost": True})
+
+    def _evict_due(self) -> None:
+        """Tell the processes to drop the waiting attempts the policy evicts now, and look again
+        when it next may have some."""
+        for attempt_id in self.waits.due(time.time()):
+            proc = self._where.get(attempt_id)
+            if proc is None or proc.dead:
+                continue
+            log.debug("evicting waiting attempt %s", attempt_id)
+            self._evicting.add(attempt_id)
+            with contextlib.suppress(OSError):
+                proc.send(("evict", attempt_id))
+        at = self.waits.next_check()
+        if at is None or self._stopping:
+            return
+        if self._check is not None:
+            if self._check_at <= at:
+                return
+            self._check.cancel()
+        assert self._loop is not None
+        self._check_at = at
+        self._check = self._loop.call_later(max(0.0, at - time.time()), self._on_check)
+
+    def _on_check(self) -> None:
+        self._check = None
+        self._evict_due()
 
     def cancel(self, attempt_id: str) -> None:
         """Ask the attempt to stop; kill its process if it is still running after the grace."""
@@ -324,6 +378,8 @@ class ProcessPool:
 
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True
+        if self._check is not None:
+            self._check.cancel()
         for task in [*self._kills, *self._timeouts.values()]:
             task.cancel()
         for proc in {p for p in self._where.values() if p.dedicated}:

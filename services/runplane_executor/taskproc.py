@@ -4,12 +4,17 @@ concurrently on its event loop (plain ``def`` tasks in threads), with their hook
 
 Messages with the executor travel over a multiprocessing pipe as tuples:
 executor -> process: ("run", attempt) | ("cancel", attempt_id) | ("timeout", attempt_id) | ("stop",)
-  | ("resume", attempt_id, results)
+  | ("resume", attempt_id, results) | ("evict", attempt_id)
   | ("cancel_hooks", attempt)
 process -> executor: ("ready", task_ids) | ("failed", traceback) | ("started", attempt_id)
   | ("metadata", attempt_id, {"run_id", "operations"}) | ("logs", "", {"entries"})
   | ("wait", attempt_id, seq, request) | ("result", attempt_id, result)
 An attempt's metadata and logs are sent before its result, so the scheduler applies them first.
+
+An evicted attempt (a waiting one the executor drops from memory) is cancelled at its wait: its
+``finally`` blocks and ``cleanup`` hooks run (they close what this execution opened; a replay runs
+init and middleware again), no other hook does, ``ctx.signal`` does not fire, and it is reported
+lost, so the scheduler replays the run when its waits complete.
 """
 
 from __future__ import annotations
@@ -128,6 +133,10 @@ def timeout_result(max_duration: float) -> dict[str, Any]:
     }
 
 
+# The result of an evicted attempt: lost, so the scheduler replays the run (not a failure).
+EVICTED: dict[str, Any] = {"lost": True, "evicted": True}
+
+
 class PayloadValidationError(Exception):
     """The payload does not match the task's payload model: never retried."""
 
@@ -139,6 +148,7 @@ class _Attempt:
     ctx: Context | None = None
     timed_out: bool = False
     cancelling: bool = False
+    evicted: bool = False
 
 
 # The scheduler refuses larger outputs too; checked here so the run fails with a clear error.
@@ -214,8 +224,14 @@ class TaskProcess:
                 entry.task.cancel()
         elif kind == "resume":
             entry = self.running.get(message[1])
-            if entry is not None and entry.ctx is not None:
+            if entry is not None and entry.ctx is not None and not entry.evicted:
                 entry.ctx.extra[WAITER].resume(message[2])
+        elif kind == "evict":
+            entry = self.running.get(message[1])
+            if entry is not None and entry.task is not None and entry.ctx is not None:
+                entry.evicted = True
+                entry.ctx.extra[WAITER].evicted = True
+                entry.task.cancel()
         elif kind == "stop":
             self.stopped.set()
 
@@ -333,11 +349,17 @@ class TaskProcess:
             if entry.timed_out:
                 return timeout_result(ctx.run.max_duration)
             await self.hooks(task, "cleanup", payload, ctx)
-            return {"canceled": True}
+            return EVICTED if entry.evicted else {"canceled": True}
         except Exception as error:
             if entry.timed_out:
                 return timeout_result(ctx.run.max_duration)
+            if entry.evicted:  # user code turned the cancel into an error: still evicted
+                await self.hooks(task, "cleanup", payload, ctx)
+                return EVICTED
             return await self.failed(task, payload, error, ctx)
+        if entry.evicted:  # user code swallowed the cancel and returned: still evicted
+            await self.hooks(task, "cleanup", payload, ctx)
+            return EVICTED
         await self.hooks(task, "on_success", payload, output, ctx)
         await self.hooks(task, "on_complete", payload, Outcome(ok=True, output=output), ctx)
         await self.hooks(task, "cleanup", payload, ctx)
