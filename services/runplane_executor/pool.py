@@ -91,6 +91,9 @@ class ProcessPool:
         # Waiting attempts kept in memory, and those told to go (their "lost" result follows).
         self.waits = ResidentWaits(max_resident_waits, evict_waits_after)
         self._evicting: set[str] = set()
+        # Attempts paused at a wait and not handed a resume since: their state is in the
+        # scheduler's journal, so a process dying under one loses it rather than failing it.
+        self._paused: set[str] = set()
         self._check: asyncio.TimerHandle | None = None
         self._check_at = 0.0
 
@@ -155,6 +158,7 @@ class ProcessPool:
         elif kind in ("metadata", "logs"):
             self.sink(kind, message[1], message[2])
         elif kind == "wait":
+            self._paused.add(message[1])
             self._pause_clock(message[1])
             self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
             if self.waits.enabled and message[1] not in self._evicting:
@@ -171,6 +175,7 @@ class ProcessPool:
         if timer is not None:
             timer.cancel()
         self._clocks.pop(attempt_id, None)
+        self._paused.discard(attempt_id)
         self.waits.ended(attempt_id)
         self._evicting.discard(attempt_id)
         self.sink("result", attempt_id, result)
@@ -191,7 +196,11 @@ class ProcessPool:
         code = proc.process.exitcode
         for attempt_id in lost:
             attempt = self._attempts.get(attempt_id, {})
-            if proc.dedicated and code == -signal.SIGKILL:
+            if attempt_id in self._paused:
+                # It was waiting: the scheduler replays it from its journal, as it does for
+                # an attempt lost while its run is WAITING, whenever this report arrives.
+                result: dict[str, Any] = {"lost": True}
+            elif proc.dedicated and code == -signal.SIGKILL:
                 # Killed from outside while holding a memory-limited attempt: the OOM killer.
                 result = out_of_memory_result(attempt, "the task process was killed (SIGKILL)")
             else:
@@ -297,6 +306,7 @@ class ProcessPool:
             return  # its "lost" result is on its way; the scheduler replays the run
         proc = self._where.get(attempt_id)
         if proc is not None:
+            self._paused.discard(attempt_id)
             self.waits.resumed(attempt_id, (r[0] for r in results))
             proc.send(("resume", attempt_id, results))
             clock = self._clocks.get(attempt_id)
