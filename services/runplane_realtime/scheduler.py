@@ -4,8 +4,9 @@ subscriber's."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, TypeAlias
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from opentelemetry import propagate
@@ -20,6 +21,7 @@ from runplane.v1 import (
 from runplane_server import errors
 
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 SNAPSHOT_TIMEOUT = 10.0
 LIST_PAGE_SIZE = 100
@@ -46,6 +48,57 @@ def _refusal(error: grpc.aio.AioRpcError, field: str) -> errors.ServiceError:
     return errors.Unavailable(f"the scheduler cannot say: {message}")
 
 
+class NextTrip:
+    """Identical reads share trips to the scheduler. A caller joins the next trip to *start*
+    for its key, never one already under way (whose answer may predate the question), so what
+    it gets is at least as new as its question; at most one trip per key is under way. A
+    thousand subscribers to one tag re-listing it then cost a few lists, not a thousand."""
+
+    def __init__(self) -> None:
+        self._next: dict[Hashable, tuple[asyncio.Future[Any], Callable[[], Awaitable[Any]]]] = {}
+        self._under_way: set[Hashable] = set()
+        self._trips: set[asyncio.Task[None]] = set()
+
+    async def call(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        waiting = self._next.get(key)
+        if waiting is None:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.add_done_callback(_retrieve)
+            waiting = self._next[key] = (future, read)
+            if key not in self._under_way:
+                self._start(key)
+        result: T = await asyncio.shield(waiting[0])
+        return result
+
+    def _start(self, key: Hashable) -> None:
+        future, read = self._next.pop(key)
+        self._under_way.add(key)
+        trip = asyncio.get_running_loop().create_task(self._trip(key, future, read))
+        self._trips.add(trip)
+        trip.add_done_callback(self._trips.discard)
+
+    async def _trip(
+        self, key: Hashable, future: asyncio.Future[Any], read: Callable[[], Awaitable[Any]]
+    ) -> None:
+        try:
+            future.set_result(await read())
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as error:  # every caller of the trip gets its failure
+            future.set_exception(error)
+        finally:
+            self._under_way.discard(key)
+            if key in self._next:
+                self._start(key)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A trip nobody waits for any more must not log its failure as unretrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Scheduler:
     """The scheduler's RunService and MetaService, called with each caller's credentials."""
 
@@ -53,6 +106,7 @@ class Scheduler:
         self._channel = grpc.aio.insecure_channel(api_url)
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._meta = meta_service_pb2_grpc.MetaServiceStub(self._channel)
+        self._lists = NextTrip()
 
     async def _call(self, method: Any, request: Any, credentials: Metadata, field: str) -> Any:
         carrier: dict[str, str] = {}
@@ -88,7 +142,22 @@ class Scheduler:
         first_page_of: int = 0,
     ) -> list[run_pb2.Run]:
         """Every run matching, all pages, oldest first; or only the newest ``first_page_of``
-        (an authorisation check)."""
+        (an authorisation check). Callers with the same credentials and filter share trips
+        (:class:`NextTrip`); the list they get is shared too, and must not be changed."""
+        key = (credentials, tuple(tags), batch_id, created_after_ms, first_page_of)
+        return await self._lists.call(
+            key,
+            lambda: self._list_runs(credentials, tags, batch_id, created_after_ms, first_page_of),
+        )
+
+    async def _list_runs(
+        self,
+        credentials: Metadata,
+        tags: Sequence[str],
+        batch_id: str,
+        created_after_ms: int | None,
+        first_page_of: int,
+    ) -> list[run_pb2.Run]:
         request = run_service_pb2.ListRunsRequest(
             tags=list(tags), batch_id=batch_id, page_size=first_page_of or LIST_PAGE_SIZE
         )
