@@ -80,8 +80,35 @@ PROD_QUEUES = {"engine-pq": 2}
 # -- the world every test starts from ------------------------------------------------------------
 
 
+class Calls:
+    """Unary calls on a stack, as any principal of the world."""
+
+    stack: Stack
+
+    def call(
+        self, method: str, request: Message, who: str, response_type: type[Message] | None = None
+    ) -> Outcome:
+        return unary(self.stack.channel(), method, request, self.stack.auth(who), response_type)
+
+    def ok(self, method: str, request: Message, who: str, response_type: type[Message]) -> Any:
+        outcome = self.call(method, request, who, response_type)
+        assert outcome.code is OK, f"{method}({request!r}) as {who}: {outcome}"
+        return outcome.responses[0]
+
+
+def page_tokens(prefix: str) -> st.SearchStrategy[str]:
+    """Page tokens: none, random text, well-formed ones naming an id like ``prefix``, or any
+    base64."""
+    return st.one_of(
+        st.just(""),
+        texts,
+        _id_like(prefix).map(_token),
+        st.binary(max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode()),
+    )
+
+
 @dataclass(repr=False)
-class World:
+class World(Calls):
     """A scheduler with registered queues, some runs and batches in both environments."""
 
     def __repr__(self) -> str:
@@ -96,16 +123,6 @@ class World:
     queue_ids: dict[str, str] = field(default_factory=dict)  # name -> id
     queue_env: dict[str, str] = field(default_factory=dict)  # name or id -> environment
     key_released: bool = False
-
-    def call(
-        self, method: str, request: Message, who: str, response_type: type[Message] | None = None
-    ) -> Outcome:
-        return unary(self.stack.channel(), method, request, self.stack.auth(who), response_type)
-
-    def ok(self, method: str, request: Message, who: str, response_type: type[Message]) -> Any:
-        outcome = self.call(method, request, who, response_type)
-        assert outcome.code is OK, f"{method}({request!r}) as {who}: {outcome}"
-        return outcome.responses[0]
 
     def resolve(self, value: str) -> str:
         """'@name' stands for a run, batch or queue of the world (a queue's id with '@id:')."""

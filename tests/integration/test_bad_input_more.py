@@ -72,6 +72,7 @@ from tests.integration.test_bad_input_engine import (
     RUN_ID,
     TASK_ID,
     UNAUTHENTICATED,
+    Calls,
     _duration_ms,
     _id_like,
     _other,
@@ -80,6 +81,7 @@ from tests.integration.test_bad_input_engine import (
     _token,
     any_durations,
     any_timestamps,
+    page_tokens,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -110,7 +112,7 @@ def _key_or_field(outcome: Outcome, who: str, fields: set[str], what: str) -> No
 
 
 @dataclass(repr=False)
-class World:
+class World(Calls):
     stack: Stack
     runs: dict[str, str] = field(default_factory=dict)  # name -> id ("dev", "dev-canceled", ...)
     run_env: dict[str, str] = field(default_factory=dict)  # id -> environment
@@ -122,16 +124,6 @@ class World:
 
     def __repr__(self) -> str:
         return f"World({self.runs}, {self.schedules}, {self.tokens})"
-
-    def call(
-        self, method: str, request: Message, who: str, response_type: type[Message] | None = None
-    ) -> Outcome:
-        return unary(self.stack.channel(), method, request, self.stack.auth(who), response_type)
-
-    def ok(self, method: str, request: Message, who: str, response_type: type[Message]) -> Any:
-        outcome = self.call(method, request, who, response_type)
-        assert outcome.code is OK, f"{method}({request!r}) as {who}: {outcome}"
-        return outcome.responses[0]
 
     def resolve(self, value: str) -> str:
         """'@name' stands for a run, schedule or token of the world."""
@@ -349,12 +341,7 @@ def test_add_run_tags_with_random_fields_answers_properly(
 @given(
     run_ref=run_ids,
     page_size=st.one_of(st.integers(0, 1000), int32),
-    page_token=st.one_of(
-        st.just(""),
-        texts,
-        _id_like("log_").map(_token),
-        st.binary(max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode()),
-    ),
+    page_token=page_tokens("log_"),
     who=auths,
 )
 @FUZZ
@@ -784,12 +771,7 @@ def test_update_schedule_with_random_fields_answers_properly(
         st.one_of(st.sampled_from(list(TASKS.values())), task_id_ok, texts), max_size=3
     ),
     page_size=st.one_of(st.integers(0, 5), int32),
-    token=st.one_of(
-        st.just(""),
-        texts,
-        _id_like("sched_").map(_token),
-        st.binary(max_size=40).map(lambda b: base64.urlsafe_b64encode(b).decode()),
-    ),
+    token=page_tokens("sched_"),
     who=auths,
 )
 @FUZZ
