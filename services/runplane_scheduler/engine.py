@@ -1117,9 +1117,9 @@ class RunEngine:
 
         async def op(tx: Tx) -> None:
             ts = now_ms()
+            tx.after_commit.append(lambda: self._release(attempt_id))
             if started_at:
                 await self._start_and_complete(tx, lease, output, min(started_at, ts), ts)
-                tx.after_commit.append(lambda: self._release(attempt_id))
                 return
             row = await tx.transition(
                 lease.run_id,
@@ -1136,7 +1136,6 @@ class RunEngine:
             )
             if row is not None:
                 await Store.finish_attempt(tx, attempt_id, "COMPLETED")
-            tx.after_commit.append(lambda: self._release(attempt_id))
 
         self._submit(op)
 

@@ -19,6 +19,7 @@ from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_server import db
 from runplane_server.auth import create_key
 from runplane_server.config import SchedulerSettings
+from tests.helpers.wait import eventually
 from tests.integration.test_scheduler import _stream_events
 
 pytestmark = pytest.mark.timeout(90)
@@ -83,21 +84,23 @@ async def setup(
 
 
 async def _finished(client: runplane.Client, run_id: str) -> runplane.Run:
-    for _ in range(500):
+    async def final() -> runplane.Run | None:
         run = await client.runs.retrieve(run_id)
-        if run.status.is_final:
-            return run
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"run {run_id} did not finish: {run.status}")
+        return run if run.status.is_final else None
+
+    run: runplane.Run = await eventually(final, 10, description=f"run {run_id} finishes")
+    return run
 
 
 async def _events_of(nats_url: str, run_id: str, count: int) -> list[events_pb2.RunEvent]:
-    for _ in range(250):
-        events = [e for e in await _stream_events(nats_url) if e.run.id == run_id]
-        if len(events) >= count:
-            return events
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"run {run_id} has {len(events)} events, expected {count}")
+    async def events() -> list[events_pb2.RunEvent] | None:
+        found = [e for e in await _stream_events(nats_url) if e.run.id == run_id]
+        return found if len(found) >= count else None
+
+    found: list[events_pb2.RunEvent] = await eventually(
+        events, 10, description=f"{count} events of run {run_id}"
+    )
+    return found
 
 
 async def _attempt(scheduler: Scheduler, attempt_id: str) -> Any:
@@ -180,10 +183,11 @@ async def test_a_start_reported_on_its_own_keeps_the_executors_time(
     started = wpb.AttemptStarted(attempt_id=assignment.attempt_id)
     started.started_at.FromMilliseconds(started_at)
     worker.send(started=started)
-    for _ in range(500):
-        if (await client.runs.retrieve(handle)).status is runplane.RunStatus.EXECUTING:
-            break
-        await asyncio.sleep(0.02)
+
+    async def executing() -> bool:
+        return (await client.runs.retrieve(handle)).status is runplane.RunStatus.EXECUTING
+
+    await eventually(executing, 10, description="the reported start is recorded")
     # A result after a reported start carries no start of its own.
     worker.send(result=_result(assignment.attempt_id, None))
     run = await _finished(client, handle.id)
