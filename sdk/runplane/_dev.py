@@ -161,22 +161,31 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-async def ensure_dev_key(database_url: str) -> str:
-    """The dev key from .runplane/dev.env if the database knows it, else a new one."""
+async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
+    """The dev secret key and worker key from .runplane/dev.env if the database still accepts
+    them, else new ones."""
     from runplane_server import db
-    from runplane_server.auth import KeyAuthenticator, create_key
+    from runplane_server.auth import RIGHT_API, RIGHT_EXECUTE, KeyAuthenticator, create_key
 
     engine = db.create_engine(database_url)
     try:
         await db.upgrade(engine)
-        previous = read_env_file(STATE_DIR / "dev.env").get("RUNPLANE_SECRET_KEY", "")
-        if previous:
+        previous = read_env_file(STATE_DIR / "dev.env")
+        authenticate = KeyAuthenticator(engine)
+        keys: list[str] = []
+        for name, kind, right in (
+            ("RUNPLANE_SECRET_KEY", "secret", RIGHT_API),
+            ("RUNPLANE_WORKER_KEY", "worker", RIGHT_EXECUTE),
+        ):
+            key = previous.get(name, "")
             try:
-                await KeyAuthenticator(engine)(previous)
-                return previous
+                usable = bool(key) and right in (await authenticate(key)).rights
             except Exception:
-                pass
-        return await create_key(engine, "dev")
+                usable = False
+            if not usable:
+                key = await create_key(engine, "dev", kind=kind, name=f"runplane dev ({kind})")
+            keys.append(key)
+        return keys[0], keys[1]
     finally:
         await engine.dispose()
 
@@ -222,8 +231,9 @@ async def dev(args: argparse.Namespace) -> int:
             env["RUNPLANE_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
         say("dev", f"NATS at {env['RUNPLANE_NATS_URL']}")
         say("dev", f"database {database_url}")
-        key = await ensure_dev_key(database_url)
+        key, worker_key = await ensure_dev_keys(database_url)
         env["RUNPLANE_SECRET_KEY"] = key
+        env["RUNPLANE_WORKER_KEY"] = worker_key
 
         api_port = free_port(args.port)
         realtime_port = free_port()
@@ -266,6 +276,7 @@ async def dev(args: argparse.Namespace) -> int:
         (STATE_DIR / "dev.env").write_text(
             f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\n"
             f"RUNPLANE_REALTIME_HTTP_URL={realtime_http_url}\nRUNPLANE_SECRET_KEY={key}\n"
+            f"RUNPLANE_WORKER_KEY={worker_key}\n"
         )
         say(
             "dev",

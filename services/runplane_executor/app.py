@@ -44,6 +44,8 @@ log = logging.getLogger("runplane.executor")
 class ExecutorSettings:
     modules: list[str]
     api_url: str = "localhost:7070"
+    # The executor's credential: a worker key (RUNPLANE_WORKER_KEY), or a secret key made with
+    # the execute right. Task code's own SDK calls use RUNPLANE_SECRET_KEY from the environment.
     secret_key: str = ""
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     capacity: int = 100
@@ -62,7 +64,8 @@ class ExecutorSettings:
         settings = cls(
             modules=modules,
             api_url=os.environ.get("RUNPLANE_API_URL") or "localhost:7070",
-            secret_key=os.environ.get("RUNPLANE_SECRET_KEY", ""),
+            secret_key=os.environ.get("RUNPLANE_WORKER_KEY")
+            or os.environ.get("RUNPLANE_SECRET_KEY", ""),
             processes=int(os.environ.get("RUNPLANE_EXECUTOR_PROCESSES") or (os.cpu_count() or 1)),
             capacity=int(os.environ.get("RUNPLANE_EXECUTOR_CAPACITY") or 100),
             listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or "127.0.0.1:0",
@@ -235,7 +238,10 @@ def logs_message(entries: list[dict[str, Any]]) -> wpb.ConnectRequest:
 class Executor:
     def __init__(self, settings: ExecutorSettings) -> None:
         if not settings.secret_key:
-            raise ConfigurationError("the executor needs RUNPLANE_SECRET_KEY")
+            raise ConfigurationError(
+                "the executor needs a worker key: RUNPLANE_WORKER_KEY "
+                "(runplane keys create --env ENV --kind worker)"
+            )
         self.settings = settings
         self.executor_id = new_id("exec")
         self.tasks = taskproc.import_task_modules(settings.modules)

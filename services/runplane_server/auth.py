@@ -47,6 +47,10 @@ class Principal:
     token_id: str = ""
     single_use: bool = False
     expires_at: int = 0  # ms; public tokens only
+    # What a secret key may do: RIGHT_API (trigger, read, manage) and RIGHT_EXECUTE (connect to
+    # WorkerService as an executor). A public token has RIGHT_API, narrowed by its scopes.
+    rights: frozenset[str] = frozenset({"api"})
+    key_id: str = ""
 
     @property
     def is_public(self) -> bool:
@@ -67,40 +71,71 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def generate_key(slug: str) -> str:
-    return f"rp_{slug}_{secrets.token_urlsafe(32)}"
+RIGHT_API = "api"
+RIGHT_EXECUTE = "execute"
+# A key's kind names its rights: a secret key triggers, reads and manages (and executes only
+# when made with ``execute=True``); a worker key only connects executors to WorkerService.
+KEY_KINDS = ("secret", "worker")
 
 
-async def create_key(engine: AsyncEngine, slug: str) -> str:
-    """Make a new secret key for the environment ``slug``; only its hash is stored."""
+def key_rights(kind: str, execute: bool = False) -> frozenset[str]:
+    """The rights of a new key of ``kind``; INVALID_ARGUMENT for an unknown kind."""
+    if kind == "worker":
+        return frozenset({RIGHT_EXECUTE})
+    if kind == "secret":
+        return frozenset({RIGHT_API, RIGHT_EXECUTE} if execute else {RIGHT_API})
+    raise InvalidArgument("kind", f"unknown key kind {kind!r}; one of {', '.join(KEY_KINDS)}")
+
+
+def generate_key(slug: str, kind: str = "secret") -> str:
+    prefix = "rpw" if kind == "worker" else "rp"
+    return f"{prefix}_{slug}_{secrets.token_urlsafe(32)}"
+
+
+async def create_key(
+    engine: AsyncEngine, slug: str, kind: str = "secret", execute: bool = False, name: str = ""
+) -> str:
+    """Make a new key of ``kind`` for the environment ``slug``; only its hash is stored.
+
+    A ``secret`` key may trigger, read and manage runs; with ``execute`` it may also connect an
+    executor. A ``worker`` key may only connect an executor (WorkerService)."""
     if slug not in ENVIRONMENT_SLUGS:
         raise InvalidArgument(
             "env", f"unknown environment {slug!r}; one of {', '.join(ENVIRONMENT_SLUGS)}"
         )
+    rights = key_rights(kind, execute)
     async with engine.begin() as conn:
         env_id = (
             await conn.execute(select(db.environments.c.id).where(db.environments.c.slug == slug))
         ).scalar_one()
-        key = generate_key(slug)
+        key = generate_key(slug, kind)
         await conn.execute(
             insert(db.api_keys).values(
                 id=new_id("key"),
                 environment_id=env_id,
                 key_hash=hash_key(key),
                 created_at=int(time.time() * 1000),
+                rights=",".join(sorted(rights)),
+                name=name,
             )
         )
     return key
 
 
 class KeyAuthenticator:
-    """Resolves ``authorization: Bearer <secret key or public token>`` to a Principal, caching
-    secret-key hits. Without ``tokens`` public tokens are refused."""
+    """Resolves ``authorization: Bearer <secret key or public token>`` to a Principal. Without
+    ``tokens`` public tokens are refused.
 
-    def __init__(self, engine: AsyncEngine, tokens: PublicTokens | None = None) -> None:
+    Keys found are cached for ``cache_seconds``, so a revoked key stops working on every
+    scheduler within that long."""
+
+    def __init__(
+        self, engine: AsyncEngine, tokens: PublicTokens | None = None, cache_seconds: float = 2.0
+    ) -> None:
         self._engine = engine
         self._tokens = tokens
-        self._cache: dict[str, Principal] = {}
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Principal]] = {}
 
     async def __call__(self, token: str) -> Principal:
         if is_public_token(token):
@@ -108,25 +143,42 @@ class KeyAuthenticator:
                 raise Unauthenticated("public access tokens are not accepted here")
             return await self._tokens.verify(token)
         digest = hash_key(token)
-        found = self._cache.get(digest)
-        if found is not None:
-            return found
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            return cached[1]
+        k = db.api_keys.c
         async with self._engine.connect() as conn:
             row = (
                 await conn.execute(
-                    select(db.environments.c.id, db.environments.c.slug)
-                    .select_from(
-                        db.api_keys.join(
-                            db.environments, db.environments.c.id == db.api_keys.c.environment_id
-                        )
+                    select(
+                        db.environments.c.id,
+                        db.environments.c.slug,
+                        k.id.label("key_id"),
+                        k.rights,
+                        k.revoked_at,
                     )
-                    .where(db.api_keys.c.key_hash == digest)
+                    .select_from(
+                        db.api_keys.join(db.environments, db.environments.c.id == k.environment_id)
+                    )
+                    .where(k.key_hash == digest)
                 )
             ).first()
         if row is None:
+            self._cache.pop(digest, None)
             raise Unauthenticated("unknown secret key")
-        found = Principal(environment_id=row.id, environment_slug=row.slug)
-        self._cache[digest] = found
+        if row.revoked_at is not None:
+            self._cache.pop(digest, None)
+            raise Unauthenticated("this key has been revoked")
+        found = Principal(
+            environment_id=row.id,
+            environment_slug=row.slug,
+            rights=frozenset(r for r in str(row.rights).split(",") if r),
+            key_id=row.key_id,
+        )
+        if len(self._cache) > 10_000:  # bounded: unknown keys are never cached
+            self._cache.clear()
+        self._cache[digest] = (now, found)
         return found
 
 
@@ -342,10 +394,30 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# Callable with any credential of the environment.
+ANY_KEY_METHODS = frozenset({"/runplane.v1.MetaService/GetServerInfo"})
+WORKER_SERVICE = "/runplane.v1.WorkerService/"
+
+
 def authorize_method(who: Principal, method: str) -> None:
-    """A public token may call only the read and trigger methods."""
-    if who.is_public and method not in PUBLIC_TOKEN_METHODS:
-        raise PermissionDenied(f"a public access token cannot call {method}; use a secret key")
+    """A public token may call only the read and trigger methods; WorkerService needs the
+    execute right (a worker key), every other service the api right (a secret key)."""
+    if who.is_public:
+        if method not in PUBLIC_TOKEN_METHODS:
+            raise PermissionDenied(f"a public access token cannot call {method}; use a secret key")
+        return
+    if method in ANY_KEY_METHODS:
+        return
+    if method.startswith(WORKER_SERVICE):
+        if RIGHT_EXECUTE not in who.rights:
+            raise PermissionDenied(
+                f"this key may not connect an executor ({method}); use a worker key "
+                "(runplane keys create --kind worker)"
+            )
+    elif RIGHT_API not in who.rights:
+        raise PermissionDenied(
+            f"a worker key may only connect an executor, not call {method}; use a secret key"
+        )
 
 
 def authorize_read(who: Principal, run_id: str, tags: Iterable[str], batch_id: str) -> None:

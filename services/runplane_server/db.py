@@ -46,6 +46,10 @@ api_keys = Table(
     Column("environment_id", String(40), nullable=False),
     Column("key_hash", String(64), nullable=False, unique=True),
     Column("created_at", BigInteger, nullable=False),
+    # Comma-separated: "api" (trigger, read, manage), "execute" (WorkerService.Connect).
+    Column("rights", String(64), nullable=False, server_default="api"),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("revoked_at", BigInteger, nullable=True),
 )
 
 runs = Table(

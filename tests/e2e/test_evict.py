@@ -38,7 +38,7 @@ async def start_executor(cluster: Cluster) -> AsyncIterator[StartExecutor]:
             ExecutorSettings(
                 modules=["tests.e2e.evict_tasks"],
                 api_url=cluster.api_url,
-                secret_key=cluster.keys["dev"],
+                secret_key=cluster.worker_keys["dev"],
                 processes=2,
                 cancel_grace=1.0,
                 **settings,

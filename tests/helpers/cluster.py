@@ -82,6 +82,7 @@ class Cluster:
         self.realtime_http_url = f"http://127.0.0.1:{free_port()}"
         self.tasks = tasks
         self.keys: dict[str, str] = {}
+        self.worker_keys: dict[str, str] = {}
         base = dict(os.environ)
         base.update(
             PYTHONPATH=os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)]),
@@ -118,9 +119,14 @@ class Cluster:
             await db.upgrade(engine)
             for env in ("dev", "prod"):
                 self.keys[env] = await create_key(engine, env)
+                self.worker_keys[env] = await create_key(engine, env, kind="worker")
         finally:
             await engine.dispose()
-        self.executor.env = {**self.env, "RUNPLANE_SECRET_KEY": self.keys["dev"]}
+        self.executor.env = {
+            **self.env,
+            "RUNPLANE_SECRET_KEY": self.keys["dev"],
+            "RUNPLANE_WORKER_KEY": self.worker_keys["dev"],
+        }
         try:
             self.scheduler.start()
             self.realtime.start()
