@@ -244,6 +244,8 @@ class Executor:
             )
         self.settings = settings
         self.executor_id = new_id("exec")
+        # From the scheduler's Registered: proves a reconnect is this executor.
+        self._session_token = ""
         self.tasks = taskproc.import_task_modules(settings.modules)
         self.manifest = build_manifest(self.tasks)
         self.pool = ProcessPool(
@@ -364,6 +366,7 @@ class Executor:
             wpb.ConnectRequest(
                 register=wpb.Register(
                     executor_id=self.executor_id,
+                    session_token=self._session_token,
                     manifest=self.manifest,
                     capacity=0 if self.draining else self.settings.capacity,
                     # Attempts with results still to report are ours too.
@@ -389,6 +392,7 @@ class Executor:
                 async for response in call:
                     kind = response.WhichOneof("message")
                     if kind == "registered":
+                        self._session_token = response.registered.session_token
                         self._outgoing = outgoing
                         self.connected = True
                         for message in self._unsent:

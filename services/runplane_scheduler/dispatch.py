@@ -94,6 +94,8 @@ class ExecutorState:
     connected: bool = True
     draining: bool = False
     attempts: set[str] = field(default_factory=set)
+    # Given to the executor on registration: only its holder may register this id again.
+    session_token: str = ""
 
     def free(self) -> int:
         return self.capacity - len(self.attempts) if self.connected and not self.draining else 0

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
@@ -44,12 +46,20 @@ from runplane_scheduler.store import (
 from runplane_scheduler.waitpoints import Waitpoints
 from runplane_server import db, telemetry
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from runplane_server.ids import new_id
+from runplane_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from runplane_server.ids import new_id, random_id
 
 log = logging.getLogger("runplane.scheduler")
 
 NOT_STARTED = (Status.PENDING_VERSION, Status.DELAYED, Status.QUEUED)
+# Worker messages about one attempt: accepted only from the connection holding the attempt.
+ATTEMPT_REPORTS = frozenset({"ack", "started", "result", "metadata", "wait"})
 CANCELLABLE = (*NOT_STARTED, Status.DEQUEUED, Status.EXECUTING, Status.WAITING)
 
 
@@ -284,7 +294,7 @@ class RunEngine:
         # dequeued in one commit (both events are still published, in order).
         direct = known and spec.delay_until <= now_ms() and spec.debounce is None
         ex = self.index.reserve_direct(key, spec.task_id, run_id) if direct else None
-        attempt_id = new_id("attempt") if ex is not None else ""
+        attempt_id = random_id("attempt") if ex is not None else ""
         traceparent = telemetry.current_traceparent()
 
         async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
@@ -813,6 +823,8 @@ class RunEngine:
         outbox: asyncio.Queue[wpb.ConnectResponse],
     ) -> ExecutorState:
         executor_id = register.executor_id or new_id("exec")
+        # Before anything of the registration is stored: a refused one changes nothing.
+        self._check_executor_id(environment_id, executor_id, register.session_token)
         if self.on_register is not None:
             await self.on_register(environment_id, register, executor_id)
         defs = [
@@ -864,6 +876,9 @@ class RunEngine:
         for d in defs:
             self.task_defs[(environment_id, d.task_id)] = d
             self._apply_queue_limit(environment_id, d)
+        # Checked again: another registration of this id may have finished while this one
+        # wrote its definitions.
+        self._check_executor_id(environment_id, executor_id, register.session_token)
         old = self.index.executors.get(executor_id)
         ex = ExecutorState(
             executor_id=executor_id,
@@ -872,12 +887,17 @@ class RunEngine:
             capacity=max(1, register.capacity),
             outbox=outbox,
             last_seen=time.monotonic(),
+            session_token=secrets.token_urlsafe(24),
         )
         claimed = set(register.running_attempt_ids)
         if old is not None:
             old.connected = False
         for attempt_id, lease in self.index.leases.items():
-            if lease.executor_id == executor_id and attempt_id in claimed:
+            if (
+                lease.executor_id == executor_id
+                and lease.queue[0] == environment_id
+                and attempt_id in claimed
+            ):
                 ex.attempts.add(attempt_id)
                 lease.acked = True
         self.index.executors[executor_id] = ex
@@ -891,6 +911,49 @@ class RunEngine:
                 self._spawn(self._release_pending(environment_id, waiting))
         self._dispatch_wake.set()
         return ex
+
+    def _check_executor_id(self, environment_id: str, executor_id: str, session_token: str) -> None:
+        """An executor id belongs to one environment and one connection at a time: while the
+        scheduler knows the id, only the holder of its session token may register it again (a
+        reconnect); an id whose leases or waiting attempts are another environment's is
+        refused. ALREADY_EXISTS either way, the same for both, naming no environment."""
+        refused = AlreadyExists(
+            f"executor id {executor_id} is registered to another connection; an executor "
+            "reconnects with the session_token it was given, a new executor uses a new id"
+        )
+        old = self.index.executors.get(executor_id)
+        if old is not None:
+            if old.environment_id != environment_id or not hmac.compare_digest(
+                old.session_token.encode(), session_token.encode()
+            ):
+                log.warning(
+                    "registration of executor id %s refused: held by another connection%s",
+                    executor_id,
+                    "" if old.environment_id == environment_id else " of another environment",
+                )
+                raise refused
+            return
+        # Not connected since this scheduler started: its adopted leases and waiting attempts
+        # say which environment it belongs to.
+        if any(
+            lease.executor_id == executor_id and lease.queue[0] != environment_id
+            for lease in self.index.leases.values()
+        ) or self.waits.held_in_other_environment(executor_id, environment_id):
+            log.warning(
+                "registration of executor id %s refused: its attempts are another environment's",
+                executor_id,
+            )
+            raise refused
+
+    def holds(self, ex: ExecutorState, attempt_id: str) -> bool:
+        """``ex`` is the live connection that holds the attempt: its current lease, or its
+        suspended waiting attempt. Every report about an attempt must come from its holder."""
+        if self.index.executors.get(ex.executor_id) is not ex:
+            return False  # a connection replaced by a reconnect
+        lease = self.index.leases.get(attempt_id)
+        if lease is not None:
+            return lease.executor_id == ex.executor_id and lease.queue[0] == ex.environment_id
+        return self.waits.held_by(attempt_id, ex)
 
     async def _register_queues(
         self, tx: Tx, environment_id: str, defs: list[TaskDef], ts: int
@@ -1005,6 +1068,11 @@ class RunEngine:
                 ex.draining = msg.heartbeat.draining
                 self._dispatch_wake.set()
             return
+        if kind in ATTEMPT_REPORTS:
+            attempt_id: str = getattr(msg, kind).attempt_id
+            if not self.holds(ex, attempt_id):
+                self._refuse(ex, kind, attempt_id)
+                return
         if kind == "ack":
             lease = self.index.leases.get(msg.ack.attempt_id)
             if lease is not None:
@@ -1019,6 +1087,20 @@ class RunEngine:
             self._store_logs(ex, msg.logs)
         elif kind == "wait":
             self.waits.on_wait(ex, msg.wait)
+
+    def _refuse(self, ex: ExecutorState, kind: str, attempt_id: str) -> None:
+        """A report about an attempt ``ex`` does not hold: dropped. Reports of attempts that
+        ended (cancelled, lapsed) are normal; one about another connection's attempt is not."""
+        lease = self.index.leases.get(attempt_id)
+        other = lease is not None or self.waits.held_by_anyone(attempt_id)
+        (log.warning if other else log.info)(
+            "%s for attempt %s from executor %s (environment %s) refused: %s",
+            kind,
+            attempt_id[:40],
+            ex.executor_id,
+            ex.environment_id,
+            "another connection holds it" if other else "no live attempt of this connection",
+        )
 
     def _started(self, attempt_id: str, started_at: int = 0) -> None:
         """The attempt began (at ``started_at`` by the executor's clock; 0: now)."""
@@ -1307,7 +1389,7 @@ class RunEngine:
                     self._spawn(self._dequeue(queued.run_id, key, ex))
 
     async def _dequeue(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
-        attempt_id = new_id("attempt")
+        attempt_id = random_id("attempt")
 
         async def op(tx: Tx) -> RunRow | None:
             ts = now_ms()

@@ -346,6 +346,7 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             registered=wpb.Registered(
                 executor_id=ex.executor_id,
                 heartbeat_interval_ms=int(self.settings.heartbeat_interval * 1000),
+                session_token=ex.session_token,
             )
         )
 

@@ -31,7 +31,7 @@ from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms
 from runplane_server import db
 from runplane_server.errors import InvalidArgument, NotFound, ServiceError
-from runplane_server.ids import new_id
+from runplane_server.ids import new_id, random_id
 
 if TYPE_CHECKING:
     from runplane_scheduler.engine import RunEngine, TriggerSpec
@@ -51,6 +51,7 @@ class Suspended:
 
     attempt_id: str
     executor_id: str
+    environment_id: str
 
 
 def result_pb(seq: int, m: Mapping[Any, Any]) -> wpb.WaitResult:
@@ -120,7 +121,9 @@ class Waitpoints:
         for row in rows:
             m = row._mapping
             if m["current_attempt_id"]:
-                self._suspend(m["id"], m["current_attempt_id"], m["executor_id"] or "")
+                self._suspend(
+                    m["id"], m["current_attempt_id"], m["executor_id"] or "", m["environment_id"]
+                )
             if (m["id"], m["attempt_count"]) not in pending:
                 self._queue_resume(m)
 
@@ -471,13 +474,13 @@ class Waitpoints:
 
     # -- suspend and resume -----------------------------------------------------------------------
 
-    def _suspend(self, run_id: str, attempt_id: str, executor_id: str) -> None:
-        self.suspended[run_id] = Suspended(attempt_id, executor_id)
+    def _suspend(self, run_id: str, attempt_id: str, executor_id: str, environment_id: str) -> None:
+        self.suspended[run_id] = Suspended(attempt_id, executor_id, environment_id)
         self.by_attempt[attempt_id] = run_id
 
     def _suspend_leased(self, run_id: str, attempt_id: str, ex: ExecutorState) -> None:
         """The run went WAITING: its slot is free while the attempt stays with ``ex``."""
-        self._suspend(run_id, attempt_id, ex.executor_id)
+        self._suspend(run_id, attempt_id, ex.executor_id, ex.environment_id)
         self.engine._release(attempt_id)
 
     def attempt_ended(self, attempt_id: str) -> None:
@@ -485,7 +488,32 @@ class Waitpoints:
         finished without awaiting its wait): the run will resume by replay."""
         run_id = self.by_attempt.get(attempt_id)
         if run_id is not None:
-            self.suspended[run_id] = Suspended(attempt_id, "")
+            held = self.suspended[run_id]
+            self.suspended[run_id] = Suspended(attempt_id, "", held.environment_id)
+
+    def _held(self, attempt_id: str) -> Suspended | None:
+        run_id = self.by_attempt.get(attempt_id)
+        return None if run_id is None else self.suspended.get(run_id)
+
+    def held_by(self, attempt_id: str, ex: ExecutorState) -> bool:
+        """The suspended attempt waits in ``ex``."""
+        held = self._held(attempt_id)
+        return (
+            held is not None
+            and held.executor_id == ex.executor_id
+            and held.environment_id == ex.environment_id
+        )
+
+    def held_by_anyone(self, attempt_id: str) -> bool:
+        held = self._held(attempt_id)
+        return held is not None and bool(held.executor_id)
+
+    def held_in_other_environment(self, executor_id: str, environment_id: str) -> bool:
+        """A suspended attempt of another environment waits in an executor of this id."""
+        return any(
+            h.executor_id == executor_id and h.environment_id != environment_id
+            for h in self.suspended.values()
+        )
 
     def registered(self, ex: ExecutorState, running: set[str]) -> None:
         """An executor (re)connected: attempts it still runs that are neither leased nor
@@ -534,7 +562,12 @@ class Waitpoints:
         self.resuming.discard(run_id)
         held = self.suspended.get(run_id)
         holder = self.engine.index.executors.get(held.executor_id) if held else None
-        if held is not None and holder is not None and holder.connected:
+        if (
+            held is not None
+            and holder is not None
+            and holder.connected
+            and holder.environment_id == held.environment_id
+        ):
             await self._resume_held(run_id, held, holder, key, ex)
         else:
             self.forget(run_id)
@@ -579,7 +612,7 @@ class Waitpoints:
     ) -> None:
         """A fresh attempt that runs the task from the top; its waits find the journal. It
         takes the lost attempt's number: a replay is not a retry."""
-        attempt_id = new_id("attempt")
+        attempt_id = random_id("attempt")
 
         async def op(tx: Tx) -> RunRow | None:
             ts = now_ms()

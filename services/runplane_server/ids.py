@@ -34,5 +34,15 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{digits.decode().translate(_FROM_RFC4648)}"
 
 
+def random_id(prefix: str) -> str:
+    """A new id such as ``attempt_01jd...``: sortable by its millisecond only, with 80 bits of
+    fresh randomness, so it cannot be derived from another id (``new_id`` increments within a
+    millisecond, and run ids are handed to browsers)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    digits = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
+    return f"{prefix}_{digits.decode().translate(_FROM_RFC4648)}"
+
+
 def has_prefix(value: str, prefix: str) -> bool:
     return value.startswith(prefix + "_") and len(value) == len(prefix) + 27
