@@ -49,7 +49,7 @@ class Scheduler:
         self.engine = RunEngine(self.store, settings)
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
-        self.tokens = PublicTokens(self.engine_db, settings.signing_key, self.store.writer.run)
+        self.tokens = PublicTokens(self.engine_db, settings.signing_key)
         self.server = Server(KeyAuthenticator(self.engine_db, self.tokens))
         self.port = 0
         self.http = TokenHttpServer(self.engine.waits)

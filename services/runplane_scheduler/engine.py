@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import jsonschema
 import orjson
@@ -61,6 +61,15 @@ NOT_STARTED = (Status.PENDING_VERSION, Status.DELAYED, Status.QUEUED)
 # Worker messages about one attempt: accepted only from the connection holding the attempt.
 ATTEMPT_REPORTS = frozenset({"ack", "started", "result", "metadata", "wait"})
 CANCELLABLE = (*NOT_STARTED, Status.DEQUEUED, Status.EXECUTING, Status.WAITING)
+
+
+class TxGuard(Protocol):
+    """Something a write must pass in its own transaction: ``check`` before it writes (it may
+    raise a domain error), ``record`` after it succeeded."""
+
+    async def check(self, tx: Tx) -> None: ...
+
+    async def record(self, tx: Tx) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -282,9 +291,12 @@ class RunEngine:
     # -- API -----------------------------------------------------------------------------------
 
     async def trigger(
-        self, environment_id: str, spec: TriggerSpec
+        self, environment_id: str, spec: TriggerSpec, guard: TxGuard | None = None
     ) -> tuple[Mapping[Any, Any], bool]:
-        """Create a run (or return the one holding the idempotency key). Returns (run, cached)."""
+        """Create a run (or return the one holding the idempotency key). Returns (run, cached).
+
+        ``guard`` (a single-use token's use) is checked in the run's transaction before it
+        writes and recorded after, so a trigger that fails leaves it unused."""
         self._check_payload(environment_id, spec, "payload")
         queue = self._queue_for(environment_id, spec, "options.queue")
         known = self.index.provides(environment_id, spec.task_id)
@@ -298,6 +310,14 @@ class RunEngine:
         traceparent = telemetry.current_traceparent()
 
         async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
+            if guard is not None:
+                await guard.check(tx)
+            made = await make(tx)
+            if guard is not None:
+                await guard.record(tx)
+            return made
+
+        async def make(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
             ts = now_ms()
             [found] = await self._resolve(tx, environment_id, [spec], ts)
             if isinstance(found, _Resolved):

@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 
 import grpc
 import orjson
+from sqlalchemy import exc as sa_exc
 
 from runplane.v1 import (
     meta_service_pb2 as mpb,
@@ -39,7 +40,7 @@ from runplane_scheduler.waitpoints import token_status
 from runplane_server import auth
 from runplane_server.auth import PublicTokens, principal
 from runplane_server.config import SchedulerSettings
-from runplane_server.errors import InvalidArgument, NotFound, PermissionDenied
+from runplane_server.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -57,12 +58,16 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     async def TriggerRun(
         self, request: rpb.TriggerRunRequest, context: Context
     ) -> rpb.TriggerRunResponse:
-        spec = validation.trigger(request, self.limits)
         who = principal()
         auth.authorize_trigger(who, request.task_id)
-        if self.tokens is not None:
-            await self.tokens.consume(who)
-        row, cached = await self.engine.trigger(who.environment_id, spec)
+        auth.authorize_trigger_options(who, (f.name for f, _ in request.options.ListFields()))
+        spec = validation.trigger(request, self.limits)
+        try:
+            row, cached = await self.engine.trigger(who.environment_id, spec, auth.SingleUse(who))
+        except sa_exc.IntegrityError:
+            if not who.single_use:
+                raise
+            raise Unauthenticated(auth.SingleUse.USED) from None  # another scheduler took it
         run = run_to_pb(row)
         token = ""
         if self.tokens is not None:

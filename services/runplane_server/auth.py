@@ -19,7 +19,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,10 +184,6 @@ class KeyAuthenticator:
 
 # -- public access tokens ----------------------------------------------------------------------
 
-# Runs a write operation (given something with an ``execute(statement)``) in the caller's
-# transaction of choice: the scheduler passes its store's writer.
-Write = Callable[[Callable[[Any], Awaitable[None]]], Awaitable[None]]
-
 DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
 MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
 # The lifetime of the token a trigger hands back for reading its run.
@@ -276,15 +272,10 @@ class PublicTokens:
     tokens survive restarts. Only the scheduler needs it: the realtime service passes tokens on
     to the scheduler, which authorises every read."""
 
-    def __init__(
-        self, engine: AsyncEngine, signing_key: str = "", write: Write | None = None
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, signing_key: str = "") -> None:
         self._engine = engine
         self._key = signing_key.encode() if signing_key else b""
         self._loading = asyncio.Lock()
-        # The scheduler's single writer (its group commit): on SQLite a second writer beside it
-        # would wait on the lock while blocking the loop the writer needs.
-        self._write = write
 
     async def _signing_key(self) -> bytes:
         if self._key:
@@ -362,32 +353,38 @@ class PublicTokens:
             expires_at=int(float(claims["exp"]) * 1000),
         )
 
-    async def consume(self, who: Principal) -> None:
-        """Record a single-use token's use; a second use is UNAUTHENTICATED."""
-        if not who.single_use:
+
+class SingleUse:
+    """A single-use token's use, recorded in the transaction of what it is used for: ``check``
+    before that writes anything (a refusal leaves the shared transaction untouched), ``record``
+    once it succeeded. So a trigger that fails does not use the token up. A token that is not
+    single-use passes both."""
+
+    USED = "this single-use public access token has been used"
+
+    def __init__(self, who: Principal) -> None:
+        self.who = who
+
+    async def check(self, tx: Any) -> None:
+        if not self.who.single_use:
+            return
+        used = db.used_public_tokens
+        seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == self.who.token_id))
+        if seen.first() is not None:
+            raise Unauthenticated(self.USED)
+
+    async def record(self, tx: Any) -> None:
+        if not self.who.single_use:
             return
         now = _now_ms()
         used = db.used_public_tokens
-
-        async def record(tx: Any) -> None:
-            # Checked before writing: a refusal leaves the (shared) transaction untouched.
-            seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == who.token_id))
-            if seen.first() is not None:
-                raise Unauthenticated("this single-use public access token has been used")
-            # Records of expired tokens are useless: the signature check refuses them first.
-            await tx.execute(delete(used).where(used.c.expires_at < now))
-            await tx.execute(
-                insert(used).values(token_id=who.token_id, used_at=now, expires_at=who.expires_at)
+        # Records of expired tokens are useless: the signature check refuses them first.
+        await tx.execute(delete(used).where(used.c.expires_at < now))
+        await tx.execute(
+            insert(used).values(
+                token_id=self.who.token_id, used_at=now, expires_at=self.who.expires_at
             )
-
-        try:
-            if self._write is not None:
-                await self._write(record)
-            else:
-                async with self._engine.begin() as conn:
-                    await record(conn)
-        except sa_exc.IntegrityError:  # another scheduler recorded it first
-            raise Unauthenticated("this single-use public access token has been used") from None
+        )
 
 
 def _now_ms() -> int:
@@ -455,6 +452,25 @@ def authorize_batch(who: Principal, batch_id: str) -> None:
 def authorize_complete_token(who: Principal, token_id: str) -> None:
     if who.scopes is not None and f"write:waitpoints:{token_id}" not in who.scopes:
         raise PermissionDenied(f"this public access token may not complete {token_id}")
+
+
+# What a browser holding a trigger token may set; anything else could reach other callers'
+# runs (idempotency keys, debounce keys, a parent) or lift limits the server sets (priority,
+# attempts, machine, queue, concurrency key, max duration).
+PUBLIC_TRIGGER_OPTIONS = frozenset({"tags", "metadata", "delay", "delay_until", "ttl"})
+
+
+def authorize_trigger_options(who: Principal, options: Iterable[str]) -> None:
+    """A public token may set only PUBLIC_TRIGGER_OPTIONS (``options``: the set ones' names)."""
+    if who.scopes is None:
+        return
+    refused = sorted(set(options) - PUBLIC_TRIGGER_OPTIONS)
+    if refused:
+        raise PermissionDenied(
+            f"a public access token may not set options.{', options.'.join(refused)}; it may "
+            f"set only {', '.join(sorted(PUBLIC_TRIGGER_OPTIONS))} (trigger from a server with "
+            "a secret key for the others)"
+        )
 
 
 def authorize_trigger(who: Principal, task_id: str) -> None:

@@ -43,7 +43,7 @@ class RawWorker:
         self,
         executor_id: str = "",
         session_token: str = "",
-        tasks: Sequence[str] = (),
+        tasks: Sequence[str | wpb.TaskDefinition] = (),
         running: Sequence[str] = (),
     ) -> wpb.Registered:
         assert self._channel is not None
@@ -58,7 +58,9 @@ class RawWorker:
                     session_token=session_token,
                     capacity=10,
                     running_attempt_ids=list(running),
-                    manifest=wpb.Manifest(tasks=[wpb.TaskDefinition(id=t) for t in tasks]),
+                    manifest=wpb.Manifest(
+                        tasks=[wpb.TaskDefinition(id=t) if isinstance(t, str) else t for t in tasks]
+                    ),
                 )
             )
         )
