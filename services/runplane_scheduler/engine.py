@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 
 from runplane._metadata import Operation, apply_operations
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
@@ -1157,7 +1158,11 @@ class RunEngine:
             self.waits.attempt_ended(attempt_id)
             return
         outcome = result.WhichOneof("outcome")
-        too_large = outcome == "output" and len(result.output) > self.settings.limits.output_bytes
+        limits = self.settings.limits
+        too_large = outcome == "output" and (
+            len(result.output) > limits.output_bytes
+            or json_depth.too_deep(result.output, limits.json_depth)
+        )
         if not lease.started and not result.lost and not result.canceled:
             started_at = _ms(result, "started_at")
             if started_at and outcome == "output" and not too_large:
@@ -1174,8 +1179,9 @@ class RunEngine:
         elif too_large:
             error = {
                 "type": "OutputTooLargeError",
-                "message": f"the output is over the output limit of "
-                f"{self.settings.limits.output_bytes} bytes",
+                "message": f"the output is over the output limit of {limits.output_bytes} bytes"
+                if len(result.output) > limits.output_bytes
+                else f"the output nests deeper than the JSON depth limit of {limits.json_depth}",
                 "stack_trace": "",
             }
             self._fail(lease, error, True)
@@ -1621,6 +1627,7 @@ class RunEngine:
         """An operation changing a run's metadata as one run update (one event, one version),
         refused (nothing written) when the result is over the metadata limit."""
         limit = self.settings.limits.metadata_bytes
+        depth = self.settings.limits.json_depth
 
         async def op(tx: Tx) -> RunRow:
             row = await self._get_in_tx(tx, environment_id, run_id)
@@ -1632,6 +1639,10 @@ class RunEngine:
             if size > limit:
                 raise InvalidArgument(
                     "metadata", f"{size} bytes is over the metadata limit of {limit} bytes"
+                )
+            if json_depth.too_deep(text, depth):
+                raise InvalidArgument(
+                    "metadata", f"nested deeper than the JSON depth limit of {depth}"
                 )
             status = Status(row.status)
             updated = await tx.transition(run_id, [status], status, "metadata", metadata=text)

@@ -92,6 +92,13 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         size = validation.page_size(request.page_size, self.limits.page_size)
         for i, t in enumerate(request.task_ids):
             validation.task_id(t, f"task_ids[{i}]")
+        for name in ("task_ids", "tags", "statuses"):
+            count = len(getattr(request, name))
+            if count > self.limits.filter_values:
+                raise InvalidArgument(
+                    name,
+                    f"{count} values is over the limit of {self.limits.filter_values} per filter",
+                )
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         auth.authorize_list(principal(), request.tags, request.batch_id)
@@ -472,7 +479,12 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
         token_id = _token_id(request.token_id)
         auth.authorize_complete_token(principal(), token_id)
         data = validation.json_text(
-            "data", request.data, self.limits.payload_bytes, "payload", default="null"
+            "data",
+            request.data,
+            self.limits.payload_bytes,
+            "payload",
+            default="null",
+            depth=self.limits.json_depth,
         )
         row = await self.waits.complete_token(token_id, data, env=principal().environment_id)
         return wspb.CompleteTokenResponse(token=self._token_pb(row))
@@ -492,6 +504,13 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
             if v not in wspb.WaitpointStatus.values() or v == wspb.WAITPOINT_STATUS_UNSPECIFIED:
                 raise InvalidArgument(f"statuses[{i}]", f"{v} is not a waitpoint status")
             statuses.append(wspb.WaitpointStatus.Name(v).removeprefix("WAITPOINT_STATUS_"))
+        for name in ("task_ids", "tags", "statuses"):
+            count = len(getattr(request, name))
+            if count > self.limits.filter_values:
+                raise InvalidArgument(
+                    name,
+                    f"{count} values is over the limit of {self.limits.filter_values} per filter",
+                )
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         validation.text(

@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_scheduler import json_depth
 from runplane_scheduler.engine import Debounce, TriggerSpec
 from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_server.config import Limits
@@ -114,8 +115,11 @@ def _schema(field: str, value: str) -> None:
         raise InvalidArgument(field, f"not a valid JSON Schema: {error.message[:200]}") from None
 
 
-def json_text(field: str, text: str, limit: int, limit_name: str, *, default: str) -> str:
-    """``text`` if it is valid JSON within ``limit`` bytes ('' means ``default``)."""
+def json_text(
+    field: str, text: str, limit: int, limit_name: str, *, default: str, depth: int
+) -> str:
+    """``text`` if it is valid JSON within ``limit`` bytes, nested at most ``depth`` deep (''
+    means ``default``)."""
     if not text:
         return default
     size = len(text.encode())
@@ -127,6 +131,10 @@ def json_text(field: str, text: str, limit: int, limit_name: str, *, default: st
         orjson.loads(text)
     except orjson.JSONDecodeError as error:
         raise InvalidArgument(field, f"not valid JSON ({error})") from None
+    if json_depth.too_deep(text, depth):
+        raise InvalidArgument(
+            field, f"nested deeper than the JSON depth limit of {depth} (RUNPLANE_LIMIT_JSON_DEPTH)"
+        )
     return text
 
 
@@ -187,7 +195,12 @@ def trigger_spec(
     f = f"{where}options."
     tags = tag_list(f"{f}tags", list(o.tags), limits)
     metadata = json_text(
-        f"{f}metadata", o.metadata, limits.metadata_bytes, "metadata", default="{}"
+        f"{f}metadata",
+        o.metadata,
+        limits.metadata_bytes,
+        "metadata",
+        default="{}",
+        depth=limits.json_depth,
     )
     if not isinstance(orjson.loads(metadata), dict):
         raise InvalidArgument(f"{f}metadata", "must be a JSON object")
@@ -224,7 +237,12 @@ def trigger_spec(
     return TriggerSpec(
         task_id=task_id(task, f"{where}task_id"),
         payload=json_text(
-            f"{where}payload", payload, limits.payload_bytes, "payload", default="null"
+            f"{where}payload",
+            payload,
+            limits.payload_bytes,
+            "payload",
+            default="null",
+            depth=limits.json_depth,
         ),
         queue=o.queue,
         tags=tags,
@@ -364,7 +382,9 @@ LOG_ID = re.compile(r"^log_[0-9a-z]{1,36}\Z")
 
 def metadata_object(field: str, value: str, limits: Limits) -> str:
     """JSON text of a metadata object within the metadata limit."""
-    value = json_text(field, value, limits.metadata_bytes, "metadata", default="{}")
+    value = json_text(
+        field, value, limits.metadata_bytes, "metadata", default="{}", depth=limits.json_depth
+    )
     if not isinstance(orjson.loads(value), dict):
         raise InvalidArgument(field, "must be a JSON object")
     return value

@@ -38,6 +38,11 @@ class Limits:
     max_attempts: int = 250
     page_size: int = 100
     batch_items: int = 1000
+    # Nesting of JSON values (payloads, metadata, outputs, token data): deeper ones are refused
+    # at the API, since every reader (SSE, other languages' decoders) must be able to decode them.
+    json_depth: int = 100
+    # Values one ListRuns filter may name (tags, task ids, statuses).
+    filter_values: int = 100
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -52,6 +57,10 @@ class Limits:
                 "RUNPLANE_LIMIT_IDEMPOTENCY_KEY_LENGTH", d.idempotency_key_length
             ),
             batch_items=_int("RUNPLANE_LIMIT_BATCH_ITEMS", d.batch_items),
+            max_attempts=_int("RUNPLANE_LIMIT_MAX_ATTEMPTS", d.max_attempts),
+            page_size=_int("RUNPLANE_LIMIT_PAGE_SIZE", d.page_size),
+            json_depth=_int("RUNPLANE_LIMIT_JSON_DEPTH", d.json_depth),
+            filter_values=_int("RUNPLANE_LIMIT_FILTER_VALUES", d.filter_values),
         )
 
 

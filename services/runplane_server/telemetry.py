@@ -71,7 +71,6 @@ def context_from_traceparent(traceparent: str) -> context.Context:
 
 
 def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> context.Context:
-    carrier: Mapping[str, str] = {
-        k: v if isinstance(v, str) else v.decode() for k, v in (metadata or ())
-    }
+    # Binary (``-bin``) headers carry no trace context, and need not be UTF-8.
+    carrier: Mapping[str, str] = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return propagate.extract(carrier)
