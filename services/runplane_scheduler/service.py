@@ -89,16 +89,10 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     async def ListRuns(
         self, request: rpb.ListRunsRequest, context: Context
     ) -> rpb.ListRunsResponse:
+        validation.filter_sizes(request, ("task_ids", "tags", "statuses"), self.limits)
         size = validation.page_size(request.page_size, self.limits.page_size)
         for i, t in enumerate(request.task_ids):
             validation.task_id(t, f"task_ids[{i}]")
-        for name in ("task_ids", "tags", "statuses"):
-            count = len(getattr(request, name))
-            if count > self.limits.filter_values:
-                raise InvalidArgument(
-                    name,
-                    f"{count} values is over the limit of {self.limits.filter_values} per filter",
-                )
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         auth.authorize_list(principal(), request.tags, request.batch_id)
@@ -498,19 +492,13 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
     async def ListTokens(
         self, request: wspb.ListTokensRequest, context: Context
     ) -> wspb.ListTokensResponse:
+        validation.filter_sizes(request, ("tags", "statuses"), self.limits)
         size = validation.page_size(request.page_size, self.limits.page_size)
         statuses = []
         for i, v in enumerate(request.statuses):
             if v not in wspb.WaitpointStatus.values() or v == wspb.WAITPOINT_STATUS_UNSPECIFIED:
                 raise InvalidArgument(f"statuses[{i}]", f"{v} is not a waitpoint status")
             statuses.append(wspb.WaitpointStatus.Name(v).removeprefix("WAITPOINT_STATUS_"))
-        for name in ("task_ids", "tags", "statuses"):
-            count = len(getattr(request, name))
-            if count > self.limits.filter_values:
-                raise InvalidArgument(
-                    name,
-                    f"{count} values is over the limit of {self.limits.filter_values} per filter",
-                )
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         validation.text(

@@ -6,6 +6,7 @@ import base64
 import math
 import re
 import time
+from typing import Any
 
 import jsonschema
 import orjson
@@ -136,6 +137,16 @@ def json_text(
             field, f"nested deeper than the JSON depth limit of {depth} (RUNPLANE_LIMIT_JSON_DEPTH)"
         )
     return text
+
+
+def filter_sizes(request: Any, fields: tuple[str, ...], limits: Limits) -> None:
+    """A listing's repeated filters hold at most ``limits.filter_values`` values each."""
+    for name in fields:
+        count = len(getattr(request, name))
+        if count > limits.filter_values:
+            raise InvalidArgument(
+                name, f"{count} values is over the limit of {limits.filter_values} per filter"
+            )
 
 
 def task_id(value: str, field: str = "task_id") -> str:
