@@ -143,7 +143,8 @@ class Stack:
             )
         )
         for env in ("dev", "prod"):
-            self.keys[env] = self.run(create_key(self.scheduler.engine_db, env))
+            # Secret keys that may also execute: the tests play executors with them.
+            self.keys[env] = self.run(create_key(self.scheduler.engine_db, env, execute=True))
         if self.with_realtime:
             self.realtime = self.run(
                 serve(

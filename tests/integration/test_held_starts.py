@@ -74,7 +74,7 @@ async def setup(
     scheduler = await start_scheduler(
         SchedulerSettings(database_url=database_url, nats_url=nats_server.url, listen="127.0.0.1:0")
     )
-    key = await create_key(scheduler.engine_db, "dev")
+    key = await create_key(scheduler.engine_db, "dev", execute=True)
     worker = Worker(scheduler, key)
     await asyncio.wait_for(worker.registered.wait(), 10)
     client = runplane.Client(api_url=f"127.0.0.1:{scheduler.port}", secret_key=key)

@@ -39,7 +39,7 @@ async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Schedu
 
 
 async def _client(s: Scheduler, env: str = "dev") -> runplane.Client:
-    key = await create_key(s.engine_db, env)
+    key = await create_key(s.engine_db, env, execute=True)
     return runplane.Client(api_url=f"127.0.0.1:{s.port}", secret_key=key)
 
 

@@ -64,7 +64,7 @@ async def scheduler(
 
 
 async def _key(s: Scheduler) -> str:
-    return await create_key(s.engine_db, "dev")
+    return await create_key(s.engine_db, "dev", execute=True)
 
 
 def _client(s: Scheduler, key: str) -> runplane.Client:
