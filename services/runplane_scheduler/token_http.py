@@ -38,7 +38,12 @@ class TokenHttpServer:
         """Listen on ``listen`` (HTTPS with ``ssl_context``) and return the port."""
         host, port = listen.rsplit(":", 1)
         self._server = await asyncio.start_server(
-            self._handle, host, int(port), ssl=ssl_context, ssl_handshake_timeout=10
+            self._handle,
+            host,
+            int(port),
+            ssl=ssl_context,
+            # Allowed with TLS only; a client that never finishes its handshake is dropped.
+            ssl_handshake_timeout=10 if ssl_context else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
