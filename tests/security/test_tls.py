@@ -70,20 +70,25 @@ async def _sse_until_end(session: aiohttp.ClientSession, url: str, key: str) -> 
     raise AssertionError("the SSE stream ended without an end event")
 
 
-@pytest.fixture
+@pytest.fixture(params=["tls", "mutual-tls"])
 async def tls_cluster(
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     nats_server: Any,
     certs: DevCertificates,
 ) -> AsyncIterator[Cluster]:
     """Scheduler, realtime and an executor as processes, every port over TLS (SQLite: the
-    database plays no part in TLS)."""
+    database plays no part in TLS); with mutual TLS every gRPC port requires a client
+    certificate, and the services present theirs to each other."""
+    env = tls_env(certs.server)
+    if request.param == "mutual-tls":
+        env["RUNPLANE_TLS_REQUIRE_CLIENT_CERT"] = "1"
     c = Cluster(
         tmp_path,
         nats_server.url,
         f"sqlite+aiosqlite:///{tmp_path / 'runplane.db'}",
         tasks="examples.waits",
-        env=tls_env(certs.server),
+        env=env,
     )
     await c.start()
     try:
@@ -142,9 +147,16 @@ async def test_a_cluster_over_tls_runs_a_task_followed_by_the_sdk_and_sse(
     assert runs[-1]["status"] == "RUN_STATUS_COMPLETED"
     assert runs[-1]["output"] == {"ok": True, "output": {"approved": True}}
     assert (await client.runs.retrieve(handle.id)).output == runs[-1]["output"]
-    # Plaintext gRPC to every service is refused.
+    # Plaintext gRPC to every service is refused; with mutual TLS, TLS without a certificate too.
     for address in (cluster.api_url, cluster.realtime_url, cluster.executor_status_url):
         assert await _plaintext_refused(address) is grpc.StatusCode.UNAVAILABLE
+        async with open_channel(address, TlsSettings(ca=certs.server.ca)) as anonymous:
+            if cluster.tls.require_client_cert:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _health(anonymous)
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            else:
+                assert await _health(anonymous) == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture
@@ -184,10 +196,14 @@ async def test_a_tls_scheduler_refuses_a_plaintext_client(
     stranger = runplane.Client(api_url=address, secret_key=key, tls_ca=str(other.ca))
     with pytest.raises(runplane.UnavailableError):
         await stranger.tasks.trigger("not-deployed", None)
-    # The SDK with the CA (and nothing else) talks TLS.
+    # The SDK with the CA (and nothing else) talks TLS; a grpcs:// URL too.
     ok = runplane.Client(api_url=address, secret_key=key, tls_ca=str(certs.ca))
     handle = await ok.tasks.trigger("not-deployed", {"n": 1})
     assert (await ok.runs.retrieve(handle.id)).payload == {"n": 1}
+    by_url = runplane.Client(
+        api_url=f"grpcs://localhost:{s.port}", secret_key=key, tls_ca=str(certs.ca)
+    )
+    assert (await by_url.runs.retrieve(handle.id)).payload == {"n": 1}
 
 
 async def _connect(channel: grpc.aio.Channel, key: str) -> str:
