@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import runplane
@@ -72,7 +73,7 @@ class Cluster:
         tmp: Path,
         nats_url: str,
         database_url: str,
-        tasks: str = "examples.hello",
+        tasks: str | Sequence[str] = "examples.hello",
         env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
@@ -110,11 +111,15 @@ class Cluster:
         base.update(env or {})
         self.env = base
         py = sys.executable
+        modules = [tasks] if isinstance(tasks, str) else list(tasks)
         self.scheduler = ServiceProcess("scheduler", [py, "-m", "runplane", "scheduler"], base, tmp)
         self.realtime = ServiceProcess("realtime", [py, "-m", "runplane", "realtime"], base, tmp)
         self.executor = ServiceProcess(
             "executor",
-            [py, "-m", "runplane", "executor", "--tasks", tasks, "--processes", "2"],
+            [
+                *(py, "-m", "runplane", "executor", "--processes", "2"),
+                *(arg for module in modules for arg in ("--tasks", module)),
+            ],
             base,
             tmp,
         )

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -30,6 +31,8 @@ from runplane_server.auth import create_key
 from runplane_server.config import SchedulerSettings
 from tests.helpers.cluster import ROOT, Cluster
 from tests.helpers.wait import eventually
+
+NODE_CLIENT = ROOT / "clients" / "node"
 
 
 @pytest.fixture
@@ -87,7 +90,7 @@ async def tls_cluster(
         tmp_path,
         nats_server.url,
         f"sqlite+aiosqlite:///{tmp_path / 'runplane.db'}",
-        tasks="examples.waits",
+        tasks=["examples.waits", "tests.e2e.realtime_tasks"],  # the latter for the Node client
         env=env,
     )
     await c.start()
@@ -157,6 +160,36 @@ async def test_a_cluster_over_tls_runs_a_task_followed_by_the_sdk_and_sse(
                 assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             else:
                 assert await _health(anonymous) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(150)
+async def test_the_node_client_speaks_tls(tls_cluster: Cluster) -> None:
+    node = shutil.which("node")
+    if node is None or not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").exists():
+        pytest.fail("node or clients/node/node_modules missing: run scripts/setup.sh")
+    cluster = tls_cluster
+    env = {
+        **cluster.env,  # RUNPLANE_TLS_*: the CA, and a certificate for mutual TLS
+        "RUNPLANE_API_URL": cluster.api_url,
+        "RUNPLANE_REALTIME_URL": cluster.realtime_url,
+        "RUNPLANE_SECRET_KEY": cluster.keys["dev"],
+    }
+    proc = await asyncio.create_subprocess_exec(
+        node, "test.mjs", cwd=NODE_CLIENT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, f"stdout:\n{out.decode()}\nstderr:\n{err.decode()}"
+    assert out.decode().startswith("ok: run_")
+    # Without the CA it speaks plaintext, which the cluster refuses.
+    del env["RUNPLANE_TLS_CA"]
+    proc = await asyncio.create_subprocess_exec(
+        node, "test.mjs", cwd=NODE_CLIENT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode != 0 and "UNAVAILABLE" in err.decode(), err.decode()
 
 
 @pytest.fixture
