@@ -320,3 +320,23 @@ async def test_dev_tls_runs_everything_over_tls(tmp_path: Path) -> None:
         path = Path(settings[name])
         assert path.is_file() and path.parent == tmp_path / ".runplane" / "tls", name
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+@pytest.mark.timeout(10)
+async def test_tls_settings_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    assert TlsSettings.from_env({}) == TlsSettings()  # nothing set: plaintext
+    assert not TlsSettings.from_env({}).serves_tls
+    with pytest.raises(runplane.ConfigurationError, match="go together"):
+        TlsSettings.from_env({"RUNPLANE_TLS_CERT": "server.pem"})
+    with pytest.raises(runplane.ConfigurationError, match="RUNPLANE_TLS_CA"):
+        TlsSettings.from_env(
+            {
+                "RUNPLANE_TLS_CERT": "server.pem",
+                "RUNPLANE_TLS_KEY": "server.key",
+                "RUNPLANE_TLS_REQUIRE_CLIENT_CERT": "1",
+            }
+        )
+    missing = str(tmp_path / "missing.pem")
+    client = runplane.Client(api_url="127.0.0.1:1", secret_key="k", tls_ca=missing)
+    with pytest.raises(runplane.ConfigurationError, match=r"missing\.pem"):
+        await client.tasks.trigger("any", None)
