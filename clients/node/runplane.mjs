@@ -1,5 +1,6 @@
 // A small runplane client for Node.js: gRPC through @grpc/grpc-js, with the repository's protos
 // loaded at runtime by @grpc/proto-loader (nothing generated, nothing to keep in sync).
+import fs from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -41,19 +42,53 @@ function run(message) {
   };
 }
 
+/**
+ * The gRPC target and credentials for a URL, as runplane.tls decides in Python: TLS when
+ * `tls.ca` (RUNPLANE_TLS_CA) is set, trusting that CA, or when the URL is https:// or grpcs://
+ * (system roots); `tls.cert`/`tls.key` (RUNPLANE_TLS_CERT/KEY) are presented as a client
+ * certificate. Otherwise plaintext.
+ */
+export function channel(url, tls) {
+  let target = url;
+  let secure = Boolean(tls.ca);
+  for (const [scheme, isTls] of [
+    ["https://", true],
+    ["grpcs://", true],
+    ["http://", false],
+    ["grpc://", false],
+  ]) {
+    if (url.startsWith(scheme)) {
+      target = url.slice(scheme.length).replace(/\/+$/, "");
+      secure = isTls;
+      break;
+    }
+  }
+  if (!secure) return { target, credentials: grpc.credentials.createInsecure() };
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  const credentials = grpc.credentials.createSsl(read(tls.ca), read(tls.key), read(tls.cert));
+  return { target, credentials };
+}
+
 export class Client {
   /**
-   * @param {{apiUrl?: string, realtimeUrl?: string, secretKey?: string}} options
-   * A secret key or a public access token; defaults from RUNPLANE_* like the Python SDK.
+   * @param {{apiUrl?: string, realtimeUrl?: string, secretKey?: string, tlsCa?: string,
+   *   tlsCert?: string, tlsKey?: string}} options
+   * A secret key or a public access token; defaults from RUNPLANE_* like the Python SDK
+   * (RUNPLANE_TLS_CA, RUNPLANE_TLS_CERT, RUNPLANE_TLS_KEY for TLS: see channel()).
    */
-  constructor({ apiUrl, realtimeUrl, secretKey } = {}) {
+  constructor({ apiUrl, realtimeUrl, secretKey, tlsCa, tlsCert, tlsKey } = {}) {
     this.apiUrl = apiUrl ?? process.env.RUNPLANE_API_URL ?? "localhost:7070";
     this.realtimeUrl = realtimeUrl ?? process.env.RUNPLANE_REALTIME_URL ?? "";
     this.secretKey = secretKey ?? process.env.RUNPLANE_SECRET_KEY ?? "";
-    const insecure = grpc.credentials.createInsecure();
-    this.runs = new v1.RunService(this.apiUrl, insecure);
-    this.meta = new v1.MetaService(this.apiUrl, insecure);
-    this.auth = new v1.AuthService(this.apiUrl, insecure);
+    this.tls = {
+      ca: tlsCa ?? process.env.RUNPLANE_TLS_CA ?? "",
+      cert: tlsCert ?? process.env.RUNPLANE_TLS_CERT ?? "",
+      key: tlsKey ?? process.env.RUNPLANE_TLS_KEY ?? "",
+    };
+    const { target, credentials } = channel(this.apiUrl, this.tls);
+    this.runs = new v1.RunService(target, credentials);
+    this.meta = new v1.MetaService(target, credentials);
+    this.auth = new v1.AuthService(target, credentials);
     this._realtime = null;
   }
 
@@ -78,7 +113,8 @@ export class Client {
         const info = await this.unary(this.meta, "GetServerInfo", {});
         this.realtimeUrl = info.realtime_url;
       }
-      this._realtime = new v1.RealtimeService(this.realtimeUrl, grpc.credentials.createInsecure());
+      const { target, credentials } = channel(this.realtimeUrl, this.tls);
+      this._realtime = new v1.RealtimeService(target, credentials);
     }
     return this._realtime;
   }

@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--trigger", metavar="TASK", help="once ready, trigger TASK and show its run")
     dev.add_argument("--payload", default="null", help="JSON payload for --trigger")
     dev.add_argument("--exit", action="store_true", help="stop after the --trigger run finishes")
+    dev.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve everything over TLS, with a throwaway CA and certificates in .runplane/tls/",
+    )
 
     sub.add_parser("scheduler", help="run the scheduler (RUNPLANE_DATABASE_URL, RUNPLANE_NATS_URL)")
     ex = sub.add_parser("executor", help="run an executor with the given task modules")

@@ -26,6 +26,7 @@ from runplane._logger import LogEntry
 from runplane._models import BatchHandle, BatchItem, Run, RunHandle, RunStatus
 from runplane._namespace import Namespace
 from runplane._serde import dumps
+from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import (
     meta_service_pb2,
     meta_service_pb2_grpc,
@@ -75,17 +76,32 @@ class Client:
 
     ``api_url`` defaults to ``RUNPLANE_API_URL`` (``localhost:7070``), ``secret_key`` to
     ``RUNPLANE_SECRET_KEY``, ``realtime_url`` to ``RUNPLANE_REALTIME_URL`` or what the scheduler
-    announces."""
+    announces. TLS: ``tls_ca`` (``RUNPLANE_TLS_CA``) is the PEM file of the CA the servers'
+    certificates are checked against, and turns TLS on (so does an ``https://`` or ``grpcs://``
+    URL, with the system's roots); ``tls_cert`` and ``tls_key`` (``RUNPLANE_TLS_CERT``,
+    ``RUNPLANE_TLS_KEY``) a client certificate for servers that require one. See
+    :mod:`runplane.tls`."""
 
     def __init__(
         self,
         api_url: str | None = None,
         secret_key: str | None = None,
         realtime_url: str | None = None,
+        *,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.api_url = api_url or os.environ.get("RUNPLANE_API_URL") or DEFAULT_API_URL
         self.secret_key = secret_key or os.environ.get("RUNPLANE_SECRET_KEY") or ""
         self._realtime_url = realtime_url or os.environ.get("RUNPLANE_REALTIME_URL") or ""
+        env = TlsSettings.from_env()
+        self.tls = TlsSettings(
+            cert=env.cert if tls_cert is None else tls_cert,
+            key=env.key if tls_key is None else tls_key,
+            ca=env.ca if tls_ca is None else tls_ca,
+        )
+        self.tls.check()
         self._channels: dict[tuple[int, str], grpc.aio.Channel] = {}
         self._run_stubs: dict[int, run_service_pb2_grpc.RunServiceStub] = {}
         self._sync = _LoopThread()
@@ -112,8 +128,9 @@ class Client:
         key = (id(asyncio.get_running_loop()), target)
         channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
+            channel = open_channel(
                 target,
+                self.tls,
                 options=[
                     ("grpc.max_send_message_length", 16 * 1024 * 1024),
                     ("grpc.max_receive_message_length", 16 * 1024 * 1024),

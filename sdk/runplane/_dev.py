@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from runplane._errors import ConfigurationError
+from runplane.tls import TlsSettings, open_channel
 
 STATE_DIR = Path(".runplane")
 COLORS = {"nats": 35, "scheduler": 36, "executor": 33, "realtime": 32, "dev": 1}
@@ -113,10 +114,11 @@ class Service:
         say(self.name, "stopped")
 
 
-async def wait_serving(address: str, timeout: float = 60.0) -> None:
-    """Wait until the gRPC server at ``address`` reports SERVING."""
+async def wait_serving(address: str, timeout: float = 60.0, tls: TlsSettings | None = None) -> None:
+    """Wait until the gRPC server at ``address`` reports SERVING (``tls``: see
+    :func:`runplane.tls.open_channel`; plaintext when None)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls or TlsSettings()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -130,11 +132,13 @@ async def wait_serving(address: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def wait_executor_connected(address: str, timeout: float = 60.0) -> None:
+async def wait_executor_connected(
+    address: str, timeout: float = 60.0, tls: TlsSettings | None = None
+) -> None:
     from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls or TlsSettings()) as channel:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
         while True:
             try:
@@ -159,6 +163,148 @@ def read_env_file(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             out[key.strip()] = value.strip()
     return out
+
+
+@dataclass(frozen=True)
+class DevCertificates:
+    """The throwaway CA and certificates of ``runplane dev --tls`` (paths of PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @property
+    def server(self) -> TlsSettings:
+        """For the services: the server certificate (it serves as their client one too)."""
+        return TlsSettings(cert=str(self.server_cert), key=str(self.server_key), ca=str(self.ca))
+
+    @property
+    def client(self) -> TlsSettings:
+        return TlsSettings(cert=str(self.client_cert), key=str(self.client_key), ca=str(self.ca))
+
+
+def make_dev_certificates(directory: Path, days: int = 30) -> DevCertificates:
+    """A new CA, a server certificate for 127.0.0.1 and localhost, and a client certificate,
+    written to ``directory`` (keys and certificates mode 0600)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "runplane dev"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common),
+            ]
+        )
+
+    def write(path: Path, data: bytes) -> Path:
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path.absolute()
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
+        return write(
+            path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("runplane dev CA")
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(common: str, usages: list[x509.ObjectIdentifier], server: bool) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        x509.IPAddress(ipaddress.ip_address("::1")),
+                    ]
+                ),
+                critical=False,
+            )
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    # The services present the server certificate to each other as clients too.
+    server, server_key = leaf(
+        "runplane dev server",
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        server=True,
+    )
+    client, client_key = leaf("runplane dev client", [ExtendedKeyUsageOID.CLIENT_AUTH], False)
+    pem = serialization.Encoding.PEM  # the CA's key is not kept: nothing more is signed
+    return DevCertificates(
+        ca=write(directory / "ca.pem", ca.public_bytes(pem)),
+        server_cert=write(directory / "server.pem", server.public_bytes(pem)),
+        server_key=write_key(directory / "server.key", server_key),
+        client_cert=write(directory / "client.pem", client.public_bytes(pem)),
+        client_key=write_key(directory / "client.key", client_key),
+    )
+
+
+def tls_env(tls: TlsSettings) -> dict[str, str]:
+    return {"RUNPLANE_TLS_CERT": tls.cert, "RUNPLANE_TLS_KEY": tls.key, "RUNPLANE_TLS_CA": tls.ca}
 
 
 async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
@@ -234,16 +380,25 @@ async def dev(args: argparse.Namespace) -> int:
         key, worker_key = await ensure_dev_keys(database_url)
         env["RUNPLANE_SECRET_KEY"] = key
         env["RUNPLANE_WORKER_KEY"] = worker_key
+        # dev's own calls, and with --tls what dev.env tells clients: the dev client cert.
+        client_tls = TlsSettings.from_env(env)
+        if args.tls:
+            certs = make_dev_certificates(STATE_DIR / "tls")
+            env.update(tls_env(certs.server))
+            client_tls = certs.client
+            say("dev", f"TLS: a throwaway CA and certificates in {STATE_DIR / 'tls'}")
+        http = "https" if args.tls else "http"
 
         api_port = free_port(args.port)
         realtime_port = free_port()
         executor_port = free_port()
         api_url = f"127.0.0.1:{api_port}"
         realtime_url = f"127.0.0.1:{realtime_port}"
-        realtime_http_url = f"http://127.0.0.1:{free_port()}"
+        realtime_http_listen = f"127.0.0.1:{free_port()}"
+        realtime_http_url = f"{http}://{realtime_http_listen}"
         env.update(
             RUNPLANE_REALTIME_HTTP_URL=realtime_http_url,
-            RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_url.removeprefix("http://"),
+            RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_listen,
             RUNPLANE_SCHEDULER_LISTEN=api_url,
             RUNPLANE_API_URL=api_url,
             RUNPLANE_REALTIME_URL=realtime_url,
@@ -262,9 +417,9 @@ async def dev(args: argparse.Namespace) -> int:
         supervisors = [asyncio.create_task(s.supervise()) for s in services]
         ready: asyncio.Future[object] = asyncio.ensure_future(
             _all(
-                wait_serving(api_url),
-                wait_serving(realtime_url),
-                wait_executor_connected(f"127.0.0.1:{executor_port}"),
+                wait_serving(api_url, tls=client_tls),
+                wait_serving(realtime_url, tls=client_tls),
+                wait_executor_connected(f"127.0.0.1:{executor_port}", tls=client_tls),
             )
         )
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
@@ -273,11 +428,15 @@ async def dev(args: argparse.Namespace) -> int:
             ready.cancel()
             return 130
         ready.result()
-        (STATE_DIR / "dev.env").write_text(
-            f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\n"
-            f"RUNPLANE_REALTIME_HTTP_URL={realtime_http_url}\nRUNPLANE_SECRET_KEY={key}\n"
-            f"RUNPLANE_WORKER_KEY={worker_key}\n"
-        )
+        settings = {
+            "RUNPLANE_API_URL": api_url,
+            "RUNPLANE_REALTIME_URL": realtime_url,
+            "RUNPLANE_REALTIME_HTTP_URL": realtime_http_url,
+            "RUNPLANE_SECRET_KEY": key,
+            "RUNPLANE_WORKER_KEY": worker_key,
+            **(tls_env(client_tls) if args.tls else {}),
+        }
+        (STATE_DIR / "dev.env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         say(
             "dev",
             f"ready: API {api_url}, realtime {realtime_url} (HTTP {realtime_http_url}); "
@@ -289,7 +448,9 @@ async def dev(args: argparse.Namespace) -> int:
             "runplane trigger TASK --payload '{...}' --wait",
         )
         if args.trigger:
-            code = await _trigger_and_show(args.trigger, args.payload, api_url, realtime_url, key)
+            code = await _trigger_and_show(
+                args.trigger, args.payload, api_url, realtime_url, key, client_tls
+            )
             if args.exit:
                 return code
         say("dev", "running; Ctrl-C stops everything")
@@ -306,13 +467,20 @@ async def dev(args: argparse.Namespace) -> int:
 
 
 async def _trigger_and_show(
-    task_id: str, payload_text: str, api_url: str, realtime_url: str, key: str
+    task_id: str, payload_text: str, api_url: str, realtime_url: str, key: str, tls: TlsSettings
 ) -> int:
     import orjson
 
     from runplane._client import Client
 
-    client = Client(api_url=api_url, secret_key=key, realtime_url=realtime_url)
+    client = Client(
+        api_url=api_url,
+        secret_key=key,
+        realtime_url=realtime_url,
+        tls_ca=tls.ca,
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+    )
     handle = await client.tasks.trigger(task_id, orjson.loads(payload_text))
     say("dev", f"triggered {task_id}: run {handle.id}")
     async for run in client.runs.subscribe_to_run(handle.id):

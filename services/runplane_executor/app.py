@@ -20,6 +20,7 @@ from runplane._errors import ConfigurationError
 from runplane._schedules import declared_schedules
 from runplane._serde import dumps
 from runplane._task import DEFAULT_MACHINE, MACHINES, Task
+from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -58,6 +59,9 @@ class ExecutorSettings:
     # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
     max_resident_waits: int = 1000
     evict_waits_after: float = 60.0
+    # TLS to the scheduler and on the status port (RUNPLANE_TLS_*; see runplane.tls). With the
+    # scheduler requiring client certificates, RUNPLANE_TLS_CERT is the one presented.
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
@@ -76,6 +80,7 @@ class ExecutorSettings:
             evict_waits_after=float(
                 os.environ.get("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER") or cls.evict_waits_after
             ),
+            tls=TlsSettings.from_env(os.environ),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -263,7 +268,7 @@ class Executor:
         self._unsent: list[wpb.ConnectRequest] = []
         self.starts = HeldStarts(self._send)
         self._task: asyncio.Task[None] | None = None
-        self.server = Server(authenticate=None)
+        self.server = Server(authenticate=None, tls=settings.tls)
         self.port = 0
 
     async def start(self) -> None:
@@ -382,7 +387,7 @@ class Executor:
             while True:
                 yield await outgoing.get()
 
-        async with grpc.aio.insecure_channel(self.settings.api_url) as channel:
+        async with open_channel(self.settings.api_url, self.settings.tls) as channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
             call = stub.Connect(
                 requests(), metadata=(("authorization", f"Bearer {self.settings.secret_key}"),)

@@ -144,7 +144,14 @@ class HttpServer:
         # subscription and its consumer.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, int(port), reuse_port=False)
+        tls = self._realtime.settings.tls
+        site = web.TCPSite(
+            self._runner,
+            host,
+            int(port),
+            reuse_port=False,
+            ssl_context=tls.server_ssl_context() if tls.serves_tls else None,
+        )
         await site.start()
         # aiohttp keeps the listening server privately; port 0 needs the port it picked.
         server: Any = site._server

@@ -11,6 +11,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from opentelemetry import propagate
 
+from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import (
     meta_service_pb2,
     meta_service_pb2_grpc,
@@ -102,8 +103,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 class Scheduler:
     """The scheduler's RunService and MetaService, called with each caller's credentials."""
 
-    def __init__(self, api_url: str) -> None:
-        self._channel = grpc.aio.insecure_channel(api_url)
+    def __init__(self, api_url: str, tls: TlsSettings | None = None) -> None:
+        self._channel = open_channel(api_url, tls or TlsSettings())
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._meta = meta_service_pb2_grpc.MetaServiceStub(self._channel)
         self._lists = NextTrip()

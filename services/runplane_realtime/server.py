@@ -347,11 +347,11 @@ class RealtimeService:
 
         self.settings = settings
         self.link = NatsLink(settings.nats_url)
-        self.scheduler = Scheduler(settings.api_url)
+        self.scheduler = Scheduler(settings.api_url, settings.tls)
         self.realtime = Realtime(settings, self.link, self.scheduler)
         # No authenticator: the scheduler authorises each call (see Realtime); the interceptor
         # still maps errors and continues traces.
-        self.server = Server(authenticate=None)
+        self.server = Server(authenticate=None, tls=settings.tls)
         self.servicer = RealtimeServicer(self.realtime)
         self.server.add(
             realtime_service_pb2_grpc.add_RealtimeServiceServicer_to_server,

@@ -50,7 +50,7 @@ class Scheduler:
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
         self.tokens = PublicTokens(self.engine_db, settings.signing_key)
-        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens))
+        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens), tls=settings.tls)
         self.port = 0
         self.http = TokenHttpServer(self.engine.waits)
         self.http_url = ""
@@ -64,9 +64,13 @@ class Scheduler:
         # Wait tokens are completed by POSTing to a URL on this endpoint.
         host = self.settings.listen.rsplit(":", 1)[0]
         http_listen = os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN") or f"{host}:0"
-        http_port = await self.http.start(http_listen)
+        tls = self.settings.tls
+        http_port = await self.http.start(
+            http_listen, tls.server_ssl_context() if tls.serves_tls else None
+        )
+        scheme = "https" if tls.serves_tls else "http"
         self.http_url = os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL") or (
-            f"http://{http_listen.rsplit(':', 1)[0]}:{http_port}"
+            f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
         )
         self.server.add(
             waitpoint_service_pb2_grpc.add_WaitpointServiceServicer_to_server,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -33,9 +34,17 @@ class TokenHttpServer:
         self.waits = waits
         self._server: asyncio.Server | None = None
 
-    async def start(self, listen: str) -> int:
+    async def start(self, listen: str, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``listen`` (HTTPS with ``ssl_context``) and return the port."""
         host, port = listen.rsplit(":", 1)
-        self._server = await asyncio.start_server(self._handle, host, int(port))
+        self._server = await asyncio.start_server(
+            self._handle,
+            host,
+            int(port),
+            ssl=ssl_context,
+            # Allowed with TLS only; a client that never finishes its handshake is dropped.
+            ssl_handshake_timeout=10 if ssl_context else None,
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runplane.tls import TlsSettings
+
 DEFAULT_API_URL = "localhost:7070"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_REALTIME_HTTP_LISTEN = "127.0.0.1:7072"
@@ -85,6 +87,8 @@ class SchedulerSettings:
     signing_key: str = ""
     # Announced to clients: the realtime service's HTTP base URL (SSE, trigger by URL).
     realtime_http_url: str = ""
+    # TLS on the gRPC port and the token HTTP port (RUNPLANE_TLS_*; see runplane.tls).
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -107,6 +111,7 @@ class SchedulerSettings:
             ),
             signing_key=os.environ.get("RUNPLANE_SIGNING_KEY", ""),
             realtime_http_url=os.environ.get("RUNPLANE_REALTIME_HTTP_URL", ""),
+            tls=TlsSettings.from_env(os.environ),
         )
 
 
@@ -126,6 +131,8 @@ class RealtimeSettings:
     stream_chunk_bytes: int = 1024 * 1024
     stream_max_bytes: int = 100 * 1024 * 1024
     stream_retention: float = 28 * 24 * 3600.0
+    # TLS on the gRPC and HTTP ports, and to the scheduler (RUNPLANE_TLS_*; see runplane.tls).
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -142,4 +149,5 @@ class RealtimeSettings:
             stream_chunk_bytes=_int("RUNPLANE_STREAM_CHUNK_BYTES", d.stream_chunk_bytes),
             stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
             stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
+            tls=TlsSettings.from_env(os.environ),
         )

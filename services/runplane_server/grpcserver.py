@@ -14,6 +14,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from sqlalchemy import exc as sa_exc
 
+from runplane.tls import TlsSettings
 from runplane_server import telemetry
 from runplane_server.auth import Principal, authorize_method, current_principal
 from runplane_server.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
@@ -181,11 +182,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class Server:
-    """A grpc.aio server with health, reflection and a graceful stop."""
+    """A grpc.aio server with health, reflection and a graceful stop; TLS when ``tls`` has a
+    certificate (see :mod:`runplane.tls`)."""
 
     def __init__(
-        self, authenticate: Authenticator | None, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        authenticate: Authenticator | None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        tls: TlsSettings | None = None,
     ):
+        self.tls = tls or TlsSettings()
         self.grpc = grpc.aio.server(
             interceptors=[ServiceInterceptor(authenticate)],
             options=[
@@ -212,7 +218,10 @@ class Server:
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.grpc
         )
-        self.port = self.grpc.add_insecure_port(address)
+        if self.tls.serves_tls:
+            self.port = self.grpc.add_secure_port(address, self.tls.server_credentials())
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         await self.grpc.start()
         for name in self._service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

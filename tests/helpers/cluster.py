@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import runplane
 from runplane._dev import wait_executor_connected, wait_serving
+from runplane.tls import TlsSettings
 from runplane_server import db
 from runplane_server.auth import create_key
 from tests.helpers.ports import free_port
@@ -71,7 +73,7 @@ class Cluster:
         tmp: Path,
         nats_url: str,
         database_url: str,
-        tasks: str = "examples.hello",
+        tasks: str | Sequence[str] = "examples.hello",
         env: dict[str, str] | None = None,
     ) -> None:
         self.tmp = tmp
@@ -79,7 +81,12 @@ class Cluster:
         self.api_url = f"127.0.0.1:{free_port()}"
         self.realtime_url = f"127.0.0.1:{free_port()}"
         self.executor_status_url = f"127.0.0.1:{free_port()}"
-        self.realtime_http_url = f"http://127.0.0.1:{free_port()}"
+        # With RUNPLANE_TLS_CERT in ``env`` every service serves TLS, and ``tls`` is what this
+        # test process (the client) uses: the same files.
+        self.tls = TlsSettings.from_env(env or {})
+        scheme = "https" if self.tls.serves_tls else "http"
+        realtime_http_listen = f"127.0.0.1:{free_port()}"
+        self.realtime_http_url = f"{scheme}://{realtime_http_listen}"
         self.tasks = tasks
         self.keys: dict[str, str] = {}
         self.worker_keys: dict[str, str] = {}
@@ -93,7 +100,7 @@ class Cluster:
             RUNPLANE_API_URL=self.api_url,
             RUNPLANE_REALTIME_LISTEN=self.realtime_url,
             RUNPLANE_REALTIME_URL=self.realtime_url,
-            RUNPLANE_REALTIME_HTTP_LISTEN=self.realtime_http_url.removeprefix("http://"),
+            RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_listen,
             RUNPLANE_REALTIME_HTTP_URL=self.realtime_http_url,
             RUNPLANE_EXECUTOR_LISTEN=self.executor_status_url,
             RUNPLANE_LEASE_TIMEOUT="3",
@@ -104,11 +111,15 @@ class Cluster:
         base.update(env or {})
         self.env = base
         py = sys.executable
+        modules = [tasks] if isinstance(tasks, str) else list(tasks)
         self.scheduler = ServiceProcess("scheduler", [py, "-m", "runplane", "scheduler"], base, tmp)
         self.realtime = ServiceProcess("realtime", [py, "-m", "runplane", "realtime"], base, tmp)
         self.executor = ServiceProcess(
             "executor",
-            [py, "-m", "runplane", "executor", "--tasks", tasks, "--processes", "2"],
+            [
+                *(py, "-m", "runplane", "executor", "--processes", "2"),
+                *(arg for module in modules for arg in ("--tasks", module)),
+            ],
             base,
             tmp,
         )
@@ -130,8 +141,8 @@ class Cluster:
         try:
             self.scheduler.start()
             self.realtime.start()
-            await wait_serving(self.api_url, 60)
-            await wait_serving(self.realtime_url, 60)
+            await wait_serving(self.api_url, 60, self.tls)
+            await wait_serving(self.realtime_url, 60, self.tls)
             await self.start_executor()
         except BaseException:
             print(self.logs())
@@ -140,16 +151,21 @@ class Cluster:
 
     async def start_executor(self) -> None:
         self.executor.start()
-        await wait_executor_connected(self.executor_status_url, 60)
+        await wait_executor_connected(self.executor_status_url, 60, self.tls)
 
     async def restart_scheduler(self) -> None:
         await self.scheduler.stop()
         self.scheduler.start()
-        await wait_serving(self.api_url, 60)
+        await wait_serving(self.api_url, 60, self.tls)
 
     def client(self, env: str = "dev") -> runplane.Client:
         return runplane.Client(
-            api_url=self.api_url, secret_key=self.keys[env], realtime_url=self.realtime_url
+            api_url=self.api_url,
+            secret_key=self.keys[env],
+            realtime_url=self.realtime_url,
+            tls_ca=self.tls.ca,
+            tls_cert=self.tls.cert,
+            tls_key=self.tls.key,
         )
 
     def logs(self) -> str:
