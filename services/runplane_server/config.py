@@ -117,6 +117,10 @@ class RealtimeSettings:
     stream_chunk_bytes: int = 1024 * 1024
     stream_max_bytes: int = 100 * 1024 * 1024
     stream_retention: float = 28 * 24 * 3600.0
+    # Bytes of changes (or chunks) a subscriber may leave unread before it is cut off with a
+    # resumable RESOURCE_EXHAUSTED (SSE: an error event), so a client that stops reading costs
+    # at most this much.
+    subscriber_buffer: int = 4 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -133,4 +137,5 @@ class RealtimeSettings:
             stream_chunk_bytes=_int("RUNPLANE_STREAM_CHUNK_BYTES", d.stream_chunk_bytes),
             stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
             stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
+            subscriber_buffer=_int("RUNPLANE_REALTIME_SUBSCRIBER_BUFFER", d.subscriber_buffer),
         )
