@@ -39,6 +39,9 @@ log = logging.getLogger("runplane.realtime")
 
 T = TypeVar("T")
 
+# How long closing a feed waits for its source to close before cancelling it again.
+CLOSE_PATIENCE = 1.0
+
 # The ErrorInfo of a FellBehind status: clients resume on it (the SDK does).
 FELL_BEHIND_REASON = "SUBSCRIBER_FELL_BEHIND"
 ERROR_DOMAIN = "runplane.dev"
@@ -143,13 +146,24 @@ class Feed(Generic[T]):
         if not self._stopping:
             self._stopping = True
             self._pump.cancel()
-        await asyncio.gather(self._pump, return_exceptions=True)
+        while not self._pump.done():
+            try:
+                await asyncio.wait({self._pump}, timeout=CLOSE_PATIENCE)
+            except asyncio.CancelledError:
+                self._pump.cancel()
+                raise
+            if not self._pump.done():
+                # A source can lose a cancellation (asyncio.wait_for in Python 3.11, used by
+                # nats-py, may return a result that came at the same time): insist.
+                self._pump.cancel()
         self._drop_buffer()
 
     async def _fill(self) -> None:
         try:
             async with contextlib.aclosing(self._source):
                 async for item in self._source:
+                    if self._stopping:  # cut off or closed, though the cancellation was lost
+                        return
                     size = self._size(item)
                     while self._taken == 0 and self._full(size):
                         # Not started yet (a subscriber takes its first item at once, even if
