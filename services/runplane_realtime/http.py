@@ -118,6 +118,8 @@ def _credentials(request: web.Request) -> Metadata:
         raise errors.Unauthenticated(
             "missing `Authorization: Bearer <key or token>` header or `token` query parameter"
         )
+    if not all(" " <= c <= "~" for c in token):  # gRPC metadata could not carry it
+        raise errors.Unauthenticated("malformed key or token: printable ASCII only")
     return (("authorization", f"Bearer {token}"),)
 
 
