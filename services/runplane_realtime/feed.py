@@ -103,8 +103,8 @@ class Feed(Generic[T]):
         self._space = asyncio.Event()
         # Set when the feed is cut off: a subscriber busy writing waits for this too.
         self.cut_off = asyncio.Event()
-        # The pump is closing the source by itself (cut off): cancelling it now could leave the
-        # consumer behind.
+        # The feed is cut off or closing: the pump stops (and, when it stops by itself, is not
+        # cancelled while it deletes its consumer).
         self._stopping = False
         self._pump = asyncio.create_task(self._fill(), name="realtime-feed")
         self._expiry: asyncio.TimerHandle | None = None
@@ -140,7 +140,7 @@ class Feed(Generic[T]):
         return await self.next()
 
     async def aclose(self) -> None:
-        """Stop the pump and close the source (deleting its consumer); never raises."""
+        """Stop the pump and close the source (deleting its consumer)."""
         if self._expiry is not None:
             self._expiry.cancel()
         if not self._stopping:
@@ -203,6 +203,7 @@ class Feed(Generic[T]):
             return
         self._stopping = True
         self._error = error
+        log.info("a subscriber is cut off: %s", error.message)
         self._drop_buffer()
         self._ready.set()
         self.cut_off.set()
