@@ -90,6 +90,7 @@ class FakeScheduler(
 ):
     def __init__(self) -> None:
         self.runs: dict[str, run_pb2.Run] = {}
+        self.address = ""
 
     async def _environment(self, context: Any) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -133,7 +134,7 @@ async def scheduler() -> AsyncIterator[FakeScheduler]:
     meta_service_pb2_grpc.add_MetaServiceServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    fake.address = f"127.0.0.1:{port}"  # type: ignore[attr-defined]
+    fake.address = f"127.0.0.1:{port}"
     try:
         yield fake
     finally:
@@ -166,7 +167,7 @@ async def realtime(
     service = await serve(
         RealtimeSettings(
             nats_url=nats_server.url,
-            api_url=scheduler.address,  # type: ignore[attr-defined]
+            api_url=scheduler.address,
             listen="127.0.0.1:0",
             http_listen="127.0.0.1:0",
             reconcile_interval=LONG,
@@ -475,4 +476,3 @@ async def test_a_subscription_with_a_public_token_ends_when_the_token_expires(
         await eventually(lambda: not realtime.servicer.serving, 10.0)
     finally:
         await channel.close()
-
