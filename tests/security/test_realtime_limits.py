@@ -476,3 +476,43 @@ async def test_a_subscription_with_a_public_token_ends_when_the_token_expires(
         await eventually(lambda: not realtime.servicer.serving, 10.0)
     finally:
         await channel.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_stream_reader_that_stops_reading_is_cut_off_at_its_last_index(
+    js: JetStreamContext, scheduler: FakeScheduler, realtime: RealtimeService
+) -> None:
+    scheduler.runs["run_1"] = run(1)
+    chunk = orjson.dumps({"pad": PAD}).decode()
+    streams = realtime.realtime.streams
+    await streams.append("env_dev", "run_1", "s", [chunk], close=False)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{realtime.port}")
+    try:
+        stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
+        request = realtime_service_pb2.ReadStreamRequest(run_id="run_1", stream_id="s")
+        stalled = stub.ReadStream(request, metadata=DEV)
+
+        async def readers_are(count: int) -> bool:
+            info = await js.stream_info(subjects.RUN_STREAMS_STREAM)
+            return int(info.state.consumer_count) == count
+
+        await eventually(lambda: readers_are(1), 15.0)
+        for _ in range(EVENTS // 50):
+            await streams.append("env_dev", "run_1", "s", [chunk] * 50, close=False)
+        await eventually(lambda: readers_are(0), 60.0, description="cut off")
+
+        got: list[int] = []
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            async for response in stalled:
+                got.append(response.index)
+        except grpc.aio.AioRpcError as failed:
+            error = failed
+        assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert resume_info(error) == {
+            "reason": "SUBSCRIBER_FELL_BEHIND",
+            "after_index": str(len(got)),
+        }
+        assert got == list(range(1, len(got) + 1)) and len(got) < EVENTS
+    finally:
+        await channel.close()
