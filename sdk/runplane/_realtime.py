@@ -10,6 +10,8 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from runplane._errors import from_rpc_error
 from runplane._models import RunStatus
@@ -22,6 +24,9 @@ _FINAL = frozenset(status.to_pb() for status in RunStatus if status.is_final)
 # A realtime service that restarts, or a connection that drops, ends the stream with one of these
 # (INTERNAL: an HTTP/2 stream reset mid-response). Anything else is the server's answer.
 _RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+# The service cuts off a subscriber that reads too slowly (RESOURCE_EXHAUSTED with this reason):
+# it resumes from the last version it yielded, like after a break.
+_FELL_BEHIND = "SUBSCRIBER_FELL_BEHIND"
 _FIRST_BACKOFF = 0.1
 
 
@@ -91,7 +96,7 @@ class _Resumer:
 
     async def broke(self, error: grpc.aio.AioRpcError, resume_from: str) -> None:
         """Wait before resuming, or raise the typed error if it is not a break."""
-        if error.code() not in _RESUMABLE:
+        if error.code() not in _RESUMABLE and not _fell_behind(error):
             raise from_rpc_error(error) from None
         now = self._loop.time()
         if now - self.started > 1.0:
@@ -109,6 +114,20 @@ class _Resumer:
         )
         await asyncio.sleep(self._backoff)
         self._backoff = min(self._backoff * 2, self._max_backoff)
+
+
+def _fell_behind(error: grpc.aio.AioRpcError) -> bool:
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that do not match the status: not the service's own
+        return False
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.reason == _FELL_BEHIND:
+            return True
+    return False
 
 
 async def subscribe_to_run_set(

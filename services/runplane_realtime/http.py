@@ -11,14 +11,21 @@ Authorisation is the gRPC one (the scheduler checks every call): ``Authorization
 token>``, or ``?token=`` for EventSource, which cannot set headers. A refusal is an HTTP status
 with a JSON body before any event; a failure mid-stream is an ``error`` event. Every SSE stream
 that ends by itself sends an ``end`` event first, so an EventSource can close instead of
-reconnecting.
+reconnecting. A client that stops reading is cut off (see ``feed.py``): an ``error`` event with
+code RESOURCE_EXHAUSTED, then the connection closes, and an EventSource resumes from its
+Last-Event-ID. A stream opened with a public access token ends with an UNAUTHENTICATED ``error``
+event when the token expires.
+
+Events carry the run's JSON fields (payload, output, metadata) as their own JSON text, never
+re-encoded, so no depth the scheduler accepted can stop a feed; a field this service cannot read
+as JSON is sent as a string.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -27,12 +34,15 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from runplane.v1 import run_pb2, run_service_pb2
+from runplane_realtime.feed import Feed
 from runplane_realtime.scheduler import Metadata
 from runplane_realtime.server import Realtime, RealtimeServicer
 from runplane_realtime.streams import Chunk
 from runplane_server import errors
 from runplane_server.config import Limits
 from runplane_server.grpcserver import as_service_error
+
+log = logging.getLogger("runplane.realtime.http")
 
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -46,19 +56,48 @@ _HTTP_STATUS = {
 _JSON_TEXT_FIELDS = ("payload", "output", "metadata")
 # An idle SSE stream sends a comment this often (seconds).
 KEEPALIVE = 15.0
-_END = object()
+# A stream's last event (an error) may wait this long for a client that does not read before
+# the connection is closed; what is left unread is dropped this much later.
+LAST_EVENT_GRACE = 1.0
+ABANDON_AFTER = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def run_json(run: run_pb2.Run) -> dict[str, Any]:
-    """The run's public shape as JSON (proto3 JSON names), its JSON-text fields parsed."""
+def run_json(run: run_pb2.Run) -> bytes:
+    """The run's public shape as one line of JSON (proto3 JSON names), its JSON-text fields
+    inlined as JSON."""
     shape: dict[str, Any] = json_format.MessageToDict(run, preserving_proto_field_name=True)
+    inline: list[bytes] = []
     for name in _JSON_TEXT_FIELDS:
-        if name in shape:
-            shape[name] = orjson.loads(shape[name])
+        text = shape.pop(name, None)
+        if text is None:
+            continue
+        value = json_text(text)
+        if value is None:
+            log.warning("run %s: its %s is not JSON this service can read; sent as a string",
+                        run.id, name)  # fmt: skip
+            shape[name] = text
+        else:
+            inline.append(b'"%s":%s' % (name.encode(), value))
     shape["version"] = run.version  # a number, not proto3 JSON's int64 string
-    return shape
+    return _with_members(orjson.dumps(shape), inline)
+
+
+def json_text(text: str) -> bytes | None:
+    """Valid JSON text as it goes into an event: the text itself, not re-encoded (encoders stop
+    at a few hundred levels of nesting, parsers at a thousand), on one line (a JSON text has line
+    breaks only between tokens). None if it is not JSON, or too deep to check."""
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return text.replace("\r", " ").replace("\n", " ").encode()
+
+
+def _with_members(obj: bytes, members: list[bytes]) -> bytes:
+    """A JSON object (never empty) with ``"name":value`` members added."""
+    return obj[:-1] + b"," + b",".join(members) + b"}" if members else obj
 
 
 def _error_body(error: errors.ServiceError) -> dict[str, Any]:
@@ -79,6 +118,8 @@ def _credentials(request: web.Request) -> Metadata:
         raise errors.Unauthenticated(
             "missing `Authorization: Bearer <key or token>` header or `token` query parameter"
         )
+    if not all(" " <= c <= "~" for c in token):  # gRPC metadata could not carry it
+        raise errors.Unauthenticated("malformed key or token: printable ASCII only")
     return (("authorization", f"Bearer {token}"),)
 
 
@@ -100,17 +141,18 @@ def _resume_from(request: web.Request, name: str) -> int:
     return _int_param(request, name)
 
 
-def _run_event(run: run_pb2.Run) -> tuple[str, dict[str, Any]]:
+def _run_event(run: run_pb2.Run) -> tuple[str, bytes]:
     return str(run.version), run_json(run)
 
 
-def _set_event(item: tuple[run_pb2.Run, int]) -> tuple[str, dict[str, Any]]:
+def _set_event(item: tuple[run_pb2.Run, int]) -> tuple[str, bytes]:
     run, cursor = item
     return str(cursor) if cursor else "", run_json(run)
 
 
-def _chunk_event(chunk: Chunk) -> tuple[str, dict[str, Any]]:
-    return str(chunk.index), {"index": chunk.index, "data": orjson.loads(chunk.data)}
+def _chunk_event(chunk: Chunk) -> tuple[str, bytes]:
+    data = json_text(chunk.data) or orjson.dumps(chunk.data)  # appends are checked: JSON
+    return str(chunk.index), b'{"index":%d,"data":%s}' % (chunk.index, data)
 
 
 class HttpServer:
@@ -234,9 +276,9 @@ class HttpServer:
     async def _sse(
         self,
         request: web.Request,
-        opened: AsyncGenerator[Any, None],
+        feed: Feed[Any],
         event: str,
-        encode: Callable[[Any], tuple[str, dict[str, Any]]],
+        encode: Callable[[Any], tuple[str, bytes]],
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -246,37 +288,77 @@ class HttpServer:
             }
         )
         self._cors(request, response)
-        await response.prepare(request)
+        failure: errors.ServiceError | None = None
         following: asyncio.Future[Any] | None = None
         try:
+            await response.prepare(request)
             while True:
                 if following is None:
-                    following = asyncio.ensure_future(anext(opened, _END))
+                    following = asyncio.ensure_future(feed.next())
                 done, _ = await asyncio.wait({following}, timeout=self.keepalive)
                 if not done:
                     # A comment line: keeps proxies from closing an idle stream, and finds out
                     # when the client has gone.
-                    await response.write(b": keepalive\n\n")
+                    await self._write(response, feed, b": keepalive\n\n")
                     continue
-                item, following = following.result(), None
-                if item is _END:
+                finished, following = following, None
+                try:
+                    item = finished.result()
+                except StopAsyncIteration:
                     break
-                event_id, data = encode(item)
+                try:
+                    event_id, data = encode(item)
+                except Exception:
+                    # One event must not end the feed for this follower, nor for the others.
+                    log.exception("skipping an event that cannot be sent as JSON")
+                    continue
                 head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
-                await response.write(f"{head}data: {json.dumps(data)}\n\n".encode())
-            await response.write(b"event: end\ndata: {}\n\n")
+                await self._write(response, feed, head.encode() + b"data: " + data + b"\n\n")
+            await self._write(response, feed, b"event: end\ndata: {}\n\n")
         except ConnectionResetError:  # aiohttp's "cannot write to closing transport" too
             pass  # the client went away
         except Exception as error:
-            body = _error_body(as_service_error(error))
-            await response.write(f"event: error\ndata: {json.dumps(body)}\n\n".encode())
+            failure = as_service_error(error)
         finally:
             # However the response ends, the subscription ends with it (and its consumer goes).
             if following is not None:
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
-            await opened.aclose()
+            await feed.aclose()
+        if failure is not None:
+            body = orjson.dumps(_error_body(failure))
+            await self._last_event(request, response, b"event: error\ndata: " + body + b"\n\n")
         return response
+
+    async def _write(self, response: web.StreamResponse, feed: Feed[Any], data: bytes) -> None:
+        """Write ``data``; if the feed is cut off while the client does not read, give up the
+        write and raise the feed's error."""
+        write = asyncio.ensure_future(response.write(data))
+        cut = asyncio.ensure_future(feed.cut_off.wait())
+        try:
+            await asyncio.wait({write, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not write.done():
+                write.cancel()  # its bytes are in the transport's buffer already
+            await asyncio.gather(write, cut, return_exceptions=True)
+        if not write.cancelled():
+            write.result()
+            return
+        await feed.next()  # raises the reason it was cut off
+
+    async def _last_event(
+        self, request: web.Request, response: web.StreamResponse, data: bytes
+    ) -> None:
+        """Send a stream's last event to a client that may not be reading: after a grace, close
+        the connection (the transport still sends what it holds), and drop it a while later."""
+        try:
+            await asyncio.wait_for(response.write(data), LAST_EVENT_GRACE)
+        except (ConnectionResetError, TimeoutError):
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                transport.close()
+                asyncio.get_running_loop().call_later(ABANDON_AFTER, transport.abort)
 
     async def _trigger(self, request: web.Request) -> web.StreamResponse:
         credentials = _credentials(request)
@@ -300,13 +382,14 @@ class HttpServer:
         except json_format.ParseError as error:
             raise errors.InvalidArgument("options", str(error)) from None
         reply = await self._realtime.scheduler.trigger_run(trigger, credentials)
-        response = web.json_response(
-            {
-                "id": reply.run.id,
-                "isCached": reply.is_cached,
-                "publicAccessToken": reply.public_access_token,
-                "run": run_json(reply.run),
-            }
+        head = {
+            "id": reply.run.id,
+            "isCached": reply.is_cached,
+            "publicAccessToken": reply.public_access_token,
+        }
+        response = web.Response(
+            body=_with_members(orjson.dumps(head), [b'"run":' + run_json(reply.run)]),
+            content_type="application/json",
         )
         self._cors(request, response)
         return response

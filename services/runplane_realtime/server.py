@@ -14,14 +14,15 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, TypeAlias
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
 from runplane_realtime.events import NatsLink, RunEvents
+from runplane_realtime.feed import Feed, token_expiry_ms
 from runplane_realtime.scheduler import Metadata, Scheduler
 from runplane_realtime.streams import Chunk, RunStreams, stream_id
 from runplane_realtime.subscriptions import (
@@ -38,6 +39,7 @@ from runplane_server.grpcserver import Server, bearer_token
 log = logging.getLogger("runplane.realtime")
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 SERVICE_NAME = "runplane.v1.RealtimeService"
 
@@ -60,11 +62,13 @@ class Realtime:
         self.link = link
         self.scheduler = scheduler
         self.streams = RunStreams(link, settings)
+        # The subscribers' feeds that still read events (for tests and introspection).
+        self.feeds: set[Feed[Any]] = set()
         self._write_grants: dict[tuple[str, str], tuple[float, str]] = {}
 
     async def open_run(
         self, credentials: Metadata, run_id: str, after_version: int, keep_open: bool
-    ) -> AsyncGenerator[run_pb2.Run, None]:
+    ) -> Feed[run_pb2.Run]:
         if not run_id:
             raise errors.InvalidArgument("run_id", "must not be empty")
         if after_version < 0:
@@ -82,7 +86,26 @@ class Realtime:
             self.settings.reconcile_interval,
         )
         has_final = is_final(current) and current.version <= after_version
-        return _empty() if has_final and not keep_open else subscription.runs(keep_open)
+        runs = _empty() if has_final and not keep_open else subscription.runs(keep_open)
+
+        def resume(last: run_pb2.Run | None) -> dict[str, str]:
+            return {"after_version": str(last.version if last is not None else after_version)}
+
+        return self._feed(credentials, runs, _run_size, resume)
+
+    def _feed(
+        self,
+        credentials: Metadata,
+        source: AsyncGenerator[T, None],
+        size: Callable[[T], int],
+        resume: Callable[[T | None], dict[str, str]],
+    ) -> Feed[T]:
+        """The subscriber's bounded buffer over ``source``, ending when its token expires."""
+        buffer, expires_at_ms = self.settings.subscriber_buffer, token_expiry_ms(credentials)
+        feed = Feed(source, buffer, size, resume, expires_at_ms)
+        self.feeds.add(feed)
+        feed.when_stopped(lambda: self.feeds.discard(feed))
+        return feed
 
     async def open_tag(
         self,
@@ -91,7 +114,7 @@ class Realtime:
         created_after_ms: int | None,
         after_versions: Mapping[str, int],
         resume_cursor: int = 0,
-    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+    ) -> Feed[tuple[run_pb2.Run, int]]:
         if not tag:
             raise errors.InvalidArgument("tag", "must not be empty")
         now = int(time.time() * 1000)
@@ -113,7 +136,7 @@ class Realtime:
         batch_id: str,
         after_versions: Mapping[str, int],
         resume_cursor: int = 0,
-    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+    ) -> Feed[tuple[run_pb2.Run, int]]:
         if not batch_id:
             raise errors.InvalidArgument("batch_id", "must not be empty")
         _check_resume(after_versions, resume_cursor)
@@ -131,7 +154,7 @@ class Realtime:
         after_versions: Mapping[str, int],
         resume_cursor: int,
         field: str,
-    ) -> AsyncGenerator[tuple[run_pb2.Run, int], None]:
+    ) -> Feed[tuple[run_pb2.Run, int]]:
         """``field`` names the request's tag or batch, which the scheduler checks as a filter."""
         _check_resume(after_versions, resume_cursor)
         environment_id = await self.scheduler.environment_id(credentials)
@@ -152,11 +175,17 @@ class Realtime:
             self.settings.reconcile_interval,
             resume_cursor,
         )
-        return subscription.runs()
+
+        def resume(last: tuple[run_pb2.Run, int] | None) -> dict[str, str]:
+            # The SDK also sends the versions it has; an SSE client its Last-Event-ID.
+            cursor = last[1] if last is not None and last[1] else resume_cursor
+            return {"resume_cursor": str(cursor)}
+
+        return self._feed(credentials, subscription.runs(), _set_size, resume)
 
     async def open_stream(
         self, credentials: Metadata, run_id: str, sid: str, after_index: int
-    ) -> AsyncGenerator[Chunk, None]:
+    ) -> Feed[Chunk]:
         if not run_id:
             raise errors.InvalidArgument("run_id", "must not be empty")
         stream_id(sid)
@@ -170,7 +199,12 @@ class Realtime:
             except errors.Unavailable:
                 return False
 
-        return self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
+        chunks = self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
+
+        def resume(last: Chunk | None) -> dict[str, str]:
+            return {"after_index": str(last.index if last is not None else after_index)}
+
+        return self._feed(credentials, chunks, _chunk_size, resume)
 
     async def append(
         self,
@@ -210,6 +244,18 @@ def _check_resume(after_versions: Mapping[str, int], resume_cursor: int) -> None
     for run_id, version in after_versions.items():
         if version < 0:
             raise errors.InvalidArgument(f"after_versions[{run_id[:80]}]", "must not be negative")
+
+
+def _run_size(run: run_pb2.Run) -> int:
+    return int(run.ByteSize())
+
+
+def _set_size(item: tuple[run_pb2.Run, int]) -> int:
+    return int(item[0].ByteSize())
+
+
+def _chunk_size(chunk: Chunk) -> int:
+    return len(chunk.data)
 
 
 async def _empty() -> AsyncGenerator[run_pb2.Run, None]:

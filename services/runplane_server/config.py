@@ -133,6 +133,10 @@ class RealtimeSettings:
     stream_retention: float = 28 * 24 * 3600.0
     # TLS on the gRPC and HTTP ports, and to the scheduler (RUNPLANE_TLS_*; see runplane.tls).
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # Bytes of changes (or chunks) a subscriber may leave unread before it is cut off with a
+    # resumable RESOURCE_EXHAUSTED (SSE: an error event), so a client that stops reading costs
+    # at most this much.
+    subscriber_buffer: int = 4 * 1024 * 1024
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -150,4 +154,5 @@ class RealtimeSettings:
             stream_max_bytes=_int("RUNPLANE_STREAM_MAX_BYTES", d.stream_max_bytes),
             stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
             tls=TlsSettings.from_env(os.environ),
+            subscriber_buffer=_int("RUNPLANE_REALTIME_SUBSCRIBER_BUFFER", d.subscriber_buffer),
         )
