@@ -23,6 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runplane._errors import ConfigurationError
 
 STATE_DIR = Path(".runplane")
+# What the services write under STATE_DIR (the database with the signing key, NATS's store) is
+# for the user alone, as is dev.env with the keys.
+PRIVATE_UMASK = 0o077
 COLORS = {"nats": 35, "scheduler": 36, "executor": 33, "realtime": 32, "dev": 1}
 
 
@@ -63,6 +66,9 @@ class Service:
     name: str
     argv: list[str]
     env: dict[str, str]
+    # The child's umask; -1 keeps this process's (the executor's: task code's files are the
+    # user's business).
+    umask: int = -1
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     stopping: bool = False
@@ -75,6 +81,7 @@ class Service:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
+            umask=self.umask,
         )
         self._pump = asyncio.create_task(self._forward())
         say(self.name, f"started (pid {self.process.pid})")
@@ -130,7 +137,9 @@ async def wait_serving(address: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def wait_executor_connected(address: str, timeout: float = 60.0) -> None:
+async def wait_executor_connected(address: str, key: str, timeout: float = 60.0) -> None:
+    """Wait until the executor whose admin port is ``address`` is connected to the scheduler;
+    ``key`` is the executor's own credential (its RUNPLANE_WORKER_KEY)."""
     from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -139,7 +148,9 @@ async def wait_executor_connected(address: str, timeout: float = 60.0) -> None:
         while True:
             try:
                 reply = await stub.GetExecutorStatus(
-                    executor_service_pb2.GetExecutorStatusRequest(), timeout=1
+                    executor_service_pb2.GetExecutorStatusRequest(),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=1,
                 )
                 if reply.status.connected:
                     return
@@ -159,6 +170,27 @@ def read_env_file(path: Path) -> dict[str, str]:
             key, value = line.split("=", 1)
             out[key.strip()] = value.strip()
     return out
+
+
+def secure_state_dir(path: Path = STATE_DIR) -> None:
+    """Make ``path`` (0700) or tighten it and what it holds: directories 0700, files 0600."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o600)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only, whatever its mode was."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
@@ -191,7 +223,7 @@ async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
 
 
 async def dev(args: argparse.Namespace) -> int:
-    STATE_DIR.mkdir(exist_ok=True)
+    secure_state_dir()
     python = sys.executable
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -225,6 +257,7 @@ async def dev(args: argparse.Namespace) -> int:
                     str(nats_port),
                 ],
                 env,
+                umask=PRIVATE_UMASK,
             )
             await nats.start()
             services.append(nats)
@@ -256,7 +289,8 @@ async def dev(args: argparse.Namespace) -> int:
             ("realtime", [python, "-m", "runplane", "realtime"]),
             ("executor", [python, "-m", "runplane", "executor", *tasks_args]),
         ):
-            service = Service(name, argv, env)
+            umask = -1 if name == "executor" else PRIVATE_UMASK
+            service = Service(name, argv, env, umask=umask)
             await service.start()
             services.append(service)
         supervisors = [asyncio.create_task(s.supervise()) for s in services]
@@ -264,7 +298,7 @@ async def dev(args: argparse.Namespace) -> int:
             _all(
                 wait_serving(api_url),
                 wait_serving(realtime_url),
-                wait_executor_connected(f"127.0.0.1:{executor_port}"),
+                wait_executor_connected(f"127.0.0.1:{executor_port}", worker_key),
             )
         )
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
@@ -273,10 +307,11 @@ async def dev(args: argparse.Namespace) -> int:
             ready.cancel()
             return 130
         ready.result()
-        (STATE_DIR / "dev.env").write_text(
+        write_private(
+            STATE_DIR / "dev.env",
             f"RUNPLANE_API_URL={api_url}\nRUNPLANE_REALTIME_URL={realtime_url}\n"
             f"RUNPLANE_REALTIME_HTTP_URL={realtime_http_url}\nRUNPLANE_SECRET_KEY={key}\n"
-            f"RUNPLANE_WORKER_KEY={worker_key}\n"
+            f"RUNPLANE_WORKER_KEY={worker_key}\n",
         )
         say(
             "dev",

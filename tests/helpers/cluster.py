@@ -140,7 +140,13 @@ class Cluster:
 
     async def start_executor(self) -> None:
         self.executor.start()
-        await wait_executor_connected(self.executor_status_url, 60)
+        await wait_executor_connected(self.executor_status_url, self.executor_key, 60)
+
+    @property
+    def executor_key(self) -> str:
+        """The credential the executor connects with, which its admin port also wants."""
+        env = self.executor.env
+        return env.get("RUNPLANE_WORKER_KEY") or env["RUNPLANE_SECRET_KEY"]
 
     async def restart_scheduler(self) -> None:
         await self.scheduler.stop()
