@@ -75,14 +75,20 @@ class Service:
     _pump: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            umask=self.umask,
-        )
+        # The child inherits the umask it starts with (uvloop has no ``umask=``); nothing else
+        # in this process creates files meanwhile.
+        previous = os.umask(self.umask) if self.umask >= 0 else -1
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if previous >= 0:
+                os.umask(previous)
         self._pump = asyncio.create_task(self._forward())
         say(self.name, f"started (pid {self.process.pid})")
 
