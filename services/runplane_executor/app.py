@@ -324,6 +324,7 @@ class Executor:
             return
         self.draining = False
         if self._outgoing is not None and self._registered_draining:
+            log.info("resumed: registering again with capacity %d", self.settings.capacity)
             self._outgoing.put_nowait(None)
         else:
             self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=False)))
