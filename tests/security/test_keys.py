@@ -285,15 +285,11 @@ async def test_runplane_dev_keeps_its_state_to_the_user(tmp_path: Path) -> None:
 
 
 async def _admin(address: str, method: str, key: str | None) -> epb.ExecutorStatus:
-    requests = {
-        "GetExecutorStatus": epb.GetExecutorStatusRequest(),
-        "DrainExecutor": epb.DrainExecutorRequest(),
-        "ResumeExecutor": epb.ResumeExecutorRequest(),
-    }
+    request = getattr(epb, f"{method}Request")()
     metadata = (("authorization", f"Bearer {key}"),) if key is not None else ()
     async with grpc.aio.insecure_channel(address) as channel:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
-        reply = await getattr(stub, method)(requests[method], metadata=metadata, timeout=10)
+        reply = await getattr(stub, method)(request, metadata=metadata, timeout=10)
     status: epb.ExecutorStatus = reply.status
     return status
 
