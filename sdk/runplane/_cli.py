@@ -195,13 +195,16 @@ async def _keys_command(engine: Any, args: argparse.Namespace) -> int:
             print(orjson.dumps([_key_dict(k) for k in keys], option=orjson.OPT_INDENT_2).decode())
             return 0
         print(
-            f"{'ID':<30} {'ENV':<8} {'KIND':<7} {'RIGHTS':<12} {'CREATED':<20} {'REVOKED':<20} NAME"
+            f"{'ID':<30} {'ENV':<8} {'KIND':<7} {'RIGHTS':<12} {'CREATED':<20} {'REVOKED':<25} NAME"
         )
         for k in keys:
             d = _key_dict(k)
+            revoked = d["revoked_at"] or "-"
+            if d["revoked_at"] and not d["revoked"]:
+                revoked = f"from {revoked}"  # a rotated key's grace
             print(
                 f"{k.id:<30} {k.environment:<8} {k.kind:<7} {','.join(d['rights']):<12} "
-                f"{d['created_at']:<20} {d['revoked_at'] or '-':<20} {k.name}"
+                f"{d['created_at']:<20} {revoked:<25} {k.name}"
             )
         return 0
     if command == "revoke":

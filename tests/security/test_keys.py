@@ -245,6 +245,27 @@ async def test_a_correctly_signed_token_living_over_30_days_is_refused(
             await token(**claims).runs.retrieve(handle)
 
 
+@pytest.mark.timeout(10)
+def test_the_lifetime_rule_counts_from_iat_or_from_now() -> None:
+    from runplane_server.auth import verify_jwt
+    from runplane_server.errors import Unauthenticated
+
+    key, now_ms, day = b"k" * 32, 1_800_000_000_000, 24 * 3600
+    now = now_ms // 1000
+    ok = ({"iat": now, "exp": now + 30 * day}, {"iat": now - 29 * day, "exp": now + day})
+    for claims in ok:
+        assert verify_jwt(key, sign_jwt(key, claims), now_ms) == claims
+    too_long = (
+        {"iat": now, "exp": now + 30 * day + 2},
+        {"exp": now + 31 * day},
+        {"iat": now - 30 * day, "exp": now + 60},
+        {"iat": "yesterday", "exp": now + 31 * day},
+    )
+    for claims in too_long:
+        with pytest.raises(Unauthenticated, match="30-day"):
+            verify_jwt(key, sign_jwt(key, claims), now_ms)
+
+
 def _modes(root: Path) -> dict[str, int]:
     found = {".": stat.S_IMODE(root.stat().st_mode)}
     for path in root.rglob("*"):
