@@ -143,7 +143,7 @@ async def wait_serving(address: str, timeout: float = 60.0) -> None:
             await asyncio.sleep(0.1)
 
 
-async def wait_executor_connected(address: str, key: str, timeout: float = 60.0) -> None:
+async def wait_executor_connected(address: str, timeout: float = 60.0, *, key: str) -> None:
     """Wait until the executor whose admin port is ``address`` is connected to the scheduler;
     ``key`` is the executor's own credential (its RUNPLANE_WORKER_KEY)."""
     from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
@@ -304,7 +304,7 @@ async def dev(args: argparse.Namespace) -> int:
             _all(
                 wait_serving(api_url),
                 wait_serving(realtime_url),
-                wait_executor_connected(f"127.0.0.1:{executor_port}", worker_key),
+                wait_executor_connected(f"127.0.0.1:{executor_port}", key=worker_key),
             )
         )
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())

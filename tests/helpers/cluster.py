@@ -140,7 +140,7 @@ class Cluster:
 
     async def start_executor(self) -> None:
         self.executor.start()
-        await wait_executor_connected(self.executor_status_url, self.executor_key, 60)
+        await wait_executor_connected(self.executor_status_url, 60, key=self.executor_key)
 
     @property
     def executor_key(self) -> str:
