@@ -166,6 +166,31 @@ async def test_a_revoked_key_and_its_tokens_are_refused_everywhere_within_second
     assert (await cluster.client().runs.retrieve(handle)).id == handle.id
 
 
+@pytest.mark.timeout(120)
+async def test_an_executor_stream_open_with_a_revoked_key_is_ended(cluster: Cluster) -> None:
+    from runplane_executor.app import Executor, ExecutorSettings
+
+    key, key_id = await create_key(cluster.database_url, "--env", "dev", "--kind", "worker")
+    executor = Executor(
+        ExecutorSettings(
+            modules=["examples.hello"], api_url=cluster.api_url, secret_key=key, processes=1
+        )
+    )
+    await executor.start()
+    try:
+        await eventually(lambda: executor.connected, 60, description="the executor connects")
+        code, _, err = await runplane_cli(cluster.database_url, "keys", "revoke", key_id)
+        assert code == 0, err
+        # The open stream ends (its key is checked again every 2 s) and reconnecting is refused.
+        await eventually(
+            lambda: not executor.connected,
+            REVOCATION_SECONDS,
+            description="the scheduler ends the revoked key's stream",
+        )
+    finally:
+        await executor.stop()
+
+
 @pytest.mark.timeout(180)
 async def test_rotate_hands_over_to_a_new_key_and_revokes_the_old(cluster: Cluster) -> None:
     url = cluster.database_url
