@@ -272,6 +272,8 @@ class Executor:
         self._channel: grpc.aio.Channel | None = None
         self._registered_draining = False
         self._admin_key_checked = 0.0
+        # The scheduler refused this executor's key (revoked): so does the admin port.
+        self._key_refused = False
         # Attempt reports (started, result) produced while disconnected, sent on reconnect.
         self._unsent: list[wpb.ConnectRequest] = []
         self.starts = HeldStarts(self._send)
@@ -337,6 +339,8 @@ class Executor:
             raise Unauthenticated(
                 "ExecutorService needs this executor's own key (its RUNPLANE_WORKER_KEY)"
             )
+        if self._key_refused:
+            raise Unauthenticated("the scheduler refuses this executor's key")
         channel = self._channel
         if channel is not None and time.monotonic() - self._admin_key_checked > (
             ADMIN_KEY_CHECK_SECONDS
@@ -403,6 +407,7 @@ class Executor:
                     grpc.StatusCode.PERMISSION_DENIED,
                 ):
                     log.error("the scheduler refused this executor: %s", error.details())
+                    self._key_refused = True
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
             except Exception:
@@ -447,6 +452,7 @@ class Executor:
                     kind = response.WhichOneof("message")
                     if kind == "registered":
                         self._session_token = response.registered.session_token
+                        self._key_refused = False
                         self._outgoing = outgoing
                         self.connected = True
                         for message in self._unsent:
