@@ -2,7 +2,7 @@
 
 Contract used (see bench/README.md):
   runplane db upgrade                      env RUNPLANE_DATABASE_URL
-  runplane keys create --env dev           prints the secret key (last stdout line)
+  runplane keys create --env dev --execute prints the secret key (last stdout line)
   runplane scheduler                       env RUNPLANE_DATABASE_URL, RUNPLANE_NATS_URL,
                                            RUNPLANE_SCHEDULER_LISTEN=127.0.0.1:<port>;
                                            ready when grpc.health.v1.Health/Check = SERVING
@@ -119,7 +119,8 @@ class Runplane(System):
             self.url = f"sqlite+aiosqlite:///{path}"  # path is absolute -> 4 slashes
         self.port = procs.free_port()
         self._cli("db", "upgrade")
-        out = self._cli("keys", "create", "--env", "dev").strip().splitlines()
+        # --execute: the same key triggers (the client) and connects the executors.
+        out = self._cli("keys", "create", "--env", "dev", "--execute").strip().splitlines()
         if not out:
             raise SystemError_("`runplane keys create --env dev` printed no key")
         self.key = out[-1].strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -158,23 +159,99 @@ def _run_dict(run: Any) -> dict[str, Any]:
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in data.items()}
 
 
-def _keys_create(args: argparse.Namespace) -> int:
+def _keys(args: argparse.Namespace) -> int:
+    """``runplane keys create|ls|revoke|rotate``, straight against RUNPLANE_DATABASE_URL."""
     from runplane_server import db
-    from runplane_server.auth import create_key
     from runplane_server.config import SchedulerSettings
+    from runplane_server.errors import ServiceError
 
     settings = SchedulerSettings.from_env()
+    if args.keys_command == "rotate":
+        args.grace_ms = _grace_ms(args.grace)
 
-    async def run() -> str:
+    async def run() -> int:
         engine = db.create_engine(settings.database_url)
         try:
             await db.upgrade(engine)
-            return await create_key(engine, args.env)
+            return await _keys_command(engine, args)
+        except ServiceError as error:
+            return _fail(error.message)
         finally:
             await engine.dispose()
 
-    print(asyncio.run(run()))
+    return asyncio.run(run())
+
+
+async def _keys_command(engine: Any, args: argparse.Namespace) -> int:
+    from runplane_server import auth
+
+    command = args.keys_command
+    if command == "create":
+        print(await auth.create_key(engine, args.env, args.kind, args.execute, args.name or ""))
+        return 0
+    if command == "ls":
+        keys = await auth.list_keys(engine, args.env)
+        if args.json:
+            print(orjson.dumps([_key_dict(k) for k in keys], option=orjson.OPT_INDENT_2).decode())
+            return 0
+        print(
+            f"{'ID':<30} {'ENV':<8} {'KIND':<7} {'RIGHTS':<12} {'CREATED':<20} {'REVOKED':<25} NAME"
+        )
+        for k in keys:
+            d = _key_dict(k)
+            revoked = d["revoked_at"] or "-"
+            if d["revoked_at"] and not d["revoked"]:
+                revoked = f"from {revoked}"  # a rotated key's grace
+            print(
+                f"{k.id:<30} {k.environment:<8} {k.kind:<7} {','.join(d['rights']):<12} "
+                f"{d['created_at']:<20} {revoked:<25} {k.name}"
+            )
+        return 0
+    if command == "revoke":
+        key = await auth.revoke_key(engine, args.key_id)
+        print(f"{key.id} revoked at {_iso(key.revoked_at)}", file=sys.stderr)
+        return 0
+    new_key, old = await auth.rotate_key(engine, args.key_id, args.grace_ms)
+    print(new_key)
+    when = "works until" if args.grace_ms else "revoked at"
+    print(f"{old.id} {when} {_iso(old.revoked_at)}", file=sys.stderr)
     return 0
+
+
+def _grace_ms(text: str | None) -> int:
+    from runplane._durations import seconds
+
+    if not text:
+        return 0
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    return round(seconds(value, "--grace") * 1000)
+
+
+def _iso(ms: int | None) -> str:
+    from datetime import UTC, datetime
+
+    if ms is None:
+        return ""
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+def _key_dict(key: Any) -> dict[str, Any]:
+    """A key as ``keys ls`` shows it; the key itself and its hash are never stored or shown."""
+    return {
+        "id": key.id,
+        "env": key.environment,
+        "kind": key.kind,
+        "rights": sorted(key.rights),
+        "name": key.name,
+        "created_at": _iso(key.created_at),
+        "revoked_at": _iso(key.revoked_at) or None,
+        "revoked": key.revoked(int(time.time() * 1000)),
+    }
 
 
 def _db_upgrade(_args: argparse.Namespace) -> int:
@@ -261,10 +338,38 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("show", "delete", "activate", "deactivate"):
         ssub.add_parser(name).add_argument("schedule_id")
 
-    keys = sub.add_parser("keys", help="secret keys")
+    keys = sub.add_parser(
+        "keys", help="create, list, revoke and rotate keys (against RUNPLANE_DATABASE_URL)"
+    )
     ksub = keys.add_subparsers(dest="keys_command", required=True)
-    kc = ksub.add_parser("create", help="create a secret key and print it")
+    kc = ksub.add_parser("create", help="create a key and print it (shown only this once)")
     kc.add_argument("--env", required=True, choices=["dev", "staging", "prod"])
+    kc.add_argument(
+        "--kind",
+        default="secret",
+        choices=["secret", "worker"],
+        help="secret: trigger, read and manage runs; worker: only connect an executor",
+    )
+    kc.add_argument(
+        "--execute", action="store_true", help="a secret key that may also connect an executor"
+    )
+    kc.add_argument("--name", default="", help="a label shown by `keys ls`")
+    kls = ksub.add_parser("ls", help="list keys (never the keys themselves)")
+    kls.add_argument("--env", choices=["dev", "staging", "prod"])
+    kls.add_argument("--json", action="store_true", help="as JSON")
+    ksub.add_parser(
+        "revoke", help="revoke a key: every service refuses it within seconds"
+    ).add_argument("key_id")
+    krot = ksub.add_parser(
+        "rotate",
+        help="print a new key with the same environment, rights and name, and revoke the old one",
+    )
+    krot.add_argument("key_id")
+    krot.add_argument(
+        "--grace",
+        metavar="DURATION",
+        help='keep the old key working this long (e.g. "10m", "1h"), to switch over without a gap',
+    )
 
     dbp = sub.add_parser("db", help="database")
     dsub = dbp.add_subparsers(dest="db_command", required=True)
@@ -321,7 +426,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schedules":
         return run_async(_schedules(args))
     if args.command == "keys":
-        return _keys_create(args)
+        return _keys(args)
     if args.command == "db":
         return _db_upgrade(args)
     return _fail(f"unknown command {args.command}")

@@ -24,6 +24,9 @@ from runplane._errors import ConfigurationError
 from runplane.tls import TlsSettings, open_channel
 
 STATE_DIR = Path(".runplane")
+# What the services write under STATE_DIR (the database with the signing key, NATS's store) is
+# for the user alone, as is dev.env with the keys.
+PRIVATE_UMASK = 0o077
 COLORS = {"nats": 35, "scheduler": 36, "executor": 33, "realtime": 32, "dev": 1}
 
 
@@ -64,19 +67,29 @@ class Service:
     name: str
     argv: list[str]
     env: dict[str, str]
+    # The child's umask; -1 keeps this process's (the executor's: task code's files are the
+    # user's business).
+    umask: int = -1
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     stopping: bool = False
     _pump: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The child inherits the umask it starts with (uvloop has no ``umask=``); nothing else
+        # in this process creates files meanwhile.
+        previous = os.umask(self.umask) if self.umask >= 0 else -1
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if previous >= 0:
+                os.umask(previous)
         self._pump = asyncio.create_task(self._forward())
         say(self.name, f"started (pid {self.process.pid})")
 
@@ -133,8 +146,10 @@ async def wait_serving(address: str, timeout: float = 60.0, tls: TlsSettings | N
 
 
 async def wait_executor_connected(
-    address: str, timeout: float = 60.0, tls: TlsSettings | None = None
+    address: str, timeout: float = 60.0, tls: TlsSettings | None = None, *, key: str
 ) -> None:
+    """Wait until the executor whose admin port is ``address`` is connected to the scheduler;
+    ``key`` is the executor's own credential (its RUNPLANE_WORKER_KEY)."""
     from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -143,7 +158,9 @@ async def wait_executor_connected(
         while True:
             try:
                 reply = await stub.GetExecutorStatus(
-                    executor_service_pb2.GetExecutorStatusRequest(), timeout=1
+                    executor_service_pb2.GetExecutorStatusRequest(),
+                    metadata=(("authorization", f"Bearer {key}"),),
+                    timeout=1,
                 )
                 if reply.status.connected:
                     return
@@ -307,6 +324,27 @@ def tls_env(tls: TlsSettings) -> dict[str, str]:
     return {"RUNPLANE_TLS_CERT": tls.cert, "RUNPLANE_TLS_KEY": tls.key, "RUNPLANE_TLS_CA": tls.ca}
 
 
+def secure_state_dir(path: Path = STATE_DIR) -> None:
+    """Make ``path`` (0700) or tighten it and what it holds: directories 0700, files 0600."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o600)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only, whatever its mode was."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
     """The dev secret key and worker key from .runplane/dev.env if the database still accepts
     them, else new ones."""
@@ -337,7 +375,7 @@ async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
 
 
 async def dev(args: argparse.Namespace) -> int:
-    STATE_DIR.mkdir(exist_ok=True)
+    secure_state_dir()
     python = sys.executable
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -371,6 +409,7 @@ async def dev(args: argparse.Namespace) -> int:
                     str(nats_port),
                 ],
                 env,
+                umask=PRIVATE_UMASK,
             )
             await nats.start()
             services.append(nats)
@@ -411,7 +450,8 @@ async def dev(args: argparse.Namespace) -> int:
             ("realtime", [python, "-m", "runplane", "realtime"]),
             ("executor", [python, "-m", "runplane", "executor", *tasks_args]),
         ):
-            service = Service(name, argv, env)
+            umask = -1 if name == "executor" else PRIVATE_UMASK
+            service = Service(name, argv, env, umask=umask)
             await service.start()
             services.append(service)
         supervisors = [asyncio.create_task(s.supervise()) for s in services]
@@ -419,7 +459,9 @@ async def dev(args: argparse.Namespace) -> int:
             _all(
                 wait_serving(api_url, tls=client_tls),
                 wait_serving(realtime_url, tls=client_tls),
-                wait_executor_connected(f"127.0.0.1:{executor_port}", tls=client_tls),
+                wait_executor_connected(
+                    f"127.0.0.1:{executor_port}", tls=client_tls, key=worker_key
+                ),
             )
         )
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
@@ -436,7 +478,7 @@ async def dev(args: argparse.Namespace) -> int:
             "RUNPLANE_WORKER_KEY": worker_key,
             **(tls_env(client_tls) if args.tls else {}),
         }
-        (STATE_DIR / "dev.env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        write_private(STATE_DIR / "dev.env", "".join(f"{k}={v}\n" for k, v in settings.items()))
         say(
             "dev",
             f"ready: API {api_url}, realtime {realtime_url} (HTTP {realtime_http_url}); "

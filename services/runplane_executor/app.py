@@ -1,14 +1,16 @@
 """The executor process: one stream to the scheduler, a warm pool of task processes, and its own
-ExecutorService (status and drain)."""
+ExecutorService (status, drain and resume), which only the executor's own credential may call."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,8 @@ from runplane.v1 import (
 )
 from runplane.v1 import (
     executor_service_pb2_grpc,
+    meta_service_pb2,
+    meta_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
 from runplane.v1 import (
@@ -35,6 +39,8 @@ from runplane_executor import taskproc, waits
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 from runplane_server import telemetry
+from runplane_server.auth import RIGHT_EXECUTE, Principal
+from runplane_server.errors import Unauthenticated
 from runplane_server.grpcserver import Server
 from runplane_server.ids import new_id
 
@@ -96,6 +102,9 @@ def payload_schema(t: Task[Any]) -> str:
 
 # Messages about attempts that must reach the scheduler: kept while disconnected, sent on reconnect.
 REPORTS = ("started", "result", "metadata", "logs", "wait")
+# An admin call's key, once the scheduler accepted it, is not asked about again for this long:
+# a revoked key is refused here as soon as on the scheduler.
+ADMIN_KEY_CHECK_SECONDS = 2.0
 
 
 def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
@@ -263,12 +272,18 @@ class Executor:
         )
         self.connected = False
         self.draining = False
-        self._outgoing: asyncio.Queue[wpb.ConnectRequest] | None = None
+        # The stream's queue; None in it ends the stream (the executor then registers again).
+        self._outgoing: asyncio.Queue[wpb.ConnectRequest | None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._registered_draining = False
+        self._admin_key_checked = 0.0
+        # The scheduler refused this executor's key (revoked): so does the admin port.
+        self._key_refused = False
         # Attempt reports (started, result) produced while disconnected, sent on reconnect.
         self._unsent: list[wpb.ConnectRequest] = []
         self.starts = HeldStarts(self._send)
         self._task: asyncio.Task[None] | None = None
-        self.server = Server(authenticate=None, tls=settings.tls)
+        self.server = Server(authenticate=self.authenticate_admin, tls=settings.tls)
         self.port = 0
 
     async def start(self) -> None:
@@ -308,6 +323,47 @@ class Executor:
     def drain(self) -> None:
         self.draining = True
         self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True)))
+
+    def resume(self) -> None:
+        """Undo a drain. A stream registered while draining told the scheduler a capacity of 0,
+        so it is ended and the executor registers again with its capacity."""
+        if not self.draining:
+            return
+        self.draining = False
+        if self._outgoing is not None and self._registered_draining:
+            log.info("resumed: registering again with capacity %d", self.settings.capacity)
+            self._outgoing.put_nowait(None)
+        else:
+            self._send(wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=False)))
+
+    async def authenticate_admin(self, token: str) -> Principal:
+        """ExecutorService calls need the key this executor connects with (compared in constant
+        time) and, while connected, one the scheduler still accepts: a revoked key is refused
+        here within seconds. Without a scheduler to ask the key alone decides."""
+        if not hmac.compare_digest(token.encode(), self.settings.secret_key.encode()):
+            raise Unauthenticated(
+                "ExecutorService needs this executor's own key (its RUNPLANE_WORKER_KEY)"
+            )
+        if self._key_refused:
+            raise Unauthenticated("the scheduler refuses this executor's key")
+        channel = self._channel
+        if channel is not None and time.monotonic() - self._admin_key_checked > (
+            ADMIN_KEY_CHECK_SECONDS
+        ):
+            try:
+                await meta_service_pb2_grpc.MetaServiceStub(channel).GetServerInfo(
+                    meta_service_pb2.GetServerInfoRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=5,
+                )
+                self._admin_key_checked = time.monotonic()
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    raise Unauthenticated(
+                        f"the scheduler refuses this key: {error.details()}"
+                    ) from None
+                log.warning("admin call: the scheduler cannot check the key: %s", error.details())
+        return Principal(environment_id="", environment_slug="", rights=frozenset({RIGHT_EXECUTE}))
 
     # -- the stream ----------------------------------------------------------------------------
 
@@ -356,6 +412,7 @@ class Executor:
                     grpc.StatusCode.PERMISSION_DENIED,
                 ):
                     log.error("the scheduler refused this executor: %s", error.details())
+                    self._key_refused = True
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
             except Exception:
@@ -366,7 +423,8 @@ class Executor:
             backoff = min(backoff * 2, 5.0)
 
     async def _session(self) -> None:
-        outgoing: asyncio.Queue[wpb.ConnectRequest] = asyncio.Queue()
+        outgoing: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()
+        self._registered_draining = self.draining
         outgoing.put_nowait(
             wpb.ConnectRequest(
                 register=wpb.Register(
@@ -384,11 +442,12 @@ class Executor:
         )
 
         async def requests() -> AsyncIterator[wpb.ConnectRequest]:
-            while True:
-                yield await outgoing.get()
+            while (message := await outgoing.get()) is not None:
+                yield message
 
         async with open_channel(self.settings.api_url, self.settings.tls) as channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
+            self._channel = channel
             call = stub.Connect(
                 requests(), metadata=(("authorization", f"Bearer {self.settings.secret_key}"),)
             )
@@ -398,6 +457,7 @@ class Executor:
                     kind = response.WhichOneof("message")
                     if kind == "registered":
                         self._session_token = response.registered.session_token
+                        self._key_refused = False
                         self._outgoing = outgoing
                         self.connected = True
                         for message in self._unsent:
@@ -432,18 +492,19 @@ class Executor:
             finally:
                 self.connected = False
                 self._outgoing = None
+                self._channel = None
                 # Reports the stream never took go out again on the next connection.
                 while not outgoing.empty():
-                    message = outgoing.get_nowait()
-                    if message.WhichOneof("message") in REPORTS:
-                        self._unsent.append(message)
+                    left = outgoing.get_nowait()
+                    if left is not None and left.WhichOneof("message") in REPORTS:
+                        self._unsent.append(left)
                 if heartbeat is not None:
                     heartbeat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await heartbeat
 
     async def _heartbeat(
-        self, outgoing: asyncio.Queue[wpb.ConnectRequest], interval: float
+        self, outgoing: asyncio.Queue[wpb.ConnectRequest | None], interval: float
     ) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -464,6 +525,12 @@ class _ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
     ) -> epb.DrainExecutorResponse:
         self.executor.drain()
         return epb.DrainExecutorResponse(status=self.executor.status())
+
+    async def ResumeExecutor(
+        self, request: epb.ResumeExecutorRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> epb.ResumeExecutorResponse:
+        self.executor.resume()
+        return epb.ResumeExecutorResponse(status=self.executor.status())
 
 
 async def _serve(settings: ExecutorSettings) -> None:

@@ -47,8 +47,9 @@ SERVICE_NAME = "runplane.v1.RealtimeService"
 DEFAULT_TAG_WINDOW_MS = 24 * 3600 * 1000
 MAX_TAG_WINDOW_MS = 7 * 24 * 3600 * 1000
 # An AppendStream caller's right to write a run's stream is checked with the scheduler at most
-# this often.
-WRITE_GRANT_TTL = 30.0
+# this often: about as often as the scheduler re-reads a key, so a revoked key stops writing
+# within seconds.
+WRITE_GRANT_TTL = 2.0
 
 
 class Realtime:

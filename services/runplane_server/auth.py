@@ -5,6 +5,11 @@ A secret key sees everything in its environment. A public token sees only what i
 (``read:runs:<id>``, ``read:tags:<tag>``, ``read:batch:<id>``, ``trigger:tasks:<id>``,
 ``write:waitpoints:<id>``) and may call only the read and trigger methods: out of scope is
 PERMISSION_DENIED, expired or forged is UNAUTHENTICATED.
+
+Keys are listed, revoked and rotated with ``runplane keys`` (:func:`list_keys`,
+:func:`revoke_key`, :func:`rotate_key`). A revoked key, and every public token it minted, is
+refused within the authenticator's cache time (2 s). A public token living longer than 30 days
+is refused even when correctly signed.
 """
 
 from __future__ import annotations
@@ -23,12 +28,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runplane_server import db
-from runplane_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from runplane_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from runplane_server.ids import new_id
 
 ENVIRONMENT_SLUGS = ("dev", "staging", "prod")
@@ -50,6 +61,7 @@ class Principal:
     # What a secret key may do: RIGHT_API (trigger, read, manage) and RIGHT_EXECUTE (connect to
     # WorkerService as an executor). A public token has RIGHT_API, narrowed by its scopes.
     rights: frozenset[str] = frozenset({"api"})
+    # The key's id; for a public token, the id of the key that minted it ("" for older tokens).
     key_id: str = ""
 
     @property
@@ -122,12 +134,104 @@ async def create_key(
     return key
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as ``runplane keys ls`` shows it: never the key or its hash."""
+
+    id: str
+    environment: str
+    rights: frozenset[str]
+    name: str
+    created_at: int  # ms
+    revoked_at: int | None  # ms; in the future while a rotated key's grace lasts
+
+    @property
+    def kind(self) -> str:
+        return "secret" if RIGHT_API in self.rights else "worker"
+
+    def revoked(self, now_ms: int) -> bool:
+        return self.revoked_at is not None and self.revoked_at <= now_ms
+
+
+def _key_info(row: Any) -> KeyInfo:
+    return KeyInfo(
+        id=row.id,
+        environment=row.slug,
+        rights=_rights(row.rights),
+        name=row.name,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _rights(text: object) -> frozenset[str]:
+    return frozenset(r for r in str(text).split(",") if r)
+
+
+def _keys_query() -> Any:
+    k = db.api_keys.c
+    return (
+        select(k.id, db.environments.c.slug, k.rights, k.name, k.created_at, k.revoked_at)
+        .select_from(db.api_keys.join(db.environments, db.environments.c.id == k.environment_id))
+        .order_by(k.created_at, k.id)
+    )
+
+
+async def list_keys(engine: AsyncEngine, slug: str | None = None) -> list[KeyInfo]:
+    """Every key (of the environment ``slug``), oldest first."""
+    query = _keys_query()
+    if slug is not None:
+        query = query.where(db.environments.c.slug == slug)
+    async with engine.connect() as conn:
+        return [_key_info(row) for row in await conn.execute(query)]
+
+
+async def get_key(engine: AsyncEngine, key_id: str) -> KeyInfo:
+    """The key with id ``key_id``; NOT_FOUND when there is none."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(_keys_query().where(db.api_keys.c.id == key_id))).first()
+    if row is None:
+        raise NotFound(f"no key with id {key_id!r} (runplane keys ls lists them)")
+    return _key_info(row)
+
+
+async def revoke_key(engine: AsyncEngine, key_id: str, at_ms: int | None = None) -> KeyInfo:
+    """Revoke the key ``key_id`` now (or at ``at_ms``); every service refuses it within the
+    authenticators' cache time. A key already revoked earlier keeps its earlier time."""
+    at = _now_ms() if at_ms is None else at_ms
+    current = await get_key(engine, key_id)
+    if current.revoked_at is not None and current.revoked_at <= at:
+        return current
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(db.api_keys).where(db.api_keys.c.id == key_id).values(revoked_at=at)
+        )
+    return await get_key(engine, key_id)
+
+
+async def rotate_key(engine: AsyncEngine, key_id: str, grace_ms: int = 0) -> tuple[str, KeyInfo]:
+    """A new key with the environment, rights and name of ``key_id``, which is revoked now or
+    after ``grace_ms`` (both work meanwhile). Returns the new key and the old key's info; a key
+    already revoked cannot be rotated (FAILED_PRECONDITION)."""
+    old = await get_key(engine, key_id)
+    if old.revoked(_now_ms()):
+        raise FailedPrecondition(f"key {key_id} is revoked; create a new one instead")
+    kind = old.kind
+    key = await create_key(
+        engine, old.environment, kind, execute=RIGHT_EXECUTE in old.rights, name=old.name
+    )
+    return key, await revoke_key(engine, key_id, _now_ms() + max(0, grace_ms))
+
+
 class KeyAuthenticator:
     """Resolves ``authorization: Bearer <secret key or public token>`` to a Principal. Without
     ``tokens`` public tokens are refused.
 
-    Keys found are cached for ``cache_seconds``, so a revoked key stops working on every
-    scheduler within that long."""
+    What the database says about a key (its environment, rights, revocation time) is cached for
+    ``cache_seconds``, so a key revoked (or deleted) stops working on every scheduler within that
+    long; a revocation time in the future (a rotated key's grace) is compared with the clock on
+    every call. A public token naming the key that minted it (its ``key`` claim) is refused once
+    that key is revoked, checked with the same cache."""
 
     def __init__(
         self, engine: AsyncEngine, tokens: PublicTokens | None = None, cache_seconds: float = 2.0
@@ -135,18 +239,33 @@ class KeyAuthenticator:
         self._engine = engine
         self._tokens = tokens
         self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal]] = {}
+        # By key hash (secret keys) and by key id (the keys public tokens name).
+        self._cache: dict[str, tuple[float, Principal, int | None]] = {}
+        self._by_id: dict[str, tuple[float, int | None]] = {}
 
     async def __call__(self, token: str) -> Principal:
         if is_public_token(token):
             if self._tokens is None:
                 raise Unauthenticated("public access tokens are not accepted here")
-            return await self._tokens.verify(token)
+            who = await self._tokens.verify(token)
+            if who.key_id:
+                await self._check_minting_key(who.key_id)
+            return who
         digest = hash_key(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and now - cached[0] < self._cache_seconds:
-            return cached[1]
+            found, revoked_at = cached[1], cached[2]
+        else:
+            found, revoked_at = await self._load(digest)
+            if len(self._cache) > 10_000:  # bounded: unknown keys are never cached
+                self._cache.clear()
+            self._cache[digest] = (now, found, revoked_at)
+        if revoked_at is not None and revoked_at <= _now_ms():
+            raise Unauthenticated("this key has been revoked")
+        return found
+
+    async def _load(self, digest: str) -> tuple[Principal, int | None]:
         k = db.api_keys.c
         async with self._engine.connect() as conn:
             row = (
@@ -167,25 +286,43 @@ class KeyAuthenticator:
         if row is None:
             self._cache.pop(digest, None)
             raise Unauthenticated("unknown secret key")
-        if row.revoked_at is not None:
-            self._cache.pop(digest, None)
-            raise Unauthenticated("this key has been revoked")
         found = Principal(
             environment_id=row.id,
             environment_slug=row.slug,
-            rights=frozenset(r for r in str(row.rights).split(",") if r),
+            rights=_rights(row.rights),
             key_id=row.key_id,
         )
-        if len(self._cache) > 10_000:  # bounded: unknown keys are never cached
-            self._cache.clear()
-        self._cache[digest] = (now, found)
-        return found
+        return found, row.revoked_at
+
+    async def _check_minting_key(self, key_id: str) -> None:
+        now = time.monotonic()
+        cached = self._by_id.get(key_id)
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            revoked_at = cached[1]
+        else:
+            async with self._engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        select(db.api_keys.c.revoked_at).where(db.api_keys.c.id == key_id)
+                    )
+                ).first()
+            if row is None:
+                self._by_id.pop(key_id, None)
+                raise Unauthenticated("public access token: the key that minted it is gone")
+            revoked_at = row.revoked_at
+            if len(self._by_id) > 10_000:
+                self._by_id.clear()
+            self._by_id[key_id] = (now, revoked_at)
+        if revoked_at is not None and revoked_at <= _now_ms():
+            raise Unauthenticated("public access token: the key that minted it has been revoked")
 
 
 # -- public access tokens ----------------------------------------------------------------------
 
 DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
 MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
+# ``iat`` is whole seconds, so a 30-day token may read as up to a second longer.
+TOKEN_CLOCK_SLACK_MS = 1000
 # The lifetime of the token a trigger hands back for reading its run.
 RUN_TOKEN_LIFETIME_MS = DEFAULT_TOKEN_LIFETIME_MS
 # The resource: 1..256 characters, none of them blank or a control character.
@@ -247,6 +384,13 @@ def verify_jwt(key: bytes, token: str, now_ms: int) -> dict[str, Any]:
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or exp * 1000 <= now_ms:
         raise Unauthenticated("public access token: expired")
+    # A token living longer than any this installation mints is refused even when signed
+    # (a leaked signing key must not yield everlasting tokens): its lifetime counts from its
+    # ``iat``, or from now when it has none.
+    iat = claims.get("iat")
+    start = iat * 1000 if isinstance(iat, int | float) and iat * 1000 <= now_ms else now_ms
+    if exp * 1000 - start > MAX_TOKEN_LIFETIME_MS + TOKEN_CLOCK_SLACK_MS:
+        raise Unauthenticated("public access token: lives longer than the 30-day maximum")
     return claims
 
 
@@ -325,6 +469,8 @@ class PublicTokens:
             "exp": expires_at_ms / 1000,
             "jti": new_id("tok"),
         }
+        if who.key_id:  # the token dies with the key that minted it
+            claims["key"] = who.key_id
         if single_use:
             claims["single_use"] = True
         return sign_jwt(await self._signing_key(), claims)
@@ -333,7 +479,7 @@ class PublicTokens:
         """A 15-minute token reading one run (``kind="runs"``) or one batch (``"batch"``): what
         a trigger or a batch trigger hands back, minted for the caller's environment."""
         return await self.mint(
-            Principal(who.environment_id, who.environment_slug),
+            Principal(who.environment_id, who.environment_slug, key_id=who.key_id),
             [f"read:{kind}:{resource_id}"],
             _now_ms() + RUN_TOKEN_LIFETIME_MS,
         )
@@ -351,6 +497,7 @@ class PublicTokens:
             token_id=str(claims.get("jti", "")),
             single_use=bool(claims.get("single_use", False)),
             expires_at=int(float(claims["exp"]) * 1000),
+            key_id=str(claims.get("key", "")),
         )
 
 
@@ -394,6 +541,9 @@ def _now_ms() -> int:
 # Callable with any credential of the environment.
 ANY_KEY_METHODS = frozenset({"/runplane.v1.MetaService/GetServerInfo"})
 WORKER_SERVICE = "/runplane.v1.WorkerService/"
+# An executor's own admin port: it authenticates only its own credential, which has the execute
+# right.
+EXECUTOR_SERVICE = "/runplane.v1.ExecutorService/"
 
 
 def authorize_method(who: Principal, method: str) -> None:
@@ -405,7 +555,7 @@ def authorize_method(who: Principal, method: str) -> None:
         return
     if method in ANY_KEY_METHODS:
         return
-    if method.startswith(WORKER_SERVICE):
+    if method.startswith((WORKER_SERVICE, EXECUTOR_SERVICE)):
         if RIGHT_EXECUTE not in who.rights:
             raise PermissionDenied(
                 f"this key may not connect an executor ({method}); use a worker key "

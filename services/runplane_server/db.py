@@ -7,6 +7,7 @@ to compare. JSON values are stored as text, exactly as the API carries them.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -198,11 +199,15 @@ batches = Table(
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An async engine; SQLite files get WAL, NORMAL sync and a busy timeout."""
+    """An async engine; SQLite files get WAL, NORMAL sync and a busy timeout.
+
+    A new SQLite file (and the directory made for it) is readable by its owner only: it holds
+    the signing key of public tokens. SQLite gives its -wal and -shm files the file's mode."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
+        if path and path != ":memory:" and not path.startswith("file:"):
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

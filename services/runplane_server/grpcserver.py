@@ -83,6 +83,28 @@ def _unavailable(error: BaseException) -> Unavailable:
     return Unavailable(f"a dependency is unavailable ({type(error).__name__}); retry later")
 
 
+# A stream's credentials are checked again this often while it lasts, so a key revoked while an
+# executor's stream (or any long stream) is open ends it within seconds.
+REAUTHENTICATE_SECONDS = 2.0
+
+
+async def _reauthenticate(
+    authenticate: Authenticator, key: str, serving: asyncio.Task[Any], refused: list[ServiceError]
+) -> None:
+    """Check ``key`` every REAUTHENTICATE_SECONDS until cancelled; once it is refused, note why
+    in ``refused`` and cancel ``serving``, the call's task, which answers with that status."""
+    while True:
+        await asyncio.sleep(REAUTHENTICATE_SECONDS)
+        try:
+            await authenticate(key)
+        except Unauthenticated as error:
+            refused.append(error)
+            serving.cancel()
+            return
+        except Exception as error:  # the database unreachable is not a revocation
+            log.debug("stream re-authentication failed: %r", error)
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates the caller, continues the caller's trace and maps ServiceError to a status."""
 
@@ -148,15 +170,33 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def call(
                 raw: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
+                refused: list[ServiceError] = []
+                watch: asyncio.Task[None] | None = None
                 try:
                     request = decode_stream(raw) if streaming else decode(raw)
                     await enter(context)
+                    serving = asyncio.current_task()
+                    if authenticate is not None and serving is not None:
+                        key = bearer_token(context.invocation_metadata())
+                        watch = asyncio.create_task(
+                            _reauthenticate(authenticate, key, serving, refused)
+                        )
                     async for item in behavior(request, context):
                         yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                except asyncio.CancelledError:
+                    if not refused:
+                        raise
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    await _abort(context, refused[0])
+                except grpc.aio.AbortError:
                     raise
                 except Exception as error:
                     await _abort(context, as_service_error(error))
+                finally:
+                    if watch is not None:
+                        watch.cancel()
 
             return call
 

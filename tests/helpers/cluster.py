@@ -151,7 +151,13 @@ class Cluster:
 
     async def start_executor(self) -> None:
         self.executor.start()
-        await wait_executor_connected(self.executor_status_url, 60, self.tls)
+        await wait_executor_connected(self.executor_status_url, 60, self.tls, key=self.executor_key)
+
+    @property
+    def executor_key(self) -> str:
+        """The credential the executor connects with, which its admin port also wants."""
+        env = self.executor.env
+        return env.get("RUNPLANE_WORKER_KEY") or env["RUNPLANE_SECRET_KEY"]
 
     async def restart_scheduler(self) -> None:
         await self.scheduler.stop()

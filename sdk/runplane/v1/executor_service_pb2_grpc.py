@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class ExecutorServiceStub:
-    """ExecutorService is an executor's own status and drain endpoint.
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
     """
 
     def __init__(self, channel):
@@ -46,10 +48,17 @@ class ExecutorServiceStub:
                 request_serializer=runplane_dot_v1_dot_executor__service__pb2.DrainExecutorRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_executor__service__pb2.DrainExecutorResponse.FromString,
                 _registered_method=True)
+        self.ResumeExecutor = channel.unary_unary(
+                '/runplane.v1.ExecutorService/ResumeExecutor',
+                request_serializer=runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServiceServicer:
-    """ExecutorService is an executor's own status and drain endpoint.
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
     """
 
     def GetExecutorStatus(self, request, context):
@@ -60,6 +69,13 @@ class ExecutorServiceServicer:
 
     def DrainExecutor(self, request, context):
         """Stop taking new attempts; running ones finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeExecutor(self, request, context):
+        """Undo a drain: take new attempts again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +94,11 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
                     request_deserializer=runplane_dot_v1_dot_executor__service__pb2.DrainExecutorRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_executor__service__pb2.DrainExecutorResponse.SerializeToString,
             ),
+            'ResumeExecutor': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeExecutor,
+                    request_deserializer=runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'runplane.v1.ExecutorService', rpc_method_handlers)
@@ -87,7 +108,9 @@ def add_ExecutorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExecutorService:
-    """ExecutorService is an executor's own status and drain endpoint.
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
     """
 
     @staticmethod
@@ -134,6 +157,33 @@ class ExecutorService:
             '/runplane.v1.ExecutorService/DrainExecutor',
             runplane_dot_v1_dot_executor__service__pb2.DrainExecutorRequest.SerializeToString,
             runplane_dot_v1_dot_executor__service__pb2.DrainExecutorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeExecutor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.ExecutorService/ResumeExecutor',
+            runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorRequest.SerializeToString,
+            runplane_dot_v1_dot_executor__service__pb2.ResumeExecutorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ExecutorServiceStub:
-    """ExecutorService is an executor's own status and drain endpoint."""
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -37,18 +40,28 @@ class ExecutorServiceStub:
     GetExecutorStatus: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.GetExecutorStatusRequest, _executor_service_pb2.GetExecutorStatusResponse]
     DrainExecutor: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.DrainExecutorRequest, _executor_service_pb2.DrainExecutorResponse]
     """Stop taking new attempts; running ones finish."""
+    ResumeExecutor: _grpc.UnaryUnaryMultiCallable[_executor_service_pb2.ResumeExecutorRequest, _executor_service_pb2.ResumeExecutorResponse]
+    """Undo a drain: take new attempts again."""
 
 @_typing.type_check_only
 class ExecutorServiceAsyncStub(ExecutorServiceStub):
-    """ExecutorService is an executor's own status and drain endpoint."""
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetExecutorStatus: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.GetExecutorStatusRequest, _executor_service_pb2.GetExecutorStatusResponse]  # type: ignore[assignment]
     DrainExecutor: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.DrainExecutorRequest, _executor_service_pb2.DrainExecutorResponse]  # type: ignore[assignment]
     """Stop taking new attempts; running ones finish."""
+    ResumeExecutor: _aio.UnaryUnaryMultiCallable[_executor_service_pb2.ResumeExecutorRequest, _executor_service_pb2.ResumeExecutorResponse]  # type: ignore[assignment]
+    """Undo a drain: take new attempts again."""
 
 class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ExecutorService is an executor's own status and drain endpoint."""
+    """ExecutorService is an executor's own status and drain endpoint. Every call needs the
+    executor's own credential (`authorization: Bearer <the key it connects with>`); any other is
+    UNAUTHENTICATED.
+    """
 
     @_abc_1.abstractmethod
     def GetExecutorStatus(
@@ -64,5 +77,13 @@ class ExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_executor_service_pb2.DrainExecutorResponse, _abc.Awaitable[_executor_service_pb2.DrainExecutorResponse]]:
         """Stop taking new attempts; running ones finish."""
+
+    @_abc_1.abstractmethod
+    def ResumeExecutor(
+        self,
+        request: _executor_service_pb2.ResumeExecutorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_executor_service_pb2.ResumeExecutorResponse, _abc.Awaitable[_executor_service_pb2.ResumeExecutorResponse]]:
+        """Undo a drain: take new attempts again."""
 
 def add_ExecutorServiceServicer_to_server(servicer: ExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
