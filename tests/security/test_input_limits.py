@@ -5,7 +5,6 @@ process, SQLite and PostgreSQL, over real gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,21 +16,11 @@ from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import run_service_pb2_grpc, waitpoint_service_pb2_grpc
 from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_scheduler.app import Scheduler, start_scheduler
+from runplane_scheduler.app import Scheduler
 from runplane_server.auth import create_key
-from runplane_server.config import SchedulerSettings
 from tests.helpers.worker import RawWorker
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Scheduler]:
-    s = await start_scheduler(
-        SchedulerSettings(database_url=database_url, nats_url=nats_server.url, listen="127.0.0.1:0")
-    )
-    yield s
-    await s.stop()
 
 
 def _nested(depth: int) -> str:

@@ -6,8 +6,6 @@ single-use token. Against a scheduler in this process, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
@@ -16,21 +14,11 @@ import runplane
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import run_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_scheduler.app import Scheduler, start_scheduler
+from runplane_scheduler.app import Scheduler
 from runplane_server.auth import create_key
-from runplane_server.config import SchedulerSettings
 from tests.helpers.worker import RawWorker
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Scheduler]:
-    s = await start_scheduler(
-        SchedulerSettings(database_url=database_url, nats_url=nats_server.url, listen="127.0.0.1:0")
-    )
-    yield s
-    await s.stop()
 
 
 async def _trigger(
