@@ -60,12 +60,14 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> rpb.TriggerRunResponse:
         who = principal()
         auth.authorize_trigger(who, request.task_id)
-        auth.authorize_trigger_options(who, (f.name for f, _ in request.options.ListFields()))
+        if who.is_public:
+            auth.authorize_trigger_options(who, [f.name for f, _ in request.options.ListFields()])
         spec = validation.trigger(request, self.limits)
+        guard = auth.SingleUse(who) if who.single_use else None
         try:
-            row, cached = await self.engine.trigger(who.environment_id, spec, auth.SingleUse(who))
+            row, cached = await self.engine.trigger(who.environment_id, spec, guard)
         except sa_exc.IntegrityError:
-            if not who.single_use:
+            if guard is None:
                 raise
             raise Unauthenticated(auth.SingleUse.USED) from None  # another scheduler took it
         run = run_to_pb(row)

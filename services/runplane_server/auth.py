@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy import exc as sa_exc
@@ -43,6 +43,8 @@ from runplane_server.errors import (
 from runplane_server.ids import new_id
 
 ENVIRONMENT_SLUGS = ("dev", "staging", "prod")
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,27 @@ async def rotate_key(engine: AsyncEngine, key_id: str, grace_ms: int = 0) -> tup
     return key, await revoke_key(engine, key_id, _now_ms() + max(0, grace_ms))
 
 
+class _Recent(Generic[V]):
+    """Values read from the database, trusted for ``seconds``; at most 10,000 of them."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._items: dict[str, tuple[float, V]] = {}
+
+    def has(self, key: str) -> bool:
+        item = self._items.get(key)
+        return item is not None and time.monotonic() - item[0] < self._seconds
+
+    def get(self, key: str) -> V | None:
+        """The value, while it is trusted; None otherwise (``has`` tells a stored None)."""
+        return self._items[key][1] if self.has(key) else None
+
+    def put(self, key: str, value: V) -> None:
+        if len(self._items) >= 10_000:
+            self._items.clear()
+        self._items[key] = (time.monotonic(), value)
+
+
 class KeyAuthenticator:
     """Resolves ``authorization: Bearer <secret key or public token>`` to a Principal. Without
     ``tokens`` public tokens are refused.
@@ -238,10 +261,9 @@ class KeyAuthenticator:
     ) -> None:
         self._engine = engine
         self._tokens = tokens
-        self._cache_seconds = cache_seconds
         # By key hash (secret keys) and by key id (the keys public tokens name).
-        self._cache: dict[str, tuple[float, Principal, int | None]] = {}
-        self._by_id: dict[str, tuple[float, int | None]] = {}
+        self._cache: _Recent[tuple[Principal, int | None]] = _Recent(cache_seconds)
+        self._by_id: _Recent[int | None] = _Recent(cache_seconds)
 
     async def __call__(self, token: str) -> Principal:
         if is_public_token(token):
@@ -252,15 +274,11 @@ class KeyAuthenticator:
                 await self._check_minting_key(who.key_id)
             return who
         digest = hash_key(token)
-        now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and now - cached[0] < self._cache_seconds:
-            found, revoked_at = cached[1], cached[2]
-        else:
-            found, revoked_at = await self._load(digest)
-            if len(self._cache) > 10_000:  # bounded: unknown keys are never cached
-                self._cache.clear()
-            self._cache[digest] = (now, found, revoked_at)
+        if cached is None:
+            cached = await self._load(digest)
+            self._cache.put(digest, cached)
+        found, revoked_at = cached
         if revoked_at is not None and revoked_at <= _now_ms():
             raise Unauthenticated("this key has been revoked")
         return found
@@ -283,8 +301,7 @@ class KeyAuthenticator:
                     .where(k.key_hash == digest)
                 )
             ).first()
-        if row is None:
-            self._cache.pop(digest, None)
+        if row is None:  # not cached: unknown keys would fill the cache
             raise Unauthenticated("unknown secret key")
         found = Principal(
             environment_id=row.id,
@@ -295,10 +312,8 @@ class KeyAuthenticator:
         return found, row.revoked_at
 
     async def _check_minting_key(self, key_id: str) -> None:
-        now = time.monotonic()
-        cached = self._by_id.get(key_id)
-        if cached is not None and now - cached[0] < self._cache_seconds:
-            revoked_at = cached[1]
+        if self._by_id.has(key_id):
+            revoked_at = self._by_id.get(key_id)
         else:
             async with self._engine.connect() as conn:
                 row = (
@@ -307,12 +322,9 @@ class KeyAuthenticator:
                     )
                 ).first()
             if row is None:
-                self._by_id.pop(key_id, None)
                 raise Unauthenticated("public access token: the key that minted it is gone")
             revoked_at = row.revoked_at
-            if len(self._by_id) > 10_000:
-                self._by_id.clear()
-            self._by_id[key_id] = (now, revoked_at)
+            self._by_id.put(key_id, revoked_at)
         if revoked_at is not None and revoked_at <= _now_ms():
             raise Unauthenticated("public access token: the key that minted it has been revoked")
 
@@ -502,10 +514,9 @@ class PublicTokens:
 
 
 class SingleUse:
-    """A single-use token's use, recorded in the transaction of what it is used for: ``check``
-    before that writes anything (a refusal leaves the shared transaction untouched), ``record``
-    once it succeeded. So a trigger that fails does not use the token up. A token that is not
-    single-use passes both."""
+    """A single-use token's use (``who.single_use``), recorded in the transaction of what it is
+    used for: ``check`` before that writes anything (a refusal leaves the shared transaction
+    untouched), ``record`` once it succeeded. So a trigger that fails does not use it up."""
 
     USED = "this single-use public access token has been used"
 
@@ -513,16 +524,12 @@ class SingleUse:
         self.who = who
 
     async def check(self, tx: Any) -> None:
-        if not self.who.single_use:
-            return
         used = db.used_public_tokens
         seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == self.who.token_id))
         if seen.first() is not None:
             raise Unauthenticated(self.USED)
 
     async def record(self, tx: Any) -> None:
-        if not self.who.single_use:
-            return
         now = _now_ms()
         used = db.used_public_tokens
         # Records of expired tokens are useless: the signature check refuses them first.

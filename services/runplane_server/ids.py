@@ -29,17 +29,18 @@ def new_id(prefix: str) -> str:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to increment
         _last = (ms, rand)
-    # 48 bits of time and 80 of randomness in 26 base32 digits: the low 130 bits of 160.
-    digits = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
-    return f"{prefix}_{digits.decode().translate(_FROM_RFC4648)}"
+    return _encode(prefix, ms, rand)
 
 
 def random_id(prefix: str) -> str:
     """A new id such as ``attempt_01jd...``: sortable by its millisecond only, with 80 bits of
     fresh randomness, so it cannot be derived from another id (``new_id`` increments within a
     millisecond, and run ids are handed to browsers)."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    return _encode(prefix, time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10), "big"))
+
+
+def _encode(prefix: str, ms: int, rand: int) -> str:
+    # 48 bits of time and 80 of randomness in 26 base32 digits: the low 130 bits of 160.
     digits = base64.b32encode(((ms << 80) | rand).to_bytes(20, "big"))[6:]
     return f"{prefix}_{digits.decode().translate(_FROM_RFC4648)}"
 
