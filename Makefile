@@ -18,7 +18,7 @@ lint:
 	$(BUF) format -d --exit-code
 
 typecheck:
-	.venv/bin/mypy sdk/runplane services
+	.venv/bin/mypy sdk/runplane sdk/runplane_core services
 
 check-gen:
 	$(PY) scripts/gen_protos.py --check

@@ -161,9 +161,9 @@ def _run_dict(run: Any) -> dict[str, Any]:
 
 def _keys(args: argparse.Namespace) -> int:
     """``runplane keys create|ls|revoke|rotate``, straight against RUNPLANE_DATABASE_URL."""
-    from runplane_server import db
-    from runplane_server.config import SchedulerSettings
-    from runplane_server.errors import ServiceError
+    from runplane_common import db
+    from runplane_common.config import SchedulerSettings
+    from runplane_common.errors import ServiceError
 
     settings = SchedulerSettings.from_env()
     if args.keys_command == "rotate":
@@ -183,14 +183,16 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 async def _keys_command(engine: Any, args: argparse.Namespace) -> int:
-    from runplane_server import auth
+    from runplane_scheduler import keys as key_store
 
     command = args.keys_command
     if command == "create":
-        print(await auth.create_key(engine, args.env, args.kind, args.execute, args.name or ""))
+        print(
+            await key_store.create_key(engine, args.env, args.kind, args.execute, args.name or "")
+        )
         return 0
     if command == "ls":
-        keys = await auth.list_keys(engine, args.env)
+        keys = await key_store.list_keys(engine, args.env)
         if args.json:
             print(orjson.dumps([_key_dict(k) for k in keys], option=orjson.OPT_INDENT_2).decode())
             return 0
@@ -208,10 +210,10 @@ async def _keys_command(engine: Any, args: argparse.Namespace) -> int:
             )
         return 0
     if command == "revoke":
-        key = await auth.revoke_key(engine, args.key_id)
+        key = await key_store.revoke_key(engine, args.key_id)
         print(f"{key.id} revoked at {_iso(key.revoked_at)}", file=sys.stderr)
         return 0
-    new_key, old = await auth.rotate_key(engine, args.key_id, args.grace_ms)
+    new_key, old = await key_store.rotate_key(engine, args.key_id, args.grace_ms)
     print(new_key)
     when = "works until" if args.grace_ms else "revoked at"
     print(f"{old.id} {when} {_iso(old.revoked_at)}", file=sys.stderr)
@@ -255,8 +257,8 @@ def _key_dict(key: Any) -> dict[str, Any]:
 
 
 def _db_upgrade(_args: argparse.Namespace) -> int:
-    from runplane_server import db
-    from runplane_server.config import SchedulerSettings
+    from runplane_common import db
+    from runplane_common.config import SchedulerSettings
 
     url = SchedulerSettings.from_env().database_url
     db.upgrade_url(url)

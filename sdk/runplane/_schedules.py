@@ -100,7 +100,7 @@ def declared_schedules() -> dict[str, DeclaredSchedule]:
 
 
 def _check_declared(task_id: str, cron: str, timezone: str) -> None:
-    from runplane_scheduler.cron import CronError, parse
+    from runplane_core.cron import CronError, parse
 
     try:
         parse(cron)

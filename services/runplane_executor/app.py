@@ -35,14 +35,14 @@ from runplane.v1 import (
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
+from runplane_common import telemetry
+from runplane_common.auth import RIGHT_EXECUTE, Principal
+from runplane_common.errors import Unauthenticated
+from runplane_common.grpcserver import Server
+from runplane_common.ids import new_id
 from runplane_executor import taskproc, waits
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
-from runplane_server import telemetry
-from runplane_server.auth import RIGHT_EXECUTE, Principal
-from runplane_server.errors import Unauthenticated
-from runplane_server.grpcserver import Server
-from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.executor")
 

@@ -272,7 +272,7 @@ class TaskProcess:
     async def run_attempt(self, entry: _Attempt) -> None:
         from opentelemetry import trace
 
-        from runplane_server import telemetry
+        from runplane_common import telemetry
 
         attempt = entry.attempt
         attempt_id = attempt["attempt_id"]
@@ -491,7 +491,7 @@ class TaskProcess:
 
 
 async def _main(conn: Connection, modules: list[str]) -> None:
-    from runplane_server import telemetry
+    from runplane_common import telemetry
 
     telemetry.setup("runplane-executor")
     try:

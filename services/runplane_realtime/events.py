@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from runplane.v1 import events_pb2, run_pb2
-from runplane_server import subjects
+from runplane_common import subjects
 
 log = logging.getLogger("runplane.realtime.events")
 

@@ -32,8 +32,8 @@ from typing import Generic, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from runplane_common import errors
 from runplane_realtime.scheduler import Metadata
-from runplane_server import errors
 
 log = logging.getLogger("runplane.realtime")
 

@@ -34,13 +34,13 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from runplane.v1 import run_pb2, run_service_pb2
+from runplane_common import errors
+from runplane_common.config import Limits
+from runplane_common.grpcserver import as_service_error
 from runplane_realtime.feed import Feed
 from runplane_realtime.scheduler import Metadata
 from runplane_realtime.server import Realtime, RealtimeServicer
 from runplane_realtime.streams import Chunk
-from runplane_server import errors
-from runplane_server.config import Limits
-from runplane_server.grpcserver import as_service_error
 
 log = logging.getLogger("runplane.realtime.http")
 

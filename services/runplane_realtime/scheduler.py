@@ -19,7 +19,7 @@ from runplane.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
-from runplane_server import errors
+from runplane_common import errors
 
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
 T = TypeVar("T")

@@ -21,6 +21,10 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
+from runplane_common import errors, subjects, telemetry
+from runplane_common.auth import is_public_token
+from runplane_common.config import RealtimeSettings
+from runplane_common.grpcserver import Server, bearer_token
 from runplane_realtime.events import NatsLink, RunEvents
 from runplane_realtime.feed import Feed, token_expiry_ms
 from runplane_realtime.scheduler import Metadata, Scheduler
@@ -31,10 +35,6 @@ from runplane_realtime.subscriptions import (
     RunSubscription,
     is_final,
 )
-from runplane_server import errors, subjects, telemetry
-from runplane_server.auth import is_public_token
-from runplane_server.config import RealtimeSettings
-from runplane_server.grpcserver import Server, bearer_token
 
 log = logging.getLogger("runplane.realtime")
 

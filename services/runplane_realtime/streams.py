@@ -21,9 +21,9 @@ import nats.js.errors
 import orjson
 from nats.js.api import StorageType, StreamConfig
 
+from runplane_common import errors, subjects
+from runplane_common.config import RealtimeSettings
 from runplane_realtime.events import JS_TIMEOUT, EventsUnavailable, NatsLink, OrderedReader
-from runplane_server import errors, subjects
-from runplane_server.config import RealtimeSettings
 
 log = logging.getLogger("runplane.realtime.streams")
 

@@ -24,9 +24,9 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 
 from runplane.v1 import run_pb2
+from runplane_common import errors, subjects
 from runplane_realtime.events import EventsUnavailable, NatsLink, RunEvents, stream_bounds
 from runplane_realtime.scheduler import Metadata, Scheduler
-from runplane_server import errors, subjects
 
 log = logging.getLogger("runplane.realtime")
 

@@ -16,8 +16,12 @@ from runplane.v1 import (
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
+from runplane_common import db, telemetry
+from runplane_common.config import SchedulerSettings
+from runplane_common.grpcserver import Server
 from runplane_scheduler.auth_service import AuthServicer
 from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
 from runplane_scheduler.service import (
@@ -29,10 +33,6 @@ from runplane_scheduler.service import (
 )
 from runplane_scheduler.store import Store
 from runplane_scheduler.token_http import TokenHttpServer
-from runplane_server import db, telemetry
-from runplane_server.auth import KeyAuthenticator, PublicTokens
-from runplane_server.config import SchedulerSettings
-from runplane_server.grpcserver import Server
 
 log = logging.getLogger("runplane.scheduler")
 

@@ -9,15 +9,15 @@ import grpc
 
 from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import auth_service_pb2_grpc
-from runplane_scheduler import validation
-from runplane_server import auth
-from runplane_server.errors import InvalidArgument
+from runplane_common import auth
+from runplane_common.errors import InvalidArgument
+from runplane_scheduler import keys, validation
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):
-    def __init__(self, tokens: auth.PublicTokens) -> None:
+    def __init__(self, tokens: keys.PublicTokens) -> None:
         self.tokens = tokens
 
     async def CreatePublicToken(

@@ -24,8 +24,18 @@ import orjson
 from opentelemetry import trace
 from sqlalchemy import select, update
 
-from runplane._metadata import Operation, apply_operations
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common import db, telemetry
+from runplane_common.config import SchedulerSettings
+from runplane_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from runplane_common.ids import new_id, random_id
+from runplane_core.metadata import Operation, apply_operations
 from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState, Lease, QueueKey
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
@@ -45,16 +55,6 @@ from runplane_scheduler.store import (
     run_to_pb,
 )
 from runplane_scheduler.waitpoints import Waitpoints
-from runplane_server import db, telemetry
-from runplane_server.config import SchedulerSettings
-from runplane_server.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-)
-from runplane_server.ids import new_id, random_id
 
 log = logging.getLogger("runplane.scheduler")
 

@@ -18,8 +18,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from runplane_common import subjects
 from runplane_scheduler.store import Store
-from runplane_server import subjects
 
 log = logging.getLogger("runplane.scheduler.relay")
 

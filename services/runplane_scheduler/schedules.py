@@ -36,14 +36,15 @@ from sqlalchemy import delete, insert, select, update
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import schedule_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_scheduler import cron, validation
+from runplane_common import db
+from runplane_common.auth import principal
+from runplane_common.config import SchedulerSettings
+from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from runplane_common.ids import new_id
+from runplane_core import cron
+from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine, TriggerSpec
 from runplane_scheduler.store import RunRow, Tx, now_ms
-from runplane_server import db
-from runplane_server.auth import principal
-from runplane_server.config import SchedulerSettings
-from runplane_server.errors import FailedPrecondition, InvalidArgument, NotFound
-from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler.schedules")
 

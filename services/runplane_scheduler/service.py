@@ -32,15 +32,16 @@ from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
-from runplane_scheduler import validation
+from runplane_common import auth
+from runplane_common.auth import principal
+from runplane_common.config import SchedulerSettings
+from runplane_common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from runplane_scheduler import keys, validation
 from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import now_ms, run_to_pb, timestamp
 from runplane_scheduler.waitpoints import token_status
-from runplane_server import auth
-from runplane_server.auth import PublicTokens, principal
-from runplane_server.config import SchedulerSettings
-from runplane_server.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -63,13 +64,13 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         if who.is_public:
             auth.authorize_trigger_options(who, [f.name for f, _ in request.options.ListFields()])
         spec = validation.trigger(request, self.limits)
-        guard = auth.SingleUse(who) if who.single_use else None
+        guard = keys.SingleUse(who) if who.single_use else None
         try:
             row, cached = await self.engine.trigger(who.environment_id, spec, guard)
         except sa_exc.IntegrityError:
             if guard is None:
                 raise
-            raise Unauthenticated(auth.SingleUse.USED) from None  # another scheduler took it
+            raise Unauthenticated(keys.SingleUse.USED) from None  # another scheduler took it
         run = run_to_pb(row)
         token = ""
         if self.tokens is not None:

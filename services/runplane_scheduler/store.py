@@ -36,10 +36,10 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ClauseElement, Null
 
 from runplane.v1 import events_pb2, run_pb2
+from runplane_common import db, subjects
+from runplane_common.errors import NotFound, ServiceError
+from runplane_common.ids import new_id
 from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
-from runplane_server import db, subjects
-from runplane_server.errors import NotFound, ServiceError
-from runplane_server.ids import new_id
 
 log = logging.getLogger("runplane.scheduler.store")
 

@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from runplane_common.errors import NotFound
 from runplane_scheduler.waitpoints import Waitpoints
-from runplane_server.errors import NotFound
 
 log = logging.getLogger("runplane.scheduler.http")
 

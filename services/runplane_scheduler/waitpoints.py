@@ -26,12 +26,12 @@ from sqlalchemy import exists, func, insert, select, update
 
 from runplane.v1 import run_pb2
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common import db
+from runplane_common.errors import InvalidArgument, NotFound, ServiceError
+from runplane_common.ids import new_id, random_id
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms
-from runplane_server import db
-from runplane_server.errors import InvalidArgument, NotFound, ServiceError
-from runplane_server.ids import new_id, random_id
 
 if TYPE_CHECKING:
     from runplane_scheduler.engine import RunEngine, TriggerSpec

@@ -15,8 +15,9 @@ import pytest
 import runplane
 from runplane import Run, RunStatus
 from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc
-from runplane_server import db
-from runplane_server.auth import Principal, PublicTokens
+from runplane_common import db
+from runplane_common.auth import Principal
+from runplane_scheduler.keys import PublicTokens
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
 from tests.helpers.wait import eventually

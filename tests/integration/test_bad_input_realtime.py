@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import realtime_service_pb2 as rtpb
 from runplane.v1 import run_service_pb2 as rpb
-from runplane_server import subjects
-from runplane_server.grpcserver import MAX_MESSAGE_BYTES
+from runplane_common import subjects
+from runplane_common.grpcserver import MAX_MESSAGE_BYTES
 from tests.integration.test_bad_input import (
     DEADLINE,
     FUZZ,

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from runplane_common import errors
+from runplane_common.config import RealtimeSettings
 from runplane_realtime.events import NatsLink
 from runplane_realtime.streams import RunStreams
-from runplane_server import errors
-from runplane_server.config import RealtimeSettings
 from tests.helpers.nats import NatsServer
 
 pytestmark = pytest.mark.timeout(60)

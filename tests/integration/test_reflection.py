@@ -19,9 +19,9 @@ from runplane.v1 import (
     run_service_pb2,
     worker_service_pb2,
 )
+from runplane_common.config import RealtimeSettings, SchedulerSettings
 from runplane_realtime.server import serve
 from runplane_scheduler.app import start_scheduler
-from runplane_server.config import RealtimeSettings, SchedulerSettings
 
 
 def _listing(address: str) -> dict[str, list[str]]:

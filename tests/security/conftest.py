@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
-from runplane_server.config import SchedulerSettings
 
 
 @pytest.fixture

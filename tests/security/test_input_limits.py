@@ -17,7 +17,7 @@ from runplane.v1 import run_service_pb2_grpc, waitpoint_service_pb2_grpc
 from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.app import Scheduler
-from runplane_server.auth import create_key
+from runplane_scheduler.keys import create_key
 from tests.helpers.worker import RawWorker
 
 pytestmark = pytest.mark.timeout(90)

@@ -27,9 +27,9 @@ import runplane
 from runplane import RunStatus
 from runplane.v1 import executor_service_pb2 as epb
 from runplane.v1 import executor_service_pb2_grpc
+from runplane_common.auth import MAX_TOKEN_LIFETIME_MS, sign_jwt
+from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
-from runplane_server.auth import MAX_TOKEN_LIFETIME_MS, sign_jwt
-from runplane_server.config import SchedulerSettings
 from tests.helpers.cluster import ROOT, Cluster
 from tests.helpers.wait import eventually
 
@@ -259,7 +259,7 @@ async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Schedu
 async def test_a_correctly_signed_token_living_over_30_days_is_refused(
     scheduler: Scheduler,
 ) -> None:
-    from runplane_server.auth import create_key as make_key
+    from runplane_scheduler.keys import create_key as make_key
 
     api = f"127.0.0.1:{scheduler.port}"
     owner = runplane.Client(api_url=api, secret_key=await make_key(scheduler.engine_db, "dev"))
@@ -288,8 +288,8 @@ async def test_a_correctly_signed_token_living_over_30_days_is_refused(
 
 @pytest.mark.timeout(10)
 def test_the_lifetime_rule_counts_from_iat_or_from_now() -> None:
-    from runplane_server.auth import verify_jwt
-    from runplane_server.errors import Unauthenticated
+    from runplane_common.auth import verify_jwt
+    from runplane_common.errors import Unauthenticated
 
     key, now_ms, day = b"k" * 32, 1_800_000_000_000, 24 * 3600
     now = now_ms // 1000

@@ -45,10 +45,10 @@ from runplane.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from runplane_common import subjects
+from runplane_common.config import RealtimeSettings
+from runplane_common.grpcserver import bearer_token
 from runplane_realtime.server import RealtimeService, serve
-from runplane_server import subjects
-from runplane_server.config import RealtimeSettings
-from runplane_server.grpcserver import bearer_token
 from tests.helpers.nats import NatsServer
 from tests.helpers.wait import eventually
 

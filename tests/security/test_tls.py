@@ -26,9 +26,9 @@ from runplane._dev import DevCertificates, make_dev_certificates, read_env_file,
 from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc, worker_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
-from runplane_server.auth import create_key
-from runplane_server.config import SchedulerSettings
+from runplane_scheduler.keys import create_key
 from tests.helpers.cluster import ROOT, Cluster
 from tests.helpers.wait import eventually
 

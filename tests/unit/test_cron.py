@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from runplane_scheduler.cron import CronError, latest_between, next_after, parse, upcoming
+from runplane_core.cron import CronError, latest_between, next_after, parse, upcoming
 
 LONDON = ZoneInfo("Europe/London")
 NEW_YORK = ZoneInfo("America/New_York")

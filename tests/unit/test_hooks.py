@@ -12,8 +12,8 @@ from pydantic import BaseModel
 from runplane import AbortTaskRunError, CatchErrorResult, ConfigurationError, Context, Outcome
 from runplane import metadata as md
 from runplane._hooks import Hooks
-from runplane._metadata import apply_operations
 from runplane._task import RetryOptions, Task, task
+from runplane_core.metadata import apply_operations
 from runplane_executor import taskproc
 
 pytestmark = pytest.mark.timeout(30)

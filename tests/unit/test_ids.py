@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from runplane_server.ids import has_prefix, new_id
+from runplane_common.ids import has_prefix, new_id
 
 
 def test_ids_are_prefixed_and_time_sortable() -> None:

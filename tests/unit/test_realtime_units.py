@@ -21,8 +21,8 @@ from runplane._context import (
 from runplane._errors import ConfigurationError
 from runplane._streams import _target_run
 from runplane.v1 import auth_service_pb2
-from runplane_server import auth
-from runplane_server.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from runplane_common import auth
+from runplane_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 
 KEY = b"k" * 32
 NOW = 1_800_000_000_000

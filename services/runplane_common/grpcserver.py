@@ -15,9 +15,9 @@ from opentelemetry import trace
 from sqlalchemy import exc as sa_exc
 
 from runplane.tls import TlsSettings
-from runplane_server import telemetry
-from runplane_server.auth import Principal, authorize_method, current_principal
-from runplane_server.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
+from runplane_common import telemetry
+from runplane_common.auth import Principal, authorize_method, current_principal
+from runplane_common.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
 
 log = logging.getLogger("runplane.grpc")
 

@@ -1,30 +1,19 @@
-"""Who may call: secret keys per environment (stored hashed), public access tokens (signed,
-scoped, expiring JWTs minted from a secret key), and the principal of the current call.
+"""Key storage and token minting, the scheduler's side of auth: secret and worker keys per
+environment (stored hashed; created, listed, revoked and rotated with ``runplane keys``), the
+authenticator that resolves a bearer credential to a Principal, the installation's signing key
+for public access tokens, and the record of used single-use tokens.
 
-A secret key sees everything in its environment. A public token sees only what its scopes name
-(``read:runs:<id>``, ``read:tags:<tag>``, ``read:batch:<id>``, ``trigger:tasks:<id>``,
-``write:waitpoints:<id>``) and may call only the read and trigger methods: out of scope is
-PERMISSION_DENIED, expired or forged is UNAUTHENTICATED.
-
-Keys are listed, revoked and rotated with ``runplane keys`` (:func:`list_keys`,
-:func:`revoke_key`, :func:`rotate_key`). A revoked key, and every public token it minted, is
-refused within the authenticator's cache time (2 s). A public token living longer than 30 days
-is refused even when correctly signed.
+Checking a credential's rights needs no database and lives in :mod:`runplane_common.auth`.
+A revoked key, and every public token it minted, is refused within the authenticator's cache
+time (2 s).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextvars
-import hashlib
-import hmac
-import json
-import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -32,78 +21,31 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from runplane_server import db
-from runplane_server.errors import (
+from runplane_common import db
+from runplane_common.auth import (
+    ENVIRONMENT_SLUGS,
+    RIGHT_API,
+    RIGHT_EXECUTE,
+    RUN_TOKEN_LIFETIME_MS,
+    Principal,
+    generate_key,
+    hash_key,
+    is_public_token,
+    key_rights,
+    now_ms,
+    sign_jwt,
+    verify_jwt,
+)
+from runplane_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
-from runplane_server.ids import new_id
-
-ENVIRONMENT_SLUGS = ("dev", "staging", "prod")
+from runplane_common.ids import new_id
 
 V = TypeVar("V")
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the environment a secret key or public token belongs to.
-
-    ``scopes`` is None for a secret key (the whole environment) and the token's scopes for a
-    public token."""
-
-    environment_id: str
-    environment_slug: str
-    scopes: frozenset[str] | None = None
-    token_id: str = ""
-    single_use: bool = False
-    expires_at: int = 0  # ms; public tokens only
-    # What a secret key may do: RIGHT_API (trigger, read, manage) and RIGHT_EXECUTE (connect to
-    # WorkerService as an executor). A public token has RIGHT_API, narrowed by its scopes.
-    rights: frozenset[str] = frozenset({"api"})
-    # The key's id; for a public token, the id of the key that minted it ("" for older tokens).
-    key_id: str = ""
-
-    @property
-    def is_public(self) -> bool:
-        return self.scopes is not None
-
-
-current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("runplane_principal")
-
-
-def principal() -> Principal:
-    try:
-        return current_principal.get()
-    except LookupError:
-        raise Unauthenticated("no credentials on this call") from None
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-RIGHT_API = "api"
-RIGHT_EXECUTE = "execute"
-# A key's kind names its rights: a secret key triggers, reads and manages (and executes only
-# when made with ``execute=True``); a worker key only connects executors to WorkerService.
-KEY_KINDS = ("secret", "worker")
-
-
-def key_rights(kind: str, execute: bool = False) -> frozenset[str]:
-    """The rights of a new key of ``kind``; INVALID_ARGUMENT for an unknown kind."""
-    if kind == "worker":
-        return frozenset({RIGHT_EXECUTE})
-    if kind == "secret":
-        return frozenset({RIGHT_API, RIGHT_EXECUTE} if execute else {RIGHT_API})
-    raise InvalidArgument("kind", f"unknown key kind {kind!r}; one of {', '.join(KEY_KINDS)}")
-
-
-def generate_key(slug: str, kind: str = "secret") -> str:
-    prefix = "rpw" if kind == "worker" else "rp"
-    return f"{prefix}_{slug}_{secrets.token_urlsafe(32)}"
 
 
 async def create_key(
@@ -200,7 +142,7 @@ async def get_key(engine: AsyncEngine, key_id: str) -> KeyInfo:
 async def revoke_key(engine: AsyncEngine, key_id: str, at_ms: int | None = None) -> KeyInfo:
     """Revoke the key ``key_id`` now (or at ``at_ms``); every service refuses it within the
     authenticators' cache time. A key already revoked earlier keeps its earlier time."""
-    at = _now_ms() if at_ms is None else at_ms
+    at = now_ms() if at_ms is None else at_ms
     current = await get_key(engine, key_id)
     if current.revoked_at is not None and current.revoked_at <= at:
         return current
@@ -216,13 +158,13 @@ async def rotate_key(engine: AsyncEngine, key_id: str, grace_ms: int = 0) -> tup
     after ``grace_ms`` (both work meanwhile). Returns the new key and the old key's info; a key
     already revoked cannot be rotated (FAILED_PRECONDITION)."""
     old = await get_key(engine, key_id)
-    if old.revoked(_now_ms()):
+    if old.revoked(now_ms()):
         raise FailedPrecondition(f"key {key_id} is revoked; create a new one instead")
     kind = old.kind
     key = await create_key(
         engine, old.environment, kind, execute=RIGHT_EXECUTE in old.rights, name=old.name
     )
-    return key, await revoke_key(engine, key_id, _now_ms() + max(0, grace_ms))
+    return key, await revoke_key(engine, key_id, now_ms() + max(0, grace_ms))
 
 
 class _Recent(Generic[V]):
@@ -279,7 +221,7 @@ class KeyAuthenticator:
             cached = await self._load(digest)
             self._cache.put(digest, cached)
         found, revoked_at = cached
-        if revoked_at is not None and revoked_at <= _now_ms():
+        if revoked_at is not None and revoked_at <= now_ms():
             raise Unauthenticated("this key has been revoked")
         return found
 
@@ -325,99 +267,8 @@ class KeyAuthenticator:
                 raise Unauthenticated("public access token: the key that minted it is gone")
             revoked_at = row.revoked_at
             self._by_id.put(key_id, revoked_at)
-        if revoked_at is not None and revoked_at <= _now_ms():
+        if revoked_at is not None and revoked_at <= now_ms():
             raise Unauthenticated("public access token: the key that minted it has been revoked")
-
-
-# -- public access tokens ----------------------------------------------------------------------
-
-DEFAULT_TOKEN_LIFETIME_MS = 15 * 60 * 1000
-MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3600 * 1000
-# ``iat`` is whole seconds, so a 30-day token may read as up to a second longer.
-TOKEN_CLOCK_SLACK_MS = 1000
-# The lifetime of the token a trigger hands back for reading its run.
-RUN_TOKEN_LIFETIME_MS = DEFAULT_TOKEN_LIFETIME_MS
-# The resource: 1..256 characters, none of them blank or a control character.
-_SCOPE = re.compile(
-    r"^(read:(runs|tags|batch)|trigger:tasks|write:waitpoints):[^\s\x00-\x1f\x7f]{1,256}\Z"
-)
-_HEADER = {"alg": "HS256", "typ": "JWT"}
-
-# The methods a public token may call; its scopes then decide what it sees.
-PUBLIC_TOKEN_METHODS = frozenset(
-    {
-        "/runplane.v1.RunService/GetRun",
-        "/runplane.v1.RunService/ListRuns",
-        "/runplane.v1.RunService/GetBatch",
-        "/runplane.v1.RunService/TriggerRun",
-        "/runplane.v1.MetaService/GetServerInfo",
-        "/runplane.v1.WaitpointService/CompleteToken",
-    }
-)
-
-
-def is_public_token(token: str) -> bool:
-    """A JWT (three dot-separated parts); secret keys never contain a dot."""
-    return token.count(".") == 2
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-_HEAD = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
-
-
-def sign_jwt(key: bytes, claims: dict[str, Any]) -> str:
-    """An HS256 JWT of ``claims``."""
-    head = _HEAD
-    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
-    mac = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{_b64(mac)}"
-
-
-def verify_jwt(key: bytes, token: str, now_ms: int) -> dict[str, Any]:
-    """The claims of an HS256 JWT signed with ``key`` and not expired; UNAUTHENTICATED else."""
-    try:
-        head, body, mac = token.split(".")
-        expected = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, _unb64(mac)):
-            raise Unauthenticated("public access token: bad signature")
-        header = json.loads(_unb64(head))
-        claims = json.loads(_unb64(body))
-    except (ValueError, binascii.Error):
-        raise Unauthenticated("public access token: malformed") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
-        raise Unauthenticated("public access token: malformed")
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or exp * 1000 <= now_ms:
-        raise Unauthenticated("public access token: expired")
-    # A token living longer than any this installation mints is refused even when signed
-    # (a leaked signing key must not yield everlasting tokens): its lifetime counts from its
-    # ``iat``, or from now when it has none.
-    iat = claims.get("iat")
-    start = iat * 1000 if isinstance(iat, int | float) and iat * 1000 <= now_ms else now_ms
-    if exp * 1000 - start > MAX_TOKEN_LIFETIME_MS + TOKEN_CLOCK_SLACK_MS:
-        raise Unauthenticated("public access token: lives longer than the 30-day maximum")
-    return claims
-
-
-def validate_scopes(scopes: Sequence[str]) -> list[str]:
-    """The scopes, checked for shape; INVALID_ARGUMENT names the first bad one."""
-    if not scopes:
-        raise InvalidArgument("scopes", "a public token needs at least one scope")
-    for i, scope in enumerate(scopes):
-        if not _SCOPE.match(scope):
-            raise InvalidArgument(
-                f"scopes[{i}]",
-                f"{scope!r} is not one of read:runs:<id>, read:tags:<tag>, read:batch:<id>, "
-                "trigger:tasks:<id>, write:waitpoints:<id>",
-            )
-    return list(dict.fromkeys(scopes))
 
 
 class PublicTokens:
@@ -452,7 +303,7 @@ class PublicTokens:
                 async with self._engine.begin() as conn:
                     await conn.execute(
                         insert(table).values(
-                            id="default", secret=secrets.token_hex(32), created_at=_now_ms()
+                            id="default", secret=secrets.token_hex(32), created_at=now_ms()
                         )
                     )
             except sa_exc.IntegrityError:
@@ -477,7 +328,7 @@ class PublicTokens:
             "sub": who.environment_id,
             "env": who.environment_slug,
             "scopes": list(scopes),
-            "iat": _now_ms() // 1000,
+            "iat": now_ms() // 1000,
             "exp": expires_at_ms / 1000,
             "jti": new_id("tok"),
         }
@@ -493,11 +344,11 @@ class PublicTokens:
         return await self.mint(
             Principal(who.environment_id, who.environment_slug, key_id=who.key_id),
             [f"read:{kind}:{resource_id}"],
-            _now_ms() + RUN_TOKEN_LIFETIME_MS,
+            now_ms() + RUN_TOKEN_LIFETIME_MS,
         )
 
     async def verify(self, token: str) -> Principal:
-        claims = verify_jwt(await self._signing_key(), token, _now_ms())
+        claims = verify_jwt(await self._signing_key(), token, now_ms())
         scopes = claims.get("scopes")
         env_id, slug = claims.get("sub"), claims.get("env")
         if not isinstance(scopes, list) or not isinstance(env_id, str) or not isinstance(slug, str):
@@ -530,7 +381,7 @@ class SingleUse:
             raise Unauthenticated(self.USED)
 
     async def record(self, tx: Any) -> None:
-        now = _now_ms()
+        now = now_ms()
         used = db.used_public_tokens
         # Records of expired tokens are useless: the signature check refuses them first.
         await tx.execute(delete(used).where(used.c.expires_at < now))
@@ -539,97 +390,3 @@ class SingleUse:
                 token_id=self.who.token_id, used_at=now, expires_at=self.who.expires_at
             )
         )
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# Callable with any credential of the environment.
-ANY_KEY_METHODS = frozenset({"/runplane.v1.MetaService/GetServerInfo"})
-WORKER_SERVICE = "/runplane.v1.WorkerService/"
-# An executor's own admin port: it authenticates only its own credential, which has the execute
-# right.
-EXECUTOR_SERVICE = "/runplane.v1.ExecutorService/"
-
-
-def authorize_method(who: Principal, method: str) -> None:
-    """A public token may call only the read and trigger methods; WorkerService needs the
-    execute right (a worker key), every other service the api right (a secret key)."""
-    if who.is_public:
-        if method not in PUBLIC_TOKEN_METHODS:
-            raise PermissionDenied(f"a public access token cannot call {method}; use a secret key")
-        return
-    if method in ANY_KEY_METHODS:
-        return
-    if method.startswith((WORKER_SERVICE, EXECUTOR_SERVICE)):
-        if RIGHT_EXECUTE not in who.rights:
-            raise PermissionDenied(
-                f"this key may not connect an executor ({method}); use a worker key "
-                "(runplane keys create --kind worker)"
-            )
-    elif RIGHT_API not in who.rights:
-        raise PermissionDenied(
-            f"a worker key may only connect an executor, not call {method}; use a secret key"
-        )
-
-
-def authorize_read(who: Principal, run_id: str, tags: Iterable[str], batch_id: str) -> None:
-    """The caller may read this run: a secret key, or a token naming it, a tag of it or its
-    batch."""
-    if who.scopes is None or f"read:runs:{run_id}" in who.scopes:
-        return
-    if batch_id and f"read:batch:{batch_id}" in who.scopes:
-        return
-    if any(f"read:tags:{tag}" in who.scopes for tag in tags):
-        return
-    raise PermissionDenied(f"this public access token may not read run {run_id}")
-
-
-def authorize_list(who: Principal, tags: Iterable[str], batch_id: str) -> None:
-    """A listing is in scope when one of its filters is: every run it returns then has that tag
-    or batch."""
-    if who.scopes is None:
-        return
-    if batch_id and f"read:batch:{batch_id}" in who.scopes:
-        return
-    if any(f"read:tags:{tag}" in who.scopes for tag in tags):
-        return
-    raise PermissionDenied(
-        "this public access token may list only runs filtered by a tag or batch it may read"
-    )
-
-
-def authorize_batch(who: Principal, batch_id: str) -> None:
-    """The caller may read this batch: a secret key, or a token naming it."""
-    if who.scopes is not None and f"read:batch:{batch_id}" not in who.scopes:
-        raise PermissionDenied(f"this public access token may not read batch {batch_id}")
-
-
-def authorize_complete_token(who: Principal, token_id: str) -> None:
-    if who.scopes is not None and f"write:waitpoints:{token_id}" not in who.scopes:
-        raise PermissionDenied(f"this public access token may not complete {token_id}")
-
-
-# What a browser holding a trigger token may set; anything else could reach other callers'
-# runs (idempotency keys, debounce keys, a parent) or lift limits the server sets (priority,
-# attempts, machine, queue, concurrency key, max duration).
-PUBLIC_TRIGGER_OPTIONS = frozenset({"tags", "metadata", "delay", "delay_until", "ttl"})
-
-
-def authorize_trigger_options(who: Principal, options: Iterable[str]) -> None:
-    """A public token may set only PUBLIC_TRIGGER_OPTIONS (``options``: the set ones' names)."""
-    if who.scopes is None:
-        return
-    refused = sorted(set(options) - PUBLIC_TRIGGER_OPTIONS)
-    if refused:
-        raise PermissionDenied(
-            f"a public access token may not set options.{', options.'.join(refused)}; it may "
-            f"set only {', '.join(sorted(PUBLIC_TRIGGER_OPTIONS))} (trigger from a server with "
-            "a secret key for the others)"
-        )
-
-
-def authorize_trigger(who: Principal, task_id: str) -> None:
-    if who.scopes is not None and f"trigger:tasks:{task_id}" not in who.scopes:
-        raise PermissionDenied(f"this public access token may not trigger task {task_id}")
