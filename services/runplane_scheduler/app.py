@@ -19,20 +19,18 @@ from runplane.v1 import (
 from runplane_common import db, telemetry
 from runplane_common.config import SchedulerSettings
 from runplane_common.grpcserver import Server
-from runplane_scheduler.auth_service import AuthServicer
+from runplane_scheduler.api.auth import AuthServicer
+from runplane_scheduler.api.meta import MetaServicer
+from runplane_scheduler.api.queues import QueueServicer
+from runplane_scheduler.api.runs import RunServicer
+from runplane_scheduler.api.token_http import TokenHttpServer
+from runplane_scheduler.api.waitpoints import WaitpointServicer
+from runplane_scheduler.api.worker import WorkerServicer
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
-from runplane_scheduler.service import (
-    MetaServicer,
-    QueueServicer,
-    RunServicer,
-    WaitpointServicer,
-    WorkerServicer,
-)
 from runplane_scheduler.store import Store
-from runplane_scheduler.token_http import TokenHttpServer
 
 log = logging.getLogger("runplane.scheduler")
 
