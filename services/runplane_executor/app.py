@@ -18,10 +18,7 @@ from typing import Any
 import grpc
 import orjson
 
-from runplane._errors import ConfigurationError
-from runplane._schedules import declared_schedules
-from runplane._serde import dumps
-from runplane._task import DEFAULT_MACHINE, MACHINES, Task
+from runplane import ConfigurationError, Task
 from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import (
     executor_service_pb2 as epb,
@@ -35,12 +32,30 @@ from runplane.v1 import (
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
+from runplane.worker import (
+    DEFAULT_MACHINE,
+    DEFAULT_OUTPUT_LIMIT,
+    MACHINES,
+    Attempt,
+    AttemptResult,
+    Logs,
+    Metadata,
+    MetadataUpdate,
+    Report,
+    Result,
+    Started,
+    Wait,
+    configure_logging,
+    declared_schedules,
+    import_task_modules,
+    run_async,
+)
 from runplane_common import telemetry
 from runplane_common.auth import RIGHT_EXECUTE, Principal
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
-from runplane_executor import taskproc, waits
+from runplane_executor import waits
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 
@@ -68,6 +83,9 @@ class ExecutorSettings:
     # TLS to the scheduler and on the status port (RUNPLANE_TLS_*; see runplane.tls). With the
     # scheduler requiring client certificates, RUNPLANE_TLS_CERT is the one presented.
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # Outputs larger than this (RUNPLANE_LIMIT_OUTPUT_BYTES, the scheduler's limit) fail the
+    # attempt in its task process, with a clear error.
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
 
     @classmethod
     def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
@@ -87,6 +105,7 @@ class ExecutorSettings:
                 os.environ.get("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER") or cls.evict_waits_after
             ),
             tls=TlsSettings.from_env(os.environ),
+            output_limit=int(os.environ.get("RUNPLANE_LIMIT_OUTPUT_BYTES") or DEFAULT_OUTPUT_LIMIT),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -145,7 +164,7 @@ def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
     return manifest
 
 
-def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> dict[str, Any]:
+def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> Attempt:
     """The attempt as the task process gets it, with its effective machine and max_duration.
 
     The machine is the trigger's (``Run.machine``) or the task's. An attempt gets a process of
@@ -193,7 +212,7 @@ def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> dict[str
     }
 
 
-def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectRequest:
+def result_message(attempt_id: str, result: AttemptResult) -> wpb.ConnectRequest:
     out = wpb.AttemptResult(
         attempt_id=attempt_id,
         skip_retrying=bool(result.get("skip_retrying")),
@@ -212,20 +231,20 @@ def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectReques
             e["message"],
             e["stack_trace"],
         )
-    if result.get("retry_delay_ms") is not None:
-        out.retry_delay_ms = result["retry_delay_ms"]
-    if result.get("retry_at_ms") is not None:
-        out.retry_at.FromMilliseconds(result["retry_at_ms"])
+    if (retry_delay_ms := result.get("retry_delay_ms")) is not None:
+        out.retry_delay_ms = retry_delay_ms
+    if (retry_at_ms := result.get("retry_at_ms")) is not None:
+        out.retry_at.FromMilliseconds(retry_at_ms)
     return wpb.ConnectRequest(result=out)
 
 
-def metadata_message(attempt_id: str, update: dict[str, Any]) -> wpb.ConnectRequest:
+def metadata_message(attempt_id: str, update: MetadataUpdate) -> wpb.ConnectRequest:
     return wpb.ConnectRequest(
         metadata=wpb.MetadataUpdate(
             run_id=update["run_id"],
             attempt_id=attempt_id,
             operations=[
-                wpb.MetadataOperation(type=kind, key=key, value=dumps(value))
+                wpb.MetadataOperation(type=kind, key=key, value=value)
                 for kind, key, value in update["operations"]
             ],
         )
@@ -260,7 +279,7 @@ class Executor:
         self.executor_id = new_id("exec")
         # From the scheduler's Registered: proves a reconnect is this executor.
         self._session_token = ""
-        self.tasks = taskproc.import_task_modules(settings.modules)
+        self.tasks = import_task_modules(settings.modules)
         self.manifest = build_manifest(self.tasks)
         self.pool = ProcessPool(
             settings.modules,
@@ -269,6 +288,7 @@ class Executor:
             settings.cancel_grace,
             max_resident_waits=settings.max_resident_waits,
             evict_waits_after=settings.evict_waits_after,
+            output_limit=settings.output_limit,
         )
         self.connected = False
         self.draining = False
@@ -373,30 +393,24 @@ class Executor:
         elif message.WhichOneof("message") in REPORTS:
             self._unsent.append(message)
 
-    def _on_pool_event(self, kind: str, attempt_id: str, data: dict[str, Any] | None) -> None:
-        if kind == "started":
-            self.starts.started(attempt_id)
-            return
-        if kind == "result":
-            if data is not None:
-                message = result_message(attempt_id, data)
+    def _on_pool_event(self, report: Report) -> None:
+        match report:
+            case Started(attempt_id=attempt_id):
+                self.starts.started(attempt_id)
+            case Result(attempt_id=attempt_id, result=result):
+                message = result_message(attempt_id, result)
                 started_at = self.starts.ended(attempt_id)
                 if started_at is not None:
                     message.result.started_at.FromMilliseconds(started_at)
                 self._send(message)
-            return
-        self.starts.release(attempt_id)  # the scheduler sees the start before what follows
-        if data is None:
-            return
-        if kind == "metadata":
-            self._send(metadata_message(attempt_id, data))
-        elif kind == "logs":
-            self._send(logs_message(data["entries"]))
-        elif kind == "wait":
-            request = waits.wait_request(attempt_id, data["seq"], data["request"])
-            self._send(wpb.ConnectRequest(wait=request))
-        else:
-            self._send(result_message(attempt_id, data))
+            case Metadata(attempt_id=attempt_id, update=update):
+                self.starts.release(attempt_id)  # the scheduler sees the start before this
+                self._send(metadata_message(attempt_id, update))
+            case Logs(entries=entries):  # of any attempts: they release nothing
+                self._send(logs_message(entries))
+            case Wait(attempt_id=attempt_id, seq=seq, request=request):
+                self.starts.release(attempt_id)
+                self._send(wpb.ConnectRequest(wait=waits.wait_request(attempt_id, seq, request)))
 
     async def _connect_forever(self) -> None:
         backoff = 0.1
@@ -549,8 +563,6 @@ async def _serve(settings: ExecutorSettings) -> None:
 
 
 def main(modules: list[str], **overrides: Any) -> None:
-    from runplane._log import configure_logging, run_async
-
     configure_logging()
     run_async(_serve(ExecutorSettings.from_env(modules, **overrides)))
 
