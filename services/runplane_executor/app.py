@@ -8,18 +8,16 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import orjson
 
 from runplane import ConfigurationError, Task
-from runplane.tls import TlsSettings, open_channel
+from runplane.tls import open_channel
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -34,7 +32,6 @@ from runplane.v1 import (
 )
 from runplane.worker import (
     DEFAULT_MACHINE,
-    DEFAULT_OUTPUT_LIMIT,
     MACHINES,
     Attempt,
     AttemptResult,
@@ -52,6 +49,7 @@ from runplane.worker import (
 )
 from runplane_common import telemetry
 from runplane_common.auth import RIGHT_EXECUTE, Principal
+from runplane_common.config import ExecutorSettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
@@ -60,57 +58,6 @@ from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 
 log = logging.getLogger("runplane.executor")
-
-
-@dataclass
-class ExecutorSettings:
-    modules: list[str]
-    api_url: str = "localhost:7070"
-    # The executor's credential: a worker key (RUNPLANE_WORKER_KEY), or a secret key made with
-    # the execute right. Task code's own SDK calls use RUNPLANE_SECRET_KEY from the environment.
-    secret_key: str = ""
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
-    capacity: int = 100
-    listen: str = "127.0.0.1:0"
-    cancel_grace: float = 3.0
-    # Waiting attempts kept suspended in memory (0: no cap), and how long a wait of unknown end
-    # (a token, child runs) stays before it is evicted; a duration wait expected to last longer
-    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay,
-    # which runs the code before the wait again and costs a scheduler round trip per journaled
-    # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
-    max_resident_waits: int = 1000
-    evict_waits_after: float = 60.0
-    # TLS to the scheduler and on the status port (RUNPLANE_TLS_*; see runplane.tls). With the
-    # scheduler requiring client certificates, RUNPLANE_TLS_CERT is the one presented.
-    tls: TlsSettings = field(default_factory=TlsSettings)
-    # Outputs larger than this (RUNPLANE_LIMIT_OUTPUT_BYTES, the scheduler's limit) fail the
-    # attempt in its task process, with a clear error.
-    output_limit: int = DEFAULT_OUTPUT_LIMIT
-
-    @classmethod
-    def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
-        settings = cls(
-            modules=modules,
-            api_url=os.environ.get("RUNPLANE_API_URL") or "localhost:7070",
-            secret_key=os.environ.get("RUNPLANE_WORKER_KEY")
-            or os.environ.get("RUNPLANE_SECRET_KEY", ""),
-            processes=int(os.environ.get("RUNPLANE_EXECUTOR_PROCESSES") or (os.cpu_count() or 1)),
-            capacity=int(os.environ.get("RUNPLANE_EXECUTOR_CAPACITY") or 100),
-            listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or "127.0.0.1:0",
-            cancel_grace=float(os.environ.get("RUNPLANE_CANCEL_GRACE") or 3.0),
-            max_resident_waits=int(
-                os.environ.get("RUNPLANE_EXECUTOR_MAX_RESIDENT_WAITS") or cls.max_resident_waits
-            ),
-            evict_waits_after=float(
-                os.environ.get("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER") or cls.evict_waits_after
-            ),
-            tls=TlsSettings.from_env(os.environ),
-            output_limit=int(os.environ.get("RUNPLANE_LIMIT_OUTPUT_BYTES") or DEFAULT_OUTPUT_LIMIT),
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
-        return settings
 
 
 def payload_schema(t: Task[Any]) -> str:
@@ -562,9 +509,25 @@ async def _serve(settings: ExecutorSettings) -> None:
     telemetry.shutdown()
 
 
-def main(modules: list[str], **overrides: Any) -> None:
+def main(
+    modules: list[str],
+    *,
+    processes: int | None = None,
+    capacity: int | None = None,
+    max_resident_waits: int | None = None,
+    evict_waits_after: float | None = None,
+) -> None:
+    """``runplane executor``: the settings from the environment, where the command line's
+    (those not None) win."""
     configure_logging()
-    run_async(_serve(ExecutorSettings.from_env(modules, **overrides)))
+    settings = ExecutorSettings.from_env(
+        modules,
+        processes=processes,
+        capacity=capacity,
+        max_resident_waits=max_resident_waits,
+        evict_waits_after=evict_waits_after,
+    )
+    run_async(_serve(settings))
 
 
-__all__ = ["Executor", "ExecutorSettings", "main"]
+__all__ = ["Executor", "main"]

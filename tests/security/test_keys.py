@@ -168,7 +168,8 @@ async def test_a_revoked_key_and_its_tokens_are_refused_everywhere_within_second
 
 @pytest.mark.timeout(120)
 async def test_an_executor_stream_open_with_a_revoked_key_is_ended(cluster: Cluster) -> None:
-    from runplane_executor.app import Executor, ExecutorSettings
+    from runplane_common.config import ExecutorSettings
+    from runplane_executor.app import Executor
 
     key, key_id = await create_key(cluster.database_url, "--env", "dev", "--kind", "worker")
     executor = Executor(
