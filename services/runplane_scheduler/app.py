@@ -20,6 +20,7 @@ from runplane_common import db, telemetry
 from runplane_common.config import SchedulerSettings
 from runplane_common.grpcserver import Server
 from runplane_scheduler.auth_service import AuthServicer
+from runplane_scheduler.db_errors import map_database_error
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
@@ -50,7 +51,11 @@ class Scheduler:
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
         self.tokens = PublicTokens(self.engine_db, settings.signing_key)
-        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens), tls=settings.tls)
+        self.server = Server(
+            KeyAuthenticator(self.engine_db, self.tokens),
+            tls=settings.tls,
+            map_errors=[map_database_error],
+        )
         self.port = 0
         self.http = TokenHttpServer(self.engine.waits)
         self.http_url = ""
