@@ -1,10 +1,14 @@
-"""The gRPC server factory and the one interceptor for auth, tracing and error mapping."""
+"""The gRPC server factory and the one interceptor for auth, tracing and error mapping.
+
+It knows no database: a service whose calls can fail on one passes :data:`ErrorMapper` s that
+turn those failures into statuses (the scheduler's are in ``runplane_scheduler.db_errors``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -12,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from sqlalchemy import exc as sa_exc
 
 from runplane.tls import TlsSettings
 from runplane_common import telemetry
@@ -46,29 +49,23 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceErro
     )
 
 
-# Failures of the database or the network under a call: worth a retry, so UNAVAILABLE.
-UNAVAILABLE_ERRORS = (sa_exc.DBAPIError, ConnectionError, OSError)
+# A service's own mapping of exceptions it knows (a database's, say) to the status a call answers
+# with; None for an exception it does not know.
+ErrorMapper = Callable[[Exception], ServiceError | None]
 
 
-def _is_unavailable(error: BaseException) -> bool:
-    """A failure to reach the database, not a refused statement: worth a retry."""
-    if isinstance(
-        error, sa_exc.OperationalError | sa_exc.InterfaceError | ConnectionError | OSError
-    ):
-        return True
-    if isinstance(error, sa_exc.DBAPIError):
-        code = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", "") or "")
-        # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutdown).
-        return bool(error.connection_invalidated) or code.startswith(("08", "57"))
-    return False
-
-
-def as_service_error(error: Exception) -> ServiceError:
-    """The status a failed call answers with: its own, UNAVAILABLE, or a logged INTERNAL."""
+def as_service_error(error: Exception, mappers: Sequence[ErrorMapper] = ()) -> ServiceError:
+    """The status a failed call answers with: its own, the first of ``mappers`` that knows the
+    error, UNAVAILABLE for a failure of the network, or a logged INTERNAL."""
     if isinstance(error, ServiceError):
         return error
-    if isinstance(error, UNAVAILABLE_ERRORS) and _is_unavailable(error):
-        return _unavailable(error)
+    for mapper in mappers:
+        mapped = mapper(error)
+        if mapped is not None:
+            return mapped
+    # A failure to reach a dependency under the call: worth a retry.
+    if isinstance(error, ConnectionError | OSError):
+        return unavailable(error)
     return _internal(error)
 
 
@@ -78,7 +75,8 @@ def _internal(error: BaseException) -> ServiceError:
     return ServiceError(f"internal error ({type(error).__name__}); it has been logged")
 
 
-def _unavailable(error: BaseException) -> Unavailable:
+def unavailable(error: BaseException) -> Unavailable:
+    """A dependency under the call could not be reached: logged here, worth a retry."""
     log.warning("call failed on an unavailable dependency: %r", error)
     return Unavailable(f"a dependency is unavailable ({type(error).__name__}); retry later")
 
@@ -108,8 +106,11 @@ async def _reauthenticate(
 class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticates the caller, continues the caller's trace and maps ServiceError to a status."""
 
-    def __init__(self, authenticate: Authenticator | None) -> None:
+    def __init__(
+        self, authenticate: Authenticator | None, map_errors: Sequence[ErrorMapper] = ()
+    ) -> None:
         self._authenticate = authenticate
+        self._map_errors = tuple(map_errors)
 
     async def intercept_service(
         self,
@@ -121,6 +122,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = details.method
         authenticate = self._authenticate
+        map_errors = self._map_errors
         parse = handler.request_deserializer
 
         def decode(raw: bytes) -> Any:
@@ -162,7 +164,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as error:
-                    await _abort(context, as_service_error(error))
+                    await _abort(context, as_service_error(error, map_errors))
 
             return call
 
@@ -193,7 +195,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:
-                    await _abort(context, as_service_error(error))
+                    await _abort(context, as_service_error(error, map_errors))
                 finally:
                     if watch is not None:
                         watch.cancel()
@@ -223,17 +225,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 class Server:
     """A grpc.aio server with health, reflection and a graceful stop; TLS when ``tls`` has a
-    certificate (see :mod:`runplane.tls`)."""
+    certificate (see :mod:`runplane.tls`). ``map_errors`` map the exceptions of the service's
+    own dependencies to statuses (see :func:`as_service_error`)."""
 
     def __init__(
         self,
         authenticate: Authenticator | None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: TlsSettings | None = None,
+        map_errors: Sequence[ErrorMapper] = (),
     ):
         self.tls = tls or TlsSettings()
         self.grpc = grpc.aio.server(
-            interceptors=[ServiceInterceptor(authenticate)],
+            interceptors=[ServiceInterceptor(authenticate, map_errors)],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

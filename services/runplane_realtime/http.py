@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -37,9 +38,9 @@ from runplane.v1 import run_pb2, run_service_pb2
 from runplane_common import errors
 from runplane_common.config import Limits
 from runplane_common.grpcserver import as_service_error
+from runplane_realtime.core import Realtime
 from runplane_realtime.feed import Feed
 from runplane_realtime.scheduler import Metadata
-from runplane_realtime.server import Realtime, RealtimeServicer
 from runplane_realtime.streams import Chunk
 
 log = logging.getLogger("runplane.realtime.http")
@@ -62,6 +63,8 @@ LAST_EVENT_GRACE = 1.0
 ABANDON_AFTER = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Enters a request into the calls the service ends when it stops (RealtimeServicer.tracked).
+Tracked = Callable[[], AbstractAsyncContextManager[None]]
 
 
 def run_json(run: run_pb2.Run) -> bytes:
@@ -156,14 +159,13 @@ def _chunk_event(chunk: Chunk) -> tuple[str, bytes]:
 
 
 class HttpServer:
-    """aiohttp in the realtime service's event loop."""
+    """aiohttp in the realtime service's event loop. Each request is served inside
+    ``tracked()``, so the service's stop ends it as it ends gRPC calls."""
 
-    def __init__(
-        self, realtime: Realtime, servicer: RealtimeServicer, keepalive: float = KEEPALIVE
-    ) -> None:
+    def __init__(self, realtime: Realtime, tracked: Tracked, keepalive: float = KEEPALIVE) -> None:
         self.keepalive = keepalive
         self._realtime = realtime
-        self._servicer = servicer
+        self._tracked = tracked
         origins = [o.strip() for o in realtime.settings.cors_origins.split(",") if o.strip()]
         self._origins = origins or ["*"]
         # A trigger body carries a payload up to the payload limit, and its options.
@@ -225,7 +227,7 @@ class HttpServer:
             self._cors(request, response)
             return response
         try:
-            async with self._servicer.tracked():
+            async with self._tracked():
                 return await handler(request)
         except web.HTTPException:
             raise

@@ -26,6 +26,7 @@ from runplane_scheduler.api.runs import RunServicer
 from runplane_scheduler.api.token_http import TokenHttpServer
 from runplane_scheduler.api.waitpoints import WaitpointServicer
 from runplane_scheduler.api.worker import WorkerServicer
+from runplane_scheduler.db_errors import map_database_error
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
@@ -48,7 +49,11 @@ class Scheduler:
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
         self.tokens = PublicTokens(self.engine_db, settings.signing_key)
-        self.server = Server(KeyAuthenticator(self.engine_db, self.tokens), tls=settings.tls)
+        self.server = Server(
+            KeyAuthenticator(self.engine_db, self.tokens),
+            tls=settings.tls,
+            map_errors=[map_database_error],
+        )
         self.port = 0
         self.http = TokenHttpServer(self.engine.waits)
         self.http_url = ""

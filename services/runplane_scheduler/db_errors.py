@@ -1,0 +1,26 @@
+"""The scheduler's database failures as call statuses: the :data:`ErrorMapper` its gRPC server
+passes to the interceptor, so the shared server code needs no database."""
+
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+from runplane_common.errors import ServiceError
+from runplane_common.grpcserver import unavailable
+
+
+def map_database_error(error: Exception) -> ServiceError | None:
+    """UNAVAILABLE for a failure to reach the database (worth a retry); None otherwise, so a
+    refused statement stays a logged INTERNAL."""
+    if isinstance(error, sa_exc.DBAPIError) and _is_unavailable(error):
+        return unavailable(error)
+    return None
+
+
+def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
+    """A failure to reach the database, not a refused statement."""
+    if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return True
+    code = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", "") or "")
+    # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutdown).
+    return bool(error.connection_invalidated) or code.startswith(("08", "57"))
