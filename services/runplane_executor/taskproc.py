@@ -492,8 +492,9 @@ class TaskProcess:
 
 async def _main(conn: Connection, modules: list[str]) -> None:
     from runplane_common import telemetry
+    from runplane_common.config import TelemetrySettings
 
-    telemetry.setup("runplane-executor")
+    telemetry.setup(TelemetrySettings.from_env("runplane-executor"))
     try:
         tasks = import_task_modules(modules)
     except BaseException as error:

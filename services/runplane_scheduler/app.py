@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 from runplane.v1 import (
@@ -17,7 +16,7 @@ from runplane.v1 import (
     worker_service_pb2_grpc,
 )
 from runplane_common import db, telemetry
-from runplane_common.config import SchedulerSettings
+from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
 from runplane_scheduler.auth_service import AuthServicer
 from runplane_scheduler.db_errors import map_database_error
@@ -68,13 +67,13 @@ class Scheduler:
         self.relay.start()
         # Wait tokens are completed by POSTing to a URL on this endpoint.
         host = self.settings.listen.rsplit(":", 1)[0]
-        http_listen = os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN") or f"{host}:0"
+        http_listen = self.settings.http_listen or f"{host}:0"
         tls = self.settings.tls
         http_port = await self.http.start(
             http_listen, tls.server_ssl_context() if tls.serves_tls else None
         )
         scheme = "https" if tls.serves_tls else "http"
-        self.http_url = os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL") or (
+        self.http_url = self.settings.http_url or (
             f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
         )
         self.server.add(
@@ -131,7 +130,7 @@ async def start_scheduler(settings: SchedulerSettings) -> Scheduler:
 
 async def _serve() -> None:
     settings = SchedulerSettings.from_env()
-    telemetry.setup("runplane-scheduler")
+    telemetry.setup(TelemetrySettings.from_env("runplane-scheduler"))
     scheduler = await start_scheduler(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
