@@ -196,9 +196,8 @@ class HttpServer:
             ssl_context=tls.server_ssl_context() if tls.serves_tls else None,
         )
         await site.start()
-        # aiohttp keeps the listening server privately; port 0 needs the port it picked.
-        server: Any = site._server
-        bound: int = server.sockets[0].getsockname()[1]
+        # Port 0 needs the port it picked: the first address its one site listens on.
+        bound: int = self._runner.addresses[0][1]
         return bound
 
     async def stop(self) -> None:
