@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -25,6 +26,7 @@ from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
 from runplane_common import errors, telemetry
 from runplane_common.config import RealtimeSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
+from runplane_common.process import DEFAULT_LOG_LEVEL, configure_logging, run_async
 from runplane_realtime.core import Realtime
 from runplane_realtime.events import NatsLink
 from runplane_realtime.http import HttpServer
@@ -236,7 +238,5 @@ async def _serve() -> None:
 
 def main() -> None:
     """Run the realtime service from ``RUNPLANE_*`` settings until SIGTERM or SIGINT."""
-    from runplane._log import configure_logging, run_async
-
-    configure_logging()
+    configure_logging(os.environ.get("RUNPLANE_LOG_LEVEL", DEFAULT_LOG_LEVEL))
     run_async(_serve())

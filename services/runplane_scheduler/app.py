@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from runplane.v1 import (
@@ -18,6 +19,7 @@ from runplane.v1 import (
 from runplane_common import db, telemetry
 from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
+from runplane_common.process import DEFAULT_LOG_LEVEL, configure_logging, run_async
 from runplane_scheduler.auth_service import AuthServicer
 from runplane_scheduler.db_errors import map_database_error
 from runplane_scheduler.engine import RunEngine
@@ -158,7 +160,5 @@ def _redact(url: str) -> str:
 
 
 def main() -> None:
-    from runplane._log import configure_logging, run_async
-
-    configure_logging()
+    configure_logging(os.environ.get("RUNPLANE_LOG_LEVEL", DEFAULT_LOG_LEVEL))
     run_async(_serve())
