@@ -70,7 +70,7 @@ class Runplane(System):
         b = Path(self.ctx.product_python).parent / "runplane"
         if b.exists():
             return [str(b)]
-        return [self.ctx.product_python, "-m", "runplane._cli"]
+        return [self.ctx.product_python, "-m", "runplane_cli"]
 
     def broker_env(self) -> dict[str, str]:
         env = {

@@ -189,3 +189,67 @@ class RealtimeSettings:
             subscriber_buffer=_int("RUNPLANE_REALTIME_SUBSCRIBER_BUFFER", d.subscriber_buffer),
             limits=Limits.from_env(),
         )
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """An executor's settings: the task modules it runs, and ``RUNPLANE_*`` for the rest."""
+
+    modules: list[str]
+    api_url: str = DEFAULT_API_URL
+    # The executor's credential: a worker key (RUNPLANE_WORKER_KEY), or a secret key made with
+    # the execute right. Task code's own SDK calls use RUNPLANE_SECRET_KEY from the environment.
+    secret_key: str = ""
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    capacity: int = 100
+    listen: str = "127.0.0.1:0"
+    cancel_grace: float = 3.0
+    # Waiting attempts kept suspended in memory (0: no cap), and how long a wait of unknown end
+    # (a token, child runs) stays before it is evicted; a duration wait expected to last longer
+    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay,
+    # which runs the code before the wait again and costs a scheduler round trip per journaled
+    # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
+    max_resident_waits: int = 1000
+    evict_waits_after: float = 60.0
+    # TLS to the scheduler and on the status port (RUNPLANE_TLS_*; see runplane.tls). With the
+    # scheduler requiring client certificates, RUNPLANE_TLS_CERT is the one presented.
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    # Outputs larger than this (RUNPLANE_LIMIT_OUTPUT_BYTES, the scheduler's limit too) fail the
+    # attempt in its task process, with a clear error.
+    output_limit: int = Limits.output_bytes
+
+    @classmethod
+    def from_env(
+        cls,
+        modules: list[str],
+        *,
+        processes: int | None = None,
+        capacity: int | None = None,
+        max_resident_waits: int | None = None,
+        evict_waits_after: float | None = None,
+    ) -> ExecutorSettings:
+        """The settings from the environment; the keyword arguments (the command line's) win
+        unless None."""
+        d = cls(modules=modules)
+        return cls(
+            modules=modules,
+            api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
+            secret_key=os.environ.get("RUNPLANE_WORKER_KEY")
+            or os.environ.get("RUNPLANE_SECRET_KEY", ""),
+            processes=_int("RUNPLANE_EXECUTOR_PROCESSES", d.processes)
+            if processes is None
+            else processes,
+            capacity=_int("RUNPLANE_EXECUTOR_CAPACITY", d.capacity)
+            if capacity is None
+            else capacity,
+            listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or d.listen,
+            cancel_grace=_float("RUNPLANE_CANCEL_GRACE", d.cancel_grace),
+            max_resident_waits=_int("RUNPLANE_EXECUTOR_MAX_RESIDENT_WAITS", d.max_resident_waits)
+            if max_resident_waits is None
+            else max_resident_waits,
+            evict_waits_after=_float("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER", d.evict_waits_after)
+            if evict_waits_after is None
+            else evict_waits_after,
+            tls=TlsSettings.from_env(os.environ),
+            output_limit=_int("RUNPLANE_LIMIT_OUTPUT_BYTES", d.output_limit),
+        )

@@ -8,21 +8,16 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import orjson
 
-from runplane._errors import ConfigurationError
-from runplane._schedules import declared_schedules
-from runplane._serde import dumps
-from runplane._task import DEFAULT_MACHINE, MACHINES, Task
-from runplane.tls import TlsSettings, open_channel
+from runplane import ConfigurationError, Task
+from runplane.tls import open_channel
 from runplane.v1 import (
     executor_service_pb2 as epb,
 )
@@ -35,64 +30,34 @@ from runplane.v1 import (
 from runplane.v1 import (
     worker_service_pb2 as wpb,
 )
+from runplane.worker import (
+    DEFAULT_MACHINE,
+    MACHINES,
+    Attempt,
+    AttemptResult,
+    Logs,
+    Metadata,
+    MetadataUpdate,
+    Report,
+    Result,
+    Started,
+    Wait,
+    configure_logging,
+    declared_schedules,
+    import_task_modules,
+    run_async,
+)
 from runplane_common import telemetry
 from runplane_common.auth import RIGHT_EXECUTE, Principal
-from runplane_common.config import TelemetrySettings
+from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
-from runplane_executor import taskproc, waits
+from runplane_executor import waits
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 
 log = logging.getLogger("runplane.executor")
-
-
-@dataclass
-class ExecutorSettings:
-    modules: list[str]
-    api_url: str = "localhost:7070"
-    # The executor's credential: a worker key (RUNPLANE_WORKER_KEY), or a secret key made with
-    # the execute right. Task code's own SDK calls use RUNPLANE_SECRET_KEY from the environment.
-    secret_key: str = ""
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
-    capacity: int = 100
-    listen: str = "127.0.0.1:0"
-    cancel_grace: float = 3.0
-    # Waiting attempts kept suspended in memory (0: no cap), and how long a wait of unknown end
-    # (a token, child runs) stays before it is evicted; a duration wait expected to last longer
-    # than that is evicted once settled (0: neither). Evicted runs resume by journal replay,
-    # which runs the code before the wait again and costs a scheduler round trip per journaled
-    # wait: so the cap bounds memory, and only waits past a minute are evicted without need.
-    max_resident_waits: int = 1000
-    evict_waits_after: float = 60.0
-    # TLS to the scheduler and on the status port (RUNPLANE_TLS_*; see runplane.tls). With the
-    # scheduler requiring client certificates, RUNPLANE_TLS_CERT is the one presented.
-    tls: TlsSettings = field(default_factory=TlsSettings)
-
-    @classmethod
-    def from_env(cls, modules: list[str], **overrides: Any) -> ExecutorSettings:
-        settings = cls(
-            modules=modules,
-            api_url=os.environ.get("RUNPLANE_API_URL") or "localhost:7070",
-            secret_key=os.environ.get("RUNPLANE_WORKER_KEY")
-            or os.environ.get("RUNPLANE_SECRET_KEY", ""),
-            processes=int(os.environ.get("RUNPLANE_EXECUTOR_PROCESSES") or (os.cpu_count() or 1)),
-            capacity=int(os.environ.get("RUNPLANE_EXECUTOR_CAPACITY") or 100),
-            listen=os.environ.get("RUNPLANE_EXECUTOR_LISTEN") or "127.0.0.1:0",
-            cancel_grace=float(os.environ.get("RUNPLANE_CANCEL_GRACE") or 3.0),
-            max_resident_waits=int(
-                os.environ.get("RUNPLANE_EXECUTOR_MAX_RESIDENT_WAITS") or cls.max_resident_waits
-            ),
-            evict_waits_after=float(
-                os.environ.get("RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER") or cls.evict_waits_after
-            ),
-            tls=TlsSettings.from_env(os.environ),
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
-        return settings
 
 
 def payload_schema(t: Task[Any]) -> str:
@@ -146,7 +111,7 @@ def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
     return manifest
 
 
-def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> dict[str, Any]:
+def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> Attempt:
     """The attempt as the task process gets it, with its effective machine and max_duration.
 
     The machine is the trigger's (``Run.machine``) or the task's. An attempt gets a process of
@@ -194,7 +159,7 @@ def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> dict[str
     }
 
 
-def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectRequest:
+def result_message(attempt_id: str, result: AttemptResult) -> wpb.ConnectRequest:
     out = wpb.AttemptResult(
         attempt_id=attempt_id,
         skip_retrying=bool(result.get("skip_retrying")),
@@ -213,20 +178,20 @@ def result_message(attempt_id: str, result: dict[str, Any]) -> wpb.ConnectReques
             e["message"],
             e["stack_trace"],
         )
-    if result.get("retry_delay_ms") is not None:
-        out.retry_delay_ms = result["retry_delay_ms"]
-    if result.get("retry_at_ms") is not None:
-        out.retry_at.FromMilliseconds(result["retry_at_ms"])
+    if (retry_delay_ms := result.get("retry_delay_ms")) is not None:
+        out.retry_delay_ms = retry_delay_ms
+    if (retry_at_ms := result.get("retry_at_ms")) is not None:
+        out.retry_at.FromMilliseconds(retry_at_ms)
     return wpb.ConnectRequest(result=out)
 
 
-def metadata_message(attempt_id: str, update: dict[str, Any]) -> wpb.ConnectRequest:
+def metadata_message(attempt_id: str, update: MetadataUpdate) -> wpb.ConnectRequest:
     return wpb.ConnectRequest(
         metadata=wpb.MetadataUpdate(
             run_id=update["run_id"],
             attempt_id=attempt_id,
             operations=[
-                wpb.MetadataOperation(type=kind, key=key, value=dumps(value))
+                wpb.MetadataOperation(type=kind, key=key, value=value)
                 for kind, key, value in update["operations"]
             ],
         )
@@ -261,7 +226,7 @@ class Executor:
         self.executor_id = new_id("exec")
         # From the scheduler's Registered: proves a reconnect is this executor.
         self._session_token = ""
-        self.tasks = taskproc.import_task_modules(settings.modules)
+        self.tasks = import_task_modules(settings.modules)
         self.manifest = build_manifest(self.tasks)
         self.pool = ProcessPool(
             settings.modules,
@@ -270,6 +235,7 @@ class Executor:
             settings.cancel_grace,
             max_resident_waits=settings.max_resident_waits,
             evict_waits_after=settings.evict_waits_after,
+            output_limit=settings.output_limit,
         )
         self.connected = False
         self.draining = False
@@ -374,30 +340,24 @@ class Executor:
         elif message.WhichOneof("message") in REPORTS:
             self._unsent.append(message)
 
-    def _on_pool_event(self, kind: str, attempt_id: str, data: dict[str, Any] | None) -> None:
-        if kind == "started":
-            self.starts.started(attempt_id)
-            return
-        if kind == "result":
-            if data is not None:
-                message = result_message(attempt_id, data)
+    def _on_pool_event(self, report: Report) -> None:
+        match report:
+            case Started(attempt_id=attempt_id):
+                self.starts.started(attempt_id)
+            case Result(attempt_id=attempt_id, result=result):
+                message = result_message(attempt_id, result)
                 started_at = self.starts.ended(attempt_id)
                 if started_at is not None:
                     message.result.started_at.FromMilliseconds(started_at)
                 self._send(message)
-            return
-        self.starts.release(attempt_id)  # the scheduler sees the start before what follows
-        if data is None:
-            return
-        if kind == "metadata":
-            self._send(metadata_message(attempt_id, data))
-        elif kind == "logs":
-            self._send(logs_message(data["entries"]))
-        elif kind == "wait":
-            request = waits.wait_request(attempt_id, data["seq"], data["request"])
-            self._send(wpb.ConnectRequest(wait=request))
-        else:
-            self._send(result_message(attempt_id, data))
+            case Metadata(attempt_id=attempt_id, update=update):
+                self.starts.release(attempt_id)  # the scheduler sees the start before this
+                self._send(metadata_message(attempt_id, update))
+            case Logs(entries=entries):  # of any attempts: they release nothing
+                self._send(logs_message(entries))
+            case Wait(attempt_id=attempt_id, seq=seq, request=request):
+                self.starts.release(attempt_id)
+                self._send(wpb.ConnectRequest(wait=waits.wait_request(attempt_id, seq, request)))
 
     async def _connect_forever(self) -> None:
         backoff = 0.1
@@ -549,11 +509,25 @@ async def _serve(settings: ExecutorSettings) -> None:
     telemetry.shutdown()
 
 
-def main(modules: list[str], **overrides: Any) -> None:
-    from runplane._log import configure_logging, run_async
-
+def main(
+    modules: list[str],
+    *,
+    processes: int | None = None,
+    capacity: int | None = None,
+    max_resident_waits: int | None = None,
+    evict_waits_after: float | None = None,
+) -> None:
+    """``runplane executor``: the settings from the environment, where the command line's
+    (those not None) win."""
     configure_logging()
-    run_async(_serve(ExecutorSettings.from_env(modules, **overrides)))
+    settings = ExecutorSettings.from_env(
+        modules,
+        processes=processes,
+        capacity=capacity,
+        max_resident_waits=max_resident_waits,
+        evict_waits_after=evict_waits_after,
+    )
+    run_async(_serve(settings))
 
 
-__all__ = ["Executor", "ExecutorSettings", "main"]
+__all__ = ["Executor", "main"]

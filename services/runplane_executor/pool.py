@@ -3,7 +3,7 @@
 Attempts of tasks that keep the default machine share the warm processes (the fast path: no
 process start per attempt). An attempt with an explicit machine (the task's ``machine=`` or the
 trigger's) runs in a process of its own started for it, whose data segment is capped at the
-machine's memory (see ``taskproc.main``): an allocation past it raises MemoryError in that
+machine's memory (see ``runplane.worker.main``): an allocation past it raises MemoryError in that
 attempt only, reported as out-of-memory; a process killed from outside (the kernel's OOM killer)
 is reported the same way. Neighbours are never affected.
 
@@ -34,15 +34,38 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
 
-from runplane_executor import taskproc
+from runplane import worker
+from runplane.worker import (
+    Attempt,
+    AttemptResult,
+    Cancel,
+    CancelHooks,
+    Evict,
+    Failed,
+    FromProcess,
+    Kind,
+    Logs,
+    Metadata,
+    Ready,
+    Report,
+    Result,
+    Resume,
+    Run,
+    Started,
+    Stop,
+    Timeout,
+    ToProcess,
+    Wait,
+    WaitResult,
+)
 from runplane_executor.waits import ResidentWaits
 
 log = logging.getLogger("runplane.executor.pool")
 
-# (kind, attempt_id, result dict | None)
-EventSink = Callable[[str, str, dict[str, Any] | None], None]
+# Hears every report about an attempt: the task processes', and the pool's own results of
+# attempts it lost or killed.
+EventSink = Callable[[Report], None]
 
 
 @dataclass
@@ -57,7 +80,7 @@ class _Proc:
     # Started for one attempt with a machine's memory limit; stopped after it.
     dedicated: bool = False
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: ToProcess) -> None:
         with self.lock:
             self.conn.send(message)
 
@@ -71,8 +94,10 @@ class ProcessPool:
         cancel_grace: float = 3.0,
         max_resident_waits: int = 0,
         evict_waits_after: float = 0.0,
+        output_limit: int = worker.DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.modules = modules
+        self.output_limit = output_limit
         self.size = max(1, size)
         self.sink = sink
         self.cancel_grace = cancel_grace
@@ -82,7 +107,7 @@ class ProcessPool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._kills: set[asyncio.Task[None]] = set()
-        self._attempts: dict[str, dict[str, Any]] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._timeouts: dict[str, asyncio.Task[None]] = {}
         # max_duration counts execution only: a waiting attempt's clock is stopped with the
         # time it has left (attempt id -> (seconds left, loop time the clock last started)).
@@ -110,8 +135,8 @@ class ProcessPool:
         assert self._loop is not None
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=taskproc.main,
-            args=(child, self.modules, memory_limit),
+            target=worker.main,
+            args=(child, self.modules, memory_limit, self.output_limit),
             name=f"runplane-task-{index}" if index >= 0 else "runplane-task-dedicated",
             daemon=True,
         )
@@ -142,32 +167,32 @@ class ProcessPool:
         except (EOFError, OSError):
             self._loop.call_soon_threadsafe(self._on_exit, proc)
 
-    def _on_message(self, proc: _Proc, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "ready":
-            if proc.ready is not None and not proc.ready.done():
-                proc.ready.set_result(message[1])
-        elif kind == "failed":
-            if proc.ready is not None and not proc.ready.done():
-                proc.ready.set_exception(
-                    RuntimeError(f"task modules failed to import:\n{message[1]}")
-                )
-        elif kind == "started":
-            self.sink("started", message[1], None)
-            self._time(proc, message[1])
-        elif kind in ("metadata", "logs"):
-            self.sink(kind, message[1], message[2])
-        elif kind == "wait":
-            self._paused.add(message[1])
-            self._pause_clock(message[1])
-            self.sink("wait", message[1], {"seq": message[2], "request": message[3]})
-            if self.waits.enabled and message[1] not in self._evicting:
-                self.waits.wait(message[1], message[2], message[3], time.time())
-                self._evict_due()
-        elif kind == "result":
-            self._finish(proc, message[1], message[2])
+    def _on_message(self, proc: _Proc, message: FromProcess) -> None:
+        match message:
+            case Ready(task_ids=task_ids):
+                if proc.ready is not None and not proc.ready.done():
+                    proc.ready.set_result(task_ids)
+            case Failed(traceback=traceback):
+                if proc.ready is not None and not proc.ready.done():
+                    proc.ready.set_exception(
+                        RuntimeError(f"task modules failed to import:\n{traceback}")
+                    )
+            case Started(attempt_id=attempt_id):
+                self.sink(message)
+                self._time(proc, attempt_id)
+            case Metadata() | Logs():
+                self.sink(message)
+            case Wait(attempt_id=attempt_id, seq=seq, request=request):
+                self._paused.add(attempt_id)
+                self._pause_clock(attempt_id)
+                self.sink(message)
+                if self.waits.enabled and attempt_id not in self._evicting:
+                    self.waits.wait(attempt_id, seq, request, time.time())
+                    self._evict_due()
+            case Result(attempt_id=attempt_id, result=result):
+                self._finish(proc, attempt_id, result)
 
-    def _finish(self, proc: _Proc, attempt_id: str, result: dict[str, Any]) -> None:
+    def _finish(self, proc: _Proc, attempt_id: str, result: AttemptResult) -> None:
         proc.attempts.discard(attempt_id)
         self._where.pop(attempt_id, None)
         self._attempts.pop(attempt_id, None)
@@ -178,11 +203,11 @@ class ProcessPool:
         self._paused.discard(attempt_id)
         self.waits.ended(attempt_id)
         self._evicting.discard(attempt_id)
-        self.sink("result", attempt_id, result)
+        self.sink(Result(Kind.RESULT, attempt_id, result))
         if proc.dedicated and not proc.dead:
             proc.dead = True  # its end is expected now
             with contextlib.suppress(OSError):
-                proc.send(("stop",))
+                proc.send(Stop(Kind.STOP))
             self._kill_soon(proc)
 
     def _on_exit(self, proc: _Proc) -> None:
@@ -195,11 +220,11 @@ class ProcessPool:
         proc.process.join(1.0)  # the pipe closed: the exit code follows at once
         code = proc.process.exitcode
         for attempt_id in lost:
-            attempt = self._attempts.get(attempt_id, {})
+            attempt = self._attempts.get(attempt_id)
             if attempt_id in self._paused:
                 # It was waiting: the scheduler replays it from its journal, as it does for
                 # an attempt lost while its run is WAITING, whenever this report arrives.
-                result: dict[str, Any] = {"lost": True}
+                result: AttemptResult = {"lost": True}
             elif proc.dedicated and code == -signal.SIGKILL:
                 # Killed from outside while holding a memory-limited attempt: the OOM killer.
                 result = out_of_memory_result(attempt, "the task process was killed (SIGKILL)")
@@ -230,7 +255,7 @@ class ProcessPool:
     def running_attempts(self) -> list[str]:
         return list(self._where)
 
-    def submit(self, attempt: dict[str, Any]) -> None:
+    def submit(self, attempt: Attempt) -> None:
         """Start an attempt: in a process of its own when it has a memory limit, else on the
         least busy warm process."""
         attempt_id = attempt["attempt_id"]
@@ -247,28 +272,29 @@ class ProcessPool:
         proc = min(live, key=lambda p: len(p.attempts))
         proc.attempts.add(attempt_id)
         self._where[attempt_id] = proc
-        proc.send(("run", attempt))
+        proc.send(Run(Kind.RUN, attempt))
 
-    def cancel_hooks(self, attempt: dict[str, Any]) -> None:
+    def cancel_hooks(self, attempt: Attempt) -> None:
         """Run the on_cancel hooks of a run cancelled with no attempt running (on a warm
         process; nothing is reported back)."""
         live = [p for p in self._procs if not p.dead]
         if live:
-            min(live, key=lambda p: len(p.attempts)).send(("cancel_hooks", attempt))
+            min(live, key=lambda p: len(p.attempts)).send(CancelHooks(Kind.CANCEL_HOOKS, attempt))
 
-    async def _run_dedicated(self, proc: _Proc, attempt: dict[str, Any]) -> None:
+    async def _run_dedicated(self, proc: _Proc, attempt: Attempt) -> None:
         assert proc.ready is not None
         try:
             await proc.ready
         except RuntimeError:
             return  # _on_exit reported the attempt
         if attempt["attempt_id"] in proc.attempts and not proc.dead:
-            proc.send(("run", attempt))
+            proc.send(Run(Kind.RUN, attempt))
 
     def _time(self, proc: _Proc, attempt_id: str, seconds: float | None = None) -> None:
         """Start (or restart, with ``seconds`` left) the attempt's max_duration clock."""
         if seconds is None:
-            seconds = float(self._attempts.get(attempt_id, {}).get("max_duration") or 0)
+            attempt = self._attempts.get(attempt_id)
+            seconds = float(attempt.get("max_duration") or 0) if attempt is not None else 0.0
         if seconds > 0:
             loop = asyncio.get_running_loop()
             self._clocks[attempt_id] = (seconds, loop.time())
@@ -291,15 +317,15 @@ class ProcessPool:
         if attempt_id not in proc.attempts or proc.dead:
             return
         with contextlib.suppress(OSError):
-            proc.send(("timeout", attempt_id))
+            proc.send(Timeout(Kind.TIMEOUT, attempt_id))
         await asyncio.sleep(self.cancel_grace)
         if attempt_id not in proc.attempts or proc.dead:
             return
         log.warning("attempt %s ran past its max_duration; killing its process", attempt_id)
         self._timeouts.pop(attempt_id, None)
-        self._kill(proc, attempt_id, taskproc.timeout_result(seconds))
+        self._kill(proc, attempt_id, worker.timeout_result(seconds))
 
-    def resume(self, attempt_id: str, results: list[Any]) -> None:
+    def resume(self, attempt_id: str, results: list[WaitResult]) -> None:
         """Hand a waiting attempt the results of its completed waits. One this pool no longer
         has is reported lost: the scheduler runs it again, replaying its journal."""
         if attempt_id in self._evicting:
@@ -307,13 +333,13 @@ class ProcessPool:
         proc = self._where.get(attempt_id)
         if proc is not None:
             self._paused.discard(attempt_id)
-            self.waits.resumed(attempt_id, (r[0] for r in results))
-            proc.send(("resume", attempt_id, results))
+            self.waits.resumed(attempt_id, (r.seq for r in results))
+            proc.send(Resume(Kind.RESUME, attempt_id, results))
             clock = self._clocks.get(attempt_id)
             if clock is not None and attempt_id not in self._timeouts:
                 self._time(proc, attempt_id, max(clock[0], 0.001))
         else:
-            self.sink("result", attempt_id, {"lost": True})
+            self.sink(Result(Kind.RESULT, attempt_id, {"lost": True}))
 
     def _evict_due(self) -> None:
         """Tell the processes to drop the waiting attempts the policy evicts now, and look again
@@ -325,7 +351,7 @@ class ProcessPool:
             log.debug("evicting waiting attempt %s", attempt_id)
             self._evicting.add(attempt_id)
             with contextlib.suppress(OSError):
-                proc.send(("evict", attempt_id))
+                proc.send(Evict(Kind.EVICT, attempt_id))
         at = self.waits.next_check()
         if at is None or self._stopping:
             return
@@ -346,7 +372,7 @@ class ProcessPool:
         proc = self._where.get(attempt_id)
         if proc is None:
             return
-        proc.send(("cancel", attempt_id))
+        proc.send(Cancel(Kind.CANCEL, attempt_id))
         task = asyncio.get_running_loop().create_task(self._kill_later(proc, attempt_id))
         self._kills.add(task)
         task.add_done_callback(self._kills.discard)
@@ -360,7 +386,7 @@ class ProcessPool:
         )
         self._kill(proc, attempt_id, {"canceled": True})
 
-    def _kill(self, proc: _Proc, attempt_id: str, result: dict[str, Any]) -> None:
+    def _kill(self, proc: _Proc, attempt_id: str, result: AttemptResult) -> None:
         """Kill ``proc`` to stop ``attempt_id`` (reported with ``result``); its neighbours are
         lost, and a warm process is replaced."""
         proc.dead = True
@@ -397,7 +423,7 @@ class ProcessPool:
         for proc in self._procs:
             if not proc.dead:
                 with contextlib.suppress(OSError):
-                    proc.send(("stop",))
+                    proc.send(Stop(Kind.STOP))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         for proc in self._procs:
@@ -407,9 +433,9 @@ class ProcessPool:
                 proc.process.kill()
 
 
-def out_of_memory_result(attempt: dict[str, Any], detail: str) -> dict[str, Any]:
+def out_of_memory_result(attempt: Attempt | None, detail: str) -> AttemptResult:
     """The result of an attempt that ran out of its machine's memory."""
-    retry_machine = attempt.get("oom_retry_machine", "")
+    retry_machine = attempt.get("oom_retry_machine", "") if attempt is not None else ""
     return {
         "error": {
             "type": "OutOfMemoryError",

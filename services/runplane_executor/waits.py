@@ -1,9 +1,5 @@
-"""The waits of the attempts in a task process (the executor side of ``runplane.wait``).
-
-Each attempt gets a :class:`AttemptWaiter` in ``ctx.extra``: a wait takes the attempt's next
-sequence number, goes to the executor as ``("wait", attempt_id, seq, request)`` and awaits a
-future that a ``("resume", attempt_id, results)`` message resolves. Sequence numbers follow call
-order, which is what lets a replay of the run find its journaled results.
+"""The executor's side of waits: a task process's wait as a stream message, a Resume's results as
+the pipe carries them (the task process side is :class:`runplane.worker.AttemptWaiter`).
 
 :class:`ResidentWaits` is the executor's eviction policy: which waiting attempts stay suspended in
 memory and which are dropped, to be replayed from the journal when their waits complete.
@@ -11,71 +7,17 @@ memory and which are dropped, to be replayed from the journal when their waits c
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from runplane.v1 import worker_service_pb2 as wpb
-
-Outcome = tuple[bool, str, dict[str, str] | None]
-Send = Callable[[tuple[Any, ...]], None]
-# Called with (hook name, the wait described for the user): the on_wait/on_resume hooks.
-WaitHooks = Callable[[str, dict[str, Any]], Awaitable[None]]
+from runplane.worker import WaitRequest, WaitResult
 
 
-class AttemptWaiter:
-    def __init__(self, attempt_id: str, send: Send, hooks: WaitHooks | None = None) -> None:
-        self.attempt_id = attempt_id
-        self._send = send
-        self._hooks = hooks
-        self._seq = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Outcome]] = {}
-        # Set when the executor evicts the attempt: it may not wait again (user code that
-        # swallowed the CancelledError must not journal waits out of order).
-        self.evicted = False
-
-    async def wait(self, request: dict[str, Any]) -> Outcome:
-        if self.evicted:
-            raise asyncio.CancelledError("the attempt was evicted while it waited")
-        seq = next(self._seq)
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending[seq] = future
-        described = describe(request)
-        if self._hooks is not None:
-            await self._hooks("on_wait", described)
-        self._send(("wait", self.attempt_id, seq, request))
-        try:
-            outcome = await future
-        finally:
-            self._pending.pop(seq, None)
-        if self._hooks is not None:
-            await self._hooks("on_resume", described)
-        return outcome
-
-    def resume(self, results: list[tuple[int, bool, str, dict[str, str] | None]]) -> None:
-        """Resolve the waits these results are for; results of earlier waits are ignored."""
-        for seq, ok, output, error in results:
-            future = self._pending.get(seq)
-            if future is not None and not future.done():
-                future.set_result((ok, output, error))
-
-
-def describe(request: dict[str, Any]) -> dict[str, Any]:
-    """A wait as the on_wait/on_resume hooks see it."""
-    if "duration_ms" in request:
-        return {"type": "duration", "seconds": request["duration_ms"] / 1000}
-    if "until_ms" in request:
-        return {"type": "until", "until_ms": request["until_ms"]}
-    if "token_id" in request:
-        return {"type": "token", "token_id": request["token_id"]}
-    return {"type": "children", "count": len(request.get("children", []))}
-
-
-def wait_request(attempt_id: str, seq: int, request: dict[str, Any]) -> wpb.WaitRequest:
+def wait_request(attempt_id: str, seq: int, request: WaitRequest) -> wpb.WaitRequest:
     """The stream message of a task process's wait."""
     out = wpb.WaitRequest(
         attempt_id=attempt_id,
@@ -95,10 +37,10 @@ def wait_request(attempt_id: str, seq: int, request: dict[str, Any]) -> wpb.Wait
     return out
 
 
-def resume_results(resume: wpb.Resume) -> list[tuple[int, bool, str, dict[str, str] | None]]:
+def resume_results(resume: wpb.Resume) -> list[WaitResult]:
     """A Resume's results as the pipe carries them."""
     return [
-        (
+        WaitResult(
             r.seq,
             r.ok,
             r.output,
@@ -116,7 +58,7 @@ def resume_results(resume: wpb.Resume) -> list[tuple[int, bool, str, dict[str, s
 SETTLE_SECONDS = 1.0
 
 
-def expected_end(request: dict[str, Any], now: float) -> float | None:
+def expected_end(request: WaitRequest, now: float) -> float | None:
     """When a wait should end (epoch seconds), or None when nobody knows (a token, child runs)."""
     if "duration_ms" in request:
         return now + float(request["duration_ms"]) / 1000
@@ -181,7 +123,7 @@ class ResidentWaits:
         """Waiting attempts in memory, settled or not."""
         return len(self._waiting)
 
-    def wait(self, attempt_id: str, seq: int, request: dict[str, Any], now: float) -> None:
+    def wait(self, attempt_id: str, seq: int, request: WaitRequest, now: float) -> None:
         """The attempt sent wait ``seq``."""
         w = self._waiting.get(attempt_id)
         if w is None:

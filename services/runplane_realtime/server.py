@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -23,10 +22,10 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
+from runplane.worker import configure_logging, run_async
 from runplane_common import errors, telemetry
 from runplane_common.config import RealtimeSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
-from runplane_common.process import DEFAULT_LOG_LEVEL, configure_logging, run_async
 from runplane_realtime.core import Realtime
 from runplane_realtime.events import NatsLink
 from runplane_realtime.http import HttpServer
@@ -238,5 +237,5 @@ async def _serve() -> None:
 
 def main() -> None:
     """Run the realtime service from ``RUNPLANE_*`` settings until SIGTERM or SIGINT."""
-    configure_logging(os.environ.get("RUNPLANE_LOG_LEVEL", DEFAULT_LOG_LEVEL))
+    configure_logging()
     run_async(_serve())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 from runplane.v1 import (
@@ -16,25 +15,23 @@ from runplane.v1 import (
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
+from runplane.worker import configure_logging, run_async
 from runplane_common import db, telemetry
 from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
-from runplane_common.process import DEFAULT_LOG_LEVEL, configure_logging, run_async
-from runplane_scheduler.auth_service import AuthServicer
+from runplane_scheduler.api.auth import AuthServicer
+from runplane_scheduler.api.meta import MetaServicer
+from runplane_scheduler.api.queues import QueueServicer
+from runplane_scheduler.api.runs import RunServicer
+from runplane_scheduler.api.token_http import TokenHttpServer
+from runplane_scheduler.api.waitpoints import WaitpointServicer
+from runplane_scheduler.api.worker import WorkerServicer
 from runplane_scheduler.db_errors import map_database_error
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
-from runplane_scheduler.service import (
-    MetaServicer,
-    QueueServicer,
-    RunServicer,
-    WaitpointServicer,
-    WorkerServicer,
-)
 from runplane_scheduler.store import Store
-from runplane_scheduler.token_http import TokenHttpServer
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -160,5 +157,5 @@ def _redact(url: str) -> str:
 
 
 def main() -> None:
-    configure_logging(os.environ.get("RUNPLANE_LOG_LEVEL", DEFAULT_LOG_LEVEL))
+    configure_logging()
     run_async(_serve())

@@ -21,7 +21,7 @@ async def test_dev_runs_an_example_and_stops(tmp_path: Path) -> None:
     }  # the embedded default: SQLite under .runplane/ and a NATS server of its own
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "dev", "--tasks", "examples.hello", "--port", "0",
+        sys.executable, "-m", "runplane_cli", "dev", "--tasks", "examples.hello", "--port", "0",
         "--trigger", "hello-world", "--payload", '{"name": "dev"}', "--exit",
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -311,7 +311,7 @@ async def test_unknown_queue_and_machine_are_refused_with_nothing_written(
 async def _cli(cluster: Cluster, *argv: str) -> tuple[int, str, str]:
     env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", *argv,
+        sys.executable, "-m", "runplane_cli", *argv,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -17,7 +17,8 @@ from sqlalchemy import select
 import runplane
 from runplane import RunStatus
 from runplane_common import db
-from runplane_executor.app import Executor, ExecutorSettings
+from runplane_common.config import ExecutorSettings
+from runplane_executor.app import Executor
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 

@@ -109,7 +109,7 @@ async def test_runs_logs_prints_the_tasks_log_lines(cluster: Cluster) -> None:
 
     env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "runs", "logs", handle.id,
+        sys.executable, "-m", "runplane_cli", "runs", "logs", handle.id,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -62,7 +62,7 @@ async def test_a_declarative_schedule_runs_its_task_with_the_scheduled_payload(
 async def _cli(cluster: Cluster, *args: str) -> tuple[int, str, str]:
     env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "schedules", *args,
+        sys.executable, "-m", "runplane_cli", "schedules", *args,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -31,7 +31,7 @@ async def test_hello_from_the_sdk_completes_with_its_output(cluster: Cluster) ->
 async def test_hello_from_the_cli_completes_with_its_output(cluster: Cluster) -> None:
     env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "trigger", "hello-world",
+        sys.executable, "-m", "runplane_cli", "trigger", "hello-world",
         "--payload", '{"name": "CLI"}', "--wait",
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -200,7 +200,7 @@ async def _cli(cluster: Cluster, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "runplane",
+        "runplane_cli",
         *args,
         env=env,
         stdout=subprocess.PIPE,

@@ -33,8 +33,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import runplane
 from runplane import Run, RunStatus
-from runplane._dev import wait_serving
 from runplane.v1 import events_pb2, run_pb2
+from runplane_cli.dev import wait_serving
 from runplane_common import db, subjects
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler

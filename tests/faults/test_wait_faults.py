@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 import runplane
 from runplane import RunStatus
-from runplane._dev import wait_serving
+from runplane_cli.dev import wait_serving
 from runplane_common import db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import runplane
-from runplane._dev import wait_executor_connected, wait_serving
 from runplane.tls import TlsSettings
+from runplane_cli.dev import wait_executor_connected, wait_serving
 from runplane_common import db
 from runplane_scheduler.keys import create_key
 from tests.helpers.ports import free_port
@@ -112,12 +112,16 @@ class Cluster:
         self.env = base
         py = sys.executable
         modules = [tasks] if isinstance(tasks, str) else list(tasks)
-        self.scheduler = ServiceProcess("scheduler", [py, "-m", "runplane", "scheduler"], base, tmp)
-        self.realtime = ServiceProcess("realtime", [py, "-m", "runplane", "realtime"], base, tmp)
+        self.scheduler = ServiceProcess(
+            "scheduler", [py, "-m", "runplane_cli", "scheduler"], base, tmp
+        )
+        self.realtime = ServiceProcess(
+            "realtime", [py, "-m", "runplane_cli", "realtime"], base, tmp
+        )
         self.executor = ServiceProcess(
             "executor",
             [
-                *(py, "-m", "runplane", "executor", "--processes", "2"),
+                *(py, "-m", "runplane_cli", "executor", "--processes", "2"),
                 *(arg for module in modules for arg in ("--tasks", module)),
             ],
             base,

@@ -1161,7 +1161,7 @@ def _cli(stack: Stack, *args: str, key: str = "dev") -> subprocess.CompletedProc
         "RUNPLANE_REALTIME_URL": "",
     }
     return subprocess.run(
-        [sys.executable, "-m", "runplane", *args],
+        [sys.executable, "-m", "runplane_cli", *args],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -43,7 +43,7 @@ async def runplane_cli(database_url: str, *args: str) -> tuple[int, str, str]:
     env["RUNPLANE_DATABASE_URL"] = database_url
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", *args,
+        sys.executable, "-m", "runplane_cli", *args,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 60)
@@ -168,7 +168,8 @@ async def test_a_revoked_key_and_its_tokens_are_refused_everywhere_within_second
 
 @pytest.mark.timeout(120)
 async def test_an_executor_stream_open_with_a_revoked_key_is_ended(cluster: Cluster) -> None:
-    from runplane_executor.app import Executor, ExecutorSettings
+    from runplane_common.config import ExecutorSettings
+    from runplane_executor.app import Executor
 
     key, key_id = await create_key(cluster.database_url, "--env", "dev", "--kind", "worker")
     executor = Executor(
@@ -327,7 +328,7 @@ async def test_runplane_dev_keeps_its_state_to_the_user(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPLANE_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "dev", "--tasks", "examples.hello", "--port", "0",
+        sys.executable, "-m", "runplane_cli", "dev", "--tasks", "examples.hello", "--port", "0",
         "--trigger", "hello-world", "--payload", '{"name": "modes"}', "--exit",
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, umask=0o022,
     )  # fmt: skip

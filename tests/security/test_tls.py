@@ -22,10 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import runplane
 from runplane import RunStatus
-from runplane._dev import DevCertificates, make_dev_certificates, read_env_file, tls_env
 from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc, worker_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_cli.dev import DevCertificates, make_dev_certificates, read_env_file, tls_env
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
@@ -302,7 +302,7 @@ async def test_dev_tls_runs_everything_over_tls(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPLANE_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runplane", "dev", "--tls", "--tasks", "examples.hello",
+        sys.executable, "-m", "runplane_cli", "dev", "--tls", "--tasks", "examples.hello",
         "--port", "0", "--trigger", "hello-world", "--payload", '{"name": "tls"}', "--exit",
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

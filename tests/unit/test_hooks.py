@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+import runplane.worker._process as taskproc
 from runplane import AbortTaskRunError, CatchErrorResult, ConfigurationError, Context, Outcome
 from runplane import metadata as md
 from runplane._hooks import Hooks
 from runplane._task import RetryOptions, Task, task
+from runplane.worker import Kind, Run, Timeout
 from runplane_core.metadata import apply_operations
-from runplane_executor import taskproc
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,7 +69,7 @@ def attempt(t: Task[Any], payload: str = "{}", number: int = 1, **extra: Any) ->
 async def run(t: Task[Any], a: dict[str, Any], *, then: Any = None) -> tuple[dict[str, Any], Pipe]:
     pipe = Pipe()
     proc = taskproc.TaskProcess(pipe, {t.id: t})  # type: ignore[arg-type]
-    proc.handle(("run", a))
+    proc.handle(Run(Kind.RUN, a))
     if then is not None:
         await asyncio.sleep(0.05)
         proc.handle(then)
@@ -123,7 +124,7 @@ async def test_hooks_run_in_order_and_a_failing_on_success_is_only_logged(
         "middleware", "init", "on_start", "on_start_attempt", "run",
         "global_on_success", "on_success(7)", "on_complete(True)", "cleanup",
     ]  # fmt: skip
-    logs = [e for m in pipe.sent if m[0] == "logs" for e in m[2]["entries"]]
+    logs = [e for m in pipe.sent if m[0] == "logs" for e in m.entries]
     assert [e["level"] for e in logs] == ["error"]
     assert "on_success" in logs[0]["message"] and "boom" in logs[0]["message"]
     assert pipe.kinds().index("logs") < pipe.kinds().index("result")
@@ -232,10 +233,10 @@ async def test_timeout_fires_the_signal_and_reports_timed_out_without_hooks() ->
     a = attempt(t, max_duration=1)
     pipe = Pipe()
     proc = taskproc.TaskProcess(pipe, {t.id: t})  # type: ignore[arg-type]
-    proc.handle(("run", a))
+    proc.handle(Run(Kind.RUN, a))
     await asyncio.sleep(0.05)
     proc.running[a["attempt_id"]].ctx.signal.trigger("timeout")  # type: ignore[union-attr]
-    proc.handle(("timeout", a["attempt_id"]))
+    proc.handle(Timeout(Kind.TIMEOUT, a["attempt_id"]))
     for _ in range(500):
         if "result" in pipe.kinds():
             break

@@ -8,7 +8,8 @@ from typing import Any
 
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_executor.waits import AttemptWaiter, resume_results, wait_request
+from runplane.worker import AttemptWaiter
+from runplane_executor.waits import resume_results, wait_request
 
 
 async def test_waits_take_sequence_numbers_in_call_order_also_under_gather() -> None:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, TypeAlias
-
-import grpc
 
 from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import auth_service_pb2_grpc
 from runplane_common import auth
 from runplane_common.errors import InvalidArgument
 from runplane_scheduler import keys, validation
-
-Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+from runplane_scheduler.api import Context
 
 
 class AuthServicer(auth_service_pb2_grpc.AuthServiceServicer):

@@ -1,20 +1,22 @@
-"""The ``runplane`` command line."""
+"""The ``runplane`` command line: the parser, and the commands that talk to the API through the
+SDK's client. The service commands import their service only when run, so ``runplane trigger``
+does not load the scheduler, SQLAlchemy or the task modules."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 
-from runplane._errors import ApiError, ConfigurationError, RunplaneError
+from runplane import ApiError, Client, ConfigurationError, RunplaneError
+from runplane.worker import run_async
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"runplane: {message}", file=sys.stderr)
     return 2
 
@@ -35,8 +37,6 @@ def _print_run(run: Any) -> None:
 
 
 async def _trigger(args: argparse.Namespace) -> int:
-    from runplane._client import Client
-
     payload = _parse_json(args.payload, "--payload")
     client = Client()
     handle = await client.tasks.trigger(args.task, payload, tags=args.tag or None)
@@ -54,8 +54,6 @@ async def _trigger(args: argparse.Namespace) -> int:
 
 
 async def _runs(args: argparse.Namespace) -> int:
-    from runplane._client import Client
-
     client = Client()
     if args.runs_command == "ls":
         async for run in client.runs.list(
@@ -90,12 +88,10 @@ async def _runs(args: argparse.Namespace) -> int:
             if run.is_completed:
                 _print_run(run)
         return 0
-    return _fail(f"unknown runs command {args.runs_command}")
+    return fail(f"unknown runs command {args.runs_command}")
 
 
 async def _queues(args: argparse.Namespace) -> int:
-    from runplane._client import Client
-
     client = Client()
     if args.queues_command == "ls":
         print(f"{'QUEUE':<32} {'RUNNING':>7} {'QUEUED':>7} {'LIMIT':>6}  STATE")
@@ -123,8 +119,6 @@ def _print_schedule(s: Any) -> None:
 
 
 async def _schedules(args: argparse.Namespace) -> int:
-    from runplane._client import Client
-
     api = Client().schedules
     command = args.schedules_command
     if command == "ls":
@@ -152,118 +146,9 @@ async def _schedules(args: argparse.Namespace) -> int:
 
 
 def _run_dict(run: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
     data = asdict(run)
     data.pop("raw", None)
     return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in data.items()}
-
-
-def _keys(args: argparse.Namespace) -> int:
-    """``runplane keys create|ls|revoke|rotate``, straight against RUNPLANE_DATABASE_URL."""
-    from runplane_common import db
-    from runplane_common.config import SchedulerSettings
-    from runplane_common.errors import ServiceError
-
-    settings = SchedulerSettings.from_env()
-    if args.keys_command == "rotate":
-        args.grace_ms = _grace_ms(args.grace)
-
-    async def run() -> int:
-        engine = db.create_engine(settings.database_url)
-        try:
-            await db.upgrade(engine)
-            return await _keys_command(engine, args)
-        except ServiceError as error:
-            return _fail(error.message)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
-async def _keys_command(engine: Any, args: argparse.Namespace) -> int:
-    from runplane_scheduler import keys as key_store
-
-    command = args.keys_command
-    if command == "create":
-        print(
-            await key_store.create_key(engine, args.env, args.kind, args.execute, args.name or "")
-        )
-        return 0
-    if command == "ls":
-        keys = await key_store.list_keys(engine, args.env)
-        if args.json:
-            print(orjson.dumps([_key_dict(k) for k in keys], option=orjson.OPT_INDENT_2).decode())
-            return 0
-        print(
-            f"{'ID':<30} {'ENV':<8} {'KIND':<7} {'RIGHTS':<12} {'CREATED':<20} {'REVOKED':<25} NAME"
-        )
-        for k in keys:
-            d = _key_dict(k)
-            revoked = d["revoked_at"] or "-"
-            if d["revoked_at"] and not d["revoked"]:
-                revoked = f"from {revoked}"  # a rotated key's grace
-            print(
-                f"{k.id:<30} {k.environment:<8} {k.kind:<7} {','.join(d['rights']):<12} "
-                f"{d['created_at']:<20} {revoked:<25} {k.name}"
-            )
-        return 0
-    if command == "revoke":
-        key = await key_store.revoke_key(engine, args.key_id)
-        print(f"{key.id} revoked at {_iso(key.revoked_at)}", file=sys.stderr)
-        return 0
-    new_key, old = await key_store.rotate_key(engine, args.key_id, args.grace_ms)
-    print(new_key)
-    when = "works until" if args.grace_ms else "revoked at"
-    print(f"{old.id} {when} {_iso(old.revoked_at)}", file=sys.stderr)
-    return 0
-
-
-def _grace_ms(text: str | None) -> int:
-    from runplane._durations import seconds
-
-    if not text:
-        return 0
-    try:
-        value: float | str = float(text)
-    except ValueError:
-        value = text
-    return round(seconds(value, "--grace") * 1000)
-
-
-def _iso(ms: int | None) -> str:
-    from datetime import UTC, datetime
-
-    if ms is None:
-        return ""
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    )
-
-
-def _key_dict(key: Any) -> dict[str, Any]:
-    """A key as ``keys ls`` shows it; the key itself and its hash are never stored or shown."""
-    return {
-        "id": key.id,
-        "env": key.environment,
-        "kind": key.kind,
-        "rights": sorted(key.rights),
-        "name": key.name,
-        "created_at": _iso(key.created_at),
-        "revoked_at": _iso(key.revoked_at) or None,
-        "revoked": key.revoked(int(time.time() * 1000)),
-    }
-
-
-def _db_upgrade(_args: argparse.Namespace) -> int:
-    from runplane_common import db
-    from runplane_common.config import SchedulerSettings
-
-    url = SchedulerSettings.from_env().database_url
-    db.upgrade_url(url)
-    print("database is up to date", file=sys.stderr)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,16 +271,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except (ApiError, ConfigurationError) as error:
-        sys.exit(_fail(str(error)))
+        sys.exit(fail(str(error)))
     except RunplaneError as error:
-        sys.exit(_fail(f"{type(error).__name__}: {error}"))
+        sys.exit(fail(f"{type(error).__name__}: {error}"))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from runplane._log import run_async
-
+    # Each service command imports its service here: the others need none of it.
     if args.command == "dev":
-        from runplane._dev import run_dev
+        from runplane_cli.dev import run_dev
 
         return run_dev(args)
     if args.command == "scheduler":
@@ -427,8 +311,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_async(_queues(args))
     if args.command == "schedules":
         return run_async(_schedules(args))
-    if args.command == "keys":
-        return _keys(args)
-    if args.command == "db":
-        return _db_upgrade(args)
-    return _fail(f"unknown command {args.command}")
+    if args.command in ("keys", "db"):
+        from runplane_cli import keys
+
+        return keys.keys(args) if args.command == "keys" else keys.db_upgrade(args)
+    return fail(f"unknown command {args.command}")

@@ -2,14 +2,8 @@
 concurrently on its event loop (plain ``def`` tasks in threads), with their hooks (see
 ``runplane._hooks`` for the order and error rules).
 
-Messages with the executor travel over a multiprocessing pipe as tuples:
-executor -> process: ("run", attempt) | ("cancel", attempt_id) | ("timeout", attempt_id) | ("stop",)
-  | ("resume", attempt_id, results) | ("evict", attempt_id)
-  | ("cancel_hooks", attempt)
-process -> executor: ("ready", task_ids) | ("failed", traceback) | ("started", attempt_id)
-  | ("metadata", attempt_id, {"run_id", "operations"}) | ("logs", "", {"entries"})
-  | ("wait", attempt_id, seq, request) | ("result", attempt_id, result)
-An attempt's metadata and logs are sent before its result, so the scheduler applies them first.
+Messages with the executor travel over a multiprocessing pipe (see ``_messages``). An attempt's
+metadata and logs are sent before its result, so the scheduler applies them first.
 
 An evicted attempt (a waiting one the executor drops from memory) is cancelled at its wait: its
 ``finally`` blocks and ``cleanup`` hooks run (they close what this execution opened; a replay runs
@@ -35,6 +29,9 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
+from opentelemetry import trace
+
+from runplane import _telemetry as telemetry
 from runplane._context import (
     AttemptContext,
     Context,
@@ -52,7 +49,28 @@ from runplane._metadata import AttemptMetadata
 from runplane._serde import dumps, loads
 from runplane._task import DEFAULT_MACHINE, MACHINES, Task, registered_tasks
 from runplane._wait import WAITER
-from runplane_executor.waits import AttemptWaiter
+from runplane.worker._messages import (
+    Attempt,
+    AttemptResult,
+    Cancel,
+    CancelHooks,
+    ErrorInfo,
+    Evict,
+    Failed,
+    FromProcess,
+    Kind,
+    Logs,
+    Metadata,
+    Ready,
+    Result,
+    Resume,
+    Run,
+    Started,
+    Stop,
+    Timeout,
+    ToProcess,
+)
+from runplane.worker._waiter import AttemptWaiter
 
 log = logging.getLogger("runplane.executor.taskproc")
 
@@ -74,7 +92,7 @@ def _ms_to_dt(ms: int) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=UTC) if ms else None
 
 
-def build_context(attempt: dict[str, Any], task: Task[Any]) -> Context:
+def build_context(attempt: Attempt, task: Task[Any]) -> Context:
     run = attempt["run"]
     machine = attempt.get("machine") or task.machine_name
     cpu, memory = MACHINES.get(machine, MACHINES[DEFAULT_MACHINE])
@@ -109,7 +127,7 @@ def build_context(attempt: dict[str, Any], task: Task[Any]) -> Context:
     )
 
 
-def error_info(error: BaseException) -> dict[str, str]:
+def error_info(error: BaseException) -> ErrorInfo:
     return {
         "type": type(error).__name__,
         "message": str(error),
@@ -117,11 +135,11 @@ def error_info(error: BaseException) -> dict[str, str]:
     }
 
 
-def error_result(error: BaseException, *, skip_retrying: bool = False) -> dict[str, Any]:
+def error_result(error: BaseException, *, skip_retrying: bool = False) -> AttemptResult:
     return {"error": error_info(error), "skip_retrying": skip_retrying}
 
 
-def timeout_result(max_duration: float) -> dict[str, Any]:
+def timeout_result(max_duration: float) -> AttemptResult:
     return {
         "error": {
             "type": "MaxDurationExceededError",
@@ -134,7 +152,7 @@ def timeout_result(max_duration: float) -> dict[str, Any]:
 
 
 # The result of an evicted attempt: lost, so the scheduler replays the run (not a failure).
-EVICTED: dict[str, Any] = {"lost": True, "evicted": True}
+EVICTED: AttemptResult = {"lost": True, "evicted": True}
 
 
 class PayloadValidationError(Exception):
@@ -143,7 +161,7 @@ class PayloadValidationError(Exception):
 
 @dataclass
 class _Attempt:
-    attempt: dict[str, Any]
+    attempt: Attempt
     task: asyncio.Task[None] | None = None
     ctx: Context | None = None
     timed_out: bool = False
@@ -151,30 +169,39 @@ class _Attempt:
     evicted: bool = False
 
 
-# The scheduler refuses larger outputs too; checked here so the run fails with a clear error.
-OUTPUT_LIMIT = int(os.environ.get("RUNPLANE_LIMIT_OUTPUT_BYTES") or 10 * 1024 * 1024)
+# The scheduler's default output limit (RUNPLANE_LIMIT_OUTPUT_BYTES); the executor passes the
+# one it is configured with.
+DEFAULT_OUTPUT_LIMIT = 10 * 1024 * 1024
 
 
 class OutputTooLargeError(AbortTaskRunError):
     """A task returned more than the output limit (not retried: it would again)."""
 
 
-def check_output_size(text: str) -> None:
-    if len(text) * 4 <= OUTPUT_LIMIT:  # at most 4 bytes a character: surely within
+def check_output_size(text: str, limit: int) -> None:
+    """The scheduler refuses larger outputs too; checked here so the run fails with a clear
+    error."""
+    if len(text) * 4 <= limit:  # at most 4 bytes a character: surely within
         return
     size = len(text.encode())
-    if size > OUTPUT_LIMIT:
+    if size > limit:
         raise OutputTooLargeError(
-            f"the output is {size} bytes, over the output limit of {OUTPUT_LIMIT} bytes"
+            f"the output is {size} bytes, over the output limit of {limit} bytes"
         )
 
 
 class TaskProcess:
     """Runs attempts on this process's event loop."""
 
-    def __init__(self, conn: Connection, tasks: dict[str, Task[Any]]) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        tasks: dict[str, Task[Any]],
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+    ) -> None:
         self.conn = conn
         self.tasks = tasks
+        self.output_limit = output_limit
         self.loop = asyncio.get_running_loop()
         self.running: dict[str, _Attempt] = {}
         self.send_lock = threading.Lock()
@@ -183,7 +210,7 @@ class TaskProcess:
         self.logs_lock = threading.Lock()
         self._background: set[asyncio.Task[Any]] = set()
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: FromProcess) -> None:
         with self.send_lock:
             self.conn.send(message)
 
@@ -192,48 +219,48 @@ class TaskProcess:
         then hands each message to the event loop."""
         try:
             while True:
-                message = self.conn.recv()
-                if message[0] in ("cancel", "timeout"):
-                    entry = self.running.get(message[1])
+                message: ToProcess = self.conn.recv()
+                if isinstance(message, Cancel | Timeout):
+                    entry = self.running.get(message.attempt_id)
                     if entry is not None and entry.ctx is not None:
                         entry.ctx.signal.trigger(
-                            "cancelled" if message[0] == "cancel" else "timeout"
+                            "cancelled" if message.kind == Kind.CANCEL else "timeout"
                         )
                 self.loop.call_soon_threadsafe(self.handle, message)
         except (EOFError, OSError):
             self.loop.call_soon_threadsafe(self.stopped.set)
 
-    def handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
+    def handle(self, message: ToProcess) -> None:
         entry: _Attempt | None
-        if kind == "run":
-            entry = _Attempt(message[1])
-            self.running[entry.attempt["attempt_id"]] = entry
-            entry.task = self.loop.create_task(self.run_attempt(entry))
-        elif kind == "cancel":
-            entry = self.running.get(message[1])
-            if entry is not None and not entry.cancelling:
-                entry.cancelling = True
-                self._spawn(self.cancel_attempt(entry))
-        elif kind == "cancel_hooks":
-            self._spawn(self.cancel_hooks(message[1]))
-        elif kind == "timeout":
-            entry = self.running.get(message[1])
-            if entry is not None and entry.task is not None:
-                entry.timed_out = True
-                entry.task.cancel()
-        elif kind == "resume":
-            entry = self.running.get(message[1])
-            if entry is not None and entry.ctx is not None and not entry.evicted:
-                entry.ctx.extra[WAITER].resume(message[2])
-        elif kind == "evict":
-            entry = self.running.get(message[1])
-            if entry is not None and entry.task is not None and entry.ctx is not None:
-                entry.evicted = True
-                entry.ctx.extra[WAITER].evicted = True
-                entry.task.cancel()
-        elif kind == "stop":
-            self.stopped.set()
+        match message:
+            case Run(attempt=attempt):
+                entry = _Attempt(attempt)
+                self.running[attempt["attempt_id"]] = entry
+                entry.task = self.loop.create_task(self.run_attempt(entry))
+            case Cancel(attempt_id=attempt_id):
+                entry = self.running.get(attempt_id)
+                if entry is not None and not entry.cancelling:
+                    entry.cancelling = True
+                    self._spawn(self.cancel_attempt(entry))
+            case CancelHooks(attempt=attempt):
+                self._spawn(self.cancel_hooks(attempt))
+            case Timeout(attempt_id=attempt_id):
+                entry = self.running.get(attempt_id)
+                if entry is not None and entry.task is not None:
+                    entry.timed_out = True
+                    entry.task.cancel()
+            case Resume(attempt_id=attempt_id, results=results):
+                entry = self.running.get(attempt_id)
+                if entry is not None and entry.ctx is not None and not entry.evicted:
+                    entry.ctx.extra[WAITER].resume(results)
+            case Evict(attempt_id=attempt_id):
+                entry = self.running.get(attempt_id)
+                if entry is not None and entry.task is not None and entry.ctx is not None:
+                    entry.evicted = True
+                    entry.ctx.extra[WAITER].evicted = True
+                    entry.task.cancel()
+            case Stop():
+                self.stopped.set()
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -251,13 +278,25 @@ class TaskProcess:
         md = entry.ctx.extra.get("metadata") if entry and entry.ctx else None
         if isinstance(md, AttemptMetadata):
             for run_id, operations in md.take_pending().items():
-                self.send(("metadata", attempt_id, {"run_id": run_id, "operations": operations}))
+                self.send(
+                    Metadata(
+                        Kind.METADATA,
+                        attempt_id,
+                        {
+                            "run_id": run_id,
+                            # Encoded here, where the values are, not on the executor's loop.
+                            "operations": [
+                                (op, key, dumps(value)) for op, key, value in operations
+                            ],
+                        },
+                    )
+                )
 
     def flush_logs(self) -> None:
         with self.logs_lock:
             entries, self.logs = self.logs, []
         if entries:
-            self.send(("logs", "", {"entries": entries}))
+            self.send(Logs(Kind.LOGS, entries))
 
     async def flush_forever(self) -> None:
         """About once a second: each attempt's metadata updates (one update per run) and logs."""
@@ -270,14 +309,10 @@ class TaskProcess:
     # -- one attempt ---------------------------------------------------------------------------
 
     async def run_attempt(self, entry: _Attempt) -> None:
-        from opentelemetry import trace
-
-        from runplane_common import telemetry
-
         attempt = entry.attempt
         attempt_id = attempt["attempt_id"]
         task = self.tasks.get(attempt["run"]["task_id"])
-        result: dict[str, Any]
+        result: AttemptResult
         if task is None:
             error = LookupError(f"task {attempt['run']['task_id']!r} is not defined here")
             result = error_result(error, skip_retrying=True)
@@ -292,7 +327,7 @@ class TaskProcess:
             ctx.extra[WAITER] = AttemptWaiter(attempt_id, self.send, self.wait_hooks(task, ctx))
             entry.ctx = ctx
             set_current_context(ctx)  # this attempt's asyncio task has its own copy
-            self.send(("started", attempt_id))
+            self.send(Started(Kind.STARTED, attempt_id))
             with telemetry.tracer().start_as_current_span(
                 f"attempt {task.id}",
                 context=telemetry.context_from_traceparent(attempt.get("traceparent", "")),
@@ -308,9 +343,9 @@ class TaskProcess:
             self.flush_metadata(attempt_id)
         self.running.pop(attempt_id, None)
         self.flush_logs()
-        self.send(("result", attempt_id, result))
+        self.send(Result(Kind.RESULT, attempt_id, result))
 
-    async def cancel_hooks(self, attempt: dict[str, Any]) -> None:
+    async def cancel_hooks(self, attempt: Attempt) -> None:
         """on_cancel for a run cancelled while queued, delayed or waiting without its attempt:
         ``ctx.attempt.number`` is 0 and ``ctx.signal`` is already set."""
         task = self.tasks.get(attempt["run"]["task_id"])
@@ -337,14 +372,14 @@ class TaskProcess:
 
         return call
 
-    async def execute(self, entry: _Attempt, task: Task[Any], ctx: Context) -> dict[str, Any]:
+    async def execute(self, entry: _Attempt, task: Task[Any], ctx: Context) -> AttemptResult:
         payload: Any = None
         try:
             payload = self.parse_payload(task, entry.attempt["run"]["payload"])
             ctx.extra["payload"] = payload
             output = await self.run_with_middleware(task, payload, ctx)
             text = dumps(output)
-            check_output_size(text)
+            check_output_size(text, self.output_limit)
         except asyncio.CancelledError:
             if entry.timed_out:
                 return timeout_result(ctx.run.max_duration)
@@ -429,12 +464,12 @@ class TaskProcess:
 
     async def failed(
         self, task: Task[Any], payload: Any, error: Exception, ctx: Context
-    ) -> dict[str, Any]:
+    ) -> AttemptResult:
         """The attempt raised: ask catch_error, decide whether the run is retried, call
         on_failure/on_complete when it is not, then cleanup."""
         oom = isinstance(error, MemoryError)
         skip = isinstance(error, AbortTaskRunError | PayloadValidationError)
-        result: dict[str, Any] = {}
+        result: AttemptResult = {}
         decision = None if oom else await self.catch_error(task, payload, error, ctx)
         if decision is not None:
             skip = skip or decision.skip_retrying
@@ -456,7 +491,7 @@ class TaskProcess:
                 f"the attempt ran out of its machine's memory ({ctx.machine.name}, "
                 f"{ctx.machine.memory:g} GB): {info['message'] or 'MemoryError'}"
             )
-        result.update(error=info, skip_retrying=skip)
+        result["error"], result["skip_retrying"] = info, skip
         retried = not skip and ctx.attempt.number < min(ctx.run.max_attempts, MAX_ATTEMPTS_CAP)
         if not retried and not oom:  # an out-of-memory run ends CRASHED: no on_failure
             await self.hooks(task, "on_failure", payload, error, ctx)
@@ -490,33 +525,36 @@ class TaskProcess:
             raise
 
 
-async def _main(conn: Connection, modules: list[str]) -> None:
-    from runplane_common import telemetry
-    from runplane_common.config import TelemetrySettings
-
-    telemetry.setup(TelemetrySettings.from_env("runplane-executor"))
+async def _main(conn: Connection, modules: list[str], output_limit: int) -> None:
+    telemetry.setup("runplane-executor")
     try:
         tasks = import_task_modules(modules)
     except BaseException as error:
-        conn.send(("failed", "".join(traceback.format_exception(error))))
+        conn.send(Failed(Kind.FAILED, "".join(traceback.format_exception(error))))
         return
-    proc = TaskProcess(conn, tasks)
+    proc = TaskProcess(conn, tasks, output_limit)
     threading.Thread(target=proc.receive_forever, name="taskproc-reader", daemon=True).start()
     flusher = asyncio.create_task(proc.flush_forever(), name="flush")
-    proc.send(("ready", sorted(tasks)))
+    proc.send(Ready(Kind.READY, sorted(tasks)))
     await proc.stopped.wait()
     flusher.cancel()
     proc.flush_logs()
     telemetry.shutdown()
 
 
-def main(conn: Connection, modules: list[str], memory_limit: int = 0) -> None:
+def main(
+    conn: Connection,
+    modules: list[str],
+    memory_limit: int = 0,
+    output_limit: int = DEFAULT_OUTPUT_LIMIT,
+) -> None:
     """Entry point of a task process. ``memory_limit`` (bytes, 0: none) caps the process's data
     segment (RLIMIT_DATA: heap and private writable mappings, which is where Python objects
     live; unlike RLIMIT_AS it does not count reserved-but-unused address space such as malloc
-    arenas), so an allocation past it raises MemoryError in the attempt that made it."""
+    arenas), so an allocation past it raises MemoryError in the attempt that made it.
+    ``output_limit`` (bytes) fails an attempt whose output is larger."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the executor decides when we stop
     if memory_limit:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    asyncio.run(_main(conn, modules))
+    asyncio.run(_main(conn, modules, output_limit))
     os._exit(0)  # don't wait for threads stuck in user code

@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runplane._errors import ConfigurationError
+from runplane import Client, ConfigurationError
 from runplane.tls import TlsSettings, open_channel
+from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
+from runplane.worker import run_async
+from runplane_common import db
+from runplane_common.auth import RIGHT_API, RIGHT_EXECUTE
+from runplane_scheduler.keys import KeyAuthenticator, create_key
 
 STATE_DIR = Path(".runplane")
 # What the services write under STATE_DIR (the database with the signing key, NATS's store) is
@@ -150,8 +156,6 @@ async def wait_executor_connected(
 ) -> None:
     """Wait until the executor whose admin port is ``address`` is connected to the scheduler;
     ``key`` is the executor's own credential (its RUNPLANE_WORKER_KEY)."""
-    from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
-
     deadline = time.monotonic() + timeout
     async with open_channel(address, tls or TlsSettings()) as channel:
         stub = executor_service_pb2_grpc.ExecutorServiceStub(channel)
@@ -205,6 +209,7 @@ class DevCertificates:
 def make_dev_certificates(directory: Path, days: int = 30) -> DevCertificates:
     """A new CA, a server certificate for 127.0.0.1 and localhost, and a client certificate,
     written to ``directory`` (keys and certificates mode 0600)."""
+    # Only ``--tls`` needs these; cryptography's x509 is slow to import.
     import datetime
     import ipaddress
 
@@ -348,10 +353,6 @@ def write_private(path: Path, text: str) -> None:
 async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
     """The dev secret key and worker key from .runplane/dev.env if the database still accepts
     them, else new ones."""
-    from runplane_common import db
-    from runplane_common.auth import RIGHT_API, RIGHT_EXECUTE
-    from runplane_scheduler.keys import KeyAuthenticator, create_key
-
     engine = db.create_engine(database_url)
     try:
         await db.upgrade(engine)
@@ -447,9 +448,9 @@ async def dev(args: argparse.Namespace) -> int:
         )
         tasks_args = [arg for module in args.tasks for arg in ("--tasks", module)]
         for name, argv in (
-            ("scheduler", [python, "-m", "runplane", "scheduler"]),
-            ("realtime", [python, "-m", "runplane", "realtime"]),
-            ("executor", [python, "-m", "runplane", "executor", *tasks_args]),
+            ("scheduler", [python, "-m", "runplane_cli", "scheduler"]),
+            ("realtime", [python, "-m", "runplane_cli", "realtime"]),
+            ("executor", [python, "-m", "runplane_cli", "executor", *tasks_args]),
         ):
             umask = -1 if name == "executor" else PRIVATE_UMASK
             service = Service(name, argv, env, umask=umask)
@@ -512,10 +513,6 @@ async def dev(args: argparse.Namespace) -> int:
 async def _trigger_and_show(
     task_id: str, payload_text: str, api_url: str, realtime_url: str, key: str, tls: TlsSettings
 ) -> int:
-    import orjson
-
-    from runplane._client import Client
-
     client = Client(
         api_url=api_url,
         secret_key=key,
@@ -542,6 +539,4 @@ async def _all(*aws: Coroutine[Any, Any, None]) -> object:
 
 
 def run_dev(args: argparse.Namespace) -> int:
-    from runplane._log import run_async
-
     return run_async(dev(args))

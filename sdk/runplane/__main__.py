@@ -1,3 +1,0 @@
-from runplane._cli import main
-
-main()
