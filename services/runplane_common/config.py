@@ -1,4 +1,6 @@
-"""Service settings, read from ``RUNPLANE_*`` environment variables."""
+"""Service settings: frozen dataclasses, read from ``RUNPLANE_*`` (and ``OTEL_*``) environment
+variables by their ``from_env`` here, which each service's ``main`` calls. Nothing else in the
+services reads the environment; tests build settings directly."""
 
 from __future__ import annotations
 
@@ -67,6 +69,28 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """Trace export (see :mod:`runplane_common.telemetry`), from the standard ``OTEL_*``
+    variables. The OTLP exporter itself still reads its own ``OTEL_EXPORTER_OTLP_*`` options
+    (insecure, headers, ...), as the OpenTelemetry SDK documents them."""
+
+    service_name: str
+    # OTEL_TRACES_EXPORTER: "otlp", "console", "none", or "" (otlp if an endpoint is set).
+    traces_exporter: str = ""
+    # OTEL_EXPORTER_OTLP_ENDPOINT: the collector; set, it turns export on.
+    otlp_endpoint: str = ""
+
+    @classmethod
+    def from_env(cls, service_name: str) -> TelemetrySettings:
+        """``service_name`` unless OTEL_SERVICE_NAME names the service."""
+        return cls(
+            service_name=os.environ.get("OTEL_SERVICE_NAME", service_name),
+            traces_exporter=os.environ.get("OTEL_TRACES_EXPORTER", ""),
+            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        )
+
+
+@dataclass(frozen=True)
 class SchedulerSettings:
     database_url: str = field(default_factory=default_database_url)
     nats_url: str = DEFAULT_NATS_URL
@@ -89,6 +113,10 @@ class SchedulerSettings:
     realtime_http_url: str = ""
     # TLS on the gRPC port and the token HTTP port (RUNPLANE_TLS_*; see runplane.tls).
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # The HTTP endpoint that completes wait tokens by URL; empty: the gRPC host, a free port.
+    http_listen: str = ""
+    # Its URL as announced in tokens; empty: built from the address it listens on.
+    http_url: str = ""
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -112,6 +140,8 @@ class SchedulerSettings:
             signing_key=os.environ.get("RUNPLANE_SIGNING_KEY", ""),
             realtime_http_url=os.environ.get("RUNPLANE_REALTIME_HTTP_URL", ""),
             tls=TlsSettings.from_env(os.environ),
+            http_listen=os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN", ""),
+            http_url=os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL", ""),
         )
 
 
@@ -137,6 +167,8 @@ class RealtimeSettings:
     # resumable RESOURCE_EXHAUSTED (SSE: an error event), so a client that stops reading costs
     # at most this much.
     subscriber_buffer: int = 4 * 1024 * 1024
+    # The API limits (RUNPLANE_LIMIT_*): a trigger by URL carries a payload up to payload_bytes.
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
@@ -155,6 +187,7 @@ class RealtimeSettings:
             stream_retention=_float("RUNPLANE_STREAM_RETENTION", d.stream_retention),
             tls=TlsSettings.from_env(os.environ),
             subscriber_buffer=_int("RUNPLANE_REALTIME_SUBSCRIBER_BUFFER", d.subscriber_buffer),
+            limits=Limits.from_env(),
         )
 
 

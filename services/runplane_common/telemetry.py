@@ -1,31 +1,33 @@
 """OpenTelemetry setup and W3C trace-context helpers.
 
-Export is configured by the standard ``OTEL_*`` variables: with ``OTEL_EXPORTER_OTLP_ENDPOINT``
-(or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP/gRPC collector;
-``OTEL_TRACES_EXPORTER=console`` prints them. Without either, spans are not recorded but trace
-context still propagates.
+Export is configured by the standard ``OTEL_*`` variables, read into a
+:class:`~runplane_common.config.TelemetrySettings` by each service's ``main``: with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP/gRPC
+collector; ``OTEL_TRACES_EXPORTER=console`` prints them. Without either, spans are not recorded
+but trace context still propagates.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 
 from opentelemetry import context, propagate, trace
 
+from runplane_common.config import TelemetrySettings
+
 _configured = False
 
 
-def setup(service_name: str) -> None:
-    """Install a tracer provider for this process if the environment asks for export."""
+def setup(settings: TelemetrySettings) -> None:
+    """Install a tracer provider for this process if ``settings`` ask for export (once)."""
     global _configured
     if _configured:
         return
     _configured = True
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    exporter_name = settings.traces_exporter
     if exporter_name == "none":
         return
-    if not (exporter_name or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+    if not (exporter_name or settings.otlp_endpoint):
         return
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -35,8 +37,7 @@ def setup(service_name: str) -> None:
         SpanExporter,
     )
 
-    service = os.environ.get("OTEL_SERVICE_NAME", service_name)
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider = TracerProvider(resource=Resource.create({"service.name": settings.service_name}))
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()

@@ -49,7 +49,7 @@ from runplane.worker import (
 )
 from runplane_common import telemetry
 from runplane_common.auth import RIGHT_EXECUTE, Principal
-from runplane_common.config import ExecutorSettings
+from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
@@ -495,7 +495,7 @@ class _ExecutorServicer(executor_service_pb2_grpc.ExecutorServiceServicer):
 
 
 async def _serve(settings: ExecutorSettings) -> None:
-    telemetry.setup("runplane-executor")
+    telemetry.setup(TelemetrySettings.from_env("runplane-executor"))
     executor = Executor(settings)
     await executor.start()
     log.info("executor status service on 127.0.0.1:%d", executor.port)

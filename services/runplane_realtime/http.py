@@ -36,7 +36,6 @@ from google.protobuf import json_format
 
 from runplane.v1 import run_pb2, run_service_pb2
 from runplane_common import errors
-from runplane_common.config import Limits
 from runplane_common.grpcserver import as_service_error
 from runplane_realtime.core import Realtime
 from runplane_realtime.feed import Feed
@@ -169,7 +168,7 @@ class HttpServer:
         origins = [o.strip() for o in realtime.settings.cors_origins.split(",") if o.strip()]
         self._origins = origins or ["*"]
         # A trigger body carries a payload up to the payload limit, and its options.
-        body_limit = Limits.from_env().payload_bytes + 1024 * 1024
+        body_limit = realtime.settings.limits.payload_bytes + 1024 * 1024
         self.app = web.Application(middlewares=[self._middleware], client_max_size=body_limit)
         self.app.add_routes(
             [
@@ -197,9 +196,8 @@ class HttpServer:
             ssl_context=tls.server_ssl_context() if tls.serves_tls else None,
         )
         await site.start()
-        # aiohttp keeps the listening server privately; port 0 needs the port it picked.
-        server: Any = site._server
-        bound: int = server.sockets[0].getsockname()[1]
+        # Port 0 needs the port it picked: the first address its one site listens on.
+        bound: int = self._runner.addresses[0][1]
         return bound
 
     async def stop(self) -> None:

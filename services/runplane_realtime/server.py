@@ -22,8 +22,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
+from runplane.worker import configure_logging, run_async
 from runplane_common import errors, telemetry
-from runplane_common.config import RealtimeSettings
+from runplane_common.config import RealtimeSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
 from runplane_realtime.core import Realtime
 from runplane_realtime.events import NatsLink
@@ -213,7 +214,7 @@ async def serve(settings: RealtimeSettings) -> RealtimeService:
 
 async def _serve() -> None:
     settings = RealtimeSettings.from_env()
-    telemetry.setup("runplane-realtime")
+    telemetry.setup(TelemetrySettings.from_env("runplane-realtime"))
     service = await serve(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
@@ -236,7 +237,5 @@ async def _serve() -> None:
 
 def main() -> None:
     """Run the realtime service from ``RUNPLANE_*`` settings until SIGTERM or SIGINT."""
-    from runplane._log import configure_logging, run_async
-
     configure_logging()
     run_async(_serve())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 from runplane.v1 import (
@@ -16,8 +15,9 @@ from runplane.v1 import (
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
+from runplane.worker import configure_logging, run_async
 from runplane_common import db, telemetry
-from runplane_common.config import SchedulerSettings
+from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
 from runplane_scheduler.api.auth import AuthServicer
 from runplane_scheduler.api.meta import MetaServicer
@@ -66,13 +66,13 @@ class Scheduler:
         self.relay.start()
         # Wait tokens are completed by POSTing to a URL on this endpoint.
         host = self.settings.listen.rsplit(":", 1)[0]
-        http_listen = os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN") or f"{host}:0"
+        http_listen = self.settings.http_listen or f"{host}:0"
         tls = self.settings.tls
         http_port = await self.http.start(
             http_listen, tls.server_ssl_context() if tls.serves_tls else None
         )
         scheme = "https" if tls.serves_tls else "http"
-        self.http_url = os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL") or (
+        self.http_url = self.settings.http_url or (
             f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
         )
         self.server.add(
@@ -129,7 +129,7 @@ async def start_scheduler(settings: SchedulerSettings) -> Scheduler:
 
 async def _serve() -> None:
     settings = SchedulerSettings.from_env()
-    telemetry.setup("runplane-scheduler")
+    telemetry.setup(TelemetrySettings.from_env("runplane-scheduler"))
     scheduler = await start_scheduler(settings)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
@@ -157,7 +157,5 @@ def _redact(url: str) -> str:
 
 
 def main() -> None:
-    from runplane._log import configure_logging, run_async
-
     configure_logging()
     run_async(_serve())
