@@ -499,7 +499,7 @@ def test_list_runs_with_an_invalid_timestamp_is_refused_properly(
     assert outcome.violations[0][0] == "created_after", str(outcome)
 
 
-# -- RunService.BatchTriggerRuns -----------------------------------------------------------------
+# -- RunService.BatchTriggerRuns -------------------------------------------------------------------
 
 
 @st.composite
@@ -886,7 +886,7 @@ def test_a_batch_whose_late_item_fails_in_the_engine_writes_nothing(run_world: R
         assert_unchanged(before, w.state(), f"a batch with a bad items[5].{name}")
 
 
-# -- RunService.GetBatch -------------------------------------------------------------------------
+# -- RunService.GetBatch ---------------------------------------------------------------------------
 
 
 @given(
@@ -920,7 +920,7 @@ def test_get_batch_with_random_ids_answers_properly(
         assert batch.status == rpb.BATCH_STATUS_PROCESSING
 
 
-# -- RunService.ReplayRun ------------------------------------------------------------------------
+# -- RunService.ReplayRun --------------------------------------------------------------------------
 
 run_refs = st.one_of(
     st.sampled_from(["@dev", "@prod", "@dev-canceled", "@dev-keyed"]), id_like("run_"), texts
@@ -965,7 +965,7 @@ def test_replay_run_with_random_ids_answers_properly(
         w.run_env[run.id] = who
 
 
-# -- RunService.RescheduleRun --------------------------------------------------------------------
+# -- RunService.RescheduleRun ----------------------------------------------------------------------
 
 
 @given(
@@ -1129,7 +1129,7 @@ def test_reschedule_refuses_runs_that_are_not_delayed_or_not_the_callers(
     assert run.status == run_pb2.RUN_STATUS_DELAYED and run.delay_until.seconds == 4_000_000_000
 
 
-# -- RunService.ResetIdempotencyKey --------------------------------------------------------------
+# -- RunService.ResetIdempotencyKey ----------------------------------------------------------------
 
 
 @given(
@@ -1230,7 +1230,7 @@ def test_a_reset_key_is_released_for_the_next_trigger_only_in_its_environment(
     assert not fresh.is_cached and fresh.run.id != w.runs["dev-keyed"]
 
 
-# -- TriggerRun's debounce option ----------------------------------------------------------------
+# -- TriggerRun's debounce option ------------------------------------------------------------------
 
 
 @st.composite

@@ -77,7 +77,7 @@ SUBSCRIBE = RT + "SubscribeToRun"
 CONNECT = "/runplane.v1.WorkerService/Connect"
 
 
-# -- the servers, on a loop of their own ---------------------------------------------------------
+# -- the servers, on a loop of their own -----------------------------------------------------------
 
 
 @dataclass
@@ -197,7 +197,7 @@ def start_stack(
         stack.stop()
 
 
-# -- outcomes ------------------------------------------------------------------------------------
+# -- outcomes --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -313,7 +313,7 @@ def assert_refused(outcome: Outcome, fields: set[str], what: str) -> None:
     )
 
 
-# -- the world's principals and runs ------------------------------------------------------------
+# -- the world's principals and runs ---------------------------------------------------------------
 
 
 class Calls:
@@ -333,6 +333,7 @@ class Calls:
 
 
 def other_env(who: str) -> str:
+    """The other environment's key name."""
     return "prod" if who == "dev" else "dev"
 
 
@@ -367,6 +368,7 @@ def some_runs(stack: Stack) -> dict[str, str]:
 
 
 def decodes(request_type: type[Message], body: bytes) -> bool:
+    """Whether ``body`` parses as a ``request_type``."""
     try:
         request_type.FromString(body)
     except DecodeError:
@@ -375,6 +377,7 @@ def decodes(request_type: type[Message], body: bytes) -> bool:
 
 
 def assert_alive(stack: Stack) -> None:
+    """The scheduler still answers a plain request."""
     outcome = unary(
         stack.channel(),
         "/runplane.v1.MetaService/GetServerInfo",

@@ -23,7 +23,7 @@ TEN_YEARS_MS = 3650 * 86_400_000
 MIN_TS, MAX_TS = -62135596800, 253402300799  # 0001-01-01 .. 9999-12-31
 ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"
 
-# -- strategies ----------------------------------------------------------------------------------
+# -- strategies ------------------------------------------------------------------------------------
 
 NASTY = [
     "",
@@ -127,7 +127,7 @@ def resolve_run(value: str, ids: dict[str, str]) -> str:
     return ids[value[1:]] if value.startswith("@") and value[1:] in ids else value
 
 
-# -- ids, durations, timestamps, JSON and page tokens --------------------------------------------
+# -- ids, durations, timestamps, JSON and page tokens ----------------------------------------------
 
 
 def duration_ms(d: Duration) -> int | None:

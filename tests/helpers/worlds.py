@@ -207,7 +207,7 @@ def token_rows(w: ScheduleWorld) -> dict[str, list[tuple[Any, ...]]]:
     return w.rows(db.waitpoints, db.timers, db.runs)
 
 
-# -- runs and batches for the realtime service ---------------------------------------------------
+# -- runs and batches for the realtime service -----------------------------------------------------
 
 
 class RealtimeWorld:
