@@ -38,10 +38,10 @@ from runplane_common.config import SchedulerSettings
 from runplane_common.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from runplane_scheduler import keys, validation
 from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.engine.waitpoints import token_status
 from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import now_ms, run_to_pb, timestamp
-from runplane_scheduler.waitpoints import token_status
 
 log = logging.getLogger("runplane.scheduler")
 
