@@ -1,43 +1,27 @@
 """Durations as users write them: seconds (int/float), ``timedelta``, or ``"90s"``, ``"10m"``,
-``"1h30m"``, ``"2d"``, ``"1w"``. Pure functions."""
+``"1h30m"``, ``"2d"``, ``"1w"``. Pure functions over :mod:`runplane_core.durations`, raising
+the SDK's ConfigurationError."""
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane._errors import ConfigurationError
+from runplane_core.durations import DurationError, DurationLike
 
-DurationLike = int | float | timedelta | str
-
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+__all__ = ["DurationLike", "seconds", "timestamp_pb", "to_pb"]
+from runplane_core.durations import seconds as core_seconds
 
 
 def seconds(value: DurationLike, name: str = "duration") -> float:
     """``value`` in seconds; ConfigurationError naming ``name`` when it is not a duration."""
-    if isinstance(value, bool):
-        raise ConfigurationError(f"{name}: {value!r} is not a duration")
-    if isinstance(value, int | float):
-        total = float(value)
-    elif isinstance(value, timedelta):
-        total = value.total_seconds()
-    elif isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        parts = _PART.findall(text)
-        if not text or "".join(n + u for n, u in parts) != text:
-            raise ConfigurationError(
-                f'{name}: {value!r} is not a duration (e.g. 30, "90s", "10m", "1h30m", "2d")'
-            )
-        total = sum(float(n) * _UNITS[u] for n, u in parts)
-    else:
-        raise ConfigurationError(f"{name}: {value!r} is not a duration")
-    if total < 0:
-        raise ConfigurationError(f"{name}: must not be negative, got {value!r}")
-    return total
+    try:
+        return core_seconds(value, name)
+    except DurationError as e:
+        raise ConfigurationError(str(e)) from None
 
 
 def to_pb(value: DurationLike, name: str = "duration") -> Duration:

@@ -13,11 +13,12 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from runplane._durations import seconds
+from runplane import ConfigurationError
 from runplane_cli import fail
 from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import ServiceError
+from runplane_core.durations import DurationError, seconds
 from runplane_scheduler import keys as key_store
 
 
@@ -83,7 +84,10 @@ def _grace_ms(text: str | None) -> int:
         value: float | str = float(text)
     except ValueError:
         value = text
-    return round(seconds(value, "--grace") * 1000)
+    try:
+        return round(seconds(value, "--grace") * 1000)
+    except DurationError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def _iso(ms: int | None) -> str:
