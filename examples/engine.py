@@ -1,4 +1,5 @@
-"""Tasks that exercise the run engine's queueing rules (used by tests/e2e/test_engine.py).
+"""Tasks that exercise the run engine's queueing rules (used by
+tests/e2e/test_triggering_and_queueing.py).
 
 The tasks record what they see in files named by their payload, so a test reads what actually
 happened inside the executor rather than inferring it."""

@@ -120,9 +120,9 @@ async def _count_waiting(c: Client) -> int:
 async def _release(c: Client, token: str, timeout: float) -> None:
     """Complete the token. The scheduler completes every wait on it in one transaction, which
     takes longer than the SDK's 30 s deadline with 10,000 waiters, so call with ``timeout``."""
-    stub = waitpoint_service_pb2_grpc.WaitpointServiceStub(c._channel())
+    stub = waitpoint_service_pb2_grpc.WaitpointServiceStub(c.transport.channel())
     request = wspb.CompleteTokenRequest(token_id=token, data='{"go": true}')
-    await c._call(stub.CompleteToken, request, timeout=max(30.0, timeout))
+    await c.transport.call(stub.CompleteToken, request, timeout=max(30.0, timeout))
 
 
 def _mb(kb: int) -> float:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from runplane._namespace import Namespace
 from runplane.v1 import auth_service_pb2, auth_service_pb2_grpc
-
-if TYPE_CHECKING:
-    from runplane._client import Client
 
 Expiration = str | int | float | timedelta | datetime
 
@@ -50,27 +48,18 @@ def _expiry(request: auth_service_pb2.CreatePublicTokenRequest, when: Expiration
         request.expires_at.FromDatetime(datetime.fromtimestamp(when, tz=UTC))
 
 
-class AuthAPI:
+class AuthAPI(Namespace):
     """Mint public access tokens: scoped (``read:runs:<id>``, ``read:tags:<tag>``,
     ``read:batch:<id>``, ``trigger:tasks:<id>``) and expiring (15 minutes by default)."""
-
-    def __init__(self, client: Client | None) -> None:
-        self._bound = client
-
-    @property
-    def _client(self) -> Client:
-        from runplane._client import default_client
-
-        return self._bound or default_client()
 
     async def _create(
         self, scopes: list[str], expiration_time: Expiration, single_use: bool
     ) -> str:
         request = auth_service_pb2.CreatePublicTokenRequest(scopes=scopes, single_use=single_use)
         _expiry(request, expiration_time)
-        client = self._client
-        stub = auth_service_pb2_grpc.AuthServiceStub(client._channel())
-        response = await client._call(stub.CreatePublicToken, request)
+        transport = self._transport
+        stub = auth_service_pb2_grpc.AuthServiceStub(transport.channel())
+        response = await transport.call(stub.CreatePublicToken, request)
         token: str = response.token
         return token
 
@@ -85,7 +74,7 @@ class AuthAPI:
         return await self._create(flatten_scopes(scopes), expiration_time, single_use=False)
 
     def create_public_token_sync(self, **kwargs: Any) -> str:
-        return self._client._run_sync(self.create_public_token(**kwargs))
+        return self._transport.run_sync(self.create_public_token(**kwargs))
 
     async def create_trigger_public_token(
         self,
@@ -100,7 +89,7 @@ class AuthAPI:
         return await self._create(scopes, expiration_time, single_use=not multiple_use)
 
     def create_trigger_public_token_sync(self, task_id: str | Iterable[str], **kwargs: Any) -> str:
-        return self._client._run_sync(self.create_trigger_public_token(task_id, **kwargs))
+        return self._transport.run_sync(self.create_trigger_public_token(task_id, **kwargs))
 
     async def create_batch_public_token(
         self, batch_id: str, *, expiration_time: Expiration = "15m"
@@ -110,4 +99,4 @@ class AuthAPI:
         return await self._create([f"read:batch:{batch_id}"], expiration_time, single_use=False)
 
     def create_batch_public_token_sync(self, batch_id: str, **kwargs: Any) -> str:
-        return self._client._run_sync(self.create_batch_public_token(batch_id, **kwargs))
+        return self._transport.run_sync(self.create_batch_public_token(batch_id, **kwargs))

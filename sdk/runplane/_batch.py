@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from runplane._client import trigger_options
 from runplane._errors import ConfigurationError
-from runplane._models import Batch, BatchHandle, BatchStatus, Run, RunHandle, _dt
+from runplane._models import Batch, BatchHandle, BatchStatus, _dt
 from runplane._namespace import Namespace
-from runplane._serde import dumps
-from runplane._task import child_item
+from runplane._trigger import batch_trigger, child_item
 from runplane._wait import Result, wait_for_children
 from runplane.v1 import run_service_pb2 as rpb
 
@@ -21,31 +19,10 @@ class BatchAPI(Namespace):
     ) -> BatchHandle:
         """Trigger ``[{"id": task_id, "payload": ..., "options": {...}}, ...]`` (up to 1,000
         items) in one transaction: every run is created, in item order, or none is."""
-        request = rpb.BatchTriggerRunsRequest(idempotency_key=idempotency_key or "")
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "id" not in item:
-                raise ConfigurationError(
-                    f'batch item {i}: expected {{"id": ..., "payload": ..., "options": {{...}}}}'
-                )
-            request.items.append(
-                rpb.BatchTriggerItem(
-                    task_id=item["id"],
-                    payload=dumps(item.get("payload")),
-                    options=trigger_options(**(item.get("options") or {})),
-                )
-            )
-        client = self._client
-        response = await client._call(client._run_stub().BatchTriggerRuns, request)
-        return BatchHandle(
-            batch_id=response.batch_id,
-            runs=[
-                RunHandle(id=pb.id, is_cached=cached, run=Run.from_pb(pb))
-                for pb, cached in zip(response.runs, response.is_cached, strict=True)
-            ],
-        )
+        return await batch_trigger(self._transport, items, idempotency_key)
 
     def trigger_sync(self, items: Sequence[dict[str, Any]], **kwargs: Any) -> BatchHandle:
-        return self._client._run_sync(self.trigger(items, **kwargs))
+        return self._transport.run_sync(self.trigger(items, **kwargs))
 
     async def trigger_by_task(
         self, items: Sequence[dict[str, Any]], *, idempotency_key: str | None = None
@@ -60,7 +37,7 @@ class BatchAPI(Namespace):
         return await self.trigger(entries, idempotency_key=idempotency_key)
 
     def trigger_by_task_sync(self, items: Sequence[dict[str, Any]], **kwargs: Any) -> BatchHandle:
-        return self._client._run_sync(self.trigger_by_task(items, **kwargs))
+        return self._transport.run_sync(self.trigger_by_task(items, **kwargs))
 
     async def trigger_and_wait(self, items: Sequence[dict[str, Any]]) -> list[Result[Any]]:
         """Inside a run: trigger ``[{"id": task_id, "payload": ..., "options": {...}}]`` as
@@ -89,10 +66,10 @@ class BatchAPI(Namespace):
         return await self.trigger_and_wait(entries)
 
     async def retrieve(self, batch_id: str | BatchHandle) -> Batch:
-        client = self._client
+        transport = self._transport
         batch_id = batch_id.batch_id if isinstance(batch_id, BatchHandle) else batch_id
-        response = await client._call(
-            client._run_stub().GetBatch, rpb.GetBatchRequest(batch_id=batch_id)
+        response = await transport.call(
+            transport.run_stub().GetBatch, rpb.GetBatchRequest(batch_id=batch_id)
         )
         b = response.batch
         return Batch(
@@ -105,7 +82,7 @@ class BatchAPI(Namespace):
         )
 
     def retrieve_sync(self, batch_id: str | BatchHandle) -> Batch:
-        return self._client._run_sync(self.retrieve(batch_id))
+        return self._transport.run_sync(self.retrieve(batch_id))
 
 
 batch = BatchAPI(None)

@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 class RunplaneError(Exception):
@@ -117,9 +119,6 @@ def from_rpc_error(error: Any) -> ApiError:
     message = error.details() or code.name
     field = ""
     try:
-        from google.rpc import error_details_pb2
-        from grpc_status import rpc_status
-
         status = rpc_status.from_call(error)
         if status is not None:
             for detail in status.details:

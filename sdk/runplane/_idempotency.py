@@ -15,6 +15,7 @@ from typing import Any, Literal
 from runplane._context import current_context
 from runplane._errors import ConfigurationError
 from runplane._namespace import Namespace
+from runplane.v1 import run_service_pb2 as rpb
 
 Scope = Literal["run", "attempt", "global"]
 
@@ -63,18 +64,16 @@ class IdempotencyKeysAPI(Namespace):
     async def reset(self, task_id: str, key: str | Sequence[str], *, scope: Scope = "run") -> int:
         """Release ``key`` for ``task_id`` (scoped as a trigger here would scope it): the next
         trigger with it makes a new run. Returns how many runs held it."""
-        from runplane.v1 import run_service_pb2 as rpb
-
         resolved = str(key) if isinstance(key, IdempotencyKey) else str(create(key, scope=scope))
-        client = self._client
-        response = await client._call(
-            client._run_stub().ResetIdempotencyKey,
+        transport = self._transport
+        response = await transport.call(
+            transport.run_stub().ResetIdempotencyKey,
             rpb.ResetIdempotencyKeyRequest(task_id=task_id, idempotency_key=resolved),
         )
         return int(response.released)
 
     def reset_sync(self, task_id: str, key: str | Sequence[str], **kwargs: Any) -> int:
-        return self._client._run_sync(self.reset(task_id, key, **kwargs))
+        return self._transport.run_sync(self.reset(task_id, key, **kwargs))
 
 
 idempotency_keys = IdempotencyKeysAPI(None)

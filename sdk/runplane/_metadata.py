@@ -18,6 +18,7 @@ import copy
 import threading
 from typing import Any
 
+from runplane._client import runs
 from runplane._context import current_context
 from runplane_core.metadata import Operation, apply_operations
 
@@ -36,6 +37,11 @@ class AttemptMetadata:
             if target == self.run_id:
                 self.current = apply_operations(self.current, [operation])
             self._pending.setdefault(target, []).append(operation)
+
+    def rebase(self, stored: dict[str, Any]) -> None:
+        """The run's metadata as stored, with the operations not yet sent applied over it."""
+        with self._lock:
+            self.current = apply_operations(stored, self._pending.get(self.run_id, []))
 
     def take_pending(self) -> dict[str, list[Operation]]:
         with self._lock:
@@ -129,12 +135,9 @@ class Metadata(_Updates):
         md = _attempt()
         if md is None:
             return {}
-        from runplane._client import default_client
-
         await self.flush()
-        run = await default_client().runs.retrieve(md.run_id)
-        with md._lock:
-            md.current = apply_operations(run.metadata or {}, md._pending.get(md.run_id, []))
+        run = await runs.retrieve(md.run_id)
+        md.rebase(run.metadata or {})
         return self.current()
 
 

@@ -26,6 +26,7 @@ from runplane._namespace import Namespace
 from runplane._task import Queue, RetryOptions, TaskDecorator, task
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import schedule_service_pb2_grpc
+from runplane_core.cron import CronError, parse
 
 
 class ScheduledPayload(BaseModel):
@@ -100,8 +101,6 @@ def declared_schedules() -> dict[str, DeclaredSchedule]:
 
 
 def _check_declared(task_id: str, cron: str, timezone: str) -> None:
-    from runplane_core.cron import CronError, parse
-
     try:
         parse(cron)
     except CronError as error:
@@ -151,10 +150,10 @@ class SchedulesAPI(Namespace):
         )
 
     def _stub(self) -> schedule_service_pb2_grpc.ScheduleServiceStub:
-        return schedule_service_pb2_grpc.ScheduleServiceStub(self._client._channel())
+        return schedule_service_pb2_grpc.ScheduleServiceStub(self._transport.channel())
 
     async def _one(self, method: str, request: Any) -> Schedule:
-        response = await self._client._call(getattr(self._stub(), method), request)
+        response = await self._transport.call(getattr(self._stub(), method), request)
         return Schedule.from_pb(response.schedule)
 
     async def create(
@@ -179,7 +178,7 @@ class SchedulesAPI(Namespace):
         )
 
     def create_sync(self, **options: Any) -> Schedule:
-        return self._client._run_sync(self.create(**options))
+        return self._transport.run_sync(self.create(**options))
 
     async def retrieve(self, schedule: str | Schedule) -> Schedule:
         return await self._one(
@@ -187,7 +186,7 @@ class SchedulesAPI(Namespace):
         )
 
     def retrieve_sync(self, schedule: str | Schedule) -> Schedule:
-        return self._client._run_sync(self.retrieve(schedule))
+        return self._transport.run_sync(self.retrieve(schedule))
 
     async def list(
         self,
@@ -200,13 +199,13 @@ class SchedulesAPI(Namespace):
         request = spb.ListSchedulesRequest(
             task_ids=[task] if isinstance(task, str) else list(task or []), page_size=page_size
         )
-        async for pb in self._client._paged(
+        async for pb in self._transport.paged(
             self._stub().ListSchedules, request, "schedules", limit
         ):
             yield Schedule.from_pb(pb)
 
     def list_sync(self, **filters: Any) -> Iterator[Schedule]:
-        return self._client._iterate_sync(self.list(**filters))
+        return self._transport.iterate_sync(self.list(**filters))
 
     async def update(
         self,
@@ -229,7 +228,7 @@ class SchedulesAPI(Namespace):
         return await self._one("UpdateSchedule", request)
 
     def update_sync(self, schedule: str | Schedule, **changes: Any) -> Schedule:
-        return self._client._run_sync(self.update(schedule, **changes))
+        return self._transport.run_sync(self.update(schedule, **changes))
 
     async def delete(self, schedule: str | Schedule) -> Schedule:
         return await self._one(
@@ -237,7 +236,7 @@ class SchedulesAPI(Namespace):
         )
 
     def delete_sync(self, schedule: str | Schedule) -> Schedule:
-        return self._client._run_sync(self.delete(schedule))
+        return self._transport.run_sync(self.delete(schedule))
 
     async def activate(self, schedule: str | Schedule) -> Schedule:
         return await self._one(
@@ -245,7 +244,7 @@ class SchedulesAPI(Namespace):
         )
 
     def activate_sync(self, schedule: str | Schedule) -> Schedule:
-        return self._client._run_sync(self.activate(schedule))
+        return self._transport.run_sync(self.activate(schedule))
 
     async def deactivate(self, schedule: str | Schedule) -> Schedule:
         return await self._one(
@@ -254,18 +253,18 @@ class SchedulesAPI(Namespace):
         )
 
     def deactivate_sync(self, schedule: str | Schedule) -> Schedule:
-        return self._client._run_sync(self.deactivate(schedule))
+        return self._transport.run_sync(self.deactivate(schedule))
 
     async def timezones(self, *, exclude_utc: bool = False) -> builtins.list[str]:
         """The IANA time zone names a schedule may use."""
-        client = self._client
-        response = await client._call(
+        transport = self._transport
+        response = await transport.call(
             self._stub().ListTimezones, spb.ListTimezonesRequest(exclude_utc=exclude_utc)
         )
         return list(response.timezones)
 
     def timezones_sync(self, *, exclude_utc: bool = False) -> builtins.list[str]:
-        return self._client._run_sync(self.timezones(exclude_utc=exclude_utc))
+        return self._transport.run_sync(self.timezones(exclude_utc=exclude_utc))
 
 
 schedules = SchedulesAPI(None)

@@ -22,11 +22,13 @@ from typing import Any, Generic, Literal, TypeVar
 
 import orjson
 
-from runplane._client import Client, default_client
 from runplane._context import current_context
 from runplane._errors import ConfigurationError, DeadlineExceededError, UnavailableError
 from runplane._models import RunHandle
+from runplane._namespace import Connected, transport_of
+from runplane._realtime import read_stream
 from runplane._serde import dumps
+from runplane._transport import Transport
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
 
 T = TypeVar("T")
@@ -59,18 +61,18 @@ def _target_run(target: Target) -> str:
 class Stream(Generic[T]):
     """A named stream; :func:`define` makes one. Each run has its own stream of this id."""
 
-    def __init__(self, id: str, client: Client | None = None) -> None:
+    def __init__(self, id: str, client: Connected | None = None) -> None:
         self.id = id
         self._bound = client
 
     @property
-    def _client(self) -> Client:
-        return self._bound or default_client()
+    def _transport(self) -> Transport:
+        return transport_of(self._bound)
 
     async def _append(self, run_id: str, chunks: list[str], close: bool) -> int:
         """One AppendStream, retried while the realtime service or NATS is briefly away; each
         chunk carries an id, so a retry after a lost reply does not append it twice."""
-        client = self._client
+        transport = self._transport
         request = realtime_service_pb2.AppendStreamRequest(
             run_id=run_id,
             stream_id=self.id,
@@ -81,10 +83,10 @@ class Stream(Generic[T]):
         delay = _FIRST_RETRY_DELAY
         attempt = 1
         while True:
-            channel = client._channel(await client._resolve_realtime_url())
+            channel = await transport.realtime_channel()
             stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
             try:
-                response = await client._call(stub.AppendStream, request)
+                response = await transport.call(stub.AppendStream, request)
             except (UnavailableError, DeadlineExceededError):
                 if attempt >= _APPEND_ATTEMPTS:
                     raise
@@ -100,7 +102,7 @@ class Stream(Generic[T]):
         return await self._append(_target_run(target), [dumps(chunk)], close=False)
 
     def append_sync(self, chunk: T, *, target: Target = "self") -> int:
-        return self._client._run_sync(self.append(chunk, target=target))
+        return self._transport.run_sync(self.append(chunk, target=target))
 
     async def pipe(
         self,
@@ -126,37 +128,35 @@ class Stream(Generic[T]):
         return count
 
     def pipe_sync(self, source: Iterable[T], **kwargs: Any) -> int:
-        return self._client._run_sync(self.pipe(source, **kwargs))
+        return self._transport.run_sync(self.pipe(source, **kwargs))
 
     async def close(self, *, target: Target = "self") -> None:
         """End the stream: readers stop after its last chunk; later appends are refused."""
         await self._append(_target_run(target), [], close=True)
 
     def close_sync(self, *, target: Target = "self") -> None:
-        self._client._run_sync(self.close(target=target))
+        self._transport.run_sync(self.close(target=target))
 
     async def read(self, run_id: str | RunHandle, *, after_index: int = 0) -> AsyncIterator[T]:
         """Every chunk of the run's stream from the first (or after ``after_index``), in order;
         ends when the stream closes or the run has finished. Reconnects transparently."""
-        from runplane._realtime import read_stream
-
-        client = self._client
+        transport = self._transport
         run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
-        channel = client._channel(await client._resolve_realtime_url())
+        channel = await transport.realtime_channel()
         async for _index, data in read_stream(
-            channel, client._metadata(), run_id, self.id, after_index=after_index
+            channel, transport.metadata(), run_id, self.id, after_index=after_index
         ):
             chunk: T = orjson.loads(data)
             yield chunk
 
     def read_sync(self, run_id: str | RunHandle, **kwargs: Any) -> Iterator[T]:
-        return self._client._iterate_sync(self.read(run_id, **kwargs))
+        return self._transport.iterate_sync(self.read(run_id, **kwargs))
 
 
 class StreamsAPI:
     """Define streams: ``streams.define(id="tokens")``."""
 
-    def __init__(self, client: Client | None) -> None:
+    def __init__(self, client: Connected | None) -> None:
         self._bound = client
 
     def define(self, id: str) -> Stream[Any]:

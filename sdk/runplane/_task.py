@@ -6,16 +6,15 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from runplane import _durations
 from runplane._errors import ConfigurationError
 from runplane._hooks import HOOK_NAMES, Hooks
-
-if TYPE_CHECKING:
-    from runplane._models import BatchHandle, BatchItem, RunHandle
-    from runplane._wait import Result
-    from runplane.v1.run_service_pb2 import BatchTriggerItem
+from runplane._models import BatchHandle, BatchItem, RunHandle
+from runplane._transport import default_transport
+from runplane._trigger import batch_trigger, child_item, task_items, trigger
+from runplane._wait import Result, wait_for_children
 
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -205,36 +204,24 @@ class Task(Generic[R]):
 
     async def trigger(self, payload: Any = None, **options: Any) -> RunHandle:
         """Trigger a run of this task; see :meth:`runplane.Client.tasks.trigger` for options."""
-        from runplane._client import default_client
-
-        return await default_client().tasks.trigger(self.id, payload, **options)
+        return await trigger(default_transport(), self.id, payload, **options)
 
     def trigger_sync(self, payload: Any = None, **options: Any) -> RunHandle:
-        from runplane._client import default_client
-
-        return default_client().tasks.trigger_sync(self.id, payload, **options)
+        return default_transport().run_sync(self.trigger(payload, **options))
 
     async def batch_trigger(
         self, items: Sequence[BatchItem], *, idempotency_key: str | None = None
     ) -> BatchHandle:
         """Trigger up to 1,000 runs at once, all or none, in item order; each item is
         ``{"payload": ..., "options": {...}}`` with :meth:`trigger`'s options."""
-        from runplane._client import default_client
-
-        return await default_client().tasks.batch_trigger(
-            self.id, items, idempotency_key=idempotency_key
-        )
+        return await batch_trigger(default_transport(), task_items(self.id, items), idempotency_key)
 
     def batch_trigger_sync(self, items: Sequence[BatchItem], **kwargs: Any) -> BatchHandle:
-        from runplane._client import default_client
-
-        return default_client().tasks.batch_trigger_sync(self.id, items, **kwargs)
+        return default_transport().run_sync(self.batch_trigger(items, **kwargs))
 
     async def trigger_and_wait(self, payload: Any = None, **options: Any) -> Result[R]:
         """Inside a run: trigger a child run and wait for it (the run is WAITING meanwhile).
         Returns a :class:`Result`; a failed child does not raise until ``unwrap()``."""
-        from runplane._wait import wait_for_children
-
         [result] = await wait_for_children(
             "trigger_and_wait", [child_item(self.id, payload, options)]
         )
@@ -242,23 +229,10 @@ class Task(Generic[R]):
 
     async def batch_trigger_and_wait(self, items: Sequence[BatchItem]) -> list[Result[R]]:
         """Inside a run: trigger child runs and wait for all of them; results in item order."""
-        from runplane._wait import wait_for_children
-
         return await wait_for_children(
             "batch_trigger_and_wait",
             [child_item(self.id, item.get("payload"), item.get("options") or {}) for item in items],
         )
-
-
-def child_item(task_id: str, payload: Any, options: dict[str, Any]) -> BatchTriggerItem:
-    """One child run to trigger from inside a run, as the API carries it."""
-    from runplane._client import trigger_options
-    from runplane._serde import dumps
-    from runplane.v1.run_service_pb2 import BatchTriggerItem
-
-    return BatchTriggerItem(
-        task_id=task_id, payload=dumps(payload), options=trigger_options(**options)
-    )
 
 
 _REGISTRY: dict[str, Task[Any]] = {}

@@ -18,6 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from runplane import _durations
 from runplane._context import current_context
 from runplane._errors import ConfigurationError, TaskRunError, WaitpointTimeoutError
+from runplane._idempotency import resolve
 from runplane._models import _dt
 from runplane._namespace import Namespace
 from runplane._serde import dumps, loads
@@ -116,8 +117,6 @@ def _keyed(
     key: str | Sequence[str] | None,
     ttl: _durations.DurationLike | None,
 ) -> dict[str, Any]:
-    from runplane._idempotency import resolve
-
     if key:
         request["idempotency_key"] = resolve(key)
         if ttl is not None:
@@ -241,21 +240,21 @@ class WaitAPI(Namespace):
         return [WaitToken.from_pb(t) for t in response.tokens]
 
     def create_token_sync(self, **kwargs: Any) -> WaitToken:
-        return self._client._run_sync(self.create_token(**kwargs))
+        return self._transport.run_sync(self.create_token(**kwargs))
 
     def complete_token_sync(self, token: WaitToken | str, data: Any = None) -> WaitToken:
-        return self._client._run_sync(self.complete_token(token, data))
+        return self._transport.run_sync(self.complete_token(token, data))
 
     def retrieve_token_sync(self, token: WaitToken | str) -> WaitToken:
-        return self._client._run_sync(self.retrieve_token(token))
+        return self._transport.run_sync(self.retrieve_token(token))
 
     def list_tokens_sync(self, **kwargs: Any) -> list[WaitToken]:
-        return self._client._run_sync(self.list_tokens(**kwargs))
+        return self._transport.run_sync(self.list_tokens(**kwargs))
 
     async def _call(self, method: str, request: Any) -> Any:
-        client = self._client
-        stub = waitpoint_service_pb2_grpc.WaitpointServiceStub(client._channel())
-        return await client._call(getattr(stub, method), request)
+        transport = self._transport
+        stub = waitpoint_service_pb2_grpc.WaitpointServiceStub(transport.channel())
+        return await transport.call(getattr(stub, method), request)
 
 
 wait = WaitAPI(None)

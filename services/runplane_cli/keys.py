@@ -14,7 +14,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runplane._durations import seconds
-from runplane_cli.main import fail
+from runplane_cli import fail
 from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import ServiceError

@@ -14,11 +14,7 @@ import orjson
 
 from runplane import ApiError, Client, ConfigurationError, RunplaneError
 from runplane.worker import run_async
-
-
-def fail(message: str) -> int:
-    print(f"runplane: {message}", file=sys.stderr)
-    return 2
+from runplane_cli import fail
 
 
 def _parse_json(text: str, what: str) -> Any:

@@ -123,6 +123,11 @@ class ResidentWaits:
         """Waiting attempts in memory, settled or not."""
         return len(self._waiting)
 
+    @property
+    def heap_sizes(self) -> tuple[int, int]:
+        """Entries in the two eviction heaps (aging, victims), stale ones included: bounded."""
+        return len(self._aging), len(self._victims)
+
     def wait(self, attempt_id: str, seq: int, request: WaitRequest, now: float) -> None:
         """The attempt sent wait ``seq``."""
         w = self._waiting.get(attempt_id)

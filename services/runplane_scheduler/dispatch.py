@@ -83,6 +83,13 @@ class QueueState:
         return limit <= 0 or self.running < limit
 
 
+@dataclass(frozen=True)
+class Reserved:
+    """A slot on an executor held for a run between its pick and its attempt's lease."""
+
+    run_id: str
+
+
 @dataclass
 class ExecutorState:
     executor_id: str
@@ -93,7 +100,8 @@ class ExecutorState:
     last_seen: float
     connected: bool = True
     draining: bool = False
-    attempts: set[str] = field(default_factory=set)
+    # Leased attempt ids, and the slots reserved for runs about to get one.
+    attempts: set[str | Reserved] = field(default_factory=set)
     # Given to the executor on registration: only its holder may register this id again.
     session_token: str = ""
 
@@ -216,7 +224,7 @@ class DispatchIndex:
                 q.running += 1
                 q.config.started(now)
                 self.env_running[env] = self.env_running.get(env, 0) + 1
-                ex.attempts.add(f"reserved:{head.run_id}")
+                ex.attempts.add(Reserved(head.run_id))
                 picked.append((head, key, ex))
                 progress = True
         return picked
@@ -234,17 +242,26 @@ class DispatchIndex:
         q.running += 1
         q.config.started(now)
         self.env_running[env] = self.env_running.get(env, 0) + 1
-        ex.attempts.add(f"reserved:{run_id}")
+        ex.attempts.add(Reserved(run_id))
         return ex
 
     def unreserve(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
-        ex.attempts.discard(f"reserved:{run_id}")
+        ex.attempts.discard(Reserved(run_id))
         self._release_slot(key)
 
-    def lease(self, lease: Lease, ex: ExecutorState) -> None:
-        ex.attempts.discard(f"reserved:{lease.run_id}")
-        ex.attempts.add(lease.attempt_id)
+    def lease(self, lease: Lease, ex: ExecutorState, holder: ExecutorState | None = None) -> None:
+        """The run's reserved slot on ``ex`` becomes its attempt's lease, held by ``holder``
+        (default ``ex``; another executor when a suspended attempt resumes where it waits)."""
+        ex.attempts.discard(Reserved(lease.run_id))
+        (holder or ex).attempts.add(lease.attempt_id)
         self.leases[lease.attempt_id] = lease
+
+    def attempt_of(self, run_id: str) -> str | None:
+        """The run's leased attempt, if it has one."""
+        for lease in self.leases.values():
+            if lease.run_id == run_id:
+                return lease.attempt_id
+        return None
 
     def adopt(self, lease: Lease) -> None:
         """A lease found in the database after a restart: its slot is taken."""

@@ -43,7 +43,8 @@ from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from runplane_common.ids import new_id
 from runplane_core import cron
 from runplane_scheduler import validation
-from runplane_scheduler.engine import RunEngine, TriggerSpec
+from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.store import RunRow, Tx, now_ms
 
 log = logging.getLogger("runplane.scheduler.schedules")

@@ -19,8 +19,8 @@ from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import Limits
 from runplane_common.errors import InvalidArgument
 from runplane_scheduler import json_depth
-from runplane_scheduler.engine import Debounce, TriggerSpec
 from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
+from runplane_scheduler.specs import Debounce, TriggerSpec
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}\Z")
 RUN_ID = re.compile(r"^run_[0-9a-z]{1,36}\Z")

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from tests.helpers.cluster import ROOT, Cluster
+from tests.helpers.reflection import list_services
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -44,12 +45,10 @@ async def test_the_node_client_triggers_follows_and_reads_a_stream(cluster: Clus
 
 
 async def test_every_process_lists_its_services_through_reflection(cluster: Cluster) -> None:
-    from tests.integration.test_reflection import _listing
-
     for address, service in (
         (cluster.api_url, "runplane.v1.RunService"),
         (cluster.realtime_url, "runplane.v1.RealtimeService"),
         (cluster.executor_status_url, "runplane.v1.ExecutorService"),
     ):
-        listing = await asyncio.to_thread(_listing, address)
+        listing = await asyncio.to_thread(list_services, address)
         assert listing.get(service), (address, listing)

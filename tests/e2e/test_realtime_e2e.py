@@ -292,8 +292,8 @@ async def test_public_tokens_over_grpc_and_sse(cluster: Cluster) -> None:
 
     # SSE: the same rules, with ?token= (EventSource) or a Bearer header, at the HTTP address
     # the scheduler announces.
-    meta = meta_service_pb2_grpc.MetaServiceStub(public._channel())
-    info = await public._call(meta.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
+    meta = meta_service_pb2_grpc.MetaServiceStub(public.transport.channel())
+    info = await public.transport.call(meta.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
     assert info.realtime_http_url == cluster.realtime_http_url
     assert info.environment_id == env_id
     base = info.realtime_http_url

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.pg import PrivatePostgres, unavailable_reason
 from tests.helpers.cluster import Cluster
+from tests.helpers.private_postgres import PrivatePostgres, unavailable_reason
 
 TASKS = "tests.faults.tasks"
 

@@ -39,9 +39,9 @@ from runplane_common import db, subjects
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
-from tests.faults.pg import PrivatePostgres
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
+from tests.helpers.private_postgres import PrivatePostgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 

@@ -130,11 +130,11 @@ async def test_a_batch_read_token_reads_the_batchs_runs_only(scheduler: Schedule
     tokens = PublicTokens(scheduler.engine_db)
     token = await tokens.read_token(Principal(env_id, "dev"), "batch", "batch_1")
     public = _as(scheduler, token)
-    stub = run_service_pb2_grpc.RunServiceStub(public._channel())
-    listing = await public._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1"))
+    stub = run_service_pb2_grpc.RunServiceStub(public.transport.channel())
+    listing = await public.transport.call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1"))
     assert list(listing.runs) == []
     with pytest.raises(runplane.PermissionDeniedError):
-        await public._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_2"))
+        await public.transport.call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_2"))
     with pytest.raises(runplane.PermissionDeniedError):
         await public.runs.retrieve(run.id)
     # Batches are made elsewhere; mark a run as one's directly.
@@ -146,8 +146,10 @@ async def test_a_batch_read_token_reads_the_batchs_runs_only(scheduler: Schedule
     sdk_token = await client.auth.create_batch_public_token("batch_1")
     batch_reader = _as(scheduler, sdk_token)
     assert (await batch_reader.runs.retrieve(member.id)).payload == {"in": "batch"}
-    stub = run_service_pb2_grpc.RunServiceStub(batch_reader._channel())
-    listing = await batch_reader._call(stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1"))
+    stub = run_service_pb2_grpc.RunServiceStub(batch_reader.transport.channel())
+    listing = await batch_reader.transport.call(
+        stub.ListRuns, rpb.ListRunsRequest(batch_id="batch_1")
+    )
     assert [r.id for r in listing.runs] == [member.id]
     with pytest.raises(runplane.PermissionDeniedError):
         await batch_reader.runs.retrieve(run.id)

@@ -19,8 +19,8 @@ from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from tests.helpers.events import stream_events
 from tests.helpers.wait import eventually
-from tests.integration.test_scheduler import _stream_events
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,7 +94,7 @@ async def _finished(client: runplane.Client, run_id: str) -> runplane.Run:
 
 async def _events_of(nats_url: str, run_id: str, count: int) -> list[events_pb2.RunEvent]:
     async def events() -> list[events_pb2.RunEvent] | None:
-        found = [e for e in await _stream_events(nats_url) if e.run.id == run_id]
+        found = [e for e in await stream_events(nats_url) if e.run.id == run_id]
         return found if len(found) >= count else None
 
     found: list[events_pb2.RunEvent] = await eventually(

@@ -30,7 +30,7 @@ from runplane_common.config import RealtimeSettings
 from runplane_common.grpcserver import bearer_token
 from runplane_realtime.server import RealtimeService, serve
 from tests.helpers.nats import NatsServer
-from tests.integration.test_realtime import (
+from tests.helpers.realtime import (
     DEV,
     KEYS,
     LIFE,

@@ -6,12 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
-from google.protobuf.descriptor_pool import DescriptorPool
-from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-    ProtoReflectionDescriptorDatabase,
-)
-
 from runplane.v1 import (
     auth_service_pb2,
     meta_service_pb2,
@@ -22,17 +16,7 @@ from runplane.v1 import (
 from runplane_common.config import RealtimeSettings, SchedulerSettings
 from runplane_realtime.server import serve
 from runplane_scheduler.app import start_scheduler
-
-
-def _listing(address: str) -> dict[str, list[str]]:
-    """Service name → method names, as a reflection client sees them."""
-    with grpc.insecure_channel(address) as channel:
-        database = ProtoReflectionDescriptorDatabase(channel)
-        pool = DescriptorPool(database)
-        return {
-            name: [m.name for m in pool.FindServiceByName(name).methods]
-            for name in database.get_services()
-        }
+from tests.helpers.reflection import list_services
 
 
 def _methods(module: Any, service: str) -> list[str]:
@@ -55,8 +39,8 @@ async def test_every_service_lists_its_methods_through_reflection(
         )
     )
     try:
-        on_scheduler = await asyncio.to_thread(_listing, f"127.0.0.1:{scheduler.port}")
-        on_realtime = await asyncio.to_thread(_listing, f"127.0.0.1:{realtime.port}")
+        on_scheduler = await asyncio.to_thread(list_services, f"127.0.0.1:{scheduler.port}")
+        on_realtime = await asyncio.to_thread(list_services, f"127.0.0.1:{realtime.port}")
     finally:
         await realtime.stop(grace=0)
         await scheduler.stop()

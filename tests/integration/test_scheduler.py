@@ -14,12 +14,13 @@ from grpc_status import rpc_status
 from sqlalchemy import func, select
 
 import runplane
-from runplane.v1 import events_pb2, run_pb2, run_service_pb2_grpc
+from runplane.v1 import run_pb2, run_service_pb2_grpc
 from runplane.v1 import run_service_pb2 as rpb
-from runplane_common import db, subjects
+from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from tests.helpers.events import stream_events
 from tests.helpers.wait import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -48,23 +49,6 @@ async def _count(s: Scheduler, table: Any) -> int:
         return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
-async def _stream_events(nats_url: str) -> list[events_pb2.RunEvent]:
-    nc = await nats.connect(nats_url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
-        total = info.state.messages
-        sub = await js.subscribe(f"{subjects.RUN_EVENTS_PREFIX}.>", ordered_consumer=True)
-        events = []
-        for _ in range(total):
-            msg = await sub.next_msg(timeout=5)
-            events.append(events_pb2.RunEvent.FromString(msg.data))
-        await sub.unsubscribe()
-        return events
-    finally:
-        await nc.close()
-
-
 async def test_trigger_writes_the_run_and_publishes_its_event(
     scheduler: Scheduler, nats_server: Any
 ) -> None:
@@ -80,7 +64,7 @@ async def test_trigger_writes_the_run_and_publishes_its_event(
     assert run.metadata == {"step": 0}
     assert run.version == 1
     await eventually(lambda: _outbox_empty(scheduler), timeout=20, description="outbox relayed")
-    events = await _stream_events(nats_server.url)
+    events = await stream_events(nats_server.url)
     assert [(e.type, e.run.id, e.run.version) for e in events] == [("created", handle.id, 1)]
     assert events[0].run.status == run_pb2.RUN_STATUS_PENDING_VERSION
     again = await client.tasks.trigger("not-deployed", {"n": 2}, idempotency_key="k1")
@@ -143,7 +127,7 @@ async def test_relay_resumes_after_a_crash_between_commit_and_publish(
     second = await _start(database_url, nats_server.url)
     try:
         await eventually(lambda: _outbox_empty(second), timeout=30, description="outbox drained")
-        events = await _stream_events(nats_server.url)
+        events = await stream_events(nats_server.url)
         assert sorted(e.run.id for e in events) == sorted(ids)  # none lost, none twice
         assert len({e.event_id for e in events}) == 5
     finally:

@@ -111,8 +111,8 @@ async def test_a_cluster_over_tls_runs_a_task_followed_by_the_sdk_and_sse(
     cluster = tls_cluster
     client = cluster.client()
     # The scheduler announces HTTPS addresses: realtime's HTTP port and wait token URLs.
-    meta = meta_service_pb2_grpc.MetaServiceStub(client._channel())
-    info = await client._call(meta.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
+    meta = meta_service_pb2_grpc.MetaServiceStub(client.transport.channel())
+    info = await client.transport.call(meta.GetServerInfo, meta_service_pb2.GetServerInfoRequest())
     assert info.realtime_http_url == cluster.realtime_http_url
     assert info.realtime_http_url.startswith("https://")
     assert info.http_url.startswith("https://")

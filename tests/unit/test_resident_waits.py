@@ -93,4 +93,5 @@ def test_stale_entries_do_not_grow_without_bound() -> None:
         policy.due(T0 + n)
         policy.resumed(f"a{n}", [1])
     assert policy.waiting == 0
-    assert len(policy._victims) < 200 and len(policy._aging) < 200
+    aging, victims = policy.heap_sizes
+    assert victims < 200 and aging < 200

@@ -2,10 +2,11 @@
 code (``runplane executor``).
 
 Entry point: start :func:`main` in a new process (the ``spawn`` start method) with one end of a
-duplex :func:`multiprocessing.Pipe`, the task modules to import and the limits::
+duplex pipe, the task modules to import, a memory limit (bytes, 0: none) and the output limit::
 
-    parent, child = multiprocessing.get_context("spawn").Pipe(duplex=True)
-    process = ctx.Process(target=runplane.worker.main, args=(child, ["tasks"], 0, output_limit))
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    ctx.Process(target=runplane.worker.main, args=(child, ["my_tasks"], 0, output_limit)).start()
 
 The process imports the modules and answers :class:`Ready` (or :class:`Failed`); from then on the
 executor sends it :class:`Run`, :class:`Cancel`, :class:`Timeout`, :class:`Resume`,
@@ -21,7 +22,7 @@ declares in its manifest), :func:`declared_schedules`, the machines (:data:`MACH
 
 from runplane._log import configure_logging, run_async
 from runplane._schedules import DeclaredSchedule, declared_schedules
-from runplane._task import DEFAULT_MACHINE, MACHINES, Task
+from runplane._task import DEFAULT_MACHINE, MACHINES
 from runplane.worker._messages import (
     Attempt,
     AttemptResult,
@@ -89,7 +90,6 @@ __all__ = [
     "Run",
     "Started",
     "Stop",
-    "Task",
     "TaskProcess",
     "Timeout",
     "ToProcess",

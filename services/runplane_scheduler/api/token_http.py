@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from runplane_common.errors import NotFound
-from runplane_scheduler.waitpoints import Waitpoints
+from runplane_scheduler.engine.waitpoints import Waitpoints
 
 log = logging.getLogger("runplane.scheduler.http")
 

@@ -19,9 +19,9 @@ from runplane_common.errors import InvalidArgument
 from runplane_scheduler import validation
 from runplane_scheduler.api import Context
 from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.engine.waitpoints import token_status
 from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.store import now_ms, timestamp
-from runplane_scheduler.waitpoints import token_status
 
 
 class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):

@@ -18,8 +18,8 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 from sqlalchemy import exists, func, insert, select, update
@@ -29,12 +29,15 @@ from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common import db
 from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
+from runplane_scheduler import validation
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
+from runplane_scheduler.engine.attempts import Attempts, attempt_row
+from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.timers import TimerKind, Timers
+from runplane_scheduler.engine.triggering import Triggering
+from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms
-
-if TYPE_CHECKING:
-    from runplane_scheduler.engine import RunEngine, TriggerSpec
 
 log = logging.getLogger("runplane.scheduler.waits")
 
@@ -75,8 +78,17 @@ def _error(type_: str, message: str) -> str:
 class Waitpoints:
     """Waitpoint logic the engine calls; it owns the WAITING runs' suspended attempts."""
 
-    def __init__(self, engine: RunEngine) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        resources: EngineResources,
+        timers: Timers,
+        attempts: Attempts,
+        triggering: Triggering,
+    ) -> None:
+        self.resources = resources
+        self.timers = timers
+        self.attempts = attempts
+        self.triggering = triggering
         self.suspended: dict[str, Suspended] = {}  # run id -> its suspended attempt
         self.by_attempt: dict[str, str] = {}  # suspended attempt id -> run id
         self.resuming: set[str] = set()  # WAITING runs queued for a slot to resume
@@ -89,7 +101,7 @@ class Waitpoints:
     async def load(self) -> None:
         """After a scheduler restart: remember the WAITING runs, and queue those whose
         waitpoints all completed while the scheduler was down (or before it resumed them)."""
-        async with self.engine.store.engine.connect() as conn:
+        async with self.resources.store.engine.connect() as conn:
             rows = (
                 await conn.execute(
                     select(db.runs)
@@ -130,18 +142,18 @@ class Waitpoints:
     # -- wait requests from executors ---------------------------------------------------------
 
     def on_wait(self, ex: ExecutorState, req: wpb.WaitRequest) -> None:
-        lease = self.engine.index.leases.get(req.attempt_id)
+        lease = self.resources.index.leases.get(req.attempt_id)
         run_id = lease.run_id if lease is not None else self.by_attempt.get(req.attempt_id)
         if run_id is None:
             log.warning("wait request of unknown attempt %s ignored", req.attempt_id)
             return
-        self.engine._spawn(self._wait(ex, run_id, req))
+        self.resources.background.spawn(self._wait(ex, run_id, req))
 
     async def _wait(self, ex: ExecutorState, run_id: str, req: wpb.WaitRequest) -> None:
         env = ex.environment_id
         children: list[str] = []
         error = ""
-        async with self.engine.store.engine.connect() as conn:
+        async with self.resources.store.engine.connect() as conn:
             # The attempt's number, fixed when it was made (a replay keeps the lost one's).
             attempt = (
                 await conn.execute(
@@ -201,7 +213,7 @@ class Waitpoints:
                 tx.after_commit.append(lambda: self._suspend_leased(run_id, req.attempt_id, ex))
 
         # Through the ordered report queue: after the attempt's "started" sent before it.
-        self.engine._submit(op)
+        self.resources.background.submit(op)
 
     async def _trigger_children(
         self, env: str, run_id: str, attempt: int, req: wpb.WaitRequest
@@ -209,17 +221,13 @@ class Waitpoints:
         """Trigger the wait's child runs (ids in item order) as a batch whose idempotency key
         is the journal slot: a replay asking again finds the same batch, so no child runs
         twice. (A retry is another attempt: a new slot, new children, as in the reference.)"""
-        from dataclasses import replace
-
-        from runplane_scheduler import validation
-
         specs: list[TriggerSpec] = [
             replace(
                 validation.trigger_spec(
                     item.task_id,
                     item.payload,
                     item.options,
-                    self.engine.settings.limits,
+                    self.resources.settings.limits,
                     f"items[{i}].",
                 ),
                 parent_run_id=run_id,
@@ -228,7 +236,7 @@ class Waitpoints:
         ]
         if not specs:
             raise InvalidArgument("items", "a batch needs at least one item")
-        _, rows, _ = await self.engine.batch_trigger(
+        _, rows, _ = await self.triggering.batch_trigger(
             env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
         )
         return [r["id"] for r in rows]
@@ -271,7 +279,7 @@ class Waitpoints:
             done = {"ok": False, "output": None, "error": error}
         elif kind in ("duration_ms", "until_ms"):
             due = ts + req.duration_ms if kind == "duration_ms" else req.until_ms
-            if len(req.idempotency_key) > self.engine.settings.limits.idempotency_key_length:
+            if len(req.idempotency_key) > self.resources.settings.limits.idempotency_key_length:
                 done = {
                     "ok": False,
                     "output": None,
@@ -316,7 +324,7 @@ class Waitpoints:
             row.update(status=COMPLETED, completed_at=ts, **done)
         await tx.execute(insert(db.waitpoints), [row])
         if row["status"] == PENDING and row["due_at"] is not None:
-            await self.engine._schedule(tx, row["due_at"], "waitpoint", row["id"])
+            await self.timers.schedule(tx, row["due_at"], TimerKind.WAITPOINT, row["id"])
         return row
 
     @staticmethod
@@ -481,7 +489,7 @@ class Waitpoints:
     def _suspend_leased(self, run_id: str, attempt_id: str, ex: ExecutorState) -> None:
         """The run went WAITING: its slot is free while the attempt stays with ``ex``."""
         self._suspend(run_id, attempt_id, ex.executor_id, ex.environment_id)
-        self.engine._release(attempt_id)
+        self.resources.release(attempt_id)
 
     def attempt_ended(self, attempt_id: str) -> None:
         """A WAITING run's suspended attempt ended anyway (its task process died, or it
@@ -520,7 +528,7 @@ class Waitpoints:
         suspended belong to nobody any more (their run was cancelled, or resumed by replay
         elsewhere while this executor was away). Stop them."""
         for attempt_id in running:
-            if attempt_id in self.engine.index.leases or attempt_id in self.by_attempt:
+            if attempt_id in self.resources.index.leases or attempt_id in self.by_attempt:
                 continue
             ex.outbox.put_nowait(
                 wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=attempt_id))
@@ -537,10 +545,10 @@ class Waitpoints:
         """A run without a leased attempt was cancelled: stop its suspended attempt, if a WAITING
         run has one. True when an attempt was told (its on_cancel hooks run there)."""
         held = self.forget(run_id)
-        self.engine.index.discard(run_id)
+        self.resources.index.discard(run_id)
         if held is None:
             return False
-        ex = self.engine.index.executors.get(held.executor_id)
+        ex = self.resources.index.executors.get(held.executor_id)
         if ex is None or not ex.connected:
             return False
         ex.outbox.put_nowait(
@@ -553,15 +561,15 @@ class Waitpoints:
         if m["id"] in self.resuming:
             return
         self.resuming.add(m["id"])
-        self.engine.index.removed.discard(m["id"])
-        self.engine._enqueue_row(m, m["queued_at"] or m["created_at"])
+        self.resources.index.removed.discard(m["id"])
+        self.resources.enqueue(m, m["queued_at"] or m["created_at"])
 
     async def resume(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
         """The WAITING run has a slot (reserved on ``ex``): resume its suspended attempt on the
         executor holding it, or replay it in a fresh attempt on ``ex``."""
         self.resuming.discard(run_id)
         held = self.suspended.get(run_id)
-        holder = self.engine.index.executors.get(held.executor_id) if held else None
+        holder = self.resources.index.executors.get(held.executor_id) if held else None
         if (
             held is not None
             and holder is not None
@@ -594,16 +602,14 @@ class Waitpoints:
         current = self.forget(run_id)
         if results is None:
             return
-        index = self.engine.index
-        ex.attempts.discard(f"reserved:{run_id}")
         lease = Lease(
             held.attempt_id, run_id, key, holder.executor_id, time.monotonic(), True, True
         )
-        index.leases[held.attempt_id] = lease
-        holder.attempts.add(held.attempt_id)
+        # The slot reserved on ``ex`` becomes the lease of the attempt waiting in ``holder``.
+        self.resources.index.lease(lease, ex, holder)
         if current is None or current.executor_id != holder.executor_id:
             # The attempt ended while the resume was being committed: run it again.
-            self.engine._requeue_lost(lease)
+            self.attempts.requeue_lost(lease)
             return
         self._send_resume(holder, held.attempt_id, results)
 
@@ -631,27 +637,25 @@ class Waitpoints:
             if held is not None:
                 await Store.finish_attempt(tx, held.attempt_id, "LOST")
             number = row._mapping["attempt_count"] + 1
-            await Store.insert_attempt(
-                tx, self.engine._attempt_row(attempt_id, run_id, number, ex, ts)
-            )
+            await Store.insert_attempt(tx, attempt_row(attempt_id, run_id, number, ex, ts))
             return row
 
         row = await self._run_or_unreserve(op, run_id, key, ex)
         if row is not None:
             log.info("run %s resumes by replay on executor %s", run_id, ex.executor_id)
-            self.engine._assign(dict(row._mapping), attempt_id, key, ex)
+            self.attempts.assign(dict(row._mapping), attempt_id, key, ex)
 
     async def _run_or_unreserve(
         self, op: Any, run_id: str, key: QueueKey, ex: ExecutorState
     ) -> Any:
         try:
-            result = await self.engine.store.writer.run(op)
+            result = await self.resources.store.writer.run(op)
         except Exception:
             log.exception("resume of %s failed", run_id)
             result = None
         if result is None:
-            self.engine.index.unreserve(run_id, key, ex)
-            self.engine._dispatch_wake.set()
+            self.resources.index.unreserve(run_id, key, ex)
+            self.resources.dispatch_wake.set()
         return result
 
     @staticmethod
@@ -722,10 +726,10 @@ class Waitpoints:
             }
             await tx.execute(insert(db.waitpoints), [row])
             if row["due_at"] is not None:
-                await self.engine._schedule(tx, row["due_at"], "waitpoint", row["id"])
+                await self.timers.schedule(tx, row["due_at"], TimerKind.WAITPOINT, row["id"])
             return row, False
 
-        return await self.engine.store.writer.run(op)
+        return await self.resources.store.writer.run(op)
 
     async def complete_token(
         self, token_id: str, data: str, *, env: str = "", secret: str = ""
@@ -747,10 +751,10 @@ class Waitpoints:
             done = await self.complete(tx, token_id, ok=True, output=data, error=None)
             return token._mapping if done is None else done._mapping
 
-        return await self.engine.store.writer.run(op)
+        return await self.resources.store.writer.run(op)
 
     async def get_token(self, env: str, token_id: str) -> Mapping[Any, Any]:
-        async with self.engine.store.engine.connect() as conn:
+        async with self.resources.store.engine.connect() as conn:
             row = (
                 await conn.execute(
                     select(db.waitpoints).where(
@@ -780,7 +784,7 @@ class Waitpoints:
             q = q.where(w.idempotency_key == idempotency_key)
         if after:
             q = q.where(w.id < after)
-        async with self.engine.store.engine.connect() as conn:
+        async with self.resources.store.engine.connect() as conn:
             rows = (await conn.execute(q.order_by(w.id.desc()))).all()
         out: list[Mapping[Any, Any]] = []
         for r in rows:

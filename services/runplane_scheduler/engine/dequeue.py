@@ -1,0 +1,82 @@
+"""Dequeue: the dispatch loop. It takes runs off the index fairly across queues, with their
+slots reserved on an executor, and either dequeues them (QUEUED -> DEQUEUED with a new attempt,
+leased by :class:`~runplane_scheduler.engine.attempts.Attempts`) or, for WAITING runs whose waits
+completed, hands them to :class:`~runplane_scheduler.engine.waitpoints.Waitpoints` to resume.
+
+It is its own system (as in Trigger.dev's ``dequeueSystem``) because it routes to both
+attempts and waitpoints, and waitpoints build on attempts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from runplane_common.ids import random_id
+from runplane_scheduler.dispatch import ExecutorState, QueueKey
+from runplane_scheduler.engine.attempts import Attempts, attempt_row
+from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.waitpoints import Waitpoints
+from runplane_scheduler.states import Status
+from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+
+log = logging.getLogger("runplane.scheduler")
+
+
+class Dequeue:
+    def __init__(
+        self, resources: EngineResources, attempts: Attempts, waitpoints: Waitpoints
+    ) -> None:
+        self.resources = resources
+        self.attempts = attempts
+        self.waitpoints = waitpoints
+
+    async def loop(self) -> None:
+        index, wake, spawn = (
+            self.resources.index,
+            self.resources.dispatch_wake,
+            self.resources.background.spawn,
+        )
+        while True:
+            wake_at = index.next_wake()
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+            wake.clear()
+            picked = index.take()
+            for queued, key, ex in picked:
+                if queued.run_id in self.waitpoints.resuming:
+                    spawn(self.waitpoints.resume(queued.run_id, key, ex))
+                else:
+                    spawn(self.dequeue(queued.run_id, key, ex))
+
+    async def dequeue(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
+        attempt_id = random_id("attempt")
+
+        async def op(tx: Tx) -> RunRow | None:
+            ts = now_ms()
+            row = await tx.transition(
+                run_id,
+                [Status.QUEUED],
+                Status.DEQUEUED,
+                "dequeued",
+                current_attempt_id=attempt_id,
+                executor_id=ex.executor_id,
+                updated_at=ts,
+            )
+            if row is not None:
+                number = row._mapping["attempt_count"] + 1
+                await Store.insert_attempt(tx, attempt_row(attempt_id, run_id, number, ex, ts))
+            return row
+
+        try:
+            row = await self.resources.store.writer.run(op)
+        except Exception:
+            log.exception("dequeue of %s failed", run_id)
+            row = None
+        if row is None:
+            self.resources.index.unreserve(run_id, key, ex)
+            self.resources.dispatch_wake.set()
+            return
+        self.attempts.assign(dict(row._mapping), attempt_id, key, ex)

@@ -1,0 +1,293 @@
+"""Executors: registration (its task definitions and the queues they declare), the one live
+connection per executor id (its session token), heartbeats, disconnects, which connection
+holds an attempt, and queue settings (limits, overrides, pauses)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from sqlalchemy import select, update
+
+from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common import db
+from runplane_common.errors import AlreadyExists, NotFound
+from runplane_common.ids import new_id
+from runplane_scheduler.dispatch import ExecutorState
+from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.triggering import Triggering
+from runplane_scheduler.engine.waitpoints import Waitpoints
+from runplane_scheduler.retry import RetryPolicy
+from runplane_scheduler.specs import TaskDef
+from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+
+log = logging.getLogger("runplane.scheduler")
+
+# Called first when an executor registers (environment, registration, executor id).
+RegisterHook = Callable[[str, wpb.Register, str], Coroutine[Any, Any, None]]
+
+
+class Executors:
+    def __init__(
+        self, resources: EngineResources, triggering: Triggering, waitpoints: Waitpoints
+    ) -> None:
+        self.resources = resources
+        self.triggering = triggering
+        self.waitpoints = waitpoints
+        # Syncs a registering executor's declarative schedules; raises, before anything is
+        # stored, on a bad one.
+        self.on_register: RegisterHook | None = None
+
+    async def load(self) -> None:
+        """After a restart: the registered task definitions and the queues' settings."""
+        task_defs = self.resources.task_defs
+        for row in await self.resources.store.load_task_definitions():
+            m = row._mapping
+            task_defs[(m["environment_id"], m["task_id"])] = TaskDef(
+                task_id=m["task_id"],
+                queue=m["queue"],
+                queue_concurrency_limit=m["queue_concurrency_limit"],
+                retry=RetryPolicy.from_dict(orjson.loads(m["retry"])),
+                max_duration=m["max_duration"],
+                machine=m["machine"],
+                ttl_ms=m["ttl_ms"],
+                payload_schema=m["payload_schema"],
+            )
+        for td_key, td in task_defs.items():
+            self.apply_queue_limit(td_key[0], td)
+        for row in await self.resources.store.load_queues():
+            self.apply_queue_row(row)
+
+    async def register(
+        self,
+        environment_id: str,
+        register: wpb.Register,
+        outbox: asyncio.Queue[wpb.ConnectResponse],
+    ) -> ExecutorState:
+        index = self.resources.index
+        executor_id = register.executor_id or new_id("exec")
+        # Before anything of the registration is stored: a refused one changes nothing.
+        self.check_executor_id(environment_id, executor_id, register.session_token)
+        if self.on_register is not None:
+            await self.on_register(environment_id, register, executor_id)
+        defs = [
+            TaskDef(
+                task_id=t.id,
+                queue=t.queue or f"task/{t.id}",
+                queue_concurrency_limit=t.queue_concurrency_limit,
+                retry=RetryPolicy(
+                    max_attempts=t.retry.max_attempts or 3,
+                    factor=t.retry.factor or 2.0,
+                    min_timeout=t.retry.min_timeout_seconds or 1.0,
+                    max_timeout=t.retry.max_timeout_seconds or 60.0,
+                    randomize=t.retry.randomize,
+                )
+                if t.HasField("retry")
+                else RetryPolicy(),
+                max_duration=int(t.max_duration_seconds),
+                machine=t.machine or "small-1x",
+                ttl_ms=int(t.ttl_seconds * 1000),
+                queue_rate_limit=t.queue_rate_limit,
+                queue_rate_period=t.queue_rate_period_seconds,
+                queue_total_limit=t.queue_total_concurrency_limit,
+                payload_schema=t.payload_schema,
+            )
+            for t in register.manifest.tasks
+        ]
+        ts = now_ms()
+        rows = [
+            {
+                "environment_id": environment_id,
+                "task_id": d.task_id,
+                "queue": d.queue,
+                "queue_concurrency_limit": d.queue_concurrency_limit,
+                "retry": orjson.dumps(d.retry.to_dict()).decode(),
+                "max_duration": d.max_duration,
+                "machine": d.machine,
+                "ttl_ms": d.ttl_ms,
+                "payload_schema": d.payload_schema,
+                "updated_at": ts,
+            }
+            for d in defs
+        ]
+
+        async def op(tx: Tx) -> None:
+            await Store.upsert_task_definitions(tx, environment_id, rows)
+            await self.register_queues(tx, environment_id, defs, ts)
+
+        await self.resources.store.writer.run(op)
+        for d in defs:
+            self.resources.task_defs[(environment_id, d.task_id)] = d
+            self.apply_queue_limit(environment_id, d)
+        # Checked again: another registration of this id may have finished while this one
+        # wrote its definitions.
+        self.check_executor_id(environment_id, executor_id, register.session_token)
+        old = index.executors.get(executor_id)
+        ex = ExecutorState(
+            executor_id=executor_id,
+            environment_id=environment_id,
+            tasks=frozenset(d.task_id for d in defs),
+            capacity=max(1, register.capacity),
+            outbox=outbox,
+            last_seen=time.monotonic(),
+            session_token=secrets.token_urlsafe(24),
+        )
+        claimed = set(register.running_attempt_ids)
+        if old is not None:
+            old.connected = False
+        for attempt_id, lease in index.leases.items():
+            if (
+                lease.executor_id == executor_id
+                and lease.queue[0] == environment_id
+                and attempt_id in claimed
+            ):
+                ex.attempts.add(attempt_id)
+                lease.acked = True
+        index.executors[executor_id] = ex
+        self.waitpoints.registered(ex, claimed)
+        log.info(
+            "executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity
+        )
+        self.triggering.provided(environment_id, [d.task_id for d in defs])
+        self.resources.dispatch_wake.set()
+        return ex
+
+    def check_executor_id(self, environment_id: str, executor_id: str, session_token: str) -> None:
+        """An executor id belongs to one environment and one connection at a time: while the
+        scheduler knows the id, only the holder of its session token may register it again (a
+        reconnect); an id whose leases or waiting attempts are another environment's is
+        refused. ALREADY_EXISTS either way, the same for both, naming no environment."""
+        index = self.resources.index
+        refused = AlreadyExists(
+            f"executor id {executor_id} is registered to another connection; an executor "
+            "reconnects with the session_token it was given, a new executor uses a new id"
+        )
+        old = index.executors.get(executor_id)
+        if old is not None:
+            if old.environment_id != environment_id or not hmac.compare_digest(
+                old.session_token.encode(), session_token.encode()
+            ):
+                log.warning(
+                    "registration of executor id %s refused: held by another connection%s",
+                    executor_id,
+                    "" if old.environment_id == environment_id else " of another environment",
+                )
+                raise refused
+            return
+        # Not connected since this scheduler started: its adopted leases and waiting attempts
+        # say which environment it belongs to.
+        if any(
+            lease.executor_id == executor_id and lease.queue[0] != environment_id
+            for lease in index.leases.values()
+        ) or self.waitpoints.held_in_other_environment(executor_id, environment_id):
+            log.warning(
+                "registration of executor id %s refused: its attempts are another environment's",
+                executor_id,
+            )
+            raise refused
+
+    def holds(self, ex: ExecutorState, attempt_id: str) -> bool:
+        """``ex`` is the live connection that holds the attempt: its current lease, or its
+        suspended waiting attempt. Every report about an attempt must come from its holder."""
+        index = self.resources.index
+        if index.executors.get(ex.executor_id) is not ex:
+            return False  # a connection replaced by a reconnect
+        lease = index.leases.get(attempt_id)
+        if lease is not None:
+            return lease.executor_id == ex.executor_id and lease.queue[0] == ex.environment_id
+        return self.waitpoints.held_by(attempt_id, ex)
+
+    def heartbeat(self, ex: ExecutorState, draining: bool) -> None:
+        if ex.draining != draining:
+            ex.draining = draining
+            self.resources.dispatch_wake.set()
+
+    def disconnected(self, ex: ExecutorState) -> None:
+        """The stream ended; its leases stand until they lapse (it may reconnect and claim them)."""
+        if self.resources.index.executors.get(ex.executor_id) is ex:
+            ex.connected = False
+            log.info("executor %s disconnected", ex.executor_id)
+
+    # -- queues ----------------------------------------------------------------------------------
+
+    @staticmethod
+    async def register_queues(tx: Tx, environment_id: str, defs: list[TaskDef], ts: int) -> None:
+        """Queues the code declares, with their declared limits (overrides and pauses stay)."""
+        declared = {d.queue: d.queue_concurrency_limit for d in defs}
+        if not declared:
+            return
+        q = db.queues.c
+        existing = {
+            r.name
+            for r in (
+                await tx.execute(
+                    select(q.name).where(
+                        q.environment_id == environment_id, q.name.in_(list(declared))
+                    )
+                )
+            ).all()
+        }
+        for name, limit in declared.items():
+            if name in existing:
+                await tx.execute(
+                    update(db.queues)
+                    .where(q.environment_id == environment_id, q.name == name)
+                    .values(concurrency_limit=limit, updated_at=ts)
+                )
+            else:
+                tx.insert_later(
+                    db.queues,
+                    {
+                        "id": new_id("queue"),
+                        "environment_id": environment_id,
+                        "name": name,
+                        "concurrency_limit": limit,
+                        "limit_override": None,
+                        "overridden_at": None,
+                        "paused": False,
+                        "created_at": ts,
+                        "updated_at": ts,
+                    },
+                )
+
+    async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
+        """Change a queue's pause flag or limit override; dispatch follows after the commit."""
+        q = db.queues.c
+
+        async def op(tx: Tx) -> RunRow:
+            named = q.id == queue if queue.startswith("queue_") else q.name == queue
+            row = (
+                await tx.execute(
+                    update(db.queues)
+                    .where(q.environment_id == environment_id, named)
+                    .values(updated_at=now_ms(), **values)
+                    .returning(*db.queues.c)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"queue {queue} not found")
+            tx.after_commit.append(lambda: self.apply_queue_row(row))
+            return row
+
+        return await self.resources.store.writer.run(op)
+
+    def apply_queue_row(self, row: RunRow) -> None:
+        m = row._mapping
+        config = self.resources.index.config((m["environment_id"], m["name"]))
+        config.limit = m["concurrency_limit"]
+        config.override = m["limit_override"]
+        config.paused = m["paused"]
+        self.resources.dispatch_wake.set()
+
+    def apply_queue_limit(self, environment_id: str, d: TaskDef) -> None:
+        name = (environment_id, d.queue)
+        config = self.resources.index.config(name)
+        config.limit = d.queue_concurrency_limit
+        config.total_limit = d.queue_total_limit
+        self.resources.index.set_rate_limit(name, d.queue_rate_limit, d.queue_rate_period)

@@ -1,0 +1,198 @@
+"""The run engine's front: it builds the systems around one :class:`EngineResources`, starts
+and stops their loops, and routes each call and each executor message to the system that owns
+it. It holds no run logic of its own.
+
+Every change of a run is one state-machine transition committed with its outbox event through
+the group-commit writer; the in-memory :class:`DispatchIndex` is updated only after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common.config import SchedulerSettings
+from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
+from runplane_scheduler.engine.attempts import Attempts, ms
+from runplane_scheduler.engine.dequeue import Dequeue
+from runplane_scheduler.engine.executors import Executors, RegisterHook
+from runplane_scheduler.engine.resources import Background, EngineResources
+from runplane_scheduler.engine.runs import Runs
+from runplane_scheduler.engine.timers import TimerKind, Timers
+from runplane_scheduler.engine.triggering import Triggering
+from runplane_scheduler.engine.waitpoints import Waitpoints
+from runplane_scheduler.specs import TaskDef, TriggerSpec, TxGuard
+from runplane_scheduler.states import Status
+from runplane_scheduler.store import RunRow, Store
+
+log = logging.getLogger("runplane.scheduler")
+
+# Worker messages about one attempt: accepted only from the connection holding the attempt.
+ATTEMPT_REPORTS = frozenset({"ack", "started", "result", "metadata", "wait"})
+
+
+class RunEngine:
+    def __init__(self, store: Store, settings: SchedulerSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.resources = EngineResources(
+            store=store,
+            settings=settings,
+            index=DispatchIndex(settings.environment_concurrency_limit),
+            background=Background(store),
+        )
+        self.index = self.resources.index
+        self.task_defs: dict[tuple[str, str], TaskDef] = self.resources.task_defs
+        self.timers = Timers(self.resources)
+        self.attempts = Attempts(self.resources, self.timers)
+        self.triggering = Triggering(self.resources, self.timers, self.attempts)
+        self.waits = Waitpoints(self.resources, self.timers, self.attempts, self.triggering)
+        self.dequeue = Dequeue(self.resources, self.attempts, self.waits)
+        self.executors = Executors(self.resources, self.triggering, self.waits)
+        self.runs = Runs(self.resources, self.timers, self.triggering, self.waits)
+        self.timers.route(
+            {
+                TimerKind.RETRY: self.attempts.retry_due,
+                TimerKind.DELAY: self.triggering.delay_due,
+                TimerKind.TTL: self.triggering.ttl_due,
+                TimerKind.WAITPOINT: self.waits.timer_due,
+            }
+        )
+        store.writer.on_final = self.waits.run_finished
+
+    @property
+    def on_register(self) -> RegisterHook | None:
+        """Called first when an executor registers (environment, registration, executor id):
+        syncs its declarative schedules; raises, before anything is stored, on a bad one."""
+        return self.executors.on_register
+
+    @on_register.setter
+    def on_register(self, hook: RegisterHook | None) -> None:
+        self.executors.on_register = hook
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.executors.load()
+        now = time.monotonic()
+        for row in await self.store.load_active_runs():
+            m = row._mapping
+            status = Status(m["status"])
+            key = (m["environment_id"], m["queue"], m["concurrency_key"])
+            if status is Status.QUEUED:
+                self.index.push(key, m["id"], m["task_id"], m["queued_at"], m["priority"])
+            elif status is Status.PENDING_VERSION:
+                self.triggering.restore_parked(m["environment_id"], m["task_id"], m["id"])
+            elif m["current_attempt_id"]:
+                self.attempts.adopt(m, now)
+        await self.waits.load()
+        await self.timers.load()
+        self.store.writer.start()
+        background = self.resources.background
+        background.run_loop(self.dequeue.loop(), "dispatch")
+        background.run_loop(self.timers.loop(), "timers")
+        background.run_loop(self.attempts.lease_loop(), "leases")
+        background.run_loop(background.reports_loop(), "reports")
+        self.resources.dispatch_wake.set()
+
+    async def stop(self) -> None:
+        await self.resources.background.stop()
+        await self.store.writer.stop()
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def trigger(
+        self, environment_id: str, spec: TriggerSpec, guard: TxGuard | None = None
+    ) -> tuple[Mapping[Any, Any], bool]:
+        return await self.triggering.trigger(environment_id, spec, guard)
+
+    async def batch_trigger(
+        self, environment_id: str, specs: list[TriggerSpec], idempotency_key: str = ""
+    ) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
+        return await self.triggering.batch_trigger(environment_id, specs, idempotency_key)
+
+    async def reset_idempotency_key(self, environment_id: str, task_id: str, key: str) -> int:
+        return await self.triggering.reset_idempotency_key(environment_id, task_id, key)
+
+    async def cancel(self, environment_id: str, run_id: str) -> RunRow:
+        return await self.runs.cancel(environment_id, run_id)
+
+    async def replay(self, environment_id: str, run_id: str) -> Mapping[Any, Any]:
+        return await self.runs.replay(environment_id, run_id)
+
+    async def reschedule(self, environment_id: str, run_id: str, delay_until: int) -> RunRow:
+        return await self.runs.reschedule(environment_id, run_id, delay_until)
+
+    async def update_metadata(self, environment_id: str, run_id: str, metadata: str) -> RunRow:
+        return await self.runs.update_metadata(environment_id, run_id, metadata)
+
+    async def add_tags(self, environment_id: str, run_id: str, tags: list[str]) -> RunRow:
+        return await self.runs.add_tags(environment_id, run_id, tags)
+
+    async def list_logs(
+        self, environment_id: str, run_id: str, after_id: str | None, limit: int
+    ) -> list[RunRow]:
+        return await self.runs.list_logs(environment_id, run_id, after_id, limit)
+
+    async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
+        return await self.executors.update_queue(environment_id, queue, **values)
+
+    # -- the worker plane ------------------------------------------------------------------------
+
+    async def register_executor(
+        self,
+        environment_id: str,
+        register: wpb.Register,
+        outbox: asyncio.Queue[wpb.ConnectResponse],
+    ) -> ExecutorState:
+        return await self.executors.register(environment_id, register, outbox)
+
+    def executor_disconnected(self, ex: ExecutorState) -> None:
+        self.executors.disconnected(ex)
+
+    def holds(self, ex: ExecutorState, attempt_id: str) -> bool:
+        return self.executors.holds(ex, attempt_id)
+
+    def on_message(self, ex: ExecutorState, msg: wpb.ConnectRequest) -> None:
+        ex.last_seen = time.monotonic()
+        kind = msg.WhichOneof("message")
+        if kind == "heartbeat":
+            self.executors.heartbeat(ex, msg.heartbeat.draining)
+            return
+        if kind in ATTEMPT_REPORTS:
+            attempt_id: str = getattr(msg, kind).attempt_id
+            if not self.holds(ex, attempt_id):
+                self._refuse(ex, kind, attempt_id)
+                return
+        if kind == "ack":
+            self.attempts.ack(msg.ack.attempt_id)
+        elif kind == "started":
+            self.attempts.started(msg.started.attempt_id, ms(msg.started, "started_at"))
+        elif kind == "result":
+            if not self.attempts.result(msg.result):
+                # Stale (the run was cancelled or its lease lapsed), or a WAITING run's attempt.
+                self.waits.attempt_ended(msg.result.attempt_id)
+        elif kind == "metadata":
+            self.runs.metadata_from_attempt(ex, msg.metadata)
+        elif kind == "logs":
+            self.runs.store_logs(ex, msg.logs)
+        elif kind == "wait":
+            self.waits.on_wait(ex, msg.wait)
+
+    def _refuse(self, ex: ExecutorState, kind: str, attempt_id: str) -> None:
+        """A report about an attempt ``ex`` does not hold: dropped. Reports of attempts that
+        ended (cancelled, lapsed) are normal; one about another connection's attempt is not."""
+        lease = self.index.leases.get(attempt_id)
+        other = lease is not None or self.waits.held_by_anyone(attempt_id)
+        (log.warning if other else log.info)(
+            "%s for attempt %s from executor %s (environment %s) refused: %s",
+            kind,
+            attempt_id[:40],
+            ex.executor_id,
+            ex.environment_id,
+            "another connection holds it" if other else "no live attempt of this connection",
+        )

@@ -1,0 +1,114 @@
+"""What every engine system shares: :class:`EngineResources` (the store, the dispatch index,
+the settings, the registered task definitions, the dispatch wake-up) and :class:`Background`,
+which owns every task the engine starts and the ordered queue of writes nobody waits for."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from runplane_common.config import SchedulerSettings
+from runplane_scheduler.dispatch import DispatchIndex
+from runplane_scheduler.specs import TaskDef
+from runplane_scheduler.store import CLEAN_ERRORS, Store, Tx
+
+log = logging.getLogger("runplane.scheduler")
+
+Op = Callable[[Tx], Coroutine[Any, Any, Any]]
+
+
+class Background:
+    """The engine's background tasks: its loops, fire-and-forget work, and the report queue.
+
+    Every task it starts is cancelled by :meth:`stop`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.loops: list[asyncio.Task[None]] = []
+        self.spawned: set[asyncio.Task[Any]] = set()
+        self.reports: deque[Op] = deque()
+        self.reports_wake = asyncio.Event()
+
+    def run_loop(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self.loops.append(asyncio.create_task(coro, name=name))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self.spawned.add(task)
+        task.add_done_callback(self.spawned.discard)
+
+    def submit(self, op: Op) -> None:
+        """Queue a write nobody waits for (executor reports, lapsed leases). Such writes are
+        applied in submission order and retried until the database takes them, so a report
+        that arrives while the database is down is not lost."""
+        self.reports.append(op)
+        self.reports_wake.set()
+
+    async def reports_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            await self.reports_wake.wait()
+            self.reports_wake.clear()
+            ops = list(self.reports)
+            self.reports.clear()
+            # Submitted together, so they share commits; the writer keeps their order.
+            results = await asyncio.gather(
+                *(self.store.writer.submit(op) for op in ops), return_exceptions=True
+            )
+            failed = next(
+                (
+                    i
+                    for i, r in enumerate(results)
+                    if isinstance(r, Exception) and not isinstance(r, CLEAN_ERRORS)
+                ),
+                None,
+            )
+            for r in results:
+                if isinstance(r, CLEAN_ERRORS):
+                    log.error("write refused: %s", r)
+            if failed is None:
+                backoff = 0.2
+                continue
+            # Writes are guarded by status and attempt id, so re-applying the ones after the
+            # failure that did commit changes nothing.
+            log.warning("database write failed (%s); retrying in %.1f s", results[failed], backoff)
+            self.reports.extendleft(reversed(ops[failed:]))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+            self.reports_wake.set()
+
+    async def stop(self) -> None:
+        tasks = [*self.loops, *self.spawned]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class EngineResources:
+    """Shared by every engine system; the systems get their siblings through their
+    constructors, never through the engine front."""
+
+    store: Store
+    settings: SchedulerSettings
+    index: DispatchIndex
+    background: Background
+    # Registered task definitions by (environment id, task id).
+    task_defs: dict[tuple[str, str], TaskDef] = field(default_factory=dict)
+    # Set when a slot, a run or an executor may have become available for dispatch.
+    dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def enqueue(self, m: Mapping[Any, Any], queued_at: int) -> None:
+        """A QUEUED run (committed) joins its queue in the index."""
+        key = (m["environment_id"], m["queue"], m["concurrency_key"])
+        self.index.push(key, m["id"], m["task_id"], queued_at, m["priority"])
+        self.dispatch_wake.set()
+
+    def release(self, attempt_id: str) -> None:
+        """Free the attempt's slot; the next queued run may take it."""
+        self.index.release(attempt_id)
+        self.dispatch_wake.set()

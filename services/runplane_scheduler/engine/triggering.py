@@ -1,0 +1,523 @@
+"""Triggering: new runs (one or a batch), idempotency keys, debounce, the parent a child run
+inherits from, and the way a new run starts (DELAYED, QUEUED, dequeued at once, or waiting for
+an executor that provides its task); also the timers that end a delay or a TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import orjson
+from sqlalchemy import select, update
+
+from runplane_common import db, telemetry
+from runplane_common.errors import InvalidArgument
+from runplane_common.ids import new_id, random_id
+from runplane_scheduler.dispatch import ExecutorState
+from runplane_scheduler.engine.attempts import Attempts, attempt_row
+from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.timers import TimerKind, Timers
+from runplane_scheduler.retry import RetryPolicy
+from runplane_scheduler.specs import TriggerSpec, TxGuard
+from runplane_scheduler.states import Status
+from runplane_scheduler.store import Store, Tx, now_ms
+
+DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
+
+
+@functools.lru_cache(maxsize=1024)
+def payload_validator(schema: str) -> jsonschema.protocols.Validator:
+    """A validator for a task's payload schema (checked at registration), compiled once."""
+    loaded = orjson.loads(schema)
+    cls = jsonschema.validators.validator_for(loaded)
+    return cls(loaded)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a new run takes from its parent."""
+
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    depth: int = 0
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A batch item whose idempotency key an earlier item of the same batch claimed."""
+
+    index: int
+
+
+class Triggering:
+    def __init__(self, resources: EngineResources, timers: Timers, attempts: Attempts) -> None:
+        self.resources = resources
+        self.timers = timers
+        self.attempts = attempts
+        # Runs no connected executor provides the task of, by (environment id, task id).
+        self.pending_version: dict[tuple[str, str], list[str]] = {}
+
+    async def trigger(
+        self, environment_id: str, spec: TriggerSpec, guard: TxGuard | None = None
+    ) -> tuple[Mapping[Any, Any], bool]:
+        """Create a run (or return the one holding the idempotency key). Returns (run, cached).
+
+        ``guard`` (a single-use token's use) is checked in the run's transaction before it
+        writes and recorded after, so a trigger that fails leaves it unused."""
+        index = self.resources.index
+        self.check_payload(environment_id, spec, "payload")
+        queue = self.queue_for(environment_id, spec, "options.queue")
+        known = index.provides(environment_id, spec.task_id)
+        key = (environment_id, queue, spec.concurrency_key)
+        run_id = new_id("run")
+        # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
+        # dequeued in one commit (both events are still published, in order).
+        direct = known and spec.delay_until <= now_ms() and spec.debounce is None
+        ex = index.reserve_direct(key, spec.task_id, run_id) if direct else None
+        attempt_id = random_id("attempt") if ex is not None else ""
+        traceparent = telemetry.current_traceparent()
+
+        async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
+            if guard is not None:
+                await guard.check(tx)
+            made = await make(tx)
+            if guard is not None:
+                await guard.record(tx)
+            return made
+
+        async def make(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
+            ts = now_ms()
+            [found] = await self.resolve(tx, environment_id, [spec], ts)
+            if isinstance(found, Resolved):
+                if (pushed := await self.debounce(tx, environment_id, spec, ts)) is not None:
+                    return pushed, True
+                row = self.new_run(environment_id, spec, run_id, queue, found, traceparent, ts)
+                return await self.insert(tx, row, spec, known, ex, attempt_id), False
+            assert not isinstance(found, SameAs)  # only within a batch
+            return found, True
+
+        try:
+            row, cached = await self.resources.store.writer.run(op)
+        except BaseException:
+            if ex is not None:
+                index.unreserve(run_id, key, ex)
+            raise
+        if ex is not None:
+            if cached:
+                index.unreserve(run_id, key, ex)
+                self.resources.dispatch_wake.set()
+            else:
+                self.attempts.assign(row, attempt_id, key, ex)
+        return row, cached
+
+    async def batch_trigger(
+        self, environment_id: str, specs: list[TriggerSpec], idempotency_key: str = ""
+    ) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
+        """Create a batch's runs in item order, all in one transaction or none."""
+        for i, spec in enumerate(specs):
+            self.check_payload(environment_id, spec, f"items[{i}].payload")
+        queues = [
+            self.queue_for(environment_id, spec, f"items[{i}].options.queue")
+            for i, spec in enumerate(specs)
+        ]
+        batch_id = new_id("batch")
+        run_ids = [new_id("run") for _ in specs]
+        traceparent = telemetry.current_traceparent()
+
+        async def op(tx: Tx) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
+            ts = now_ms()
+            if idempotency_key:
+                existing = await self.existing_batch(tx, environment_id, idempotency_key)
+                if existing is not None:
+                    return existing
+            found = await self.resolve(tx, environment_id, specs, ts, where="items[{}].")
+            tx.insert_later(
+                db.batches,
+                {
+                    "id": batch_id,
+                    "environment_id": environment_id,
+                    "run_count": len(specs),
+                    "idempotency_key": idempotency_key or None,
+                    "created_at": ts,
+                },
+            )
+            rows: list[Mapping[Any, Any]] = []
+            cached: list[bool] = []
+            for spec, queue, run_id, item in zip(specs, queues, run_ids, found, strict=True):
+                if not isinstance(item, Resolved):
+                    rows.append(rows[item.index] if isinstance(item, SameAs) else item)
+                    cached.append(True)
+                    continue
+                if (pushed := await self.debounce(tx, environment_id, spec, ts)) is not None:
+                    rows.append(pushed)
+                    cached.append(True)
+                    continue
+                row = self.new_run(environment_id, spec, run_id, queue, item, traceparent, ts)
+                row["batch_id"] = batch_id
+                known = self.resources.index.provides(environment_id, spec.task_id)
+                rows.append(await self.insert(tx, row, spec, known, None, ""))
+                cached.append(False)
+            return batch_id, rows, cached
+
+        return await self.resources.store.writer.run(op)
+
+    @staticmethod
+    async def existing_batch(
+        tx: Tx, environment_id: str, idempotency_key: str
+    ) -> tuple[str, list[Mapping[Any, Any]], list[bool]] | None:
+        batch = (
+            await tx.execute(
+                select(db.batches.c.id).where(
+                    db.batches.c.environment_id == environment_id,
+                    db.batches.c.idempotency_key == idempotency_key,
+                )
+            )
+        ).first()
+        if batch is None:
+            return None
+        rows = (
+            await tx.execute(
+                select(db.runs).where(db.runs.c.batch_id == batch.id).order_by(db.runs.c.id)
+            )
+        ).all()
+        return batch.id, [r._mapping for r in rows], [True] * len(rows)
+
+    def check_payload(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
+        """The payload against the JSON Schema the task registered (pydantic models register
+        theirs), so a trigger from any language is checked before a run exists."""
+        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        if td is None or not td.payload_schema:
+            return
+        validator = payload_validator(td.payload_schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(orjson.loads(spec.payload)))
+        if error is not None:
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            raise InvalidArgument(
+                f"{field_name}{path}",
+                f"does not match task {spec.task_id!r}'s payload schema: {error.message[:300]}",
+            )
+
+    def queue_for(self, environment_id: str, spec: TriggerSpec, field_name: str) -> str:
+        """The run's queue: the trigger's (which code must define), else the task's."""
+        if spec.queue:
+            if (environment_id, spec.queue) not in self.resources.index.configs:
+                raise InvalidArgument(
+                    field_name,
+                    f"unknown queue {spec.queue[:80]!r}: no registered task defines it",
+                )
+            return spec.queue
+        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        return td.queue if td else f"task/{spec.task_id}"
+
+    @staticmethod
+    async def resolve(
+        tx: Tx,
+        environment_id: str,
+        specs: list[TriggerSpec],
+        ts: int,
+        where: str = "",
+    ) -> list[Resolved | SameAs | Mapping[Any, Any]]:
+        """Reads before any write: each spec's parent, or the run already holding its
+        idempotency key (also an earlier item of the same batch)."""
+        out: list[Resolved | SameAs | Mapping[Any, Any]] = []
+        claimed: dict[tuple[str, str], int] = {}
+        for i, spec in enumerate(specs):
+            prefix = where.format(i)
+            if spec.idempotency_key:
+                claim = (spec.task_id, spec.idempotency_key)
+                if claim in claimed:
+                    out.append(SameAs(claimed[claim]))
+                    continue
+                existing = await Store.find_idempotent(
+                    tx, environment_id, spec.task_id, spec.idempotency_key, ts
+                )
+                if existing is not None:
+                    out.append(existing._mapping)
+                    continue
+                claimed[claim] = i
+            resolved = Resolved()
+            if spec.parent_run_id:
+                parent = (
+                    await tx.execute(
+                        select(db.runs.c.id, db.runs.c.root_run_id, db.runs.c.depth).where(
+                            db.runs.c.id == spec.parent_run_id,
+                            db.runs.c.environment_id == environment_id,
+                        )
+                    )
+                ).first()
+                if parent is None:
+                    raise InvalidArgument(
+                        f"{prefix}options.parent_run_id", f"run {spec.parent_run_id} not found"
+                    )
+                resolved = Resolved(parent.id, parent.root_run_id or parent.id, parent.depth + 1)
+            out.append(resolved)
+        return out
+
+    def new_run(
+        self,
+        environment_id: str,
+        spec: TriggerSpec,
+        run_id: str,
+        queue: str,
+        resolved: Resolved,
+        traceparent: str,
+        ts: int,
+    ) -> dict[str, Any]:
+        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        ttl_ms = spec.ttl_ms if spec.ttl_ms is not None else (td.ttl_ms if td else 0)
+        delay_until = ts + spec.debounce.delay_ms if spec.debounce else spec.delay_until
+        delayed = delay_until > ts
+        key_ttl = spec.idempotency_key_ttl_ms or DEFAULT_IDEMPOTENCY_TTL_MS
+        return {
+            "id": run_id,
+            "environment_id": environment_id,
+            "task_id": spec.task_id,
+            "status": Status.DELAYED.value if delayed else Status.QUEUED.value,
+            "payload": spec.payload,
+            "output": None,
+            "error": None,
+            "tags": orjson.dumps(list(spec.tags)).decode(),
+            "metadata": spec.metadata,
+            "queue": queue,
+            "idempotency_key": spec.idempotency_key or None,
+            "idempotency_key_expires_at": ts + key_ttl if spec.idempotency_key else None,
+            "concurrency_key": spec.concurrency_key,
+            "priority": spec.priority,
+            "attempt_count": 0,
+            "max_attempts": self.max_attempts(environment_id, spec),
+            "version": 1,
+            "is_test": False,
+            "parent_run_id": resolved.parent_run_id,
+            "root_run_id": resolved.root_run_id,
+            "depth": resolved.depth,
+            "batch_id": None,
+            "created_at": ts,
+            "updated_at": ts,
+            "queued_at": None if delayed else ts,
+            "delay_until": delay_until if delayed else None,
+            "debounce_key": spec.debounce.key if spec.debounce else None,
+            "ttl_ms": ttl_ms or None,
+            "max_duration_ms": spec.max_duration_ms,
+            "machine": spec.machine,
+            "replayed_from_run_id": spec.replayed_from_run_id or None,
+            "started_at": None,
+            "finished_at": None,
+            "duration_ms": 0,
+            "traceparent": traceparent,
+            "current_attempt_id": None,
+            "executor_id": None,
+        }
+
+    def max_attempts(self, environment_id: str, spec: TriggerSpec) -> int:
+        """The trigger's max_attempts, else the task's, else the default."""
+        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        return spec.max_attempts or (td.retry.max_attempts if td else RetryPolicy().max_attempts)
+
+    async def debounce(
+        self, tx: Tx, environment_id: str, spec: TriggerSpec, ts: int
+    ) -> Mapping[Any, Any] | None:
+        """Push back the task's DELAYED run with the same debounce key and return it (in
+        trailing mode with this trigger's payload and options); None when there is none or
+        ``max_delay`` forbids pushing it further (then a new run is made)."""
+        d = spec.debounce
+        if d is None:
+            return None
+        r = db.runs.c
+        current = (
+            await tx.execute(
+                select(r.id, r.created_at)
+                .where(
+                    r.environment_id == environment_id,
+                    r.task_id == spec.task_id,
+                    r.debounce_key == d.key,
+                    r.status == Status.DELAYED.value,
+                )
+                .order_by(r.id.desc())
+                .limit(1)
+            )
+        ).first()
+        if current is None:
+            return None
+        until = ts + d.delay_ms
+        if d.max_delay_ms and until > current.created_at + d.max_delay_ms:
+            return None
+        values: dict[str, Any] = {"delay_until": until, "updated_at": ts}
+        if d.trailing:
+            values.update(
+                payload=spec.payload,
+                metadata=spec.metadata,
+                tags=orjson.dumps(list(spec.tags)).decode(),
+                max_attempts=self.max_attempts(environment_id, spec),
+                max_duration_ms=spec.max_duration_ms,
+                machine=spec.machine,
+            )
+        row = await tx.transition(
+            current.id, [Status.DELAYED], Status.DELAYED, "debounced", **values
+        )
+        if row is None:
+            return None
+        if d.trailing:
+            await Store.replace_tags(tx, environment_id, current.id, spec.tags)
+        await self.timers.schedule(tx, until, TimerKind.DELAY, current.id)
+        return row._mapping
+
+    async def insert(
+        self,
+        tx: Tx,
+        values: dict[str, Any],
+        spec: TriggerSpec,
+        known: bool,
+        ex: ExecutorState | None,
+        attempt_id: str,
+    ) -> dict[str, Any]:
+        """Write a new run (DELAYED, QUEUED, dequeued at once, or PENDING_VERSION) with its
+        timers; the index learns of it after the commit."""
+        run_id, ts = values["id"], values["created_at"]
+        if values["status"] == Status.DELAYED.value:
+            await Store.insert_run(tx, values, spec.tags)
+            await self.timers.schedule(tx, values["delay_until"], TimerKind.DELAY, run_id)
+            return values
+        if ex is not None:
+            queued = values
+            values = {
+                **queued,
+                "status": Status.DEQUEUED.value,
+                "version": 2,
+                "current_attempt_id": attempt_id,
+                "executor_id": ex.executor_id,
+            }
+            await Store.insert_run(tx, values, spec.tags, created=queued)
+            tx.emit("dequeued", values)
+            await Store.insert_attempt(tx, attempt_row(attempt_id, run_id, 1, ex, ts))
+            return values
+        if not known:
+            values["status"] = Status.PENDING_VERSION.value
+        await Store.insert_run(tx, values, spec.tags)
+        await self.queued(tx, values, ts)
+        return values
+
+    async def queued(self, tx: Tx, m: Mapping[Any, Any], ts: int) -> None:
+        """A run has just become QUEUED (or PENDING_VERSION): index it after the commit and
+        start its TTL countdown."""
+        if m["ttl_ms"]:
+            await self.timers.schedule(tx, ts + m["ttl_ms"], TimerKind.TTL, m["id"])
+        if m["status"] == Status.PENDING_VERSION.value:
+            env, task_id, run_id = m["environment_id"], m["task_id"], m["id"]
+            tx.after_commit.append(lambda: self.park(env, task_id, run_id))
+        else:
+            snapshot = dict(m)
+            enqueue = self.resources.enqueue
+            tx.after_commit.append(lambda: enqueue(snapshot, ts))
+
+    def park(self, environment_id: str, task_id: str, run_id: str) -> None:
+        """A run no executor provides waits for one; if one registered while the run was being
+        written, release it at once (registration has already emptied the waiting list)."""
+        if self.resources.index.provides(environment_id, task_id):
+            self.resources.background.spawn(self.release_pending(environment_id, [run_id]))
+        else:
+            self.pending_version.setdefault((environment_id, task_id), []).append(run_id)
+
+    def restore_parked(self, environment_id: str, task_id: str, run_id: str) -> None:
+        """A PENDING_VERSION run found after a restart."""
+        self.pending_version.setdefault((environment_id, task_id), []).append(run_id)
+
+    def provided(self, environment_id: str, task_ids: list[str]) -> None:
+        """An executor providing these tasks registered: their waiting runs queue."""
+        for task_id in task_ids:
+            waiting = self.pending_version.pop((environment_id, task_id), None)
+            if waiting:
+                self.resources.background.spawn(self.release_pending(environment_id, waiting))
+
+    async def release_pending(self, environment_id: str, run_ids: list[str]) -> None:
+        """Runs that waited for an executor providing their task move to QUEUED."""
+        enqueue = self.resources.enqueue
+
+        def make_op(run_id: str) -> Callable[[Tx], Coroutine[Any, Any, None]]:
+            async def op(tx: Tx) -> None:
+                ts = now_ms()
+                row = await tx.transition(
+                    run_id,
+                    [Status.PENDING_VERSION],
+                    Status.QUEUED,
+                    "queued",
+                    queued_at=ts,
+                    updated_at=ts,
+                )
+                if row is not None:
+                    m = row._mapping
+                    tx.after_commit.append(lambda: enqueue(m, ts))
+
+            return op
+
+        writer = self.resources.store.writer
+        await asyncio.gather(*(writer.run(make_op(r)) for r in run_ids))
+
+    async def reset_idempotency_key(self, environment_id: str, task_id: str, key: str) -> int:
+        """Release ``key``: the next trigger with it creates a new run."""
+
+        async def op(tx: Tx) -> int:
+            result = await tx.execute(
+                update(db.runs)
+                .where(
+                    db.runs.c.environment_id == environment_id,
+                    db.runs.c.task_id == task_id,
+                    db.runs.c.idempotency_key == key,
+                    db.runs.c.idempotency_key_expires_at > now_ms(),
+                )
+                .values(idempotency_key_expires_at=now_ms())
+            )
+            return int(result.rowcount)
+
+        return await self.resources.store.writer.run(op)
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    async def delay_due(self, tx: Tx, run_id: str, ts: int) -> None:
+        """A DELAYED run's time came (unless it was rescheduled later): it queues, and its TTL
+        starts counting."""
+        current = (
+            await tx.execute(
+                select(db.runs.c.environment_id, db.runs.c.task_id).where(db.runs.c.id == run_id)
+            )
+        ).first()
+        if current is None:
+            return
+        known = self.resources.index.provides(current.environment_id, current.task_id)
+        row = await tx.transition(
+            run_id,
+            [Status.DELAYED],
+            Status.QUEUED if known else Status.PENDING_VERSION,
+            "queued",
+            db.runs.c.delay_until <= ts,
+            queued_at=ts,
+            updated_at=ts,
+        )
+        if row is not None:
+            await self.queued(tx, row._mapping, ts)
+
+    async def ttl_due(self, tx: Tx, run_id: str, ts: int) -> None:
+        """A run not started within its TTL of being queued expires."""
+        row = await tx.transition(
+            run_id,
+            [Status.QUEUED, Status.PENDING_VERSION],
+            Status.EXPIRED,
+            "expired",
+            db.runs.c.started_at.is_(None),
+            db.runs.c.current_attempt_id.is_(None),
+            error=orjson.dumps(
+                {
+                    "type": "TTL_EXPIRED",
+                    "message": "the run was not started within its ttl",
+                    "stack_trace": "",
+                }
+            ).decode(),
+            finished_at=ts,
+            updated_at=ts,
+        )
+        if row is not None:
+            index = self.resources.index
+            tx.after_commit.append(lambda: index.discard(run_id))
