@@ -1,73 +1,82 @@
-"""The services' error tree. Servicers raise these; one interceptor maps them to gRPC statuses
-with ``google.rpc`` details.
+"""The services' error tree. Servicers (and the engine under them) raise these; one interceptor
+(``grpcserver``) maps them to gRPC statuses with ``google.rpc`` details, and realtime's HTTP
+endpoints to HTTP statuses. This module imports neither grpc nor protobuf, so domain code can
+raise them without depending on the transport.
 
-    ServiceError
-    ├── InvalidArgument      INVALID_ARGUMENT, names the field (BadRequest detail)
+    ServiceError             INTERNAL
+    ├── InvalidArgument      INVALID_ARGUMENT, names the field (a BadRequest detail)
     ├── NotFound             NOT_FOUND
     ├── AlreadyExists        ALREADY_EXISTS
     ├── FailedPrecondition   FAILED_PRECONDITION
     ├── Unauthenticated      UNAUTHENTICATED
     ├── PermissionDenied     PERMISSION_DENIED
     └── Unavailable          UNAVAILABLE
+
+An error with a :attr:`ServiceError.reason` also carries an ``ErrorInfo`` detail (domain
+:data:`ERROR_DOMAIN`, that reason, and :attr:`ServiceError.info` as its metadata).
 """
 
 from __future__ import annotations
 
-import grpc
-from google.rpc import error_details_pb2, status_pb2
+import enum
+
+# The domain of the ErrorInfo details this project's errors carry.
+ERROR_DOMAIN = "runplane.dev"
+
+
+class Code(enum.Enum):
+    """The status an error answers with: the gRPC status code of the same name and number."""
+
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class ServiceError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Code = Code.INTERNAL
+    # A machine-readable reason (an ErrorInfo detail) and its metadata; "" for none.
+    reason: str = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-    def to_status(self) -> status_pb2.Status:
-        return status_pb2.Status(code=self.code.value[0], message=self.message)
+        self.info: dict[str, str] = {}
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
 
-    def to_status(self) -> status_pb2.Status:
-        status = super().to_status()
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=self.field, description=self.problem
-                )
-            ]
-        )
-        status.details.add().Pack(detail)
-        return status
-
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Code.ALREADY_EXISTS
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
 
 
 class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
 
 
 class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = Code.PERMISSION_DENIED
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import context as otel_context
@@ -20,7 +21,14 @@ from opentelemetry import trace
 from runplane.tls import TlsSettings
 from runplane_common import telemetry
 from runplane_common.auth import Principal, authorize_method, current_principal
-from runplane_common.errors import InvalidArgument, ServiceError, Unauthenticated, Unavailable
+from runplane_common.errors import (
+    ERROR_DOMAIN,
+    Code,
+    InvalidArgument,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger("runplane.grpc")
 
@@ -40,10 +48,32 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return ""
 
 
+# The gRPC status code of each error code (the same name and number).
+STATUS_CODES = {code: grpc.StatusCode[code.name] for code in Code}
+
+
+def to_status(error: ServiceError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` a call that failed with ``error`` answers with: its code and
+    message, with a BadRequest detail naming an invalid field, and an ErrorInfo detail when the
+    error has a reason."""
+    status = status_pb2.Status(code=error.code.value, message=error.message)
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.problem
+        )
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if error.reason:
+        info = error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.info
+        )
+        status.details.add().Pack(info)
+    return status
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
-    status = error.to_status()
+    status = to_status(error)
     await context.abort(
-        error.code,
+        STATUS_CODES[error.code],
         error.message,
         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )

@@ -29,6 +29,7 @@ def setup(settings: TelemetrySettings) -> None:
         return
     if not (exporter_name or settings.otlp_endpoint):
         return
+    # Imported only when spans are exported: the exporters are slow to import.
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (

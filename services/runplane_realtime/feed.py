@@ -29,9 +29,6 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Generic, TypeVar
 
-import grpc
-from google.rpc import error_details_pb2, status_pb2
-
 from runplane_common import errors
 from runplane_realtime.scheduler import Metadata
 
@@ -42,15 +39,15 @@ T = TypeVar("T")
 # How long closing a feed waits for its source to close before cancelling it again.
 CLOSE_PATIENCE = 1.0
 
-# The ErrorInfo of a FellBehind status: clients resume on it (the SDK does).
+# The ErrorInfo reason of a FellBehind status: clients resume on it (the SDK does).
 FELL_BEHIND_REASON = "SUBSCRIBER_FELL_BEHIND"
-ERROR_DOMAIN = "runplane.dev"
 
 
 class FellBehind(errors.ServiceError):
     """The subscriber did not read fast enough; it may resume where ``resume`` says."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = errors.Code.RESOURCE_EXHAUSTED
+    reason = FELL_BEHIND_REASON
 
     def __init__(self, limit: int, resume: dict[str, str]) -> None:
         where = ", ".join(f"{name}={value}" for name, value in resume.items())
@@ -58,15 +55,7 @@ class FellBehind(errors.ServiceError):
             f"the subscriber fell behind (more than {limit} bytes not yet read) and was cut "
             f"off; resume with {where}"
         )
-        self.resume = resume
-
-    def to_status(self) -> status_pb2.Status:
-        status = super().to_status()
-        info = error_details_pb2.ErrorInfo(
-            reason=FELL_BEHIND_REASON, domain=ERROR_DOMAIN, metadata=self.resume
-        )
-        status.details.add().Pack(info)
-        return status
+        self.info = resume  # the ErrorInfo's metadata: where to resume
 
 
 class Feed(Generic[T]):

@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import grpc
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
@@ -45,13 +44,13 @@ from runplane_realtime.streams import Chunk
 log = logging.getLogger("runplane.realtime.http")
 
 _HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.UNAVAILABLE: 503,
+    errors.Code.INVALID_ARGUMENT: 400,
+    errors.Code.UNAUTHENTICATED: 401,
+    errors.Code.PERMISSION_DENIED: 403,
+    errors.Code.NOT_FOUND: 404,
+    errors.Code.ALREADY_EXISTS: 409,
+    errors.Code.FAILED_PRECONDITION: 409,
+    errors.Code.UNAVAILABLE: 503,
 }
 _JSON_TEXT_FIELDS = ("payload", "output", "metadata")
 # An idle SSE stream sends a comment this often (seconds).
