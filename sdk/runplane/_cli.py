@@ -161,9 +161,9 @@ def _run_dict(run: Any) -> dict[str, Any]:
 
 def _keys(args: argparse.Namespace) -> int:
     """``runplane keys create|ls|revoke|rotate``, straight against RUNPLANE_DATABASE_URL."""
-    from runplane_common import db
     from runplane_common.config import SchedulerSettings
     from runplane_common.errors import ServiceError
+    from runplane_scheduler.store import tables as db
 
     settings = SchedulerSettings.from_env()
     if args.keys_command == "rotate":
@@ -257,8 +257,8 @@ def _key_dict(key: Any) -> dict[str, Any]:
 
 
 def _db_upgrade(_args: argparse.Namespace) -> int:
-    from runplane_common import db
     from runplane_common.config import SchedulerSettings
+    from runplane_scheduler.store import tables as db
 
     url = SchedulerSettings.from_env().database_url
     db.upgrade_url(url)

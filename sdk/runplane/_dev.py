@@ -348,9 +348,9 @@ def write_private(path: Path, text: str) -> None:
 async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
     """The dev secret key and worker key from .runplane/dev.env if the database still accepts
     them, else new ones."""
-    from runplane_common import db
     from runplane_common.auth import RIGHT_API, RIGHT_EXECUTE
     from runplane_scheduler.keys import KeyAuthenticator, create_key
+    from runplane_scheduler.store import tables as db
 
     engine = db.create_engine(database_url)
     try:

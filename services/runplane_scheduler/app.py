@@ -16,7 +16,7 @@ from runplane.v1 import (
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
-from runplane_common import db, telemetry
+from runplane_common import telemetry
 from runplane_common.config import SchedulerSettings
 from runplane_common.grpcserver import Server
 from runplane_scheduler.auth_service import AuthServicer
@@ -32,6 +32,7 @@ from runplane_scheduler.service import (
     WorkerServicer,
 )
 from runplane_scheduler.store import Store
+from runplane_scheduler.store import tables as db
 from runplane_scheduler.token_http import TokenHttpServer
 
 log = logging.getLogger("runplane.scheduler")

@@ -43,12 +43,12 @@ from runplane.v1 import (
 )
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.config import Limits, RealtimeSettings, SchedulerSettings
 from runplane_common.grpcserver import MAX_MESSAGE_BYTES
 from runplane_realtime.server import RealtimeService, serve
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.ports import free_port
 
 pytestmark = pytest.mark.timeout(300)

@@ -30,7 +30,7 @@ from runplane.v1 import queue_service_pb2 as qpb
 from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.ports import free_port
 from tests.integration.test_bad_input import (
     BREAKERS,

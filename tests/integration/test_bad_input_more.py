@@ -41,7 +41,7 @@ from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.ports import free_port
 from tests.helpers.wait import eventually
 from tests.integration.test_bad_input import (

@@ -16,10 +16,11 @@ from sqlalchemy import func, select
 import runplane
 from runplane.v1 import events_pb2, run_pb2, run_service_pb2_grpc
 from runplane.v1 import run_service_pb2 as rpb
-from runplane_common import db, subjects
+from runplane_common import subjects
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.wait import eventually
 
 pytestmark = pytest.mark.timeout(90)
