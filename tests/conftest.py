@@ -15,7 +15,7 @@ from typing import NoReturn
 import pytest
 from sqlalchemy.engine import make_url
 
-from runplane_common.db import create_engine, upgrade
+from runplane_scheduler.store.tables import create_engine, upgrade
 from tests.helpers import postgres
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer, find_binary

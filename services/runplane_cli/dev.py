@@ -25,9 +25,9 @@ from runplane import Client, ConfigurationError
 from runplane.tls import TlsSettings, open_channel
 from runplane.v1 import executor_service_pb2, executor_service_pb2_grpc
 from runplane.worker import run_async
-from runplane_common import db
 from runplane_common.auth import RIGHT_API, RIGHT_EXECUTE
 from runplane_scheduler.keys import KeyAuthenticator, create_key
+from runplane_scheduler.store import tables as db
 
 STATE_DIR = Path(".runplane")
 # What the services write under STATE_DIR (the database with the signing key, NATS's store) is

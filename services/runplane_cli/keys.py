@@ -15,11 +15,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runplane import ConfigurationError
 from runplane_cli import fail
-from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import ServiceError
 from runplane_core.durations import DurationError, seconds
 from runplane_scheduler import keys as key_store
+from runplane_scheduler.store import tables as db
 
 
 def keys(args: argparse.Namespace) -> int:

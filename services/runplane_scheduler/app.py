@@ -16,7 +16,7 @@ from runplane.v1 import (
     worker_service_pb2_grpc,
 )
 from runplane.worker import configure_logging, run_async
-from runplane_common import db, telemetry
+from runplane_common import telemetry
 from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
 from runplane_scheduler.api.auth import AuthServicer
@@ -32,6 +32,7 @@ from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
 from runplane_scheduler.store import Store
+from runplane_scheduler.store import tables as db
 
 log = logging.getLogger("runplane.scheduler")
 

@@ -17,11 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from runplane_common import db
 from runplane_common.auth import (
     ENVIRONMENT_SLUGS,
     RIGHT_API,
@@ -44,6 +41,7 @@ from runplane_common.errors import (
     Unauthenticated,
 )
 from runplane_common.ids import new_id
+from runplane_scheduler.store import keys as stored
 
 V = TypeVar("V")
 
@@ -60,21 +58,16 @@ async def create_key(
             "env", f"unknown environment {slug!r}; one of {', '.join(ENVIRONMENT_SLUGS)}"
         )
     rights = key_rights(kind, execute)
-    async with engine.begin() as conn:
-        env_id = (
-            await conn.execute(select(db.environments.c.id).where(db.environments.c.slug == slug))
-        ).scalar_one()
-        key = generate_key(slug, kind)
-        await conn.execute(
-            insert(db.api_keys).values(
-                id=new_id("key"),
-                environment_id=env_id,
-                key_hash=hash_key(key),
-                created_at=int(time.time() * 1000),
-                rights=",".join(sorted(rights)),
-                name=name,
-            )
-        )
+    key = generate_key(slug, kind)
+    await stored.insert_key(
+        engine,
+        slug,
+        key_id=new_id("key"),
+        key_hash=hash_key(key),
+        created_at=int(time.time() * 1000),
+        rights=",".join(sorted(rights)),
+        name=name,
+    )
     return key
 
 
@@ -112,28 +105,14 @@ def _rights(text: object) -> frozenset[str]:
     return frozenset(r for r in str(text).split(",") if r)
 
 
-def _keys_query() -> Any:
-    k = db.api_keys.c
-    return (
-        select(k.id, db.environments.c.slug, k.rights, k.name, k.created_at, k.revoked_at)
-        .select_from(db.api_keys.join(db.environments, db.environments.c.id == k.environment_id))
-        .order_by(k.created_at, k.id)
-    )
-
-
 async def list_keys(engine: AsyncEngine, slug: str | None = None) -> list[KeyInfo]:
     """Every key (of the environment ``slug``), oldest first."""
-    query = _keys_query()
-    if slug is not None:
-        query = query.where(db.environments.c.slug == slug)
-    async with engine.connect() as conn:
-        return [_key_info(row) for row in await conn.execute(query)]
+    return [_key_info(row) for row in await stored.list_keys(engine, slug)]
 
 
 async def get_key(engine: AsyncEngine, key_id: str) -> KeyInfo:
     """The key with id ``key_id``; NOT_FOUND when there is none."""
-    async with engine.connect() as conn:
-        row = (await conn.execute(_keys_query().where(db.api_keys.c.id == key_id))).first()
+    row = await stored.get_key(engine, key_id)
     if row is None:
         raise NotFound(f"no key with id {key_id!r} (runplane keys ls lists them)")
     return _key_info(row)
@@ -146,10 +125,7 @@ async def revoke_key(engine: AsyncEngine, key_id: str, at_ms: int | None = None)
     current = await get_key(engine, key_id)
     if current.revoked_at is not None and current.revoked_at <= at:
         return current
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(db.api_keys).where(db.api_keys.c.id == key_id).values(revoked_at=at)
-        )
+    await stored.revoke(engine, key_id, at)
     return await get_key(engine, key_id)
 
 
@@ -226,23 +202,7 @@ class KeyAuthenticator:
         return found
 
     async def _load(self, digest: str) -> tuple[Principal, int | None]:
-        k = db.api_keys.c
-        async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        db.environments.c.id,
-                        db.environments.c.slug,
-                        k.id.label("key_id"),
-                        k.rights,
-                        k.revoked_at,
-                    )
-                    .select_from(
-                        db.api_keys.join(db.environments, db.environments.c.id == k.environment_id)
-                    )
-                    .where(k.key_hash == digest)
-                )
-            ).first()
+        row = await stored.by_hash(self._engine, digest)
         if row is None:  # not cached: unknown keys would fill the cache
             raise Unauthenticated("unknown secret key")
         found = Principal(
@@ -257,15 +217,9 @@ class KeyAuthenticator:
         if self._by_id.has(key_id):
             revoked_at = self._by_id.get(key_id)
         else:
-            async with self._engine.connect() as conn:
-                row = (
-                    await conn.execute(
-                        select(db.api_keys.c.revoked_at).where(db.api_keys.c.id == key_id)
-                    )
-                ).first()
-            if row is None:
+            exists, revoked_at = await stored.revoked_at(self._engine, key_id)
+            if not exists:
                 raise Unauthenticated("public access token: the key that minted it is gone")
-            revoked_at = row.revoked_at
             self._by_id.put(key_id, revoked_at)
         if revoked_at is not None and revoked_at <= now_ms():
             raise Unauthenticated("public access token: the key that minted it has been revoked")
@@ -293,26 +247,14 @@ class PublicTokens:
         return self._key
 
     async def _load_signing_key(self) -> bytes:
-        table = db.signing_keys
-        async with self._engine.begin() as conn:
-            row = (
-                await conn.execute(select(table.c.secret).where(table.c.id == "default"))
-            ).first()
-        if row is None:
-            try:
-                async with self._engine.begin() as conn:
-                    await conn.execute(
-                        insert(table).values(
-                            id="default", secret=secrets.token_hex(32), created_at=now_ms()
-                        )
-                    )
-            except sa_exc.IntegrityError:
-                pass  # another scheduler made it first: use theirs
-            async with self._engine.begin() as conn:
-                row = (
-                    await conn.execute(select(table.c.secret).where(table.c.id == "default"))
-                ).one()
-        return str(row.secret).encode()
+        secret = await stored.signing_key(self._engine)
+        if secret is None:
+            # Another scheduler may store one first: then its key is the one used.
+            await stored.insert_signing_key(self._engine, secrets.token_hex(32), now_ms())
+            secret = await stored.signing_key(self._engine)
+            if secret is None:
+                raise RuntimeError("the signing key was not stored")
+        return secret.encode()
 
     async def load(self) -> None:
         """Load (or make) the signing key now rather than on the first call that needs it."""
@@ -375,18 +317,8 @@ class SingleUse:
         self.who = who
 
     async def check(self, tx: Any) -> None:
-        used = db.used_public_tokens
-        seen = await tx.execute(select(used.c.token_id).where(used.c.token_id == self.who.token_id))
-        if seen.first() is not None:
+        if await stored.token_used(tx, self.who.token_id):
             raise Unauthenticated(self.USED)
 
     async def record(self, tx: Any) -> None:
-        now = now_ms()
-        used = db.used_public_tokens
-        # Records of expired tokens are useless: the signature check refuses them first.
-        await tx.execute(delete(used).where(used.c.expires_at < now))
-        await tx.execute(
-            insert(used).values(
-                token_id=self.who.token_id, used_at=now, expires_at=self.who.expires_at
-            )
-        )
+        await stored.record_token_use(tx, self.who.token_id, now_ms(), self.who.expires_at)

@@ -31,12 +31,10 @@ from typing import Any, Protocol, TypeAlias
 import grpc
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import delete, insert, select, update
 
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import schedule_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.auth import principal
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -46,6 +44,7 @@ from runplane_scheduler import validation
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.store import RunRow, Tx, now_ms
+from runplane_scheduler.store import schedules as stored
 
 log = logging.getLogger("runplane.scheduler.schedules")
 
@@ -180,32 +179,6 @@ def schedule_to_pb(row: RunRow) -> spb.Schedule:
     )
 
 
-# -- SQL ------------------------------------------------------------------------------------------
-
-S = db.schedules.c
-
-
-async def _update(tx: Tx, schedule_id: str, *conditions: Any, **values: Any) -> RunRow | None:
-    stmt = (
-        update(db.schedules)
-        .where(S.id == schedule_id, *conditions)
-        .values(updated_at=now_ms(), **values)
-        .returning(*db.schedules.c)
-    )
-    return (await tx.execute(stmt)).first()
-
-
-async def _get(tx: Tx, environment_id: str, schedule_id: str) -> RunRow:
-    row = (
-        await tx.execute(
-            select(db.schedules).where(S.id == schedule_id, S.environment_id == environment_id)
-        )
-    ).first()
-    if row is None:
-        raise NotFound(f"schedule {schedule_id} not found")
-    return row
-
-
 # -- the runner -----------------------------------------------------------------------------------
 
 
@@ -224,9 +197,7 @@ class ScheduleRunner:
         self._stopping = False
 
     async def start(self) -> None:
-        async with self.engine.store.engine.connect() as conn:
-            rows = (await conn.execute(select(db.schedules).where(S.active.is_(True)))).all()
-        for row in rows:
+        for row in await stored.load_active(self.engine.store.db):
             m = row._mapping
             if m["next_run_at"] is not None:
                 self.due(m["id"], m["next_run_at"])
@@ -291,8 +262,7 @@ class ScheduleRunner:
         task.add_done_callback(self._retries.discard)
 
     async def _fire(self, schedule_id: str) -> None:
-        async with self.engine.store.engine.connect() as conn:
-            row = (await conn.execute(select(db.schedules).where(S.id == schedule_id))).first()
+        row = await stored.find(self.engine.store.db, schedule_id)
         if row is None or not row.active or row.next_run_at is None:
             return
         m = row._mapping
@@ -320,13 +290,8 @@ class ScheduleRunner:
         following = _ms(cron.next_after(expression, _dt(now), tz))
 
         async def advance(tx: Tx) -> RunRow | None:
-            return await _update(
-                tx,
-                schedule_id,
-                S.next_run_at == m["next_run_at"],
-                S.active.is_(True),
-                next_run_at=following,
-                last_run_at=tick,
+            return await stored.advance(
+                tx, schedule_id, m["next_run_at"], next_run_at=following, last_run_at=tick
             )
 
         if await self.engine.store.writer.run(advance) is not None:
@@ -371,13 +336,7 @@ class ScheduleRunner:
             )
 
         async def op(tx: Tx) -> None:
-            rows = (
-                await tx.execute(
-                    select(db.schedules).where(
-                        S.environment_id == environment_id, S.type == DECLARATIVE
-                    )
-                )
-            ).all()
+            rows = await stored.of_type(tx, environment_id, DECLARATIVE)
             existing = {r._mapping["task_id"]: r._mapping for r in rows}
             now = self.clock.now_ms()
             changed: list[tuple[str, int | None]] = []
@@ -387,29 +346,27 @@ class ScheduleRunner:
                 if old is None:
                     schedule_id = new_id("sched")
                     ts = now_ms()
-                    await tx.execute(
-                        insert(db.schedules),
-                        [
-                            {
-                                "id": schedule_id,
-                                "environment_id": environment_id,
-                                "type": DECLARATIVE,
-                                "task_id": task_id,
-                                "cron": expression,
-                                "timezone": timezone,
-                                "external_id": None,
-                                "deduplication_key": None,
-                                "active": True,
-                                "next_run_at": following,
-                                "last_run_at": None,
-                                "created_at": ts,
-                                "updated_at": ts,
-                            }
-                        ],
+                    await stored.insert_schedule(
+                        tx,
+                        {
+                            "id": schedule_id,
+                            "environment_id": environment_id,
+                            "type": DECLARATIVE,
+                            "task_id": task_id,
+                            "cron": expression,
+                            "timezone": timezone,
+                            "external_id": None,
+                            "deduplication_key": None,
+                            "active": True,
+                            "next_run_at": following,
+                            "last_run_at": None,
+                            "created_at": ts,
+                            "updated_at": ts,
+                        },
                     )
                     changed.append((schedule_id, following))
                 elif (old["cron"], old["timezone"], old["active"]) != (expression, timezone, True):
-                    await _update(
+                    await stored.change(
                         tx,
                         old["id"],
                         cron=expression,
@@ -422,7 +379,7 @@ class ScheduleRunner:
                 if task_id in declared or not old["active"]:
                     continue
                 if task_id in in_manifest or not provided_elsewhere(task_id):
-                    await _update(tx, old["id"], active=False, next_run_at=None)
+                    await stored.change(tx, old["id"], active=False, next_run_at=None)
                     changed.append((old["id"], None))
                     log.info("declarative schedule %s of %s deactivated", old["id"], task_id)
 
@@ -476,17 +433,11 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
             nonlocal created
             now = self.runner.clock.now_ms()
             if dedup is not None:
-                old = (
-                    await tx.execute(
-                        select(db.schedules).where(
-                            S.environment_id == env, S.deduplication_key == dedup
-                        )
-                    )
-                ).first()
+                old = await stored.by_deduplication_key(tx, env, dedup)
                 if old is not None:
                     created = False
                     active = old._mapping["active"]
-                    row = await _update(
+                    row = await stored.change(
                         tx,
                         old._mapping["id"],
                         task_id=task_id,
@@ -514,8 +465,8 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
                 "created_at": ts,
                 "updated_at": ts,
             }
-            await tx.execute(insert(db.schedules), [values])
-            return await _get(tx, env, schedule_id)
+            await stored.insert_schedule(tx, values)
+            return await stored.get(tx, env, schedule_id)
 
         row = await self._write(op)
         return spb.CreateScheduleResponse(schedule=schedule_to_pb(row), created=created)
@@ -525,12 +476,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
     ) -> spb.GetScheduleResponse:
         schedule_id = check_schedule_id(request.schedule_id)
         env = principal().environment_id
-        async with self.engine.store.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(db.schedules).where(S.id == schedule_id, S.environment_id == env)
-                )
-            ).first()
+        row = await stored.find_in(self.engine.store.db, env, schedule_id)
         if row is None:
             raise NotFound(f"schedule {schedule_id} not found")
         return spb.GetScheduleResponse(schedule=schedule_to_pb(row))
@@ -541,13 +487,9 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         size = validation.page_size(request.page_size, self.limits.page_size)
         task_ids = [validation.task_id(t, f"task_ids[{i}]") for i, t in enumerate(request.task_ids)]
         after = validation.decode_page_token(request.page_token, SCHEDULE_ID)
-        stmt = select(db.schedules).where(S.environment_id == principal().environment_id)
-        if task_ids:
-            stmt = stmt.where(S.task_id.in_(task_ids))
-        if after:
-            stmt = stmt.where(S.id > after)
-        async with self.engine.store.engine.connect() as conn:
-            rows = (await conn.execute(stmt.order_by(S.id).limit(size + 1))).all()
+        rows = await stored.list_in(
+            self.engine.store.db, principal().environment_id, task_ids, after, size + 1
+        )
         more = len(rows) > size
         rows = rows[:size]
         return spb.ListSchedulesResponse(
@@ -560,7 +502,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         env = principal().environment_id
 
         async def op(tx: Tx) -> RunRow:
-            row = await _get(tx, env, schedule_id)
+            row = await stored.get(tx, env, schedule_id)
             if row._mapping["type"] == DECLARATIVE:
                 raise FailedPrecondition(
                     f"schedule {schedule_id} is declarative: change it in the task's code"
@@ -594,7 +536,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
                     values.get("timezone", m["timezone"]),
                     self.runner.clock.now_ms(),
                 )
-            updated = await _update(tx, schedule_id, **values)
+            updated = await stored.change(tx, schedule_id, **values)
             assert updated is not None
             return updated
 
@@ -607,7 +549,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         schedule_id = check_schedule_id(request.schedule_id)
 
         async def change(tx: Tx, row: RunRow) -> RunRow:
-            await tx.execute(delete(db.schedules).where(S.id == schedule_id))
+            await stored.delete_schedule(tx, schedule_id)
             return row
 
         row = await self._change(schedule_id, change)
@@ -625,7 +567,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
             following = (
                 next_tick(m["cron"], m["timezone"], self.runner.clock.now_ms()) if active else None
             )
-            updated = await _update(tx, schedule_id, active=active, next_run_at=following)
+            updated = await stored.change(tx, schedule_id, active=active, next_run_at=following)
             assert updated is not None
             return updated
 

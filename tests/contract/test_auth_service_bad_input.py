@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from runplane.v1 import auth_service_pb2 as apb
 from runplane.v1 import meta_service_pb2 as mpb
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     AUTH,
     FUZZ,

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from runplane.v1 import queue_service_pb2 as qpb
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     FUZZ,
     INVALID,

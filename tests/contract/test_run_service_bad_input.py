@@ -31,8 +31,8 @@ from sqlalchemy import func, select
 from runplane.v1 import realtime_service_pb2, run_pb2
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.grpcserver import MAX_MESSAGE_BYTES
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     CONNECT,
     FAILED_PRECONDITION,

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runplane.v1 import schedule_service_pb2 as spb
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     FAILED_PRECONDITION,
     FUZZ,

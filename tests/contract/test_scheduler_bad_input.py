@@ -20,8 +20,8 @@ from runplane.v1 import queue_service_pb2 as qpb
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import waitpoint_service_pb2 as wspb
-from runplane_common import db
 from runplane_common.grpcserver import MAX_MESSAGE_BYTES
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     AUTH,
     FUZZ,

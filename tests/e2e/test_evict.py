@@ -16,9 +16,9 @@ from sqlalchemy import select
 
 import runplane
 from runplane import RunStatus
-from runplane_common import db
 from runplane_common.config import ExecutorSettings
 from runplane_executor.app import Executor
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 

@@ -15,9 +15,9 @@ import pytest
 import runplane
 from runplane import Run, RunStatus
 from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc
-from runplane_common import db
 from runplane_common.auth import Principal
 from runplane_scheduler.keys import PublicTokens
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
 from tests.helpers.wait import eventually

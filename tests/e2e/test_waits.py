@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 import runplane
 from runplane import RunStatus
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 

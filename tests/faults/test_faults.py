@@ -35,10 +35,11 @@ import runplane
 from runplane import Run, RunStatus
 from runplane.v1 import events_pb2, run_pb2
 from runplane_cli.dev import wait_serving
-from runplane_common import db, subjects
+from runplane_common import subjects
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
 from tests.helpers.private_postgres import PrivatePostgres

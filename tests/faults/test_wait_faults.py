@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 import runplane
 from runplane import RunStatus
 from runplane_cli.dev import wait_serving
-from runplane_common import db
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 

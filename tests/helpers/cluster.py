@@ -15,8 +15,8 @@ from pathlib import Path
 import runplane
 from runplane.tls import TlsSettings
 from runplane_cli.dev import wait_executor_connected, wait_serving
-from runplane_common import db
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,11 +26,11 @@ from sqlalchemy import func, select
 
 from runplane.v1 import meta_service_pb2
 from runplane.v1 import run_service_pb2 as rpb
-from runplane_common import db
 from runplane_common.config import Limits, RealtimeSettings, SchedulerSettings
 from runplane_realtime.server import RealtimeService, serve
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 
 T = TypeVar("T")
 

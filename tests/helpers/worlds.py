@@ -21,7 +21,8 @@ from sqlalchemy import Table, func, select
 
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db, subjects
+from runplane_common import subjects
+from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
     CONNECT,
     KEYS,

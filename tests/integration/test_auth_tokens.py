@@ -13,11 +13,11 @@ from sqlalchemy import update
 import runplane
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import run_service_pb2_grpc
-from runplane_common import db
 from runplane_common.auth import Principal
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import PublicTokens, create_key
+from runplane_scheduler.store import tables as db
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -15,10 +15,10 @@ from sqlalchemy import select
 import runplane
 from runplane.v1 import events_pb2, worker_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.events import stream_events
 from tests.helpers.wait import eventually
 

@@ -1,4 +1,4 @@
-"""The migrations build exactly the schema that ``runplane_common.db.metadata`` describes."""
+"""The migrations build exactly the schema that ``store.tables.metadata`` describes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
-from runplane_common.db import create_engine, environments, metadata, upgrade
+from runplane_scheduler.store.tables import create_engine, environments, metadata, upgrade
 
 
 def _schema_diff(connection: Connection) -> list[Any]:

@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 import runplane
 from runplane.v1 import run_pb2, run_service_pb2_grpc
 from runplane.v1 import run_service_pb2 as rpb
-from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
+from runplane_scheduler.store import tables as db
 from tests.helpers.events import stream_events
 from tests.helpers.wait import eventually
 

@@ -23,11 +23,11 @@ import runplane
 from runplane import ScheduledPayload
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane.v1 import worker_service_pb2_grpc
-from runplane_common import db
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
 from runplane_scheduler.schedules import ScaledClock
+from runplane_scheduler.store import tables as db
 from tests.helpers.wait import eventually
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,8 +14,8 @@ from sqlalchemy import select
 import runplane
 from runplane import RunStatus
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.ids import random_id
+from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
 from tests.helpers.worker import RawWorker

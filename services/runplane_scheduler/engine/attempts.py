@@ -14,7 +14,7 @@ import orjson
 from opentelemetry import trace
 
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db, telemetry
+from runplane_common import telemetry
 from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
 from runplane_scheduler.engine.resources import EngineResources
@@ -33,6 +33,7 @@ from runplane_scheduler.store import (
     now_ms,
     run_to_pb,
 )
+from runplane_scheduler.store import runs as stored_runs
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -178,7 +179,7 @@ class Attempts:
                 [Status.DEQUEUED],
                 Status.EXECUTING,
                 "started",
-                db.runs.c.current_attempt_id == attempt_id,
+                stored_runs.attempt_is(attempt_id),
                 started_at=FIRST_START,
                 attempt_count=ONE_MORE_ATTEMPT,
                 updated_at=ts,
@@ -275,7 +276,7 @@ class Attempts:
                 [Status.EXECUTING],
                 Status.COMPLETED,
                 "completed",
-                db.runs.c.current_attempt_id == attempt_id,
+                stored_runs.attempt_is(attempt_id),
                 output=output,
                 finished_at=ts,
                 updated_at=ts,
@@ -307,7 +308,7 @@ class Attempts:
             [Status.DEQUEUED],
             Status.COMPLETED,
             "completed",
-            db.runs.c.current_attempt_id == attempt_id,
+            stored_runs.attempt_is(attempt_id),
             via=Via(Status.EXECUTING, "started", as_started),
             output=output,
             finished_at=ts,
@@ -342,13 +343,7 @@ class Attempts:
 
         async def op(tx: Tx) -> None:
             ts = now_ms()
-            current = (
-                await tx.execute(
-                    db.runs.select().where(
-                        db.runs.c.id == lease.run_id, db.runs.c.current_attempt_id == attempt_id
-                    )
-                )
-            ).first()
+            current = await stored_runs.get_with_attempt(tx, lease.run_id, attempt_id)
             tx.after_commit.append(lambda: release(attempt_id))
             if current is None:
                 return
@@ -412,13 +407,13 @@ class Attempts:
                 [Status.DEQUEUED, Status.EXECUTING],
                 Status.QUEUED,
                 "requeued",
-                db.runs.c.current_attempt_id == attempt_id,
+                stored_runs.attempt_is(attempt_id),
                 current_attempt_id=None,
                 executor_id=None,
                 queued_at=ts,
                 updated_at=ts,
                 # A started attempt that was lost does not count against the retries.
-                attempt_count=db.runs.c.attempt_count - int(lease.started),
+                attempt_count=stored_runs.attempt_count_minus(int(lease.started)),
             )
             await Store.finish_attempt(tx, attempt_id, "LOST")
             tx.after_commit.append(lambda: release(attempt_id))
@@ -435,7 +430,7 @@ class Attempts:
             [Status.EXECUTING],
             Status.QUEUED,
             "queued",
-            db.runs.c.current_attempt_id.is_(None),
+            stored_runs.NO_ATTEMPT,
             queued_at=ts,
             updated_at=ts,
         )

@@ -13,11 +13,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
-from sqlalchemy import select, update
 
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
-from runplane_common.errors import AlreadyExists, NotFound
+from runplane_common.errors import AlreadyExists
 from runplane_common.ids import new_id
 from runplane_scheduler.dispatch import ExecutorState
 from runplane_scheduler.engine.resources import EngineResources
@@ -26,6 +24,7 @@ from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TaskDef
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_scheduler.store import queues as stored_queues
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -119,7 +118,8 @@ class Executors:
 
         async def op(tx: Tx) -> None:
             await Store.upsert_task_definitions(tx, environment_id, rows)
-            await self.register_queues(tx, environment_id, defs, ts)
+            declared = {d.queue: d.queue_concurrency_limit for d in defs}
+            await stored_queues.declare(tx, environment_id, declared, ts)
 
         await self.resources.store.writer.run(op)
         for d in defs:
@@ -216,62 +216,11 @@ class Executors:
 
     # -- queues ----------------------------------------------------------------------------------
 
-    @staticmethod
-    async def register_queues(tx: Tx, environment_id: str, defs: list[TaskDef], ts: int) -> None:
-        """Queues the code declares, with their declared limits (overrides and pauses stay)."""
-        declared = {d.queue: d.queue_concurrency_limit for d in defs}
-        if not declared:
-            return
-        q = db.queues.c
-        existing = {
-            r.name
-            for r in (
-                await tx.execute(
-                    select(q.name).where(
-                        q.environment_id == environment_id, q.name.in_(list(declared))
-                    )
-                )
-            ).all()
-        }
-        for name, limit in declared.items():
-            if name in existing:
-                await tx.execute(
-                    update(db.queues)
-                    .where(q.environment_id == environment_id, q.name == name)
-                    .values(concurrency_limit=limit, updated_at=ts)
-                )
-            else:
-                tx.insert_later(
-                    db.queues,
-                    {
-                        "id": new_id("queue"),
-                        "environment_id": environment_id,
-                        "name": name,
-                        "concurrency_limit": limit,
-                        "limit_override": None,
-                        "overridden_at": None,
-                        "paused": False,
-                        "created_at": ts,
-                        "updated_at": ts,
-                    },
-                )
-
     async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
         """Change a queue's pause flag or limit override; dispatch follows after the commit."""
-        q = db.queues.c
 
         async def op(tx: Tx) -> RunRow:
-            named = q.id == queue if queue.startswith("queue_") else q.name == queue
-            row = (
-                await tx.execute(
-                    update(db.queues)
-                    .where(q.environment_id == environment_id, named)
-                    .values(updated_at=now_ms(), **values)
-                    .returning(*db.queues.c)
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"queue {queue} not found")
+            row = await stored_queues.change(tx, environment_id, queue, now_ms(), **values)
             tx.after_commit.append(lambda: self.apply_queue_row(row))
             return row
 

@@ -8,10 +8,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
-from sqlalchemy import select
 
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from runplane_common.ids import new_id
 from runplane_core.metadata import Operation, apply_operations
@@ -24,6 +22,7 @@ from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms, run_to_pb
+from runplane_scheduler.store import runs as stored_runs
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -52,18 +51,10 @@ class Runs:
         async def op(tx: Tx) -> RunRow:
             row = await self.cancel_one(tx, environment_id, run_id)
             if row is None:
-                return await self.get_in_tx(tx, environment_id, run_id)
+                return await stored_runs.get_in_environment(tx, environment_id, run_id)
             frontier = [run_id]
             while frontier:
-                children = (
-                    await tx.execute(
-                        select(db.runs.c.id).where(
-                            db.runs.c.parent_run_id.in_(frontier),
-                            db.runs.c.status.in_([s.value for s in CANCELLABLE]),
-                        )
-                    )
-                ).all()
-                frontier = [c.id for c in children]
+                frontier = await stored_runs.children_in(tx, frontier, CANCELLABLE)
                 for child in frontier:
                     await self.cancel_one(tx, environment_id, child)
             return row
@@ -77,7 +68,7 @@ class Runs:
             CANCELLABLE,
             Status.CANCELED,
             "canceled",
-            db.runs.c.environment_id == environment_id,
+            stored_runs.in_environment(environment_id),
             finished_at=ts,
             updated_at=ts,
             current_attempt_id=None,
@@ -165,12 +156,12 @@ class Runs:
                 [Status.DELAYED],
                 Status.DELAYED,
                 "rescheduled",
-                db.runs.c.environment_id == environment_id,
+                stored_runs.in_environment(environment_id),
                 delay_until=delay_until,
                 updated_at=ts,
             )
             if row is None:
-                current = await self.get_in_tx(tx, environment_id, run_id)
+                current = await stored_runs.get_in_environment(tx, environment_id, run_id)
                 raise FailedPrecondition(
                     f"run {run_id} is {current.status}; only DELAYED runs can be rescheduled"
                 )
@@ -178,19 +169,6 @@ class Runs:
             return row
 
         return await self.resources.store.writer.run(op)
-
-    @staticmethod
-    async def get_in_tx(tx: Tx, environment_id: str, run_id: str) -> RunRow:
-        row = (
-            await tx.execute(
-                select(db.runs).where(
-                    db.runs.c.id == run_id, db.runs.c.environment_id == environment_id
-                )
-            )
-        ).first()
-        if row is None:
-            raise NotFound(f"run {run_id} not found")
-        return row
 
     # -- metadata, tags, logs --------------------------------------------------------------------
 
@@ -206,7 +184,7 @@ class Runs:
         depth = self.resources.settings.limits.json_depth
 
         async def op(tx: Tx) -> RunRow:
-            row = await self.get_in_tx(tx, environment_id, run_id)
+            row = await stored_runs.get_in_environment(tx, environment_id, run_id)
             try:
                 text = orjson.dumps(change(orjson.loads(row.metadata or "{}"))).decode()
             except (TypeError, ValueError) as error:
@@ -249,7 +227,7 @@ class Runs:
             # An attempt changes its own run's metadata, its parent's or its root's (SPEC §7,
             # metadata.parent / metadata.root), never another run's of the environment.
             if update.run_id != own:
-                row = await self.get_in_tx(tx, ex.environment_id, own)
+                row = await stored_runs.get_in_environment(tx, ex.environment_id, own)
                 if update.run_id not in (row.parent_run_id, row.root_run_id):
                     raise PermissionDenied(
                         f"attempt {update.attempt_id} of run {own} may change the metadata of "
@@ -271,7 +249,7 @@ class Runs:
         limit = self.resources.settings.limits.tags
 
         async def op(tx: Tx) -> RunRow:
-            row = await self.get_in_tx(tx, environment_id, run_id)
+            row = await stored_runs.get_in_environment(tx, environment_id, run_id)
             current: list[str] = orjson.loads(row.tags)
             new = [t for t in dict.fromkeys(tags) if t not in current]
             if len(current) + len(new) > limit:
@@ -281,10 +259,7 @@ class Runs:
                 )
             if not new:
                 return row
-            for tag in new:
-                tx.insert_later(
-                    db.run_tags, {"run_id": run_id, "tag": tag, "environment_id": environment_id}
-                )
+            stored_runs.add_tags(tx, environment_id, run_id, new)
             status = Status(row.status)
             updated = await tx.transition(
                 run_id, [status], status, "tags", tags=orjson.dumps(current + new).decode()
@@ -318,8 +293,7 @@ class Runs:
         ]
 
         async def op(tx: Tx) -> None:
-            for row in rows:
-                tx.insert_later(db.run_logs, row)
+            stored_runs.insert_logs(tx, rows)
 
         if rows:
             self.resources.background.submit(op)
@@ -328,14 +302,6 @@ class Runs:
         self, environment_id: str, run_id: str, after_id: str | None, limit: int
     ) -> list[RunRow]:
         """A run's log lines after ``after_id``, oldest first."""
-        c = db.run_logs.c
-        stmt = (
-            select(db.run_logs)
-            .where(c.environment_id == environment_id, c.run_id == run_id)
-            .order_by(c.id)
-            .limit(limit)
+        return await stored_runs.list_logs(
+            self.resources.store.db, environment_id, run_id, after_id, limit
         )
-        if after_id:
-            stmt = stmt.where(c.id > after_id)
-        async with self.resources.store.engine.connect() as conn:
-            return list((await conn.execute(stmt)).all())

@@ -12,9 +12,8 @@ from typing import Any
 
 import jsonschema
 import orjson
-from sqlalchemy import select, update
 
-from runplane_common import db, telemetry
+from runplane_common import telemetry
 from runplane_common.errors import InvalidArgument
 from runplane_common.ids import new_id, random_id
 from runplane_scheduler.dispatch import ExecutorState
@@ -25,6 +24,7 @@ from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import Store, Tx, now_ms
+from runplane_scheduler.store import runs as stored_runs
 
 DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
 
@@ -135,8 +135,8 @@ class Triggering:
                 if existing is not None:
                     return existing
             found = await self.resolve(tx, environment_id, specs, ts, where="items[{}].")
-            tx.insert_later(
-                db.batches,
+            stored_runs.insert_batch(
+                tx,
                 {
                     "id": batch_id,
                     "environment_id": environment_id,
@@ -169,22 +169,11 @@ class Triggering:
     async def existing_batch(
         tx: Tx, environment_id: str, idempotency_key: str
     ) -> tuple[str, list[Mapping[Any, Any]], list[bool]] | None:
-        batch = (
-            await tx.execute(
-                select(db.batches.c.id).where(
-                    db.batches.c.environment_id == environment_id,
-                    db.batches.c.idempotency_key == idempotency_key,
-                )
-            )
-        ).first()
-        if batch is None:
+        found = await stored_runs.find_batch(tx, environment_id, idempotency_key)
+        if found is None:
             return None
-        rows = (
-            await tx.execute(
-                select(db.runs).where(db.runs.c.batch_id == batch.id).order_by(db.runs.c.id)
-            )
-        ).all()
-        return batch.id, [r._mapping for r in rows], [True] * len(rows)
+        batch_id, rows = found
+        return batch_id, rows, [True] * len(rows)
 
     def check_payload(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
         """The payload against the JSON Schema the task registered (pydantic models register
@@ -241,14 +230,7 @@ class Triggering:
                 claimed[claim] = i
             resolved = Resolved()
             if spec.parent_run_id:
-                parent = (
-                    await tx.execute(
-                        select(db.runs.c.id, db.runs.c.root_run_id, db.runs.c.depth).where(
-                            db.runs.c.id == spec.parent_run_id,
-                            db.runs.c.environment_id == environment_id,
-                        )
-                    )
-                ).first()
+                parent = await stored_runs.parent(tx, environment_id, spec.parent_run_id)
                 if parent is None:
                     raise InvalidArgument(
                         f"{prefix}options.parent_run_id", f"run {spec.parent_run_id} not found"
@@ -326,20 +308,7 @@ class Triggering:
         d = spec.debounce
         if d is None:
             return None
-        r = db.runs.c
-        current = (
-            await tx.execute(
-                select(r.id, r.created_at)
-                .where(
-                    r.environment_id == environment_id,
-                    r.task_id == spec.task_id,
-                    r.debounce_key == d.key,
-                    r.status == Status.DELAYED.value,
-                )
-                .order_by(r.id.desc())
-                .limit(1)
-            )
-        ).first()
+        current = await stored_runs.debounced(tx, environment_id, spec.task_id, d.key)
         if current is None:
             return None
         until = ts + d.delay_ms
@@ -460,17 +429,9 @@ class Triggering:
         """Release ``key``: the next trigger with it creates a new run."""
 
         async def op(tx: Tx) -> int:
-            result = await tx.execute(
-                update(db.runs)
-                .where(
-                    db.runs.c.environment_id == environment_id,
-                    db.runs.c.task_id == task_id,
-                    db.runs.c.idempotency_key == key,
-                    db.runs.c.idempotency_key_expires_at > now_ms(),
-                )
-                .values(idempotency_key_expires_at=now_ms())
+            return await stored_runs.release_idempotency_key(
+                tx, environment_id, task_id, key, now_ms()
             )
-            return int(result.rowcount)
 
         return await self.resources.store.writer.run(op)
 
@@ -479,11 +440,7 @@ class Triggering:
     async def delay_due(self, tx: Tx, run_id: str, ts: int) -> None:
         """A DELAYED run's time came (unless it was rescheduled later): it queues, and its TTL
         starts counting."""
-        current = (
-            await tx.execute(
-                select(db.runs.c.environment_id, db.runs.c.task_id).where(db.runs.c.id == run_id)
-            )
-        ).first()
+        current = await stored_runs.environment_and_task(tx, run_id)
         if current is None:
             return
         known = self.resources.index.provides(current.environment_id, current.task_id)
@@ -492,7 +449,7 @@ class Triggering:
             [Status.DELAYED],
             Status.QUEUED if known else Status.PENDING_VERSION,
             "queued",
-            db.runs.c.delay_until <= ts,
+            stored_runs.delay_until_by(ts),
             queued_at=ts,
             updated_at=ts,
         )
@@ -506,8 +463,8 @@ class Triggering:
             [Status.QUEUED, Status.PENDING_VERSION],
             Status.EXPIRED,
             "expired",
-            db.runs.c.started_at.is_(None),
-            db.runs.c.current_attempt_id.is_(None),
+            stored_runs.NEVER_STARTED,
+            stored_runs.NO_ATTEMPT,
             error=orjson.dumps(
                 {
                     "type": "TTL_EXPIRED",

@@ -22,11 +22,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
-from sqlalchemy import exists, func, insert, select, update
 
 from runplane.v1 import run_pb2
 from runplane.v1 import worker_service_pb2 as wpb
-from runplane_common import db
 from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
 from runplane_scheduler import validation
@@ -38,12 +36,13 @@ from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_scheduler.store import runs as stored_runs
+from runplane_scheduler.store import waitpoints as stored
+from runplane_scheduler.store.waitpoints import COMPLETED, PENDING
 
 log = logging.getLogger("runplane.scheduler.waits")
 
-PENDING, COMPLETED = "PENDING", "COMPLETED"
 TIMEOUT_ERROR = "WaitpointTimeoutError"
-w = db.waitpoints.c
 # Runs looked up per statement when a token's completion resumes them.
 RESUME_CHUNK = 500
 
@@ -101,35 +100,7 @@ class Waitpoints:
     async def load(self) -> None:
         """After a scheduler restart: remember the WAITING runs, and queue those whose
         waitpoints all completed while the scheduler was down (or before it resumed them)."""
-        async with self.resources.store.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(db.runs)
-                    .where(db.runs.c.status == Status.WAITING.value)
-                    .order_by(db.runs.c.id)
-                )
-            ).all()
-            self.awaited = set(
-                (
-                    await conn.execute(
-                        select(db.waitpoint_children.c.run_id)
-                        .join(db.waitpoints, w.id == db.waitpoint_children.c.waitpoint_id)
-                        .where(w.status == PENDING)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            pending = {
-                (r.run_id, r.attempt)
-                for r in (
-                    await conn.execute(
-                        select(w.run_id, w.attempt).where(
-                            w.status == PENDING, w.run_id.is_not(None)
-                        )
-                    )
-                ).all()
-            }
+        rows, self.awaited, pending = await stored.load_waiting(self.resources.store.db)
         for row in rows:
             m = row._mapping
             if m["current_attempt_id"]:
@@ -153,51 +124,30 @@ class Waitpoints:
         env = ex.environment_id
         children: list[str] = []
         error = ""
-        async with self.resources.store.engine.connect() as conn:
-            # The attempt's number, fixed when it was made (a replay keeps the lost one's).
-            attempt = (
-                await conn.execute(
-                    select(db.attempts.c.number).where(db.attempts.c.id == req.attempt_id)
-                )
-            ).scalar()
-            journaled = (
-                await conn.execute(
-                    select(w.id).where(w.run_id == run_id, w.attempt == attempt, w.seq == req.seq)
-                )
-            ).first()
+        # The attempt's number, fixed when it was made (a replay keeps the lost one's).
+        attempt, journaled = await stored.attempt_and_journaled(
+            self.resources.store.db, req.attempt_id, run_id, req.seq
+        )
         if attempt is None:
             return
-        if req.WhichOneof("wait") == "children" and journaled is None:
+        if req.WhichOneof("wait") == "children" and not journaled:
             try:
                 children = await self._trigger_children(env, run_id, attempt, req)
             except ServiceError as e:
                 error = _error(type(e).__name__, str(e))
 
         async def op(tx: Tx) -> None:
-            run = (
-                await tx.execute(
-                    select(db.runs.c.status).where(
-                        db.runs.c.id == run_id,
-                        db.runs.c.current_attempt_id == req.attempt_id,
-                    )
-                )
-            ).first()
-            if run is None:
+            status = await stored_runs.status_with_attempt(tx, run_id, req.attempt_id)
+            if status is None:
                 return  # the attempt is no longer the run's (cancelled, lapsed)
-            row = (
-                await tx.execute(
-                    select(db.waitpoints).where(
-                        w.run_id == run_id, w.attempt == attempt, w.seq == req.seq
-                    )
-                )
-            ).first()
+            row = await stored.journaled(tx, run_id, attempt, req.seq)
             m = (
                 row._mapping
                 if row is not None
                 else await self._journal(tx, env, run_id, attempt, req, children, error)
             )
             if m["status"] == COMPLETED:
-                if run.status == Status.EXECUTING.value:
+                if status == Status.EXECUTING.value:
                     result = result_pb(req.seq, m)
                     tx.after_commit.append(lambda: self._send_resume(ex, req.attempt_id, [result]))
                 return
@@ -206,7 +156,7 @@ class Waitpoints:
                 [Status.EXECUTING],
                 Status.WAITING,
                 "waiting",
-                db.runs.c.current_attempt_id == req.attempt_id,
+                stored_runs.attempt_is(req.attempt_id),
                 updated_at=now_ms(),
             )
             if moved is not None:
@@ -292,13 +242,7 @@ class Waitpoints:
                 done = {"ok": True, "output": "null", "error": None}
         elif kind == "token_id":
             row.update(kind="TOKEN", target=req.token_id)
-            token = (
-                await tx.execute(
-                    select(db.waitpoints).where(
-                        w.id == req.token_id, w.environment_id == env, w.run_id.is_(None)
-                    )
-                )
-            ).first()
+            token = await stored.token_in(tx, env, req.token_id)
             if token is None:
                 done = {
                     "ok": False,
@@ -310,11 +254,7 @@ class Waitpoints:
         elif kind == "children":
             row["kind"] = "BATCH"
             self.awaited.update(children)
-            for position, child_id in enumerate(children):
-                tx.insert_later(
-                    db.waitpoint_children,
-                    {"waitpoint_id": row["id"], "position": position, "run_id": child_id},
-                )
+            stored.add_children(tx, row["id"], children)
             results = await self._children_results(tx, row["id"])
             if results is not None:
                 done = {"ok": True, "output": results, "error": None}
@@ -322,7 +262,7 @@ class Waitpoints:
             raise InvalidArgument("wait", "a wait request needs what to wait on")
         if done is not None:
             row.update(status=COMPLETED, completed_at=ts, **done)
-        await tx.execute(insert(db.waitpoints), [row])
+        await stored.insert_waitpoint(tx, row)
         if row["status"] == PENDING and row["due_at"] is not None:
             await self.timers.schedule(tx, row["due_at"], TimerKind.WAITPOINT, row["id"])
         return row
@@ -332,31 +272,19 @@ class Waitpoints:
         tx: Tx, env: str, req: wpb.WaitRequest, due: int, ts: int, row: dict[str, Any]
     ) -> int:
         """A keyed wait ends when the first wait with its key (not expired) ends."""
-        first = (
-            await tx.execute(
-                select(w.due_at)
-                .where(
-                    w.environment_id == env,
-                    w.idempotency_key == req.idempotency_key,
-                    w.kind == "DURATION",
-                    w.idempotency_key_expires_at > ts,
-                )
-                .order_by(w.id)
-                .limit(1)
-            )
-        ).first()
+        first = await stored.first_keyed_due(tx, env, req.idempotency_key, ts)
         row["idempotency_key"] = req.idempotency_key
         row["idempotency_key_expires_at"] = ts + (req.idempotency_key_ttl_ms or 30 * 86_400_000)
-        return int(first.due_at) if first is not None else due
+        return first if first is not None else due
 
     # -- completion --------------------------------------------------------------------------------
 
     async def timer_due(self, tx: Tx, waitpoint_id: str, ts: int) -> None:
         """A duration ended, or a token timed out."""
-        row = (await tx.execute(select(w.kind).where(w.id == waitpoint_id))).first()
-        if row is None:
+        kind = await stored.kind_of(tx, waitpoint_id)
+        if kind is None:
             return
-        if row.kind == "TOKEN":
+        if kind == "TOKEN":
             error = _error(TIMEOUT_ERROR, "the wait token timed out before it was completed")
             await self.complete(tx, waitpoint_id, ok=False, output=None, error=error)
         else:
@@ -367,14 +295,7 @@ class Waitpoints:
     ) -> RunRow | None:
         """Complete a pending waitpoint (a token: with the runs' waits on it); a run left with
         no pending waitpoint queues to resume. None when it was not pending."""
-        done = (
-            await tx.execute(
-                update(db.waitpoints)
-                .where(w.id == waitpoint_id, w.status == PENDING)
-                .values(status=COMPLETED, ok=ok, output=output, error=error, completed_at=now_ms())
-                .returning(*db.waitpoints.c)
-            )
-        ).first()
+        done = await stored.complete(tx, waitpoint_id, ok, output, error, now_ms())
         if done is None:
             return None
         if done.run_id is None:
@@ -388,31 +309,9 @@ class Waitpoints:
     ) -> None:
         """Complete every run's wait on a token, and queue the runs left with nothing to wait
         for: a few statements however many runs wait (10,000 waiting on one token is fine)."""
-        waits = (
-            await tx.execute(
-                update(db.waitpoints)
-                .where(w.target == token_id, w.status == PENDING, w.run_id.is_not(None))
-                .values(status=COMPLETED, ok=ok, output=output, error=error, completed_at=now_ms())
-                .returning(w.run_id)
-            )
-        ).all()
-        run_ids = sorted({r.run_id for r in waits})
-        r = db.runs.c
-        other = db.waitpoints.alias("other")
+        run_ids = await stored.complete_waits_on(tx, token_id, ok, output, error, now_ms())
         for start in range(0, len(run_ids), RESUME_CHUNK):
-            ready = (
-                await tx.execute(
-                    select(db.runs).where(
-                        r.id.in_(run_ids[start : start + RESUME_CHUNK]),
-                        r.status == Status.WAITING.value,
-                        ~exists().where(
-                            other.c.run_id == r.id,
-                            other.c.attempt == r.attempt_count,
-                            other.c.status == PENDING,
-                        ),
-                    )
-                )
-            ).all()
+            ready = await stored.ready_to_resume(tx, run_ids[start : start + RESUME_CHUNK])
             tx.after_commit.append(functools.partial(self._queue_resumes, ready))
 
     def _queue_resumes(self, runs: Sequence[RunRow]) -> None:
@@ -420,17 +319,10 @@ class Waitpoints:
             self._queue_resume(run._mapping)
 
     async def _maybe_resume(self, tx: Tx, run_id: str) -> None:
-        run = (await tx.execute(select(db.runs).where(db.runs.c.id == run_id))).first()
+        run = await stored_runs.get(tx, run_id)
         if run is None or run.status != Status.WAITING.value:
             return
-        pending = (
-            await tx.execute(
-                select(func.count()).where(
-                    w.run_id == run_id, w.attempt == run.attempt_count, w.status == PENDING
-                )
-            )
-        ).scalar()
-        if not pending:
+        if not await stored.pending_count(tx, run_id, run.attempt_count):
             m = run._mapping
             tx.after_commit.append(lambda: self._queue_resume(m))
 
@@ -440,30 +332,15 @@ class Waitpoints:
             return
         run_id = row.id
         tx.after_commit.append(lambda: self.awaited.discard(run_id))
-        waits = (
-            await tx.execute(
-                select(w.id)
-                .join(db.waitpoint_children, db.waitpoint_children.c.waitpoint_id == w.id)
-                .where(db.waitpoint_children.c.run_id == row.id, w.status == PENDING)
-            )
-        ).all()
-        for r in waits:
-            results = await self._children_results(tx, r.id)
+        for waitpoint_id in await stored.pending_waits_on_child(tx, row.id):
+            results = await self._children_results(tx, waitpoint_id)
             if results is not None:
-                await self.complete(tx, r.id, ok=True, output=results, error=None)
+                await self.complete(tx, waitpoint_id, ok=True, output=results, error=None)
 
     @staticmethod
     async def _children_results(tx: Tx, waitpoint_id: str) -> str | None:
         """JSON list of the children's results in item order, or None while one runs."""
-        c = db.waitpoint_children.c
-        runs = (
-            await tx.execute(
-                select(db.runs.c.id, db.runs.c.status, db.runs.c.output, db.runs.c.error)
-                .join(db.waitpoint_children, c.run_id == db.runs.c.id)
-                .where(c.waitpoint_id == waitpoint_id)
-                .order_by(c.position)
-            )
-        ).all()
+        runs = await stored.children_of(tx, waitpoint_id)
         if not runs or any(Status(r.status) not in FINAL for r in runs):
             return None
         items = []
@@ -590,7 +467,7 @@ class Waitpoints:
                 [Status.WAITING],
                 Status.EXECUTING,
                 "resumed",
-                db.runs.c.current_attempt_id == held.attempt_id,
+                stored_runs.attempt_is(held.attempt_id),
                 updated_at=now_ms(),
             )
             if row is None:
@@ -629,7 +506,7 @@ class Waitpoints:
                 "dequeued",
                 current_attempt_id=attempt_id,
                 executor_id=ex.executor_id,
-                attempt_count=db.runs.c.attempt_count - 1,
+                attempt_count=stored_runs.attempt_count_minus(1),
                 updated_at=ts,
             )
             if row is None:
@@ -661,13 +538,7 @@ class Waitpoints:
     @staticmethod
     async def _results(tx: Tx, run: RunRow) -> list[wpb.WaitResult]:
         """The completed waits of the run's current attempt."""
-        rows = (
-            await tx.execute(
-                select(db.waitpoints)
-                .where(w.run_id == run.id, w.attempt == run.attempt_count, w.status == COMPLETED)
-                .order_by(w.seq)
-            )
-        ).all()
+        rows = await stored.completed_of(tx, run.id, run.attempt_count)
         return [result_pb(r.seq, r._mapping) for r in rows]
 
     @staticmethod
@@ -691,16 +562,7 @@ class Waitpoints:
         async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
             ts = now_ms()
             if idempotency_key:
-                found = (
-                    await tx.execute(
-                        select(db.waitpoints).where(
-                            w.environment_id == env,
-                            w.idempotency_key == idempotency_key,
-                            w.run_id.is_(None),
-                            w.idempotency_key_expires_at > ts,
-                        )
-                    )
-                ).first()
+                found = await stored.token_by_key(tx, env, idempotency_key, ts)
                 if found is not None:
                     return found._mapping, True
             row: dict[str, Any] = {
@@ -724,7 +586,7 @@ class Waitpoints:
                 "created_at": ts,
                 "completed_at": None,
             }
-            await tx.execute(insert(db.waitpoints), [row])
+            await stored.insert_waitpoint(tx, row)
             if row["due_at"] is not None:
                 await self.timers.schedule(tx, row["due_at"], TimerKind.WAITPOINT, row["id"])
             return row, False
@@ -738,9 +600,7 @@ class Waitpoints:
         secret of its URL. Completing a completed token changes nothing."""
 
         async def op(tx: Tx) -> Mapping[Any, Any]:
-            token = (
-                await tx.execute(select(db.waitpoints).where(w.id == token_id, w.kind == "TOKEN"))
-            ).first()
+            token = await stored.token(tx, token_id)
             allowed = token is not None and token.run_id is None
             if allowed and env:
                 allowed = token is not None and token.environment_id == env
@@ -754,14 +614,7 @@ class Waitpoints:
         return await self.resources.store.writer.run(op)
 
     async def get_token(self, env: str, token_id: str) -> Mapping[Any, Any]:
-        async with self.resources.store.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(db.waitpoints).where(
-                        w.id == token_id, w.environment_id == env, w.run_id.is_(None)
-                    )
-                )
-            ).first()
+        row = await stored.get_token(self.resources.store.db, env, token_id)
         if row is None:
             raise NotFound(f"token {token_id} not found")
         return row._mapping
@@ -777,15 +630,7 @@ class Waitpoints:
         limit: int,
     ) -> list[Mapping[Any, Any]]:
         """Tokens newest first; ``statuses`` in WAITING | COMPLETED | TIMED_OUT."""
-        q = select(db.waitpoints).where(
-            w.environment_id == env, w.run_id.is_(None), w.kind == "TOKEN"
-        )
-        if idempotency_key:
-            q = q.where(w.idempotency_key == idempotency_key)
-        if after:
-            q = q.where(w.id < after)
-        async with self.resources.store.engine.connect() as conn:
-            rows = (await conn.execute(q.order_by(w.id.desc()))).all()
+        rows = await stored.list_tokens(self.resources.store.db, env, idempotency_key, after)
         out: list[Mapping[Any, Any]] = []
         for r in rows:
             m = r._mapping

@@ -1,4 +1,5 @@
-"""The storage seam: every SQL statement the scheduler runs, and the group-commit writer.
+"""The group-commit writer and the transaction view (:class:`Tx`) every write operation gets,
+with its run transitions (reusable compiled statements) and outbox events.
 
 Writes go through :class:`Writer`, which runs many operations in one transaction (one fsync for
 many runs). An operation checks before it writes: when it raises a ServiceError or a
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,12 +23,10 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Table,
-    and_,
     bindparam,
     delete,
     func,
     insert,
-    select,
     update,
 )
 from sqlalchemy.engine import Connection, CursorResult, Engine, Row
@@ -36,10 +35,11 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ClauseElement, Null
 
 from runplane.v1 import events_pb2, run_pb2
-from runplane_common import db, subjects
-from runplane_common.errors import NotFound, ServiceError
+from runplane_common import subjects
+from runplane_common.errors import ServiceError
 from runplane_common.ids import new_id
 from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
+from runplane_scheduler.store import tables as db
 
 log = logging.getLogger("runplane.scheduler.store")
 
@@ -397,23 +397,6 @@ def _build(
     )
 
 
-_FINISH_ATTEMPT = (
-    update(db.attempts)
-    .where(db.attempts.c.id == _p("attempt_id"))
-    .values(status=_p("status"), finished_at=_p("finished_at"), error=_p("error"))
-)
-_START_ATTEMPT = (
-    update(db.attempts)
-    .where(db.attempts.c.id == _p("attempt_id"))
-    .values(status="EXECUTING", started_at=_p("started_at"))
-)
-_START_AND_FINISH_ATTEMPT = (
-    update(db.attempts)
-    .where(db.attempts.c.id == _p("attempt_id"))
-    .values(status=_p("status"), started_at=_p("started_at"), finished_at=_p("finished_at"))
-)
-
-
 Op = Callable[[Tx], Awaitable[T]]
 
 # Errors an operation raises before writing anything: they fail that operation only.
@@ -583,275 +566,3 @@ class Writer:
             if events:
                 await conn.execute(insert(db.outbox), events)
         return events
-
-
-class Store:
-    """Reads (any connection) and the writer (group commit)."""
-
-    def __init__(self, engine: AsyncEngine, on_commit: CommitHook) -> None:
-        self.engine = engine
-        self.writer = Writer(engine, on_commit)
-
-    # -- reads ---------------------------------------------------------------------------------
-
-    async def get_run(self, environment_id: str, run_id: str) -> RunRow | None:
-        async with self.engine.connect() as conn:
-            return (
-                await conn.execute(
-                    select(db.runs).where(
-                        db.runs.c.id == run_id, db.runs.c.environment_id == environment_id
-                    )
-                )
-            ).first()
-
-    async def list_runs(
-        self,
-        environment_id: str,
-        *,
-        statuses: Sequence[str],
-        task_ids: Sequence[str],
-        tags: Sequence[str],
-        batch_id: str = "",
-        created_after: int | None,
-        created_before: int | None,
-        before_id: str | None,
-        limit: int,
-    ) -> list[RunRow]:
-        r = db.runs.c
-        conditions: list[Any] = [r.environment_id == environment_id]
-        if statuses:
-            conditions.append(r.status.in_(statuses))
-        if task_ids:
-            conditions.append(r.task_id.in_(task_ids))
-        if batch_id:
-            conditions.append(r.batch_id == batch_id)
-        if created_after is not None:
-            conditions.append(r.created_at >= created_after)
-        if created_before is not None:
-            conditions.append(r.created_at < created_before)
-        if before_id:
-            conditions.append(r.id < before_id)
-        for tag in tags:
-            conditions.append(
-                r.id.in_(
-                    select(db.run_tags.c.run_id).where(
-                        db.run_tags.c.environment_id == environment_id, db.run_tags.c.tag == tag
-                    )
-                )
-            )
-        stmt = select(db.runs).where(and_(*conditions)).order_by(r.id.desc()).limit(limit)
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(stmt)).all())
-
-    async def get_batch(self, environment_id: str, batch_id: str) -> tuple[RunRow, list[Any]]:
-        """A batch and its runs' ids and statuses, in item order."""
-        async with self.engine.connect() as conn:
-            batch = (
-                await conn.execute(
-                    select(db.batches).where(
-                        db.batches.c.id == batch_id, db.batches.c.environment_id == environment_id
-                    )
-                )
-            ).first()
-            if batch is None:
-                raise NotFound(f"batch {batch_id} not found")
-            runs = (
-                await conn.execute(
-                    select(db.runs.c.id, db.runs.c.status)
-                    .where(db.runs.c.batch_id == batch_id)
-                    .order_by(db.runs.c.id)
-                )
-            ).all()
-        return batch, list(runs)
-
-    async def queue_counts(
-        self, environment_id: str, names: Sequence[str]
-    ) -> dict[str, tuple[int, int]]:
-        """(running, queued) per queue name."""
-        r = db.runs.c
-        active = [Status.QUEUED.value, Status.DEQUEUED.value, Status.EXECUTING.value]
-        stmt = (
-            select(r.queue, r.status, func.count())
-            .where(r.environment_id == environment_id, r.queue.in_(names), r.status.in_(active))
-            .group_by(r.queue, r.status)
-        )
-        counts = dict.fromkeys(names, (0, 0))
-        async with self.engine.connect() as conn:
-            for queue, status, n in (await conn.execute(stmt)).all():
-                running, queued = counts[queue]
-                if status == Status.QUEUED.value:
-                    queued += n
-                else:
-                    running += n
-                counts[queue] = (running, queued)
-        return counts
-
-    async def list_queues(
-        self, environment_id: str, after_name: str | None, limit: int
-    ) -> list[RunRow]:
-        q = db.queues.c
-        stmt = select(db.queues).where(q.environment_id == environment_id)
-        if after_name is not None:
-            stmt = stmt.where(q.name > after_name)
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(stmt.order_by(q.name).limit(limit))).all())
-
-    async def find_queue(self, environment_id: str, queue: str) -> RunRow:
-        q = db.queues.c
-        named = q.id == queue if queue.startswith("queue_") else q.name == queue
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(db.queues).where(q.environment_id == environment_id, named)
-                )
-            ).first()
-        if row is None:
-            raise NotFound(f"queue {queue} not found")
-        return row
-
-    async def load_queues(self) -> list[RunRow]:
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(db.queues))).all())
-
-    async def load_task_definitions(self) -> list[RunRow]:
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(db.task_definitions))).all())
-
-    async def load_active_runs(self) -> list[RunRow]:
-        """Runs the engine must index after a restart, oldest first."""
-        active = [
-            Status.PENDING_VERSION,
-            Status.QUEUED,
-            Status.DEQUEUED,
-            Status.EXECUTING,
-        ]
-        async with self.engine.connect() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        select(db.runs)
-                        .where(db.runs.c.status.in_([s.value for s in active]))
-                        .order_by(db.runs.c.id)
-                    )
-                ).all()
-            )
-
-    async def load_timers(self) -> list[RunRow]:
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(db.timers).order_by(db.timers.c.due_at))).all())
-
-    async def read_outbox(self, after: str, limit: int) -> list[RunRow]:
-        """Outbox rows after event id ``after``, in order."""
-        async with self.engine.connect() as conn:
-            return list(
-                (
-                    await conn.execute(
-                        select(db.outbox)
-                        .where(db.outbox.c.event_id > after)
-                        .order_by(db.outbox.c.event_id)
-                        .limit(limit)
-                    )
-                ).all()
-            )
-
-    # -- writes (each used inside an op) -----------------------------------------------------
-
-    @staticmethod
-    async def find_idempotent(
-        tx: Tx, environment_id: str, task_id: str, key: str, ts: int
-    ) -> RunRow | None:
-        """The run holding ``key`` for the task, unless the key expired or the run ended in a
-        status that releases keys (FAILED, CRASHED, SYSTEM_FAILURE, TIMED_OUT, EXPIRED)."""
-        releasing = [s.value for s in FINAL if s not in (Status.COMPLETED, Status.CANCELED)]
-        return (
-            await tx.execute(
-                select(db.runs)
-                .where(
-                    db.runs.c.environment_id == environment_id,
-                    db.runs.c.task_id == task_id,
-                    db.runs.c.idempotency_key == key,
-                    db.runs.c.idempotency_key_expires_at > ts,
-                    db.runs.c.status.not_in(releasing),
-                )
-                .limit(1)
-            )
-        ).first()
-
-    @staticmethod
-    async def insert_run(
-        tx: Tx, values: dict[str, Any], tags: Sequence[str], created: dict[str, Any] | None = None
-    ) -> None:
-        """Insert a run; ``values`` holds every column; ``created`` is the snapshot its "created"
-        event carries (default: ``values``)."""
-        tx.insert_later(db.runs, values)
-        for tag in dict.fromkeys(tags):
-            tx.insert_later(
-                db.run_tags,
-                {"run_id": values["id"], "tag": tag, "environment_id": values["environment_id"]},
-            )
-        tx.emit("created", created or values)
-
-    @staticmethod
-    async def replace_tags(tx: Tx, environment_id: str, run_id: str, tags: Sequence[str]) -> None:
-        await tx.execute(delete(db.run_tags).where(db.run_tags.c.run_id == run_id))
-        for tag in dict.fromkeys(tags):
-            tx.insert_later(
-                db.run_tags, {"run_id": run_id, "tag": tag, "environment_id": environment_id}
-            )
-
-    @staticmethod
-    async def insert_attempt(tx: Tx, values: dict[str, Any]) -> None:
-        tx.insert_later(db.attempts, values)
-
-    @staticmethod
-    async def finish_attempt(
-        tx: Tx, attempt_id: str, status: str, error: str | None = None
-    ) -> None:
-        await tx.execute(
-            _FINISH_ATTEMPT,
-            {"attempt_id": attempt_id, "status": status, "finished_at": now_ms(), "error": error},
-        )
-
-    @staticmethod
-    async def start_and_finish_attempt(
-        tx: Tx, attempt_id: str, status: str, started_at: int, finished_at: int
-    ) -> None:
-        await tx.execute(
-            _START_AND_FINISH_ATTEMPT,
-            {
-                "attempt_id": attempt_id,
-                "status": status,
-                "started_at": started_at,
-                "finished_at": finished_at,
-            },
-        )
-
-    @staticmethod
-    async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
-        await tx.execute(_START_ATTEMPT, {"attempt_id": attempt_id, "started_at": ts})
-
-    @staticmethod
-    async def add_timer(tx: Tx, timer_id: str, due_at: int, kind: str, target: str) -> None:
-        await tx.execute(
-            insert(db.timers),
-            [{"id": timer_id, "due_at": due_at, "kind": kind, "target": target, "data": "{}"}],
-        )
-
-    @staticmethod
-    async def delete_timer(tx: Tx, timer_id: str) -> bool:
-        result = await tx.execute(delete(db.timers).where(db.timers.c.id == timer_id))
-        return bool(result.rowcount)
-
-    @staticmethod
-    async def upsert_task_definitions(
-        tx: Tx, environment_id: str, rows: list[dict[str, Any]]
-    ) -> None:
-        ids = [r["task_id"] for r in rows]
-        if ids:
-            await tx.execute(
-                delete(db.task_definitions).where(
-                    db.task_definitions.c.environment_id == environment_id,
-                    db.task_definitions.c.task_id.in_(ids),
-                )
-            )
-            await tx.execute(insert(db.task_definitions), rows)
