@@ -1,7 +1,7 @@
 """The gRPC server factory and the one interceptor for auth, tracing and error mapping.
 
 It knows no database: a service whose calls can fail on one passes :data:`ErrorMapper` s that
-turn those failures into statuses (the scheduler's are in ``runplane_scheduler.db_errors``).
+turn those failures into statuses (the scheduler's are in ``runplane_scheduler.store.errors``).
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from runplane_scheduler.api.runs import RunServicer
 from runplane_scheduler.api.token_http import TokenHttpServer
 from runplane_scheduler.api.waitpoints import WaitpointServicer
 from runplane_scheduler.api.worker import WorkerServicer
-from runplane_scheduler.db_errors import map_database_error
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
 from runplane_scheduler.store import Store
 from runplane_scheduler.store import tables as db
+from runplane_scheduler.store.errors import map_database_error
 
 log = logging.getLogger("runplane.scheduler")
 

@@ -3,8 +3,6 @@ and logs of runs."""
 
 from __future__ import annotations
 
-from sqlalchemy import exc as sa_exc
-
 from runplane.v1 import (
     run_service_pb2 as rpb,
 )
@@ -21,6 +19,7 @@ from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.states import FINAL, Status
 from runplane_scheduler.store import now_ms, run_to_pb, timestamp
+from runplane_scheduler.store.errors import is_duplicate
 
 
 class RunServicer(run_service_pb2_grpc.RunServiceServicer):
@@ -42,8 +41,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         guard = keys.SingleUse(who) if who.single_use else None
         try:
             row, cached = await self.engine.trigger(who.environment_id, spec, guard)
-        except sa_exc.IntegrityError:
-            if guard is None:
+        except Exception as error:
+            if guard is None or not is_duplicate(error):
                 raise
             raise Unauthenticated(keys.SingleUse.USED) from None  # another scheduler took it
         run = run_to_pb(row)

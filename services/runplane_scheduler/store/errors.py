@@ -1,5 +1,6 @@
-"""The scheduler's database failures as call statuses: the :data:`ErrorMapper` its gRPC server
-passes to the interceptor, so the shared server code needs no database."""
+"""The database's failures in the scheduler's terms: :func:`map_database_error`, the
+``ErrorMapper`` the scheduler's gRPC server passes to the interceptor (so the shared server code
+needs no database), and :func:`is_duplicate` for callers that race on a unique key."""
 
 from __future__ import annotations
 
@@ -24,3 +25,8 @@ def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
     code = str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", "") or "")
     # SQLSTATE classes 08 (connection exception) and 57 (operator intervention: shutdown).
     return bool(error.connection_invalidated) or code.startswith(("08", "57"))
+
+
+def is_duplicate(error: Exception) -> bool:
+    """A write refused by a unique constraint (another writer inserted the same key first)."""
+    return isinstance(error, sa_exc.IntegrityError)
