@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,10 +376,11 @@ async def ensure_dev_keys(database_url: str) -> tuple[str, str]:
         await engine.dispose()
 
 
-async def dev(args: argparse.Namespace) -> int:
+async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``runplane dev``: the services as child processes, which inherit ``environ``."""
     secure_state_dir()
     python = sys.executable
-    env = dict(os.environ)
+    env = dict(environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     database_url = (
         env.get("RUNPLANE_DATABASE_URL")
@@ -538,5 +539,5 @@ async def _all(*aws: Coroutine[Any, Any, None]) -> object:
     return await asyncio.gather(*aws)
 
 
-def run_dev(args: argparse.Namespace) -> int:
-    return run_async(dev(args))
+def run_dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    return run_async(dev(args, environ))

@@ -5,6 +5,7 @@ does not load the scheduler, SQLAlchemy or the task modules."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -277,7 +278,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "dev":
         from runplane_cli.dev import run_dev
 
-        return run_dev(args)
+        return run_dev(args, os.environ)
     if args.command == "scheduler":
         from runplane_scheduler.app import main as scheduler_main
 
