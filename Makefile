@@ -11,8 +11,10 @@ setup:
 gen:
 	$(PY) scripts/gen_protos.py
 
+# ruff (with the SLF and os.environ rules) and the import contracts of ARCHITECTURE.md.
 lint:
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache .importlinter tests/.importlinter
 	.venv/bin/ruff format --check .
 	$(BUF) lint
 	$(BUF) format -d --exit-code
