@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -207,7 +208,17 @@ def json_ok(value: str, limit: int) -> bool:
         parsed = json.loads(value or "null", parse_constant=lambda c: 1 / 0)
     except (ValueError, ZeroDivisionError):
         return False
-    return "Infinity" not in json.dumps(parsed)
+    return all_finite(parsed)
+
+
+def all_finite(parsed: Any) -> bool:
+    """No number in ``parsed`` is infinite or NaN (Python reads 1e400 as inf; the server refuses
+    it, as no JSON number is infinite). Keys and strings may say "Infinity"."""
+    try:
+        json.dumps(parsed, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 # Wait tokens: an id, and what completes one.
