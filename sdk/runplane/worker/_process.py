@@ -31,7 +31,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from runplane import _telemetry as telemetry
+from runplane import telemetry
 from runplane._context import (
     AttemptContext,
     Context,
@@ -526,7 +526,7 @@ class TaskProcess:
 
 
 async def _main(conn: Connection, modules: list[str], output_limit: int) -> None:
-    telemetry.setup("runplane-executor")
+    telemetry.setup_from_env("runplane-executor")
     try:
         tasks = import_task_modules(modules)
     except BaseException as error:
