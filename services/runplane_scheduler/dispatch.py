@@ -10,6 +10,7 @@ import heapq
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +125,11 @@ class Lease:
 class DispatchIndex:
     """Queues with their waiting runs, slot counts, executors and attempt leases."""
 
-    def __init__(self, environment_limit: int) -> None:
+    def __init__(
+        self, environment_limit: int, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self.environment_limit = environment_limit
+        self.monotonic = monotonic  # the clock of rate windows
         self.configs: dict[QueueName, QueueConfig] = {}
         self._rate_limited: dict[QueueName, QueueConfig] = {}
         self.queues: dict[QueueKey, QueueState] = {}
@@ -197,7 +201,7 @@ class DispatchIndex:
         """Runs to dispatch now, fairly across queues (one per queue per round), reserving their
         slots. Runs whose task no executor can take right now stay queued."""
         picked: list[tuple[QueuedRun, QueueKey, ExecutorState]] = []
-        now = time.monotonic()
+        now = self.monotonic()
         progress = True
         while progress:
             progress = False
@@ -233,7 +237,7 @@ class DispatchIndex:
         """Reserve a slot and an executor for a new run, if nothing waits ahead of it."""
         q = self.queue(key)
         env = key[0]
-        now = time.monotonic()
+        now = self.monotonic()
         if q.heap or not q.has_slot(now) or self.env_running.get(env, 0) >= self.environment_limit:
             return None
         ex = self.executor_for(env, task_id)

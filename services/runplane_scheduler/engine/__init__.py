@@ -8,6 +8,7 @@ one :class:`~.resources.EngineResources` and get their siblings through their co
 - :mod:`.dequeue` — the dispatch loop: dequeue a run, or resume a waiting one
 - :mod:`.executors` — registration, sessions, heartbeats, holders, queue settings
 - :mod:`.runs` — cancel, replay, reschedule, metadata, tags, logs
+- :mod:`.clock` — the injected clock (:class:`~.clock.ManualClock` for tests)
 
 Systems never import the front.
 """

@@ -4,9 +4,7 @@ when an executor falls silent."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +28,6 @@ from runplane_scheduler.store import (
     Store,
     Tx,
     Via,
-    now_ms,
     run_to_pb,
 )
 from runplane_scheduler.store import runs as stored_runs
@@ -72,7 +69,7 @@ class Attempts:
     ) -> None:
         """Lease the dequeued run's attempt to ``ex`` and send it the assignment."""
         run_id = m["id"]
-        lease = Lease(attempt_id, run_id, key, ex.executor_id, time.monotonic())
+        lease = Lease(attempt_id, run_id, key, ex.executor_id, self.resources.clock.monotonic())
         self.resources.index.lease(lease, ex)
         if not ex.connected:  # gone between pick and commit
             self.lapse(lease)
@@ -121,8 +118,8 @@ class Attempts:
         """Lapse leases of silent executors and of assignments never acknowledged."""
         settings, index = self.resources.settings, self.resources.index
         while True:
-            await asyncio.sleep(min(0.5, settings.lease_timeout / 4))
-            now = time.monotonic()
+            await self.resources.clock.sleep(min(0.5, settings.lease_timeout / 4))
+            now = self.resources.clock.monotonic()
             timeout = settings.lease_timeout
             for lease in list(index.leases.values()):
                 if lease.lapsing:
@@ -172,7 +169,7 @@ class Attempts:
         run_id = lease.run_id
 
         async def op(tx: Tx) -> None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             start = min(started_at, ts) if started_at else ts
             row = await tx.transition(
                 run_id,
@@ -266,7 +263,7 @@ class Attempts:
         release = self.resources.release
 
         async def op(tx: Tx) -> None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             tx.after_commit.append(lambda: release(attempt_id))
             if started_at:
                 await self.start_and_complete(tx, lease, output, min(started_at, ts), ts)
@@ -342,7 +339,7 @@ class Attempts:
         task_defs = self.resources.task_defs
 
         async def op(tx: Tx) -> None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             current = await stored_runs.get_with_attempt(tx, lease.run_id, attempt_id)
             tx.after_commit.append(lambda: release(attempt_id))
             if current is None:
@@ -401,7 +398,7 @@ class Attempts:
         release, enqueue = self.resources.release, self.resources.enqueue
 
         async def op(tx: Tx) -> None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             row = await tx.transition(
                 lease.run_id,
                 [Status.DEQUEUED, Status.EXECUTING],

@@ -8,10 +8,7 @@ attempts and waitpoints, and waitpoints build on attempts."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 
 from runplane_common.ids import random_id
 from runplane_scheduler.dispatch import ExecutorState, QueueKey
@@ -19,7 +16,7 @@ from runplane_scheduler.engine.attempts import Attempts, attempt_row
 from runplane_scheduler.engine.resources import EngineResources
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_scheduler.store import RunRow, Store, Tx
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -40,9 +37,10 @@ class Dequeue:
         )
         while True:
             wake_at = index.next_wake()
-            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
+            timeout = (
+                None if wake_at is None else max(0.0, wake_at - self.resources.clock.monotonic())
+            )
+            await self.resources.clock.wait(wake, timeout)
             wake.clear()
             picked = index.take()
             for queued, key, ex in picked:
@@ -55,7 +53,7 @@ class Dequeue:
         attempt_id = random_id("attempt")
 
         async def op(tx: Tx) -> RunRow | None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             row = await tx.transition(
                 run_id,
                 [Status.QUEUED],

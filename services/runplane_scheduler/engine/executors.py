@@ -8,7 +8,6 @@ import asyncio
 import hmac
 import logging
 import secrets
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -23,7 +22,7 @@ from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TaskDef
-from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import queues as stored_queues
 
 log = logging.getLogger("runplane.scheduler")
@@ -99,7 +98,7 @@ class Executors:
             )
             for t in register.manifest.tasks
         ]
-        ts = now_ms()
+        ts = self.resources.clock.now_ms()
         rows = [
             {
                 "environment_id": environment_id,
@@ -135,7 +134,7 @@ class Executors:
             tasks=frozenset(d.task_id for d in defs),
             capacity=max(1, register.capacity),
             outbox=outbox,
-            last_seen=time.monotonic(),
+            last_seen=self.resources.clock.monotonic(),
             session_token=secrets.token_urlsafe(24),
         )
         claimed = set(register.running_attempt_ids)
@@ -220,7 +219,9 @@ class Executors:
         """Change a queue's pause flag or limit override; dispatch follows after the commit."""
 
         async def op(tx: Tx) -> RunRow:
-            row = await stored_queues.change(tx, environment_id, queue, now_ms(), **values)
+            row = await stored_queues.change(
+                tx, environment_id, queue, self.resources.clock.now_ms(), **values
+            )
             tx.after_commit.append(lambda: self.apply_queue_row(row))
             return row
 

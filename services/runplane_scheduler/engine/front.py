@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +17,7 @@ from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
 from runplane_scheduler.engine.attempts import Attempts, ms
+from runplane_scheduler.engine.clock import Clock, SystemClock
 from runplane_scheduler.engine.dequeue import Dequeue
 from runplane_scheduler.engine.executors import Executors, RegisterHook
 from runplane_scheduler.engine.resources import Background, EngineResources
@@ -36,14 +36,18 @@ ATTEMPT_REPORTS = frozenset({"ack", "started", "result", "metadata", "wait"})
 
 
 class RunEngine:
-    def __init__(self, store: Store, settings: SchedulerSettings) -> None:
+    def __init__(
+        self, store: Store, settings: SchedulerSettings, clock: Clock | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        clock = clock or SystemClock()
         self.resources = EngineResources(
             store=store,
             settings=settings,
-            index=DispatchIndex(settings.environment_concurrency_limit),
+            index=DispatchIndex(settings.environment_concurrency_limit, clock.monotonic),
             background=Background(store),
+            clock=clock,
         )
         self.index = self.resources.index
         self.task_defs: dict[tuple[str, str], TaskDef] = self.resources.task_defs
@@ -78,7 +82,7 @@ class RunEngine:
 
     async def start(self) -> None:
         await self.executors.load()
-        now = time.monotonic()
+        now = self.resources.clock.monotonic()
         for row in await self.store.load_active_runs():
             m = row._mapping
             status = Status(m["status"])
@@ -158,7 +162,7 @@ class RunEngine:
         return self.executors.holds(ex, attempt_id)
 
     def on_message(self, ex: ExecutorState, msg: wpb.ConnectRequest) -> None:
-        ex.last_seen = time.monotonic()
+        ex.last_seen = self.resources.clock.monotonic()
         kind = msg.WhichOneof("message")
         if kind == "heartbeat":
             self.executors.heartbeat(ex, msg.heartbeat.draining)

@@ -13,6 +13,7 @@ from typing import Any
 
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.dispatch import DispatchIndex
+from runplane_scheduler.engine.clock import Clock, SystemClock
 from runplane_scheduler.specs import TaskDef
 from runplane_scheduler.store import CLEAN_ERRORS, Store, Tx
 
@@ -90,13 +91,15 @@ class Background:
 
 @dataclass
 class EngineResources:
-    """Shared by every engine system; the systems get their siblings through their
-    constructors, never through the engine front."""
+    """Shared by every engine system: the store, the settings, the dispatch index, the
+    background tasks, the clock, the task definitions and the dispatch wake-up. The systems
+    get their siblings through their constructors, never through the engine front."""
 
     store: Store
     settings: SchedulerSettings
     index: DispatchIndex
     background: Background
+    clock: Clock = field(default_factory=SystemClock)
     # Registered task definitions by (environment id, task id).
     task_defs: dict[tuple[str, str], TaskDef] = field(default_factory=dict)
     # Set when a slot, a run or an executor may have become available for dispatch.

@@ -21,7 +21,7 @@ from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx, now_ms, run_to_pb
+from runplane_scheduler.store import RunRow, Store, Tx, run_to_pb
 from runplane_scheduler.store import runs as stored_runs
 
 log = logging.getLogger("runplane.scheduler")
@@ -62,7 +62,7 @@ class Runs:
         return await self.resources.store.writer.run(op)
 
     async def cancel_one(self, tx: Tx, environment_id: str, run_id: str) -> RunRow | None:
-        ts = now_ms()
+        ts = self.resources.clock.now_ms()
         row = await tx.transition(
             run_id,
             CANCELLABLE,
@@ -150,7 +150,7 @@ class Runs:
         """Move a DELAYED run's start (queued at once when ``delay_until`` has passed)."""
 
         async def op(tx: Tx) -> RunRow:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             row = await tx.transition(
                 run_id,
                 [Status.DELAYED],

@@ -5,7 +5,6 @@ is lost; a timer fires in the transaction that deletes its row, so it fires once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import heapq
 import logging
@@ -15,7 +14,7 @@ from typing import Any
 
 from runplane_common.ids import new_id
 from runplane_scheduler.engine.resources import EngineResources
-from runplane_scheduler.store import Store, Tx, now_ms
+from runplane_scheduler.store import Store, Tx
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -81,10 +80,9 @@ class Timers:
             if not self.heap:
                 await self.wake.wait()
                 continue
-            delay = (self.heap[0].due_at - now_ms()) / 1000
+            delay = (self.heap[0].due_at - self.resources.clock.now_ms()) / 1000
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout=delay)
+                await self.resources.clock.wait(self.wake, delay)
                 continue
             timer = heapq.heappop(self.heap)
             self.resources.background.spawn(self.fire(timer))
@@ -97,11 +95,11 @@ class Timers:
 
         async def op(tx: Tx) -> None:
             if await Store.delete_timer(tx, timer.timer_id):
-                await fire(tx, timer.target, now_ms())
+                await fire(tx, timer.target, self.resources.clock.now_ms())
 
         try:
             await self.resources.store.writer.run(op)
         except Exception:
             log.exception("timer %s failed; retrying in 1 s", timer.timer_id)
-            timer.due_at = now_ms() + 1000
+            timer.due_at = self.resources.clock.now_ms() + 1000
             self.add(timer)

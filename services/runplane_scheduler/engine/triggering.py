@@ -23,7 +23,7 @@ from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import Store, Tx, now_ms
+from runplane_scheduler.store import Store, Tx
 from runplane_scheduler.store import runs as stored_runs
 
 DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
@@ -76,7 +76,9 @@ class Triggering:
         run_id = new_id("run")
         # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
         # dequeued in one commit (both events are still published, in order).
-        direct = known and spec.delay_until <= now_ms() and spec.debounce is None
+        direct = (
+            known and spec.delay_until <= self.resources.clock.now_ms() and spec.debounce is None
+        )
         ex = index.reserve_direct(key, spec.task_id, run_id) if direct else None
         attempt_id = random_id("attempt") if ex is not None else ""
         traceparent = telemetry.current_traceparent()
@@ -90,7 +92,7 @@ class Triggering:
             return made
 
         async def make(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             [found] = await self.resolve(tx, environment_id, [spec], ts)
             if isinstance(found, Resolved):
                 if (pushed := await self.debounce(tx, environment_id, spec, ts)) is not None:
@@ -129,7 +131,7 @@ class Triggering:
         traceparent = telemetry.current_traceparent()
 
         async def op(tx: Tx) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             if idempotency_key:
                 existing = await self.existing_batch(tx, environment_id, idempotency_key)
                 if existing is not None:
@@ -407,7 +409,7 @@ class Triggering:
 
         def make_op(run_id: str) -> Callable[[Tx], Coroutine[Any, Any, None]]:
             async def op(tx: Tx) -> None:
-                ts = now_ms()
+                ts = self.resources.clock.now_ms()
                 row = await tx.transition(
                     run_id,
                     [Status.PENDING_VERSION],
@@ -430,7 +432,7 @@ class Triggering:
 
         async def op(tx: Tx) -> int:
             return await stored_runs.release_idempotency_key(
-                tx, environment_id, task_id, key, now_ms()
+                tx, environment_id, task_id, key, self.resources.clock.now_ms()
             )
 
         return await self.resources.store.writer.run(op)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +34,7 @@ from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import FINAL, Status
-from runplane_scheduler.store import RunRow, Store, Tx, now_ms
+from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import runs as stored_runs
 from runplane_scheduler.store import waitpoints as stored
 from runplane_scheduler.store.waitpoints import COMPLETED, PENDING
@@ -157,7 +156,7 @@ class Waitpoints:
                 Status.WAITING,
                 "waiting",
                 stored_runs.attempt_is(req.attempt_id),
-                updated_at=now_ms(),
+                updated_at=self.resources.clock.now_ms(),
             )
             if moved is not None:
                 tx.after_commit.append(lambda: self._suspend_leased(run_id, req.attempt_id, ex))
@@ -202,7 +201,7 @@ class Waitpoints:
         error: str,
     ) -> dict[str, Any]:
         """The journal row of a new wait, completed at once when what it waits on already is."""
-        ts = now_ms()
+        ts = self.resources.clock.now_ms()
         kind = req.WhichOneof("wait")
         row: dict[str, Any] = {
             "id": new_id("waitpoint"),
@@ -295,7 +294,9 @@ class Waitpoints:
     ) -> RunRow | None:
         """Complete a pending waitpoint (a token: with the runs' waits on it); a run left with
         no pending waitpoint queues to resume. None when it was not pending."""
-        done = await stored.complete(tx, waitpoint_id, ok, output, error, now_ms())
+        done = await stored.complete(
+            tx, waitpoint_id, ok, output, error, self.resources.clock.now_ms()
+        )
         if done is None:
             return None
         if done.run_id is None:
@@ -309,7 +310,9 @@ class Waitpoints:
     ) -> None:
         """Complete every run's wait on a token, and queue the runs left with nothing to wait
         for: a few statements however many runs wait (10,000 waiting on one token is fine)."""
-        run_ids = await stored.complete_waits_on(tx, token_id, ok, output, error, now_ms())
+        run_ids = await stored.complete_waits_on(
+            tx, token_id, ok, output, error, self.resources.clock.now_ms()
+        )
         for start in range(0, len(run_ids), RESUME_CHUNK):
             ready = await stored.ready_to_resume(tx, run_ids[start : start + RESUME_CHUNK])
             tx.after_commit.append(functools.partial(self._queue_resumes, ready))
@@ -468,7 +471,7 @@ class Waitpoints:
                 Status.EXECUTING,
                 "resumed",
                 stored_runs.attempt_is(held.attempt_id),
-                updated_at=now_ms(),
+                updated_at=self.resources.clock.now_ms(),
             )
             if row is None:
                 return None
@@ -480,7 +483,13 @@ class Waitpoints:
         if results is None:
             return
         lease = Lease(
-            held.attempt_id, run_id, key, holder.executor_id, time.monotonic(), True, True
+            held.attempt_id,
+            run_id,
+            key,
+            holder.executor_id,
+            self.resources.clock.monotonic(),
+            True,
+            True,
         )
         # The slot reserved on ``ex`` becomes the lease of the attempt waiting in ``holder``.
         self.resources.index.lease(lease, ex, holder)
@@ -498,7 +507,7 @@ class Waitpoints:
         attempt_id = random_id("attempt")
 
         async def op(tx: Tx) -> RunRow | None:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             row = await tx.transition(
                 run_id,
                 [Status.WAITING],
@@ -560,7 +569,7 @@ class Waitpoints:
         tags: list[str],
     ) -> tuple[Mapping[Any, Any], bool]:
         async def op(tx: Tx) -> tuple[Mapping[Any, Any], bool]:
-            ts = now_ms()
+            ts = self.resources.clock.now_ms()
             if idempotency_key:
                 found = await stored.token_by_key(tx, env, idempotency_key, ts)
                 if found is not None:

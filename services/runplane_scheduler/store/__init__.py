@@ -3,7 +3,8 @@
 - :mod:`.tables` — the schema (SQLAlchemy Core tables), the engine factory and the migrations
 - :mod:`.writer` — the group-commit writer, :class:`Tx` and run transitions
 - :class:`Store` (here) — reads, and the run, attempt, timer and task-definition writes
-- one module per further subject: :mod:`.runs`, :mod:`.queues`, :mod:`.waitpoints`
+- one module per further subject: :mod:`.runs`, :mod:`.queues`, :mod:`.waitpoints`,
+  :mod:`.schedules`, :mod:`.keys`
 
 Nothing outside this package builds SQL.
 """
