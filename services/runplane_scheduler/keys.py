@@ -17,8 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from runplane_common.auth import (
     ENVIRONMENT_SLUGS,
     RIGHT_API,
@@ -42,12 +40,13 @@ from runplane_common.errors import (
 )
 from runplane_common.ids import new_id
 from runplane_scheduler.store import keys as stored
+from runplane_scheduler.store.keys import Database
 
 V = TypeVar("V")
 
 
 async def create_key(
-    engine: AsyncEngine, slug: str, kind: str = "secret", execute: bool = False, name: str = ""
+    engine: Database, slug: str, kind: str = "secret", execute: bool = False, name: str = ""
 ) -> str:
     """Make a new key of ``kind`` for the environment ``slug``; only its hash is stored.
 
@@ -105,12 +104,12 @@ def _rights(text: object) -> frozenset[str]:
     return frozenset(r for r in str(text).split(",") if r)
 
 
-async def list_keys(engine: AsyncEngine, slug: str | None = None) -> list[KeyInfo]:
+async def list_keys(engine: Database, slug: str | None = None) -> list[KeyInfo]:
     """Every key (of the environment ``slug``), oldest first."""
     return [_key_info(row) for row in await stored.list_keys(engine, slug)]
 
 
-async def get_key(engine: AsyncEngine, key_id: str) -> KeyInfo:
+async def get_key(engine: Database, key_id: str) -> KeyInfo:
     """The key with id ``key_id``; NOT_FOUND when there is none."""
     row = await stored.get_key(engine, key_id)
     if row is None:
@@ -118,7 +117,7 @@ async def get_key(engine: AsyncEngine, key_id: str) -> KeyInfo:
     return _key_info(row)
 
 
-async def revoke_key(engine: AsyncEngine, key_id: str, at_ms: int | None = None) -> KeyInfo:
+async def revoke_key(engine: Database, key_id: str, at_ms: int | None = None) -> KeyInfo:
     """Revoke the key ``key_id`` now (or at ``at_ms``); every service refuses it within the
     authenticators' cache time. A key already revoked earlier keeps its earlier time."""
     at = now_ms() if at_ms is None else at_ms
@@ -129,7 +128,7 @@ async def revoke_key(engine: AsyncEngine, key_id: str, at_ms: int | None = None)
     return await get_key(engine, key_id)
 
 
-async def rotate_key(engine: AsyncEngine, key_id: str, grace_ms: int = 0) -> tuple[str, KeyInfo]:
+async def rotate_key(engine: Database, key_id: str, grace_ms: int = 0) -> tuple[str, KeyInfo]:
     """A new key with the environment, rights and name of ``key_id``, which is revoked now or
     after ``grace_ms`` (both work meanwhile). Returns the new key and the old key's info; a key
     already revoked cannot be rotated (FAILED_PRECONDITION)."""
@@ -175,7 +174,7 @@ class KeyAuthenticator:
     that key is revoked, checked with the same cache."""
 
     def __init__(
-        self, engine: AsyncEngine, tokens: PublicTokens | None = None, cache_seconds: float = 2.0
+        self, engine: Database, tokens: PublicTokens | None = None, cache_seconds: float = 2.0
     ) -> None:
         self._engine = engine
         self._tokens = tokens
@@ -233,7 +232,7 @@ class PublicTokens:
     tokens survive restarts. Only the scheduler needs it: the realtime service passes tokens on
     to the scheduler, which authorises every read."""
 
-    def __init__(self, engine: AsyncEngine, signing_key: str = "") -> None:
+    def __init__(self, engine: Database, signing_key: str = "") -> None:
         self._engine = engine
         self._key = signing_key.encode() if signing_key else b""
         self._loading = asyncio.Lock()

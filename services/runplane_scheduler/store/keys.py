@@ -12,6 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from runplane_scheduler.store import tables as db
 from runplane_scheduler.store.writer import RunRow
 
+# What the key functions are given: the database (a SQLAlchemy engine, opaque outside the store).
+Database = AsyncEngine
+
 k = db.api_keys.c
 e = db.environments.c
 used = db.used_public_tokens
