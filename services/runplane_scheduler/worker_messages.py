@@ -75,7 +75,8 @@ class Started:
 @dataclass(frozen=True)
 class AttemptResult:
     """The attempt's end. ``output`` (JSON text) is None unless it returned; ``error`` is what
-    it raised (empty when it reported neither)."""
+    it raised (empty when it reported neither). ``retry_delay_ms`` and ``retry_at`` are None
+    unless its catch_error asked for them."""
 
     kind: ClassVar[str] = "result"
     attempt_id: str
