@@ -12,7 +12,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from runplane_scheduler.worker_messages import ToExecutor
 
 QueueName = tuple[str, str]  # (environment_id, queue name)
 # A queue, or one concurrency key's copy of it: (environment_id, queue name, concurrency key).
@@ -97,7 +102,7 @@ class ExecutorState:
     environment_id: str
     tasks: frozenset[str]
     capacity: int
-    outbox: Any  # asyncio.Queue of ConnectResponse, owned by the stream handler
+    outbox: asyncio.Queue[ToExecutor]  # owned by the stream handler
     last_seen: float
     connected: bool = True
     draining: bool = False

@@ -34,7 +34,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import schedule_service_pb2_grpc
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.auth import principal
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -45,6 +44,7 @@ from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.store import RunRow, Tx, now_ms
 from runplane_scheduler.store import schedules as stored
+from runplane_scheduler.worker_messages import Registration
 
 log = logging.getLogger("runplane.scheduler.schedules")
 
@@ -308,22 +308,22 @@ class ScheduleRunner:
     # -- declarative schedules --------------------------------------------------------------------
 
     async def sync_declarative(
-        self, environment_id: str, register: wpb.Register, executor_id: str
+        self, environment_id: str, register: Registration, executor_id: str
     ) -> None:
         """Make the environment's declarative schedules match a registering executor's manifest:
         create or update those it declares, deactivate those of its tasks that no longer declare
         one, and those of tasks no connected executor provides any more (removed from the code).
         Raises InvalidArgument, having written nothing, when a declared schedule is bad."""
         declared: dict[str, tuple[str, str]] = {}
-        for i, t in enumerate(register.manifest.tasks):
-            if t.HasField("schedule") and t.schedule.cron:
+        for i, t in enumerate(register.manifest):
+            if t.cron:
                 where = f"register.manifest.tasks[{i}].schedule"
-                expression = check_cron(f"{where}.cron", t.schedule.cron).expression
-                declared[t.id] = (
+                expression = check_cron(f"{where}.cron", t.cron).expression
+                declared[t.definition.task_id] = (
                     expression,
-                    check_timezone(f"{where}.timezone", t.schedule.timezone),
+                    check_timezone(f"{where}.timezone", t.timezone),
                 )
-        in_manifest = {t.id for t in register.manifest.tasks}
+        in_manifest = {t.definition.task_id for t in register.manifest}
         index = self.engine.index
 
         def provided_elsewhere(task_id: str) -> bool:

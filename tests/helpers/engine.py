@@ -13,11 +13,13 @@ from typing import Any
 from runplane.v1 import run_pb2
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import SchedulerSettings
+from runplane_scheduler.api import worker
 from runplane_scheduler.dispatch import ExecutorState
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.engine.clock import ManualClock
 from runplane_scheduler.store import RunRow, Store
 from runplane_scheduler.store import tables as db
+from runplane_scheduler.worker_messages import ToExecutor
 from tests.helpers.wait import eventually
 
 ENV = "env_dev"
@@ -25,18 +27,19 @@ ENV = "env_dev"
 
 @dataclass
 class FakeExecutor:
-    """One executor connection: what the engine sends it, and reports it sends back."""
+    """One executor connection: what the engine sends it, and reports it sends back, as the
+    WorkerService servicer converts them (protobuf here, no gRPC)."""
 
     engine: RunEngine
     state: ExecutorState
-    outbox: asyncio.Queue[wpb.ConnectResponse]
+    outbox: asyncio.Queue[ToExecutor]
 
     async def next(self, kind: str, timeout: float = 5.0) -> Any:
         """The next message the engine sends of ``kind`` (others before it are dropped)."""
 
         async def take() -> Any:
             while True:
-                msg = await self.outbox.get()
+                msg = worker.response(await self.outbox.get())
                 if msg.WhichOneof("message") == kind:
                     return getattr(msg, kind)
 
@@ -46,7 +49,8 @@ class FakeExecutor:
         return self.outbox.empty()
 
     def send(self, **message: Any) -> None:
-        self.engine.on_message(self.state, wpb.ConnectRequest(**message))
+        request = wpb.ConnectRequest(**message)
+        self.engine.on_message(self.state, worker.report(request, self.engine.settings.limits))
 
     def ack_and_start(self, attempt_id: str) -> None:
         self.send(ack=wpb.AssignmentAck(attempt_id=attempt_id))
@@ -64,9 +68,9 @@ class EngineHarness:
     store: Store
 
     async def executor(self, *tasks: wpb.TaskDefinition, capacity: int = 10) -> FakeExecutor:
-        outbox: asyncio.Queue[wpb.ConnectResponse] = asyncio.Queue()
+        outbox: asyncio.Queue[ToExecutor] = asyncio.Queue()
         register = wpb.Register(capacity=capacity, manifest=wpb.Manifest(tasks=list(tasks)))
-        state = await self.engine.register_executor(ENV, register, outbox)
+        state = await self.engine.register_executor(ENV, worker.registration(register), outbox)
         return FakeExecutor(self.engine, state, outbox)
 
     async def run(self, run_id: str) -> RunRow:

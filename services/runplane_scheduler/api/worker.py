@@ -1,4 +1,10 @@
-"""WorkerService: one bidirectional stream per executor, between the executor and the engine."""
+"""WorkerService: one bidirectional stream per executor, between the executor and the engine.
+
+The servicer owns the worker plane's protobuf: it checks each ``ConnectRequest`` and turns it
+into a :mod:`runplane_scheduler.worker_messages` report for the engine (:func:`registration`,
+:func:`report`), and turns what the engine puts on the executor's outbox into a
+``ConnectResponse`` as it is sent (:func:`response`).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,41 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any, assert_never
 
-from runplane.v1 import (
-    worker_service_pb2 as wpb,
-)
-from runplane.v1 import (
-    worker_service_pb2_grpc,
-)
+from runplane.v1 import run_pb2, worker_service_pb2_grpc
+from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.auth import principal
-from runplane_common.config import SchedulerSettings
-from runplane_common.errors import InvalidArgument
+from runplane_common.config import Limits, SchedulerSettings
+from runplane_common.errors import InvalidArgument, ServiceError
 from runplane_scheduler import validation
 from runplane_scheduler.api import Context
 from runplane_scheduler.engine import RunEngine
+from runplane_scheduler.retry import RetryPolicy
+from runplane_scheduler.specs import TaskDef
+from runplane_scheduler.store import run_to_pb
+from runplane_scheduler.worker_messages import (
+    Ack,
+    Assignment,
+    AttemptResult,
+    CancelAttempt,
+    ChildRuns,
+    Heartbeat,
+    LogBatch,
+    LogEntry,
+    ManifestTask,
+    MetadataOperation,
+    MetadataUpdate,
+    Registration,
+    Resume,
+    RunCanceled,
+    RunError,
+    Started,
+    ToExecutor,
+    WaitRequest,
+    WaitResult,
+    WorkerReport,
+)
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -37,8 +65,10 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "register":
             raise InvalidArgument("register", "the first message on a stream must be a Register")
-        outbox: asyncio.Queue[wpb.ConnectResponse] = asyncio.Queue()
-        ex = await self.engine.register_executor(env, validation.register(first.register), outbox)
+        outbox: asyncio.Queue[ToExecutor] = asyncio.Queue()
+        ex = await self.engine.register_executor(
+            env, registration(validation.register(first.register)), outbox
+        )
         yield wpb.ConnectResponse(
             registered=wpb.Registered(
                 executor_id=ex.executor_id,
@@ -46,24 +76,25 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
                 session_token=ex.session_token,
             )
         )
+        limits = self.settings.limits
 
         async def read() -> None:
             async for msg in request_iterator:
                 try:
-                    self.engine.on_message(ex, msg)
+                    self.engine.on_message(ex, report(msg, limits))
                 except Exception:
                     log.exception("message from executor %s failed: %s", ex.executor_id, msg)
 
         reader = asyncio.create_task(read(), name=f"executor-{ex.executor_id}")
-        get: asyncio.Future[wpb.ConnectResponse] | None = None
+        get: asyncio.Future[ToExecutor] | None = None
         try:
             while True:
                 get = asyncio.ensure_future(outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield get.result()
+                    yield response(get.result())
                     while not outbox.empty():
-                        yield outbox.get_nowait()
+                        yield response(outbox.get_nowait())
                 else:
                     get.cancel()
                     break
@@ -74,3 +105,193 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             self.engine.executor_disconnected(ex)
+
+
+# -- protobuf to the engine ------------------------------------------------------------------------
+
+
+def registration(message: wpb.Register) -> Registration:
+    """A registration (checked by :func:`validation.register`) with its tasks' definitions."""
+    return Registration(
+        executor_id=message.executor_id,
+        capacity=message.capacity,
+        manifest=tuple(
+            ManifestTask(task_def(t), cron=t.schedule.cron, timezone=t.schedule.timezone)
+            for t in message.manifest.tasks
+        ),
+        running_attempt_ids=tuple(message.running_attempt_ids),
+        session_token=message.session_token,
+    )
+
+
+def task_def(t: wpb.TaskDefinition) -> TaskDef:
+    """A manifest's task as the engine defines it, with the defaults of unset fields."""
+    return TaskDef(
+        task_id=t.id,
+        queue=t.queue or f"task/{t.id}",
+        queue_concurrency_limit=t.queue_concurrency_limit,
+        retry=RetryPolicy(
+            max_attempts=t.retry.max_attempts or 3,
+            factor=t.retry.factor or 2.0,
+            min_timeout=t.retry.min_timeout_seconds or 1.0,
+            max_timeout=t.retry.max_timeout_seconds or 60.0,
+            randomize=t.retry.randomize,
+        )
+        if t.HasField("retry")
+        else RetryPolicy(),
+        max_duration=int(t.max_duration_seconds),
+        machine=t.machine or "small-1x",
+        ttl_ms=int(t.ttl_seconds * 1000),
+        queue_rate_limit=t.queue_rate_limit,
+        queue_rate_period=t.queue_rate_period_seconds,
+        queue_total_limit=t.queue_total_concurrency_limit,
+        payload_schema=t.payload_schema,
+    )
+
+
+def report(msg: wpb.ConnectRequest, limits: Limits) -> WorkerReport | None:
+    """A message of a registered executor as the engine's report; None for one the engine does
+    not act on (none set, or another Register)."""
+    kind = msg.WhichOneof("message")
+    if kind == "heartbeat":
+        return Heartbeat(draining=msg.heartbeat.draining)
+    if kind == "ack":
+        return Ack(attempt_id=msg.ack.attempt_id)
+    if kind == "started":
+        return Started(attempt_id=msg.started.attempt_id, started_at=ms(msg.started, "started_at"))
+    if kind == "result":
+        return attempt_result(msg.result)
+    if kind == "metadata":
+        update = msg.metadata
+        return MetadataUpdate(
+            run_id=update.run_id,
+            attempt_id=update.attempt_id,
+            operations=tuple(
+                MetadataOperation(type=o.type, key=o.key, value=o.value) for o in update.operations
+            ),
+        )
+    if kind == "logs":
+        return LogBatch(
+            entries=tuple(
+                LogEntry(
+                    run_id=e.run_id,
+                    attempt_id=e.attempt_id,
+                    attempt_number=e.attempt_number,
+                    level=e.level,
+                    message=e.message,
+                    attributes=e.attributes,
+                    time=int(e.time.ToMilliseconds()),
+                    trace_id=e.trace_id,
+                    span_id=e.span_id,
+                )
+                for e in msg.logs.entries
+            )
+        )
+    if kind == "wait":
+        return wait_request(msg.wait, limits)
+    return None
+
+
+def ms(message: Any, field: str) -> int:
+    """A Timestamp field in milliseconds, 0 when unset."""
+    return int(getattr(message, field).ToMilliseconds()) if message.HasField(field) else 0
+
+
+def attempt_result(result: wpb.AttemptResult) -> AttemptResult:
+    return AttemptResult(
+        attempt_id=result.attempt_id,
+        output=result.output if result.WhichOneof("outcome") == "output" else None,
+        error=RunError(
+            type=result.error.type,
+            message=result.error.message,
+            stack_trace=result.error.stack_trace,
+        ),
+        skip_retrying=result.skip_retrying,
+        canceled=result.canceled,
+        lost=result.lost,
+        retry_delay_ms=result.retry_delay_ms if result.HasField("retry_delay_ms") else None,
+        retry_at=int(result.retry_at.ToMilliseconds()) if result.HasField("retry_at") else None,
+        timed_out=result.timed_out,
+        out_of_memory=result.out_of_memory,
+        retry_machine=result.retry_machine,
+        started_at=ms(result, "started_at"),
+    )
+
+
+def wait_request(req: wpb.WaitRequest, limits: Limits) -> WaitRequest:
+    """A wait request; child runs are checked here as a batch's items, and a bad one is kept
+    as the error the wait completes with."""
+    kind = req.WhichOneof("wait")
+    children = None
+    if kind == "children":
+        try:
+            children = ChildRuns(
+                specs=tuple(
+                    validation.trigger_spec(
+                        item.task_id, item.payload, item.options, limits, f"items[{i}]."
+                    )
+                    for i, item in enumerate(req.children.items)
+                )
+            )
+        except ServiceError as e:
+            children = ChildRuns(invalid=e)
+    return WaitRequest(
+        attempt_id=req.attempt_id,
+        seq=req.seq,
+        duration_ms=req.duration_ms if kind == "duration_ms" else None,
+        until_ms=req.until_ms if kind == "until_ms" else None,
+        token_id=req.token_id if kind == "token_id" else None,
+        children=children,
+        idempotency_key=req.idempotency_key,
+        idempotency_key_ttl_ms=req.idempotency_key_ttl_ms,
+    )
+
+
+# -- the engine to protobuf ------------------------------------------------------------------------
+
+
+def response(message: ToExecutor) -> wpb.ConnectResponse:
+    """What the engine sends an executor, as the stream's message."""
+    if isinstance(message, Assignment):
+        return wpb.ConnectResponse(
+            assignment=wpb.Assignment(
+                run=run_to_pb(message.run),
+                attempt_id=message.attempt_id,
+                attempt_number=message.attempt_number,
+                traceparent=message.traceparent,
+                environment_slug=message.environment_slug,
+                environment_id=message.environment_id,
+            )
+        )
+    if isinstance(message, CancelAttempt):
+        return wpb.ConnectResponse(
+            cancel=wpb.CancelAttempt(attempt_id=message.attempt_id, run_id=message.run_id)
+        )
+    if isinstance(message, Resume):
+        return wpb.ConnectResponse(
+            resume=wpb.Resume(
+                attempt_id=message.attempt_id, results=[result_pb(r) for r in message.results]
+            )
+        )
+    if isinstance(message, RunCanceled):
+        return wpb.ConnectResponse(
+            run_canceled=wpb.RunCanceled(
+                run=run_to_pb(message.run),
+                environment_slug=message.environment_slug,
+                environment_id=message.environment_id,
+            )
+        )
+    assert_never(message)
+
+
+def result_pb(result: WaitResult) -> wpb.WaitResult:
+    out = wpb.WaitResult(seq=result.seq, ok=result.ok, output=result.output)
+    if result.error is not None:
+        out.error.CopyFrom(
+            run_pb2.RunError(
+                type=result.error.type,
+                message=result.error.message,
+                stack_trace=result.error.stack_trace,
+            )
+        )
+    return out

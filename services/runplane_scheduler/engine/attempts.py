@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common import telemetry
 from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
@@ -28,9 +27,9 @@ from runplane_scheduler.store import (
     Store,
     Tx,
     Via,
-    run_to_pb,
 )
 from runplane_scheduler.store import runs as stored_runs
+from runplane_scheduler.worker_messages import Assignment, AttemptResult
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -50,11 +49,6 @@ def attempt_row(
         "finished_at": None,
         "error": None,
     }
-
-
-def ms(message: Any, field: str) -> int:
-    """A Timestamp field in milliseconds, 0 when unset."""
-    return int(getattr(message, field).ToMilliseconds()) if message.HasField(field) else 0
 
 
 class Attempts:
@@ -82,15 +76,13 @@ class Attempts:
         ):
             traceparent = telemetry.current_traceparent()
         ex.outbox.put_nowait(
-            wpb.ConnectResponse(
-                assignment=wpb.Assignment(
-                    run=run_to_pb(m),
-                    attempt_id=attempt_id,
-                    attempt_number=m["attempt_count"] + 1,
-                    traceparent=traceparent,
-                    environment_slug=ex.environment_id.removeprefix("env_"),
-                    environment_id=ex.environment_id,
-                )
+            Assignment(
+                run=m,
+                attempt_id=attempt_id,
+                attempt_number=m["attempt_count"] + 1,
+                traceparent=traceparent,
+                environment_slug=ex.environment_id.removeprefix("env_"),
+                environment_id=ex.environment_id,
             )
         )
 
@@ -187,25 +179,24 @@ class Attempts:
 
         self.resources.background.submit(op)
 
-    def result(self, result: wpb.AttemptResult) -> bool:
+    def result(self, result: AttemptResult) -> bool:
         """The attempt's end, as its executor reported it. False when the attempt holds no
         lease (stale: its run was cancelled or its lease lapsed; or a WAITING run's attempt)."""
         attempt_id = result.attempt_id
         lease = self.resources.index.leases.get(attempt_id)
         if lease is None:
             return False
-        outcome = result.WhichOneof("outcome")
+        output = result.output
         limits = self.resources.settings.limits
-        too_large = outcome == "output" and (
-            len(result.output) > limits.output_bytes
-            or json_depth.too_deep(result.output, limits.json_depth)
+        too_large = output is not None and (
+            len(output) > limits.output_bytes or json_depth.too_deep(output, limits.json_depth)
         )
         if not lease.started and not result.lost and not result.canceled:
-            started_at = ms(result, "started_at")
-            if started_at and outcome == "output" and not too_large:
+            started_at = result.started_at
+            if started_at and output is not None and not too_large:
                 # It ended at once, so its executor held back its start: one write for both.
                 lease.started = True
-                self.complete(lease, result.output, started_at)
+                self.complete(lease, output, started_at)
                 self.resources.dispatch_wake.set()
                 return True
             # Its start was held back, or its "started" report was lost (sent to a scheduler
@@ -213,17 +204,17 @@ class Attempts:
             self.started(attempt_id, started_at)
         if result.lost:
             self.requeue_lost(lease)
-        elif too_large:
+        elif output is not None and too_large:
             error = {
                 "type": "OutputTooLargeError",
                 "message": f"the output is over the output limit of {limits.output_bytes} bytes"
-                if len(result.output) > limits.output_bytes
+                if len(output) > limits.output_bytes
                 else f"the output nests deeper than the JSON depth limit of {limits.json_depth}",
                 "stack_trace": "",
             }
             self.fail(lease, error, True)
-        elif outcome == "output":
-            self.complete(lease, result.output)
+        elif output is not None:
+            self.complete(lease, output)
         elif result.canceled:
             self.resources.index.release(attempt_id)
         else:
@@ -247,12 +238,8 @@ class Attempts:
                     lease,
                     error,
                     result.skip_retrying,
-                    retry_at=result.retry_at.ToMilliseconds()
-                    if result.HasField("retry_at")
-                    else None,
-                    retry_delay_ms=result.retry_delay_ms
-                    if result.HasField("retry_delay_ms")
-                    else None,
+                    retry_at=result.retry_at,
+                    retry_delay_ms=result.retry_delay_ms,
                 )
         self.resources.dispatch_wake.set()
         return True

@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.errors import AlreadyExists
 from runplane_common.ids import new_id
 from runplane_scheduler.dispatch import ExecutorState
@@ -24,11 +23,12 @@ from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TaskDef
 from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import queues as stored_queues
+from runplane_scheduler.worker_messages import Registration, ToExecutor
 
 log = logging.getLogger("runplane.scheduler")
 
 # Called first when an executor registers (environment, registration, executor id).
-RegisterHook = Callable[[str, wpb.Register, str], Coroutine[Any, Any, None]]
+RegisterHook = Callable[[str, Registration, str], Coroutine[Any, Any, None]]
 
 
 class Executors:
@@ -65,8 +65,8 @@ class Executors:
     async def register(
         self,
         environment_id: str,
-        register: wpb.Register,
-        outbox: asyncio.Queue[wpb.ConnectResponse],
+        register: Registration,
+        outbox: asyncio.Queue[ToExecutor],
     ) -> ExecutorState:
         index = self.resources.index
         executor_id = register.executor_id or new_id("exec")
@@ -74,30 +74,7 @@ class Executors:
         self.check_executor_id(environment_id, executor_id, register.session_token)
         if self.on_register is not None:
             await self.on_register(environment_id, register, executor_id)
-        defs = [
-            TaskDef(
-                task_id=t.id,
-                queue=t.queue or f"task/{t.id}",
-                queue_concurrency_limit=t.queue_concurrency_limit,
-                retry=RetryPolicy(
-                    max_attempts=t.retry.max_attempts or 3,
-                    factor=t.retry.factor or 2.0,
-                    min_timeout=t.retry.min_timeout_seconds or 1.0,
-                    max_timeout=t.retry.max_timeout_seconds or 60.0,
-                    randomize=t.retry.randomize,
-                )
-                if t.HasField("retry")
-                else RetryPolicy(),
-                max_duration=int(t.max_duration_seconds),
-                machine=t.machine or "small-1x",
-                ttl_ms=int(t.ttl_seconds * 1000),
-                queue_rate_limit=t.queue_rate_limit,
-                queue_rate_period=t.queue_rate_period_seconds,
-                queue_total_limit=t.queue_total_concurrency_limit,
-                payload_schema=t.payload_schema,
-            )
-            for t in register.manifest.tasks
-        ]
+        defs = [t.definition for t in register.manifest]
         ts = self.resources.clock.now_ms()
         rows = [
             {

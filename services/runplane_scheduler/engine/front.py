@@ -13,10 +13,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
-from runplane_scheduler.engine.attempts import Attempts, ms
+from runplane_scheduler.engine.attempts import Attempts
 from runplane_scheduler.engine.clock import Clock, SystemClock
 from runplane_scheduler.engine.dequeue import Dequeue
 from runplane_scheduler.engine.executors import Executors, RegisterHook
@@ -28,11 +27,20 @@ from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TaskDef, TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import RunRow, Store
+from runplane_scheduler.worker_messages import (
+    Ack,
+    AttemptResult,
+    Heartbeat,
+    LogBatch,
+    MetadataUpdate,
+    Registration,
+    Started,
+    ToExecutor,
+    WaitRequest,
+    WorkerReport,
+)
 
 log = logging.getLogger("runplane.scheduler")
-
-# Worker messages about one attempt: accepted only from the connection holding the attempt.
-ATTEMPT_REPORTS = frozenset({"ack", "started", "result", "metadata", "wait"})
 
 
 class RunEngine:
@@ -150,8 +158,8 @@ class RunEngine:
     async def register_executor(
         self,
         environment_id: str,
-        register: wpb.Register,
-        outbox: asyncio.Queue[wpb.ConnectResponse],
+        register: Registration,
+        outbox: asyncio.Queue[ToExecutor],
     ) -> ExecutorState:
         return await self.executors.register(environment_id, register, outbox)
 
@@ -161,31 +169,33 @@ class RunEngine:
     def holds(self, ex: ExecutorState, attempt_id: str) -> bool:
         return self.executors.holds(ex, attempt_id)
 
-    def on_message(self, ex: ExecutorState, msg: wpb.ConnectRequest) -> None:
+    def on_message(self, ex: ExecutorState, report: WorkerReport | None) -> None:
+        """A message from ``ex`` after its registration; None: one the engine does not act on
+        (it still shows the executor is alive). A report about an attempt is accepted only
+        from the connection holding the attempt."""
         ex.last_seen = self.resources.clock.monotonic()
-        kind = msg.WhichOneof("message")
-        if kind == "heartbeat":
-            self.executors.heartbeat(ex, msg.heartbeat.draining)
+        if report is None:
             return
-        if kind in ATTEMPT_REPORTS:
-            attempt_id: str = getattr(msg, kind).attempt_id
-            if not self.holds(ex, attempt_id):
-                self._refuse(ex, kind, attempt_id)
-                return
-        if kind == "ack":
-            self.attempts.ack(msg.ack.attempt_id)
-        elif kind == "started":
-            self.attempts.started(msg.started.attempt_id, ms(msg.started, "started_at"))
-        elif kind == "result":
-            if not self.attempts.result(msg.result):
+        if isinstance(report, Heartbeat):
+            self.executors.heartbeat(ex, report.draining)
+            return
+        if not isinstance(report, LogBatch) and not self.holds(ex, report.attempt_id):
+            self._refuse(ex, report.kind, report.attempt_id)
+            return
+        if isinstance(report, Ack):
+            self.attempts.ack(report.attempt_id)
+        elif isinstance(report, Started):
+            self.attempts.started(report.attempt_id, report.started_at)
+        elif isinstance(report, AttemptResult):
+            if not self.attempts.result(report):
                 # Stale (the run was cancelled or its lease lapsed), or a WAITING run's attempt.
-                self.waits.attempt_ended(msg.result.attempt_id)
-        elif kind == "metadata":
-            self.runs.metadata_from_attempt(ex, msg.metadata)
-        elif kind == "logs":
-            self.runs.store_logs(ex, msg.logs)
-        elif kind == "wait":
-            self.waits.on_wait(ex, msg.wait)
+                self.waits.attempt_ended(report.attempt_id)
+        elif isinstance(report, MetadataUpdate):
+            self.runs.metadata_from_attempt(ex, report)
+        elif isinstance(report, LogBatch):
+            self.runs.store_logs(ex, report)
+        elif isinstance(report, WaitRequest):
+            self.waits.on_wait(ex, report)
 
     def _refuse(self, ex: ExecutorState, kind: str, attempt_id: str) -> None:
         """A report about an attempt ``ex`` does not hold: dropped. Reports of attempts that

@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from runplane_common.ids import new_id
 from runplane_core.metadata import Operation, apply_operations
@@ -21,8 +20,9 @@ from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TriggerSpec
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx, run_to_pb
+from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import runs as stored_runs
+from runplane_scheduler.worker_messages import CancelAttempt, LogBatch, MetadataUpdate, RunCanceled
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -97,12 +97,10 @@ class Runs:
                 and m["task_id"] in ex.tasks
             ):
                 ex.outbox.put_nowait(
-                    wpb.ConnectResponse(
-                        run_canceled=wpb.RunCanceled(
-                            run=run_to_pb(m),
-                            environment_slug=ex.environment_id.removeprefix("env_"),
-                            environment_id=ex.environment_id,
-                        )
+                    RunCanceled(
+                        run=m,
+                        environment_slug=ex.environment_id.removeprefix("env_"),
+                        environment_id=ex.environment_id,
                     )
                 )
                 return
@@ -113,11 +111,7 @@ class Runs:
         if lease is not None:
             ex = index.executors.get(lease.executor_id)
             if ex is not None and ex.connected:
-                ex.outbox.put_nowait(
-                    wpb.ConnectResponse(
-                        cancel=wpb.CancelAttempt(attempt_id=attempt_id, run_id=run_id)
-                    )
-                )
+                ex.outbox.put_nowait(CancelAttempt(attempt_id=attempt_id, run_id=run_id))
         self.resources.dispatch_wake.set()
 
     # -- replay and reschedule -------------------------------------------------------------------
@@ -204,7 +198,7 @@ class Runs:
 
         return op
 
-    def metadata_from_attempt(self, ex: ExecutorState, update: wpb.MetadataUpdate) -> None:
+    def metadata_from_attempt(self, ex: ExecutorState, update: MetadataUpdate) -> None:
         """One flush of an attempt's metadata updates (its run, parent or root)."""
         lease = self.resources.index.leases.get(update.attempt_id)
         if lease is None or lease.executor_id != ex.executor_id:
@@ -268,7 +262,7 @@ class Runs:
 
         return await self.resources.store.writer.run(op)
 
-    def store_logs(self, ex: ExecutorState, batch: wpb.LogBatch) -> None:
+    def store_logs(self, ex: ExecutorState, batch: LogBatch) -> None:
         """Log lines of attempts, stored in the executor's environment (read by ListRunLogs)."""
 
         def clean(value: str, length: int | None = None) -> str:
@@ -285,7 +279,7 @@ class Runs:
                 "level": clean(e.level, 16),
                 "message": clean(e.message),
                 "attributes": clean(e.attributes) or "{}",
-                "time": e.time.ToMilliseconds(),
+                "time": e.time,
                 "trace_id": clean(e.trace_id, 32),
                 "span_id": clean(e.span_id, 16),
             }

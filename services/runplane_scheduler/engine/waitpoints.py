@@ -22,11 +22,8 @@ from typing import Any
 
 import orjson
 
-from runplane.v1 import run_pb2
-from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
-from runplane_scheduler import validation
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
 from runplane_scheduler.engine.attempts import Attempts, attempt_row
 from runplane_scheduler.engine.resources import EngineResources
@@ -38,6 +35,13 @@ from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import runs as stored_runs
 from runplane_scheduler.store import waitpoints as stored
 from runplane_scheduler.store.waitpoints import COMPLETED, PENDING
+from runplane_scheduler.worker_messages import (
+    CancelAttempt,
+    Resume,
+    RunError,
+    WaitRequest,
+    WaitResult,
+)
 
 log = logging.getLogger("runplane.scheduler.waits")
 
@@ -55,18 +59,17 @@ class Suspended:
     environment_id: str
 
 
-def result_pb(seq: int, m: Mapping[Any, Any]) -> wpb.WaitResult:
-    out = wpb.WaitResult(seq=seq, ok=bool(m["ok"]), output=m["output"] or "null")
+def wait_result(seq: int, m: Mapping[Any, Any]) -> WaitResult:
+    """A completed waitpoint row as its wait's result."""
+    error = None
     if m["error"]:
         e = orjson.loads(m["error"])
-        out.error.CopyFrom(
-            run_pb2.RunError(
-                type=e.get("type", ""),
-                message=e.get("message", ""),
-                stack_trace=e.get("stack_trace", ""),
-            )
+        error = RunError(
+            type=e.get("type", ""),
+            message=e.get("message", ""),
+            stack_trace=e.get("stack_trace", ""),
         )
-    return out
+    return WaitResult(seq=seq, ok=bool(m["ok"]), output=m["output"] or "null", error=error)
 
 
 def _error(type_: str, message: str) -> str:
@@ -111,7 +114,7 @@ class Waitpoints:
 
     # -- wait requests from executors ---------------------------------------------------------
 
-    def on_wait(self, ex: ExecutorState, req: wpb.WaitRequest) -> None:
+    def on_wait(self, ex: ExecutorState, req: WaitRequest) -> None:
         lease = self.resources.index.leases.get(req.attempt_id)
         run_id = lease.run_id if lease is not None else self.by_attempt.get(req.attempt_id)
         if run_id is None:
@@ -119,7 +122,7 @@ class Waitpoints:
             return
         self.resources.background.spawn(self._wait(ex, run_id, req))
 
-    async def _wait(self, ex: ExecutorState, run_id: str, req: wpb.WaitRequest) -> None:
+    async def _wait(self, ex: ExecutorState, run_id: str, req: WaitRequest) -> None:
         env = ex.environment_id
         children: list[str] = []
         error = ""
@@ -129,7 +132,7 @@ class Waitpoints:
         )
         if attempt is None:
             return
-        if req.WhichOneof("wait") == "children" and not journaled:
+        if req.children is not None and not journaled:
             try:
                 children = await self._trigger_children(env, run_id, attempt, req)
             except ServiceError as e:
@@ -147,7 +150,7 @@ class Waitpoints:
             )
             if m["status"] == COMPLETED:
                 if status == Status.EXECUTING.value:
-                    result = result_pb(req.seq, m)
+                    result = wait_result(req.seq, m)
                     tx.after_commit.append(lambda: self._send_resume(ex, req.attempt_id, [result]))
                 return
             moved = await tx.transition(
@@ -165,23 +168,17 @@ class Waitpoints:
         self.resources.background.submit(op)
 
     async def _trigger_children(
-        self, env: str, run_id: str, attempt: int, req: wpb.WaitRequest
+        self, env: str, run_id: str, attempt: int, req: WaitRequest
     ) -> list[str]:
         """Trigger the wait's child runs (ids in item order) as a batch whose idempotency key
         is the journal slot: a replay asking again finds the same batch, so no child runs
         twice. (A retry is another attempt: a new slot, new children, as in the reference.)"""
+        if req.children is None:
+            return []
+        if req.children.invalid is not None:
+            raise req.children.invalid  # the first bad item, checked where the request came in
         specs: list[TriggerSpec] = [
-            replace(
-                validation.trigger_spec(
-                    item.task_id,
-                    item.payload,
-                    item.options,
-                    self.resources.settings.limits,
-                    f"items[{i}].",
-                ),
-                parent_run_id=run_id,
-            )
-            for i, item in enumerate(req.children.items)
+            replace(spec, parent_run_id=run_id) for spec in req.children.specs
         ]
         if not specs:
             raise InvalidArgument("items", "a batch needs at least one item")
@@ -196,13 +193,12 @@ class Waitpoints:
         env: str,
         run_id: str,
         attempt: int,
-        req: wpb.WaitRequest,
+        req: WaitRequest,
         children: list[str],
         error: str,
     ) -> dict[str, Any]:
         """The journal row of a new wait, completed at once when what it waits on already is."""
         ts = self.resources.clock.now_ms()
-        kind = req.WhichOneof("wait")
         row: dict[str, Any] = {
             "id": new_id("waitpoint"),
             "environment_id": env,
@@ -226,8 +222,8 @@ class Waitpoints:
         done: dict[str, Any] | None = None
         if error:
             done = {"ok": False, "output": None, "error": error}
-        elif kind in ("duration_ms", "until_ms"):
-            due = ts + req.duration_ms if kind == "duration_ms" else req.until_ms
+        elif req.duration_ms is not None or req.until_ms is not None:
+            due = ts + req.duration_ms if req.duration_ms is not None else req.until_ms or 0
             if len(req.idempotency_key) > self.resources.settings.limits.idempotency_key_length:
                 done = {
                     "ok": False,
@@ -239,7 +235,7 @@ class Waitpoints:
             row["due_at"] = due
             if done is None and due <= ts:
                 done = {"ok": True, "output": "null", "error": None}
-        elif kind == "token_id":
+        elif req.token_id is not None:
             row.update(kind="TOKEN", target=req.token_id)
             token = await stored.token_in(tx, env, req.token_id)
             if token is None:
@@ -250,7 +246,7 @@ class Waitpoints:
                 }
             elif token.status == COMPLETED:
                 done = {"ok": token.ok, "output": token.output, "error": token.error}
-        elif kind == "children":
+        elif req.children is not None:
             row["kind"] = "BATCH"
             self.awaited.update(children)
             stored.add_children(tx, row["id"], children)
@@ -268,7 +264,7 @@ class Waitpoints:
 
     @staticmethod
     async def _keyed_due(
-        tx: Tx, env: str, req: wpb.WaitRequest, due: int, ts: int, row: dict[str, Any]
+        tx: Tx, env: str, req: WaitRequest, due: int, ts: int, row: dict[str, Any]
     ) -> int:
         """A keyed wait ends when the first wait with its key (not expired) ends."""
         first = await stored.first_keyed_due(tx, env, req.idempotency_key, ts)
@@ -410,9 +406,7 @@ class Waitpoints:
         for attempt_id in running:
             if attempt_id in self.resources.index.leases or attempt_id in self.by_attempt:
                 continue
-            ex.outbox.put_nowait(
-                wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=attempt_id))
-            )
+            ex.outbox.put_nowait(CancelAttempt(attempt_id=attempt_id))
 
     def forget(self, run_id: str) -> Suspended | None:
         held = self.suspended.pop(run_id, None)
@@ -431,9 +425,7 @@ class Waitpoints:
         ex = self.resources.index.executors.get(held.executor_id)
         if ex is None or not ex.connected:
             return False
-        ex.outbox.put_nowait(
-            wpb.ConnectResponse(cancel=wpb.CancelAttempt(attempt_id=held.attempt_id, run_id=run_id))
-        )
+        ex.outbox.put_nowait(CancelAttempt(attempt_id=held.attempt_id, run_id=run_id))
         return True
 
     def _queue_resume(self, m: Mapping[Any, Any]) -> None:
@@ -464,7 +456,7 @@ class Waitpoints:
     async def _resume_held(
         self, run_id: str, held: Suspended, holder: ExecutorState, key: QueueKey, ex: ExecutorState
     ) -> None:
-        async def op(tx: Tx) -> list[wpb.WaitResult] | None:
+        async def op(tx: Tx) -> list[WaitResult] | None:
             row = await tx.transition(
                 run_id,
                 [Status.WAITING],
@@ -545,17 +537,15 @@ class Waitpoints:
         return result
 
     @staticmethod
-    async def _results(tx: Tx, run: RunRow) -> list[wpb.WaitResult]:
+    async def _results(tx: Tx, run: RunRow) -> list[WaitResult]:
         """The completed waits of the run's current attempt."""
         rows = await stored.completed_of(tx, run.id, run.attempt_count)
-        return [result_pb(r.seq, r._mapping) for r in rows]
+        return [wait_result(r.seq, r._mapping) for r in rows]
 
     @staticmethod
-    def _send_resume(ex: ExecutorState, attempt_id: str, results: list[wpb.WaitResult]) -> None:
+    def _send_resume(ex: ExecutorState, attempt_id: str, results: list[WaitResult]) -> None:
         if ex.connected:
-            ex.outbox.put_nowait(
-                wpb.ConnectResponse(resume=wpb.Resume(attempt_id=attempt_id, results=results))
-            )
+            ex.outbox.put_nowait(Resume(attempt_id=attempt_id, results=tuple(results)))
 
     # -- tokens ------------------------------------------------------------------------------------
 
