@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -29,10 +31,27 @@ from tests.helpers.worlds import (
 )
 
 
+@contextmanager
+def _quiet_nats_client() -> Iterator[None]:
+    """Drops the NATS client's log records while a stack's relay knocks at a port nobody listens
+    on: it logs each failed connect with a traceback, all test long. Formatting a traceback calls
+    ast.parse on the servers' thread (Python 3.11's carets), while hypothesis and pytest call it on
+    the test thread; on CPython 3.11.7 the two race, and a test fails with "SystemError: AST
+    constructor recursion depth mismatch" that has nothing to do with what it checks."""
+    logger = logging.getLogger("nats.aio.client")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @pytest.fixture
 def stack(database_url: str) -> Iterator[Stack]:
     """A scheduler whose relay cannot reach NATS (outbox rows stay: exact counts)."""
-    yield from start_stack(database_url, f"nats://127.0.0.1:{free_port()}")
+    with _quiet_nats_client():
+        yield from start_stack(database_url, f"nats://127.0.0.1:{free_port()}")
 
 
 @pytest.fixture
@@ -44,12 +63,13 @@ def live_stack(database_url: str, nats_server: Any) -> Iterator[Stack]:
 @pytest.fixture
 def frozen_stack(database_url: str) -> Iterator[Stack]:
     """A scheduler whose relay cannot reach NATS, on a schedule clock that all but stands still."""
-    yield from start_stack(
-        database_url,
-        f"nats://127.0.0.1:{free_port()}",
-        schedule_clock_speed=1e-6,
-        schedule_clock_epoch_ms=int(time.time() * 1000),
-    )
+    with _quiet_nats_client():
+        yield from start_stack(
+            database_url,
+            f"nats://127.0.0.1:{free_port()}",
+            schedule_clock_speed=1e-6,
+            schedule_clock_epoch_ms=int(time.time() * 1000),
+        )
 
 
 @pytest.fixture
