@@ -9,11 +9,12 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, TypeVar
 
 from runplane.v1 import run_pb2
-from runplane_common import errors, subjects
+from runplane_common import errors
 from runplane_common.auth import is_public_token
 from runplane_common.config import RealtimeSettings
 from runplane_common.grpcserver import bearer_token
-from runplane_realtime.events import NatsLink, RunEvents
+from runplane_realtime.events import NatsLink
+from runplane_realtime.fanout import Hubs, RunEvents
 from runplane_realtime.feed import Feed, token_expiry_ms
 from runplane_realtime.scheduler import Metadata, Scheduler
 from runplane_realtime.streams import Chunk, RunStreams, stream_id
@@ -45,7 +46,9 @@ class Realtime:
         self.settings = settings
         self.link = link
         self.scheduler = scheduler
-        self.streams = RunStreams(link, settings)
+        # One JetStream consumer per environment (and per read stream), shared by subscribers.
+        self.hubs = Hubs(link)
+        self.streams = RunStreams(link, settings, self.hubs)
         # The subscribers' feeds that still read events (for tests and introspection).
         self.feeds: set[Feed[Any]] = set()
         self._write_grants: dict[tuple[str, str], tuple[float, str]] = {}
@@ -63,7 +66,7 @@ class Realtime:
         subscription = RunSubscription(
             self.scheduler,
             self.link,
-            RunEvents(self.link, subjects.run_event(current.environment_id, current.id)),
+            RunEvents(self.hubs, current.environment_id, run_id=current.id),
             credentials,
             run_id,
             after_version,
@@ -152,6 +155,7 @@ class Realtime:
         subscription = RunSetSubscription(
             self.scheduler,
             self.link,
+            self.hubs,
             credentials,
             environment_id,
             runs,

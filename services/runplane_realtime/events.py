@@ -13,14 +13,10 @@ from typing import Any
 
 import nats
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-
-from runplane.v1 import events_pb2, run_pb2
-from runplane_common import subjects
 
 log = logging.getLogger("runplane.realtime.events")
 
@@ -221,31 +217,6 @@ class OrderedReader:
                     self._link.jetstream().delete_consumer(self._stream, consumer),
                     JS_TIMEOUT,
                 )
-
-
-class RunEvents(OrderedReader):
-    """One run's events (or, with a wildcard subject, a whole environment's) in stream order."""
-
-    def __init__(self, link: NatsLink, subject: str, start_sequence: int = 0) -> None:
-        super().__init__(link, subjects.RUN_EVENTS_STREAM, subject, start_sequence)
-        # The last event returned left out large fields (RunEvent.truncated).
-        self.truncated = False
-
-    async def next(self, timeout: float) -> run_pb2.Run | None:
-        """The run carried by the next event, or None if none came within ``timeout`` seconds
-        (or the event was unreadable). Raises EventsUnavailable when the events cannot be read."""
-        msg = await self.next_msg(timeout)
-        if msg is None:
-            return None
-        try:
-            event = events_pb2.RunEvent.FromString(msg.data)
-        except DecodeError:
-            # Counts as a missing event: the caller's gap or idle check asks the scheduler.
-            log.warning("skipping an undecodable event on %s", self.subject)
-            return None
-        self.truncated = event.truncated
-        run: run_pb2.Run = event.run
-        return run
 
 
 async def stream_bounds(link: NatsLink, stream: str) -> tuple[int, int]:

@@ -201,6 +201,7 @@ class RealtimeService:
         await self.servicer.close()
         if self.http is not None:
             await self.http.stop()
+        await self.realtime.hubs.close()
         await self.scheduler.close()
         await self.link.stop()
 

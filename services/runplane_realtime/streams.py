@@ -23,7 +23,8 @@ from nats.js.api import StorageType, StreamConfig
 
 from runplane_common import errors, subjects
 from runplane_common.config import RealtimeSettings
-from runplane_realtime.events import JS_TIMEOUT, EventsUnavailable, NatsLink, OrderedReader
+from runplane_realtime.events import JS_TIMEOUT, EventsUnavailable, NatsLink
+from runplane_realtime.fanout import Hubs, Message
 
 log = logging.getLogger("runplane.realtime.streams")
 
@@ -60,9 +61,13 @@ class _End:
 
 
 class RunStreams:
-    def __init__(self, link: NatsLink, settings: RealtimeSettings) -> None:
+    def __init__(
+        self, link: NatsLink, settings: RealtimeSettings, hubs: Hubs | None = None
+    ) -> None:
         self._link = link
         self._settings = settings
+        # The readers of one stream in this process share one consumer (see fanout).
+        self._hubs = hubs if hubs is not None else Hubs(link)
         self._ensured_epoch = -1
 
     async def _ensure(self) -> None:
@@ -204,13 +209,15 @@ class RunStreams:
         """Chunks after ``after_index`` in order, until the close marker, or until the run has
         finished and every chunk written before has been read."""
         subject = subjects.run_stream(environment_id, run_id, sid)
-        reader = OrderedReader(self._link, subjects.RUN_STREAMS_STREAM, subject)
+        # The readers of one stream in this process share one consumer.
+        hub = self._hubs.get(subjects.RUN_STREAMS_STREAM, subject, _every_message)
+        reader = hub.reader(())
         final_end: int | None = None  # stream sequence of the last chunk once the run finished
         try:
             while True:
                 try:
                     await self._ensure()
-                    msg = await reader.next_msg(READ_SLICE)
+                    msg = await reader.next(READ_SLICE)
                     if msg is None and final_end is None and await run_is_final():
                         final_end = (await self._end(subject)).sequence
                 except (EventsUnavailable, nats.errors.Error, TimeoutError) as error:
@@ -232,3 +239,7 @@ class RunStreams:
         finally:
             with contextlib.suppress(Exception):
                 await reader.close()
+
+
+def _every_message(message: Message) -> tuple[Message, tuple[str, ...]]:
+    return message, ()

@@ -25,7 +25,8 @@ from collections.abc import AsyncGenerator, Callable
 
 from runplane.v1 import run_pb2
 from runplane_common import errors, subjects
-from runplane_realtime.events import EventsUnavailable, NatsLink, RunEvents, stream_bounds
+from runplane_realtime.events import EventsUnavailable, NatsLink, stream_bounds
+from runplane_realtime.fanout import Hubs, RunEvents, batch_key, tag_key
 from runplane_realtime.scheduler import Metadata, Scheduler
 
 log = logging.getLogger("runplane.realtime")
@@ -187,6 +188,12 @@ class RunSet:
         self.batch_id = batch_id
         self.created_after_ms = created_after_ms
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of the events that may concern the set (see fanout)."""
+        batch = (batch_key(self.batch_id),) if self.batch_id else ()
+        return (*(tag_key(tag) for tag in self.tags), *batch)
+
     def matches(self, run: run_pb2.Run) -> bool:
         if self.created_after_ms is not None and run.created_at.ToMilliseconds() < (
             self.created_after_ms
@@ -212,6 +219,7 @@ class RunSetSubscription:
         self,
         scheduler: Scheduler,
         link: NatsLink,
+        hubs: Hubs,
         credentials: Metadata,
         environment_id: str,
         runs: RunSet,
@@ -221,8 +229,9 @@ class RunSetSubscription:
     ) -> None:
         self._scheduler = scheduler
         self._link = link
+        self._hubs = hubs
         self._credentials = credentials
-        self._subject = subjects.run_events_of_environment(environment_id)
+        self._environment_id = environment_id
         self._set = runs
         self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
         self.versions = dict(after_versions)
@@ -261,15 +270,20 @@ class RunSetSubscription:
             return False
         if self._resume_cursor >= first:
             # Every change since the cursor is still in the stream: replay it, in order.
-            self._events = RunEvents(self._link, self._subject, self._resume_cursor)
+            self._events = self._reader(self._resume_cursor)
             self._resume_cursor = 0
             return True
         # A first subscription, or a cursor JetStream has purged since: the list, then what
         # follows it.
         self._resume_cursor = 0
-        self._events = RunEvents(self._link, self._subject, start_sequence=start)
+        self._events = self._reader(start)
         await self._relist_unless_unavailable()
         return True
+
+    def _reader(self, start_sequence: int) -> RunEvents:
+        return RunEvents(
+            self._hubs, self._environment_id, keys=self._set.keys, start_sequence=start_sequence
+        )
 
     async def _relist(self, idle: bool = False) -> None:
         """Queue the scheduler's list: the state of every run in the set now. After an idle

@@ -307,16 +307,19 @@ async def test_subscribers_that_stop_reading_are_cut_off_and_the_others_get_ever
                 read.append(each.version)
 
         reader = asyncio.create_task(follow())
-        # Every subscriber has its consumer (a tag's starts at the end of the stream).
-        await eventually(lambda: _consumers_are(js, 7), 15.0)
+        # Every subscriber reads the environment's one shared consumer (fan-out in process).
+        await eventually(lambda: realtime.realtime.hubs.readers == 7, 15.0)
+        assert await consumers(js) == 1
         scheduler.runs["run_1"] = run(EVENTS)
         await publish(js, *(run(v) for v in range(2, EVENTS + 1)))
 
         await asyncio.wait_for(reader, 120)
         assert read == list(range(1, EVENTS + 1))
-        # Every subscriber that stopped reading was cut off: no feed reads events any more, no
-        # consumer is left, and NATS never dropped the service as a slow consumer.
-        await eventually(lambda: _consumers_are(js, 0), 30.0, description="cut off")
+        # Every subscriber that stopped reading was cut off: no feed reads events any more, the
+        # shared consumer stops once its last reader left, and NATS never dropped the service
+        # as a slow consumer.
+        await eventually(lambda: realtime.realtime.hubs.readers == 0, 30.0, description="cut off")
+        await eventually(lambda: _consumers_are(js, 0), 15.0, description="consumer stopped")
         # A feed leaves the set when its pump task is done, a loop turn after its consumer went.
         await eventually(lambda: not realtime.realtime.feeds, 5.0, description="feeds stopped")
         assert realtime.link.epoch == epoch
@@ -361,10 +364,11 @@ async def test_a_cut_off_subscriber_resumes_and_gets_every_version_exactly_once(
         assert (await anext(sdk)).version == 1
         raw = subscribe_raw(channels[1])
         sse = await StalledSse(realtime.http_port, "/realtime/v1/runs/run_1").open()
-        await eventually(lambda: _consumers_are(js, 3), 15.0)
+        await eventually(lambda: realtime.realtime.hubs.readers == 3, 15.0)
+        assert await consumers(js) == 1  # one shared consumer, fanned out in process
         scheduler.runs["run_1"] = run(EVENTS)
         await publish(js, *(run(v) for v in range(2, EVENTS + 1)))
-        await eventually(lambda: _consumers_are(js, 0), 60.0, description="cut off")
+        await eventually(lambda: realtime.realtime.hubs.readers == 0, 60.0, description="cut off")
 
         # The SDK treats the cut-off as a break: it resumes after the last version it yielded.
         rest = [each.version async for each in sdk]
