@@ -367,6 +367,25 @@ def decode_run_event(message: Message) -> tuple[tuple[run_pb2.Run, bool], Iterab
     return (run, event.truncated), keys
 
 
+async def last_run_event(
+    link: NatsLink, environment_id: str, run_id: str
+) -> tuple[int, int] | None:
+    """The stream sequence and run version of the run's last event, or None if the stream keeps
+    none. Raises EventsUnavailable when NATS cannot say."""
+    subject = subjects.run_event(environment_id, run_id)
+    try:
+        raw = await link.jetstream().get_last_msg(subjects.RUN_EVENTS_STREAM, subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    except (nats.errors.Error, TimeoutError) as error:
+        raise EventsUnavailable(f"cannot read {subject}: {error!r}") from error
+    try:
+        version = int(events_pb2.RunEvent.FromString(raw.data or b"").run.version)
+    except DecodeError:
+        version = 0
+    return int(raw.seq or 0), version
+
+
 class RunEvents:
     """Run events in stream order, for one run (``run_id``) or a set of runs (``keys``), through
     the environment's hub. From ``start_sequence`` on (0: the first kept)."""

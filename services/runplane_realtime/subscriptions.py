@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator, Callable
 from runplane.v1 import run_pb2
 from runplane_common import errors, subjects
 from runplane_realtime.events import EventsUnavailable, NatsLink, stream_bounds
-from runplane_realtime.fanout import Hubs, RunEvents, batch_key, tag_key
+from runplane_realtime.fanout import Hubs, RunEvents, batch_key, last_run_event, tag_key
 from runplane_realtime.scheduler import Metadata, Scheduler
 
 log = logging.getLogger("runplane.realtime")
@@ -236,6 +236,11 @@ class RunSetSubscription:
         self._interval = max(reconcile_interval, MIN_RECONCILE_INTERVAL)
         self.versions = dict(after_versions)
         self._resume_cursor = resume_cursor
+        # A subscriber that resumes from a cursor naming no versions (an EventSource, from its
+        # Last-Event-ID) has every change before the cursor: a list must not send those again.
+        self._blind_cursor = resume_cursor if resume_cursor and not after_versions else 0
+        # Runs looked up for that (id: the version they were at), so each is looked up once.
+        self._looked_up: dict[str, int] = {}
         self._gaps = GapGrace(self._interval)
         self._events: RunEvents | None = None
         self._pending: list[run_pb2.Run] = []
@@ -296,8 +301,26 @@ class RunSetSubscription:
         )
         for run in listed:
             last = self.versions.get(run.id, 0)
+            if last == 0 and self._blind_cursor and not await self._changed_unseen(run):
+                continue
             if run.version > last and (not idle or self._gaps.may_send(run, last)):
                 self._pending.append(run)
+
+    async def _changed_unseen(self, run: run_pb2.Run) -> bool:
+        """For a subscriber resumed from a cursor alone, and a run not sent since: whether the
+        run changed after the cursor and its event was read past without arriving (it was lost),
+        so its snapshot must go. A run whose last event is before the cursor is one the
+        subscriber has; one whose event is still ahead of the reader will come through it."""
+        if self._looked_up.get(run.id) == run.version:
+            return False
+        try:
+            found = await last_run_event(self._link, self._environment_id, run.id)
+        except EventsUnavailable:
+            return False  # the replay from the cursor brings every change once NATS is back
+        if found is None or found[0] < self._blind_cursor:
+            self._looked_up[run.id] = run.version
+            return False
+        return self._events is not None and self._events.next_sequence > found[0]
 
     async def _fill(self) -> None:
         """Wait for something to send and queue it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from runplane import Context, task
+from runplane import Context, streams, task
 
 
 @task(
@@ -17,3 +17,14 @@ async def fault_echo(payload: dict[str, Any], ctx: Context) -> dict[str, Any]:
     so a test can tell every run's output from every other's."""
     await asyncio.sleep(payload.get("sleep", 0))
     return {"i": payload["i"], "run": ctx.run.id}
+
+
+@task(id="fault-stream", retry={"max_attempts": 1})
+async def fault_stream(payload: dict[str, Any], ctx: Context) -> int:
+    """Appends ``payload["n"]`` chunks ``{"i": i}`` to its stream ``chunks``, one every
+    ``payload["every"]`` seconds; the appends retry while the realtime service is away."""
+    chunks = streams.define(id="chunks")
+    for i in range(payload["n"]):
+        await chunks.append({"i": i})
+        await asyncio.sleep(payload.get("every", 0.01))
+    return int(payload["n"])

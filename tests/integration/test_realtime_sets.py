@@ -26,6 +26,7 @@ from runplane.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
+from runplane_common import subjects
 from runplane_common.config import RealtimeSettings
 from runplane_common.grpcserver import bearer_token
 from runplane_realtime.server import RealtimeService, serve
@@ -374,3 +375,55 @@ async def test_sse_batch_resumes_from_last_event_id_and_keeps_idle_streams_alive
         async with session.get(url, params={"token": "nope"}) as refused:
             assert refused.status == 401
             assert (await refused.json())["error"]["code"] == "UNAUTHENTICATED"
+
+
+async def test_sse_resumed_from_last_event_id_alone_gets_no_run_twice_from_a_reconcile(
+    js: JetStreamContext, nats_server: NatsServer, scheduler: FakeSetScheduler
+) -> None:
+    # An EventSource names no versions when it resumes, only its cursor: the periodic list must
+    # not send again the runs it already has, but must still send a change whose event was lost.
+    service = await serve(
+        RealtimeSettings(
+            nats_url=nats_server.url,
+            api_url=scheduler.address,
+            listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            reconcile_interval=0.3,
+        )
+    )
+    try:
+        assert service.http is not None
+        service.http.keepalive = 0.2
+        assert await service.link.wait_connected(15.0)
+        url = f"http://127.0.0.1:{service.http_port}/realtime/v1/batches/batch_1"
+        scheduler.runs["run_0"] = brun("run_0", 1)
+        await publish(js, brun("run_0", 1))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, params={"token": "rp_dev_test"}) as response:
+                sse = SseReader(response)
+                _, listed = await sse.event()
+                assert (listed["id"], listed["version"]) == ("run_0", 1)
+                scheduler.runs["run_a"] = brun("run_a", 1)
+                await publish(js, brun("run_a", 1))
+                last_id, first = await sse.event()
+                assert (first["id"], first["version"]) == ("run_a", 1)
+            scheduler.runs["run_a"] = brun("run_a", 2)
+            await publish(js, brun("run_a", 2))
+            headers = {"Authorization": "Bearer rp_dev_test", "Last-Event-ID": last_id}
+            async with session.get(url, headers=headers) as response:
+                sse = SseReader(response)
+                _, replayed = await sse.event()
+                assert (replayed["id"], replayed["version"]) == ("run_a", 2)
+                # Several reconcile intervals: nothing but keepalives (run_0 and run_a at v1
+                # are the client's already).
+                await asyncio.sleep(1.5)
+                # run_b's first event is lost (unreadable); the next event read past it.
+                scheduler.runs["run_b"] = brun("run_b", 1)
+                await js.publish(subjects.run_event("env_dev", "run_b"), b"\xff not an event")
+                scheduler.runs["run_a"] = brun("run_a", 3)
+                await publish(js, brun("run_a", 3))
+                got = [(await sse.event())[1] for _ in range(2)]
+                assert [(r["id"], r["version"]) for r in got] == [("run_a", 3), ("run_b", 1)]
+                assert sse.comments > 0
+    finally:
+        await service.stop(grace=0)
