@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# Run as a script (bench/ is on sys.path): the table's names for the W5 cases, stdlib only.
+from report import w5_label
+
 
 def main() -> None:
     src, dst = sys.argv[1], sys.argv[2]
@@ -141,9 +144,8 @@ def main() -> None:
         labels, p50, p99, fails = [], [], [], []
         for name, key, st in w5:
             _, mode, subs = key.split("/")
-            labels.append(
-                f"{name.removeprefix('runplane-')} {subs} {'own run' if mode == 'run' else '1 tag'}"
-            )
+            case = w5_label(mode, int(subs), st.get("tag_rate", 0))
+            labels.append(f"{name.removeprefix('runplane-')} {case}")
             good = st.get("ok") and st.get("p50_ms")
             p50.append(st["p50_ms"]["median"] if good else 0)
             p99.append(st["p99_ms"]["median"] if good else 0)

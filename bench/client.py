@@ -237,11 +237,21 @@ def main() -> None:
     ap.add_argument("--stall", type=float, default=30.0)
     ap.add_argument("--verify-max", type=int, default=0)
     ap.add_argument("--pids", default="", help="W4: JSON {name: pid} of process trees to measure")
-    ap.add_argument("--mode", default="run", choices=["run", "tag"], help="W5 subscription kind")
-    ap.add_argument("--tag-runs", type=int, default=10, help="W5 tag mode: runs to follow")
+    ap.add_argument(
+        "--mode",
+        default="run",
+        choices=["run", "tag", "sse-tag", "stream"],
+        help="W5 subscription kind",
+    )
+    ap.add_argument("--tag-runs", type=int, default=10, help="W5 tag modes: runs to follow")
+    ap.add_argument("--tag-rate", type=float, default=0.0, help="W5 tag modes: runs/s (0: max)")
+    ap.add_argument("--chunk-rate", type=float, default=1000.0, help="W5 stream: chunks/s")
+    ap.add_argument("--stream-s", type=float, default=5.0, help="W5 stream: seconds of writing")
     a = ap.parse_args()
     try:
-        if os.environ.get("BENCH_UVLOOP") == "1":
+        # W5 holds up to 10,000 streams in this one process: uvloop, as a server-side
+        # subscriber of that many would run (and it is what the realtime service runs on)
+        if os.environ.get("BENCH_UVLOOP") == "1" or a.workload == "W5":
             import uvloop  # type: ignore[import-not-found]
 
             uvloop.install()

@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -105,8 +106,10 @@ def run(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     timeout: float = 120.0,
+    progress: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short command to completion in its own group; kill the group on timeout."""
+    """Run a short command to completion in its own group; kill the group on timeout.
+    ``progress`` gets each stderr line that starts with ``PROGRESS`` as it comes."""
     p = subprocess.Popen(
         list(argv),
         env=env,
@@ -118,11 +121,15 @@ def run(
         start_new_session=True,
     )
     _procs.append((argv[0], p))  # type: ignore[arg-type]
+    echo = _Echo(p, progress) if progress is not None else None
     try:
-        out, err = p.communicate(timeout=timeout)
+        if echo is not None:
+            out, err = echo.communicate(timeout)
+        else:
+            out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop(p, grace=2.0)  # type: ignore[arg-type]
-        out, err = p.communicate()
+        out, err = echo.communicate(None) if echo is not None else p.communicate()
         return subprocess.CompletedProcess(
             list(argv), -999, out, (err or "") + f"\n<timeout after {timeout:.0f}s>"
         )
@@ -135,6 +142,43 @@ def run(
                 del _procs[i]
                 break
     return subprocess.CompletedProcess(list(argv), p.returncode, out, err)
+
+
+PROGRESS = "  [client] "
+
+
+class _Echo:
+    """Reads a child's stdout and stderr in threads, passing its progress lines on as they
+    come."""
+
+    def __init__(self, p: subprocess.Popen[str], progress: Callable[[str], None]) -> None:
+        self.p, self.progress = p, progress
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._pump_out, daemon=True),
+            threading.Thread(target=self._pump_err, daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _pump_out(self) -> None:
+        assert self.p.stdout is not None
+        self.out.append(self.p.stdout.read())
+
+    def _pump_err(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.err.append(line)
+            if line.startswith(PROGRESS):
+                self.progress(line[len(PROGRESS) :].rstrip())
+
+    def communicate(self, timeout: float | None) -> tuple[str, str]:
+        """Like Popen.communicate: raises TimeoutExpired if the child is still running."""
+        self.p.wait(timeout=timeout)
+        for t in self.threads:
+            t.join(5)
+        return "".join(self.out), "".join(self.err)
 
 
 def tail(path: Path | None, n: int = 15) -> str:

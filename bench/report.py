@@ -77,7 +77,14 @@ def _summarize_w5(out: dict[str, Any], ok: list[dict[str, Any]]) -> dict[str, An
         out[k] = _stat([r.get(k, math.nan) for r in ok])
     for proc in ("realtime", "client", "scheduler", "nats"):
         out[f"cpu_{proc}_s"] = _stat([r.get("cpu_s", {}).get(proc, math.nan) for r in ok])
+    for k in ("chunks", "append_calls", "write_rate", "deliveries"):
+        out[k] = _stat([r.get(k, math.nan) for r in ok])
+    for proc in ("realtime", "client"):
+        out[f"{proc}_kb_per_subscriber"] = _stat(
+            [r.get("kb_per_subscriber", {}).get(proc, math.nan) for r in ok]
+        )
     out["mode"], out["subs"] = ok[0]["mode"], ok[0]["n"]
+    out["tag_rate"] = ok[0].get("tag_rate", 0)
     out["dups"] = sum(r.get("dups", 0) for r in ok)
     return out
 
@@ -297,6 +304,20 @@ def _w4(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def _kb(st: dict[str, float] | None) -> str:
+    return "-" if not st or math.isnan(st["median"]) else f"{st['median']:.1f}"
+
+
+def w5_label(mode: str, subs: int, tag_rate: float = 0) -> str:
+    """A W5 case as the table and the chart name it."""
+    if mode == "run":
+        return f"{subs:,} x own run"
+    if mode == "stream":
+        return f"{subs:,} readers of 1 stream"
+    pace = f", {tag_rate:g} runs/s" if tag_rate else ""
+    return f"{subs:,} on 1 tag{' (SSE)' if mode == 'sse-tag' else ''}{pace}"
+
+
 def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     body = []
     for name, row in rows.items():
@@ -304,9 +325,9 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             if not key.startswith("W5/"):
                 continue
             _, mode, subs = key.split("/")
-            what = f"{subs} x own run" if mode == "run" else f"{subs} on 1 tag"
+            what = w5_label(mode, int(subs), s.get("tag_rate", 0))
             if not s["ok"]:
-                body.append([name, what, "FAIL", "", "", "", "", "", "", _fail(s)])
+                body.append([name, what, "FAIL", "", "", "", "", "", "", "", _fail(s)])
                 continue
             body.append(
                 [
@@ -318,6 +339,7 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                     cell(s["p100_ms"]),
                     f"{s['saw_final']['median']:.0f}/{subs}",
                     cell(s["wave_s"], " s"),
+                    _kb(s.get("realtime_kb_per_subscriber")),
                     f"{cell(s['cpu_realtime_s'])} / {cell(s['cpu_nats_s'])} / "
                     f"{cell(s['cpu_client_s'])}",
                     _check(s),
@@ -327,10 +349,13 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         return []
     return [
         "\nW5 realtime (runplane only): event-to-subscriber latency = receive time - the run "
-        "version's updated_at; 'x own run': each subscriber follows its own run (all released "
-        f"at once); 'on 1 tag': all follow one tag, {cfg.get('w5_tag_runs', 10)} runs; wave: "
-        "release (or first trigger) until every subscriber saw every run COMPLETED; CPU s: "
-        "used in the wave\n"
+        "version's updated_at (a stream chunk's write time); 'x own run': each subscriber "
+        "follows its own run (all released at once); 'on 1 tag': all follow one tag, "
+        f"{cfg.get('w5_tag_runs', 10)} runs; 'readers of 1 stream': "
+        f"{cfg.get('w5_chunk_rate', 1000):g} chunks/s for {cfg.get('w5_stream_s', 5):g} s; "
+        "events: deliveries measured; wave: release (or first trigger, first chunk) until every "
+        "subscriber had everything; KB/sub: realtime RSS growth per connected subscriber; "
+        "CPU s: used in the wave\n"
         + _table(
             [
                 "system",
@@ -341,6 +366,7 @@ def _w5(rows: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
                 "max ms",
                 "saw final",
                 "wave",
+                "KB/sub",
                 "CPU s realtime / nats / client",
                 "check",
             ],

@@ -44,6 +44,28 @@ PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV") or BENCH / ".venv-peers")
 PEERS_REQ = BENCH / "requirements-peers.txt"
 RESULTS = BENCH / "results"
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+W5_MODES = ("run", "tag", "sse-tag", "stream")
+W5_DEFAULT = "run:1000/10000,tag:1000,sse-tag:1000,stream:100"
+W5_TAG_RATE = 0.0
+
+
+def w5_cases(spec: str, default_subs: list[int]) -> list[tuple[str, int]]:
+    """``run:1000/10000,tag`` -> [("run", 1000), ("run", 10000), ("tag", <default>)...]."""
+    cases: list[tuple[str, int]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        mode, _, counts = part.partition(":")
+        if mode not in W5_MODES:
+            raise ValueError(f"{mode!r} is not one of {', '.join(W5_MODES)}")
+        try:
+            subs = [int(x) for x in counts.split("/") if x] if counts else default_subs
+        except ValueError:
+            raise ValueError(f"{part!r}: counts look like run:1000/10000") from None
+        cases += [(mode, n) for n in subs]
+    if not cases:
+        raise ValueError("no case")
+    return cases
 
 
 def system_classes() -> dict[str, type[System]]:
@@ -162,7 +184,13 @@ class Runner:
             *(["--kind", kind] if kind else []),
             *special,
         ]
-        r = procs.run(argv, env=system.env(), cwd=REPO, timeout=deadline + 90)
+        r = procs.run(
+            argv,
+            env=system.env(),
+            cwd=REPO,
+            timeout=deadline + 90,
+            progress=(lambda line: log(f"      {line}")) if workload in ("W4", "W5") else None,
+        )
         if r.stderr.strip():
             with (system.logdir / "client.log").open("a") as f:
                 f.write(f"--- {workload} n={n} rc={r.returncode}\n{r.stderr}\n")
@@ -222,8 +250,7 @@ class Runner:
             (system.name, f"W5/{mode}/{subs}", "W5", {"subs": subs, "mode": mode})
             for w in todo
             if w == "W5"
-            for mode in a.w5_modes
-            for subs in a.subs5
+            for mode, subs in a.w5_cases
         ]
         if std_jobs:
             plan.append((std, std_jobs))
@@ -282,6 +309,9 @@ class Runner:
                             system.start_realtime()  # type: ignore[attr-defined]
                             special = (
                                 *("--mode", extra["mode"], "--tag-runs", str(a.w5_tag_runs)),
+                                *("--tag-rate", str(a.w5_tag_rate)),
+                                *("--chunk-rate", str(a.w5_chunk_rate)),
+                                *("--stream-s", str(a.w5_stream_s)),
                                 *("--pids", json.dumps(system.pids())),  # type: ignore[attr-defined]
                             )
                         except Exception as e:
@@ -453,16 +483,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--subs5",
         default=None,
-        help="W5 subscriber counts, comma-separated (default 200,1000; quick 50)",
+        help="W5 subscriber counts for the modes --w5-modes gives none (default 1000; quick 50)",
     )
     ap.add_argument(
         "--w5-modes",
-        default="run,tag",
-        help="W5: run = one subscriber per run (subscribe_to_run); tag = all on one tag",
+        default=None,
+        help="W5 cases, comma-separated, each MODE or MODE:N/N/...: run = one gRPC subscriber "
+        "per run (subscribe_to_run); tag = all on one tag (gRPC); sse-tag = all on one tag over "
+        "HTTP SSE; stream = N readers of one run stream (default "
+        f"{W5_DEFAULT}; quick: each mode with 50)",
     )
     ap.add_argument(
-        "--w5-tag-runs", type=int, default=10, help="W5 tag mode: runs every subscriber follows"
+        "--w5-tag-runs", type=int, default=10, help="W5 tag modes: runs every subscriber follows"
     )
+    ap.add_argument(
+        "--w5-tag-rate",
+        type=float,
+        default=W5_TAG_RATE,
+        help="W5 tag modes: runs triggered per second (0 = one after another, as fast as "
+        "triggers return)",
+    )
+    ap.add_argument(
+        "--w5-chunk-rate", type=float, default=1000.0, help="W5 stream: chunks written per second"
+    )
+    ap.add_argument("--w5-stream-s", type=float, default=5.0, help="W5 stream: seconds of writing")
     ap.add_argument("--procs", type=int, default=2, help="worker processes per system")
     ap.add_argument(
         "--slots", type=int, default=8, help="W1/W2 concurrent tasks per worker process"
@@ -520,13 +564,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.n4 = a.n4 or (500 if q else 10_000)
     a.n6 = 1000
     try:
-        a.subs5 = [int(x) for x in (a.subs5 or ("50" if q else "200,1000")).split(",") if x]
+        a.subs5 = [int(x) for x in (a.subs5 or ("50" if q else "1000")).split(",") if x]
     except ValueError:
         ap.error("--subs5 looks like 200,1000")
-    a.w5_modes = [m.strip() for m in a.w5_modes.split(",") if m.strip()]
+    modes = a.w5_modes or (",".join(W5_MODES) if q else W5_DEFAULT)
+    try:
+        a.w5_cases = w5_cases(modes, a.subs5)
+    except ValueError as e:
+        ap.error(f"--w5-modes: {e}")
+    a.w5_modes = list(dict.fromkeys(mode for mode, _ in a.w5_cases))
     a.w45_on = [x.strip() for x in (a.w45_on or ("all" if q else "runplane-sqlite")).split(",")]
-    if set(a.w5_modes) - {"run", "tag"}:
-        ap.error("--w5-modes: run and/or tag")
     if q:
         a.pause = min(a.pause, 0.3)
         a.verify_max = min(a.verify_max, 200)
@@ -563,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     log(
         f"plan: systems={','.join(a.systems)} workloads={','.join(a.workloads)} reps={a.reps} "
         f"W1 n={a.n1} | W2 n={a.n2}@{a.rate2:g}/s | W3 n={a.n3} slots={a.slots3} | "
-        f"W4 n={a.n4}, W5 subs={a.subs5} {'+'.join(a.w5_modes)} on {','.join(a.w45_on)} | "
+        f"W4 n={a.n4}, W5 {' '.join(f'{m}:{n}' for m, n in a.w5_cases)} on "
+        f"{','.join(a.w45_on)} | "
         f"workers: {a.procs} procs x {a.slots} slots"
     )
     peers_py = (

@@ -28,17 +28,22 @@ import contextlib
 import json
 import math
 import os
+import sys
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
+
+import orjson
 
 from bench import procmem
 from bench.client import pct, wait_done
 from bench.resp import Redis
 from runplane import Client, RunStatus, WaitAPI
+from runplane._realtime import read_stream
+from runplane.v1 import realtime_service_pb2 as rtpb
+from runplane.v1 import realtime_service_pb2_grpc, waitpoint_service_pb2_grpc
 from runplane.v1 import waitpoint_service_pb2 as wspb
-from runplane.v1 import waitpoint_service_pb2_grpc
 
 WAIT_TASK = "bench-wait-token"
 BATCH = 500
@@ -225,6 +230,9 @@ async def w4(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
 
 
 # --- W5 ---------------------------------------------------------------------------------------
+FINAL = str(RunStatus.COMPLETED)
+
+
 class Sub:
     """One subscriber's view: latest status per run, and the latency of each event."""
 
@@ -240,13 +248,18 @@ class Sub:
         self.log: list[tuple[str, int, float, float]] = []  # (status, version, recv, updated)
 
     def got(self, run: Any, now: float) -> None:
-        self.events += 1
-        self.final[run.id] = str(run.status)
         updated = run.updated_at.timestamp() if run.updated_at is not None else math.nan
+        self.got_fields(run.id, str(run.status), run.version, updated, now)
+
+    def got_fields(
+        self, run_id: str, status: str, version: int, updated: float, now: float
+    ) -> None:
+        self.events += 1
+        self.final[run_id] = status
         if len(self.log) < 12:
-            self.log.append((str(run.status), run.version, now, updated))
+            self.log.append((status, version, now, updated))
         if self.first and updated >= self.first:
-            self.lat.append((run.id, now - updated))
+            self.lat.append((run_id, now - updated))
         self.first = self.first or now
 
 
@@ -260,6 +273,23 @@ async def _follow_tag(c: Client, tag: str, s: Sub) -> None:
         s.got(run, time.time())
 
 
+async def _follow_sse(session: Any, url: str, headers: dict[str, str], s: Sub) -> None:
+    """One EventSource-like client on the realtime service's SSE route: a real HTTP
+    connection; each ``data:`` line is one run version (the public JSON shape)."""
+    async with session.get(url, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"SSE {url}: HTTP {resp.status}: {(await resp.text())[:200]}")
+        async for line in resp.content:
+            if not line.startswith(b"data:"):
+                continue
+            now = time.time()
+            run = orjson.loads(line[5:])
+            stamp = run.get("updated_at")
+            updated = datetime.fromisoformat(stamp).timestamp() if stamp else math.nan
+            status = str(run.get("status", "")).removeprefix("RUN_STATUS_")
+            s.got_fields(run["id"], status, int(run.get("version", 0)), updated, now)
+
+
 async def _until(cond: Any, deadline: float, step: float = 0.1) -> bool:
     while not cond():
         if time.monotonic() > deadline:
@@ -268,10 +298,55 @@ async def _until(cond: Any, deadline: float, step: float = 0.1) -> bool:
     return True
 
 
+async def _connected(
+    what: str, subs: list[Any], tasks: list[asyncio.Task[None]], deadline: float, is_in: Any
+) -> str:
+    """Wait until every subscriber ``is_in``; reports progress every 5 s. An error (a
+    subscriber task that failed, or the deadline) as text, else ""."""
+    last = time.monotonic()
+    while True:
+        n = sum(1 for s in subs if is_in(s))
+        if n == len(subs):
+            return ""
+        failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        if failed:
+            return f"{len(failed)} {what} failed, the first with {failed[0].exception()!r}"[:400]
+        if time.monotonic() > deadline:
+            return f"only {n}/{len(subs)} {what} connected by the deadline"
+        if time.monotonic() - last >= 5:
+            last = time.monotonic()
+            _progress(f"{n}/{len(subs)} {what} connected")
+        await asyncio.sleep(0.1)
+
+
+def _kb_per(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], n: int) -> dict:
+    """RSS growth per subscriber of each process between two samples, KB."""
+    return {
+        name: round((after[name]["rss_kb"] - b["rss_kb"]) / n, 2)
+        for name, b in before.items()
+        if name in after and n
+    }
+
+
+async def _trigger_paced(c: Client, key: str, tag: str, n: int, rate: float) -> list[str]:
+    """n no-op runs with the tag, one after another, or at ``rate`` per second."""
+    ids: list[str] = []
+    t0 = time.monotonic()
+    for i in range(n):
+        if rate > 0:
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+        h = await c.tasks.trigger("bench-noop", {"k": key, "i": i, "t": time.time()}, tags=[tag])
+        ids.append(h.id)
+    return ids
+
+
 async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
+    if a.mode == "stream":
+        return await w5_stream(a, c, rec)
     subs_n, mode, key = a.n, a.mode, a.key
     pids = {k: int(v) for k, v in json.loads(a.pids or "{}").items()}
     pids["client"] = os.getpid()
+    mem_pids = {k: v for k, v in pids.items() if k in ("realtime", "client")}
     deadline = time.monotonic() + a.deadline
     tag = f"w5{mode}-{time.time_ns()}"
     res: dict[str, Any] = {"workload": "W5", "mode": mode, "n": subs_n, "ok": False}
@@ -279,7 +354,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         rec.call("DEL", k)
     subs = [Sub() for _ in range(subs_n)]
     tasks: list[asyncio.Task[None]] = []
-    final = str(RunStatus.COMPLETED)
+    session: Any = None
     try:
         if mode == "run":
             token = (await WaitAPI(c).create_token(timeout="1h", tags=[tag])).id
@@ -289,44 +364,71 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
             if why:
                 res["error"] = f"runs not waiting: {why}"
                 return res
+            mem0 = procmem.sample(mem_pids)
             t_sub = time.time()
+            _progress(f"W5 run: {subs_n} runs waiting; connecting {subs_n} subscribers")
             tasks = [
                 asyncio.create_task(_follow_run(c, rid, s))
                 for rid, s in zip(ids, subs, strict=True)
             ]
-            if not await _until(lambda: all(s.first for s in subs), deadline):
-                res["error"] = (
-                    f"only {sum(bool(s.first) for s in subs)}/{subs_n} subscribers connected"
-                )
+            why = await _connected("subscribers", subs, tasks, deadline, lambda s: s.first)
+            if why:
+                res["error"] = why
                 return res
             res["connect_s"] = time.time() - t_sub
+            await asyncio.sleep(1.0)  # let the connection bursts' garbage go before measuring
+            mem1 = procmem.sample(mem_pids)
+            res["kb_per_subscriber"] = _kb_per(mem0, mem1, subs_n)
+            res["rss_mb"] = {
+                name: {"before": _mb(mem0[name]["rss_kb"]), "subscribed": _mb(m["rss_kb"])}
+                for name, m in mem1.items()
+                if name in mem0
+            }
+            _progress(f"W5 run: all connected in {res['connect_s']:.1f} s; releasing the runs")
             t_go, cpu0 = time.time(), procmem.cpu(pids)
             await _release(c, token, deadline - time.monotonic())
             expected = [{rid} for rid in ids]
         else:
             runs_n = a.tag_runs
             t_sub = time.time()
-            tasks = [asyncio.create_task(_follow_tag(c, tag, s)) for s in subs]
+            if mode == "sse-tag":
+                import aiohttp
+
+                base = os.environ.get("BENCH_REALTIME_HTTP", "")
+                if not base:
+                    res["error"] = "BENCH_REALTIME_HTTP is not set (realtime HTTP listener)"
+                    return res
+                after_ms = int((time.time() - 600) * 1000)
+                url = f"{base}/realtime/v1/runs?tag={tag}&created_after={after_ms}"
+                headers = dict(c.transport.metadata())
+                headers = {"Authorization": headers["authorization"]}
+                session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+                )
+                tasks = [asyncio.create_task(_follow_sse(session, url, headers, s)) for s in subs]
+            else:
+                tasks = [asyncio.create_task(_follow_tag(c, tag, s)) for s in subs]
             # a marker run: once every subscriber has seen it, all are connected
             marker = await c.tasks.trigger(
                 "bench-noop", {"k": key + ":m", "i": 0, "t": time.time()}, tags=[tag]
             )
-            if not await _until(lambda: all(marker.id in s.final for s in subs), deadline):
-                seen = sum(marker.id in s.final for s in subs)
-                res["error"] = f"only {seen}/{subs_n} subscribers saw the marker run"
+            _progress(f"W5 {mode}: {subs_n} subscribers connecting (waiting for a marker run)")
+            why = await _connected(
+                "subscribers", subs, tasks, deadline, lambda s: marker.id in s.final
+            )
+            if why:
+                res["error"] = why
                 return res
             res["connect_s"] = time.time() - t_sub
+            pace = f"{a.tag_rate:g}/s" if a.tag_rate > 0 else "back to back"
+            _progress(f"W5 {mode}: all connected; triggering {runs_n} runs {pace}")
             t_go, cpu0 = time.time(), procmem.cpu(pids)
-            ids = []
-            for i in range(runs_n):
-                h = await c.tasks.trigger(
-                    "bench-noop", {"k": key, "i": i, "t": time.time()}, tags=[tag]
-                )
-                ids.append(h.id)
+            ids = await _trigger_paced(c, key, tag, runs_n, a.tag_rate)
             expected = [set(ids)] * subs_n
 
         def saw_all(s: Sub, want: set[str]) -> bool:
-            return all(s.final.get(r) == final for r in want)
+            return all(s.final.get(r) == FINAL for r in want)
 
         await _until(
             lambda: all(saw_all(s, w) for s, w in zip(subs, expected, strict=True)),
@@ -343,6 +445,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         res.update(
             ok=ok,
             runs=runs_n,
+            tag_rate=a.tag_rate if mode != "run" else 0,
             completed=len(seen),
             dups=dups,
             saw_final=full,
@@ -367,17 +470,141 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
         res["error"] = f"{type(e).__name__}: {e}"[:400]
         return res
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception()]
-        if errors:
-            res["subscriber_errors"] = len(errors)
-            res["subscriber_error"] = repr(errors[0])[:300]
+        await _stop(tasks, res)
+        if session is not None:
+            await session.close()
         for k in (key, key + ":w", key + ":m"):
             rec.call("DEL", k)
     if res["ok"]:
         res["verify"] = v = await verify(ids, deadline=time.monotonic() + 60, limit=a.verify_max)
         if not v.get("ok"):
             res["ok"], res["error"] = False, f"system-side verification failed: {v}"
+    return res
+
+
+def _progress(msg: str) -> None:
+    print(f"  [client] {msg}", file=sys.stderr, flush=True)
+
+
+async def _stop(tasks: list[asyncio.Task[None]], res: dict[str, Any]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [t.exception() for t in tasks if not t.cancelled() and t.exception()]
+    if errors:
+        res["subscriber_errors"] = len(errors)
+        res["subscriber_error"] = repr(errors[0])[:300]
+
+
+# --- W5 stream ---------------------------------------------------------------------------------
+STREAM_ID = "bench"
+WRITE_TICK = 0.005
+
+
+class Reader:
+    """One stream reader: the indexes it got, in order, and each chunk's latency."""
+
+    __slots__ = ("indexes", "lat")
+
+    def __init__(self) -> None:
+        self.indexes: list[int] = []
+        self.lat: list[float] = []
+
+
+async def _read(c: Client, run_id: str, r: Reader) -> None:
+    channel = await c.transport.realtime_channel()
+    async for index, data in read_stream(channel, c.transport.metadata(), run_id, STREAM_ID):
+        now = time.time()
+        r.indexes.append(index)
+        t = orjson.loads(data).get("t")
+        if t is not None:
+            r.lat.append(now - t)
+
+
+async def _append(c: Client, run_id: str, chunks: list[bytes], close: bool = False) -> int:
+    stub = realtime_service_pb2_grpc.RealtimeServiceStub(await c.transport.realtime_channel())
+    request = rtpb.AppendStreamRequest(
+        run_id=run_id, stream_id=STREAM_ID, chunks=[x.decode() for x in chunks], close=close
+    )
+    response = await c.transport.call(stub.AppendStream, request)
+    return int(response.last_index)
+
+
+async def w5_stream(a: Any, c: Client, rec: Redis) -> dict[str, Any]:
+    """R readers of one run's stream; the client writes ``chunk_rate`` chunks a second for
+    ``stream_s`` seconds. Each chunk carries its write time: latency = receive - write. The
+    writer appends every ``WRITE_TICK`` the chunks due by then, in one AppendStream (a token
+    streamer's natural batching), so the rate holds whatever one call costs."""
+    readers_n, key = a.n, a.key
+    pids = {k: int(v) for k, v in json.loads(a.pids or "{}").items()}
+    pids["client"] = os.getpid()
+    deadline = time.monotonic() + a.deadline
+    total = int(a.chunk_rate * a.stream_s)
+    res: dict[str, Any] = {"workload": "W5", "mode": "stream", "n": readers_n, "ok": False}
+    for k in (key, key + ":w"):
+        rec.call("DEL", k)
+    readers = [Reader() for _ in range(readers_n)]
+    tasks: list[asyncio.Task[None]] = []
+    token = ""
+    try:
+        token = (await WaitAPI(c).create_token(timeout="1h")).id
+        run = await c.tasks.trigger(WAIT_TASK, {"k": key, "i": 0, "t": time.time(), "token": token})
+        _, why = wait_done(rec, key + ":w", 1, deadline, a.stall)
+        if why:
+            res["error"] = f"the writer's run is not waiting: {why}"
+            return res
+        tasks = [asyncio.create_task(_read(c, run.id, r)) for r in readers]
+        # a marker chunk (index 1): once every reader has it, all are connected
+        await _append(c, run.id, [b'{"marker": true}'])
+        _progress(f"W5 stream: {readers_n} readers connecting")
+        why = await _connected("readers", readers, tasks, deadline, lambda r: r.indexes)
+        if why:
+            res["error"] = why
+            return res
+        _progress(f"W5 stream: writing {total} chunks at {a.chunk_rate:g}/s")
+        t_go, cpu0 = time.time(), procmem.cpu(pids)
+        sent, calls, last, t0 = 0, 0, 1, time.monotonic()
+        while sent < total:
+            due = min(total, int((time.monotonic() - t0) * a.chunk_rate) + 1)
+            if due > sent:
+                now = time.time()
+                chunks = [b'{"i":%d,"t":%.6f}' % (i, now) for i in range(sent, due)]
+                last = await _append(c, run.id, chunks)
+                sent, calls = due, calls + 1
+            await asyncio.sleep(max(0.0, t0 + (sent + 1) / a.chunk_rate - time.monotonic()))
+        write_s = time.monotonic() - t0
+        await _append(c, run.id, [], close=True)
+        done = await _until(lambda: all(t.done() for t in tasks), deadline, step=0.1)
+        t_done, cpu1 = time.time(), procmem.cpu(pids)
+        want = list(range(1, total + 2))
+        exact = sum(r.indexes == want for r in readers)
+        lat = sorted(x for r in readers for x in r.lat)
+        res.update(
+            ok=done and exact == readers_n and last == total + 1,
+            runs=1,
+            chunks=total,
+            append_calls=calls,
+            write_rate=total / write_s if write_s else math.nan,
+            completed=exact,
+            saw_final=exact,
+            events=len(lat),
+            deliveries=sum(len(r.indexes) for r in readers),
+            wave_s=t_done - t_go,
+            cpu_s={k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1},
+            lat_ms={p: pct(lat, float(p)) * 1000 for p in ("50", "95", "99", "100")},
+            error=""
+            if exact == readers_n
+            else f"{readers_n - exact}/{readers_n} readers did not get chunks 1..{total + 1} "
+            "exactly once in order",
+        )
+    except Exception as e:  # a failed call fails the workload; keep what was measured
+        res["error"] = f"{type(e).__name__}: {e}"[:400]
+        return res
+    finally:
+        await _stop(tasks, res)
+        if token:
+            with contextlib.suppress(Exception):
+                await _release(c, token, 30)
+        for k in (key, key + ":w"):
+            rec.call("DEL", k)
     return res

@@ -36,6 +36,7 @@ class Runplane(System):
         self.scheduler = None
         self.realtime = None
         self.realtime_port = 0
+        self.realtime_http_port = 0
         self.key = ""
         self.port = 0
         self.db = ""
@@ -85,7 +86,9 @@ class Runplane(System):
             env["RUNPLANE_REALTIME_LISTEN"] = env["RUNPLANE_REALTIME_URL"] = (
                 f"127.0.0.1:{self.realtime_port}"
             )
-            env["RUNPLANE_REALTIME_HTTP_LISTEN"] = ""  # no SSE endpoints
+            # the SSE endpoints (W5 sse-tag)
+            env["RUNPLANE_REALTIME_HTTP_LISTEN"] = f"127.0.0.1:{self.realtime_http_port}"
+            env["BENCH_REALTIME_HTTP"] = f"http://127.0.0.1:{self.realtime_http_port}"
         return env
 
     def _cli(self, *args: str, timeout: float = 120) -> str:
@@ -157,6 +160,7 @@ class Runplane(System):
         if self.realtime is not None:
             return
         self.realtime_port = procs.free_port()
+        self.realtime_http_port = procs.free_port()
         log = self.logdir / "realtime.log"
         self.realtime = procs.spawn(
             f"{self.name}:realtime", [*self.exe, "realtime"], env=self.env(), cwd=REPO, log_path=log
@@ -179,6 +183,7 @@ class Runplane(System):
             procs.stop(self.realtime)
             self.realtime = None
         self.realtime_port = 0
+        self.realtime_http_port = 0
 
     def pids(self) -> dict[str, int]:
         """The process trees W4 measures: the executor (control process + task processes)

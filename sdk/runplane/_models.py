@@ -67,7 +67,9 @@ class RunError:
 def _dt(ts: Any, present: bool) -> datetime | None:
     if not present:
         return None
-    return datetime.fromtimestamp(ts.ToMilliseconds() / 1000, tz=UTC)
+    # ts.ToMilliseconds() / 1000, without its cost (a run has five timestamps, and a
+    # subscriber decodes thousands of runs a second)
+    return datetime.fromtimestamp((ts.seconds * 1000 + ts.nanos // 1_000_000) / 1000, tz=UTC)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,11 @@ _FINAL = frozenset(status.to_pb() for status in RunStatus if status.is_final)
 
 # A realtime service that restarts, or a connection that drops, ends the stream with one of these
 # (INTERNAL: an HTTP/2 stream reset mid-response). Anything else is the server's answer.
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+# CANCELLED too: a call this side did not cancel (that raises CancelledError here) was shed by
+# the service (more calls arriving at once than it takes in; a replica shutting down).
+_RESUMABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+)
 # The service cuts off a subscriber that reads too slowly (RESOURCE_EXHAUSTED with this reason):
 # it resumes from the last version it yielded, like after a break.
 _FELL_BEHIND = "SUBSCRIBER_FELL_BEHIND"
@@ -194,6 +198,10 @@ def subscribe_to_batch(
     return subscribe_to_run_set(call, f"subscription to batch {batch_id}")
 
 
+# Chunks that are ready together come in one ReadStream response, up to this many.
+_CHUNKS_PER_RESPONSE = 256
+
+
 async def read_stream(
     channel: grpc.aio.Channel,
     metadata: tuple[tuple[str, str], ...],
@@ -211,17 +219,23 @@ async def read_stream(
     resumer = _Resumer(f"stream {stream_id} of {run_id}", max_backoff, give_up_after)
     while True:
         request = realtime_service_pb2.ReadStreamRequest(
-            run_id=run_id, stream_id=stream_id, after_index=last
+            run_id=run_id,
+            stream_id=stream_id,
+            after_index=last,
+            max_chunks_per_response=_CHUNKS_PER_RESPONSE,
         )
         call = stub.ReadStream(request, metadata=metadata)
         resumer.connecting()
         try:
             async for response in call:
-                if response.index <= last:
-                    continue
-                last = response.index
                 resumer.delivered()
-                yield response.index, response.data
+                if response.index > last:
+                    last = response.index
+                    yield response.index, response.data
+                for chunk in response.more_chunks:
+                    if chunk.index > last:
+                        last = chunk.index
+                        yield chunk.index, chunk.data
             return
         except grpc.aio.AioRpcError as error:
             await resumer.broke(error, f"after chunk {last}")

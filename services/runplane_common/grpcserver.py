@@ -264,14 +264,26 @@ class Server:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: TlsSettings | None = None,
         map_errors: Sequence[ErrorMapper] = (),
+        max_pending_calls: int = 0,
     ):
+        """``max_pending_calls``: calls that may wait to be taken in at once before gRPC
+        cancels the rest (0: gRPC's default, 1,000; the hard limit is three times it)."""
         self.tls = tls or TlsSettings()
+        pending = (
+            [
+                ("grpc.server.max_pending_requests", max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", 3 * max_pending_calls),
+            ]
+            if max_pending_calls
+            else []
+        )
         self.grpc = grpc.aio.server(
             interceptors=[ServiceInterceptor(authenticate, map_errors)],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *pending,
             ],
         )
         self.health = health.aio.HealthServicer()

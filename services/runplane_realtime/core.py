@@ -19,6 +19,7 @@ from runplane_realtime.feed import Feed, token_expiry_ms
 from runplane_realtime.scheduler import Metadata, Scheduler
 from runplane_realtime.streams import Chunk, RunStreams, stream_id
 from runplane_realtime.subscriptions import (
+    IdleChecks,
     RunSet,
     RunSetSubscription,
     RunSubscription,
@@ -52,6 +53,8 @@ class Realtime:
         # The subscribers' feeds that still read events (for tests and introspection).
         self.feeds: set[Feed[Any]] = set()
         self._write_grants: dict[tuple[str, str], tuple[float, str]] = {}
+        # The subscriptions' idle checks with the scheduler, kept within a rate.
+        self.idle_checks = IdleChecks()
 
     async def open_run(
         self, credentials: Metadata, run_id: str, after_version: int, keep_open: bool
@@ -71,6 +74,7 @@ class Realtime:
             run_id,
             after_version,
             self.settings.reconcile_interval,
+            self.idle_checks,
         )
         has_final = is_final(current) and current.version <= after_version
         runs = _empty() if has_final and not keep_open else subscription.runs(keep_open)
@@ -162,6 +166,7 @@ class Realtime:
             dict(after_versions),
             self.settings.reconcile_interval,
             resume_cursor,
+            self.idle_checks,
         )
 
         def resume(last: tuple[run_pb2.Run, int] | None) -> dict[str, str]:
@@ -173,7 +178,7 @@ class Realtime:
 
     async def open_stream(
         self, credentials: Metadata, run_id: str, sid: str, after_index: int
-    ) -> Feed[Chunk]:
+    ) -> Feed[list[Chunk]]:
         if not run_id:
             raise errors.InvalidArgument("run_id", "must not be empty")
         stream_id(sid)
@@ -189,8 +194,8 @@ class Realtime:
 
         chunks = self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
 
-        def resume(last: Chunk | None) -> dict[str, str]:
-            return {"after_index": str(last.index if last is not None else after_index)}
+        def resume(last: list[Chunk] | None) -> dict[str, str]:
+            return {"after_index": str(last[-1].index if last else after_index)}
 
         return self._feed(credentials, chunks, _chunk_size, resume)
 
@@ -242,8 +247,8 @@ def _set_size(item: tuple[run_pb2.Run, int]) -> int:
     return int(item[0].ByteSize())
 
 
-def _chunk_size(chunk: Chunk) -> int:
-    return len(chunk.data)
+def _chunk_size(chunks: list[Chunk]) -> int:
+    return sum(len(chunk.data) for chunk in chunks)
 
 
 async def _empty() -> AsyncGenerator[run_pb2.Run, None]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -223,7 +222,9 @@ class HubReader(Generic[T]):
         self._live_from: int | None = None
         self._joined = False
         self._inbox: collections.deque[tuple[int, T]] = collections.deque()
-        self._ready = asyncio.Event()
+        # The subscriber waiting for the inbox, if any: a bare future and a timer, not
+        # asyncio.wait_for (which makes a task per wait, the largest cost of a delivery).
+        self._waiter: asyncio.Future[None] | None = None
         self._closed = False
 
     @property
@@ -241,7 +242,9 @@ class HubReader(Generic[T]):
             self._live_from = None
             return
         self._inbox.append((sequence, item))
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self, timeout: float) -> T | None:
         if self._closed:
@@ -258,20 +261,54 @@ class HubReader(Generic[T]):
             caught = await self._catch_up()
             if caught is not None:
                 return caught
-        while self._inbox:
-            sequence, item = self._inbox.popleft()
-            if sequence >= self._next:
-                self._next = sequence + 1
-                return item
-        self._ready.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._ready.wait(), timeout)
+        item = self._from_inbox()
+        if item is None and timeout > 0:
+            await self._wait_inbox(timeout)
+            item = self._from_inbox()
+        return item
+
+    async def next_batch(self, timeout: float, limit: int) -> list[T]:
+        """Like :meth:`next`, but with every message at hand, up to ``limit``: what it has
+        to catch up on, then what is in its inbox. Empty after ``timeout`` quiet seconds. A
+        reader that falls behind a fast subject so takes what piled up in one go, not one
+        wake-up each."""
+        first = await self.next(timeout)
+        if first is None:
+            return []
+        batch = [first]
+        while len(batch) < limit and self._live_from is not None:
+            item = None
+            if self._next < self._live_from:
+                try:
+                    item = await self._catch_up()
+                except EventsUnavailable:
+                    break  # what it has goes now; the next call meets the outage
+            if item is None:
+                item = self._from_inbox()  # caught up (_catch_up moved to the live position)
+            if item is None:
+                break
+            batch.append(item)
+        return batch
+
+    def _from_inbox(self) -> T | None:
         while self._inbox:
             sequence, item = self._inbox.popleft()
             if sequence >= self._next:
                 self._next = sequence + 1
                 return item
         return None
+
+    async def _wait_inbox(self, timeout: float) -> None:
+        """Until the hub offers a message, or ``timeout`` seconds pass."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(timeout, _wake, waiter)
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def _catch_up(self) -> T | None:
         """The next message before the live position, read from the stream; None once there
@@ -302,7 +339,14 @@ class HubReader(Generic[T]):
         """Leave the hub; never raises."""
         self._closed = True
         self._inbox.clear()
+        if self._waiter is not None:
+            _wake(self._waiter)
         self._hub.remove(self)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Hubs:

@@ -111,6 +111,14 @@ class Feed(Generic[T]):
                 raise StopAsyncIteration
             self._ready.clear()
             await self._ready.wait()
+        item = self.next_nowait()
+        assert item is not None
+        return item
+
+    def next_nowait(self) -> T | None:
+        """The next item if one is buffered, else None (never waits, never raises)."""
+        if not self._items:
+            return None
         item, size = self._items.popleft()
         self.buffered_bytes -= size
         self._last = item

@@ -142,13 +142,17 @@ def _resume_from(request: web.Request, name: str) -> int:
     return _int_param(request, name)
 
 
-def _run_event(run: run_pb2.Run) -> tuple[str, bytes]:
-    return str(run.version), run_json(run)
+def _run_event(run: run_pb2.Run) -> list[tuple[str, bytes]]:
+    return [(str(run.version), run_json(run))]
 
 
-def _set_event(item: tuple[run_pb2.Run, int]) -> tuple[str, bytes]:
+def _set_event(item: tuple[run_pb2.Run, int]) -> list[tuple[str, bytes]]:
     run, cursor = item
-    return str(cursor) if cursor else "", run_json(run)
+    return [(str(cursor) if cursor else "", run_json(run))]
+
+
+def _chunk_events(chunks: list[Chunk]) -> list[tuple[str, bytes]]:
+    return [_chunk_event(chunk) for chunk in chunks]
 
 
 def _chunk_event(chunk: Chunk) -> tuple[str, bytes]:
@@ -270,14 +274,14 @@ class HttpServer:
             request.match_info["stream_id"],
             _resume_from(request, "after_index"),
         )
-        return await self._sse(request, opened, "chunk", _chunk_event)
+        return await self._sse(request, opened, "chunk", _chunk_events)
 
     async def _sse(
         self,
         request: web.Request,
         feed: Feed[Any],
         event: str,
-        encode: Callable[[Any], tuple[str, bytes]],
+        encode: Callable[[Any], list[tuple[str, bytes]]],
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={
@@ -306,13 +310,16 @@ class HttpServer:
                 except StopAsyncIteration:
                     break
                 try:
-                    event_id, data = encode(item)
+                    events = encode(item)
                 except Exception:
                     # One event must not end the feed for this follower, nor for the others.
                     log.exception("skipping an event that cannot be sent as JSON")
                     continue
-                head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
-                await self._write(response, feed, head.encode() + b"data: " + data + b"\n\n")
+                parts = []
+                for event_id, data in events:  # several chunks that came together: one write
+                    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+                    parts.append(head.encode() + b"data: " + data + b"\n\n")
+                await self._write(response, feed, b"".join(parts))
             await self._write(response, feed, b"event: end\ndata: {}\n\n")
         except ConnectionResetError:  # aiohttp's "cannot write to closing transport" too
             pass  # the client went away

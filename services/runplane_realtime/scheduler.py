@@ -25,6 +25,10 @@ Metadata: TypeAlias = tuple[tuple[str, str], ...]
 T = TypeVar("T")
 
 SNAPSHOT_TIMEOUT = 10.0
+# Calls to the scheduler in flight at once from this process. When thousands of subscribers
+# arrive together (a realtime replica restarts, every client reconnects), their checks queue
+# here instead of reaching the scheduler as thousands of concurrent calls.
+MAX_CALLS_IN_FLIGHT = 32
 LIST_PAGE_SIZE = 100
 
 # The scheduler's refusals, passed on to the subscriber as the same status.
@@ -108,16 +112,18 @@ class Scheduler:
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._meta = meta_service_pb2_grpc.MetaServiceStub(self._channel)
         self._lists = NextTrip()
+        self._in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
 
     async def _call(self, method: Any, request: Any, credentials: Metadata, field: str) -> Any:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the subscriber's trace continues into the scheduler
-        try:
-            return await method(
-                request, metadata=(*credentials, *carrier.items()), timeout=SNAPSHOT_TIMEOUT
-            )
-        except grpc.aio.AioRpcError as error:
-            raise _refusal(error, field) from None
+        async with self._in_flight:
+            try:
+                return await method(
+                    request, metadata=(*credentials, *carrier.items()), timeout=SNAPSHOT_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as error:
+                raise _refusal(error, field) from None
 
     async def get_run(self, run_id: str, credentials: Metadata) -> run_pb2.Run:
         """The run as the scheduler has it now; raises the ServiceError matching its status."""

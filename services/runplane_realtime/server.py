@@ -36,6 +36,10 @@ log = logging.getLogger("runplane.realtime")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = "runplane.v1.RealtimeService"
+# Subscription calls that may wait to be taken in at once (see Server).
+MAX_PENDING_SUBSCRIBERS = 20_000
+# ReadStream's max_chunks_per_response is capped at this.
+MAX_CHUNKS_PER_RESPONSE = 1000
 
 
 class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
@@ -123,11 +127,24 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
             chunks = await self.realtime.open_stream(
                 _credentials(context), request.run_id, request.stream_id, request.after_index
             )
+            most = min(max(request.max_chunks_per_response, 1), MAX_CHUNKS_PER_RESPONSE)
             async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield realtime_service_pb2.ReadStreamResponse(
-                        index=chunk.index, data=chunk.data
-                    )
+                async for ready in chunks:
+                    if most > 1:
+                        # What else is buffered goes along: a reader that fell behind a fast
+                        # stream catches up in a few messages.
+                        while len(ready) < most and (more := chunks.next_nowait()) is not None:
+                            ready = ready + more
+                    for start in range(0, len(ready), most):
+                        first, *rest = ready[start : start + most]
+                        yield realtime_service_pb2.ReadStreamResponse(
+                            index=first.index,
+                            data=first.data,
+                            more_chunks=[
+                                realtime_service_pb2.StreamChunk(index=c.index, data=c.data)
+                                for c in rest
+                            ],
+                        )
 
     async def AppendStream(
         self, request: realtime_service_pb2.AppendStreamRequest, context: Context
@@ -170,7 +187,11 @@ class RealtimeService:
         self.realtime = Realtime(settings, self.link, self.scheduler)
         # No authenticator: the scheduler authorises each call (see Realtime); the interceptor
         # still maps errors and continues traces.
-        self.server = Server(authenticate=None, tls=settings.tls)
+        # Subscribers arrive in thousands at once when a replica restarts and every client
+        # reconnects: take them in rather than have gRPC cancel all past its default 1,000.
+        self.server = Server(
+            authenticate=None, tls=settings.tls, max_pending_calls=MAX_PENDING_SUBSCRIBERS
+        )
         self.servicer = RealtimeServicer(self.realtime)
         self.server.add(
             realtime_service_pb2_grpc.add_RealtimeServiceServicer_to_server,

@@ -36,6 +36,8 @@ CLOSED = "Rp-Closed"
 WRONG_LAST_SEQUENCE = 10071
 MAX_CONFLICTS = 50
 READ_SLICE = 1.0
+# A reader takes at most this many chunks that piled up at once.
+READ_BATCH = 256
 
 
 def stream_id(value: str) -> str:
@@ -205,9 +207,10 @@ class RunStreams:
         sid: str,
         after_index: int,
         run_is_final: Callable[[], Awaitable[bool]],
-    ) -> AsyncGenerator[Chunk, None]:
+    ) -> AsyncGenerator[list[Chunk], None]:
         """Chunks after ``after_index`` in order, until the close marker, or until the run has
-        finished and every chunk written before has been read."""
+        finished and every chunk written before has been read. Chunks that arrive together
+        come in one list (never empty)."""
         subject = subjects.run_stream(environment_id, run_id, sid)
         # The readers of one stream in this process share one consumer.
         hub = self._hubs.get(subjects.RUN_STREAMS_STREAM, subject, _every_message)
@@ -217,8 +220,8 @@ class RunStreams:
             while True:
                 try:
                     await self._ensure()
-                    msg = await reader.next(READ_SLICE)
-                    if msg is None and final_end is None and await run_is_final():
+                    messages = await reader.next_batch(READ_SLICE, READ_BATCH)
+                    if not messages and final_end is None and await run_is_final():
                         final_end = (await self._end(subject)).sequence
                 except (EventsUnavailable, nats.errors.Error, TimeoutError) as error:
                     log.debug("stream %s unreadable (%s)", subject, error)
@@ -227,13 +230,20 @@ class RunStreams:
                     else:
                         await self._link.wait_connected(READ_SLICE)
                     continue
-                if msg is not None:
+                chunks: list[Chunk] = []
+                closed = False
+                for msg in messages:
                     headers = msg.headers or {}
                     if headers.get(CLOSED) == "1":
-                        return
+                        closed = True
+                        break
                     index = int(headers.get(INDEX, 0))
                     if index > after_index:
-                        yield Chunk(index, msg.data.decode())
+                        chunks.append(Chunk(index, msg.data.decode()))
+                if chunks:
+                    yield chunks
+                if closed:
+                    return
                 if final_end is not None and (final_end == 0 or reader.next_sequence > final_end):
                     return
         finally:

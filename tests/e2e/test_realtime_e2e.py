@@ -14,7 +14,12 @@ import pytest
 
 import runplane
 from runplane import Run, RunStatus
-from runplane.v1 import meta_service_pb2, meta_service_pb2_grpc
+from runplane.v1 import (
+    meta_service_pb2,
+    meta_service_pb2_grpc,
+    realtime_service_pb2,
+    realtime_service_pb2_grpc,
+)
 from runplane_common.auth import Principal
 from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.store import tables as db
@@ -189,6 +194,38 @@ async def test_a_late_reader_gets_the_stream_from_its_first_chunk(cluster: Clust
     assert len(chunks) == 20
     for writer in ("a", "b"):
         assert [c["i"] for c in chunks if c["writer"] == writer] == list(range(10))
+
+
+async def test_read_stream_groups_ready_chunks_only_when_asked(cluster: Cluster) -> None:
+    client = cluster.client()
+    handle = await client.tasks.trigger("stream-words", {"n": 50})
+    await client.runs.poll(handle, interval=0.1, timeout=60)
+    channel = await client.transport.realtime_channel()
+    stub = realtime_service_pb2_grpc.RealtimeServiceStub(channel)
+
+    async def read(most: int) -> list[list[tuple[int, str]]]:
+        request = realtime_service_pb2.ReadStreamRequest(
+            run_id=handle.id, stream_id="tokens", max_chunks_per_response=most
+        )
+        return [
+            [(r.index, r.data), *((c.index, c.data) for c in r.more_chunks)]
+            async for r in stub.ReadStream(request, metadata=client.transport.metadata())
+        ]
+
+    want = [(i + 1, json.dumps(f"word-{i}")) for i in range(50)]
+    # An older client asks for nothing: one chunk per response, as before.
+    one_each = await read(0)
+    assert [chunk for response in one_each for chunk in response] == want
+    assert {len(response) for response in one_each} == {1}
+    # Chunks that are ready together (here the whole finished stream) go 8 to a response.
+    grouped = await read(8)
+    assert [chunk for response in grouped for chunk in response] == want
+    assert [len(response) for response in grouped] == [8] * 6 + [2]
+    # The SDK asks for groups, and yields chunk by chunk.
+    tokens = runplane.Stream[str]("tokens", client)
+    assert [c async for c in tokens.read(handle, after_index=45)] == [
+        f"word-{i}" for i in range(45, 50)
+    ]
 
 
 async def test_a_child_writes_to_its_parents_and_roots_stream(cluster: Cluster) -> None:

@@ -32,7 +32,9 @@ async def _read(streams: RunStreams, after: int = 0, final: bool = False) -> lis
         return final
 
     return [
-        (c.index, c.data) async for c in streams.read("env_1", "run_1", "s", after, run_is_final)
+        (c.index, c.data)
+        async for ready in streams.read("env_1", "run_1", "s", after, run_is_final)
+        for c in ready
     ]
 
 

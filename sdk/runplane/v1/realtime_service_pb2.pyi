@@ -229,21 +229,28 @@ class ReadStreamRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     STREAM_ID_FIELD_NUMBER: _builtins.int
     AFTER_INDEX_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_PER_RESPONSE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     stream_id: _builtins.str
     """The stream's id, as given to streams.define(id=...)."""
     after_index: _builtins.int
     """Resume: only chunks with a larger index are sent. 0: from the first chunk (index 1)."""
+    max_chunks_per_response: _builtins.int
+    """Up to this many chunks in one response: the chunks that are ready together (a fast
+    stream, or a reader that fell a little behind) go in one message, the first in
+    index/data and the rest in more_chunks. 0 or 1: one chunk per response.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         stream_id: _builtins.str = ...,
         after_index: _builtins.int = ...,
+        max_chunks_per_response: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_index", b"after_index", "run_id", b"run_id", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_index", b"after_index", "max_chunks_per_response", b"max_chunks_per_response", "run_id", b"run_id", "stream_id", b"stream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,6 +258,38 @@ Global___ReadStreamRequest: _TypeAlias = ReadStreamRequest  # noqa: Y015
 
 @_typing.final
 class ReadStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MORE_CHUNKS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """1 for the first chunk of the stream, +1 for each next one."""
+    data: _builtins.str
+    """JSON text of the chunk."""
+    @_builtins.property
+    def more_chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamChunk]:
+        """With max_chunks_per_response above 1: the chunks that follow this one, in order."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        data: _builtins.str = ...,
+        more_chunks: _abc.Iterable[Global___StreamChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "index", b"index", "more_chunks", b"more_chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadStreamResponse: _TypeAlias = ReadStreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamChunk(_message.Message):
+    """One chunk of a run stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INDEX_FIELD_NUMBER: _builtins.int
@@ -271,7 +310,7 @@ class ReadStreamResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ReadStreamResponse: _TypeAlias = ReadStreamResponse  # noqa: Y015
+Global___StreamChunk: _TypeAlias = StreamChunk  # noqa: Y015
 
 @_typing.final
 class AppendStreamRequest(_message.Message):
