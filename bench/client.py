@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import math
@@ -251,6 +252,11 @@ def main() -> None:
     try:
         # W5 holds up to 10,000 streams in this one process: uvloop, as a server-side
         # subscriber of that many would run (and it is what the realtime service runs on)
+        if a.workload == "W5":
+            # ... and the collector tuned as the realtime service's (runplane_realtime.server):
+            # 10,000 subscribers' objects, walked every few hundred deliveries by default
+            gc.freeze()
+            gc.set_threshold(70_000, 10, 10)
         if os.environ.get("BENCH_UVLOOP") == "1" or a.workload == "W5":
             import uvloop  # type: ignore[import-not-found]
 

@@ -309,7 +309,9 @@ def _kb(st: dict[str, float] | None) -> str:
 
 
 def w5_label(mode: str, subs: int, tag_rate: float = 0) -> str:
-    """A W5 case as the table and the chart name it."""
+    """A W5 case (``tag@1``: 1 run a second) as the table and the chart name it."""
+    mode, _, rate = mode.partition("@")
+    tag_rate = float(rate) if rate else tag_rate
     if mode == "run":
         return f"{subs:,} x own run"
     if mode == "stream":

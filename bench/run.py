@@ -45,19 +45,25 @@ PEERS_REQ = BENCH / "requirements-peers.txt"
 RESULTS = BENCH / "results"
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
 W5_MODES = ("run", "tag", "sse-tag", "stream")
-W5_DEFAULT = "run:1000/10000,tag:1000,sse-tag:1000,stream:100"
+W5_DEFAULT = "run:1000/10000,tag:1000,tag@1:1000,sse-tag@1:1000,stream:100"
 W5_TAG_RATE = 0.0
 
 
 def w5_cases(spec: str, default_subs: list[int]) -> list[tuple[str, int]]:
-    """``run:1000/10000,tag`` -> [("run", 1000), ("run", 10000), ("tag", <default>)...]."""
+    """``run:1000/10000,tag@1`` -> [("run", 1000), ("run", 10000), ("tag@1", <default>)...];
+    a tag mode's ``@R`` triggers its runs at R a second."""
     cases: list[tuple[str, int]] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
         mode, _, counts = part.partition(":")
-        if mode not in W5_MODES:
-            raise ValueError(f"{mode!r} is not one of {', '.join(W5_MODES)}")
+        kind, _, rate = mode.partition("@")
+        if kind not in W5_MODES or (rate and kind not in ("tag", "sse-tag")):
+            raise ValueError(f"{mode!r} is not one of {', '.join(W5_MODES)} (tag@R, sse-tag@R)")
+        try:
+            float(rate or 0)
+        except ValueError:
+            raise ValueError(f"{mode!r}: the rate after @ is runs a second") from None
         try:
             subs = [int(x) for x in counts.split("/") if x] if counts else default_subs
         except ValueError:
@@ -305,11 +311,12 @@ class Runner:
                         special = ("--pids", json.dumps(system.pids()))  # type: ignore[attr-defined]
                     if wl == "W5":
                         n = extra["subs"]
+                        kind, _, rate = extra["mode"].partition("@")
                         try:
                             system.start_realtime()  # type: ignore[attr-defined]
                             special = (
-                                *("--mode", extra["mode"], "--tag-runs", str(a.w5_tag_runs)),
-                                *("--tag-rate", str(a.w5_tag_rate)),
+                                *("--mode", kind, "--tag-runs", str(a.w5_tag_runs)),
+                                *("--tag-rate", rate or str(a.w5_tag_rate)),
                                 *("--chunk-rate", str(a.w5_chunk_rate)),
                                 *("--stream-s", str(a.w5_stream_s)),
                                 *("--pids", json.dumps(system.pids())),  # type: ignore[attr-defined]

@@ -192,7 +192,9 @@ class Realtime:
             except errors.Unavailable:
                 return False
 
-        chunks = self.streams.read(run.environment_id, run.id, sid, after_index, run_is_final)
+        chunks = self.streams.read(
+            run.environment_id, run.id, sid, after_index, run_is_final, finished=is_final(run)
+        )
 
         def resume(last: list[Chunk] | None) -> dict[str, str]:
             return {"after_index": str(last[-1].index if last else after_index)}

@@ -80,11 +80,16 @@ class Hub(Generic[T]):
         subject: str,
         decode: Decoder[T],
         on_stopped: Callable[[Hub[T]], None] = lambda _: None,
+        wake_every: float = 0.0,
     ) -> None:
         self.link = link
         self.stream = stream
         self.subject = subject
         self.decode = decode
+        # A reader is woken at most this often (0: at each message). A fast subject (a token
+        # stream) so costs each reader one wake-up per interval with all that came meanwhile,
+        # not one per message; a quiet one is woken at once.
+        self.wake_every = wake_every
         self._on_stopped = on_stopped
         self._by_key: dict[str, set[HubReader[T]]] = {}
         self._readers: set[HubReader[T]] = set()
@@ -225,6 +230,10 @@ class HubReader(Generic[T]):
         # The subscriber waiting for the inbox, if any: a bare future and a timer, not
         # asyncio.wait_for (which makes a task per wait, the largest cost of a delivery).
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # With the hub's wake_every: when it was last woken, and the wake-up set for later.
+        self._woken_at = 0.0
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
     @property
@@ -243,7 +252,24 @@ class HubReader(Generic[T]):
             return
         self._inbox.append((sequence, item))
         waiter = self._waiter
+        if waiter is None or waiter.done() or self._wake_timer is not None:
+            return
+        every = self._hub.wake_every
+        if every <= 0:
+            waiter.set_result(None)
+            return
+        loop = waiter.get_loop()
+        due = self._woken_at + every
+        if loop.time() >= due:
+            self._wake_now()
+        else:
+            self._wake_timer = loop.call_at(due, self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_timer = None
+        waiter = self._waiter
         if waiter is not None and not waiter.done():
+            self._woken_at = waiter.get_loop().time()
             waiter.set_result(None)
 
     async def next(self, timeout: float) -> T | None:
@@ -300,7 +326,8 @@ class HubReader(Generic[T]):
 
     async def _wait_inbox(self, timeout: float) -> None:
         """Until the hub offers a message, or ``timeout`` seconds pass."""
-        loop = asyncio.get_running_loop()
+        # Looked up once: each lookup is a getpid() system call on Python 3.11.
+        loop = self._loop = self._loop or asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         timer = loop.call_later(timeout, _wake, waiter)
         self._waiter = waiter
@@ -339,6 +366,9 @@ class HubReader(Generic[T]):
         """Leave the hub; never raises."""
         self._closed = True
         self._inbox.clear()
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
         if self._waiter is not None:
             _wake(self._waiter)
         self._hub.remove(self)
@@ -356,10 +386,12 @@ class Hubs:
         self._link = link
         self._hubs: dict[tuple[str, str], Hub[object]] = {}
 
-    def get(self, stream: str, subject: str, decode: Decoder[T]) -> Hub[T]:
+    def get(
+        self, stream: str, subject: str, decode: Decoder[T], wake_every: float = 0.0
+    ) -> Hub[T]:
         hub = self._hubs.get((stream, subject))
         if hub is None:
-            hub = Hub(self._link, stream, subject, decode, self._forget)
+            hub = Hub(self._link, stream, subject, decode, self._forget, wake_every)
             self._hubs[(stream, subject)] = hub  # type: ignore[assignment]
         return hub  # type: ignore[return-value]
 

@@ -87,9 +87,10 @@ class Feed(Generic[T]):
         self._last: T | None = None
         self._ended = False
         self._error: BaseException | None = None
-        self._ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._ready = Signal(loop)
         self._taken = 0  # items the subscriber has taken
-        self._space = asyncio.Event()
+        self._space = Signal(loop)
         # Set when the feed is cut off: a subscriber busy writing waits for this too.
         self.cut_off = asyncio.Event()
         # The feed is cut off or closing: the pump stops (and, when it stops by itself, is not
@@ -208,6 +209,38 @@ class Feed(Generic[T]):
     def _drop_buffer(self) -> None:
         self._items.clear()
         self.buffered_bytes = 0
+
+
+class Signal:
+    """An asyncio.Event for one waiter at a time, bound to its loop once: asyncio's Event
+    looks the running loop up at each wait, which on Python 3.11 is a getpid() system call,
+    and a subscriber in a busy feed waits thousands of times a second."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    async def wait(self) -> None:
+        if self._flag:
+            return
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 def token_expiry_ms(credentials: Metadata) -> int | None:

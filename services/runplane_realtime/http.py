@@ -24,6 +24,7 @@ as JSON is sent as a string.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -58,6 +59,11 @@ KEEPALIVE = 15.0
 # A stream's last event (an error) may wait this long for a client that does not read before
 # the connection is closed; what is left unread is dropped this much later.
 LAST_EVENT_GRACE = 1.0
+# Events that are ready together go in one write, up to this many.
+SSE_EVENTS_PER_WRITE = 64
+# While the connection holds fewer unsent bytes than this, a write cannot block (aiohttp waits
+# for the socket only above 64 KiB), so it needs no guard against a client that stopped reading.
+SSE_WRITE_AT_ONCE = 16 * 1024
 ABANDON_AFTER = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,13 +148,38 @@ def _resume_from(request: web.Request, name: str) -> int:
     return _int_param(request, name)
 
 
+class _JsonOnce:
+    """Each run version's JSON, made once for all the subscribers it goes to: the hub hands
+    every one of them the same Run object. Keyed by the object (held, so its id is not reused)
+    for the last ``size`` runs encoded."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._made: collections.OrderedDict[int, tuple[run_pb2.Run, bytes]] = (
+            collections.OrderedDict()
+        )
+
+    def __call__(self, run: run_pb2.Run) -> bytes:
+        made = self._made.get(id(run))
+        if made is not None and made[0] is run:
+            return made[1]
+        text = run_json(run)
+        self._made[id(run)] = (run, text)
+        if len(self._made) > self._size:
+            self._made.popitem(last=False)
+        return text
+
+
+_shared_json = _JsonOnce()
+
+
 def _run_event(run: run_pb2.Run) -> list[tuple[str, bytes]]:
-    return [(str(run.version), run_json(run))]
+    return [(str(run.version), _shared_json(run))]
 
 
 def _set_event(item: tuple[run_pb2.Run, int]) -> list[tuple[str, bytes]]:
     run, cursor = item
-    return [(str(cursor) if cursor else "", run_json(run))]
+    return [(str(cursor) if cursor else "", _shared_json(run))]
 
 
 def _chunk_events(chunks: list[Chunk]) -> list[tuple[str, bytes]]:
@@ -302,25 +333,30 @@ class HttpServer:
                 if not done:
                     # A comment line: keeps proxies from closing an idle stream, and finds out
                     # when the client has gone.
-                    await self._write(response, feed, b": keepalive\n\n")
+                    await self._write(request, response, feed, b": keepalive\n\n")
                     continue
                 finished, following = following, None
                 try:
-                    item = finished.result()
+                    items = [finished.result()]
                 except StopAsyncIteration:
                     break
-                try:
-                    events = encode(item)
-                except Exception:
-                    # One event must not end the feed for this follower, nor for the others.
-                    log.exception("skipping an event that cannot be sent as JSON")
-                    continue
+                # What else is ready goes in the same write (no task per event in a burst).
+                while len(items) < SSE_EVENTS_PER_WRITE and (more := feed.next_nowait()):
+                    items.append(more)
                 parts = []
-                for event_id, data in events:  # several chunks that came together: one write
-                    head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
-                    parts.append(head.encode() + b"data: " + data + b"\n\n")
-                await self._write(response, feed, b"".join(parts))
-            await self._write(response, feed, b"event: end\ndata: {}\n\n")
+                for item in items:
+                    try:
+                        events = encode(item)
+                    except Exception:
+                        # One event must not end the feed for this follower, nor for the others.
+                        log.exception("skipping an event that cannot be sent as JSON")
+                        continue
+                    for event_id, data in events:
+                        head = f"event: {event}\n" + (f"id: {event_id}\n" if event_id else "")
+                        parts.append(head.encode() + b"data: " + data + b"\n\n")
+                if parts:
+                    await self._write(request, response, feed, b"".join(parts))
+            await self._write(request, response, feed, b"event: end\ndata: {}\n\n")
         except ConnectionResetError:  # aiohttp's "cannot write to closing transport" too
             pass  # the client went away
         except Exception as error:
@@ -336,9 +372,20 @@ class HttpServer:
             await self._last_event(request, response, b"event: error\ndata: " + body + b"\n\n")
         return response
 
-    async def _write(self, response: web.StreamResponse, feed: Feed[Any], data: bytes) -> None:
+    async def _write(
+        self, request: web.Request, response: web.StreamResponse, feed: Feed[Any], data: bytes
+    ) -> None:
         """Write ``data``; if the feed is cut off while the client does not read, give up the
         write and raise the feed's error."""
+        transport = request.transport
+        if (
+            transport is not None
+            and transport.get_write_buffer_size() < SSE_WRITE_AT_ONCE
+            and not feed.cut_off.is_set()
+        ):
+            # The client keeps up: the write goes to the socket without waiting for it.
+            await response.write(data)
+            return
         write = asyncio.ensure_future(response.write(data))
         cut = asyncio.ensure_future(feed.cut_off.wait())
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -36,6 +37,8 @@ log = logging.getLogger("runplane.realtime")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = "runplane.v1.RealtimeService"
+# gc.set_threshold for the service's process (Python's default: 700, 10, 10).
+GC_THRESHOLDS = (70_000, 10, 10)
 # Subscription calls that may wait to be taken in at once (see Server).
 MAX_PENDING_SUBSCRIBERS = 20_000
 # ReadStream's max_chunks_per_response is capped at this.
@@ -238,6 +241,13 @@ async def _serve() -> None:
     settings = RealtimeSettings.from_env()
     telemetry.setup(TelemetrySettings.from_env("runplane-realtime"))
     service = await serve(settings)
+    # Thousands of subscribers hold tens of thousands of long-lived objects, and every delivery
+    # allocates a few more: at Python's default thresholds the cyclic collector runs every few
+    # hundred deliveries and walks them all (15 % of the CPU of a 1,000-subscriber fan-out).
+    # What exists after start-up is never collected; the young generation is collected a
+    # hundred times less often. Reference counting frees nearly everything anyway.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     host = settings.listen.rsplit(":", 1)[0]
     log.info(
         "realtime listening on %s:%d, HTTP on %s (scheduler %s, NATS %s)",
