@@ -386,9 +386,7 @@ class Hubs:
         self._link = link
         self._hubs: dict[tuple[str, str], Hub[object]] = {}
 
-    def get(
-        self, stream: str, subject: str, decode: Decoder[T], wake_every: float = 0.0
-    ) -> Hub[T]:
+    def get(self, stream: str, subject: str, decode: Decoder[T], wake_every: float = 0.0) -> Hub[T]:
         hub = self._hubs.get((stream, subject))
         if hub is None:
             hub = Hub(self._link, stream, subject, decode, self._forget, wake_every)
