@@ -427,3 +427,35 @@ async def test_sse_resumed_from_last_event_id_alone_gets_no_run_twice_from_a_rec
                 assert sse.comments > 0
     finally:
         await service.stop(grace=0)
+
+
+async def test_two_realtime_replicas_each_feed_their_own_subscribers_from_their_own_consumer(
+    nats_server: NatsServer, js: JetStreamContext, scheduler: FakeSetScheduler
+) -> None:
+    """Replicas behind one address share nothing: each has one consumer of the environment's
+    events for all of its subscribers, and every subscriber of either gets every version."""
+    replicas = [await _realtime(nats_server, scheduler) for _ in range(2)]
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.port}") for r in replicas]
+    subs: list[Subscriber] = []
+    try:
+        scheduler.runs["run_0"] = brun("run_0", 1)
+        subs = [Subscriber(raw_batch(channels[i % 2])) for i in range(6)]
+        await _eventually(lambda: all(_versions(s, "run_0") == [1] for s in subs))
+        for v in range(1, 5):
+            await publish(js, brun("run_a", v), brun("run_x", v, batch="batch_2"), brun("run_b", v))
+        for sub in subs:
+            await _eventually(lambda s=sub: _versions(s, "run_b") == [1, 2, 3, 4])
+            assert _versions(sub, "run_a") == [1, 2, 3, 4]
+            assert {item.run.id for item in sub.runs} == {"run_0", "run_a", "run_b"}
+        for replica in replicas:
+            assert len(replica.realtime.hubs) == 1
+            assert replica.realtime.hubs.readers == 3
+        info = await js.stream_info(subjects.RUN_EVENTS_STREAM)
+        assert info.state.consumer_count == 2  # one per replica, not one per subscriber
+    finally:
+        for sub in subs:
+            await sub.cancel()
+        for channel in channels:
+            await channel.close()
+        for replica in replicas:
+            await replica.stop(grace=0)
