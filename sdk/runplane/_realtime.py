@@ -152,13 +152,14 @@ async def subscribe_to_run_set(
         resumer.connecting()
         try:
             async for response in stream:
-                run: run_pb2.Run = response.run
-                cursor = response.cursor or cursor
-                if run.version <= versions.get(run.id, 0):
-                    continue
-                versions[run.id] = run.version
                 resumer.delivered()
-                yield run
+                for change in (response, *response.more_changes):
+                    run: run_pb2.Run = change.run
+                    cursor = change.cursor or cursor
+                    if run.version <= versions.get(run.id, 0):
+                        continue
+                    versions[run.id] = run.version
+                    yield run
             return
         except grpc.aio.AioRpcError as error:
             await resumer.broke(error, f"after the versions of {len(versions)} runs")
@@ -176,7 +177,10 @@ def subscribe_to_runs_with_tag(
 
     def call(versions: dict[str, int], cursor: int) -> Any:
         request = realtime_service_pb2.SubscribeToRunsWithTagRequest(
-            tag=tag, after_versions=versions, resume_cursor=cursor
+            tag=tag,
+            after_versions=versions,
+            resume_cursor=cursor,
+            max_changes_per_response=_CHANGES_PER_RESPONSE,
         )
         request.created_after.FromDatetime(created_after)
         return stub.SubscribeToRunsWithTag(request, metadata=metadata)
@@ -191,7 +195,10 @@ def subscribe_to_batch(
 
     def call(versions: dict[str, int], cursor: int) -> Any:
         request = realtime_service_pb2.SubscribeToBatchRequest(
-            batch_id=batch_id, after_versions=versions, resume_cursor=cursor
+            batch_id=batch_id,
+            after_versions=versions,
+            resume_cursor=cursor,
+            max_changes_per_response=_CHANGES_PER_RESPONSE,
         )
         return stub.SubscribeToBatch(request, metadata=metadata)
 
@@ -200,6 +207,8 @@ def subscribe_to_batch(
 
 # Chunks that are ready together come in one ReadStream response, up to this many.
 _CHUNKS_PER_RESPONSE = 256
+# Changes of a set subscription that are ready together come in one response, up to this many.
+_CHANGES_PER_RESPONSE = 64
 
 
 async def read_stream(

@@ -22,13 +22,14 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc
+from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
 from runplane.worker import configure_logging, run_async
 from runplane_common import errors, telemetry
 from runplane_common.config import RealtimeSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
 from runplane_realtime.core import Realtime
 from runplane_realtime.events import NatsLink
+from runplane_realtime.feed import Feed
 from runplane_realtime.http import HttpServer
 from runplane_realtime.scheduler import Metadata, Scheduler
 
@@ -41,6 +42,8 @@ SERVICE_NAME = "runplane.v1.RealtimeService"
 GC_THRESHOLDS = (70_000, 10, 10)
 # Subscription calls that may wait to be taken in at once (see Server).
 MAX_PENDING_SUBSCRIBERS = 20_000
+# The set subscriptions' max_changes_per_response is capped at this.
+MAX_CHANGES_PER_RESPONSE = 256
 # ReadStream's max_chunks_per_response is capped at this.
 MAX_CHUNKS_PER_RESPONSE = 1000
 
@@ -104,9 +107,9 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
                 request.resume_cursor,
             )
             async with contextlib.aclosing(runs):
-                async for run, cursor in runs:
+                async for run, cursor, more in grouped(runs, request.max_changes_per_response):
                     yield realtime_service_pb2.SubscribeToRunsWithTagResponse(
-                        run=run, cursor=cursor
+                        run=run, cursor=cursor, more_changes=more
                     )
 
     async def SubscribeToBatch(
@@ -120,8 +123,10 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
                 request.resume_cursor,
             )
             async with contextlib.aclosing(runs):
-                async for run, cursor in runs:
-                    yield realtime_service_pb2.SubscribeToBatchResponse(run=run, cursor=cursor)
+                async for run, cursor, more in grouped(runs, request.max_changes_per_response):
+                    yield realtime_service_pb2.SubscribeToBatchResponse(
+                        run=run, cursor=cursor, more_changes=more
+                    )
 
     async def ReadStream(
         self, request: realtime_service_pb2.ReadStreamRequest, context: Context
@@ -228,6 +233,19 @@ class RealtimeService:
         await self.realtime.hubs.close()
         await self.scheduler.close()
         await self.link.stop()
+
+
+async def grouped(
+    runs: Feed[tuple[run_pb2.Run, int]], most: int
+) -> AsyncIterator[tuple[run_pb2.Run, int, list[realtime_service_pb2.RunChange]]]:
+    """Each change with, if the subscriber asked for groups of up to ``most``, the changes
+    already buffered after it: a burst costs each subscriber one message, not one a change."""
+    most = min(max(most, 1), MAX_CHANGES_PER_RESPONSE)
+    async for run, cursor in runs:
+        more: list[realtime_service_pb2.RunChange] = []
+        while len(more) + 1 < most and (ready := runs.next_nowait()) is not None:
+            more.append(realtime_service_pb2.RunChange(run=ready[0], cursor=ready[1]))
+        yield run, cursor, more
 
 
 async def serve(settings: RealtimeSettings) -> RealtimeService:

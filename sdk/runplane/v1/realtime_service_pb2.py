@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"runplane/v1/realtime_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"Q\n\x15SubscribeToRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\x12\x11\n\tkeep_open\x18\x03 \x01(\x08\"7\n\x16SubscribeToRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\x83\x02\n\x1dSubscribeToRunsWithTagRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x31\n\rcreated_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12U\n\x0e\x61\x66ter_versions\x18\x03 \x03(\x0b\x32=.runplane.v1.SubscribeToRunsWithTagRequest.AfterVersionsEntry\x12\x15\n\rresume_cursor\x18\x04 \x01(\x03\x1a\x34\n\x12\x41\x66terVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"O\n\x1eSubscribeToRunsWithTagResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\"\xc9\x01\n\x17SubscribeToBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12O\n\x0e\x61\x66ter_versions\x18\x02 \x03(\x0b\x32\x37.runplane.v1.SubscribeToBatchRequest.AfterVersionsEntry\x12\x15\n\rresume_cursor\x18\x03 \x01(\x03\x1a\x34\n\x12\x41\x66terVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"I\n\x18SubscribeToBatchResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\"l\n\x11ReadStreamRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x03 \x01(\x03\x12\x1f\n\x17max_chunks_per_response\x18\x04 \x01(\x05\"`\n\x12ReadStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\x12-\n\x0bmore_chunks\x18\x03 \x03(\x0b\x32\x18.runplane.v1.StreamChunk\"*\n\x0bStreamChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\"j\n\x13\x41ppendStreamRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\x12\r\n\x05\x63lose\x18\x04 \x01(\x08\x12\x11\n\tchunk_ids\x18\x05 \x03(\t\"*\n\x14\x41ppendStreamResponse\x12\x12\n\nlast_index\x18\x01 \x01(\x03\x32\xec\x03\n\x0fRealtimeService\x12[\n\x0eSubscribeToRun\x12\".runplane.v1.SubscribeToRunRequest\x1a#.runplane.v1.SubscribeToRunResponse0\x01\x12s\n\x16SubscribeToRunsWithTag\x12*.runplane.v1.SubscribeToRunsWithTagRequest\x1a+.runplane.v1.SubscribeToRunsWithTagResponse0\x01\x12\x61\n\x10SubscribeToBatch\x12$.runplane.v1.SubscribeToBatchRequest\x1a%.runplane.v1.SubscribeToBatchResponse0\x01\x12O\n\nReadStream\x12\x1e.runplane.v1.ReadStreamRequest\x1a\x1f.runplane.v1.ReadStreamResponse0\x01\x12S\n\x0c\x41ppendStream\x12 .runplane.v1.AppendStreamRequest\x1a!.runplane.v1.AppendStreamResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"runplane/v1/realtime_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"Q\n\x15SubscribeToRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x03\x12\x11\n\tkeep_open\x18\x03 \x01(\x08\"7\n\x16SubscribeToRunResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\"\xa5\x02\n\x1dSubscribeToRunsWithTagRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x31\n\rcreated_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12U\n\x0e\x61\x66ter_versions\x18\x03 \x03(\x0b\x32=.runplane.v1.SubscribeToRunsWithTagRequest.AfterVersionsEntry\x12\x15\n\rresume_cursor\x18\x04 \x01(\x03\x12 \n\x18max_changes_per_response\x18\x05 \x01(\x05\x1a\x34\n\x12\x41\x66terVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"}\n\x1eSubscribeToRunsWithTagResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12,\n\x0cmore_changes\x18\x03 \x03(\x0b\x32\x16.runplane.v1.RunChange\":\n\tRunChange\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\"\xeb\x01\n\x17SubscribeToBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12O\n\x0e\x61\x66ter_versions\x18\x02 \x03(\x0b\x32\x37.runplane.v1.SubscribeToBatchRequest.AfterVersionsEntry\x12\x15\n\rresume_cursor\x18\x03 \x01(\x03\x12 \n\x18max_changes_per_response\x18\x04 \x01(\x05\x1a\x34\n\x12\x41\x66terVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"w\n\x18SubscribeToBatchResponse\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\x03\x12,\n\x0cmore_changes\x18\x03 \x03(\x0b\x32\x16.runplane.v1.RunChange\"l\n\x11ReadStreamRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x66ter_index\x18\x03 \x01(\x03\x12\x1f\n\x17max_chunks_per_response\x18\x04 \x01(\x05\"`\n\x12ReadStreamResponse\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\x12-\n\x0bmore_chunks\x18\x03 \x03(\x0b\x32\x18.runplane.v1.StreamChunk\"*\n\x0bStreamChunk\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\t\"j\n\x13\x41ppendStreamRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x03 \x03(\t\x12\r\n\x05\x63lose\x18\x04 \x01(\x08\x12\x11\n\tchunk_ids\x18\x05 \x03(\t\"*\n\x14\x41ppendStreamResponse\x12\x12\n\nlast_index\x18\x01 \x01(\x03\x32\xec\x03\n\x0fRealtimeService\x12[\n\x0eSubscribeToRun\x12\".runplane.v1.SubscribeToRunRequest\x1a#.runplane.v1.SubscribeToRunResponse0\x01\x12s\n\x16SubscribeToRunsWithTag\x12*.runplane.v1.SubscribeToRunsWithTagRequest\x1a+.runplane.v1.SubscribeToRunsWithTagResponse0\x01\x12\x61\n\x10SubscribeToBatch\x12$.runplane.v1.SubscribeToBatchRequest\x1a%.runplane.v1.SubscribeToBatchResponse0\x01\x12O\n\nReadStream\x12\x1e.runplane.v1.ReadStreamRequest\x1a\x1f.runplane.v1.ReadStreamResponse0\x01\x12S\n\x0c\x41ppendStream\x12 .runplane.v1.AppendStreamRequest\x1a!.runplane.v1.AppendStreamResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBETORUNRESPONSE']._serialized_start=190
   _globals['_SUBSCRIBETORUNRESPONSE']._serialized_end=245
   _globals['_SUBSCRIBETORUNSWITHTAGREQUEST']._serialized_start=248
-  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST']._serialized_end=507
-  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST_AFTERVERSIONSENTRY']._serialized_start=455
-  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST_AFTERVERSIONSENTRY']._serialized_end=507
-  _globals['_SUBSCRIBETORUNSWITHTAGRESPONSE']._serialized_start=509
-  _globals['_SUBSCRIBETORUNSWITHTAGRESPONSE']._serialized_end=588
-  _globals['_SUBSCRIBETOBATCHREQUEST']._serialized_start=591
-  _globals['_SUBSCRIBETOBATCHREQUEST']._serialized_end=792
-  _globals['_SUBSCRIBETOBATCHREQUEST_AFTERVERSIONSENTRY']._serialized_start=455
-  _globals['_SUBSCRIBETOBATCHREQUEST_AFTERVERSIONSENTRY']._serialized_end=507
-  _globals['_SUBSCRIBETOBATCHRESPONSE']._serialized_start=794
-  _globals['_SUBSCRIBETOBATCHRESPONSE']._serialized_end=867
-  _globals['_READSTREAMREQUEST']._serialized_start=869
-  _globals['_READSTREAMREQUEST']._serialized_end=977
-  _globals['_READSTREAMRESPONSE']._serialized_start=979
-  _globals['_READSTREAMRESPONSE']._serialized_end=1075
-  _globals['_STREAMCHUNK']._serialized_start=1077
-  _globals['_STREAMCHUNK']._serialized_end=1119
-  _globals['_APPENDSTREAMREQUEST']._serialized_start=1121
-  _globals['_APPENDSTREAMREQUEST']._serialized_end=1227
-  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1229
-  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1271
-  _globals['_REALTIMESERVICE']._serialized_start=1274
-  _globals['_REALTIMESERVICE']._serialized_end=1766
+  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST']._serialized_end=541
+  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST_AFTERVERSIONSENTRY']._serialized_start=489
+  _globals['_SUBSCRIBETORUNSWITHTAGREQUEST_AFTERVERSIONSENTRY']._serialized_end=541
+  _globals['_SUBSCRIBETORUNSWITHTAGRESPONSE']._serialized_start=543
+  _globals['_SUBSCRIBETORUNSWITHTAGRESPONSE']._serialized_end=668
+  _globals['_RUNCHANGE']._serialized_start=670
+  _globals['_RUNCHANGE']._serialized_end=728
+  _globals['_SUBSCRIBETOBATCHREQUEST']._serialized_start=731
+  _globals['_SUBSCRIBETOBATCHREQUEST']._serialized_end=966
+  _globals['_SUBSCRIBETOBATCHREQUEST_AFTERVERSIONSENTRY']._serialized_start=489
+  _globals['_SUBSCRIBETOBATCHREQUEST_AFTERVERSIONSENTRY']._serialized_end=541
+  _globals['_SUBSCRIBETOBATCHRESPONSE']._serialized_start=968
+  _globals['_SUBSCRIBETOBATCHRESPONSE']._serialized_end=1087
+  _globals['_READSTREAMREQUEST']._serialized_start=1089
+  _globals['_READSTREAMREQUEST']._serialized_end=1197
+  _globals['_READSTREAMRESPONSE']._serialized_start=1199
+  _globals['_READSTREAMRESPONSE']._serialized_end=1295
+  _globals['_STREAMCHUNK']._serialized_start=1297
+  _globals['_STREAMCHUNK']._serialized_end=1339
+  _globals['_APPENDSTREAMREQUEST']._serialized_start=1341
+  _globals['_APPENDSTREAMREQUEST']._serialized_end=1447
+  _globals['_APPENDSTREAMRESPONSE']._serialized_start=1449
+  _globals['_APPENDSTREAMRESPONSE']._serialized_end=1491
+  _globals['_REALTIMESERVICE']._serialized_start=1494
+  _globals['_REALTIMESERVICE']._serialized_end=1986
 # @@protoc_insertion_point(module_scope)

@@ -96,10 +96,16 @@ class SubscribeToRunsWithTagRequest(_message.Message):
     CREATED_AFTER_FIELD_NUMBER: _builtins.int
     AFTER_VERSIONS_FIELD_NUMBER: _builtins.int
     RESUME_CURSOR_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_PER_RESPONSE_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     resume_cursor: _builtins.int
     """Resume: the cursor of the last response received; the changes after it are replayed in
     order (with after_versions, nothing is sent twice). 0: start from the current list.
+    """
+    max_changes_per_response: _builtins.int
+    """Up to this many changes in one response: changes that are ready together (a burst, or a
+    subscriber a little behind) go in one message, the first in run/cursor and the rest in
+    more_changes. 0 or 1: one change per response.
     """
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
@@ -116,10 +122,11 @@ class SubscribeToRunsWithTagRequest(_message.Message):
         created_after: _timestamp_pb2.Timestamp | None = ...,
         after_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         resume_cursor: _builtins.int = ...,
+        max_changes_per_response: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "created_after", b"created_after", "resume_cursor", b"resume_cursor", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "created_after", b"created_after", "max_changes_per_response", b"max_changes_per_response", "resume_cursor", b"resume_cursor", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,8 +138,40 @@ class SubscribeToRunsWithTagResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    MORE_CHANGES_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Where to resume after this response (a RUN_EVENTS stream position)."""
+    @_builtins.property
+    def run(self) -> _run_pb2.Run: ...
+    @_builtins.property
+    def more_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunChange]:
+        """With max_changes_per_response above 1: the changes that follow this one, in order."""
+
+    def __init__(
+        self,
+        *,
+        run: _run_pb2.Run | None = ...,
+        cursor: _builtins.int = ...,
+        more_changes: _abc.Iterable[Global___RunChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "more_changes", b"more_changes", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeToRunsWithTagResponse: _TypeAlias = SubscribeToRunsWithTagResponse  # noqa: Y015
+
+@_typing.final
+class RunChange(_message.Message):
+    """One change of a run in a set subscription."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """Where to resume after this change (a RUN_EVENTS stream position)."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
     def __init__(
@@ -147,7 +186,7 @@ class SubscribeToRunsWithTagResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubscribeToRunsWithTagResponse: _TypeAlias = SubscribeToRunsWithTagResponse  # noqa: Y015
+Global___RunChange: _TypeAlias = RunChange  # noqa: Y015
 
 @_typing.final
 class SubscribeToBatchRequest(_message.Message):
@@ -176,9 +215,12 @@ class SubscribeToBatchRequest(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     AFTER_VERSIONS_FIELD_NUMBER: _builtins.int
     RESUME_CURSOR_FIELD_NUMBER: _builtins.int
+    MAX_CHANGES_PER_RESPONSE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     resume_cursor: _builtins.int
     """Resume: the cursor of the last response received (see SubscribeToRunsWithTagRequest)."""
+    max_changes_per_response: _builtins.int
+    """Up to this many changes in one response (see SubscribeToRunsWithTagRequest)."""
     @_builtins.property
     def after_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Resume: per run id, the last version the subscriber has; only newer versions are sent."""
@@ -189,10 +231,11 @@ class SubscribeToBatchRequest(_message.Message):
         batch_id: _builtins.str = ...,
         after_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         resume_cursor: _builtins.int = ...,
+        max_changes_per_response: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "batch_id", b"batch_id", "resume_cursor", b"resume_cursor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_versions", b"after_versions", "batch_id", b"batch_id", "max_changes_per_response", b"max_changes_per_response", "resume_cursor", b"resume_cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,19 +247,25 @@ class SubscribeToBatchResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    MORE_CHANGES_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
     """Where to resume after this response (a RUN_EVENTS stream position)."""
     @_builtins.property
     def run(self) -> _run_pb2.Run: ...
+    @_builtins.property
+    def more_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunChange]:
+        """With max_changes_per_response above 1: the changes that follow this one, in order."""
+
     def __init__(
         self,
         *,
         run: _run_pb2.Run | None = ...,
         cursor: _builtins.int = ...,
+        more_changes: _abc.Iterable[Global___RunChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "more_changes", b"more_changes", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
