@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 BUF := node_modules/.bin/buf
 
-.PHONY: setup gen lint typecheck check-gen test bench demo ci
+.PHONY: setup gen lint typecheck check-gen proto-baseline test bench demo ci
 .NOTPARALLEL:
 
 setup:
@@ -11,13 +11,20 @@ setup:
 gen:
 	$(PY) scripts/gen_protos.py
 
-# ruff (with the SLF and os.environ rules) and the import contracts of ARCHITECTURE.md.
+# ruff (with the SLF and os.environ rules), the import contracts of ARCHITECTURE.md, and the protos:
+# buf lint, buf format, and buf breaking against protos/baseline.binpb (the last accepted API).
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports --no-cache .importlinter tests/.importlinter
 	.venv/bin/ruff format --check .
 	$(BUF) lint
 	$(BUF) format -d --exit-code
+	$(BUF) breaking --against protos/baseline.binpb
+
+# After a breaking proto change has been accepted (deliberately, in review): rebuild the baseline
+# that `make lint` compares against, and commit it with the change.
+proto-baseline:
+	$(BUF) build --exclude-source-info -o protos/baseline.binpb
 
 typecheck:
 	.venv/bin/mypy sdk/runplane sdk/runplane_core services
