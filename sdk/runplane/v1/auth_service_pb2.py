@@ -27,13 +27,14 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/auth_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x18\x43reatePublicTokenRequest\x12\x0e\n\x06scopes\x18\x01 \x03(\t\x12-\n\nexpires_in\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsingle_use\x18\x04 \x01(\x08\"Z\n\x19\x43reatePublicTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2q\n\x0b\x41uthService\x12\x62\n\x11\x43reatePublicToken\x12%.runplane.v1.CreatePublicTokenRequest\x1a&.runplane.v1.CreatePublicTokenResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/auth_service.proto\x12\x0brunplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x01\n\x18\x43reatePublicTokenRequest\x12\x0e\n\x06scopes\x18\x01 \x03(\t\x12-\n\nexpires_in\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsingle_use\x18\x04 \x01(\x08\"Z\n\x19\x43reatePublicTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2q\n\x0b\x41uthService\x12\x62\n\x11\x43reatePublicToken\x12%.runplane.v1.CreatePublicTokenRequest\x1a&.runplane.v1.CreatePublicTokenResponseB]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.auth_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.runplane.v1P\001Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\252\002\013Runplane.V1'
   _globals['_CREATEPUBLICTOKENREQUEST']._serialized_start=113
   _globals['_CREATEPUBLICTOKENREQUEST']._serialized_end=270
   _globals['_CREATEPUBLICTOKENRESPONSE']._serialized_start=272

@@ -27,13 +27,14 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18runplane/v1/events.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\x8d\x01\n\x08RunEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x1d\n\x03run\x18\x03 \x01(\x0b\x32\x10.runplane.v1.Run\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18runplane/v1/events.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\"\x8d\x01\n\x08RunEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x1d\n\x03run\x18\x03 \x01(\x0b\x32\x10.runplane.v1.Run\x12/\n\x0boccurred_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x42]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.runplane.v1P\001Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\252\002\013Runplane.V1'
   _globals['_RUNEVENT']._serialized_start=98
   _globals['_RUNEVENT']._serialized_end=239
 # @@protoc_insertion_point(module_scope)

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"runplane/v1/executor_service.proto\x12\x0brunplane.v1\"\xa0\x01\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x18\n\x10running_attempts\x18\x05 \x01(\x05\x12\x10\n\x08task_ids\x18\x06 \x03(\t\x12\x16\n\x0etask_processes\x18\x07 \x01(\x05\"\x1a\n\x18GetExecutorStatusRequest\"H\n\x19GetExecutorStatusResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus\"\x16\n\x14\x44rainExecutorRequest\"D\n\x15\x44rainExecutorResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus\"\x17\n\x15ResumeExecutorRequest\"E\n\x16ResumeExecutorResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus2\xa8\x02\n\x0f\x45xecutorService\x12\x62\n\x11GetExecutorStatus\x12%.runplane.v1.GetExecutorStatusRequest\x1a&.runplane.v1.GetExecutorStatusResponse\x12V\n\rDrainExecutor\x12!.runplane.v1.DrainExecutorRequest\x1a\".runplane.v1.DrainExecutorResponse\x12Y\n\x0eResumeExecutor\x12\".runplane.v1.ResumeExecutorRequest\x1a#.runplane.v1.ResumeExecutorResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"runplane/v1/executor_service.proto\x12\x0brunplane.v1\"\xa0\x01\n\x0e\x45xecutorStatus\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x18\n\x10running_attempts\x18\x05 \x01(\x05\x12\x10\n\x08task_ids\x18\x06 \x03(\t\x12\x16\n\x0etask_processes\x18\x07 \x01(\x05\"\x1a\n\x18GetExecutorStatusRequest\"H\n\x19GetExecutorStatusResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus\"\x16\n\x14\x44rainExecutorRequest\"D\n\x15\x44rainExecutorResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus\"\x17\n\x15ResumeExecutorRequest\"E\n\x16ResumeExecutorResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.runplane.v1.ExecutorStatus2\xa8\x02\n\x0f\x45xecutorService\x12\x62\n\x11GetExecutorStatus\x12%.runplane.v1.GetExecutorStatusRequest\x1a&.runplane.v1.GetExecutorStatusResponse\x12V\n\rDrainExecutor\x12!.runplane.v1.DrainExecutorRequest\x1a\".runplane.v1.DrainExecutorResponse\x12Y\n\x0eResumeExecutor\x12\".runplane.v1.ResumeExecutorRequest\x1a#.runplane.v1.ResumeExecutorResponseB]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.executor_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.runplane.v1P\001Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\252\002\013Runplane.V1'
   _globals['_EXECUTORSTATUS']._serialized_start=52
   _globals['_EXECUTORSTATUS']._serialized_end=212
   _globals['_GETEXECUTORSTATUSREQUEST']._serialized_start=214

@@ -25,13 +25,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/meta_service.proto\x12\x0brunplane.v1\"\x16\n\x14GetServerInfoRequest\"\x98\x01\n\x15GetServerInfoResponse\x12\x14\n\x0crealtime_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x10\n\x08http_url\x18\x04 \x01(\t\x12\x19\n\x11realtime_http_url\x18\x06 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t2e\n\x0bMetaService\x12V\n\rGetServerInfo\x12!.runplane.v1.GetServerInfoRequest\x1a\".runplane.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erunplane/v1/meta_service.proto\x12\x0brunplane.v1\"\x16\n\x14GetServerInfoRequest\"\x98\x01\n\x15GetServerInfoResponse\x12\x14\n\x0crealtime_url\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x10\n\x08http_url\x18\x04 \x01(\t\x12\x19\n\x11realtime_http_url\x18\x06 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t2e\n\x0bMetaService\x12V\n\rGetServerInfo\x12!.runplane.v1.GetServerInfoRequest\x1a\".runplane.v1.GetServerInfoResponseB]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runplane.v1.meta_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.runplane.v1P\001Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\252\002\013Runplane.V1'
   _globals['_GETSERVERINFOREQUEST']._serialized_start=47
   _globals['_GETSERVERINFOREQUEST']._serialized_end=69
   _globals['_GETSERVERINFORESPONSE']._serialized_start=72
