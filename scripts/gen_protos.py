@@ -2,6 +2,9 @@
 
 python scripts/gen_protos.py           # write the modules
 python scripts/gen_protos.py --check   # fail if the committed modules are stale
+
+buf.gen.yaml describes the same generation for `buf generate`, but this script stays the generator:
+buf cannot run grpcio-tools' gRPC generator, and its _pb2.py differ (see buf.gen.yaml).
 """
 
 from __future__ import annotations
