@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -253,6 +254,62 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
 
+# Server reflection is served as grpc.reflection.v1 (what grpcurl and `buf curl` try first) and
+# v1alpha. grpcio-reflection implements only v1alpha (grpc/grpc#38576); v1 is the same protocol
+# renamed, with the same messages and field numbers (grpc-proto's grpc/reflection/v1), so one
+# servicer answers both. Its file, derived from v1alpha's, goes in the default pool so reflection
+# clients can describe the v1 service too.
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1_file() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return  # another library's v1 module got there first
+    except KeyError:
+        pass
+    v1alpha = reflection_pb2.DESCRIPTOR.package
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    old, new = f".{v1alpha}.", f".{proto.package}."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    proto.options.Clear()  # v1alpha's are deprecated = true and its Java/Go names
+    proto.options.java_package = "io.grpc.reflection.v1"
+    proto.options.java_outer_classname = "ServerReflectionProto"
+    proto.options.java_multiple_files = True
+    proto.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+_add_reflection_v1_file()
+
+
+def _add_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Serve reflection v1 and v1alpha on ``server``, listing ``service_names`` and both."""
+    servicer = reflection.aio.ReflectionServicer(
+        [*service_names, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE]
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {"ServerReflectionInfo": v1}),)
+    )
+
+
 class Server:
     """A grpc.aio server with health, reflection and a graceful stop; TLS when ``tls`` has a
     certificate (see :mod:`runplane.tls`). ``map_errors`` map the exceptions of the service's
@@ -301,9 +358,7 @@ class Server:
 
     async def start(self, address: str) -> int:
         """Listen on ``address`` (``host:0`` picks a free port) and return the port."""
-        reflection.enable_server_reflection(
-            [*self._service_names, reflection.SERVICE_NAME], self.grpc
-        )
+        _add_reflection(self.grpc, self._service_names)
         if self.tls.serves_tls:
             self.port = self.grpc.add_secure_port(address, self.tls.server_credentials())
         else:
