@@ -316,7 +316,7 @@ def w5_label(mode: str, subs: int, tag_rate: float = 0) -> str:
         return f"{subs:,} x own run"
     if mode == "stream":
         return f"{subs:,} readers of 1 stream"
-    pace = f", {tag_rate:g} runs/s" if tag_rate else ""
+    pace = f", {tag_rate:g} run{'' if tag_rate == 1 else 's'}/s" if tag_rate else ""
     return f"{subs:,} on 1 tag{' (SSE)' if mode == 'sse-tag' else ''}{pace}"
 
 
