@@ -486,7 +486,8 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
     ) -> spb.ListSchedulesResponse:
         size = validation.page_size(request.page_size, self.limits.page_size)
         task_ids = [validation.task_id(t, f"task_ids[{i}]") for i, t in enumerate(request.task_ids)]
-        after = validation.decode_page_token(request.page_token, SCHEDULE_ID)
+        filters = validation.page_filters(request)
+        after = validation.decode_page_token(request.page_token, SCHEDULE_ID, filters)
         rows = await stored.list_in(
             self.engine.store.db, principal().environment_id, task_ids, after, size + 1
         )
@@ -494,7 +495,7 @@ class ScheduleServicer(schedule_service_pb2_grpc.ScheduleServiceServicer):
         rows = rows[:size]
         return spb.ListSchedulesResponse(
             schedules=[schedule_to_pb(r) for r in rows],
-            next_page_token=validation.encode_page_token(rows[-1].id) if more else "",
+            next_page_token=validation.encode_page_token(rows[-1].id, filters) if more else "",
         )
 
     async def _change(self, schedule_id: str, change: Any) -> RunRow:

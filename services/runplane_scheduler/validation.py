@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import jsonschema
 import orjson
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import run_pb2
@@ -368,21 +370,41 @@ def queue_ref(value: str, field: str = "queue") -> str:
     return value
 
 
-def encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode()
+def page_filters(request: Message) -> str:
+    """A digest of what a list request asks for, everything but its page token and size: a
+    page token is good only for requests that ask for the same (AIP-158)."""
+    asked = type(request)()
+    asked.CopyFrom(request)
+    for name in ("page_token", "page_size"):
+        if name in asked.DESCRIPTOR.fields_by_name:
+            asked.ClearField(name)
+    return hashlib.sha256(asked.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
-def decode_page_token(token: str, last: re.Pattern[str] = RUN_ID) -> str | None:
+def encode_page_token(last_id: str, filters: str = "") -> str:
+    """A token for the page after ``last_id``, bound to ``filters`` (see page_filters)."""
+    return base64.urlsafe_b64encode(f"{last_id}\n{filters}".encode()).decode()
+
+
+def decode_page_token(token: str, last: re.Pattern[str] = RUN_ID, filters: str = "") -> str | None:
     """The last id (or name) of the previous page, which must match ``last``; None: from the
-    start."""
+    start. A token issued for other filters is INVALID_ARGUMENT. A token without filters (as
+    servers before page_filters issued) is taken as it is."""
     if not token:
         return None
     try:
         value = base64.urlsafe_b64decode(token.encode()).decode()
     except ValueError:
         raise InvalidArgument("page_token", "not a token this server issued") from None
+    value, bound, issued_for = value.partition("\n")
     if not last.match(value):
         raise InvalidArgument("page_token", "not a token this server issued")
+    if bound and issued_for != filters:
+        raise InvalidArgument(
+            "page_token",
+            "issued for a request with other filters: a page token goes only with the filters "
+            "of the request that returned it (start again without a token to change them)",
+        )
     return value
 
 

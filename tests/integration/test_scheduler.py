@@ -90,6 +90,40 @@ async def test_list_runs_pages_newest_first_with_filters(scheduler: Scheduler) -
     assert [r async for r in client.runs.list(status="COMPLETED")] == []
 
 
+async def test_a_page_token_goes_only_with_the_filters_it_was_issued_for(
+    scheduler: Scheduler,
+) -> None:
+    client = await _client(scheduler)
+    for i in range(5):
+        await client.tasks.trigger("a", {"i": i}, tags=["t1"])
+    key = await create_key(scheduler.engine_db, "dev")
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}") as channel:
+        stub = run_service_pb2_grpc.RunServiceStub(channel)
+        first = await stub.ListRuns(
+            rpb.ListRunsRequest(task_ids=["a"], page_size=2), metadata=metadata
+        )
+        token = first.next_page_token
+        assert token
+        # The same filters with another page size: the next runs.
+        rest = await stub.ListRuns(
+            rpb.ListRunsRequest(task_ids=["a"], page_size=10, page_token=token), metadata=metadata
+        )
+        assert len(first.runs) + len(rest.runs) == 5
+        assert not {r.id for r in first.runs} & {r.id for r in rest.runs}
+        # Other filters: refused, naming the token.
+        for other in (
+            rpb.ListRunsRequest(task_ids=["b"], page_size=2, page_token=token),
+            rpb.ListRunsRequest(page_size=2, page_token=token),
+            rpb.ListRunsRequest(task_ids=["a"], tags=["t1"], page_size=2, page_token=token),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ListRuns(other, metadata=metadata)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _field_of(raised.value) == "page_token"
+            assert "other filters" in (raised.value.details() or "")
+
+
 async def test_cancel_a_pending_run(scheduler: Scheduler) -> None:
     client = await _client(scheduler)
     handle = await client.tasks.trigger("nobody-runs-this")

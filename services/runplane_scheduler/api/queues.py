@@ -57,13 +57,14 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: qpb.ListQueuesRequest, context: Context
     ) -> qpb.ListQueuesResponse:
         size = validation.page_size(request.page_size, self.limits.page_size)
-        after = validation.decode_page_token(request.page_token, validation.TASK_ID)
+        filters = validation.page_filters(request)
+        after = validation.decode_page_token(request.page_token, validation.TASK_ID, filters)
         rows = await self.engine.store.list_queues(principal().environment_id, after, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         return qpb.ListQueuesResponse(
             queues=await self._queues_pb(rows),
-            next_page_token=validation.encode_page_token(rows[-1].name) if more else "",
+            next_page_token=validation.encode_page_token(rows[-1].name, filters) if more else "",
         )
 
     async def GetQueue(

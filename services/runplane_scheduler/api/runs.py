@@ -73,6 +73,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         for i, tag in enumerate(request.tags):
             validation.text(f"tags[{i}]", tag, self.limits.tag_length)
         auth.authorize_list(principal(), request.tags, request.batch_id)
+        filters = validation.page_filters(request)
         rows = await self.engine.store.list_runs(
             principal().environment_id,
             statuses=validation.statuses(list(request.statuses)),
@@ -85,14 +86,14 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             created_before=validation.timestamp_ms("created_before", request.created_before)
             if request.HasField("created_before")
             else None,
-            before_id=validation.decode_page_token(request.page_token),
+            before_id=validation.decode_page_token(request.page_token, filters=filters),
             limit=size + 1,
         )
         more = len(rows) > size
         rows = rows[:size]
         return rpb.ListRunsResponse(
             runs=[run_to_pb(r) for r in rows],
-            next_page_token=validation.encode_page_token(rows[-1].id) if more else "",
+            next_page_token=validation.encode_page_token(rows[-1].id, filters) if more else "",
         )
 
     async def CancelRun(
@@ -191,7 +192,8 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
     ) -> rpb.ListRunLogsResponse:
         run_id = validation.run_id(request.run_id)
         size = validation.log_page_size(request.page_size)
-        after = validation.decode_page_token(request.page_token, validation.LOG_ID)
+        filters = validation.page_filters(request)
+        after = validation.decode_page_token(request.page_token, validation.LOG_ID, filters)
         env = principal().environment_id
         # Logs are stored by the run id the executor reported; the run itself must be the
         # caller's, as for GetRun.
@@ -201,7 +203,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
         more = len(rows) > size
         rows = rows[:size]
         response = rpb.ListRunLogsResponse(
-            next_page_token=validation.encode_page_token(rows[-1].id) if more else ""
+            next_page_token=validation.encode_page_token(rows[-1].id, filters) if more else ""
         )
         for row in rows:
             entry = response.entries.add(

@@ -123,7 +123,8 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
         validation.text(
             "idempotency_key", request.idempotency_key, self.limits.idempotency_key_length
         )
-        after = validation.decode_page_token(request.page_token, TOKEN_ID)
+        filters = validation.page_filters(request)
+        after = validation.decode_page_token(request.page_token, TOKEN_ID, filters)
         rows = await self.waits.list_tokens(
             principal().environment_id,
             statuses=statuses,
@@ -136,7 +137,7 @@ class WaitpointServicer(waitpoint_service_pb2_grpc.WaitpointServiceServicer):
         rows = rows[:size]
         return wspb.ListTokensResponse(
             tokens=[self._token_pb(r) for r in rows],
-            next_page_token=validation.encode_page_token(rows[-1]["id"]) if more else "",
+            next_page_token=validation.encode_page_token(rows[-1]["id"], filters) if more else "",
         )
 
 
