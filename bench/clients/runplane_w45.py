@@ -38,9 +38,9 @@ import orjson
 
 from bench import procmem
 from bench.client import pct, wait_done
+from bench.procs import PROGRESS
 from bench.resp import Redis
-from runplane import Client, RunStatus, WaitAPI
-from runplane._realtime import read_stream
+from runplane import Client, RunStatus, StreamsAPI, WaitAPI
 from runplane.v1 import realtime_service_pb2 as rtpb
 from runplane.v1 import realtime_service_pb2_grpc, waitpoint_service_pb2_grpc
 from runplane.v1 import waitpoint_service_pb2 as wspb
@@ -483,7 +483,7 @@ async def w5(a: Any, c: Client, rec: Redis, verify: Any) -> dict[str, Any]:
 
 
 def _progress(msg: str) -> None:
-    print(f"  [client] {msg}", file=sys.stderr, flush=True)
+    print(f"{PROGRESS}{msg}", file=sys.stderr, flush=True)
 
 
 async def _stop(tasks: list[asyncio.Task[None]], res: dict[str, Any]) -> None:
@@ -502,7 +502,8 @@ WRITE_TICK = 0.005
 
 
 class Reader:
-    """One stream reader: the indexes it got, in order, and each chunk's latency."""
+    """One stream reader: the chunks' numbers it got (-1: the marker), in order, and each
+    chunk's latency."""
 
     __slots__ = ("indexes", "lat")
 
@@ -512,13 +513,11 @@ class Reader:
 
 
 async def _read(c: Client, run_id: str, r: Reader) -> None:
-    channel = await c.transport.realtime_channel()
-    async for index, data in read_stream(channel, c.transport.metadata(), run_id, STREAM_ID):
+    async for chunk in StreamsAPI(c).define(STREAM_ID).read(run_id):
         now = time.time()
-        r.indexes.append(index)
-        t = orjson.loads(data).get("t")
-        if t is not None:
-            r.lat.append(now - t)
+        r.indexes.append(chunk.get("i", -1))
+        if "t" in chunk:
+            r.lat.append(now - chunk["t"])
 
 
 async def _append(c: Client, run_id: str, chunks: list[bytes], close: bool = False) -> int:
@@ -576,7 +575,7 @@ async def w5_stream(a: Any, c: Client, rec: Redis) -> dict[str, Any]:
         await _append(c, run.id, [], close=True)
         done = await _until(lambda: all(t.done() for t in tasks), deadline, step=0.1)
         t_done, cpu1 = time.time(), procmem.cpu(pids)
-        want = list(range(1, total + 2))
+        want = [-1, *range(total)]
         exact = sum(r.indexes == want for r in readers)
         lat = sorted(x for r in readers for x in r.lat)
         res.update(
@@ -594,8 +593,8 @@ async def w5_stream(a: Any, c: Client, rec: Redis) -> dict[str, Any]:
             lat_ms={p: pct(lat, float(p)) * 1000 for p in ("50", "95", "99", "100")},
             error=""
             if exact == readers_n
-            else f"{readers_n - exact}/{readers_n} readers did not get chunks 1..{total + 1} "
-            "exactly once in order",
+            else f"{readers_n - exact}/{readers_n} readers did not get the marker and chunks "
+            f"0..{total - 1} exactly once in order",
         )
     except Exception as e:  # a failed call fails the workload; keep what was measured
         res["error"] = f"{type(e).__name__}: {e}"[:400]

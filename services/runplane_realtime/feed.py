@@ -112,20 +112,21 @@ class Feed(Generic[T]):
                 raise StopAsyncIteration
             self._ready.clear()
             await self._ready.wait()
-        item = self.next_nowait()
-        assert item is not None
-        return item
+        return self.take_ready(1)[0]
 
-    def next_nowait(self) -> T | None:
-        """The next item if one is buffered, else None (never waits, never raises)."""
-        if not self._items:
-            return None
-        item, size = self._items.popleft()
-        self.buffered_bytes -= size
-        self._last = item
-        self._taken += 1
-        self._space.set()
-        return item
+    def take_ready(self, limit: int) -> list[T]:
+        """Up to ``limit`` items that are buffered already, in order; never waits, never
+        raises. A subscriber sends what came together in one message or write."""
+        taken: list[T] = []
+        while self._items and len(taken) < limit:
+            item, size = self._items.popleft()
+            self.buffered_bytes -= size
+            taken.append(item)
+        if taken:
+            self._last = taken[-1]
+            self._taken += len(taken)
+            self._space.set()
+        return taken
 
     def when_stopped(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once the feed reads no more (its source is closed)."""

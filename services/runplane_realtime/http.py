@@ -341,8 +341,7 @@ class HttpServer:
                 except StopAsyncIteration:
                     break
                 # What else is ready goes in the same write (no task per event in a burst).
-                while len(items) < SSE_EVENTS_PER_WRITE and (more := feed.next_nowait()):
-                    items.append(more)
+                items += feed.take_ready(SSE_EVENTS_PER_WRITE - 1)
                 parts = []
                 for item in items:
                     try:

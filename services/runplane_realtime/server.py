@@ -137,12 +137,11 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
             )
             most = min(max(request.max_chunks_per_response, 1), MAX_CHUNKS_PER_RESPONSE)
             async with contextlib.aclosing(chunks):
-                async for ready in chunks:
-                    if most > 1:
-                        # What else is buffered goes along: a reader that fell behind a fast
-                        # stream catches up in a few messages.
-                        while len(ready) < most and (more := chunks.next_nowait()) is not None:
-                            ready = ready + more
+                async for first_ready in chunks:
+                    # What else is buffered goes along: a reader that fell behind a fast
+                    # stream catches up in a few messages.
+                    more = chunks.take_ready(most - 1)
+                    ready = [chunk for part in (first_ready, *more) for chunk in part]
                     for start in range(0, len(ready), most):
                         first, *rest = ready[start : start + most]
                         yield realtime_service_pb2.ReadStreamResponse(
@@ -242,9 +241,10 @@ async def grouped(
     already buffered after it: a burst costs each subscriber one message, not one a change."""
     most = min(max(most, 1), MAX_CHANGES_PER_RESPONSE)
     async for run, cursor in runs:
-        more: list[realtime_service_pb2.RunChange] = []
-        while len(more) + 1 < most and (ready := runs.next_nowait()) is not None:
-            more.append(realtime_service_pb2.RunChange(run=ready[0], cursor=ready[1]))
+        more = [
+            realtime_service_pb2.RunChange(run=ready, cursor=at)
+            for ready, at in runs.take_ready(most - 1)
+        ]
         yield run, cursor, more
 
 
