@@ -43,8 +43,8 @@ DEAD = 0.5  # seconds between the kill and the restart
 
 
 def sleep_of(i: int) -> float:
-    """Two runs in three are quick; the third sleeps 1 or 2 s (it runs through the kill)."""
-    return (0.0, 0.0, 1.0, 0.0, 0.0, 2.0)[i % 6]
+    """Two runs in three are quick; the third sleeps 1 or 3 s (it runs through the kill)."""
+    return (0.0, 0.0, 1.0, 0.0, 0.0, 3.0)[i % 6]
 
 
 @dataclass
@@ -178,6 +178,13 @@ async def test_kill_9_of_the_realtime_service_mid_fan_out_every_subscriber_resum
             await asyncio.sleep(max(0.0, start + i / RATE - loop.time()))
             if i == RUNS // 2:
                 # Mid-load: runs are changing, chunks are being written, everyone is reading.
+                # Each run subscriber has its first version (on a loaded machine the last one,
+                # started 50 ms ago, may not have run yet); their runs sleep 3 s, through the kill.
+                await eventually(
+                    lambda: all(s.times for s in run_seen.values()),
+                    30.0,
+                    description="every run subscriber has its run's first version",
+                )
                 cluster.realtime.kill()
                 down_at = time.monotonic()
                 await asyncio.sleep(DEAD)
@@ -187,7 +194,7 @@ async def test_kill_9_of_the_realtime_service_mid_fan_out_every_subscriber_resum
                 "fault-echo", {"i": i, "sleep": sleep_of(i)}, tags=[tag]
             )
             handles[i] = handle.id
-            if sleep_of(i) == 2.0 and RUNS // 2 - 14 <= i < RUNS // 2:  # runs through the kill
+            if sleep_of(i) == 3.0 and RUNS // 2 - 14 <= i < RUNS // 2:  # runs through the kill
                 seen = run_seen[handle.id] = Seen()
                 followers.append(asyncio.create_task(follow_run(client, handle.id, seen)))
 
