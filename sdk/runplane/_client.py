@@ -30,6 +30,7 @@ from runplane._schedules import SchedulesAPI
 from runplane._serde import dumps
 from runplane._transport import Transport, provide_default
 from runplane._trigger import batch_trigger, task_items, trigger
+from runplane._versions import VersionsAPI
 from runplane.tls import TlsSettings
 from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
@@ -79,6 +80,7 @@ class Client:
         self.tags = TagsAPI(self)
         self.schedules = SchedulesAPI(self)
         self.auth = AuthAPI(self)
+        self.versions = VersionsAPI(self)
 
     @property
     def api_url(self) -> str:
@@ -173,8 +175,10 @@ class RunsAPI(Namespace):
         created_before: datetime | None = None,
         limit: int | None = None,
         page_size: int = 25,
+        version: str | None = None,
     ) -> AsyncIterator[Run]:
-        """Runs, newest first, fetched a page at a time; stops after ``limit`` runs."""
+        """Runs, newest first, fetched a page at a time; stops after ``limit`` runs.
+        ``version``: only the runs locked to that worker version."""
         statuses = [status] if isinstance(status, str) else list(status or [])
         request = rpb.ListRunsRequest(
             statuses=[run_pb2.RunStatus.ValueType(RunStatus(s).to_pb()) for s in statuses],
@@ -182,6 +186,7 @@ class RunsAPI(Namespace):
             tags=[tag] if isinstance(tag, str) else list(tag or []),
             batch_id=batch or "",
             page_size=page_size,
+            version=version or "",
         )
         if created_after is not None:
             request.created_after.FromDatetime(created_after)

@@ -89,8 +89,16 @@ class MachineContext:
 
 
 @dataclass(frozen=True)
+class DeploymentContext:
+    """The worker version this attempt's code is (``runplane versions ls`` lists them)."""
+
+    version: str
+
+
+@dataclass(frozen=True)
 class Context:
-    """``ctx``: the run, attempt, task, queue, environment and machine of this attempt."""
+    """``ctx``: the run, attempt, task, queue, environment, machine and deployment (worker
+    version) of this attempt."""
 
     run: RunContext
     attempt: AttemptContext
@@ -98,9 +106,15 @@ class Context:
     queue: QueueContext
     environment: EnvironmentContext
     machine: MachineContext
+    deployment: DeploymentContext = field(default_factory=lambda: DeploymentContext(""))
     signal: Signal = field(default_factory=Signal, compare=False)
     # The attempt's runtime (metadata buffer, log sink, init value), set by the task process.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def version(self) -> str:
+        """The worker version of the code running this attempt (the run is locked to it)."""
+        return self.deployment.version
 
     @property
     def init(self) -> Any:

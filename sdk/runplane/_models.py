@@ -109,6 +109,8 @@ class Run:
     replayed_from_run_id: str | None = None
     idempotency_key_expires_at: datetime | None = None
     depth: int = 0
+    # The worker version the run is locked to (None: not locked yet).
+    worker_version: str | None = None
 
     @property
     def is_replay(self) -> bool:
@@ -185,6 +187,7 @@ class Run:
                 pb.idempotency_key_expires_at, pb.HasField("idempotency_key_expires_at")
             ),
             depth=pb.depth,
+            worker_version=pb.worker_version or None,
         )
 
 

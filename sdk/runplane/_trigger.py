@@ -32,12 +32,15 @@ def trigger_options(
     max_duration: DurationLike | None = None,
     machine: str | None = None,
     debounce: dict[str, Any] | None = None,
+    version: str | None = None,
 ) -> rpb.TriggerOptions:
     """The options of one trigger (SPEC §3), as the API carries them.
 
     ``delay`` is a duration or a datetime; ``ttl=0`` opts out of the task's ttl; a plain-string
     ``idempotency_key`` is scoped to the current run when called inside one (see
-    :func:`runplane.idempotency_keys.create`). Called inside a run, the new run is its child."""
+    :func:`runplane.idempotency_keys.create`). Called inside a run, the new run is its child
+    (and runs on the parent's worker version when it defines the task). ``version`` locks the
+    run to that registered worker version instead of the task's current one."""
     if isinstance(tags, str):
         tags = [tags]
     options = rpb.TriggerOptions(
@@ -49,6 +52,7 @@ def trigger_options(
         concurrency_key=str(concurrency_key) if concurrency_key is not None else "",
         priority=priority or 0,
         machine=machine or "",
+        version=version or "",
     )
     if isinstance(delay, datetime):
         options.delay_until.CopyFrom(_durations.timestamp_pb(delay))

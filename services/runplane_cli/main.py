@@ -54,10 +54,11 @@ async def _runs(args: argparse.Namespace) -> int:
     client = Client()
     if args.runs_command == "ls":
         async for run in client.runs.list(
-            status=args.status, task=args.task, tag=args.tag, limit=args.limit
+            status=args.status, task=args.task, tag=args.tag, limit=args.limit, version=args.version
         ):
             created = run.created_at.isoformat(timespec="seconds") if run.created_at else ""
-            print(f"{run.id}  {run.task_id:<24} {run.status:<15} {created}")
+            version = run.worker_version or "-"
+            print(f"{run.id}  {run.task_id:<24} {run.status:<15} {created}  {version}")
         return 0
     if args.runs_command == "show":
         run = await client.runs.retrieve(args.run_id)
@@ -86,6 +87,37 @@ async def _runs(args: argparse.Namespace) -> int:
                 _print_run(run)
         return 0
     return fail(f"unknown runs command {args.runs_command}")
+
+
+def _print_version(v: Any) -> None:
+    promoted = v.promoted_at.isoformat(timespec="seconds") if v.promoted_at else "-"
+    state = "current" if v.is_current else ("rolled back" if v.rolled_back else "")
+    if v.is_current and len(v.current_for) < len(v.task_ids):
+        state = f"current for {', '.join(v.current_for)}"
+    print(
+        f"{v.version:<24} {state:<12} {v.executors:>9} {v.active_runs:>11}  {promoted:<25} "
+        f"{', '.join(v.task_ids)}"
+    )
+
+
+async def _versions(args: argparse.Namespace) -> int:
+    api = Client().versions
+    command = "promote" if args.command == "deploy" else args.versions_command
+    if command == "ls":
+        print(
+            f"{'VERSION':<24} {'STATE':<12} {'EXECUTORS':>9} {'ACTIVE RUNS':>11}  "
+            f"{'PROMOTED':<25} TASKS"
+        )
+        for v in await api.list():
+            _print_version(v)
+        return 0
+    if command == "promote":
+        v = await api.promote(args.version)
+        print(f"version {v.version} is current: new runs of {', '.join(v.current_for)} lock to it")
+        return 0
+    v = await api.rollback()
+    print(f"rolled back: version {v.version} is current again for {', '.join(v.current_for)}")
+    return 0
 
 
 async def _queues(args: argparse.Namespace) -> int:
@@ -174,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--processes", type=int, help="task processes (default: CPU count)")
     ex.add_argument("--capacity", type=int, help="attempts at once (default 100)")
     ex.add_argument(
+        "--version",
+        help="the worker version to register (default: RUNPLANE_VERSION, else a hash of the "
+        "task definitions and modules' source)",
+    )
+    ex.add_argument(
         "--max-resident-waits",
         type=int,
         help="waiting runs kept in memory; more are evicted, then replayed from their journal "
@@ -200,9 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", action="append")
     ls.add_argument("--task", action="append")
     ls.add_argument("--tag", action="append")
+    ls.add_argument("--version", help="only the runs locked to this worker version")
     ls.add_argument("--limit", type=int, default=20)
     for name in ("show", "logs", "cancel", "replay", "watch"):
         rsub.add_parser(name).add_argument("run_id")
+
+    versions = sub.add_parser(
+        "versions", help="list worker versions, promote one, roll back the latest promotion"
+    )
+    vsub = versions.add_subparsers(dest="versions_command", required=True)
+    vsub.add_parser("ls", help="versions, newest first, with their executors and active runs")
+    vsub.add_parser("promote", help="make a version current").add_argument("version")
+    vsub.add_parser("rollback", help="make the previously promoted version current again")
+    deploy = sub.add_parser(
+        "deploy", help="make a registered worker version current (versions promote)"
+    )
+    deploy.add_argument("version")
 
     queues = sub.add_parser("queues", help="list, pause and resume queues")
     qsub = queues.add_subparsers(dest="queues_command", required=True)
@@ -293,6 +343,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             capacity=args.capacity,
             max_resident_waits=args.max_resident_waits,
             evict_waits_after=args.evict_waits_after,
+            version=args.version,
         )
         return 0
     if args.command == "realtime":
@@ -306,6 +357,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_async(_runs(args))
     if args.command == "queues":
         return run_async(_queues(args))
+    if args.command in ("versions", "deploy"):
+        return run_async(_versions(args))
     if args.command == "schedules":
         return run_async(_schedules(args))
     if args.command in ("keys", "db"):

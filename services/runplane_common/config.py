@@ -117,6 +117,17 @@ class SchedulerSettings:
     http_listen: str = ""
     # Its URL as announced in tokens; empty: built from the address it listens on.
     http_url: str = ""
+    # "auto": a worker version registering for the first time becomes current at once (dev,
+    # and deploys that are "start the new executors"); "manual": only `runplane deploy`
+    # (`versions promote`) makes a version current.
+    version_promotion: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.version_promotion not in ("auto", "manual"):
+            raise ValueError(
+                "RUNPLANE_VERSION_PROMOTION must be 'auto' or 'manual', "
+                f"not {self.version_promotion!r}"
+            )
 
     @classmethod
     def from_env(cls) -> SchedulerSettings:
@@ -142,6 +153,7 @@ class SchedulerSettings:
             tls=TlsSettings.from_env(os.environ),
             http_listen=os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN", ""),
             http_url=os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL", ""),
+            version_promotion=os.environ.get("RUNPLANE_VERSION_PROMOTION") or d.version_promotion,
         )
 
 
@@ -217,6 +229,9 @@ class ExecutorSettings:
     # Outputs larger than this (RUNPLANE_LIMIT_OUTPUT_BYTES, the scheduler's limit too) fail the
     # attempt in its task process, with a clear error.
     output_limit: int = Limits.output_bytes
+    # The worker version this executor registers (RUNPLANE_VERSION, --version); empty: a
+    # content hash of its task definitions and its task modules' source.
+    version: str = ""
 
     @classmethod
     def from_env(
@@ -227,6 +242,7 @@ class ExecutorSettings:
         capacity: int | None = None,
         max_resident_waits: int | None = None,
         evict_waits_after: float | None = None,
+        version: str | None = None,
     ) -> ExecutorSettings:
         """The settings from the environment; the keyword arguments (the command line's) win
         unless None."""
@@ -252,4 +268,5 @@ class ExecutorSettings:
             else evict_waits_after,
             tls=TlsSettings.from_env(os.environ),
             output_limit=_int("RUNPLANE_LIMIT_OUTPUT_BYTES", d.output_limit),
+            version=os.environ.get("RUNPLANE_VERSION", "") if version is None else version,
         )

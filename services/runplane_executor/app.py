@@ -9,8 +9,10 @@ import hashlib
 import hmac
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -73,8 +75,22 @@ REPORTS = ("started", "result", "metadata", "logs", "wait")
 ADMIN_KEY_CHECK_SECONDS = 2.0
 
 
-def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
-    """The manifest of the tasks (imported here, in the control process)."""
+def code_hash(tasks: dict[str, Task[Any]]) -> str:
+    """A hash of the source of the modules that define the tasks (imported here)."""
+    digest = hashlib.sha256()
+    for name in sorted({t.fn.__module__ for t in tasks.values()}):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        digest.update(name.encode() + b"\0")
+        if path:
+            with contextlib.suppress(OSError):
+                digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def build_manifest(tasks: dict[str, Task[Any]], version: str = "") -> wpb.Manifest:
+    """The manifest of the tasks (imported here, in the control process), registered as
+    ``version``; without one, as a hash of the definitions and the task modules' source."""
     declared = declared_schedules()
     defs = []
     for t in sorted(tasks.values(), key=lambda t: t.id):
@@ -105,19 +121,22 @@ def build_manifest(tasks: dict[str, Task[Any]]) -> wpb.Manifest:
             )
         )
     manifest = wpb.Manifest(tasks=defs)
-    manifest.version = hashlib.sha256(manifest.SerializeToString(deterministic=True)).hexdigest()[
-        :16
-    ]
+    if not version:
+        digest = hashlib.sha256(manifest.SerializeToString(deterministic=True))
+        digest.update(code_hash(tasks).encode())
+        version = "h-" + digest.hexdigest()[:16]
+    manifest.version = version
     return manifest
 
 
-def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> Attempt:
+def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None, version: str = "") -> Attempt:
     """The attempt as the task process gets it, with its effective machine and max_duration.
 
     The machine is the trigger's (``Run.machine``) or the task's. An attempt gets a process of
     its own with that machine's memory limit when the machine was chosen explicitly (the task
     sets ``machine=``, or the trigger asks for a different one); otherwise it runs in the warm
-    pool. max_duration is the trigger's (``Run.max_duration``) or the task's."""
+    pool. max_duration is the trigger's (``Run.max_duration``) or the task's. ``version``: the
+    worker version of this executor's code (``ctx.version``)."""
     r = a.run
     task_machine = task.machine_name if task is not None else DEFAULT_MACHINE
     machine = r.machine if r.machine in MACHINES else task_machine
@@ -138,6 +157,7 @@ def assignment_to_attempt(a: wpb.Assignment, task: Task[Any] | None) -> Attempt:
         "max_duration": max_duration,
         # An out-of-memory attempt is retried on this machine, unless it already ran on it.
         "oom_retry_machine": oom_machine if oom_machine and oom_machine != machine else "",
+        "version": r.worker_version or version,
         "run": {
             "id": r.id,
             "task_id": r.task_id,
@@ -227,7 +247,7 @@ class Executor:
         # From the scheduler's Registered: proves a reconnect is this executor.
         self._session_token = ""
         self.tasks = import_task_modules(settings.modules)
-        self.manifest = build_manifest(self.tasks)
+        self.manifest = build_manifest(self.tasks, settings.version)
         self.pool = ProcessPool(
             settings.modules,
             settings.processes,
@@ -256,8 +276,9 @@ class Executor:
     async def start(self) -> None:
         provided = await self.pool.start()
         log.info(
-            "executor %s: %d task processes ready with tasks %s",
+            "executor %s (version %s): %d task processes ready with tasks %s",
             self.executor_id,
+            self.manifest.version,
             self.pool.size,
             ", ".join(provided),
         )
@@ -434,7 +455,11 @@ class Executor:
                     elif kind == "assignment":
                         a = response.assignment
                         self.starts.assigned(a.attempt_id)
-                        self.pool.submit(assignment_to_attempt(a, self.tasks.get(a.run.task_id)))
+                        self.pool.submit(
+                            assignment_to_attempt(
+                                a, self.tasks.get(a.run.task_id), self.manifest.version
+                            )
+                        )
                     elif kind == "cancel":
                         self.pool.cancel(response.cancel.attempt_id)
                     elif kind == "run_canceled":
@@ -446,7 +471,9 @@ class Executor:
                             environment_id=c.environment_id,
                         )
                         task = self.tasks.get(c.run.task_id)
-                        self.pool.cancel_hooks(assignment_to_attempt(assignment, task))
+                        self.pool.cancel_hooks(
+                            assignment_to_attempt(assignment, task, self.manifest.version)
+                        )
                     elif kind == "resume":
                         r = response.resume
                         self.pool.resume(r.attempt_id, waits.resume_results(r))
@@ -516,6 +543,7 @@ def main(
     capacity: int | None = None,
     max_resident_waits: int | None = None,
     evict_waits_after: float | None = None,
+    version: str | None = None,
 ) -> None:
     """``runplane executor``: the settings from the environment, where the command line's
     (those not None) win."""
@@ -526,6 +554,7 @@ def main(
         capacity=capacity,
         max_resident_waits=max_resident_waits,
         evict_waits_after=evict_waits_after,
+        version=version,
     )
     run_async(_serve(settings))
 

@@ -12,6 +12,7 @@ from runplane.v1 import (
     queue_service_pb2_grpc,
     run_service_pb2_grpc,
     schedule_service_pb2_grpc,
+    version_service_pb2_grpc,
     waitpoint_service_pb2_grpc,
     worker_service_pb2_grpc,
 )
@@ -24,6 +25,7 @@ from runplane_scheduler.api.meta import MetaServicer
 from runplane_scheduler.api.queues import QueueServicer
 from runplane_scheduler.api.runs import RunServicer
 from runplane_scheduler.api.token_http import TokenHttpServer
+from runplane_scheduler.api.versions import VersionServicer
 from runplane_scheduler.api.waitpoints import WaitpointServicer
 from runplane_scheduler.api.worker import WorkerServicer
 from runplane_scheduler.engine import RunEngine
@@ -105,6 +107,11 @@ class Scheduler:
             schedule_service_pb2_grpc.add_ScheduleServiceServicer_to_server,
             ScheduleServicer(self.schedules, self.settings),
             "runplane.v1.ScheduleService",
+        )
+        self.server.add(
+            version_service_pb2_grpc.add_VersionServiceServicer_to_server,
+            VersionServicer(self.engine),
+            "runplane.v1.VersionService",
         )
         self.server.add(
             auth_service_pb2_grpc.add_AuthServiceServicer_to_server,

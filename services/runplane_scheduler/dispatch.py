@@ -30,6 +30,8 @@ class QueuedRun:
     seq: int
     run_id: str = field(compare=False)
     task_id: str = field(compare=False)
+    # The worker version the run is locked to ('': any executor of the task).
+    version: str = field(default="", compare=False)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class ExecutorState:
     attempts: set[str | Reserved] = field(default_factory=set)
     # Given to the executor on registration: only its holder may register this id again.
     session_token: str = ""
+    # The worker version of its code: it runs only runs locked to that version (or to none).
+    version: str = ""
 
     def free(self) -> int:
         return self.capacity - len(self.attempts) if self.connected and not self.draining else 0
@@ -182,23 +186,44 @@ class DispatchIndex:
         del self.queues[key]
         self._rotation.remove(key)
 
-    def push(self, key: QueueKey, run_id: str, task_id: str, queued_at: int, priority: int) -> None:
+    def push(
+        self,
+        key: QueueKey,
+        run_id: str,
+        task_id: str,
+        queued_at: int,
+        priority: int,
+        version: str = "",
+    ) -> None:
         heapq.heappush(
             self.queue(key).heap,
-            QueuedRun(queued_at - priority * 1000, next(self._seq), run_id, task_id),
+            QueuedRun(queued_at - priority * 1000, next(self._seq), run_id, task_id, version),
         )
 
-    def executor_for(self, environment_id: str, task_id: str) -> ExecutorState | None:
+    def executor_for(
+        self, environment_id: str, task_id: str, version: str = ""
+    ) -> ExecutorState | None:
+        """The executor with the most free slots that runs ``task_id`` at ``version`` (any
+        version when '')."""
         best: ExecutorState | None = None
         for ex in self.executors.values():
-            usable = ex.environment_id == environment_id and task_id in ex.tasks and ex.free() > 0
+            usable = (
+                ex.environment_id == environment_id
+                and task_id in ex.tasks
+                and (not version or ex.version == version)
+                and ex.free() > 0
+            )
             if usable and (best is None or ex.free() > best.free()):
                 best = ex
         return best
 
-    def provides(self, environment_id: str, task_id: str) -> bool:
+    def provides(self, environment_id: str, task_id: str, version: str = "") -> bool:
+        """A connected executor runs ``task_id`` at ``version`` (any version when '')."""
         return any(
-            ex.connected and ex.environment_id == environment_id and task_id in ex.tasks
+            ex.connected
+            and ex.environment_id == environment_id
+            and task_id in ex.tasks
+            and (not version or ex.version == version)
             for ex in self.executors.values()
         )
 
@@ -226,7 +251,7 @@ class DispatchIndex:
                 if self.env_running.get(env, 0) >= self.environment_limit:
                     continue
                 head = q.heap[0]
-                ex = self.executor_for(env, head.task_id)
+                ex = self.executor_for(env, head.task_id, head.version)
                 if ex is None:
                     continue
                 heapq.heappop(q.heap)
@@ -238,14 +263,16 @@ class DispatchIndex:
                 progress = True
         return picked
 
-    def reserve_direct(self, key: QueueKey, task_id: str, run_id: str) -> ExecutorState | None:
+    def reserve_direct(
+        self, key: QueueKey, task_id: str, run_id: str, version: str = ""
+    ) -> ExecutorState | None:
         """Reserve a slot and an executor for a new run, if nothing waits ahead of it."""
         q = self.queue(key)
         env = key[0]
         now = self.monotonic()
         if q.heap or not q.has_slot(now) or self.env_running.get(env, 0) >= self.environment_limit:
             return None
-        ex = self.executor_for(env, task_id)
+        ex = self.executor_for(env, task_id, version)
         if ex is None:
             return None
         q.running += 1

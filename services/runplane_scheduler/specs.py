@@ -61,6 +61,8 @@ class TriggerSpec:
     parent_run_id: str = ""
     replayed_from_run_id: str = ""
     debounce: Debounce | None = None
+    # The worker version to lock to ('': the parent's, else the task's current one).
+    version: str = ""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,10 @@ _ENDINGS_OF_AN_ATTEMPT = {
 }
 
 ALLOWED: dict[Status, frozenset[Status]] = {
-    Status.PENDING_VERSION: frozenset({Status.QUEUED, Status.CANCELED, Status.EXPIRED}),
+    # -> WAITING: a run whose waits completed waited here for an executor of its version.
+    Status.PENDING_VERSION: frozenset(
+        {Status.QUEUED, Status.WAITING, Status.CANCELED, Status.EXPIRED}
+    ),
     Status.DELAYED: frozenset(
         {Status.QUEUED, Status.PENDING_VERSION, Status.CANCELED, Status.EXPIRED}
     ),
@@ -65,6 +68,7 @@ ALLOWED: dict[Status, frozenset[Status]] = {
             Status.QUEUED,
             Status.DEQUEUED,
             Status.EXECUTING,
+            Status.PENDING_VERSION,
             Status.CANCELED,
             Status.SYSTEM_FAILURE,
             Status.CRASHED,

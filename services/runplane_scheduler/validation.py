@@ -25,6 +25,8 @@ from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_scheduler.specs import Debounce, TriggerSpec
 
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}\Z")
+# A worker version: "v1", "2026.12.05-1", a content hash.
+VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 RUN_ID = re.compile(r"^run_[0-9a-z]{1,36}\Z")
 EXECUTOR_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,40}\Z")
 MACHINES = frozenset(
@@ -68,6 +70,8 @@ def register(message: wpb.Register) -> wpb.Register:
         raise InvalidArgument("register.capacity", f"must be 0..100000, got {message.capacity}")
     for i, attempt_id in enumerate(message.running_attempt_ids):
         text(f"register.running_attempt_ids[{i}]", attempt_id, 40)
+    if message.manifest.version:
+        version(message.manifest.version, "register.manifest.version")
     seen: set[str] = set()
     for i, t in enumerate(message.manifest.tasks):
         where = f"register.manifest.tasks[{i}]"
@@ -242,6 +246,8 @@ def trigger_spec(
         delay_until = timestamp_ms(f"{f}delay_until", o.delay_until)
     if o.parent_run_id:
         run_id(o.parent_run_id, f"{f}parent_run_id")
+    if o.version:
+        version(o.version, f"{f}version")
     debounce = None
     if o.HasField("debounce"):
         if o.HasField("delay") or o.HasField("delay_until"):
@@ -278,6 +284,7 @@ def trigger_spec(
         machine=machine(f"{f}machine", o.machine),
         parent_run_id=o.parent_run_id,
         debounce=debounce,
+        version=o.version,
     )
 
 
@@ -367,6 +374,18 @@ def queue_ref(value: str, field: str = "queue") -> str:
         raise InvalidArgument(field, "must not be empty")
     if not TASK_ID.match(value):
         raise InvalidArgument(field, f"{value[:80]!r} is not a queue id or name")
+    return value
+
+
+def version(value: str, field: str = "version") -> str:
+    """A worker version name: 1..64 of letters, digits and ``_ . + -``, starting with a letter
+    or digit."""
+    if not VERSION.match(value):
+        raise InvalidArgument(
+            field,
+            f"{value[:80]!r} is not a version (1..64 of letters, digits, '_', '.', '+', '-', "
+            "starting with a letter or digit)",
+        )
     return value
 
 

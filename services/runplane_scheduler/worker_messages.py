@@ -9,11 +9,15 @@ generated message. Times are ms since the epoch, 0 when unset.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import orjson
+
 from runplane_common.errors import ServiceError
+from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TaskDef, TriggerSpec
 
 
@@ -39,15 +43,40 @@ class ManifestTask:
     timezone: str = ""
 
 
+def manifest_to_json(tasks: Sequence[ManifestTask]) -> str:
+    """A version's manifest as stored: its tasks by id, in id order."""
+    return orjson.dumps(
+        {t.definition.task_id: asdict(t) for t in sorted(tasks, key=lambda t: t.definition.task_id)}
+    ).decode()
+
+
+def definitions_version(tasks: Sequence[ManifestTask]) -> str:
+    """The version of a manifest registered without one: a hash of its definitions."""
+    return "defs-" + hashlib.sha256(manifest_to_json(tasks).encode()).hexdigest()[:16]
+
+
+def manifest_from_json(text: str) -> tuple[ManifestTask, ...]:
+    out = []
+    for item in orjson.loads(text).values():
+        d = dict(item["definition"])
+        d["retry"] = RetryPolicy.from_dict(d["retry"])
+        known = {k: v for k, v in d.items() if k in TaskDef.__dataclass_fields__}
+        out.append(ManifestTask(TaskDef(**known), item["cron"], item["timezone"]))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Registration:
-    """An executor's registration, checked. ``executor_id`` empty: a new executor."""
+    """An executor's registration, checked. ``executor_id`` empty: a new executor.
+    ``version``: the worker version its manifest is (the executor's ``--version``, else a hash
+    of its definitions and code)."""
 
     executor_id: str
     capacity: int
     manifest: tuple[ManifestTask, ...] = ()
     running_attempt_ids: tuple[str, ...] = ()
     session_token: str = ""
+    version: str = ""
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ class Cluster:
         realtime_http_listen = f"127.0.0.1:{free_port()}"
         self.realtime_http_url = f"{scheme}://{realtime_http_listen}"
         self.tasks = tasks
+        self.extra: list[ServiceProcess] = []  # executors started by add_executor
         self.keys: dict[str, str] = {}
         self.worker_keys: dict[str, str] = {}
         base = dict(os.environ)
@@ -157,6 +158,27 @@ class Cluster:
         self.executor.start()
         await wait_executor_connected(self.executor_status_url, 60, self.tls, key=self.executor_key)
 
+    async def add_executor(
+        self, name: str, tasks: str, *args: str, env: dict[str, str] | None = None
+    ) -> tuple[ServiceProcess, str]:
+        """Start another executor process (one task process) of ``tasks`` with extra command
+        line ``args``, and wait until it is connected. Returns it and its admin address. It
+        is stopped with the cluster."""
+        status = f"127.0.0.1:{free_port()}"
+        process = ServiceProcess(
+            name,
+            [
+                *(sys.executable, "-m", "runplane_cli", "executor", "--processes", "1"),
+                *("--tasks", tasks, *args),
+            ],
+            {**self.executor.env, "RUNPLANE_EXECUTOR_LISTEN": status, **(env or {})},
+            self.tmp,
+        )
+        self.extra.append(process)
+        process.start()
+        await wait_executor_connected(status, 60, self.tls, key=self.executor_key)
+        return process, status
+
     @property
     def executor_key(self) -> str:
         """The credential the executor connects with, which its admin port also wants."""
@@ -181,9 +203,11 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(
             f"===== {p.name}\n{p.log()[-6000:]}"
-            for p in (self.scheduler, self.realtime, self.executor)
+            for p in (self.scheduler, self.realtime, self.executor, *self.extra)
         )
 
     async def stop(self) -> None:
-        await asyncio.gather(self.executor.stop(), self.realtime.stop())
+        await asyncio.gather(
+            self.executor.stop(), self.realtime.stop(), *(p.stop() for p in self.extra)
+        )
         await self.scheduler.stop()

@@ -52,3 +52,12 @@ def test_the_scheduler_token_endpoint_is_configured_in_its_settings(
     monkeypatch.setenv("RUNPLANE_SCHEDULER_HTTP_URL", "https://tokens.example")
     settings = SchedulerSettings.from_env()
     assert (settings.http_listen, settings.http_url) == ("127.0.0.1:7073", "https://tokens.example")
+
+
+def test_version_promotion_is_auto_or_manual(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPLANE_VERSION_PROMOTION", "manual")
+    assert SchedulerSettings.from_env().version_promotion == "manual"
+    monkeypatch.delenv("RUNPLANE_VERSION_PROMOTION")
+    assert SchedulerSettings.from_env().version_promotion == "auto"
+    with pytest.raises(ValueError, match="RUNPLANE_VERSION_PROMOTION must be 'auto' or 'manual'"):
+        SchedulerSettings(version_promotion="sometimes")

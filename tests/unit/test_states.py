@@ -21,6 +21,8 @@ EXPECTED_ALLOWED = {
     ("PENDING_VERSION", "QUEUED"),
     ("PENDING_VERSION", "CANCELED"),
     ("PENDING_VERSION", "EXPIRED"),
+    # A run whose waits completed waited for an executor of its version, and resumes.
+    ("PENDING_VERSION", "WAITING"),
     ("DELAYED", "QUEUED"),
     ("DELAYED", "PENDING_VERSION"),  # its delay passed while no executor provides the task
     ("DELAYED", "CANCELED"),
@@ -45,6 +47,7 @@ EXPECTED_ALLOWED = {
     ("WAITING", "QUEUED"),
     ("WAITING", "EXECUTING"),
     ("WAITING", "DEQUEUED"),  # resumed by replay in a fresh attempt
+    ("WAITING", "PENDING_VERSION"),  # ready to resume, and no executor of its version is up
     ("WAITING", "CANCELED"),
     ("WAITING", "SYSTEM_FAILURE"),
     ("WAITING", "CRASHED"),

@@ -131,6 +131,7 @@ class Run(_message.Message):
     REPLAYED_FROM_RUN_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    WORKER_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     task_id: _builtins.str
     status: Global___RunStatus.ValueType
@@ -163,6 +164,10 @@ class Run(_message.Message):
     """The run was made by ReplayRun from this run."""
     depth: _builtins.int
     """Nesting depth: 0 for a run triggered from outside a task."""
+    worker_version: _builtins.str
+    """The worker version the run is locked to for life: every attempt, resume and replay runs on
+    an executor of this version. Empty: not locked yet (no version of its task is current).
+    """
     @_builtins.property
     def error(self) -> Global___RunError: ...
     @_builtins.property
@@ -229,10 +234,11 @@ class Run(_message.Message):
         replayed_from_run_id: _builtins.str = ...,
         idempotency_key_expires_at: _timestamp_pb2.Timestamp | None = ...,
         depth: _builtins.int = ...,
+        worker_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "delay_until", b"delay_until", "error", b"error", "finished_at", b"finished_at", "idempotency_key_expires_at", b"idempotency_key_expires_at", "max_duration", b"max_duration", "queued_at", b"queued_at", "started_at", b"started_at", "ttl", b"ttl", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_id", b"batch_id", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "delay_until", b"delay_until", "depth", b"depth", "duration_ms", b"duration_ms", "environment_id", b"environment_id", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "is_test", b"is_test", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "output", b"output", "parent_run_id", b"parent_run_id", "payload", b"payload", "priority", b"priority", "queue", b"queue", "queued_at", b"queued_at", "replayed_from_run_id", b"replayed_from_run_id", "root_run_id", b"root_run_id", "started_at", b"started_at", "status", b"status", "tags", b"tags", "task_id", b"task_id", "ttl", b"ttl", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_count", b"attempt_count", "batch_id", b"batch_id", "concurrency_key", b"concurrency_key", "created_at", b"created_at", "delay_until", b"delay_until", "depth", b"depth", "duration_ms", b"duration_ms", "environment_id", b"environment_id", "error", b"error", "finished_at", b"finished_at", "id", b"id", "idempotency_key", b"idempotency_key", "idempotency_key_expires_at", b"idempotency_key_expires_at", "is_test", b"is_test", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "output", b"output", "parent_run_id", b"parent_run_id", "payload", b"payload", "priority", b"priority", "queue", b"queue", "queued_at", b"queued_at", "replayed_from_run_id", b"replayed_from_run_id", "root_run_id", b"root_run_id", "started_at", b"started_at", "status", b"status", "tags", b"tags", "task_id", b"task_id", "ttl", b"ttl", "updated_at", b"updated_at", "version", b"version", "worker_version", b"worker_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

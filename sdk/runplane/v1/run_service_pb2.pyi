@@ -87,6 +87,7 @@ class TriggerOptions(_message.Message):
     MACHINE_FIELD_NUMBER: _builtins.int
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     DEBOUNCE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name; empty: the task's queue."""
     metadata: _builtins.str
@@ -100,6 +101,10 @@ class TriggerOptions(_message.Message):
     """Empty: the task's machine."""
     parent_run_id: _builtins.str
     """Set by the SDK when triggering from inside a run: the new run is its child (same environment)."""
+    version: _builtins.str
+    """Lock the run to this registered worker version. Empty: a child run takes its parent's
+    version when that version defines the task; otherwise the task's current version.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -142,10 +147,11 @@ class TriggerOptions(_message.Message):
         machine: _builtins.str = ...,
         parent_run_id: _builtins.str = ...,
         debounce: Global___Debounce | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["debounce", b"debounce", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key_ttl", b"idempotency_key_ttl", "max_duration", b"max_duration", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "debounce", b"debounce", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "parent_run_id", b"parent_run_id", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "debounce", b"debounce", "delay", b"delay", "delay_until", b"delay_until", "idempotency_key", b"idempotency_key", "idempotency_key_ttl", b"idempotency_key_ttl", "machine", b"machine", "max_attempts", b"max_attempts", "max_duration", b"max_duration", "metadata", b"metadata", "parent_run_id", b"parent_run_id", "priority", b"priority", "queue", b"queue", "tags", b"tags", "ttl", b"ttl", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,11 +305,14 @@ class ListRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """1..100; 0: 25."""
     page_token: _builtins.str
     batch_id: _builtins.str
     """Only the runs of this batch."""
+    version: _builtins.str
+    """Only the runs locked to this worker version."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus.ValueType]: ...
     @_builtins.property
@@ -325,10 +334,11 @@ class ListRunsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         batch_id: _builtins.str = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "tags", b"tags", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "tags", b"tags", "task_ids", b"task_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -130,7 +130,11 @@ class Manifest(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
-    """Hash of the task definitions."""
+    """The worker version this manifest is: the executor's --version (RUNPLANE_VERSION), else a
+    content hash of the definitions and the task modules' source. A version's manifest never
+    changes: a registration of a known version with another manifest is FAILED_PRECONDITION.
+    Empty: the scheduler uses a hash of the definitions.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskDefinition]: ...
     def __init__(

@@ -66,6 +66,7 @@ class Attempt(TypedDict):
     memory_limit: NotRequired[int]  # bytes; 0: runs in the warm pool
     max_duration: NotRequired[float]  # seconds; 0: none
     oom_retry_machine: NotRequired[str]  # retry an out-of-memory attempt on this machine
+    version: NotRequired[str]  # the worker version of the code that runs it
 
 
 class ErrorInfo(TypedDict):

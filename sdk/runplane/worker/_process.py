@@ -35,6 +35,7 @@ from runplane import telemetry
 from runplane._context import (
     AttemptContext,
     Context,
+    DeploymentContext,
     EnvironmentContext,
     MachineContext,
     QueueContext,
@@ -124,6 +125,7 @@ def build_context(attempt: Attempt, task: Task[Any]) -> Context:
             type=ENV_TYPES.get(slug, slug.upper()),
         ),
         machine=MachineContext(name=machine, cpu=cpu, memory=memory),
+        deployment=DeploymentContext(version=attempt.get("version", "")),
     )
 
 

@@ -80,6 +80,7 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             task_ids=list(request.task_ids),
             tags=list(request.tags),
             batch_id=validation.batch_id(request.batch_id) if request.batch_id else "",
+            version=validation.version(request.version) if request.version else "",
             created_after=validation.timestamp_ms("created_after", request.created_after)
             if request.HasField("created_after")
             else None,

@@ -121,6 +121,7 @@ def registration(message: wpb.Register) -> Registration:
         ),
         running_attempt_ids=tuple(message.running_attempt_ids),
         session_token=message.session_token,
+        version=message.manifest.version,
     )
 
 

@@ -323,7 +323,7 @@ class Attempts:
         attempt_id = lease.attempt_id
         error_text = orjson.dumps(error).decode()
         release = self.resources.release
-        task_defs = self.resources.task_defs
+        definition = self.resources.definition
 
         async def op(tx: Tx) -> None:
             ts = self.resources.clock.now_ms()
@@ -336,7 +336,7 @@ class Attempts:
             if status not in (Status.EXECUTING, Status.DEQUEUED):
                 return
             attempt = m["attempt_count"] if status is Status.EXECUTING else m["attempt_count"] + 1
-            td = task_defs.get((m["environment_id"], m["task_id"]))
+            td = definition(m["environment_id"], m["task_id"], m["worker_version"])
             policy = td.retry if td else RetryPolicy()
             await Store.finish_attempt(tx, attempt_id, "FAILED", error_text)
             elapsed = ts - m["started_at"] if m["started_at"] else 0

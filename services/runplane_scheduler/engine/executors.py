@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -18,32 +18,34 @@ from runplane_common.ids import new_id
 from runplane_scheduler.dispatch import ExecutorState
 from runplane_scheduler.engine.resources import EngineResources
 from runplane_scheduler.engine.triggering import Triggering
+from runplane_scheduler.engine.versions import Versions
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TaskDef
-from runplane_scheduler.store import RunRow, Store, Tx
+from runplane_scheduler.store import RunRow, Tx
 from runplane_scheduler.store import queues as stored_queues
-from runplane_scheduler.worker_messages import Registration, ToExecutor
+from runplane_scheduler.worker_messages import Registration, ToExecutor, definitions_version
 
 log = logging.getLogger("runplane.scheduler")
-
-# Called first when an executor registers (environment, registration, executor id).
-RegisterHook = Callable[[str, Registration, str], Coroutine[Any, Any, None]]
 
 
 class Executors:
     def __init__(
-        self, resources: EngineResources, triggering: Triggering, waitpoints: Waitpoints
+        self,
+        resources: EngineResources,
+        triggering: Triggering,
+        waitpoints: Waitpoints,
+        versions: Versions,
     ) -> None:
         self.resources = resources
         self.triggering = triggering
         self.waitpoints = waitpoints
-        # Syncs a registering executor's declarative schedules; raises, before anything is
-        # stored, on a bad one.
-        self.on_register: RegisterHook | None = None
+        self.versions = versions
+        versions.apply_queue_limit = self.apply_queue_limit
 
     async def load(self) -> None:
-        """After a restart: the registered task definitions and the queues' settings."""
+        """After a restart: the current task definitions (with their versions), the registered
+        versions, and the queues' settings."""
         task_defs = self.resources.task_defs
         for row in await self.resources.store.load_task_definitions():
             m = row._mapping
@@ -57,6 +59,13 @@ class Executors:
                 ttl_ms=m["ttl_ms"],
                 payload_schema=m["payload_schema"],
             )
+            if m["version"]:
+                self.resources.current_versions[(m["environment_id"], m["task_id"])] = m["version"]
+        await self.versions.load()
+        for (env, task_id), version in self.resources.current_versions.items():
+            # The current version's full definition (rate limits too), where it is known.
+            if (d := self.versions.definition(env, task_id, version)) is not None:
+                task_defs[(env, task_id)] = d
         for td_key, td in task_defs.items():
             self.apply_queue_limit(td_key[0], td)
         for row in await self.resources.store.load_queues():
@@ -68,41 +77,22 @@ class Executors:
         register: Registration,
         outbox: asyncio.Queue[ToExecutor],
     ) -> ExecutorState:
+        """Register an executor of a worker version. A new version is stored (and promoted
+        under auto promotion); a known one must bring the same manifest. The executor runs only
+        runs locked to its version."""
         index = self.resources.index
         executor_id = register.executor_id or new_id("exec")
+        if not register.version:
+            register = replace(register, version=definitions_version(register.manifest))
         # Before anything of the registration is stored: a refused one changes nothing.
         self.check_executor_id(environment_id, executor_id, register.session_token)
-        if self.on_register is not None:
-            await self.on_register(environment_id, register, executor_id)
+        current = self.versions.admit(environment_id, register)
+        if current and self.versions.on_sync is not None:
+            await self.versions.on_sync(environment_id, register, executor_id)
+        await self.versions.register(environment_id, register, promote=current)
         defs = [t.definition for t in register.manifest]
-        ts = self.resources.clock.now_ms()
-        rows = [
-            {
-                "environment_id": environment_id,
-                "task_id": d.task_id,
-                "queue": d.queue,
-                "queue_concurrency_limit": d.queue_concurrency_limit,
-                "retry": orjson.dumps(d.retry.to_dict()).decode(),
-                "max_duration": d.max_duration,
-                "machine": d.machine,
-                "ttl_ms": d.ttl_ms,
-                "payload_schema": d.payload_schema,
-                "updated_at": ts,
-            }
-            for d in defs
-        ]
-
-        async def op(tx: Tx) -> None:
-            await Store.upsert_task_definitions(tx, environment_id, rows)
-            declared = {d.queue: d.queue_concurrency_limit for d in defs}
-            await stored_queues.declare(tx, environment_id, declared, ts)
-
-        await self.resources.store.writer.run(op)
-        for d in defs:
-            self.resources.task_defs[(environment_id, d.task_id)] = d
-            self.apply_queue_limit(environment_id, d)
         # Checked again: another registration of this id may have finished while this one
-        # wrote its definitions.
+        # wrote its version.
         self.check_executor_id(environment_id, executor_id, register.session_token)
         old = index.executors.get(executor_id)
         ex = ExecutorState(
@@ -113,6 +103,7 @@ class Executors:
             outbox=outbox,
             last_seen=self.resources.clock.monotonic(),
             session_token=secrets.token_urlsafe(24),
+            version=register.version,
         )
         claimed = set(register.running_attempt_ids)
         if old is not None:
@@ -128,9 +119,15 @@ class Executors:
         index.executors[executor_id] = ex
         self.waitpoints.registered(ex, claimed)
         log.info(
-            "executor %s connected: %d tasks, capacity %d", executor_id, len(defs), ex.capacity
+            "executor %s connected: version %s, %d tasks, capacity %d",
+            executor_id,
+            register.version or "-",
+            len(defs),
+            ex.capacity,
         )
-        self.triggering.provided(environment_id, [d.task_id for d in defs])
+        task_ids = [d.task_id for d in defs]
+        self.triggering.provided(environment_id, task_ids)
+        self.waitpoints.provided(environment_id, task_ids)
         self.resources.dispatch_wake.set()
         return ex
 

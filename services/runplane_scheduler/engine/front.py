@@ -18,11 +18,12 @@ from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
 from runplane_scheduler.engine.attempts import Attempts
 from runplane_scheduler.engine.clock import Clock, SystemClock
 from runplane_scheduler.engine.dequeue import Dequeue
-from runplane_scheduler.engine.executors import Executors, RegisterHook
+from runplane_scheduler.engine.executors import Executors
 from runplane_scheduler.engine.resources import Background, EngineResources
 from runplane_scheduler.engine.runs import Runs
 from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.engine.triggering import Triggering
+from runplane_scheduler.engine.versions import SyncHook, Versions, WorkerVersion
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TaskDef, TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
@@ -64,7 +65,8 @@ class RunEngine:
         self.triggering = Triggering(self.resources, self.timers, self.attempts)
         self.waits = Waitpoints(self.resources, self.timers, self.attempts, self.triggering)
         self.dequeue = Dequeue(self.resources, self.attempts, self.waits)
-        self.executors = Executors(self.resources, self.triggering, self.waits)
+        self.versions = Versions(self.resources, self.triggering, self.waits)
+        self.executors = Executors(self.resources, self.triggering, self.waits, self.versions)
         self.runs = Runs(self.resources, self.timers, self.triggering, self.waits)
         self.timers.route(
             {
@@ -77,14 +79,15 @@ class RunEngine:
         store.writer.on_final = self.waits.run_finished
 
     @property
-    def on_register(self) -> RegisterHook | None:
-        """Called first when an executor registers (environment, registration, executor id):
-        syncs its declarative schedules; raises, before anything is stored, on a bad one."""
-        return self.executors.on_register
+    def on_register(self) -> SyncHook | None:
+        """Called when a manifest becomes (or stays) current, by a registration or a promotion
+        (environment, registration, executor id): syncs the declarative schedules; raises,
+        before anything is stored, on a bad one."""
+        return self.versions.on_sync
 
     @on_register.setter
-    def on_register(self, hook: RegisterHook | None) -> None:
-        self.executors.on_register = hook
+    def on_register(self, hook: SyncHook | None) -> None:
+        self.versions.on_sync = hook
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -96,9 +99,15 @@ class RunEngine:
             status = Status(m["status"])
             key = (m["environment_id"], m["queue"], m["concurrency_key"])
             if status is Status.QUEUED:
-                self.index.push(key, m["id"], m["task_id"], m["queued_at"], m["priority"])
+                self.index.push(
+                    key, m["id"], m["task_id"], m["queued_at"], m["priority"], m["worker_version"]
+                )
+            elif status is Status.PENDING_VERSION and m["parked_from"] == Status.WAITING.value:
+                self.waits.restore_parked(m)
             elif status is Status.PENDING_VERSION:
-                self.triggering.restore_parked(m["environment_id"], m["task_id"], m["id"])
+                self.triggering.restore_parked(
+                    m["environment_id"], m["task_id"], m["worker_version"], m["id"]
+                )
             elif m["current_attempt_id"]:
                 self.attempts.adopt(m, now)
         await self.waits.load()
@@ -152,6 +161,15 @@ class RunEngine:
 
     async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
         return await self.executors.update_queue(environment_id, queue, **values)
+
+    async def list_versions(self, environment_id: str) -> list[dict[str, Any]]:
+        return await self.versions.listing(environment_id)
+
+    async def promote_version(self, environment_id: str, version: str) -> WorkerVersion:
+        return await self.versions.promote(environment_id, version)
+
+    async def rollback_version(self, environment_id: str) -> WorkerVersion:
+        return await self.versions.rollback(environment_id)
 
     # -- the worker plane ------------------------------------------------------------------------
 

@@ -102,13 +102,39 @@ class EngineResources:
     clock: Clock = field(default_factory=SystemClock)
     # Registered task definitions by (environment id, task id).
     task_defs: dict[tuple[str, str], TaskDef] = field(default_factory=dict)
+    # The current worker version of each task, by (environment id, task id).
+    current_versions: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Every registered version's task definitions, by (environment id, version).
+    version_defs: dict[tuple[str, str], Mapping[str, TaskDef]] = field(default_factory=dict)
     # Set when a slot, a run or an executor may have become available for dispatch.
     dispatch_wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def lock_version(
+        self, environment_id: str, task_id: str, explicit: str = "", parent: str = ""
+    ) -> str:
+        """The version a new run of ``task_id`` locks to: the one asked for, else its parent's
+        when that version defines the task, else the task's current version ('' if none yet:
+        the run waits in PENDING_VERSION and locks when a version of the task is promoted)."""
+        if explicit:
+            return explicit
+        if parent and task_id in self.version_defs.get((environment_id, parent), {}):
+            return parent
+        return self.current_versions.get((environment_id, task_id), "")
+
+    def definition(self, environment_id: str, task_id: str, version: str = "") -> TaskDef | None:
+        """The task's definition in ``version`` (the current one for '' or an unknown one)."""
+        if version:
+            d = self.version_defs.get((environment_id, version), {}).get(task_id)
+            if d is not None:
+                return d
+        return self.task_defs.get((environment_id, task_id))
 
     def enqueue(self, m: Mapping[Any, Any], queued_at: int) -> None:
         """A QUEUED run (committed) joins its queue in the index."""
         key = (m["environment_id"], m["queue"], m["concurrency_key"])
-        self.index.push(key, m["id"], m["task_id"], queued_at, m["priority"])
+        self.index.push(
+            key, m["id"], m["task_id"], queued_at, m["priority"], m.get("worker_version") or ""
+        )
         self.dispatch_wake.set()
 
     def release(self, attempt_id: str) -> None:

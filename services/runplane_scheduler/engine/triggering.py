@@ -44,6 +44,7 @@ class Resolved:
     parent_run_id: str | None = None
     root_run_id: str | None = None
     depth: int = 0
+    parent_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class Triggering:
         self.resources = resources
         self.timers = timers
         self.attempts = attempts
-        # Runs no connected executor provides the task of, by (environment id, task id).
-        self.pending_version: dict[tuple[str, str], list[str]] = {}
+        # Runs no connected executor of their version provides the task of, by (environment
+        # id, task id, version); version '': runs that lock to the task's current version.
+        self.pending_version: dict[tuple[str, str, str], list[str]] = {}
 
     async def trigger(
         self, environment_id: str, spec: TriggerSpec, guard: TxGuard | None = None
@@ -69,17 +71,23 @@ class Triggering:
         ``guard`` (a single-use token's use) is checked in the run's transaction before it
         writes and recorded after, so a trigger that fails leaves it unused."""
         index = self.resources.index
-        self.check_payload(environment_id, spec, "payload")
-        queue = self.queue_for(environment_id, spec, "options.queue")
-        known = index.provides(environment_id, spec.task_id)
+        # A child run's version is its parent's (read in the transaction) unless one is asked.
+        inherits = bool(spec.parent_run_id and not spec.version)
+        version = self.resources.lock_version(environment_id, spec.task_id, spec.version)
+        self.check_payload(environment_id, spec, "payload", version)
+        queue = self.queue_for(environment_id, spec, "options.queue", version)
+        known = bool(version) and index.provides(environment_id, spec.task_id, version)
         key = (environment_id, queue, spec.concurrency_key)
         run_id = new_id("run")
         # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
         # dequeued in one commit (both events are still published, in order).
         direct = (
-            known and spec.delay_until <= self.resources.clock.now_ms() and spec.debounce is None
+            known
+            and not inherits
+            and spec.delay_until <= self.resources.clock.now_ms()
+            and spec.debounce is None
         )
-        ex = index.reserve_direct(key, spec.task_id, run_id) if direct else None
+        ex = index.reserve_direct(key, spec.task_id, run_id, version) if direct else None
         attempt_id = random_id("attempt") if ex is not None else ""
         traceparent = telemetry.current_traceparent()
 
@@ -98,6 +106,13 @@ class Triggering:
                 if (pushed := await self.debounce(tx, environment_id, spec, ts)) is not None:
                     return pushed, True
                 row = self.new_run(environment_id, spec, run_id, queue, found, traceparent, ts)
+                if inherits:
+                    row["worker_version"] = self.resources.lock_version(
+                        environment_id, spec.task_id, "", found.parent_version
+                    )
+                    runnable = self.runnable(environment_id, spec.task_id, row["worker_version"])
+                    return await self.insert(tx, row, spec, runnable, None, ""), False
+                row["worker_version"] = version
                 return await self.insert(tx, row, spec, known, ex, attempt_id), False
             assert not isinstance(found, SameAs)  # only within a batch
             return found, True
@@ -120,10 +135,12 @@ class Triggering:
         self, environment_id: str, specs: list[TriggerSpec], idempotency_key: str = ""
     ) -> tuple[str, list[Mapping[Any, Any]], list[bool]]:
         """Create a batch's runs in item order, all in one transaction or none."""
+        lock = self.resources.lock_version
+        versions = [lock(environment_id, s.task_id, s.version) for s in specs]
         for i, spec in enumerate(specs):
-            self.check_payload(environment_id, spec, f"items[{i}].payload")
+            self.check_payload(environment_id, spec, f"items[{i}].payload", versions[i])
         queues = [
-            self.queue_for(environment_id, spec, f"items[{i}].options.queue")
+            self.queue_for(environment_id, spec, f"items[{i}].options.queue", versions[i])
             for i, spec in enumerate(specs)
         ]
         batch_id = new_id("batch")
@@ -149,7 +166,9 @@ class Triggering:
             )
             rows: list[Mapping[Any, Any]] = []
             cached: list[bool] = []
-            for spec, queue, run_id, item in zip(specs, queues, run_ids, found, strict=True):
+            for spec, queue, run_id, item, version in zip(
+                specs, queues, run_ids, found, versions, strict=True
+            ):
                 if not isinstance(item, Resolved):
                     rows.append(rows[item.index] if isinstance(item, SameAs) else item)
                     cached.append(True)
@@ -160,7 +179,12 @@ class Triggering:
                     continue
                 row = self.new_run(environment_id, spec, run_id, queue, item, traceparent, ts)
                 row["batch_id"] = batch_id
-                known = self.resources.index.provides(environment_id, spec.task_id)
+                if spec.parent_run_id and not spec.version:
+                    version = self.resources.lock_version(
+                        environment_id, spec.task_id, "", item.parent_version
+                    )
+                row["worker_version"] = version
+                known = self.runnable(environment_id, spec.task_id, version)
                 rows.append(await self.insert(tx, row, spec, known, None, ""))
                 cached.append(False)
             return batch_id, rows, cached
@@ -177,10 +201,25 @@ class Triggering:
         batch_id, rows = found
         return batch_id, rows, [True] * len(rows)
 
-    def check_payload(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
+    def runnable(self, environment_id: str, task_id: str, version: str) -> bool:
+        """A run of ``task_id`` locked to ``version`` can be dispatched now ('' : not yet)."""
+        return bool(version) and self.resources.index.provides(environment_id, task_id, version)
+
+    def check_payload(
+        self, environment_id: str, spec: TriggerSpec, field_name: str, version: str = ""
+    ) -> None:
         """The payload against the JSON Schema the task registered (pydantic models register
         theirs), so a trigger from any language is checked before a run exists."""
-        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        if spec.version:
+            defs = self.resources.version_defs.get((environment_id, spec.version))
+            where = field_name.rsplit("payload", 1)[0] + "options.version"
+            if defs is None:
+                raise InvalidArgument(where, f"version {spec.version[:64]!r} is not registered")
+            if spec.task_id not in defs:
+                raise InvalidArgument(
+                    where, f"version {spec.version[:64]!r} does not define task {spec.task_id!r}"
+                )
+        td = self.resources.definition(environment_id, spec.task_id, version)
         if td is None or not td.payload_schema:
             return
         validator = payload_validator(td.payload_schema)
@@ -192,7 +231,9 @@ class Triggering:
                 f"does not match task {spec.task_id!r}'s payload schema: {error.message[:300]}",
             )
 
-    def queue_for(self, environment_id: str, spec: TriggerSpec, field_name: str) -> str:
+    def queue_for(
+        self, environment_id: str, spec: TriggerSpec, field_name: str, version: str = ""
+    ) -> str:
         """The run's queue: the trigger's (which code must define), else the task's."""
         if spec.queue:
             if (environment_id, spec.queue) not in self.resources.index.configs:
@@ -201,7 +242,7 @@ class Triggering:
                     f"unknown queue {spec.queue[:80]!r}: no registered task defines it",
                 )
             return spec.queue
-        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        td = self.resources.definition(environment_id, spec.task_id, version)
         return td.queue if td else f"task/{spec.task_id}"
 
     @staticmethod
@@ -237,7 +278,12 @@ class Triggering:
                     raise InvalidArgument(
                         f"{prefix}options.parent_run_id", f"run {spec.parent_run_id} not found"
                     )
-                resolved = Resolved(parent.id, parent.root_run_id or parent.id, parent.depth + 1)
+                resolved = Resolved(
+                    parent.id,
+                    parent.root_run_id or parent.id,
+                    parent.depth + 1,
+                    parent.worker_version,
+                )
             out.append(resolved)
         return out
 
@@ -251,7 +297,7 @@ class Triggering:
         traceparent: str,
         ts: int,
     ) -> dict[str, Any]:
-        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        td = self.resources.definition(environment_id, spec.task_id, spec.version)
         ttl_ms = spec.ttl_ms if spec.ttl_ms is not None else (td.ttl_ms if td else 0)
         delay_until = ts + spec.debounce.delay_ms if spec.debounce else spec.delay_until
         delayed = delay_until > ts
@@ -294,11 +340,13 @@ class Triggering:
             "traceparent": traceparent,
             "current_attempt_id": None,
             "executor_id": None,
+            "worker_version": spec.version,
+            "parked_from": None,
         }
 
     def max_attempts(self, environment_id: str, spec: TriggerSpec) -> int:
         """The trigger's max_attempts, else the task's, else the default."""
-        td = self.resources.task_defs.get((environment_id, spec.task_id))
+        td = self.resources.definition(environment_id, spec.task_id, spec.version)
         return spec.max_attempts or (td.retry.max_attempts if td else RetryPolicy().max_attempts)
 
     async def debounce(
@@ -378,34 +426,47 @@ class Triggering:
             await self.timers.schedule(tx, ts + m["ttl_ms"], TimerKind.TTL, m["id"])
         if m["status"] == Status.PENDING_VERSION.value:
             env, task_id, run_id = m["environment_id"], m["task_id"], m["id"]
-            tx.after_commit.append(lambda: self.park(env, task_id, run_id))
+            version = m.get("worker_version") or ""
+            tx.after_commit.append(lambda: self.park(env, task_id, version, run_id))
         else:
             snapshot = dict(m)
             enqueue = self.resources.enqueue
             tx.after_commit.append(lambda: enqueue(snapshot, ts))
 
-    def park(self, environment_id: str, task_id: str, run_id: str) -> None:
-        """A run no executor provides waits for one; if one registered while the run was being
-        written, release it at once (registration has already emptied the waiting list)."""
-        if self.resources.index.provides(environment_id, task_id):
-            self.resources.background.spawn(self.release_pending(environment_id, [run_id]))
-        else:
-            self.pending_version.setdefault((environment_id, task_id), []).append(run_id)
+    def park(self, environment_id: str, task_id: str, version: str, run_id: str) -> None:
+        """A run no executor of its version provides waits for one; if one registered while
+        the run was being written, release it at once (registration has already emptied the
+        waiting list)."""
+        self.pending_version.setdefault((environment_id, task_id, version), []).append(run_id)
+        self.provided(environment_id, [task_id])
 
-    def restore_parked(self, environment_id: str, task_id: str, run_id: str) -> None:
+    def restore_parked(self, environment_id: str, task_id: str, version: str, run_id: str) -> None:
         """A PENDING_VERSION run found after a restart."""
-        self.pending_version.setdefault((environment_id, task_id), []).append(run_id)
+        self.pending_version.setdefault((environment_id, task_id, version), []).append(run_id)
 
     def provided(self, environment_id: str, task_ids: list[str]) -> None:
-        """An executor providing these tasks registered: their waiting runs queue."""
-        for task_id in task_ids:
-            waiting = self.pending_version.pop((environment_id, task_id), None)
-            if waiting:
-                self.resources.background.spawn(self.release_pending(environment_id, waiting))
+        """An executor of these tasks registered, or a version of them was promoted: the
+        waiting runs whose version is now provided queue (those locked to no version yet lock
+        to the task's current one)."""
+        wanted = set(task_ids)
+        for key in list(self.pending_version):
+            env, task_id, version = key
+            if env != environment_id or task_id not in wanted:
+                continue
+            lock = version or self.resources.current_versions.get((env, task_id), "")
+            if lock and self.resources.index.provides(env, task_id, lock):
+                waiting = self.pending_version.pop(key)
+                self.resources.background.spawn(
+                    self.release_pending(environment_id, waiting, "" if version else lock)
+                )
 
-    async def release_pending(self, environment_id: str, run_ids: list[str]) -> None:
-        """Runs that waited for an executor providing their task move to QUEUED."""
+    async def release_pending(
+        self, environment_id: str, run_ids: list[str], lock: str = ""
+    ) -> None:
+        """Runs that waited for an executor of their version move to QUEUED (``lock``: the
+        version the ones locked to none yet take)."""
         enqueue = self.resources.enqueue
+        values: dict[str, Any] = {"worker_version": lock} if lock else {}
 
         def make_op(run_id: str) -> Callable[[Tx], Coroutine[Any, Any, None]]:
             async def op(tx: Tx) -> None:
@@ -417,6 +478,7 @@ class Triggering:
                     "queued",
                     queued_at=ts,
                     updated_at=ts,
+                    **values,
                 )
                 if row is not None:
                     m = row._mapping
@@ -445,7 +507,7 @@ class Triggering:
         current = await stored_runs.environment_and_task(tx, run_id)
         if current is None:
             return
-        known = self.resources.index.provides(current.environment_id, current.task_id)
+        known = self.runnable(current.environment_id, current.task_id, current.worker_version)
         row = await tx.transition(
             run_id,
             [Status.DELAYED],

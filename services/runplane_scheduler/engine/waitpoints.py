@@ -93,6 +93,9 @@ class Waitpoints:
         self.suspended: dict[str, Suspended] = {}  # run id -> its suspended attempt
         self.by_attempt: dict[str, str] = {}  # suspended attempt id -> run id
         self.resuming: set[str] = set()  # WAITING runs queued for a slot to resume
+        # Runs ready to resume whose version no connected executor runs: PENDING_VERSION (with
+        # parked_from WAITING) until one registers, by (environment id, task id, version).
+        self.parked: dict[tuple[str, str, str], list[str]] = {}
         # Runs a pending wait waits on (a superset: an entry goes after its run's end commits),
         # so the end of any other run needs no lookup.
         self.awaited: set[str] = set()
@@ -110,7 +113,8 @@ class Waitpoints:
                     m["id"], m["current_attempt_id"], m["executor_id"] or "", m["environment_id"]
                 )
             if (m["id"], m["attempt_count"]) not in pending:
-                self._queue_resume(m)
+                # Executors reconnect after a restart: not parked for the lack of one yet.
+                self._queue_resume(m, live=False)
 
     # -- wait requests from executors ---------------------------------------------------------
 
@@ -428,13 +432,81 @@ class Waitpoints:
         ex.outbox.put_nowait(CancelAttempt(attempt_id=held.attempt_id, run_id=run_id))
         return True
 
-    def _queue_resume(self, m: Mapping[Any, Any]) -> None:
-        """Queue the run for a slot, ahead by its original queued time."""
+    def _queue_resume(self, m: Mapping[Any, Any], live: bool = True) -> None:
+        """Queue the run for a slot, ahead by its original queued time; or, when no executor of
+        its version is connected, park it in PENDING_VERSION until one is (the run is not
+        replayed on other code)."""
         if m["id"] in self.resuming:
+            return
+        version = m.get("worker_version") or ""
+        env, task_id = m["environment_id"], m["task_id"]
+        if live and version and not self.resources.index.provides(env, task_id, version):
+            self.resources.background.spawn(self._park(m["id"], (env, task_id, version)))
             return
         self.resuming.add(m["id"])
         self.resources.index.removed.discard(m["id"])
         self.resources.enqueue(m, m["queued_at"] or m["created_at"])
+
+    async def _park(self, run_id: str, key: tuple[str, str, str]) -> None:
+        async def op(tx: Tx) -> RunRow | None:
+            ts = self.resources.clock.now_ms()
+            return await tx.transition(
+                run_id,
+                [Status.WAITING],
+                Status.PENDING_VERSION,
+                "pending_version",
+                parked_from=Status.WAITING.value,
+                updated_at=ts,
+            )
+
+        try:
+            row = await self.resources.store.writer.run(op)
+        except Exception:
+            log.exception("parking %s for version %s failed", run_id, key[2])
+            return
+        if row is not None:
+            log.info("run %s waits for an executor of version %s", run_id, key[2])
+            self.parked.setdefault(key, []).append(run_id)
+            self.provided(key[0], [key[1]])  # one may have registered meanwhile
+
+    def restore_parked(self, m: Mapping[Any, Any]) -> None:
+        """After a restart: a run that waits for an executor of its version to resume."""
+        if m["current_attempt_id"]:
+            self._suspend(
+                m["id"], m["current_attempt_id"], m["executor_id"] or "", m["environment_id"]
+            )
+        key = (m["environment_id"], m["task_id"], m["worker_version"] or "")
+        self.parked.setdefault(key, []).append(m["id"])
+
+    def provided(self, environment_id: str, task_ids: list[str]) -> None:
+        """Executors of these tasks registered: parked runs of a version now provided go back
+        to WAITING and queue to resume (by replay, or where their attempt still waits)."""
+        wanted = set(task_ids)
+        index = self.resources.index
+        for key in list(self.parked):
+            env, task_id, _ = key
+            if env == environment_id and task_id in wanted and index.provides(*key):
+                for run_id in self.parked.pop(key):
+                    self.resources.background.spawn(self._unpark(run_id))
+
+    async def _unpark(self, run_id: str) -> None:
+        async def op(tx: Tx) -> RunRow | None:
+            return await tx.transition(
+                run_id,
+                [Status.PENDING_VERSION],
+                Status.WAITING,
+                "resuming",
+                parked_from=None,
+                updated_at=self.resources.clock.now_ms(),
+            )
+
+        try:
+            row = await self.resources.store.writer.run(op)
+        except Exception:
+            log.exception("releasing %s from PENDING_VERSION failed", run_id)
+            return
+        if row is not None:
+            self._queue_resume(row._mapping)
 
     async def resume(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
         """The WAITING run has a slot (reserved on ``ex``): resume its suspended attempt on the

@@ -105,6 +105,7 @@ class Store:
         task_ids: Sequence[str],
         tags: Sequence[str],
         batch_id: str = "",
+        version: str = "",
         created_after: int | None,
         created_before: int | None,
         before_id: str | None,
@@ -118,6 +119,8 @@ class Store:
             conditions.append(r.task_id.in_(task_ids))
         if batch_id:
             conditions.append(r.batch_id == batch_id)
+        if version:
+            conditions.append(r.worker_version == version)
         if created_after is not None:
             conditions.append(r.created_at >= created_after)
         if created_before is not None:

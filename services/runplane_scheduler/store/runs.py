@@ -69,14 +69,18 @@ async def status_with_attempt(tx: Tx, run_id: str, attempt_id: str) -> str | Non
 
 
 async def environment_and_task(tx: Tx, run_id: str) -> RunRow | None:
-    return (await tx.execute(select(r.environment_id, r.task_id).where(r.id == run_id))).first()
+    return (
+        await tx.execute(
+            select(r.environment_id, r.task_id, r.worker_version).where(r.id == run_id)
+        )
+    ).first()
 
 
 async def parent(tx: Tx, environment_id: str, run_id: str) -> RunRow | None:
-    """A would-be parent's id, root and depth."""
+    """A would-be parent's id, root, depth and worker version."""
     return (
         await tx.execute(
-            select(r.id, r.root_run_id, r.depth).where(
+            select(r.id, r.root_run_id, r.depth, r.worker_version).where(
                 r.id == run_id, r.environment_id == environment_id
             )
         )

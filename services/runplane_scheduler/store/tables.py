@@ -97,12 +97,18 @@ runs = Table(
     Column("depth", Integer, nullable=False, server_default="0"),
     # Triggers with this key collapse into the run while it is DELAYED.
     Column("debounce_key", String(512)),
+    # The worker version the run is locked to for life ('' : none yet, any executor may run it).
+    Column("worker_version", String(64), nullable=False, server_default=""),
+    # Set while a run waits in PENDING_VERSION after leaving WAITING (its waits completed and
+    # no executor of its version was connected): 'WAITING', so it resumes rather than restarts.
+    Column("parked_from", String(16)),
     Index("ix_runs_env_id", "environment_id", "id"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_idempotency", "environment_id", "task_id", "idempotency_key"),
     Index("ix_runs_batch", "batch_id"),
     Index("ix_runs_parent", "parent_run_id"),
     Index("ix_runs_debounce", "environment_id", "task_id", "debounce_key"),
+    Index("ix_runs_worker_version", "environment_id", "worker_version", "status"),
 )
 
 run_tags = Table(
@@ -166,6 +172,23 @@ task_definitions = Table(
     Column("ttl_ms", BigInteger, nullable=False, server_default="0"),
     # JSON Schema text of the payload; '' when the task takes any JSON value.
     Column("payload_schema", Text, nullable=False, server_default=""),
+    # The worker version these definitions are of: the task's current version.
+    Column("version", String(64), nullable=False, server_default=""),
+)
+
+# Every worker version an executor registered, with its manifest. A version's definitions never
+# change: an executor registering a known version with another manifest is refused.
+worker_versions = Table(
+    "worker_versions",
+    metadata,
+    Column("environment_id", String(40), primary_key=True),
+    Column("version", String(64), primary_key=True),
+    # JSON: the manifest's tasks (definitions and declarative schedules).
+    Column("manifest", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # Last made current (NULL: never); a rollback marks the version it undoes.
+    Column("promoted_at", BigInteger),
+    Column("rolled_back", Boolean, nullable=False, server_default=sqlalchemy.false()),
 )
 
 

@@ -124,6 +124,7 @@ def run_to_pb(row: RunRow | Mapping[str, Any]) -> run_pb2.Run:
         replayed_from_run_id=m["replayed_from_run_id"] or "",
         idempotency_key_expires_at=timestamp(m["idempotency_key_expires_at"]),
         depth=m["depth"],
+        worker_version=m.get("worker_version") or "",
     )
 
 
