@@ -38,7 +38,7 @@ async def _final(client: runplane.Client, run_id: str) -> runplane.Run:
     return await client.runs.poll(run_id, interval=0.1, timeout=90)
 
 
-async def _waiting_run(cluster: Cluster, client: runplane.Client) -> tuple[str, str]:
+async def _waiting_run(client: runplane.Client) -> tuple[str, str]:
     """A run of v1 waiting on a new token: (run id, token id)."""
     token = await runplane.WaitAPI(client).create_token(timeout="10m")
     handle = await client.tasks.trigger("version-waiter", {"token": token.id})
@@ -65,7 +65,7 @@ async def test_a_run_keeps_its_version_through_a_deploy_and_new_runs_take_the_ne
     await client.versions.promote("v1")
     assert (await _final(client, early.id)).output["version"] == "v1"
 
-    run_id, token_id = await _waiting_run(cluster, client)
+    run_id, token_id = await _waiting_run(client)
     assert (await client.runs.retrieve(run_id)).worker_version == "v1"
     await cluster.add_executor("executor-v2", V2, "--version", "v2")
     # v2 is registered beside v1; `runplane deploy v2` makes it current.
@@ -118,7 +118,7 @@ async def test_a_locked_run_waits_in_pending_version_while_its_version_is_gone_t
 ) -> None:
     client = cluster.client()
     await client.versions.promote("v1")
-    run_id, token_id = await _waiting_run(cluster, client)
+    run_id, token_id = await _waiting_run(client)
     await cluster.add_executor("executor-v2", V2, "--version", "v2")
     await client.versions.promote("v2")
     cluster.executor.kill()  # v1's only executor: its suspended attempt is gone

@@ -64,7 +64,7 @@ class Executors:
         await self.versions.load()
         for (env, task_id), version in self.resources.current_versions.items():
             # The current version's full definition (rate limits too), where it is known.
-            if (d := self.versions.definition(env, task_id, version)) is not None:
+            if (d := self.resources.definition(env, task_id, version)) is not None:
                 task_defs[(env, task_id)] = d
         for td_key, td in task_defs.items():
             self.apply_queue_limit(td_key[0], td)

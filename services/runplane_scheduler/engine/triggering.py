@@ -73,10 +73,11 @@ class Triggering:
         index = self.resources.index
         # A child run's version is its parent's (read in the transaction) unless one is asked.
         inherits = bool(spec.parent_run_id and not spec.version)
+        self.check_version(environment_id, spec, "options.version")
         version = self.resources.lock_version(environment_id, spec.task_id, spec.version)
         self.check_payload(environment_id, spec, "payload", version)
         queue = self.queue_for(environment_id, spec, "options.queue", version)
-        known = bool(version) and index.provides(environment_id, spec.task_id, version)
+        known = self.runnable(environment_id, spec.task_id, version)
         key = (environment_id, queue, spec.concurrency_key)
         run_id = new_id("run")
         # Fast path: with nothing waiting in its queue and a slot free, the run is queued and
@@ -138,6 +139,7 @@ class Triggering:
         lock = self.resources.lock_version
         versions = [lock(environment_id, s.task_id, s.version) for s in specs]
         for i, spec in enumerate(specs):
+            self.check_version(environment_id, spec, f"items[{i}].options.version")
             self.check_payload(environment_id, spec, f"items[{i}].payload", versions[i])
         queues = [
             self.queue_for(environment_id, spec, f"items[{i}].options.queue", versions[i])
@@ -205,20 +207,24 @@ class Triggering:
         """A run of ``task_id`` locked to ``version`` can be dispatched now ('' : not yet)."""
         return bool(version) and self.resources.index.provides(environment_id, task_id, version)
 
+    def check_version(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
+        """A trigger's explicit version must be registered in the environment and define the
+        task."""
+        if not spec.version:
+            return
+        defs = self.resources.version_defs.get((environment_id, spec.version))
+        if defs is None:
+            raise InvalidArgument(field_name, f"version {spec.version[:64]!r} is not registered")
+        if spec.task_id not in defs:
+            raise InvalidArgument(
+                field_name, f"version {spec.version[:64]!r} does not define task {spec.task_id!r}"
+            )
+
     def check_payload(
         self, environment_id: str, spec: TriggerSpec, field_name: str, version: str = ""
     ) -> None:
         """The payload against the JSON Schema the task registered (pydantic models register
         theirs), so a trigger from any language is checked before a run exists."""
-        if spec.version:
-            defs = self.resources.version_defs.get((environment_id, spec.version))
-            where = field_name.rsplit("payload", 1)[0] + "options.version"
-            if defs is None:
-                raise InvalidArgument(where, f"version {spec.version[:64]!r} is not registered")
-            if spec.task_id not in defs:
-                raise InvalidArgument(
-                    where, f"version {spec.version[:64]!r} does not define task {spec.task_id!r}"
-                )
         td = self.resources.definition(environment_id, spec.task_id, version)
         if td is None or not td.payload_schema:
             return

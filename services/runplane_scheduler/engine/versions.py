@@ -128,9 +128,6 @@ class Versions:
         }
         return wv
 
-    def definition(self, environment_id: str, task_id: str, version: str) -> TaskDef | None:
-        return self.resources.definition(environment_id, task_id, version)
-
     # -- registration ------------------------------------------------------------------------------
 
     def admit(self, environment_id: str, register: Registration) -> bool:
