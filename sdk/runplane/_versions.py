@@ -4,6 +4,7 @@ promotion and rollback (what ``runplane deploy`` and ``runplane versions`` do)."
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,6 +31,15 @@ class WorkerVersion:
     @property
     def is_current(self) -> bool:
         return bool(self.current_for)
+
+
+@dataclass(frozen=True)
+class RunsMigrated:
+    """What :meth:`VersionsAPI.migrate_runs` did: the runs moved (or failed), and the runs asked
+    for by id that were not waiting in PENDING_VERSION (left as they are)."""
+
+    migrated: list[str]
+    skipped: list[str]
 
 
 def _version(v: vpb.WorkerVersion) -> WorkerVersion:
@@ -76,3 +86,39 @@ class VersionsAPI(Namespace):
 
     def rollback_sync(self) -> WorkerVersion:
         return self._transport.run_sync(self.rollback())
+
+    async def migrate_runs(
+        self,
+        run_ids: Sequence[str] = (),
+        *,
+        from_version: str = "",
+        to_version: str = "",
+        fail: bool = False,
+    ) -> RunsMigrated:
+        """Move runs waiting in PENDING_VERSION (``run_ids``, or every one locked to
+        ``from_version``) to ``to_version``, where a run that was waiting replays its journal
+        on that version's code; or, with ``fail=True``, fail them. An operator's decision that
+        their version's executors are gone for good: replaying on other code is only safe when
+        it makes the same waits in the same order."""
+        response = await self._transport.call(
+            self._stub().MigrateRuns,
+            vpb.MigrateRunsRequest(
+                run_ids=list(run_ids),
+                from_version=from_version,
+                to_version=to_version,
+                fail=fail,
+            ),
+        )
+        return RunsMigrated(migrated=list(response.migrated), skipped=list(response.skipped))
+
+    def migrate_runs_sync(
+        self,
+        run_ids: Sequence[str] = (),
+        *,
+        from_version: str = "",
+        to_version: str = "",
+        fail: bool = False,
+    ) -> RunsMigrated:
+        return self._transport.run_sync(
+            self.migrate_runs(run_ids, from_version=from_version, to_version=to_version, fail=fail)
+        )

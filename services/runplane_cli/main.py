@@ -80,6 +80,8 @@ async def _runs(args: argparse.Namespace) -> int:
         handle = await client.runs.replay(args.run_id)
         print(handle.id)
         return 0
+    if args.runs_command == "migrate":
+        return await _migrate(client, args)
     if args.runs_command == "watch":
         async for run in client.runs.subscribe_to_run(args.run_id):
             print(f"v{run.version:<4} {run.status:<15} attempts={run.attempt_count}", flush=True)
@@ -87,6 +89,48 @@ async def _runs(args: argparse.Namespace) -> int:
                 _print_run(run)
         return 0
     return fail(f"unknown runs command {args.runs_command}")
+
+
+def _confirm_migration(args: argparse.Namespace) -> str:
+    """runs migrate warns before it moves or fails runs; '' when the operator goes ahead, else
+    why not."""
+    if bool(args.run_id) == bool(args.from_version):
+        return "give run ids or --from-version (one of the two)"
+    which = (
+        f"{len(args.run_id)} run(s)"
+        if args.run_id
+        else f"every PENDING_VERSION run locked to {args.from_version}"
+    )
+    if args.fail:
+        warning = f"{which} will FAIL (error VERSION_UNAVAILABLE); their parents see the failure."
+    else:
+        warning = (
+            f"{which} will lock to version {args.to_version}. A run that was waiting replays "
+            "its wait journal on that version's code: if that code makes different waits, or "
+            "in another order, the replay fails or repeats side effects."
+        )
+    print(f"warning: {warning}", file=sys.stderr)
+    if args.yes:
+        return ""
+    if not sys.stdin.isatty():
+        return "not confirmed: add --yes to go ahead"
+    if input("go ahead? [y/N] ").strip().lower() not in ("y", "yes"):
+        return "not confirmed"
+    return ""
+
+
+async def _migrate(client: Client, args: argparse.Namespace) -> int:
+    """runs migrate: an operator moves PENDING_VERSION runs off a version that is gone."""
+    done = await client.versions.migrate_runs(
+        args.run_id, from_version=args.from_version, to_version=args.to_version, fail=args.fail
+    )
+    for run_id in done.migrated:
+        print(run_id)
+    verb = "failed" if args.fail else f"moved to {args.to_version}"
+    print(f"{len(done.migrated)} run(s) {verb}", file=sys.stderr)
+    for run_id in done.skipped:
+        print(f"skipped {run_id}: not waiting in PENDING_VERSION", file=sys.stderr)
+    return 0
 
 
 def _print_version(v: Any) -> None:
@@ -241,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=20)
     for name in ("show", "logs", "cancel", "replay", "watch"):
         rsub.add_parser(name).add_argument("run_id")
+    migrate = rsub.add_parser(
+        "migrate",
+        help="move PENDING_VERSION runs off a version whose executors are gone, or fail them",
+    )
+    migrate.add_argument("run_id", nargs="*", help="the runs (or use --from-version)")
+    migrate.add_argument("--from-version", default="", help="every PENDING_VERSION run of it")
+    target = migrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-version", default="", help="lock the runs to this version")
+    target.add_argument("--fail", action="store_true", help="fail the runs")
+    migrate.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     versions = sub.add_parser(
         "versions", help="list worker versions, promote one, roll back the latest promotion"
@@ -354,6 +408,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "trigger":
         return run_async(_trigger(args))
     if args.command == "runs":
+        if args.runs_command == "migrate" and (refused := _confirm_migration(args)):
+            return fail(refused)
         return run_async(_runs(args))
     if args.command == "queues":
         return run_async(_queues(args))

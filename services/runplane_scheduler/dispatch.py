@@ -149,6 +149,12 @@ class DispatchIndex:
         self.leases: dict[str, Lease] = {}
         self._seq = itertools.count()
         self._rotation: deque[QueueKey] = deque()
+        # Decides whether a queue's head, locked to a version no connected executor runs, leaves
+        # the queue (to PENDING_VERSION) rather than hold back the runs behind it; None: never.
+        # Called with (environment id, task id, version).
+        self.strands: Callable[[str, str, str], bool] | None = None
+        # Heads taken off their queues that way since the last take(), for the engine to park.
+        self.stranded: list[tuple[QueuedRun, QueueKey]] = []
 
     def config(self, name: QueueName) -> QueueConfig:
         config = self.configs.get(name)
@@ -229,7 +235,8 @@ class DispatchIndex:
 
     def take(self) -> list[tuple[QueuedRun, QueueKey, ExecutorState]]:
         """Runs to dispatch now, fairly across queues (one per queue per round), reserving their
-        slots. Runs whose task no executor can take right now stay queued."""
+        slots. Runs whose task no executor can take right now stay queued, except a head that
+        :attr:`strands` says to set aside (it goes to :attr:`stranded`)."""
         picked: list[tuple[QueuedRun, QueueKey, ExecutorState]] = []
         now = self.monotonic()
         progress = True
@@ -253,6 +260,9 @@ class DispatchIndex:
                 head = q.heap[0]
                 ex = self.executor_for(env, head.task_id, head.version)
                 if ex is None:
+                    if self._strand(env, head):
+                        self.stranded.append((heapq.heappop(q.heap), key))
+                        progress = True
                     continue
                 heapq.heappop(q.heap)
                 q.running += 1
@@ -262,6 +272,18 @@ class DispatchIndex:
                 picked.append((head, key, ex))
                 progress = True
         return picked
+
+    def requeue(self, queued: QueuedRun, key: QueueKey) -> None:
+        """Put a run taken off its queue back in its old place."""
+        heapq.heappush(self.queue(key).heap, queued)
+
+    def _strand(self, environment_id: str, head: QueuedRun) -> bool:
+        return (
+            self.strands is not None
+            and bool(head.version)
+            and not self.provides(environment_id, head.task_id, head.version)
+            and self.strands(environment_id, head.task_id, head.version)
+        )
 
     def reserve_direct(
         self, key: QueueKey, task_id: str, run_id: str, version: str = ""

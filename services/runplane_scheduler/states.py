@@ -47,8 +47,9 @@ _ENDINGS_OF_AN_ATTEMPT = {
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     # -> WAITING: a run whose waits completed waited here for an executor of its version.
+    # -> FAILED: an operator gave up on the run's version (`runplane runs migrate --fail`).
     Status.PENDING_VERSION: frozenset(
-        {Status.QUEUED, Status.WAITING, Status.CANCELED, Status.EXPIRED}
+        {Status.QUEUED, Status.WAITING, Status.FAILED, Status.CANCELED, Status.EXPIRED}
     ),
     Status.DELAYED: frozenset(
         {Status.QUEUED, Status.PENDING_VERSION, Status.CANCELED, Status.EXPIRED}

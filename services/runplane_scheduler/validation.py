@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
+from runplane.v1 import version_service_pb2 as vpb
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import Limits
 from runplane_common.errors import InvalidArgument
@@ -387,6 +388,28 @@ def version(value: str, field: str = "version") -> str:
             "starting with a letter or digit)",
         )
     return value
+
+
+MIGRATE_MAX_IDS = 1000
+
+
+def migration(request: vpb.MigrateRunsRequest) -> tuple[list[str], str, str]:
+    """A MigrateRunsRequest: (run ids, from_version, to_version; '' to fail the runs)."""
+    run_ids, from_version = list(request.run_ids), request.from_version
+    to_version, fail = request.to_version, request.fail
+    if bool(run_ids) == bool(from_version):
+        raise InvalidArgument("run_ids", "give either run_ids or from_version (exactly one)")
+    if len(run_ids) > MIGRATE_MAX_IDS:
+        raise InvalidArgument("run_ids", f"at most {MIGRATE_MAX_IDS} runs, got {len(run_ids)}")
+    for i, value in enumerate(run_ids):
+        run_id(value, f"run_ids[{i}]")
+    if from_version:
+        version(from_version, "from_version")
+    if bool(to_version) == fail:
+        raise InvalidArgument("to_version", "give either to_version or fail (exactly one)")
+    if to_version:
+        version(to_version, "to_version")
+    return list(dict.fromkeys(run_ids)), from_version, to_version
 
 
 def page_filters(request: Message) -> str:

@@ -23,7 +23,7 @@ from tests.helpers.contract import (
     assert_refused,
     assert_unchanged,
 )
-from tests.helpers.inputs import auths, texts
+from tests.helpers.inputs import auths, id_like, texts
 from tests.helpers.worlds import RunWorld
 
 pytestmark = pytest.mark.timeout(600)
@@ -99,3 +99,65 @@ def test_each_environment_lists_only_its_own_versions(run_world: RunWorld) -> No
     assert len(dev) == len(prod) == 1
     assert set(dev[0].task_ids).isdisjoint(prod[0].task_ids)
     assert dev[0].active_runs >= 0 and dev[0].HasField("created_at")
+
+
+run_refs = st.one_of(
+    st.sampled_from(["@dev", "@prod", "@dev-canceled"]),
+    id_like("run_"),
+    texts,
+)
+
+
+@given(
+    refs=st.lists(run_refs, max_size=3),
+    from_version=version_names,
+    to_version=version_names,
+    fail=st.booleans(),
+    who=auths,
+)
+@FUZZ
+def test_migrate_runs_with_random_requests_answers_properly(
+    run_world: RunWorld,
+    refs: list[str],
+    from_version: str,
+    to_version: str,
+    fail: bool,
+    who: str,
+) -> None:
+    """No run of the world waits in PENDING_VERSION, so no request may change anything: a
+    well-formed one moves nothing and reports the runs it was given by id as skipped."""
+    w = run_world
+    registered = {env: [v.version for v in _versions(w, env)] for env in ("dev", "prod")}
+
+    def version_of(name: str) -> str:
+        return registered[name[1:]][0] if name in ("@dev", "@prod") else name
+
+    run_ids = [w.resolve(ref) for ref in refs]
+    request = vpb.MigrateRunsRequest(
+        run_ids=run_ids,
+        from_version=version_of(from_version),
+        to_version=version_of(to_version),
+        fail=fail,
+    )
+    before = w.state()
+    outcome = w.call(VERSIONS + "MigrateRuns", request, who, vpb.MigrateRunsResponse)
+    what = f"MigrateRuns({request}) as {who!r}"
+    assert_proper(outcome, what)
+    assert_unchanged(before, w.state(), f"{what} answered {outcome}")
+    if who not in ("dev", "prod"):
+        assert outcome.code is UNAUTHENTICATED, str(outcome)
+        return
+    if bool(run_ids) == bool(request.from_version):
+        assert_refused(outcome, {"run_ids"}, what)
+    elif bool(request.to_version) == fail:
+        assert outcome.code is not OK, f"{what}: {outcome}"
+    elif outcome.code is OK:
+        got = outcome.responses[0]
+        assert list(got.migrated) == [], what
+        assert sorted(got.skipped) == sorted(set(run_ids)), what
+        assert all(w.run_env.get(r) == who for r in run_ids), what
+        assert not request.to_version or request.to_version in registered[who], what
+    elif outcome.code is NOT_FOUND:
+        assert any(w.run_env.get(r) != who for r in run_ids), what
+    else:
+        assert_refused(outcome, {"run_ids", "from_version", "to_version"}, what)

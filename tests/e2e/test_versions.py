@@ -203,3 +203,60 @@ async def test_an_executor_registering_a_known_version_with_other_tasks_is_refus
     client = cluster.client()
     await client.versions.promote("v1")
     assert (await _echo(client)).output["version"] == "v1"
+
+
+async def test_an_operator_moves_parked_runs_to_v2_with_the_cli_or_fails_them(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    wait = runplane.WaitAPI(client)
+    await client.versions.promote("v1")
+    moved_id, moved_token = await _waiting_run(client)
+    failed_id, failed_token = await _waiting_run(client)
+    await cluster.add_executor("executor-v2", V2, "--version", "v2")
+    await client.versions.promote("v2")
+    cluster.executor.kill()  # v1 is gone for good
+    await wait.complete_token(moved_token, {"n": 1})
+    await wait.complete_token(failed_token, {"n": 2})
+    for run_id in (moved_id, failed_id):
+        await eventually(
+            lambda run_id=run_id: _status_is(client, run_id, RunStatus.PENDING_VERSION),
+            30,
+            description=f"{run_id} parked",
+        )
+
+    env = {**cluster.executor.env, "RUNPLANE_API_URL": cluster.api_url}
+
+    def migrate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "runplane_cli", "runs", "migrate", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    # Not confirmed (no terminal, no --yes): a warning, and nothing moves.
+    refused = await asyncio.to_thread(migrate, moved_id, "--to-version", "v2")
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    assert "replays its wait journal on that version's code" in refused.stderr
+    assert (await client.runs.retrieve(moved_id)).status is RunStatus.PENDING_VERSION
+
+    done = await asyncio.to_thread(migrate, moved_id, "--to-version", "v2", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [moved_id]
+    run = await _final(client, moved_id)
+    assert run.status is RunStatus.COMPLETED, cluster.logs()
+    # Replayed from its journal on v2's code: the wait returned the token's data.
+    assert run.worker_version == "v2"
+    assert run.output["version"] == "v2" and run.output["data"] == {"n": 1}
+
+    # The rest of v1's parked runs fail; a run given by id that is not parked is skipped.
+    result = await client.versions.migrate_runs(from_version="v1", fail=True)
+    assert result.migrated == [failed_id]
+    failed = await _final(client, failed_id)
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and failed.error.type == "VERSION_UNAVAILABLE"
+    again = await client.versions.migrate_runs([moved_id], to_version="v2")
+    assert (again.migrated, again.skipped) == ([], [moved_id])

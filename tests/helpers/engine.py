@@ -67,9 +67,13 @@ class EngineHarness:
     clock: ManualClock
     store: Store
 
-    async def executor(self, *tasks: wpb.TaskDefinition, capacity: int = 10) -> FakeExecutor:
+    async def executor(
+        self, *tasks: wpb.TaskDefinition, capacity: int = 10, version: str = ""
+    ) -> FakeExecutor:
         outbox: asyncio.Queue[ToExecutor] = asyncio.Queue()
-        register = wpb.Register(capacity=capacity, manifest=wpb.Manifest(tasks=list(tasks)))
+        register = wpb.Register(
+            capacity=capacity, manifest=wpb.Manifest(tasks=list(tasks), version=version)
+        )
         state = await self.engine.register_executor(ENV, worker.registration(register), outbox)
         return FakeExecutor(self.engine, state, outbox)
 

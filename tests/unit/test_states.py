@@ -23,6 +23,7 @@ EXPECTED_ALLOWED = {
     ("PENDING_VERSION", "EXPIRED"),
     # A run whose waits completed waited for an executor of its version, and resumes.
     ("PENDING_VERSION", "WAITING"),
+    ("PENDING_VERSION", "FAILED"),  # an operator failed it: `runplane runs migrate --fail`
     ("DELAYED", "QUEUED"),
     ("DELAYED", "PENDING_VERSION"),  # its delay passed while no executor provides the task
     ("DELAYED", "CANCELED"),

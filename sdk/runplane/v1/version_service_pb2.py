@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!runplane/v1/version_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\rWorkerVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x13\n\x0b\x63urrent_for\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bpromoted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brolled_back\x18\x06 \x01(\x08\x12\x11\n\texecutors\x18\x07 \x01(\x05\x12\x13\n\x0b\x61\x63tive_runs\x18\x08 \x01(\x03\"\x15\n\x13ListVersionsRequest\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.runplane.v1.WorkerVersion\"(\n\x15PromoteVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"E\n\x16PromoteVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.runplane.v1.WorkerVersion\"\x18\n\x16RollbackVersionRequest\"F\n\x17RollbackVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.runplane.v1.WorkerVersion2\x9e\x02\n\x0eVersionService\x12S\n\x0cListVersions\x12 .runplane.v1.ListVersionsRequest\x1a!.runplane.v1.ListVersionsResponse\x12Y\n\x0ePromoteVersion\x12\".runplane.v1.PromoteVersionRequest\x1a#.runplane.v1.PromoteVersionResponse\x12\\\n\x0fRollbackVersion\x12#.runplane.v1.RollbackVersionRequest\x1a$.runplane.v1.RollbackVersionResponseB]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!runplane/v1/version_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\rWorkerVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x13\n\x0b\x63urrent_for\x18\x03 \x03(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bpromoted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0brolled_back\x18\x06 \x01(\x08\x12\x11\n\texecutors\x18\x07 \x01(\x05\x12\x13\n\x0b\x61\x63tive_runs\x18\x08 \x01(\x03\"\x15\n\x13ListVersionsRequest\"D\n\x14ListVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.runplane.v1.WorkerVersion\"(\n\x15PromoteVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"E\n\x16PromoteVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.runplane.v1.WorkerVersion\"\x18\n\x16RollbackVersionRequest\"F\n\x17RollbackVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.runplane.v1.WorkerVersion\"]\n\x12MigrateRunsRequest\x12\x0f\n\x07run_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x12\n\nto_version\x18\x03 \x01(\t\x12\x0c\n\x04\x66\x61il\x18\x04 \x01(\x08\"8\n\x13MigrateRunsResponse\x12\x10\n\x08migrated\x18\x01 \x03(\t\x12\x0f\n\x07skipped\x18\x02 \x03(\t2\xf0\x02\n\x0eVersionService\x12S\n\x0cListVersions\x12 .runplane.v1.ListVersionsRequest\x1a!.runplane.v1.ListVersionsResponse\x12Y\n\x0ePromoteVersion\x12\".runplane.v1.PromoteVersionRequest\x1a#.runplane.v1.PromoteVersionResponse\x12\\\n\x0fRollbackVersion\x12#.runplane.v1.RollbackVersionRequest\x1a$.runplane.v1.RollbackVersionResponse\x12P\n\x0bMigrateRuns\x12\x1f.runplane.v1.MigrateRunsRequest\x1a .runplane.v1.MigrateRunsResponseB]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROLLBACKVERSIONREQUEST']._serialized_end=545
   _globals['_ROLLBACKVERSIONRESPONSE']._serialized_start=547
   _globals['_ROLLBACKVERSIONRESPONSE']._serialized_end=617
-  _globals['_VERSIONSERVICE']._serialized_start=620
-  _globals['_VERSIONSERVICE']._serialized_end=906
+  _globals['_MIGRATERUNSREQUEST']._serialized_start=619
+  _globals['_MIGRATERUNSREQUEST']._serialized_end=712
+  _globals['_MIGRATERUNSRESPONSE']._serialized_start=714
+  _globals['_MIGRATERUNSRESPONSE']._serialized_end=770
+  _globals['_VERSIONSERVICE']._serialized_start=773
+  _globals['_VERSIONSERVICE']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

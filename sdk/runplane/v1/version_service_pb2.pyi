@@ -183,3 +183,65 @@ class RollbackVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackVersionResponse: _TypeAlias = RollbackVersionResponse  # noqa: Y015
+
+@_typing.final
+class MigrateRunsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_IDS_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    from_version: _builtins.str
+    to_version: _builtins.str
+    """Exactly one of: the registered version to lock the runs to, or fail."""
+    fail: _builtins.bool
+    @_builtins.property
+    def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The runs to move, at most 1,000; or, instead, every PENDING_VERSION run locked to
+        from_version (at most 10,000 a call). Exactly one of the two.
+        """
+
+    def __init__(
+        self,
+        *,
+        run_ids: _abc.Iterable[_builtins.str] | None = ...,
+        from_version: _builtins.str = ...,
+        to_version: _builtins.str = ...,
+        fail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fail", b"fail", "from_version", b"from_version", "run_ids", b"run_ids", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateRunsRequest: _TypeAlias = MigrateRunsRequest  # noqa: Y015
+
+@_typing.final
+class MigrateRunsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def migrated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The runs moved (or failed)."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Runs asked for by id that were not in PENDING_VERSION: left as they are."""
+
+    def __init__(
+        self,
+        *,
+        migrated: _abc.Iterable[_builtins.str] | None = ...,
+        skipped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migrated", b"migrated", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateRunsResponse: _TypeAlias = MigrateRunsResponse  # noqa: Y015

@@ -52,6 +52,11 @@ class VersionServiceStub:
                 request_serializer=runplane_dot_v1_dot_version__service__pb2.RollbackVersionRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_version__service__pb2.RollbackVersionResponse.FromString,
                 _registered_method=True)
+        self.MigrateRuns = channel.unary_unary(
+                '/runplane.v1.VersionService/MigrateRuns',
+                request_serializer=runplane_dot_v1_dot_version__service__pb2.MigrateRunsRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_version__service__pb2.MigrateRunsResponse.FromString,
+                _registered_method=True)
 
 
 class VersionServiceServicer:
@@ -82,6 +87,17 @@ class VersionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateRuns(self, request, context):
+        """An operator's way out for runs waiting in PENDING_VERSION for a version whose executors
+        are gone for good: move them to another registered version (a run that was waiting replays
+        its wait journal on that version's code, which must make the same waits), or fail them
+        (error type VERSION_UNAVAILABLE; a parent waiting on one gets the failure). All or nothing:
+        an unknown run is NOT_FOUND; a task to_version does not define is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VersionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +115,11 @@ def add_VersionServiceServicer_to_server(servicer, server):
                     servicer.RollbackVersion,
                     request_deserializer=runplane_dot_v1_dot_version__service__pb2.RollbackVersionRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_version__service__pb2.RollbackVersionResponse.SerializeToString,
+            ),
+            'MigrateRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateRuns,
+                    request_deserializer=runplane_dot_v1_dot_version__service__pb2.MigrateRunsRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_version__service__pb2.MigrateRunsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class VersionService:
             '/runplane.v1.VersionService/RollbackVersion',
             runplane_dot_v1_dot_version__service__pb2.RollbackVersionRequest.SerializeToString,
             runplane_dot_v1_dot_version__service__pb2.RollbackVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.VersionService/MigrateRuns',
+            runplane_dot_v1_dot_version__service__pb2.MigrateRunsRequest.SerializeToString,
+            runplane_dot_v1_dot_version__service__pb2.MigrateRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,

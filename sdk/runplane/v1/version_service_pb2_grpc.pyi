@@ -46,6 +46,13 @@ class VersionServiceStub:
     """Undo the latest promotion: the version promoted before it becomes current again.
     FAILED_PRECONDITION when there is none.
     """
+    MigrateRuns: _grpc.UnaryUnaryMultiCallable[_version_service_pb2.MigrateRunsRequest, _version_service_pb2.MigrateRunsResponse]
+    """An operator's way out for runs waiting in PENDING_VERSION for a version whose executors
+    are gone for good: move them to another registered version (a run that was waiting replays
+    its wait journal on that version's code, which must make the same waits), or fail them
+    (error type VERSION_UNAVAILABLE; a parent waiting on one gets the failure). All or nothing:
+    an unknown run is NOT_FOUND; a task to_version does not define is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class VersionServiceAsyncStub(VersionServiceStub):
@@ -63,6 +70,13 @@ class VersionServiceAsyncStub(VersionServiceStub):
     RollbackVersion: _aio.UnaryUnaryMultiCallable[_version_service_pb2.RollbackVersionRequest, _version_service_pb2.RollbackVersionResponse]  # type: ignore[assignment]
     """Undo the latest promotion: the version promoted before it becomes current again.
     FAILED_PRECONDITION when there is none.
+    """
+    MigrateRuns: _aio.UnaryUnaryMultiCallable[_version_service_pb2.MigrateRunsRequest, _version_service_pb2.MigrateRunsResponse]  # type: ignore[assignment]
+    """An operator's way out for runs waiting in PENDING_VERSION for a version whose executors
+    are gone for good: move them to another registered version (a run that was waiting replays
+    its wait journal on that version's code, which must make the same waits), or fail them
+    (error type VERSION_UNAVAILABLE; a parent waiting on one gets the failure). All or nothing:
+    an unknown run is NOT_FOUND; a task to_version does not define is FAILED_PRECONDITION.
     """
 
 class VersionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -96,6 +110,19 @@ class VersionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_version_service_pb2.RollbackVersionResponse, _abc.Awaitable[_version_service_pb2.RollbackVersionResponse]]:
         """Undo the latest promotion: the version promoted before it becomes current again.
         FAILED_PRECONDITION when there is none.
+        """
+
+    @_abc_1.abstractmethod
+    def MigrateRuns(
+        self,
+        request: _version_service_pb2.MigrateRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_version_service_pb2.MigrateRunsResponse, _abc.Awaitable[_version_service_pb2.MigrateRunsResponse]]:
+        """An operator's way out for runs waiting in PENDING_VERSION for a version whose executors
+        are gone for good: move them to another registered version (a run that was waiting replays
+        its wait journal on that version's code, which must make the same waits), or fail them
+        (error type VERSION_UNAVAILABLE; a parent waiting on one gets the failure). All or nothing:
+        an unknown run is NOT_FOUND; a task to_version does not define is FAILED_PRECONDITION.
         """
 
 def add_VersionServiceServicer_to_server(servicer: VersionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

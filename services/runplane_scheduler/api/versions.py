@@ -58,3 +58,12 @@ class VersionServicer(version_service_pb2_grpc.VersionServiceServicer):
     ) -> vpb.RollbackVersionResponse:
         wv = await self.engine.rollback_version(principal().environment_id)
         return vpb.RollbackVersionResponse(version=await self._one(wv.version))
+
+    async def MigrateRuns(
+        self, request: vpb.MigrateRunsRequest, context: Context
+    ) -> vpb.MigrateRunsResponse:
+        run_ids, from_version, to_version = validation.migration(request)
+        migrated, skipped = await self.engine.migrate_runs(
+            principal().environment_id, run_ids, from_version, to_version
+        )
+        return vpb.MigrateRunsResponse(migrated=migrated, skipped=skipped)

@@ -14,6 +14,7 @@ from runplane_common.ids import random_id
 from runplane_scheduler.dispatch import ExecutorState, QueueKey
 from runplane_scheduler.engine.attempts import Attempts, attempt_row
 from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import RunRow, Store, Tx
@@ -23,11 +24,24 @@ log = logging.getLogger("runplane.scheduler")
 
 class Dequeue:
     def __init__(
-        self, resources: EngineResources, attempts: Attempts, waitpoints: Waitpoints
+        self,
+        resources: EngineResources,
+        attempts: Attempts,
+        waitpoints: Waitpoints,
+        triggering: Triggering,
     ) -> None:
         self.resources = resources
         self.attempts = attempts
         self.waitpoints = waitpoints
+        self.triggering = triggering
+        current = resources.current_versions
+        # A queued run of a version no executor runs any more, which is not its task's current
+        # version (a deploy replaced it), waits in PENDING_VERSION instead of at the head of its
+        # queue, where it would hold back the runs of the current version behind it. A run of
+        # the current version stays queued through a restart of its executors.
+        resources.index.strands = lambda env, task_id, version: (
+            current.get((env, task_id), "") != version
+        )
 
     async def loop(self) -> None:
         index, wake, spawn = (
@@ -43,6 +57,12 @@ class Dequeue:
             await self.resources.clock.wait(wake, timeout)
             wake.clear()
             picked = index.take()
+            stranded, index.stranded = index.stranded, []
+            for queued, key in stranded:
+                if queued.run_id in self.waitpoints.resuming:
+                    self.waitpoints.strand(queued.run_id, key[0], queued.task_id, queued.version)
+                else:
+                    spawn(self.triggering.strand(queued, key))
             for queued, key, ex in picked:
                 if queued.run_id in self.waitpoints.resuming:
                     spawn(self.waitpoints.resume(queued.run_id, key, ex))

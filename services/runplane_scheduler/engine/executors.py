@@ -186,6 +186,8 @@ class Executors:
         if self.resources.index.executors.get(ex.executor_id) is ex:
             ex.connected = False
             log.info("executor %s disconnected", ex.executor_id)
+            # Queued runs of its version may now leave their queues (PENDING_VERSION).
+            self.resources.dispatch_wake.set()
 
     # -- queues ----------------------------------------------------------------------------------
 

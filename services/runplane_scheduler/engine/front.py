@@ -64,7 +64,7 @@ class RunEngine:
         self.attempts = Attempts(self.resources, self.timers)
         self.triggering = Triggering(self.resources, self.timers, self.attempts)
         self.waits = Waitpoints(self.resources, self.timers, self.attempts, self.triggering)
-        self.dequeue = Dequeue(self.resources, self.attempts, self.waits)
+        self.dequeue = Dequeue(self.resources, self.attempts, self.waits, self.triggering)
         self.versions = Versions(self.resources, self.triggering, self.waits)
         self.executors = Executors(self.resources, self.triggering, self.waits, self.versions)
         self.runs = Runs(self.resources, self.timers, self.triggering, self.waits)
@@ -170,6 +170,11 @@ class RunEngine:
 
     async def rollback_version(self, environment_id: str) -> WorkerVersion:
         return await self.versions.rollback(environment_id)
+
+    async def migrate_runs(
+        self, environment_id: str, run_ids: list[str], from_version: str, to_version: str
+    ) -> tuple[list[str], list[str]]:
+        return await self.runs.migrate(environment_id, run_ids, from_version, to_version)
 
     # -- the worker plane ------------------------------------------------------------------------
 

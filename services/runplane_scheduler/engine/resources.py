@@ -141,3 +141,13 @@ class EngineResources:
         """Free the attempt's slot; the next queued run may take it."""
         self.index.release(attempt_id)
         self.dispatch_wake.set()
+
+
+def unlist(lists: dict[Any, list[str]], run_id: str) -> None:
+    """Take ``run_id`` out of whichever of ``lists`` holds it (parked runs by version)."""
+    for key, ids in list(lists.items()):
+        if run_id in ids:
+            ids.remove(run_id)
+            if not ids:
+                del lists[key]
+            return

@@ -14,7 +14,7 @@ from runplane_common.ids import new_id
 from runplane_core.metadata import Operation, apply_operations
 from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import ExecutorState
-from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.resources import EngineResources, unlist
 from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
@@ -139,6 +139,106 @@ class Runs:
         )
         row, _ = await self.triggering.trigger(environment_id, spec)
         return row
+
+    async def migrate(
+        self, environment_id: str, run_ids: list[str], from_version: str, to_version: str
+    ) -> tuple[list[str], list[str]]:
+        """Move PENDING_VERSION runs off the version they are locked to, whose code is gone:
+        to ``to_version`` (a parked waiting run replays its journal there), or, with
+        ``to_version`` '', fail them. The runs are ``run_ids``, or every PENDING_VERSION run
+        locked to ``from_version``. Returns (moved, skipped: asked for by id, not
+        PENDING_VERSION). All or nothing: an unknown id or a task ``to_version`` does not
+        define refuses the whole request."""
+        defs = self.resources.version_defs.get((environment_id, to_version), {})
+        if to_version and not defs:
+            raise InvalidArgument("to_version", f"version {to_version[:64]!r} is not registered")
+
+        async def op(tx: Tx) -> tuple[list[Mapping[Any, Any]], list[str]]:
+            rows = await stored_runs.for_migration(tx, environment_id, run_ids, from_version)
+            found = {row.id for row in rows}
+            for i, run_id in enumerate(run_ids):
+                if run_id not in found:
+                    raise NotFound(f"run_ids[{i}]: run {run_id} not found")
+            parked = [row for row in rows if row.status == Status.PENDING_VERSION.value]
+            for row in parked:
+                if to_version and row.task_id not in defs:
+                    raise FailedPrecondition(
+                        f"version {to_version[:64]!r} does not define task {row.task_id!r} "
+                        f"(run {row.id})"
+                    )
+            moved = [m for row in parked if (m := await self._migrate_one(tx, row, to_version))]
+            return moved, [row.id for row in rows if row.id not in {m["id"] for m in moved}]
+
+        moved, skipped = await self.resources.store.writer.run(op)
+        return [m["id"] for m in moved], skipped
+
+    async def _migrate_one(self, tx: Tx, row: RunRow, to_version: str) -> Mapping[Any, Any] | None:
+        ts = self.resources.clock.now_ms()
+        run_id, waited = row.id, row.parked_from == Status.WAITING.value
+        if not to_version:
+            error = {
+                "type": "VERSION_UNAVAILABLE",
+                "message": f"failed by an operator: no executor runs version {row.worker_version}",
+                "stack_trace": "",
+            }
+            done = await tx.transition(
+                run_id,
+                [Status.PENDING_VERSION],
+                Status.FAILED,
+                "failed",
+                error=orjson.dumps(error).decode(),
+                parked_from=None,
+                current_attempt_id=None,
+                finished_at=ts,
+                updated_at=ts,
+            )
+            if done is not None:
+                tx.after_commit.append(lambda: self._given_up(run_id))
+        elif waited:
+            done = await tx.transition(
+                run_id,
+                [Status.PENDING_VERSION],
+                Status.WAITING,
+                "resuming",
+                worker_version=to_version,
+                parked_from=None,
+                updated_at=ts,
+            )
+            if done is not None:
+                m = done._mapping
+                tx.after_commit.append(lambda: self.waitpoints.migrated(m))
+        else:
+            done = await tx.transition(
+                run_id,
+                [Status.PENDING_VERSION],
+                Status.QUEUED,
+                "queued",
+                worker_version=to_version,
+                parked_from=None,
+                queued_at=ts,
+                updated_at=ts,
+            )
+            if done is not None:
+                m = done._mapping
+                tx.after_commit.append(lambda: self._requeued(m, ts))
+        if done is None:
+            return None
+        log.warning(
+            "run %s %s by an operator (was locked to version %s)",
+            run_id,
+            f"moved to version {to_version}" if to_version else "failed",
+            row.worker_version,
+        )
+        return done._mapping
+
+    def _given_up(self, run_id: str) -> None:
+        unlist(self.triggering.pending_version, run_id)
+        unlist(self.waitpoints.parked, run_id)
+        self.waitpoints.cancelled(run_id)
+
+    def _requeued(self, m: Mapping[Any, Any], ts: int) -> None:
+        unlist(self.triggering.pending_version, m["id"])
+        self.resources.enqueue(m, ts)
 
     async def reschedule(self, environment_id: str, run_id: str, delay_until: int) -> RunRow:
         """Move a DELAYED run's start (queued at once when ``delay_until`` has passed)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,17 @@ import orjson
 from runplane_common import telemetry
 from runplane_common.errors import InvalidArgument
 from runplane_common.ids import new_id, random_id
-from runplane_scheduler.dispatch import ExecutorState
+from runplane_scheduler.dispatch import ExecutorState, QueuedRun, QueueKey
 from runplane_scheduler.engine.attempts import Attempts, attempt_row
 from runplane_scheduler.engine.resources import EngineResources
 from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import Store, Tx
+from runplane_scheduler.store import RunRow, Store, Tx
 from runplane_scheduler.store import runs as stored_runs
+
+log = logging.getLogger("runplane.scheduler")
 
 DEFAULT_IDEMPOTENCY_TTL_MS = 30 * 86_400_000
 
@@ -446,6 +449,39 @@ class Triggering:
         self.pending_version.setdefault((environment_id, task_id, version), []).append(run_id)
         self.provided(environment_id, [task_id])
 
+    async def strand(self, queued: QueuedRun, key: QueueKey) -> None:
+        """A QUEUED run reached the head of its queue with no executor of its version connected
+        and another version current: it waits in PENDING_VERSION (the dispatch index has set
+        it aside) until an executor of its version registers, or an operator migrates it."""
+        run_id, environment_id, task_id, version = (
+            queued.run_id,
+            key[0],
+            queued.task_id,
+            queued.version,
+        )
+
+        async def op(tx: Tx) -> RunRow | None:
+            ts = self.resources.clock.now_ms()
+            return await tx.transition(
+                run_id,
+                [Status.QUEUED],
+                Status.PENDING_VERSION,
+                "pending_version",
+                parked_from=Status.QUEUED.value,
+                updated_at=ts,
+            )
+
+        try:
+            row = await self.resources.store.writer.run(op)
+        except Exception:
+            log.exception("parking %s for version %s failed", run_id, version)
+            # Back in its queue: it is still QUEUED in the database.
+            self.resources.index.requeue(queued, key)
+            return
+        if row is not None:
+            log.info("queued run %s waits for an executor of version %s", run_id, version)
+            self.park(environment_id, task_id, version, run_id)
+
     def restore_parked(self, environment_id: str, task_id: str, version: str, run_id: str) -> None:
         """A PENDING_VERSION run found after a restart."""
         self.pending_version.setdefault((environment_id, task_id, version), []).append(run_id)
@@ -484,6 +520,7 @@ class Triggering:
                     "queued",
                     queued_at=ts,
                     updated_at=ts,
+                    parked_from=None,
                     **values,
                 )
                 if row is not None:

@@ -26,7 +26,7 @@ from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
 from runplane_scheduler.engine.attempts import Attempts, attempt_row
-from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.resources import EngineResources, unlist
 from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.specs import TriggerSpec
@@ -447,6 +447,12 @@ class Waitpoints:
         self.resources.index.removed.discard(m["id"])
         self.resources.enqueue(m, m["queued_at"] or m["created_at"])
 
+    def strand(self, run_id: str, environment_id: str, task_id: str, version: str) -> None:
+        """A run queued to resume reached the head of its queue with no executor of its
+        version connected: park it (the dispatch index has already set it aside)."""
+        self.resuming.discard(run_id)
+        self.resources.background.spawn(self._park(run_id, (environment_id, task_id, version)))
+
     async def _park(self, run_id: str, key: tuple[str, str, str]) -> None:
         async def op(tx: Tx) -> RunRow | None:
             ts = self.resources.clock.now_ms()
@@ -468,6 +474,12 @@ class Waitpoints:
             log.info("run %s waits for an executor of version %s", run_id, key[2])
             self.parked.setdefault(key, []).append(run_id)
             self.provided(key[0], [key[1]])  # one may have registered meanwhile
+
+    def migrated(self, m: Mapping[Any, Any]) -> None:
+        """An operator moved a parked run to another version (it is WAITING again): it queues
+        to resume there, by replay from its journal, or parks again under the new version."""
+        unlist(self.parked, m["id"])
+        self._queue_resume(m)
 
     def restore_parked(self, m: Mapping[Any, Any]) -> None:
         """After a restart: a run that waits for an executor of its version to resume."""

@@ -182,3 +182,26 @@ async def list_logs(
         stmt = stmt.where(c.id > after_id)
     async with database.connect() as conn:
         return list((await conn.execute(stmt)).all())
+
+
+MIGRATE_LIMIT = 10_000
+
+
+async def for_migration(
+    tx: Tx, environment_id: str, run_ids: Sequence[str], from_version: str
+) -> list[RunRow]:
+    """The runs ``runplane runs migrate`` is asked to move: by id (any status; the caller keeps
+    the PENDING_VERSION ones), or every PENDING_VERSION run locked to ``from_version`` (at most
+    MIGRATE_LIMIT, oldest first)."""
+    query = select(
+        r.id, r.status, r.task_id, r.worker_version, r.parked_from, r.environment_id
+    ).where(r.environment_id == environment_id)
+    if run_ids:
+        query = query.where(r.id.in_(run_ids))
+    else:
+        query = (
+            query.where(r.status == Status.PENDING_VERSION.value, r.worker_version == from_version)
+            .order_by(r.created_at)
+            .limit(MIGRATE_LIMIT)
+        )
+    return list((await tx.execute(query)).all())
