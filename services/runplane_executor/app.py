@@ -55,6 +55,7 @@ from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
+from runplane_common.protocol import WORKER_PROTOCOL_VERSION
 from runplane_executor import waits
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
@@ -410,6 +411,7 @@ class Executor:
         outgoing.put_nowait(
             wpb.ConnectRequest(
                 register=wpb.Register(
+                    protocol_version=WORKER_PROTOCOL_VERSION,
                     executor_id=self.executor_id,
                     session_token=self._session_token,
                     manifest=self.manifest,

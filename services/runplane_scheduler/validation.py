@@ -19,8 +19,10 @@ from runplane.v1 import run_pb2
 from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import version_service_pb2 as vpb
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common import protocol
 from runplane_common.config import Limits
-from runplane_common.errors import InvalidArgument
+from runplane_common.errors import FailedPrecondition, InvalidArgument
+from runplane_common.protocol import SPOKEN_WORKER_PROTOCOL_VERSIONS
 from runplane_scheduler import json_depth
 from runplane_scheduler.retry import MAX_ATTEMPTS_CAP
 from runplane_scheduler.specs import Debounce, TriggerSpec
@@ -65,6 +67,12 @@ def finite(field: str, value: float, low: float, high: float) -> float:
 
 def register(message: wpb.Register) -> wpb.Register:
     """An executor's registration, checked before anything of it is stored."""
+    spoken = SPOKEN_WORKER_PROTOCOL_VERSIONS
+    if protocol.effective_version(message.protocol_version) not in spoken:
+        raise FailedPrecondition(
+            f"worker protocol version {message.protocol_version} is not spoken by this "
+            f"scheduler (it speaks {', '.join(map(str, spoken))}; docs/worker-protocol.md)"
+        )
     if message.executor_id and not EXECUTOR_ID.match(message.executor_id):
         raise InvalidArgument("register.executor_id", "1-40 of letters, digits and _.:-")
     if not 0 <= message.capacity <= 100_000:

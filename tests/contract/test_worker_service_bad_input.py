@@ -217,3 +217,49 @@ def test_a_register_with_a_bad_manifest_is_refused_as_invalid_argument(
     assert_proper(outcome, f"Connect with a bad manifest ({case})")
     assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, str(outcome)
     assert "manifest" in outcome.details, str(outcome)
+
+
+@given(version=st.one_of(st.integers(2, 1000), st.integers(-(2**31), -1), int32))
+@FUZZ
+def test_a_register_with_a_protocol_version_the_scheduler_does_not_speak_is_refused(
+    stack: Stack, version: int
+) -> None:
+    before = stack.state()
+    register = wpb.Register(
+        manifest=wpb.Manifest(tasks=[wpb.TaskDefinition(id="t")]),
+        capacity=1,
+        protocol_version=version,
+    )
+    outcome = streaming(
+        stack.channel(),
+        CONNECT,
+        [wpb.ConnectRequest(register=register)],
+        stack.auth("dev"),
+        response_type=wpb.ConnectResponse,
+        client_streaming=True,
+    )
+    assert_proper(outcome, f"Connect with protocol_version={version}")
+    if version in (0, 1):
+        return  # int32 may draw one of the spoken ones
+    assert outcome.code is grpc.StatusCode.FAILED_PRECONDITION, str(outcome)
+    assert f"worker protocol version {version} is not spoken" in outcome.details, str(outcome)
+    assert "it speaks 1" in outcome.details, str(outcome)
+    assert_unchanged(before, stack.state(), "a refused registration")
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_a_register_speaking_version_1_or_none_is_answered_with_version_1(
+    stack: Stack, version: int
+) -> None:
+    register = wpb.Register(
+        manifest=wpb.Manifest(tasks=[wpb.TaskDefinition(id="t")]),
+        capacity=1,
+        protocol_version=version,
+    )
+    call = worker_service_pb2_grpc.WorkerServiceStub(stack.channel()).Connect(
+        iter([wpb.ConnectRequest(register=register)]), metadata=stack.auth("dev"), timeout=DEADLINE
+    )
+    first = next(iter(call))
+    call.cancel()
+    assert first.WhichOneof("message") == "registered"
+    assert first.registered.protocol_version == 1

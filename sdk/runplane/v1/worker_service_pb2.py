@@ -28,7 +28,7 @@ from runplane.v1 import run_pb2 as runplane_dot_v1_dot_run__pb2
 from runplane.v1 import run_service_pb2 as runplane_dot_v1_dot_run__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\x1a\x1drunplane/v1/run_service.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xfe\x02\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x18\n\x10queue_rate_limit\x18\t \x01(\x05\x12!\n\x19queue_rate_period_seconds\x18\n \x01(\x01\x12%\n\x1dqueue_total_concurrency_limit\x18\x0b \x01(\x05\x12\x16\n\x0epayload_schema\x18\x0c \x01(\t\x12\x32\n\x08schedule\x18\r \x01(\x0b\x32 .runplane.v1.DeclarativeSchedule\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x8e\x01\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\x12\x15\n\rsession_token\x18\x05 \x01(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"T\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x02\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x12\x1b\n\x0eretry_delay_ms\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12,\n\x08retry_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimed_out\x18\t \x01(\x08\x12\x15\n\rout_of_memory\x18\n \x01(\x08\x12\x15\n\rretry_machine\x18\x0b \x01(\t\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07outcomeB\x11\n\x0f_retry_delay_ms\"\xfe\x02\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x12/\n\x08metadata\x18\x06 \x01(\x0b\x32\x1b.runplane.v1.MetadataUpdateH\x00\x12%\n\x04logs\x18\x07 \x01(\x0b\x32\x15.runplane.v1.LogBatchH\x00\x12(\n\x04wait\x18\x08 \x01(\x0b\x32\x18.runplane.v1.WaitRequestH\x00\x42\t\n\x07message\"W\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x15\n\rsession_token\x18\x03 \x01(\t\"\x9e\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x06 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x81\x02\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x12%\n\x06resume\x18\x04 \x01(\x0b\x32\x13.runplane.v1.ResumeH\x00\x12\x30\n\x0crun_canceled\x18\x05 \x01(\x0b\x32\x18.runplane.v1.RunCanceledH\x00\x42\t\n\x07message\"=\n\x11MetadataOperation\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"h\n\x0eMetadataUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x32\n\noperations\x18\x03 \x03(\x0b\x32\x1e.runplane.v1.MetadataOperation\"2\n\x08LogBatch\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.runplane.v1.LogEntry\"5\n\x13\x44\x65\x63larativeSchedule\x12\x0c\n\x04\x63ron\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\"\xe0\x01\n\x0bWaitRequest\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x15\n\x0b\x64uration_ms\x18\x03 \x01(\x03H\x00\x12\x12\n\x08until_ms\x18\x04 \x01(\x03H\x00\x12\x12\n\x08token_id\x18\x05 \x01(\tH\x00\x12\x30\n\x08\x63hildren\x18\x06 \x01(\x0b\x32\x1c.runplane.v1.WaitForChildrenH\x00\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1e\n\x16idempotency_key_ttl_ms\x18\x08 \x01(\x03\x42\x06\n\x04wait\"?\n\x0fWaitForChildren\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.runplane.v1.BatchTriggerItem\"[\n\nWaitResult\x12\x0b\n\x03seq\x18\x01 \x01(\x05\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06output\x18\x03 \x01(\t\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.runplane.v1.RunError\"F\n\x06Resume\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.runplane.v1.WaitResult\"^\n\x0bRunCanceled\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x18\n\x10\x65nvironment_slug\x18\x02 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x03 \x01(\t2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x42]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n runplane/v1/worker_service.proto\x12\x0brunplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15runplane/v1/run.proto\x1a\x1drunplane/v1/run_service.proto\"\x80\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x1b\n\x13min_timeout_seconds\x18\x03 \x01(\x01\x12\x1b\n\x13max_timeout_seconds\x18\x04 \x01(\x01\x12\x11\n\trandomize\x18\x05 \x01(\x08\"\xfe\x02\n\x0eTaskDefinition\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x1f\n\x17queue_concurrency_limit\x18\x03 \x01(\x05\x12\'\n\x05retry\x18\x04 \x01(\x0b\x32\x18.runplane.v1.RetryPolicy\x12\x1c\n\x14max_duration_seconds\x18\x05 \x01(\x01\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\x01\x12\x18\n\x10queue_rate_limit\x18\t \x01(\x05\x12!\n\x19queue_rate_period_seconds\x18\n \x01(\x01\x12%\n\x1dqueue_total_concurrency_limit\x18\x0b \x01(\x05\x12\x16\n\x0epayload_schema\x18\x0c \x01(\t\x12\x32\n\x08schedule\x18\r \x01(\x0b\x32 .runplane.v1.DeclarativeSchedule\"G\n\x08Manifest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.runplane.v1.TaskDefinition\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xa8\x01\n\x08Register\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\'\n\x08manifest\x18\x02 \x01(\x0b\x32\x15.runplane.v1.Manifest\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x1b\n\x13running_attempt_ids\x18\x04 \x03(\t\x12\x15\n\rsession_token\x18\x05 \x01(\t\x12\x18\n\x10protocol_version\x18\x06 \x01(\x05\"\x1d\n\tHeartbeat\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"#\n\rAssignmentAck\x12\x12\n\nattempt_id\x18\x01 \x01(\t\"T\n\x0e\x41ttemptStarted\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x02\n\rAttemptResult\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.runplane.v1.RunErrorH\x00\x12\x15\n\rskip_retrying\x18\x04 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x08\x12\x0c\n\x04lost\x18\x06 \x01(\x08\x12\x1b\n\x0eretry_delay_ms\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12,\n\x08retry_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttimed_out\x18\t \x01(\x08\x12\x15\n\rout_of_memory\x18\n \x01(\x08\x12\x15\n\rretry_machine\x18\x0b \x01(\t\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\t\n\x07outcomeB\x11\n\x0f_retry_delay_ms\"\xfe\x02\n\x0e\x43onnectRequest\x12)\n\x08register\x18\x01 \x01(\x0b\x32\x15.runplane.v1.RegisterH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.runplane.v1.HeartbeatH\x00\x12)\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.AssignmentAckH\x00\x12.\n\x07started\x18\x04 \x01(\x0b\x32\x1b.runplane.v1.AttemptStartedH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.runplane.v1.AttemptResultH\x00\x12/\n\x08metadata\x18\x06 \x01(\x0b\x32\x1b.runplane.v1.MetadataUpdateH\x00\x12%\n\x04logs\x18\x07 \x01(\x0b\x32\x15.runplane.v1.LogBatchH\x00\x12(\n\x04wait\x18\x08 \x01(\x0b\x32\x18.runplane.v1.WaitRequestH\x00\x42\t\n\x07message\"q\n\nRegistered\x12\x13\n\x0b\x65xecutor_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\x05\"\x9e\x01\n\nAssignment\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ttempt_number\x18\x03 \x01(\x05\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x05 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x06 \x01(\t\"3\n\rCancelAttempt\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\x81\x02\n\x0f\x43onnectResponse\x12-\n\nregistered\x18\x01 \x01(\x0b\x32\x17.runplane.v1.RegisteredH\x00\x12-\n\nassignment\x18\x02 \x01(\x0b\x32\x17.runplane.v1.AssignmentH\x00\x12,\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1a.runplane.v1.CancelAttemptH\x00\x12%\n\x06resume\x18\x04 \x01(\x0b\x32\x13.runplane.v1.ResumeH\x00\x12\x30\n\x0crun_canceled\x18\x05 \x01(\x0b\x32\x18.runplane.v1.RunCanceledH\x00\x42\t\n\x07message\"=\n\x11MetadataOperation\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"h\n\x0eMetadataUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\t\x12\x32\n\noperations\x18\x03 \x03(\x0b\x32\x1e.runplane.v1.MetadataOperation\"2\n\x08LogBatch\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.runplane.v1.LogEntry\"5\n\x13\x44\x65\x63larativeSchedule\x12\x0c\n\x04\x63ron\x18\x01 \x01(\t\x12\x10\n\x08timezone\x18\x02 \x01(\t\"\xe0\x01\n\x0bWaitRequest\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x15\n\x0b\x64uration_ms\x18\x03 \x01(\x03H\x00\x12\x12\n\x08until_ms\x18\x04 \x01(\x03H\x00\x12\x12\n\x08token_id\x18\x05 \x01(\tH\x00\x12\x30\n\x08\x63hildren\x18\x06 \x01(\x0b\x32\x1c.runplane.v1.WaitForChildrenH\x00\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x1e\n\x16idempotency_key_ttl_ms\x18\x08 \x01(\x03\x42\x06\n\x04wait\"?\n\x0fWaitForChildren\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.runplane.v1.BatchTriggerItem\"[\n\nWaitResult\x12\x0b\n\x03seq\x18\x01 \x01(\x05\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06output\x18\x03 \x01(\t\x12$\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x15.runplane.v1.RunError\"F\n\x06Resume\x12\x12\n\nattempt_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.runplane.v1.WaitResult\"^\n\x0bRunCanceled\x12\x1d\n\x03run\x18\x01 \x01(\x0b\x32\x10.runplane.v1.Run\x12\x18\n\x10\x65nvironment_slug\x18\x02 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x03 \x01(\t2Y\n\rWorkerService\x12H\n\x07\x43onnect\x12\x1b.runplane.v1.ConnectRequest\x1a\x1c.runplane.v1.ConnectResponse(\x01\x30\x01\x42]\n\x0f\x64\x65v.runplane.v1P\x01Z:github.com/runplane/runplane/gen/go/runplane/v1;runplanev1\xaa\x02\x0bRunplane.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,43 +43,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFEST']._serialized_start=652
   _globals['_MANIFEST']._serialized_end=723
   _globals['_REGISTER']._serialized_start=726
-  _globals['_REGISTER']._serialized_end=868
-  _globals['_HEARTBEAT']._serialized_start=870
-  _globals['_HEARTBEAT']._serialized_end=899
-  _globals['_ASSIGNMENTACK']._serialized_start=901
-  _globals['_ASSIGNMENTACK']._serialized_end=936
-  _globals['_ATTEMPTSTARTED']._serialized_start=938
-  _globals['_ATTEMPTSTARTED']._serialized_end=1022
-  _globals['_ATTEMPTRESULT']._serialized_start=1025
-  _globals['_ATTEMPTRESULT']._serialized_end=1391
-  _globals['_CONNECTREQUEST']._serialized_start=1394
-  _globals['_CONNECTREQUEST']._serialized_end=1776
-  _globals['_REGISTERED']._serialized_start=1778
-  _globals['_REGISTERED']._serialized_end=1865
-  _globals['_ASSIGNMENT']._serialized_start=1868
-  _globals['_ASSIGNMENT']._serialized_end=2026
-  _globals['_CANCELATTEMPT']._serialized_start=2028
-  _globals['_CANCELATTEMPT']._serialized_end=2079
-  _globals['_CONNECTRESPONSE']._serialized_start=2082
-  _globals['_CONNECTRESPONSE']._serialized_end=2339
-  _globals['_METADATAOPERATION']._serialized_start=2341
-  _globals['_METADATAOPERATION']._serialized_end=2402
-  _globals['_METADATAUPDATE']._serialized_start=2404
-  _globals['_METADATAUPDATE']._serialized_end=2508
-  _globals['_LOGBATCH']._serialized_start=2510
-  _globals['_LOGBATCH']._serialized_end=2560
-  _globals['_DECLARATIVESCHEDULE']._serialized_start=2562
-  _globals['_DECLARATIVESCHEDULE']._serialized_end=2615
-  _globals['_WAITREQUEST']._serialized_start=2618
-  _globals['_WAITREQUEST']._serialized_end=2842
-  _globals['_WAITFORCHILDREN']._serialized_start=2844
-  _globals['_WAITFORCHILDREN']._serialized_end=2907
-  _globals['_WAITRESULT']._serialized_start=2909
-  _globals['_WAITRESULT']._serialized_end=3000
-  _globals['_RESUME']._serialized_start=3002
-  _globals['_RESUME']._serialized_end=3072
-  _globals['_RUNCANCELED']._serialized_start=3074
-  _globals['_RUNCANCELED']._serialized_end=3168
-  _globals['_WORKERSERVICE']._serialized_start=3170
-  _globals['_WORKERSERVICE']._serialized_end=3259
+  _globals['_REGISTER']._serialized_end=894
+  _globals['_HEARTBEAT']._serialized_start=896
+  _globals['_HEARTBEAT']._serialized_end=925
+  _globals['_ASSIGNMENTACK']._serialized_start=927
+  _globals['_ASSIGNMENTACK']._serialized_end=962
+  _globals['_ATTEMPTSTARTED']._serialized_start=964
+  _globals['_ATTEMPTSTARTED']._serialized_end=1048
+  _globals['_ATTEMPTRESULT']._serialized_start=1051
+  _globals['_ATTEMPTRESULT']._serialized_end=1417
+  _globals['_CONNECTREQUEST']._serialized_start=1420
+  _globals['_CONNECTREQUEST']._serialized_end=1802
+  _globals['_REGISTERED']._serialized_start=1804
+  _globals['_REGISTERED']._serialized_end=1917
+  _globals['_ASSIGNMENT']._serialized_start=1920
+  _globals['_ASSIGNMENT']._serialized_end=2078
+  _globals['_CANCELATTEMPT']._serialized_start=2080
+  _globals['_CANCELATTEMPT']._serialized_end=2131
+  _globals['_CONNECTRESPONSE']._serialized_start=2134
+  _globals['_CONNECTRESPONSE']._serialized_end=2391
+  _globals['_METADATAOPERATION']._serialized_start=2393
+  _globals['_METADATAOPERATION']._serialized_end=2454
+  _globals['_METADATAUPDATE']._serialized_start=2456
+  _globals['_METADATAUPDATE']._serialized_end=2560
+  _globals['_LOGBATCH']._serialized_start=2562
+  _globals['_LOGBATCH']._serialized_end=2612
+  _globals['_DECLARATIVESCHEDULE']._serialized_start=2614
+  _globals['_DECLARATIVESCHEDULE']._serialized_end=2667
+  _globals['_WAITREQUEST']._serialized_start=2670
+  _globals['_WAITREQUEST']._serialized_end=2894
+  _globals['_WAITFORCHILDREN']._serialized_start=2896
+  _globals['_WAITFORCHILDREN']._serialized_end=2959
+  _globals['_WAITRESULT']._serialized_start=2961
+  _globals['_WAITRESULT']._serialized_end=3052
+  _globals['_RESUME']._serialized_start=3054
+  _globals['_RESUME']._serialized_end=3124
+  _globals['_RUNCANCELED']._serialized_start=3126
+  _globals['_RUNCANCELED']._serialized_end=3220
+  _globals['_WORKERSERVICE']._serialized_start=3222
+  _globals['_WORKERSERVICE']._serialized_end=3311
 # @@protoc_insertion_point(module_scope)

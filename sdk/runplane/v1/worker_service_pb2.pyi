@@ -160,6 +160,7 @@ class Register(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     RUNNING_ATTEMPT_IDS_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     """Stable for the executor process; a reconnect with the same id keeps its leases."""
     capacity: _builtins.int
@@ -168,6 +169,10 @@ class Register(_message.Message):
     """On a reconnect: the session_token the scheduler gave this executor id in Registered. While
     the scheduler knows the id, a registration without it is refused (ALREADY_EXISTS), so no
     other connection can take over a live executor's id and attempts.
+    """
+    protocol_version: _builtins.int
+    """The worker protocol version the executor speaks (docs/worker-protocol.md); 0: 1. A version
+    the scheduler does not speak is refused with FAILED_PRECONDITION naming the ones it does.
     """
     @_builtins.property
     def manifest(self) -> Global___Manifest: ...
@@ -183,10 +188,11 @@ class Register(_message.Message):
         capacity: _builtins.int = ...,
         running_attempt_ids: _abc.Iterable[_builtins.str] | None = ...,
         session_token: _builtins.str = ...,
+        protocol_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "executor_id", b"executor_id", "manifest", b"manifest", "running_attempt_ids", b"running_attempt_ids", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "executor_id", b"executor_id", "manifest", b"manifest", "protocol_version", b"protocol_version", "running_attempt_ids", b"running_attempt_ids", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -393,20 +399,24 @@ class Registered(_message.Message):
     EXECUTOR_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
     heartbeat_interval_ms: _builtins.int
     session_token: _builtins.str
     """A secret for this executor id: present it in Register.session_token to reconnect as it."""
+    protocol_version: _builtins.int
+    """The worker protocol version the scheduler speaks on this stream (the executor's)."""
     def __init__(
         self,
         *,
         executor_id: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
         session_token: _builtins.str = ...,
+        protocol_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executor_id", b"executor_id", "heartbeat_interval_ms", b"heartbeat_interval_ms", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executor_id", b"executor_id", "heartbeat_interval_ms", b"heartbeat_interval_ms", "protocol_version", b"protocol_version", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -16,6 +16,7 @@ from typing import Any, assert_never
 
 from runplane.v1 import run_pb2, worker_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common import protocol
 from runplane_common.auth import principal
 from runplane_common.config import Limits, SchedulerSettings
 from runplane_common.errors import InvalidArgument, ServiceError
@@ -66,14 +67,14 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         if first is None or first.WhichOneof("message") != "register":
             raise InvalidArgument("register", "the first message on a stream must be a Register")
         outbox: asyncio.Queue[ToExecutor] = asyncio.Queue()
-        ex = await self.engine.register_executor(
-            env, registration(validation.register(first.register)), outbox
-        )
+        register = validation.register(first.register)
+        ex = await self.engine.register_executor(env, registration(register), outbox)
         yield wpb.ConnectResponse(
             registered=wpb.Registered(
                 executor_id=ex.executor_id,
                 heartbeat_interval_ms=int(self.settings.heartbeat_interval * 1000),
                 session_token=ex.session_token,
+                protocol_version=protocol.effective_version(register.protocol_version),
             )
         )
         limits = self.settings.limits
