@@ -27,6 +27,13 @@ class RunStatus(StrEnum):
     EXPIRED = "EXPIRED"
     TIMED_OUT = "TIMED_OUT"
 
+    @classmethod
+    def _missing_(cls, value: object) -> RunStatus | None:
+        """Any case: ``RunStatus("failed")`` is ``RunStatus.FAILED``."""
+        if isinstance(value, str):
+            return cls.__members__.get(value.strip().upper())
+        return None
+
     @property
     def is_final(self) -> bool:
         return self in _FINAL

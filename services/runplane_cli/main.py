@@ -5,15 +5,17 @@ does not load the scheduler, SQLAlchemy or the task modules."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 import orjson
 
-from runplane import ApiError, Client, ConfigurationError, RunplaneError
+from runplane import ApiError, Client, ConfigurationError, RunplaneError, RunStatus
 from runplane.worker import run_async
 from runplane_cli import fail
 
@@ -25,11 +27,49 @@ def _parse_json(text: str, what: str) -> Any:
         raise ConfigurationError(f"{what} is not valid JSON: {error}") from None
 
 
+_COLORS = {
+    "COMPLETED": "32",  # green
+    "FAILED": "31",  # red
+    "CRASHED": "31",
+    "SYSTEM_FAILURE": "31",
+    "TIMED_OUT": "31",
+    "EXPIRED": "33",  # yellow
+    "CANCELED": "2",  # dim
+    "EXECUTING": "36",  # cyan
+    "DEQUEUED": "36",
+    "WAITING": "35",  # magenta
+}
+
+
+def _color(text: str, status: str) -> str:
+    """``text`` in ``status``'s color when stdout is a terminal (and NO_COLOR is not set)."""
+    code = _COLORS.get(status)
+    if code is None or not sys.stdout.isatty() or os.environ.get("NO_COLOR"):
+        return text
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
+def _status(value: str) -> str:
+    """A --status value in any case; an unknown one names the statuses there are."""
+    try:
+        return RunStatus(value).value
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown status {value!r}; one of {', '.join(s.value.lower() for s in RunStatus)}"
+        ) from None
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
 def _print_run(run: Any) -> None:
-    print(f"{run.id}  {run.task_id}  {run.status}  attempts={run.attempt_count}")
+    status = _color(f"{run.status}", run.status)
+    print(f"{run.id}  {run.task_id}  {status}  attempts={run.attempt_count}")
     if run.output is not None:
         print("output:", orjson.dumps(run.output).decode())
-    if run.error is not None:
+    # A run that completed after a failed attempt still carries that attempt's error.
+    if run.error is not None and not run.is_success:
         print(f"error: {run.error.type}: {run.error.message}")
 
 
@@ -53,26 +93,24 @@ async def _trigger(args: argparse.Namespace) -> int:
 async def _runs(args: argparse.Namespace) -> int:
     client = Client()
     if args.runs_command == "ls":
-        async for run in client.runs.list(
+        runs = client.runs.list(
             status=args.status, task=args.task, tag=args.tag, limit=args.limit, version=args.version
-        ):
+        )
+        if args.json:
+            _print_json([_run_dict(run) async for run in runs])
+            return 0
+        print(f"{'RUN':<30} {'TASK':<24} {'STATUS':<15} {'CREATED':<25}  VERSION")
+        async for run in runs:
             created = run.created_at.isoformat(timespec="seconds") if run.created_at else ""
             version = run.worker_version or "-"
-            print(f"{run.id}  {run.task_id:<24} {run.status:<15} {created}  {version}")
+            status = _color(f"{run.status:<15}", run.status)
+            print(f"{run.id:<30} {run.task_id:<24} {status} {created:<25}  {version}")
         return 0
     if args.runs_command == "show":
-        run = await client.runs.retrieve(args.run_id)
-        print(orjson.dumps(_run_dict(run), option=orjson.OPT_INDENT_2).decode())
+        _print_json(_run_dict(await client.runs.retrieve(args.run_id)))
         return 0
     if args.runs_command == "logs":
-        async for entry in client.runs.logs(args.run_id):
-            attributes = " " + orjson.dumps(entry.attributes).decode() if entry.attributes else ""
-            stamp = entry.time.isoformat(timespec="milliseconds")
-            print(
-                f"{stamp} #{entry.attempt_number} {entry.level.upper():<7} "
-                f"{entry.message}{attributes}"
-            )
-        return 0
+        return await _logs(client, args.run_id, args.follow)
     if args.runs_command == "cancel":
         _print_run(await client.runs.cancel(args.run_id))
         return 0
@@ -84,11 +122,36 @@ async def _runs(args: argparse.Namespace) -> int:
         return await _migrate(client, args)
     if args.runs_command == "watch":
         async for run in client.runs.subscribe_to_run(args.run_id):
-            print(f"v{run.version:<4} {run.status:<15} attempts={run.attempt_count}", flush=True)
+            status = _color(f"{run.status:<15}", run.status)
+            print(f"v{run.version:<4} {status} attempts={run.attempt_count}", flush=True)
             if run.is_completed:
                 _print_run(run)
         return 0
     return fail(f"unknown runs command {args.runs_command}")
+
+
+async def _logs(client: Client, run_id: str, follow: bool) -> int:
+    """A run's log lines; with ``follow``, new ones as they come until the run has finished."""
+    printed = 0
+    while True:
+        # Read before the lines: lines written before the run finished are all there then.
+        final = (await client.runs.retrieve(run_id)).is_completed if follow else True
+        seen = 0
+        async for entry in client.runs.logs(run_id):
+            seen += 1
+            if seen <= printed:
+                continue
+            attributes = " " + orjson.dumps(entry.attributes).decode() if entry.attributes else ""
+            stamp = entry.time.isoformat(timespec="milliseconds")
+            print(
+                f"{stamp} #{entry.attempt_number} {entry.level.upper():<7} "
+                f"{entry.message}{attributes}",
+                flush=follow,
+            )
+        printed = max(printed, seen)
+        if final:
+            return 0
+        await asyncio.sleep(1.0)
 
 
 def _confirm_migration(args: argparse.Namespace) -> str:
@@ -148,11 +211,15 @@ async def _versions(args: argparse.Namespace) -> int:
     api = Client().versions
     command = "promote" if args.command == "deploy" else args.versions_command
     if command == "ls":
+        listing = await api.list()
+        if args.json:
+            _print_json([_run_dict(v) for v in listing])
+            return 0
         print(
             f"{'VERSION':<24} {'STATE':<12} {'EXECUTORS':>9} {'ACTIVE RUNS':>11}  "
             f"{'PROMOTED':<25} TASKS"
         )
-        for v in await api.list():
+        for v in listing:
             _print_version(v)
         return 0
     if command == "promote":
@@ -167,6 +234,9 @@ async def _versions(args: argparse.Namespace) -> int:
 async def _queues(args: argparse.Namespace) -> int:
     client = Client()
     if args.queues_command == "ls":
+        if args.json:
+            _print_json([_run_dict(q) async for q in client.queues.list()])
+            return 0
         print(f"{'QUEUE':<32} {'RUNNING':>7} {'QUEUED':>7} {'LIMIT':>6}  STATE")
         async for q in client.queues.list():
             limit = str(q.concurrency_limit) if q.concurrency_limit else "-"
@@ -195,6 +265,12 @@ async def _schedules(args: argparse.Namespace) -> int:
     api = Client().schedules
     command = args.schedules_command
     if command == "ls":
+        if args.json:
+            _print_json([_run_dict(schedule) async for schedule in api.list(task=args.task)])
+            return 0
+        print(
+            f"{'SCHEDULE':<30}  {'TASK':<24} {'CRON':<18} {'TIMEZONE':<20} {'STATE':<8} NEXT  TYPE"
+        )
         async for schedule in api.list(task=args.task):
             _print_schedule(schedule)
         return 0
@@ -210,18 +286,34 @@ async def _schedules(args: argparse.Namespace) -> int:
         )
         return 0
     if command == "show":
-        schedule = await api.retrieve(args.schedule_id)
-        print(orjson.dumps(_run_dict(schedule), option=orjson.OPT_INDENT_2).decode())
+        _print_json(_run_dict(await api.retrieve(args.schedule_id)))
         return 0
     actions = {"delete": api.delete, "activate": api.activate, "deactivate": api.deactivate}
     _print_schedule(await actions[command](args.schedule_id))
     return 0
 
 
-def _run_dict(run: Any) -> dict[str, Any]:
-    data = asdict(run)
+def _run_dict(item: Any) -> dict[str, Any]:
+    """An SDK model (a run, queue, schedule, version) as JSON-ready data."""
+    data = asdict(item)
     data.pop("raw", None)
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in data.items()}
+    return {k: _jsonable(v) for k, v in data.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,13 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list, show, cancel, watch runs and read their logs")
     rsub = runs.add_subparsers(dest="runs_command", required=True)
     ls = rsub.add_parser("ls")
-    ls.add_argument("--status", action="append")
+    ls.add_argument("--status", action="append", type=_status, help="any case: failed, FAILED")
     ls.add_argument("--task", action="append")
     ls.add_argument("--tag", action="append")
     ls.add_argument("--version", help="only the runs locked to this worker version")
     ls.add_argument("--limit", type=int, default=20)
+    _json_flag(ls)
     for name in ("show", "logs", "cancel", "replay", "watch"):
         rsub.add_parser(name).add_argument("run_id")
+    rsub.choices["logs"].add_argument(
+        "-f", "--follow", action="store_true", help="print new lines until the run finishes"
+    )
     migrate = rsub.add_parser(
         "migrate",
         help="move PENDING_VERSION runs off a version whose executors are gone, or fail them",
@@ -300,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
         "versions", help="list worker versions, promote one, roll back the latest promotion"
     )
     vsub = versions.add_subparsers(dest="versions_command", required=True)
-    vsub.add_parser("ls", help="versions, newest first, with their executors and active runs")
+    _json_flag(
+        vsub.add_parser("ls", help="versions, newest first, with their executors and active runs")
+    )
     vsub.add_parser("promote", help="make a version current").add_argument("version")
     vsub.add_parser("rollback", help="make the previously promoted version current again")
     deploy = sub.add_parser(
@@ -310,13 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     queues = sub.add_parser("queues", help="list, pause and resume queues")
     qsub = queues.add_subparsers(dest="queues_command", required=True)
-    qsub.add_parser("ls")
+    _json_flag(qsub.add_parser("ls"))
     for name in ("pause", "resume"):
         qsub.add_parser(name).add_argument("queue", help="queue name or id")
     sched = sub.add_parser("schedules", help="list, create and change cron schedules")
     ssub = sched.add_subparsers(dest="schedules_command", required=True)
     sls = ssub.add_parser("ls", help="list schedules")
     sls.add_argument("--task", action="append", help="only this task's schedules")
+    _json_flag(sls)
     screate = ssub.add_parser("create", help="create (or, by --dedup-key, update) a schedule")
     screate.add_argument("task")
     screate.add_argument("--cron", required=True, help='five fields, e.g. "0 9 * * 1-5"')
@@ -368,9 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        sys.exit(_dispatch(args))
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        sys.exit(code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # `runplane runs ls | head`: the reader went away. Quiet, like other Unix tools; point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except (ApiError, ConfigurationError) as error:
         sys.exit(fail(str(error)))
     except RunplaneError as error:

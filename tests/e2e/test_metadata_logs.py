@@ -192,3 +192,21 @@ async def test_metadata_past_the_limit_is_refused_and_the_run_goes_on(cluster: C
     assert run.output == "still here"
     assert run.metadata == {"small": 1, "after": True}
     assert "over the metadata limit" in cluster.scheduler.log()
+
+
+async def test_runs_logs_follow_prints_lines_as_they_come_until_the_run_ends(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    # Delayed: the follower starts before the run has logged anything.
+    handle = await client.tasks.trigger("chatty", {}, delay="2s")
+    env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runplane_cli", "runs", "logs", "-f", handle.id,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert (await client.runs.retrieve(handle.id)).status is RunStatus.COMPLETED
+    lines = out.decode().splitlines()
+    assert [line.split()[2] for line in lines] == ["INFO", "WARNING", "SPAN", "ERROR"], lines

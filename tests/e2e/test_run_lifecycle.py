@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 import runplane
@@ -240,3 +242,51 @@ async def test_cli_runs_ls_show_watch_and_cancel(cluster: Cluster) -> None:
     code, out, err = await _cli(cluster, "trigger", "hello-world", "--payload", "{bad")
     assert code != 0
     assert "--payload is not valid JSON" in err and "Traceback" not in err
+
+
+async def test_cli_listings_take_any_status_case_print_json_and_headers_and_survive_a_closed_pipe(
+    cluster: Cluster,
+) -> None:
+    client = cluster.client()
+    retried = await client.runs.poll(
+        await client.tasks.trigger("flaky", {"succeed_on": 2}), interval=0.05, timeout=60
+    )
+    assert retried.status is RunStatus.COMPLETED and retried.error is not None
+
+    # Any case; JSON; an unknown status names the ones there are.
+    code, out, err = await _cli(cluster, "runs", "ls", "--status", "completed", "--json")
+    assert code == 0, err
+    listed = orjson.loads(out)
+    assert retried.id in [r["id"] for r in listed]
+    assert {r["status"] for r in listed} == {"COMPLETED"}
+    code, out, err = await _cli(cluster, "runs", "ls", "--status", "done")
+    assert code == 2 and "unknown status 'done'" in err and "completed" in err
+    assert "Traceback" not in err
+
+    # A run that completed after a failed attempt shows no error.
+    code, out, err = await _cli(cluster, "runs", "watch", retried.id)
+    assert code == 0, err
+    assert "COMPLETED" in out and "error:" not in out
+
+    # Empty listings still print their header; every ls takes --json.
+    code, out, err = await _cli(cluster, "schedules", "ls")
+    assert code == 0 and out.split()[:2] == ["SCHEDULE", "TASK"], (out, err)
+    code, out, err = await _cli(cluster, "runs", "ls", "--tag", "no-such-tag")
+    assert code == 0 and out.split()[:2] == ["RUN", "TASK"], (out, err)
+    for command in (["queues", "ls"], ["versions", "ls"], ["schedules", "ls"]):
+        code, out, err = await _cli(cluster, *command, "--json")
+        assert code == 0, err
+        assert isinstance(orjson.loads(out), list), command
+
+    # stdout already closed by its reader (`runplane runs ls | head`): no traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**cluster.env, "RUNPLANE_SECRET_KEY": cluster.keys["dev"]}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runplane_cli", "runs", "ls", "--json",
+        env=env, stdout=write_end, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 141, err_bytes.decode()
+    assert b"Traceback" not in err_bytes and b"BrokenPipe" not in err_bytes
