@@ -3,11 +3,14 @@ move by exactly what the runs did, scraped over real HTTP and parsed by promethe
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 import runplane
 from runplane import RunStatus
-from tests.helpers.cluster import Cluster, ServiceProcess
+from tests.helpers.cluster import ROOT, Cluster, ServiceProcess
 from tests.helpers.metrics import get, has, scrape, value
 from tests.helpers.nats import NatsServer
 from tests.helpers.ports import free_port
@@ -123,6 +126,19 @@ async def test_run_series_move_by_exactly_what_the_runs_did(cluster: Cluster) ->
         return True
 
     await eventually(realtime_counted, 30, description="the realtime service's series")
+
+    # Every series the Grafana dashboard queries is one the services serve.
+    urls = (cluster.scheduler_http_url, cluster.executor_http_url, cluster.realtime_http_url)
+    served = {s.name for url in urls for family in await scrape(url) for s in family.samples}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "runplane.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"runplane_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 15
+    assert queried <= served, queried - served
 
 
 async def test_queue_gauges_count_waiting_and_running_runs(cluster: Cluster) -> None:
