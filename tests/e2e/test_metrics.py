@@ -3,8 +3,14 @@ move by exactly what the runs did, scraped over real HTTP and parsed by promethe
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +228,48 @@ async def test_an_executor_is_not_ready_before_it_registers(cluster: Cluster) ->
     assert value(families, "runplane_executor_connected") == 0
     assert value(families, "runplane_executor_free_slots") == 0
     assert value(families, "runplane_executor_slots") == 100
+
+
+async def test_dev_writes_and_prints_every_service_url(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPLANE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "sdk"), str(ROOT / "services"), str(ROOT)])
+    output = tmp_path / "dev.out"
+    with output.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "runplane_cli", "dev", "--tasks", "examples.hello",
+            "--port", "0", cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        dev_env = tmp_path / ".runplane" / "dev.env"
+        names = ("SCHEDULER", "EXECUTOR", "REALTIME")
+
+        def written() -> dict[str, str] | None:
+            if not dev_env.exists():
+                return None
+            lines = dict(line.split("=", 1) for line in dev_env.read_text().splitlines())
+            urls = {n: lines.get(f"RUNPLANE_{n}_HTTP_URL", "") for n in names}
+            return urls if all(urls.values()) else None
+
+        urls = await eventually(written, 90, description="dev.env with the HTTP URLs")
+
+        def printed() -> str | None:
+            text = output.read_text()
+            return text if "metrics and health" in text else None
+
+        text = await eventually(printed, 10, description="dev's line with the URLs")
+        for name, url in urls.items():
+            assert url.startswith("http://127.0.0.1:"), url
+            assert url in text, (name, text)
+            assert await get(url, "/readyz") == (200, "ready\n"), name
+        executor = await scrape(urls["EXECUTOR"])
+        assert value(executor, "runplane_executor_connected") == 1
+        scheduler = await scrape(urls["SCHEDULER"])
+        assert value(scheduler, "runplane_executors_connected") == 1
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
