@@ -8,15 +8,18 @@ answers three routes through :class:`Probes`:
     GET /healthz   200 "ok": the process is alive and serving
     GET /readyz    200 "ready", or 503 with a one-line reason why not
 
-Counters and histograms of events are updated where the events happen; state (queue depth, free
-slots, outbox lag) is read from the service's memory at scrape time by a :class:`Snapshot`
-collector. A scrape neither writes to a database nor waits on I/O; a readiness check may do
-short reads, bounded by :data:`READY_TIMEOUT`.
+Counts of events are kept in plain dictionaries where the events happen (:class:`Histograms`
+for distributions: a prometheus_client metric costs microseconds per update, too much on the
+scheduler's commit path) and state (queue depth, free slots, outbox lag) is read from the
+service's memory; a :class:`Snapshot` collector turns both into families at scrape time. A
+scrape neither writes to a database nor waits on I/O; a readiness check may do short reads,
+bounded by :data:`READY_TIMEOUT`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -25,7 +28,12 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 # A readiness check: None when ready, else the reason it is not (one short line).
@@ -70,6 +78,36 @@ def counter(
     for label_values, value in sorted(values.items()):
         family.add_metric(list(label_values), value)
     return family
+
+
+class Histograms:
+    """Observations by label values, in fixed buckets (upper bounds, ``le``), exported as one
+    histogram family. Cheap to update: a bisection and two additions."""
+
+    def __init__(self, buckets: Iterable[float] = SECONDS_BUCKETS) -> None:
+        self.bounds = sorted(buckets)
+        if not self.bounds:
+            raise ValueError("a histogram needs at least one bucket")
+        # Per label values: a count per bucket (the last: above every bound), then the sum.
+        self._data: dict[Labels, tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: Labels, amount: float) -> None:
+        found = self._data.get(labels)
+        if found is None:
+            found = self._data[labels] = ([0] * (len(self.bounds) + 1), [0.0])
+        found[0][bisect.bisect_left(self.bounds, amount)] += 1
+        found[1][0] += amount
+
+    def family(self, name: str, documentation: str, labels: Iterable[str]) -> Metric:
+        family = HistogramMetricFamily(name, documentation, labels=list(labels))
+        les = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        for label_values, (counts, total) in sorted(self._data.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(les, counts, strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric(list(label_values), buckets, sum_value=total[0])
+        return family
 
 
 class Snapshot(Collector):

@@ -34,11 +34,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from runplane_common.ids import timestamp_ms
-from runplane_common.metrics import SECONDS_BUCKETS, Labels, Snapshot, counter, gauge
+from runplane_common.metrics import Histograms, Labels, Snapshot, counter, gauge
 from runplane_scheduler.dispatch import DispatchIndex
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.states import FINAL
@@ -64,56 +64,28 @@ class SchedulerMetrics:
         self._relay = relay
         self._writer = writer
         self._clock_ms = clock_ms
-        self.triggered = Counter(
-            "runplane_runs_triggered",
-            "Runs created, by task.",
-            ["environment", "task"],
-            registry=registry,
-        )
-        self.started = Counter(
-            "runplane_runs_started",
-            "Runs whose first attempt started, by task.",
-            ["environment", "task"],
-            registry=registry,
-        )
-        self.attempts_started = Counter(
-            "runplane_attempts_started",
-            "Attempts started (retries included), by task.",
-            ["environment", "task"],
-            registry=registry,
-        )
-        self.finished = Counter(
-            "runplane_runs_finished",
-            "Runs that reached a final status, by task and status.",
-            ["environment", "task", "status"],
-            registry=registry,
-        )
-        self.dispatch_latency = Histogram(
-            "runplane_dispatch_latency_seconds",
-            "Time from QUEUED to assigned to an executor (DEQUEUED), by queue.",
-            ["environment", "queue"],
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
-        )
-        self.execution = Histogram(
-            "runplane_run_execution_seconds",
-            "Execution time of finished runs that started (waits excluded), by task and status.",
-            ["environment", "task", "status"],
-            buckets=SECONDS_BUCKETS,
-            registry=registry,
-        )
+        # By (environment, task); finished by (environment, task, status).
+        self.triggered: defaultdict[Labels, int] = defaultdict(int)
+        self.started: defaultdict[Labels, int] = defaultdict(int)
+        self.attempts_started: defaultdict[Labels, int] = defaultdict(int)
+        self.finished: defaultdict[Labels, int] = defaultdict(int)
+        # By (environment, queue), and (environment, task, status).
+        self.dispatch_latency = Histograms()
+        self.execution = Histograms()
+        registry.register(Snapshot(self._runs))
         registry.register(Snapshot(self._state))
 
     def observe(self, changes: list[RunChange]) -> None:
-        """Count committed run events (the writer's ``on_changes`` hook)."""
+        """Count committed run events (the writer's ``on_changes`` hook; it runs for every
+        commit, so it only adds to dictionaries)."""
         for c in changes:
-            env, task = c.environment_id, c.task_id
+            key = (c.environment_id, c.task_id)
             if c.event_type == "created":
-                self.triggered.labels(env, task).inc()
+                self.triggered[key] += 1
             elif c.event_type == "started":
-                self.attempts_started.labels(env, task).inc()
+                self.attempts_started[key] += 1
                 if c.attempt_count <= 1:
-                    self.started.labels(env, task).inc()
+                    self.started[key] += 1
             elif (
                 c.event_type == "dequeued"
                 and (not c.sources or QUEUED in c.sources)
@@ -121,11 +93,44 @@ class SchedulerMetrics:
             ):
                 # Not a waiting run resumed on a new attempt: that one was not queued again.
                 latency = max(c.updated_at - c.queued_at, 0) / 1000
-                self.dispatch_latency.labels(env, c.queue).observe(latency)
+                self.dispatch_latency.observe((c.environment_id, c.queue), latency)
             if c.status in _FINAL and c.status not in c.sources:
-                self.finished.labels(env, task, c.status).inc()
+                final = (*key, c.status)
+                self.finished[final] += 1
                 if c.started_at is not None:
-                    self.execution.labels(env, task, c.status).observe(c.duration_ms / 1000)
+                    self.execution.observe(final, c.duration_ms / 1000)
+
+    def _runs(self) -> Iterator[Metric]:
+        by_task = ["environment", "task"]
+        yield counter("runplane_runs_triggered", "Runs created, by task.", by_task, self.triggered)
+        yield counter(
+            "runplane_runs_started",
+            "Runs whose first attempt started, by task.",
+            by_task,
+            self.started,
+        )
+        yield counter(
+            "runplane_attempts_started",
+            "Attempts started (retries included), by task.",
+            by_task,
+            self.attempts_started,
+        )
+        yield counter(
+            "runplane_runs_finished",
+            "Runs that reached a final status, by task and status.",
+            [*by_task, "status"],
+            self.finished,
+        )
+        yield self.dispatch_latency.family(
+            "runplane_dispatch_latency_seconds",
+            "Time from QUEUED to assigned to an executor (DEQUEUED), by queue.",
+            ["environment", "queue"],
+        )
+        yield self.execution.family(
+            "runplane_run_execution_seconds",
+            "Execution time of finished runs that started (waits excluded), by task and status.",
+            [*by_task, "status"],
+        )
 
     def _state(self) -> Iterator[Metric]:
         yield from queue_families(self._index)

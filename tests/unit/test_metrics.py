@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from runplane_common.ids import new_id, timestamp_ms
-from runplane_common.metrics import Probes, new_registry
+from runplane_common.metrics import Histograms, Probes, new_registry
 from runplane_executor.metrics import ExecutorMetrics, outcome
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
 from runplane_scheduler.metrics import SchedulerMetrics
@@ -126,6 +126,23 @@ async def test_probes_answer_only_their_paths_and_only_get() -> None:
     assert answer.content_type.startswith("text/plain; version=0.0.4")
     names = {f.name for f in text_string_to_metric_families(answer.body.decode())}
     assert "process_cpu_seconds" in names
+
+
+def test_histograms_count_each_observation_in_its_bucket() -> None:
+    histograms = Histograms([0.1, 1.0])
+    for amount in (0.05, 0.1, 0.5, 7.0):  # a value on a bound counts in that bucket (le)
+        histograms.observe(("emails",), amount)
+    family = histograms.family("runplane_test_seconds", "A test.", ["queue"])
+    samples = {(s.name, s.labels.get("le", "")): s.value for s in family.samples}
+    assert samples == {
+        ("runplane_test_seconds_bucket", "0.1"): 2,
+        ("runplane_test_seconds_bucket", "1.0"): 3,
+        ("runplane_test_seconds_bucket", "+Inf"): 4,
+        ("runplane_test_seconds_count", ""): 4,
+        ("runplane_test_seconds_sum", ""): 7.65,
+    }
+    with pytest.raises(ValueError, match="at least one bucket"):
+        Histograms([])
 
 
 # -- registries ------------------------------------------------------------------------------
