@@ -129,7 +129,10 @@ class Scheduler:
         self.port = await self.server.start(self.settings.listen)
 
     async def not_ready(self) -> str | None:
-        """Why the scheduler cannot serve now (None: it can): its database, then NATS."""
+        """Why the scheduler cannot serve now (None: it can): its gRPC port, its database,
+        then NATS."""
+        if not self.port:
+            return "starting: the gRPC port is not open yet"
         try:
             await self.store.ping()
         except Exception as error:
