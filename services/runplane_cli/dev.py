@@ -438,6 +438,18 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         realtime_url = f"127.0.0.1:{realtime_port}"
         realtime_http_listen = f"127.0.0.1:{free_port()}"
         realtime_http_url = f"{http}://{realtime_http_listen}"
+        # The scheduler's and the executor's HTTP ports (/metrics, /healthz, /readyz; the
+        # scheduler's also completes wait tokens by URL).
+        scheduler_http_listen = f"127.0.0.1:{free_port()}"
+        scheduler_http_url = f"{http}://{scheduler_http_listen}"
+        executor_http_listen = f"127.0.0.1:{free_port()}"
+        executor_http_url = f"{http}://{executor_http_listen}"
+        env.update(
+            RUNPLANE_SCHEDULER_HTTP_LISTEN=scheduler_http_listen,
+            # Also its announced URL: one left in the environment by an earlier dev.env is stale.
+            RUNPLANE_SCHEDULER_HTTP_URL=scheduler_http_url,
+            RUNPLANE_EXECUTOR_HTTP_LISTEN=executor_http_listen,
+        )
         env.update(
             RUNPLANE_REALTIME_HTTP_URL=realtime_http_url,
             RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_listen,
@@ -477,6 +489,8 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "RUNPLANE_API_URL": api_url,
             "RUNPLANE_REALTIME_URL": realtime_url,
             "RUNPLANE_REALTIME_HTTP_URL": realtime_http_url,
+            "RUNPLANE_SCHEDULER_HTTP_URL": scheduler_http_url,
+            "RUNPLANE_EXECUTOR_HTTP_URL": executor_http_url,
             "RUNPLANE_SECRET_KEY": key,
             "RUNPLANE_WORKER_KEY": worker_key,
             **(tls_env(client_tls) if args.tls else {}),
@@ -486,6 +500,11 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "dev",
             f"ready: API {api_url}, realtime {realtime_url} (HTTP {realtime_http_url}); "
             f"settings in {STATE_DIR / 'dev.env'}",
+        )
+        say(
+            "dev",
+            f"metrics and health (/metrics, /healthz, /readyz): scheduler {scheduler_http_url}, "
+            f"executor {executor_http_url}, realtime {realtime_http_url}",
         )
         say(
             "dev",

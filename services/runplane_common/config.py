@@ -232,6 +232,9 @@ class ExecutorSettings:
     # The worker version this executor registers (RUNPLANE_VERSION, --version); empty: a
     # content hash of its task definitions and its task modules' source.
     version: str = ""
+    # The HTTP port of /metrics, /healthz and /readyz (RUNPLANE_EXECUTOR_HTTP_LISTEN,
+    # host:port); empty: a free port on 127.0.0.1, which the executor logs.
+    http_listen: str = ""
 
     @classmethod
     def from_env(
@@ -269,4 +272,5 @@ class ExecutorSettings:
             tls=TlsSettings.from_env(os.environ),
             output_limit=_int("RUNPLANE_LIMIT_OUTPUT_BYTES", d.output_limit),
             version=os.environ.get("RUNPLANE_VERSION", "") if version is None else version,
+            http_listen=os.environ.get("RUNPLANE_EXECUTOR_HTTP_LISTEN", ""),
         )

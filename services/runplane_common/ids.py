@@ -47,3 +47,16 @@ def _encode(prefix: str, ms: int, rand: int) -> str:
 
 def has_prefix(value: str, prefix: str) -> bool:
     return value.startswith(prefix + "_") and len(value) == len(prefix) + 27
+
+
+def timestamp_ms(value: str) -> int:
+    """The millisecond an id made by :func:`new_id` or :func:`random_id` was made at."""
+    digits = value.rsplit("_", 1)[-1]
+    if len(digits) != 26:
+        raise ValueError(f"{value[:60]!r} is not a runplane id (<prefix>_<26 characters>)")
+    # The first 10 digits are 50 bits: two zero bits, then the 48 bits of milliseconds.
+    return int(digits[:10].translate(_TO_RFC4648_ORDER), 32)
+
+
+# Crockford base32 digits to the 0-9a-v digits int(..., 32) reads.
+_TO_RFC4648_ORDER = str.maketrans(_ALPHABET, "0123456789abcdefghijklmnopqrstuv")

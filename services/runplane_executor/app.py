@@ -55,8 +55,10 @@ from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
+from runplane_common.metrics import Probes, ProbeServer, new_registry
 from runplane_common.protocol import WORKER_PROTOCOL_VERSION
 from runplane_executor import waits
+from runplane_executor.metrics import ExecutorMetrics
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 
@@ -273,6 +275,11 @@ class Executor:
         self._task: asyncio.Task[None] | None = None
         self.server = Server(authenticate=self.authenticate_admin, tls=settings.tls)
         self.port = 0
+        # /metrics, /healthz and /readyz on an HTTP port of its own; a registry per instance.
+        self.registry = new_registry()
+        self.metrics = ExecutorMetrics(self.registry, self)
+        self.http = ProbeServer(Probes(self.registry, self.not_ready))
+        self.http_url = ""
 
     async def start(self) -> None:
         provided = await self.pool.start()
@@ -289,6 +296,13 @@ class Executor:
             "runplane.v1.ExecutorService",
         )
         self.port = await self.server.start(self.settings.listen)
+        tls = self.settings.tls
+        http_listen = self.settings.http_listen or "127.0.0.1:0"
+        http_port = await self.http.start(
+            http_listen, tls.server_ssl_context() if tls.serves_tls else None
+        )
+        scheme = "https" if tls.serves_tls else "http"
+        self.http_url = f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
         self._task = asyncio.create_task(self._connect_forever(), name="scheduler-stream")
 
     async def stop(self) -> None:
@@ -296,7 +310,29 @@ class Executor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.server.stop(grace=1.0)
+        await self.http.stop()
         await self.pool.stop()
+
+    # What the metrics read (runplane_executor.metrics.ExecutorState).
+    @property
+    def capacity(self) -> int:
+        return self.settings.capacity
+
+    @property
+    def running_attempts(self) -> int:
+        return self.pool.running
+
+    @property
+    def task_processes(self) -> int:
+        return self.pool.size
+
+    async def not_ready(self) -> str | None:
+        """Why the executor takes no attempts now (None: it is registered)."""
+        if self.connected:
+            return None
+        if self._key_refused:
+            return "the scheduler refuses this executor's key"
+        return f"not registered with the scheduler at {self.settings.api_url}"
 
     def status(self) -> epb.ExecutorStatus:
         return epb.ExecutorStatus(
@@ -367,6 +403,7 @@ class Executor:
             case Started(attempt_id=attempt_id):
                 self.starts.started(attempt_id)
             case Result(attempt_id=attempt_id, result=result):
+                self.metrics.finished(result)
                 message = result_message(attempt_id, result)
                 started_at = self.starts.ended(attempt_id)
                 if started_at is not None:
@@ -390,6 +427,7 @@ class Executor:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
+                self.metrics.stream_failed()
                 if error.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -399,6 +437,7 @@ class Executor:
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
             except Exception:
+                self.metrics.stream_failed()
                 log.exception("scheduler stream failed")
             self.connected = False
             log.info("reconnecting to the scheduler in %.1f s", backoff)
@@ -456,6 +495,7 @@ class Executor:
                         log.info("connected to the scheduler at %s", self.settings.api_url)
                     elif kind == "assignment":
                         a = response.assignment
+                        self.metrics.assigned()
                         self.starts.assigned(a.attempt_id)
                         self.pool.submit(
                             assignment_to_attempt(
@@ -528,6 +568,7 @@ async def _serve(settings: ExecutorSettings) -> None:
     executor = Executor(settings)
     await executor.start()
     log.info("executor status service on 127.0.0.1:%d", executor.port)
+    log.info("executor HTTP (/metrics, /healthz, /readyz) on %s", executor.http_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -5,6 +5,7 @@ share: check the caller's rights with the scheduler, then open a bounded feed of
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -55,6 +56,11 @@ class Realtime:
         self._write_grants: dict[tuple[str, str], tuple[float, str]] = {}
         # The subscriptions' idle checks with the scheduler, kept within a rate.
         self.idle_checks = IdleChecks()
+        # For the metrics, by kind (run, tag, batch, stream): subscribers open now, opened
+        # ever, and cut off (fell behind, token expired).
+        self.subscribers: Counter[str] = Counter()
+        self.opened: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
 
     async def open_run(
         self, credentials: Metadata, run_id: str, after_version: int, keep_open: bool
@@ -82,7 +88,7 @@ class Realtime:
         def resume(last: run_pb2.Run | None) -> dict[str, str]:
             return {"after_version": str(last.version if last is not None else after_version)}
 
-        return self._feed(credentials, runs, _run_size, resume)
+        return self._feed(credentials, runs, _run_size, resume, "run")
 
     def _feed(
         self,
@@ -90,12 +96,23 @@ class Realtime:
         source: AsyncGenerator[T, None],
         size: Callable[[T], int],
         resume: Callable[[T | None], dict[str, str]],
+        kind: str,
     ) -> Feed[T]:
-        """The subscriber's bounded buffer over ``source``, ending when its token expires."""
+        """The subscriber's bounded buffer over ``source``, ending when its token expires;
+        ``kind`` (run, tag, batch, stream) labels its metrics."""
         buffer, expires_at_ms = self.settings.subscriber_buffer, token_expiry_ms(credentials)
         feed = Feed(source, buffer, size, resume, expires_at_ms)
         self.feeds.add(feed)
-        feed.when_stopped(lambda: self.feeds.discard(feed))
+        self.subscribers[kind] += 1
+        self.opened[kind] += 1
+
+        def stopped() -> None:
+            self.feeds.discard(feed)
+            self.subscribers[kind] -= 1
+            if feed.cut_off.is_set():
+                self.dropped[kind] += 1
+
+        feed.when_stopped(stopped)
         return feed
 
     async def open_tag(
@@ -119,6 +136,7 @@ class Realtime:
             after_versions,
             resume_cursor,
             "tag",
+            "tag",
         )
 
     async def open_batch(
@@ -135,7 +153,12 @@ class Realtime:
         # not a subscription that never sends anything.
         await self.scheduler.get_batch(batch_id, credentials)
         return await self._open_set(
-            credentials, RunSet.of_batch(batch_id), after_versions, resume_cursor, "batch_id"
+            credentials,
+            RunSet.of_batch(batch_id),
+            after_versions,
+            resume_cursor,
+            "batch_id",
+            "batch",
         )
 
     async def _open_set(
@@ -145,8 +168,10 @@ class Realtime:
         after_versions: Mapping[str, int],
         resume_cursor: int,
         field: str,
+        kind: str,
     ) -> Feed[tuple[run_pb2.Run, int]]:
-        """``field`` names the request's tag or batch, which the scheduler checks as a filter."""
+        """``field`` names the request's tag or batch, which the scheduler checks as a filter;
+        ``kind`` labels the subscriber's metrics."""
         _check_resume(after_versions, resume_cursor)
         environment_id = await self.scheduler.environment_id(credentials)
         # The authorisation check: a public token must be allowed the tag or batch.
@@ -174,7 +199,7 @@ class Realtime:
             cursor = last[1] if last is not None and last[1] else resume_cursor
             return {"resume_cursor": str(cursor)}
 
-        return self._feed(credentials, subscription.runs(), _set_size, resume)
+        return self._feed(credentials, subscription.runs(), _set_size, resume, kind)
 
     async def open_stream(
         self, credentials: Metadata, run_id: str, sid: str, after_index: int
@@ -199,7 +224,7 @@ class Realtime:
         def resume(last: list[Chunk] | None) -> dict[str, str]:
             return {"after_index": str(last[-1].index if last else after_index)}
 
-        return self._feed(credentials, chunks, _chunk_size, resume)
+        return self._feed(credentials, chunks, _chunk_size, resume, "stream")
 
     async def append(
         self,

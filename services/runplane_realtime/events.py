@@ -48,6 +48,8 @@ class NatsLink:
         self._up = asyncio.Event()
         self._warned = False  # about the current outage, so it is logged once
         self._task: asyncio.Task[None] | None = None
+        # NATS failures (failed connects, lost connections, errors it reported), for metrics.
+        self.errors = 0
 
     def start(self) -> None:
         """Begin connecting; returns at once."""
@@ -97,6 +99,7 @@ class NatsLink:
                     error_cb=self._on_error,
                 )
             except Exception as error:
+                self.errors += 1
                 log.warning("cannot connect to NATS at %s (%s); retrying", self.url, error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -108,6 +111,7 @@ class NatsLink:
             return
 
     async def _on_disconnected(self) -> None:
+        self.errors += 1
         self._up.clear()
         self._outage(f"lost NATS at {self.url}")
 
@@ -119,6 +123,7 @@ class NatsLink:
 
     async def _on_error(self, error: Exception) -> None:
         # Every failed (re)connect attempt lands here: only the first of an outage is a warning.
+        self.errors += 1
         self._outage(f"cannot reach NATS at {self.url} ({error!r})")
 
     def _outage(self, what: str) -> None:

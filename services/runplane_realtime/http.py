@@ -6,6 +6,7 @@
     (both resume from ?resume_cursor= or Last-Event-ID: the changes since, in order)
     GET  /realtime/v1/streams/{run_id}/{stream_id}        SSE: a run stream's chunks
     POST /api/v1/tasks/{task_id}/trigger                  JSON {payload, options} → {id, ...}
+    GET  /metrics, /healthz, /readyz                      see runplane_common.metrics
 
 Authorisation is the gRPC one (the scheduler checks every call): ``Authorization: Bearer <key or
 token>``, or ``?token=`` for EventSource, which cannot set headers. A refusal is an HTTP status
@@ -37,6 +38,7 @@ from google.protobuf import json_format
 from runplane.v1 import run_pb2, run_service_pb2
 from runplane_common import errors
 from runplane_common.grpcserver import as_service_error
+from runplane_common.metrics import Probes
 from runplane_realtime.core import Realtime
 from runplane_realtime.feed import Feed
 from runplane_realtime.scheduler import Metadata
@@ -195,7 +197,13 @@ class HttpServer:
     """aiohttp in the realtime service's event loop. Each request is served inside
     ``tracked()``, so the service's stop ends it as it ends gRPC calls."""
 
-    def __init__(self, realtime: Realtime, tracked: Tracked, keepalive: float = KEEPALIVE) -> None:
+    def __init__(
+        self,
+        realtime: Realtime,
+        tracked: Tracked,
+        keepalive: float = KEEPALIVE,
+        probes: Probes | None = None,
+    ) -> None:
         self.keepalive = keepalive
         self._realtime = realtime
         self._tracked = tracked
@@ -213,6 +221,8 @@ class HttpServer:
                 web.post("/api/v1/tasks/{task_id}/trigger", self._trigger),
             ]
         )
+        if probes is not None:
+            self.app.add_routes(probes.routes())
         self._runner: web.AppRunner | None = None
 
     async def start(self, address: str) -> int:

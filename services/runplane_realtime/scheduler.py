@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate
 
 from runplane.tls import TlsSettings, open_channel
@@ -111,6 +112,7 @@ class Scheduler:
         self._channel = open_channel(api_url, tls or TlsSettings())
         self._runs = run_service_pb2_grpc.RunServiceStub(self._channel)
         self._meta = meta_service_pb2_grpc.MetaServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._lists = NextTrip()
         self._in_flight = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
 
@@ -192,6 +194,17 @@ class Scheduler:
             self._runs.TriggerRun, request, credentials, "task_id"
         )
         return reply
+
+    async def not_serving(self, timeout: float = 1.0) -> str | None:
+        """Why the scheduler cannot be used now (None: it reports SERVING), by its gRPC
+        health service; for the readiness probe."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"the scheduler is unreachable ({error.code().name})"
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            return "the scheduler is not serving"
+        return None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -27,10 +27,12 @@ from runplane.worker import configure_logging, run_async
 from runplane_common import errors, telemetry
 from runplane_common.config import RealtimeSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
+from runplane_common.metrics import Probes, new_registry
 from runplane_realtime.core import Realtime
 from runplane_realtime.events import NatsLink
 from runplane_realtime.feed import Feed
 from runplane_realtime.http import HttpServer
+from runplane_realtime.metrics import RealtimeMetrics
 from runplane_realtime.scheduler import Metadata, Scheduler
 
 log = logging.getLogger("runplane.realtime")
@@ -205,8 +207,17 @@ class RealtimeService:
             self.servicer,
             SERVICE_NAME,
         )
+        # /metrics, /healthz and /readyz on the HTTP port; a registry per instance.
+        self.registry = new_registry()
+        self.metrics = RealtimeMetrics(self.registry, self.realtime)
         self.http = (
-            HttpServer(self.realtime, self.servicer.tracked) if settings.http_listen else None
+            HttpServer(
+                self.realtime,
+                self.servicer.tracked,
+                probes=Probes(self.registry, self.metrics.not_ready),
+            )
+            if settings.http_listen
+            else None
         )
         self.port = 0
         self.http_port = 0

@@ -20,6 +20,7 @@ from runplane.worker import configure_logging, run_async
 from runplane_common import telemetry
 from runplane_common.config import SchedulerSettings, TelemetrySettings
 from runplane_common.grpcserver import Server
+from runplane_common.metrics import Probes, new_registry
 from runplane_scheduler.api.auth import AuthServicer
 from runplane_scheduler.api.meta import MetaServicer
 from runplane_scheduler.api.queues import QueueServicer
@@ -30,6 +31,7 @@ from runplane_scheduler.api.waitpoints import WaitpointServicer
 from runplane_scheduler.api.worker import WorkerServicer
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
+from runplane_scheduler.metrics import SchedulerMetrics
 from runplane_scheduler.relay import Relay
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
 from runplane_scheduler.store import Store
@@ -58,7 +60,13 @@ class Scheduler:
             map_errors=[map_database_error],
         )
         self.port = 0
-        self.http = TokenHttpServer(self.engine.waits)
+        # /metrics, /healthz and /readyz on the token HTTP port; a registry per instance.
+        self.registry = new_registry()
+        self.metrics = SchedulerMetrics(
+            self.registry, self.engine.index, self.relay, self.store.writer
+        )
+        self.store.writer.on_changes = self.metrics.observe
+        self.http = TokenHttpServer(self.engine.waits, Probes(self.registry, self.not_ready))
         self.http_url = ""
 
     async def start(self) -> None:
@@ -120,6 +128,19 @@ class Scheduler:
         )
         self.port = await self.server.start(self.settings.listen)
 
+    async def not_ready(self) -> str | None:
+        """Why the scheduler cannot serve now (None: it can): its gRPC port, its database,
+        then NATS."""
+        if not self.port:
+            return "starting: the gRPC port is not open yet"
+        try:
+            await self.store.ping()
+        except Exception as error:
+            return f"the database is unreachable ({type(error).__name__})"
+        if not self.relay.nats_connected:
+            return f"not connected to NATS at {self.settings.nats_url}"
+        return None
+
     async def stop(self) -> None:
         await self.server.stop(grace=2.0)
         await self.schedules.stop()
@@ -146,6 +167,7 @@ async def _serve() -> None:
         scheduler.port,
         _redact(settings.database_url),
     )
+    log.info("scheduler HTTP (tokens, /metrics, /healthz, /readyz) on %s", scheduler.http_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

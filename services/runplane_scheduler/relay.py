@@ -69,6 +69,28 @@ class Relay:
         self._catching_up = True
         self._drops = 0
         self.connected = asyncio.Event()
+        # The batch being published (for the outbox lag), and errors by what failed.
+        self._in_flight: list[Outgoing] = []
+        self.errors = {"nats_connect": 0, "nats_publish": 0, "database_read": 0}
+
+    @property
+    def nats_connected(self) -> bool:
+        """The relay's NATS connection is up now."""
+        return self._nc is not None and bool(self._nc.is_connected)
+
+    @property
+    def catching_up(self) -> bool:
+        """The relay reads the outbox from the database: more rows may wait there than
+        :meth:`backlog` counts."""
+        return self._catching_up
+
+    def backlog(self) -> tuple[int, str]:
+        """Committed events not yet published that the relay holds (in flight and pending),
+        and the id of the oldest ('' if none)."""
+        count = len(self._in_flight) + len(self._pending)
+        if self._in_flight:
+            return count, self._in_flight[0].event_id
+        return count, self._pending[0].event_id if self._pending else ""
 
     def committed(self, events: list[dict[str, Any]]) -> None:
         """The writer committed these outbox rows (called in commit order)."""
@@ -126,6 +148,7 @@ class Relay:
                 log.info("relay connected to NATS at %s", self._nats_url)
                 return js
             except Exception as error:
+                self.errors["nats_connect"] += 1
                 log.warning("NATS at %s not reachable (%s); retrying", self._nats_url, error)
                 if self._nc is not None:
                     await self._nc.close()
@@ -143,6 +166,7 @@ class Relay:
                 try:
                     rows = await self._next_batch()
                 except Exception as error:  # the database is away while catching up
+                    self.errors["database_read"] += 1
                     log.warning("reading the outbox failed (%s); retrying", error)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -151,6 +175,7 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                     continue
+                self._in_flight = rows
             try:
                 acks = [
                     await js.publish_async(
@@ -169,6 +194,7 @@ class Relay:
                 if failed is not None:
                     raise failed
             except Exception as error:
+                self.errors["nats_publish"] += 1
                 log.warning("publishing %d events failed (%s); retrying", len(rows), error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -178,3 +204,4 @@ class Relay:
             self._after = rows[-1].event_id
             self.published += len(rows)
             rows = []
+            self._in_flight = []

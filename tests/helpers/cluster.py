@@ -109,8 +109,16 @@ class Cluster:
             RUNPLANE_CANCEL_GRACE="1",
             RUNPLANE_RECONCILE_INTERVAL="1",
         )
+        # The HTTP ports of /metrics, /healthz and /readyz (the scheduler's also completes
+        # wait tokens by URL; the realtime one is realtime_http_url).
+        base.update(
+            RUNPLANE_SCHEDULER_HTTP_LISTEN=f"127.0.0.1:{free_port()}",
+            RUNPLANE_EXECUTOR_HTTP_LISTEN=f"127.0.0.1:{free_port()}",
+        )
         base.update(env or {})
         self.env = base
+        self.scheduler_http_url = f"{scheme}://{base['RUNPLANE_SCHEDULER_HTTP_LISTEN']}"
+        self.executor_http_url = f"{scheme}://{base['RUNPLANE_EXECUTOR_HTTP_LISTEN']}"
         py = sys.executable
         modules = [tasks] if isinstance(tasks, str) else list(tasks)
         self.scheduler = ServiceProcess(
@@ -163,7 +171,8 @@ class Cluster:
     ) -> tuple[ServiceProcess, str]:
         """Start another executor process (one task process) of ``tasks`` with extra command
         line ``args``, and wait until it is connected. Returns it and its admin address. It
-        is stopped with the cluster."""
+        is stopped with the cluster; its HTTP port is a free one unless ``env`` names one
+        (RUNPLANE_EXECUTOR_HTTP_LISTEN)."""
         status = f"127.0.0.1:{free_port()}"
         process = ServiceProcess(
             name,
@@ -171,7 +180,12 @@ class Cluster:
                 *(sys.executable, "-m", "runplane_cli", "executor", "--processes", "1"),
                 *("--tasks", tasks, *args),
             ],
-            {**self.executor.env, "RUNPLANE_EXECUTOR_LISTEN": status, **(env or {})},
+            {
+                **self.executor.env,
+                "RUNPLANE_EXECUTOR_LISTEN": status,
+                "RUNPLANE_EXECUTOR_HTTP_LISTEN": "",
+                **(env or {}),
+            },
             self.tmp,
         )
         self.extra.append(process)

@@ -2,6 +2,7 @@
 
 ``POST /api/v1/waitpoints/tokens/{id}/complete?secret=...`` with a JSON body (the data the
 waiting runs receive). The URL's secret authorises the call, so no SDK and no key are needed.
+It also answers ``GET /metrics``, ``/healthz`` and ``/readyz`` (see runplane_common.metrics).
 A minimal HTTP/1.1 server on asyncio streams: one request per connection, no dependency.
 """
 
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from runplane_common.errors import NotFound
+from runplane_common.metrics import Answer, Probes
 from runplane_scheduler.engine.waitpoints import Waitpoints
 
 log = logging.getLogger("runplane.scheduler.http")
@@ -30,8 +32,9 @@ class _BadRequest(ValueError):
 
 
 class TokenHttpServer:
-    def __init__(self, waits: Waitpoints) -> None:
+    def __init__(self, waits: Waitpoints, probes: Probes | None = None) -> None:
         self.waits = waits
+        self.probes = probes
         self._server: asyncio.Server | None = None
 
     async def start(self, listen: str, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -55,7 +58,11 @@ class TokenHttpServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, body = await asyncio.wait_for(self._respond(reader), 30)
+            answer = await asyncio.wait_for(self._respond(reader), 30)
+            if isinstance(answer, Answer):
+                await self._write(writer, answer.status, answer.content_type, answer.body)
+                return
+            status, body = answer
         except _BadRequest as error:
             status, body = 400, {"error": str(error)}
         except asyncio.IncompleteReadError:
@@ -67,17 +74,23 @@ class TokenHttpServer:
         except Exception:
             log.exception("token HTTP request failed")
             status, body = 500, {"error": "internal error"}
-        data = orjson.dumps(body)
+        await self._write(writer, status, "application/json", orjson.dumps(body))
+
+    @staticmethod
+    async def _write(
+        writer: asyncio.StreamWriter, status: int, content_type: str, data: bytes
+    ) -> None:
         reason = {
             200: "OK",
             400: "Bad Request",
             404: "Not Found",
             405: "Method Not Allowed",
             413: "Content Too Large",
+            503: "Service Unavailable",
         }
         head = (
             f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
             "Connection: close\r\n\r\n"
         )
         with contextlib.suppress(ConnectionError):
@@ -85,7 +98,9 @@ class TokenHttpServer:
             await writer.drain()
         writer.close()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
+    async def _respond(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[int, dict[str, object]] | Answer:
         request_line = (await reader.readline()).decode("latin-1").strip()
         parts = request_line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
@@ -105,6 +120,10 @@ class TokenHttpServer:
             return 413, {"error": f"the body must be at most {MAX_BODY} bytes, got {length}"}
         body = await reader.readexactly(length) if length else b""
         url = urlsplit(target)
+        if self.probes is not None:
+            probe = await self.probes.answer(method, url.path)
+            if probe is not None:
+                return probe
         match = PATH.match(url.path)
         if match is None:
             return 404, {"error": "not found"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runplane_common.errors import NotFound
@@ -27,7 +27,9 @@ from runplane_scheduler.store.writer import (
     FIRST_START,
     ONE_MORE_ATTEMPT,
     STARTED_AT_START,
+    ChangeHook,
     CommitHook,
+    RunChange,
     RunRow,
     Tx,
     Via,
@@ -44,6 +46,8 @@ __all__ = [
     "FIRST_START",
     "ONE_MORE_ATTEMPT",
     "STARTED_AT_START",
+    "ChangeHook",
+    "RunChange",
     "RunRow",
     "Store",
     "Tx",
@@ -86,6 +90,11 @@ class Store:
         self.writer = Writer(db, on_commit)
 
     # -- reads ---------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """One trivial read: raises when the database cannot be reached."""
+        async with self.db.connect() as conn:
+            await conn.execute(select(literal(1)))
 
     async def get_run(self, environment_id: str, run_id: str) -> RunRow | None:
         async with self.db.connect() as conn:

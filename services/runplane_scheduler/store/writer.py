@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from google.protobuf.duration_pb2 import Duration
@@ -51,6 +51,27 @@ MAX_BATCH = 512
 MAX_EVENT_BYTES = 512 * 1024
 
 CommitHook = Callable[[list[dict[str, Any]]], None]
+
+
+class RunChange(NamedTuple):
+    """A run's committed event, as the scheduler's metrics see it (see ``metrics.py``)."""
+
+    event_type: str
+    environment_id: str
+    task_id: str
+    queue: str
+    status: str
+    # The statuses the transition was allowed from (empty: a new run's own event).
+    sources: tuple[str, ...]
+    queued_at: int | None
+    started_at: int | None
+    updated_at: int
+    duration_ms: int
+    attempt_count: int
+
+
+# Called after each commit with the run events it committed, in order.
+ChangeHook = Callable[[list[RunChange]], None]
 # Called in the transaction when a run reaches a final status (a parent may wait on it).
 FinalHook = Callable[["Tx", Row[Any]], Awaitable[None]]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
@@ -173,6 +194,7 @@ class _Batch:
 
     conn: WriterConnection
     events: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[RunChange] = field(default_factory=list)
     # Inserts nobody reads back within the batch run as one executemany per table, in order.
     pending: dict[Table, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -201,9 +223,30 @@ class Tx:
         """Insert ``row`` with the rest of the batch (one statement for many operations)."""
         self.batch.pending.setdefault(table, []).append(row)
 
-    def emit(self, event_type: str, row: RunRow | Mapping[str, Any]) -> None:
-        """Queue a RunEvent with the run's snapshot for the outbox (same transaction)."""
+    def emit(
+        self,
+        event_type: str,
+        row: RunRow | Mapping[str, Any],
+        sources: Iterable[Status] = (),
+    ) -> None:
+        """Queue a RunEvent with the run's snapshot for the outbox (same transaction);
+        ``sources``: the statuses the run moved from, for the metrics."""
         m = row if isinstance(row, Mapping) else row._mapping
+        self.batch.changes.append(
+            RunChange(
+                event_type,
+                m["environment_id"],
+                m["task_id"],
+                m["queue"],
+                m["status"],
+                tuple(s.value for s in sources),
+                m.get("queued_at"),
+                m.get("started_at"),
+                m["updated_at"],
+                m.get("duration_ms") or 0,
+                m.get("attempt_count") or 0,
+            )
+        )
         event_id = new_id("evt")
         event = events_pb2.RunEvent(
             event_id=event_id,
@@ -280,8 +323,8 @@ class Tx:
                 then = dict(row._mapping)
                 then.update(status=via.status.value, version=row.version - 1)
                 via.as_then(then)
-                self.emit(via.event_type, then)
-            self.emit(event_type, row)
+                self.emit(via.event_type, then, sources)
+            self.emit(event_type, row, sources if via is None else (via.status,))
             if target in FINAL and self.on_final is not None:
                 await self.on_final(self, row)
         return row
@@ -422,6 +465,9 @@ class Writer:
         self.batches = 0
         self.ops = 0
         self.on_final: FinalHook | None = None
+        self.on_changes: ChangeHook | None = None
+        # Batches the database refused (each is then retried one operation at a time).
+        self.failures = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
@@ -497,6 +543,7 @@ class Writer:
                         future.cancel()
                 raise
             except Exception:
+                self.failures += 1
                 log.exception("batch of %d failed; retrying one by one", len(batch))
                 await self._drop_connection()
                 for item in batch:
@@ -514,8 +561,9 @@ class Writer:
             self._conn = await self._connect()
         conn = self._conn
         published = self._deletions(not batch)
+        changes: list[RunChange] = []
         try:
-            events = await self._transaction(conn, batch, published, outcomes, after)
+            events = await self._transaction(conn, batch, published, outcomes, after, changes)
         except BaseException:
             self._published[:0] = published
             if published:
@@ -537,6 +585,11 @@ class Writer:
                 log.exception("after-commit effect failed")
         if events:
             self._on_commit(events)
+        if changes and self.on_changes is not None:
+            try:
+                self.on_changes(changes)
+            except Exception:
+                log.exception("the run-change hook failed")
 
     async def _transaction(
         self,
@@ -545,12 +598,13 @@ class Writer:
         published: list[str],
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
         after: list[Callable[[], object]],
+        changes: list[RunChange],
     ) -> list[dict[str, Any]]:
         async with conn.begin():
             for start in range(0, len(published), 500):
                 chunk = published[start : start + 500]
                 await conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(chunk)))
-            work = _Batch(conn)
+            work = _Batch(conn, changes=changes)
             events = work.events
             for op, future in batch:
                 if future.done():  # caller gone
