@@ -1,11 +1,11 @@
 """OpenTelemetry setup and W3C trace-context helpers for the services (the shared part is
 :mod:`runplane.telemetry`, which task processes use too).
 
-Export is configured by the standard ``OTEL_*`` variables, read into a
-:class:`~runplane_common.config.TelemetrySettings` by each service's ``main``: with
-``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP/gRPC
-collector; ``OTEL_TRACES_EXPORTER=console`` prints them. Without either, spans are not recorded
-but trace context still propagates.
+Export is configured by the standard ``OTEL_*`` variables (listed in :mod:`runplane.telemetry`),
+read into a :class:`~runplane_common.config.TelemetrySettings` by each service's ``main``: with
+``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``OTEL_TRACES_EXPORTER=otlp``) spans go to an OTLP collector
+over gRPC or HTTP (``OTEL_EXPORTER_OTLP_PROTOCOL``); ``OTEL_TRACES_EXPORTER=console`` prints them.
+Without either, spans are not recorded but trace context still propagates.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = [
 
 def setup(settings: TelemetrySettings) -> None:
     """Install a tracer provider for this process if ``settings`` ask for export (once)."""
-    install(settings.service_name, settings.traces_exporter, settings.otlp_endpoint)
+    install(settings.export())
 
 
 def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> context.Context:
