@@ -5,6 +5,7 @@ when an executor falls silent."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,6 +69,7 @@ class Attempts:
         if not ex.connected:  # gone between pick and commit
             self.lapse(lease)
             return
+        self.queue_span(m, attempt_id, ex)
         with telemetry.tracer().start_as_current_span(
             "dispatch",
             context=telemetry.context_from_traceparent(m["traceparent"]),
@@ -85,6 +87,27 @@ class Attempts:
                 environment_id=ex.environment_id,
             )
         )
+
+    @staticmethod
+    def queue_span(m: Mapping[Any, Any], attempt_id: str, ex: ExecutorState) -> None:
+        """The run's time in its queue, from enqueue (or the delay's or back-off's end: the
+        stored ``queued_at``) to now, in the run's trace; emitted at its end. Span times are
+        wall-clock nanoseconds, whatever clock the engine runs on."""
+        end = time.time_ns()
+        start = min((m["queued_at"] or m["created_at"]) * 1_000_000, end)
+        span = telemetry.tracer().start_span(
+            "queue",
+            context=telemetry.context_from_traceparent(m["traceparent"]),
+            start_time=start,
+            attributes={
+                "runplane.run_id": m["id"],
+                "runplane.queue": m["queue"],
+                "runplane.attempt": m["attempt_count"] + 1,
+                "runplane.attempt_id": attempt_id,
+                "runplane.executor_id": ex.executor_id,
+            },
+        )
+        span.end(end_time=end)
 
     def adopt(self, m: Mapping[Any, Any], now: float) -> None:
         """An active run's attempt found after a restart: its executor has lease_timeout to

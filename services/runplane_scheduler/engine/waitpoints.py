@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+from opentelemetry import context as otel_context
 
+from runplane_common import telemetry
 from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
@@ -186,9 +188,19 @@ class Waitpoints:
         ]
         if not specs:
             raise InvalidArgument("items", "a batch needs at least one item")
-        _, rows, _ = await self.triggering.batch_trigger(
-            env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
+        # The children join the parent's trace under its wait span (this task is the wait's own).
+        token = (
+            otel_context.attach(telemetry.context_from_traceparent(req.traceparent))
+            if req.traceparent
+            else None
         )
+        try:
+            _, rows, _ = await self.triggering.batch_trigger(
+                env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
+            )
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         return [r["id"] for r in rows]
 
     async def _journal(
