@@ -1,4 +1,5 @@
-"""One trace runs from the caller's span through the scheduler to the attempt in the executor."""
+"""One trace runs from the caller's span through the scheduler to the attempt in the executor,
+and on through child runs, retries, queue time, waits and the realtime service."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 
 from runplane import RunStatus
@@ -19,10 +21,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """A tiny OTLP/gRPC receiver: remembers (service, span name, trace id, parent id)."""
+    """A tiny OTLP/gRPC receiver: remembers (service, span name, trace id, parent id), and
+    every span whole with its service."""
 
     def __init__(self) -> None:
         self.spans: list[tuple[str, str, str, str]] = []
+        self.whole: list[tuple[str, Span]] = []
 
     async def Export(self, request: Any, context: Any) -> Any:
         for resource_spans in request.resource_spans:
@@ -39,6 +43,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans.append(
                         (service, span.name, span.trace_id.hex(), span.parent_span_id.hex())
                     )
+                    self.whole.append((service, span))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -94,5 +99,120 @@ async def test_one_trace_spans_trigger_scheduler_and_attempt(
         root_id = format(root.get_span_context().span_id, "016x")
         assert by_name["/runplane.v1.RunService/TriggerRun"] == root_id
         assert by_name["attempt hello-world"] != ""
+    finally:
+        await cluster.stop()
+
+
+def _attributes(span: Span) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in span.attributes:
+        kind = a.value.WhichOneof("value")
+        out[a.key] = getattr(a.value, kind) if kind else None
+    return out
+
+
+async def test_a_parent_its_children_and_a_retry_are_one_tree(
+    tmp_path: Path, nats_server: Any, database_url: str, collector: tuple[Collector, int]
+) -> None:
+    """A parent waits on two children, one of which fails once: every span is in the caller's
+    trace; the children's spans sit under the parent's wait span; the retried child has two
+    attempt spans; every attempt has a queue span with a duration; the realtime subscription
+    the caller opened is a span of its own, under the caller's."""
+    received, port = collector
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    cluster = Cluster(
+        tmp_path, nats_server.url, database_url, tasks="tests.e2e.tracing_tasks", env=otel
+    )
+    await cluster.start()
+    try:
+        tracer = TracerProvider().get_tracer("test")
+        client = cluster.client()
+        with tracer.start_as_current_span("web-request") as root:
+            handle = await client.tasks.trigger("trace-parent", None)
+            seen = [run async for run in client.runs.subscribe_to_run(handle)]
+        assert seen[-1].status is RunStatus.COMPLETED, cluster.logs()
+        trace_id = root.get_span_context().trace_id.to_bytes(16, "big")
+        root_id = root.get_span_context().span_id.to_bytes(8, "big")
+        run = await client.runs.retrieve(handle)
+        parent_id = run.id
+        first_child, retried_child = run.output
+
+        def in_trace() -> dict[bytes, tuple[str, Span]]:
+            return {s.span_id: (svc, s) for svc, s in received.whole if s.trace_id == trace_id}
+
+        def of_run(spans: dict[bytes, tuple[str, Span]], name: str, run_id: str) -> list[Span]:
+            return [
+                s
+                for _, s in spans.values()
+                if s.name == name and _attributes(s).get("runplane.run_id") == run_id
+            ]
+
+        def complete() -> dict[bytes, tuple[str, Span]]:
+            spans = in_trace()
+            assert len(of_run(spans, "attempt flaky", retried_child)) == 2
+            assert len(of_run(spans, "queue", retried_child)) == 2
+            assert of_run(spans, "attempt flaky", first_child)
+            assert of_run(spans, "queue", first_child)
+            assert of_run(spans, "queue", parent_id)
+            assert [s for _, s in spans.values() if s.name == "wait children"]
+            assert of_run(spans, "/runplane.v1.RealtimeService/SubscribeToRun", parent_id)
+            return spans
+
+        spans = await eventually(complete, timeout=30, description="the whole tree exported")
+
+        # One trace id everywhere: no span of these runs is in another trace.
+        runs = {parent_id, first_child, retried_child}
+        strays = [
+            (s.name, _attributes(s).get("runplane.run_id"))
+            for _, s in received.whole
+            if _attributes(s).get("runplane.run_id") in runs and s.trace_id != trace_id
+        ]
+        assert strays == []
+        services = {svc for svc, _ in spans.values()}
+        assert {"runplane-scheduler", "runplane-executor", "runplane-realtime"} <= services
+
+        def ancestors(span: Span) -> list[bytes]:
+            chain = []
+            while span.parent_span_id:
+                chain.append(span.parent_span_id)
+                if span.parent_span_id not in spans:
+                    break
+                span = spans[span.parent_span_id][1]
+            return chain
+
+        [parent_attempt] = of_run(spans, "attempt trace-parent", parent_id)
+        [wait] = [s for _, s in spans.values() if s.name == "wait children"]
+        assert wait.parent_span_id == parent_attempt.span_id
+        assert root_id in ancestors(parent_attempt)
+        # The children's queue and attempt spans sit under the parent's wait span, inside it.
+        for child in (first_child, retried_child):
+            for name in ("queue", "dispatch", "attempt flaky"):
+                for span in of_run(spans, name, child):
+                    assert wait.span_id in ancestors(span), (name, child)
+                    # (a queue span starts at the run's queued_at, stored in milliseconds)
+                    assert wait.start_time_unix_nano <= span.start_time_unix_nano + 1_000_000
+                    assert span.end_time_unix_nano <= wait.end_time_unix_nano
+        # The retried child: two attempts, numbered, the first one failed.
+        attempts = sorted(
+            of_run(spans, "attempt flaky", retried_child),
+            key=lambda s: int(_attributes(s)["runplane.attempt"]),
+        )
+        assert [int(_attributes(s)["runplane.attempt"]) for s in attempts] == [1, 2]
+        assert attempts[0].end_time_unix_nano <= attempts[1].start_time_unix_nano
+        # Queue time is a span with a real duration, one per attempt (the retry's too).
+        queues = [s for _, s in spans.values() if s.name == "queue"]
+        assert len(queues) == 4
+        assert all(s.end_time_unix_nano > s.start_time_unix_nano for s in queues)
+        assert all(s.end_time_unix_nano > s.start_time_unix_nano for s in attempts)
+        # The realtime service's span of the caller's subscription, for the stream's life.
+        [subscription] = of_run(spans, "/runplane.v1.RealtimeService/SubscribeToRun", parent_id)
+        assert spans[subscription.span_id][0] == "runplane-realtime"
+        assert subscription.parent_span_id == root_id
+        assert subscription.end_time_unix_nano >= parent_attempt.end_time_unix_nano
     finally:
         await cluster.stop()
