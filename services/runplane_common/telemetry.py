@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from opentelemetry import context, propagate
+from opentelemetry import context, propagate, trace
 
 from runplane.telemetry import (
     context_from_traceparent,
@@ -27,6 +27,7 @@ __all__ = [
     "context_from_metadata",
     "context_from_traceparent",
     "current_traceparent",
+    "links_to",
     "setup",
     "shutdown",
     "tracer",
@@ -42,3 +43,10 @@ def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) ->
     # Binary (``-bin``) headers carry no trace context, and need not be UTF-8.
     carrier: Mapping[str, str] = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return propagate.extract(carrier)
+
+
+def links_to(traceparent: str, **attributes: str) -> list[trace.Link]:
+    """A span link to the span ``traceparent`` names (none if it names none): for a span that
+    follows from another without being its child (a replay of a run, say)."""
+    span = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
+    return [trace.Link(span, attributes)] if span.is_valid else []

@@ -3,6 +3,7 @@ and on through child runs, retries, queue time, waits and the realtime service."
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -214,5 +215,81 @@ async def test_a_parent_its_children_and_a_retry_are_one_tree(
         assert spans[subscription.span_id][0] == "runplane-realtime"
         assert subscription.parent_span_id == root_id
         assert subscription.end_time_unix_nano >= parent_attempt.end_time_unix_nano
+    finally:
+        await cluster.stop()
+
+
+async def test_a_replay_and_a_scheduled_run_link_rather_than_nest(
+    tmp_path: Path, nats_server: Any, database_url: str, collector: tuple[Collector, int]
+) -> None:
+    """A replay is in the replaying caller's trace with a link to the original run's; each
+    schedule tick's run is a trace of its own, rooted at the tick's span."""
+    received, port = collector
+    otel = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        # The minutely schedule ticks every second.
+        "RUNPLANE_SCHEDULE_CLOCK_SPEED": "60",
+        "RUNPLANE_SCHEDULE_CLOCK_EPOCH_MS": str(time.time_ns() // 1_000_000),
+    }
+    cluster = Cluster(
+        tmp_path,
+        nats_server.url,
+        database_url,
+        tasks=["examples.hello", "examples.scheduled"],
+        env=otel,
+    )
+    await cluster.start()
+    try:
+        tracer = TracerProvider().get_tracer("test")
+        client = cluster.client()
+        with tracer.start_as_current_span("first-request") as first:
+            original = await client.tasks.trigger("hello-world", {"name": "first"})
+        assert (await client.runs.poll(original, timeout=60)).status is RunStatus.COMPLETED
+        with tracer.start_as_current_span("replay-request") as second:
+            replayed = await client.runs.replay(original)
+        assert (await client.runs.poll(replayed, timeout=60)).status is RunStatus.COMPLETED
+        first_trace = first.get_span_context().trace_id.to_bytes(16, "big")
+        second_trace = second.get_span_context().trace_id.to_bytes(16, "big")
+
+        def spans_named(name: str, run_id: str | None = None) -> list[Span]:
+            return [
+                s
+                for _, s in received.whole
+                if s.name == name
+                and (run_id is None or _attributes(s).get("runplane.run_id") == run_id)
+            ]
+
+        def replay_exported() -> tuple[Span, Span]:
+            [replay] = spans_named("replay")
+            [attempt] = spans_named("attempt hello-world", replayed.id)
+            return replay, attempt
+
+        replay, attempt = await eventually(replay_exported, timeout=30)
+        assert replay.trace_id == second_trace
+        assert attempt.trace_id == second_trace
+        assert [link.trace_id for link in replay.links] == [first_trace]
+        assert _attributes(replay)["runplane.replayed_from_run_id"] == original.id
+        [original_attempt] = spans_named("attempt hello-world", original.id)
+        assert original_attempt.trace_id == first_trace
+
+        async def scheduled_run_traced() -> tuple[Span, Span, Span]:
+            runs = [r async for r in client.runs.list(task="minutely-report")]
+            for run in runs:
+                attempts = spans_named("attempt minutely-report", run.id)
+                queues = spans_named("queue", run.id)
+                if attempts and queues:
+                    ticks = [s for _, s in received.whole if s.trace_id == attempts[0].trace_id]
+                    [tick] = [s for s in ticks if s.name.startswith("schedule ")]
+                    return tick, queues[0], attempts[0]
+            raise AssertionError(f"no traced scheduled run yet among {[r.id for r in runs]}")
+
+        tick, queue, scheduled = await eventually(scheduled_run_traced, timeout=60)
+        assert tick.parent_span_id == b""  # a root: the run's own trace
+        assert queue.trace_id == scheduled.trace_id == tick.trace_id
+        assert tick.trace_id not in (first_trace, second_trace)
+        assert _attributes(tick)["runplane.task_id"] == "minutely-report"
     finally:
         await cluster.stop()
