@@ -285,6 +285,9 @@ class HttpServer:
             ),
             kind=trace.SpanKind.SERVER,
             attributes=_span_attributes(request),
+            # A client that goes away cancels the handler: the end of its stream, not an error.
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
             try:
                 async with self._tracked():
@@ -293,6 +296,8 @@ class HttpServer:
                 span.set_attribute("http.response.status_code", refused.status)
                 raise
             except Exception as error:
+                span.record_exception(error)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
                 response = _error_response(as_service_error(error))
                 self._cors(request, response)
             span.set_attribute("http.response.status_code", response.status)

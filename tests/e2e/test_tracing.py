@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
+from opentelemetry import propagate
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
@@ -136,6 +138,13 @@ async def test_a_parent_its_children_and_a_retry_are_one_tree(
         with tracer.start_as_current_span("web-request") as root:
             handle = await client.tasks.trigger("trace-parent", None)
             seen = [run async for run in client.runs.subscribe_to_run(handle)]
+            # The same run over SSE, with the caller's trace context in its headers.
+            headers = {"Authorization": f"Bearer {cluster.keys['dev']}"}
+            propagate.inject(headers)
+            url = f"{cluster.realtime_http_url}/realtime/v1/runs/{handle.id}"
+            async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as sse:
+                assert sse.status == 200
+                assert b"event: end" in await sse.read()
         assert seen[-1].status is RunStatus.COMPLETED, cluster.logs()
         trace_id = root.get_span_context().trace_id.to_bytes(16, "big")
         root_id = root.get_span_context().span_id.to_bytes(8, "big")
@@ -162,6 +171,7 @@ async def test_a_parent_its_children_and_a_retry_are_one_tree(
             assert of_run(spans, "queue", parent_id)
             assert [s for _, s in spans.values() if s.name == "wait children"]
             assert of_run(spans, "/runplane.v1.RealtimeService/SubscribeToRun", parent_id)
+            assert of_run(spans, "GET /realtime/v1/runs/{run_id}", parent_id)
             return spans
 
         spans = await eventually(complete, timeout=30, description="the whole tree exported")
@@ -215,6 +225,10 @@ async def test_a_parent_its_children_and_a_retry_are_one_tree(
         assert spans[subscription.span_id][0] == "runplane-realtime"
         assert subscription.parent_span_id == root_id
         assert subscription.end_time_unix_nano >= parent_attempt.end_time_unix_nano
+        [over_sse] = of_run(spans, "GET /realtime/v1/runs/{run_id}", parent_id)
+        assert spans[over_sse.span_id][0] == "runplane-realtime"
+        assert over_sse.parent_span_id == root_id
+        assert _attributes(over_sse)["http.response.status_code"] == 200
     finally:
         await cluster.stop()
 

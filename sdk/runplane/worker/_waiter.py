@@ -52,13 +52,22 @@ class AttemptWaiter:
                 "runplane.wait.seq": seq,
                 **{f"runplane.wait.{k}": v for k, v in described.items() if k != "type"},
             },
-        ):
+            # Ending in a cancel is the attempt's eviction or cancellation, marked below.
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
             traced = {**request, "traceparent": telemetry.current_traceparent()}
             self._send(Wait(Kind.WAIT, self.attempt_id, seq, traced))
             try:
                 outcome = await future
+            except asyncio.CancelledError:
+                # An evicted attempt's replay gets this wait's result from the journal, under
+                # a wait span of its own.
+                span.set_attribute("runplane.wait.evicted", self.evicted)
+                raise
             finally:
                 self._pending.pop(seq, None)
+            span.set_attribute("runplane.wait.ok", outcome.ok)
         if self._hooks is not None:
             await self._hooks("on_resume", described)
         return outcome
