@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 
+import runplane
 from runplane import RunStatus
 from tests.helpers.cluster import Cluster
 from tests.helpers.wait import eventually
@@ -305,5 +306,88 @@ async def test_a_replay_and_a_scheduled_run_link_rather_than_nest(
         assert queue.trace_id == scheduled.trace_id == tick.trace_id
         assert tick.trace_id not in (first_trace, second_trace)
         assert _attributes(tick)["runplane.task_id"] == "minutely-report"
+    finally:
+        await cluster.stop()
+
+
+async def test_an_evicted_wait_and_the_replay_that_resumes_it_stay_in_the_runs_trace(
+    tmp_path: Path, nats_server: Any, database_url: str, collector: tuple[Collector, int]
+) -> None:
+    """A token wait evicted from memory ends its span marked evicted (not failed); the run's
+    replay after the token completes is a second attempt span in the same trace, behind a queue
+    span that starts when it queued again, not when the run first did."""
+    received, port = collector
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "RUNPLANE_EXECUTOR_MAX_RESIDENT_WAITS": "0",
+        "RUNPLANE_EXECUTOR_EVICT_WAITS_AFTER": "1",
+    }
+    cluster = Cluster(
+        tmp_path, nats_server.url, database_url, tasks="tests.e2e.evict_tasks", env=env
+    )
+    await cluster.start()
+    try:
+        tracer = TracerProvider().get_tracer("test")
+        client = cluster.client()
+        waits = runplane.WaitAPI(client)
+        token = await waits.create_token()
+        with tracer.start_as_current_span("web-request") as root:
+            handle = await client.tasks.trigger(
+                "evict-parent", {"n": 4, "token": token.id, "tag": "traced", "dir": str(tmp_path)}
+            )
+        trace_id = root.get_span_context().trace_id.to_bytes(16, "big")
+
+        def named(name: str) -> list[Span]:
+            return [s for _, s in received.whole if s.trace_id == trace_id and s.name == name]
+
+        def evicted_wait() -> Span:
+            spans = [s for s in named("wait token") if _attributes(s).get("runplane.wait.evicted")]
+            assert len(spans) == 1, [(s.name, _attributes(s)) for _, s in received.whole]
+            return spans[0]
+
+        evicted = await eventually(evicted_wait, timeout=60, description="the evicted wait")
+        await waits.complete_token(token.id, "approved")
+        run = await client.runs.poll(handle, interval=0.1, timeout=60)
+        assert run.status is RunStatus.COMPLETED, cluster.logs()
+
+        def replayed() -> tuple[list[Span], list[Span], list[Span]]:
+            attempts = [
+                s
+                for s in named("attempt evict-parent")
+                if _attributes(s)["runplane.run_id"] == run.id
+            ]
+            queues = [s for s in named("queue") if _attributes(s)["runplane.run_id"] == run.id]
+            token_waits = named("wait token")
+            assert (len(attempts), len(queues), len(token_waits)) == (2, 2, 2)
+            return attempts, queues, token_waits
+
+        attempts, queues, token_waits = await eventually(replayed, timeout=30)
+        assert evicted.status.code != evicted.status.STATUS_CODE_ERROR
+        [resumed] = [s for s in token_waits if s.span_id != evicted.span_id]
+        assert _attributes(resumed)["runplane.wait.ok"] is True
+        first_queue, second_queue = sorted(queues, key=lambda s: s.start_time_unix_nano)
+        # The replay queued when the token completed, after the eviction.
+        assert second_queue.start_time_unix_nano + 1_000_000 >= evicted.end_time_unix_nano
+        assert second_queue.end_time_unix_nano > second_queue.start_time_unix_nano
+        first_attempt, second_attempt = sorted(attempts, key=lambda s: s.start_time_unix_nano)
+        assert first_attempt.end_time_unix_nano <= second_attempt.start_time_unix_nano
+        assert first_queue.end_time_unix_nano <= first_attempt.start_time_unix_nano
+        assert second_queue.end_time_unix_nano <= second_attempt.start_time_unix_nano
+        # The child triggered before the eviction sits under the first execution's wait span.
+        [children_wait, _journaled] = sorted(
+            named("wait children"), key=lambda s: s.start_time_unix_nano
+        )
+        child_attempts = named("attempt evict-child")
+        assert [s.trace_id for s in child_attempts] == [trace_id]
+        child_queue = [
+            s
+            for s in named("queue")
+            if _attributes(s)["runplane.run_id"]
+            == _attributes(child_attempts[0])["runplane.run_id"]
+        ]
+        assert [s.parent_span_id for s in child_queue] == [children_wait.span_id]
     finally:
         await cluster.stop()
