@@ -27,6 +27,7 @@ __all__ = [
     "context_from_metadata",
     "context_from_traceparent",
     "current_traceparent",
+    "link_current_span",
     "links_to",
     "setup",
     "shutdown",
@@ -50,3 +51,11 @@ def links_to(traceparent: str, **attributes: str) -> list[trace.Link]:
     follows from another without being its child (a replay of a run, say)."""
     span = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
     return [trace.Link(span, attributes)] if span.is_valid else []
+
+
+def link_current_span(traceparent: str, **attributes: str) -> None:
+    """Link the current span to the span ``traceparent`` names: a trigger answered with a run
+    that already exists (an idempotency key's, a debounced one) points at that run's trace."""
+    span = trace.get_current_span()
+    for link in links_to(traceparent, **attributes):
+        span.add_link(link.context, link.attributes)

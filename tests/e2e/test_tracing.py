@@ -237,8 +237,9 @@ async def test_a_parent_its_children_and_a_retry_are_one_tree(
 async def test_a_replay_and_a_scheduled_run_link_rather_than_nest(
     tmp_path: Path, nats_server: Any, database_url: str, collector: tuple[Collector, int]
 ) -> None:
-    """A replay is in the replaying caller's trace with a link to the original run's; each
-    schedule tick's run is a trace of its own, rooted at the tick's span."""
+    """A replay is in the replaying caller's trace with a link to the original run's; a trigger
+    answered by an existing run (its idempotency key) links to that run's trace; each schedule
+    tick's run is a trace of its own, rooted at the tick's span."""
     received, port = collector
     otel = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -261,8 +262,15 @@ async def test_a_replay_and_a_scheduled_run_link_rather_than_nest(
         tracer = TracerProvider().get_tracer("test")
         client = cluster.client()
         with tracer.start_as_current_span("first-request") as first:
-            original = await client.tasks.trigger("hello-world", {"name": "first"})
+            original = await client.tasks.trigger(
+                "hello-world", {"name": "first"}, idempotency_key="once"
+            )
         assert (await client.runs.poll(original, timeout=60)).status is RunStatus.COMPLETED
+        with tracer.start_as_current_span("again-request") as again:
+            same = await client.tasks.trigger(
+                "hello-world", {"name": "first"}, idempotency_key="once"
+            )
+        assert same.id == original.id
         with tracer.start_as_current_span("replay-request") as second:
             replayed = await client.runs.replay(original)
         assert (await client.runs.poll(replayed, timeout=60)).status is RunStatus.COMPLETED
@@ -289,6 +297,13 @@ async def test_a_replay_and_a_scheduled_run_link_rather_than_nest(
         assert _attributes(replay)["runplane.replayed_from_run_id"] == original.id
         [original_attempt] = spans_named("attempt hello-world", original.id)
         assert original_attempt.trace_id == first_trace
+        again_trace = again.get_span_context().trace_id.to_bytes(16, "big")
+        [cached] = [
+            s
+            for s in spans_named("/runplane.v1.RunService/TriggerRun")
+            if s.trace_id == again_trace
+        ]
+        assert [link.trace_id for link in cached.links] == [first_trace]
 
         async def scheduled_run_traced() -> tuple[Span, Span, Span]:
             runs = [r async for r in client.runs.list(task="minutely-report")]
