@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runplane.telemetry import TraceExport
 from runplane.tls import TlsSettings
 
 DEFAULT_API_URL = "localhost:7070"
@@ -71,22 +72,49 @@ class Limits:
 @dataclass(frozen=True)
 class TelemetrySettings:
     """Trace export (see :mod:`runplane_common.telemetry`), from the standard ``OTEL_*``
-    variables. The OTLP exporter itself still reads its own ``OTEL_EXPORTER_OTLP_*`` options
-    (insecure, headers, ...), as the OpenTelemetry SDK documents them."""
+    variables (:class:`runplane.telemetry.TraceExport` says what each means; a bad value is a
+    ``ValueError`` naming its variable). The OTLP exporter itself still reads its own
+    ``OTEL_EXPORTER_OTLP_*`` options (insecure, headers, ...), as the OpenTelemetry SDK documents
+    them."""
 
     service_name: str
     # OTEL_TRACES_EXPORTER: "otlp", "console", "none", or "" (otlp if an endpoint is set).
     traces_exporter: str = ""
     # OTEL_EXPORTER_OTLP_ENDPOINT: the collector; set, it turns export on.
     otlp_endpoint: str = ""
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: the full traces URL; wins over otlp_endpoint.
+    otlp_traces_endpoint: str = ""
+    # OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL: "grpc" (the default)
+    # or "http/protobuf".
+    otlp_protocol: str = ""
+    # OTEL_RESOURCE_ATTRIBUTES: "key=value,..." added to every span's resource.
+    resource_attributes: str = ""
+
+    def __post_init__(self) -> None:
+        self.export()  # refuses bad values at once, naming the variable
+
+    def export(self) -> TraceExport:
+        return TraceExport(
+            self.service_name,
+            self.traces_exporter,
+            self.otlp_endpoint,
+            self.otlp_traces_endpoint,
+            self.otlp_protocol,
+            self.resource_attributes,
+        )
 
     @classmethod
     def from_env(cls, service_name: str) -> TelemetrySettings:
-        """``service_name`` unless OTEL_SERVICE_NAME names the service."""
+        """``service_name`` unless OTEL_SERVICE_NAME (or ``service.name`` in
+        OTEL_RESOURCE_ATTRIBUTES) names the service."""
+        e = TraceExport.from_environ(os.environ, service_name)
         return cls(
-            service_name=os.environ.get("OTEL_SERVICE_NAME", service_name),
-            traces_exporter=os.environ.get("OTEL_TRACES_EXPORTER", ""),
-            otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            service_name=e.service_name,
+            traces_exporter=e.traces_exporter,
+            otlp_endpoint=e.otlp_endpoint,
+            otlp_traces_endpoint=e.otlp_traces_endpoint,
+            otlp_protocol=e.otlp_protocol,
+            resource_attributes=e.resource_attributes,
         )
 
 

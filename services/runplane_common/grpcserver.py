@@ -205,9 +205,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             ) -> AsyncIterator[Any]:
                 refused: list[ServiceError] = []
                 watch: asyncio.Task[None] | None = None
+                span: trace.Span | None = None
                 try:
                     request = decode_stream(raw) if streaming else decode(raw)
                     await enter(context)
+                    if not streaming:
+                        # A server-streaming call (a subscription) is one span for the stream's
+                        # life; the servicer adds what it follows as attributes. A bidirectional
+                        # stream is a session (an executor's Connect), not one call: no span,
+                        # or everything it carries would sit under it.
+                        span = telemetry.tracer().start_span(method, kind=trace.SpanKind.SERVER)
+                        otel_context.attach(trace.set_span_in_context(span))
                     serving = asyncio.current_task()
                     if authenticate is not None and serving is not None:
                         key = bearer_token(context.invocation_metadata())
@@ -222,14 +230,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
+                    _failed(span, refused[0])
                     await _abort(context, refused[0])
                 except grpc.aio.AbortError:
                     raise
                 except Exception as error:
+                    _failed(span, error)
                     await _abort(context, as_service_error(error, map_errors))
                 finally:
                     if watch is not None:
                         watch.cancel()
+                    if span is not None:
+                        span.end()
 
             return call
 
@@ -252,6 +264,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _failed(span: trace.Span | None, error: BaseException) -> None:
+    if span is not None:
+        span.record_exception(error)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
 
 
 # Server reflection is served as grpc.reflection.v1 (what grpcurl and `buf curl` try first) and

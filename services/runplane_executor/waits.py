@@ -24,6 +24,7 @@ def wait_request(attempt_id: str, seq: int, request: WaitRequest) -> wpb.WaitReq
         seq=seq,
         idempotency_key=request.get("idempotency_key", ""),
         idempotency_key_ttl_ms=request.get("idempotency_key_ttl_ms", 0),
+        traceparent=request.get("traceparent", ""),
     )
     if "duration_ms" in request:
         out.duration_ms = request["duration_ms"]

@@ -34,9 +34,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
+from opentelemetry import trace
 
 from runplane.v1 import run_pb2, run_service_pb2
-from runplane_common import errors
+from runplane_common import errors, telemetry
 from runplane_common.grpcserver import as_service_error
 from runplane_common.metrics import Probes
 from runplane_realtime.core import Realtime
@@ -193,6 +194,23 @@ def _chunk_event(chunk: Chunk) -> tuple[str, bytes]:
     return str(chunk.index), b'{"index":%d,"data":%s}' % (chunk.index, data)
 
 
+def _route(request: web.Request) -> str:
+    """The route's pattern (``/realtime/v1/runs/{run_id}``): span names stay few."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
+def _span_attributes(request: web.Request) -> dict[str, str]:
+    """The request's method and path, and what it follows (run, batch, stream, tag, task)."""
+    out = {"http.request.method": request.method, "url.path": request.path}
+    for name in ("run_id", "batch_id", "stream_id", "task_id"):
+        if name in request.match_info:
+            out[f"runplane.{name}"] = request.match_info[name]
+    if "tag" in request.query:
+        out["runplane.tag"] = request.query["tag"]
+    return out
+
+
 class HttpServer:
     """aiohttp in the realtime service's event loop. Each request is served inside
     ``tracked()``, so the service's stop ends it as it ends gRPC calls."""
@@ -268,14 +286,31 @@ class HttpServer:
             response.headers["Access-Control-Max-Age"] = "600"
             self._cors(request, response)
             return response
-        try:
-            async with self._tracked():
-                return await handler(request)
-        except web.HTTPException:
-            raise
-        except Exception as error:
-            response = _error_response(as_service_error(error))
-            self._cors(request, response)
+        # One server span per request, in the caller's trace (its traceparent header); an SSE
+        # request's covers the stream's life, with what it follows as attributes.
+        with telemetry.tracer().start_as_current_span(
+            f"{request.method} {_route(request)}",
+            context=telemetry.context_from_metadata(
+                (k.lower(), v) for k, v in request.headers.items()
+            ),
+            kind=trace.SpanKind.SERVER,
+            attributes=_span_attributes(request),
+            # A client that goes away cancels the handler: the end of its stream, not an error.
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                async with self._tracked():
+                    response = await handler(request)
+            except web.HTTPException as refused:
+                span.set_attribute("http.response.status_code", refused.status)
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)))
+                response = _error_response(as_service_error(error))
+                self._cors(request, response)
+            span.set_attribute("http.response.status_code", response.status)
             return response
 
     async def _run(self, request: web.Request) -> web.StreamResponse:

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 
 from runplane.v1 import realtime_service_pb2, realtime_service_pb2_grpc, run_pb2
 from runplane.worker import configure_logging, run_async
@@ -83,6 +84,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     async def SubscribeToRun(
         self, request: realtime_service_pb2.SubscribeToRunRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToRunResponse]:
+        _follows(run_id=request.run_id)
         async with self.tracked():
             runs = await self.realtime.open_run(
                 _credentials(context), request.run_id, request.after_version, request.keep_open
@@ -95,6 +97,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     async def SubscribeToRunsWithTag(
         self, request: realtime_service_pb2.SubscribeToRunsWithTagRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToRunsWithTagResponse]:
+        _follows(tag=request.tag)
         async with self.tracked():
             after = (
                 _timestamp_ms("created_after", request.created_after)
@@ -117,6 +120,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     async def SubscribeToBatch(
         self, request: realtime_service_pb2.SubscribeToBatchRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.SubscribeToBatchResponse]:
+        _follows(batch_id=request.batch_id)
         async with self.tracked():
             runs = await self.realtime.open_batch(
                 _credentials(context),
@@ -133,6 +137,7 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
     async def ReadStream(
         self, request: realtime_service_pb2.ReadStreamRequest, context: Context
     ) -> AsyncIterator[realtime_service_pb2.ReadStreamResponse]:
+        _follows(run_id=request.run_id, stream_id=request.stream_id)
         async with self.tracked():
             chunks = await self.realtime.open_stream(
                 _credentials(context), request.run_id, request.stream_id, request.after_index
@@ -167,6 +172,13 @@ class RealtimeServicer(realtime_service_pb2_grpc.RealtimeServiceServicer):
             list(request.chunk_ids),
         )
         return realtime_service_pb2.AppendStreamResponse(last_index=last)
+
+
+def _follows(**names: str) -> None:
+    """What a subscription follows, on the call's server span (the interceptor opens it)."""
+    span = trace.get_current_span()
+    for name, value in names.items():
+        span.set_attribute(f"runplane.{name}", value)
 
 
 def _timestamp_ms(field: str, value: Timestamp) -> int:

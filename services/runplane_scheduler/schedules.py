@@ -31,9 +31,11 @@ from typing import Any, Protocol, TypeAlias
 import grpc
 import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import context as otel_context
 
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import schedule_service_pb2_grpc
+from runplane_common import telemetry
 from runplane_common.auth import principal
 from runplane_common.config import SchedulerSettings
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -286,7 +288,18 @@ class ScheduleRunner:
             concurrency_key="",
             priority=0,
         )
-        handle, cached = await self.engine.trigger(m["environment_id"], spec)
+        # Each tick's run starts a trace of its own (a new root): nothing that ran before caused
+        # it, and a trace as long as the schedule would never end.
+        with telemetry.tracer().start_as_current_span(
+            f"schedule {schedule_id}",
+            context=otel_context.Context(),
+            attributes={
+                "runplane.schedule_id": schedule_id,
+                "runplane.task_id": m["task_id"],
+                "runplane.schedule_tick": _iso(tick),
+            },
+        ):
+            handle, cached = await self.engine.trigger(m["environment_id"], spec)
         following = _ms(cron.next_after(expression, _dt(now), tz))
 
         async def advance(tx: Tx) -> RunRow | None:

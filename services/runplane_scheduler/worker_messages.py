@@ -182,6 +182,8 @@ class WaitRequest:
     children: ChildRuns | None = None
     idempotency_key: str = ""
     idempotency_key_ttl_ms: int = 0
+    # The wait span's W3C trace context: child runs start under it ('' : the caller's context).
+    traceparent: str = ""
 
 
 # Reports about one attempt: accepted only from the connection holding the attempt.

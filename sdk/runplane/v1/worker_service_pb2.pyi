@@ -644,6 +644,7 @@ class WaitRequest(_message.Message):
     CHILDREN_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_TTL_MS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     attempt_id: _builtins.str
     seq: _builtins.int
     duration_ms: _builtins.int
@@ -658,6 +659,10 @@ class WaitRequest(_message.Message):
     """
     idempotency_key_ttl_ms: _builtins.int
     """0: 30 days."""
+    traceparent: _builtins.str
+    """The W3C trace context of the wait's span in the task process: child runs the wait triggers
+    join that trace under it.
+    """
     @_builtins.property
     def children(self) -> Global___WaitForChildren:
         """Trigger these child runs and wait for all of them to finish."""
@@ -673,10 +678,11 @@ class WaitRequest(_message.Message):
         children: Global___WaitForChildren | None = ...,
         idempotency_key: _builtins.str = ...,
         idempotency_key_ttl_ms: _builtins.int = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "duration_ms", b"duration_ms", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "children", b"children", "duration_ms", b"duration_ms", "idempotency_key", b"idempotency_key", "idempotency_key_ttl_ms", b"idempotency_key_ttl_ms", "seq", b"seq", "token_id", b"token_id", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "children", b"children", "duration_ms", b"duration_ms", "idempotency_key", b"idempotency_key", "idempotency_key_ttl_ms", b"idempotency_key_ttl_ms", "seq", b"seq", "token_id", b"token_id", "traceparent", b"traceparent", "until_ms", b"until_ms", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_wait: _TypeAlias = _typing.Literal["duration_ms", "until_ms", "token_id", "children"]  # noqa: Y015
     _WhichOneofArgType_wait: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015

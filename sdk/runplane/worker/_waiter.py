@@ -4,6 +4,9 @@ Each attempt gets an :class:`AttemptWaiter` in ``ctx.extra``: a wait takes the a
 sequence number, goes to the executor as a :class:`Wait` message and awaits a future that a
 :class:`Resume` message resolves. Sequence numbers follow call order, which is what lets a replay
 of the run find its journaled results.
+
+Each wait is a ``wait <type>`` span under the attempt's, from suspend to resume; its trace context
+goes with the request, so the child runs of ``trigger_and_wait`` sit under it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from runplane import telemetry
 from runplane.worker._messages import Kind, Wait, WaitOutcome, WaitRequest, WaitResult
 
 # Called with (hook name, the wait described for the user): the on_wait/on_resume hooks.
@@ -41,11 +45,29 @@ class AttemptWaiter:
         described = describe(request)
         if self._hooks is not None:
             await self._hooks("on_wait", described)
-        self._send(Wait(Kind.WAIT, self.attempt_id, seq, request))
-        try:
-            outcome = await future
-        finally:
-            self._pending.pop(seq, None)
+        with telemetry.tracer().start_as_current_span(
+            f"wait {described['type']}",
+            attributes={
+                "runplane.attempt_id": self.attempt_id,
+                "runplane.wait.seq": seq,
+                **{f"runplane.wait.{k}": v for k, v in described.items() if k != "type"},
+            },
+            # Ending in a cancel is the attempt's eviction or cancellation, marked below.
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            traced = {**request, "traceparent": telemetry.current_traceparent()}
+            self._send(Wait(Kind.WAIT, self.attempt_id, seq, traced))
+            try:
+                outcome = await future
+            except asyncio.CancelledError:
+                # An evicted attempt's replay gets this wait's result from the journal, under
+                # a wait span of its own.
+                span.set_attribute("runplane.wait.evicted", self.evicted)
+                raise
+            finally:
+                self._pending.pop(seq, None)
+            span.set_attribute("runplane.wait.ok", outcome.ok)
         if self._hooks is not None:
             await self._hooks("on_resume", described)
         return outcome

@@ -246,6 +246,7 @@ def wait_request(req: wpb.WaitRequest, limits: Limits) -> WaitRequest:
         children=children,
         idempotency_key=req.idempotency_key,
         idempotency_key_ttl_ms=req.idempotency_key_ttl_ms,
+        traceparent=req.traceparent,
     )
 
 

@@ -5,6 +5,7 @@ when an executor falls silent."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,15 +60,22 @@ class Attempts:
     # -- leases ----------------------------------------------------------------------------------
 
     def assign(
-        self, m: Mapping[Any, Any], attempt_id: str, key: QueueKey, ex: ExecutorState
+        self,
+        m: Mapping[Any, Any],
+        attempt_id: str,
+        key: QueueKey,
+        ex: ExecutorState,
+        queued_at: int | None = None,
     ) -> None:
-        """Lease the dequeued run's attempt to ``ex`` and send it the assignment."""
+        """Lease the dequeued run's attempt to ``ex`` and send it the assignment. ``queued_at``:
+        when it joined the queue, if not its stored ``queued_at`` (a resumed run's)."""
         run_id = m["id"]
         lease = Lease(attempt_id, run_id, key, ex.executor_id, self.resources.clock.monotonic())
         self.resources.index.lease(lease, ex)
         if not ex.connected:  # gone between pick and commit
             self.lapse(lease)
             return
+        self.queue_span(m, attempt_id, ex, queued_at)
         with telemetry.tracer().start_as_current_span(
             "dispatch",
             context=telemetry.context_from_traceparent(m["traceparent"]),
@@ -85,6 +93,29 @@ class Attempts:
                 environment_id=ex.environment_id,
             )
         )
+
+    @staticmethod
+    def queue_span(
+        m: Mapping[Any, Any], attempt_id: str, ex: ExecutorState, queued_at: int | None
+    ) -> None:
+        """The run's time in its queue, from enqueue (or the delay's or back-off's end: the
+        stored ``queued_at``) to now, in the run's trace; emitted at its end. Span times are
+        wall-clock nanoseconds, whatever clock the engine runs on."""
+        end = time.time_ns()
+        start = min((queued_at or m["queued_at"] or m["created_at"]) * 1_000_000, end)
+        span = telemetry.tracer().start_span(
+            "queue",
+            context=telemetry.context_from_traceparent(m["traceparent"]),
+            start_time=start,
+            attributes={
+                "runplane.run_id": m["id"],
+                "runplane.queue": m["queue"],
+                "runplane.attempt": m["attempt_count"] + 1,
+                "runplane.attempt_id": attempt_id,
+                "runplane.executor_id": ex.executor_id,
+            },
+        )
+        span.end(end_time=end)
 
     def adopt(self, m: Mapping[Any, Any], now: float) -> None:
         """An active run's attempt found after a restart: its executor has lease_timeout to

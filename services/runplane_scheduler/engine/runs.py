@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from runplane_common import telemetry
 from runplane_common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from runplane_common.ids import new_id
 from runplane_core.metadata import Operation, apply_operations
@@ -137,7 +138,14 @@ class Runs:
             machine=m["machine"],
             replayed_from_run_id=run_id,
         )
-        row, _ = await self.triggering.trigger(environment_id, spec)
+        # The replay is the replaying caller's, in its trace; the original run's trace is a
+        # link, not a parent (the original did not cause it).
+        with telemetry.tracer().start_as_current_span(
+            "replay",
+            links=telemetry.links_to(m["traceparent"], **{"runplane.replayed_from_run_id": run_id}),
+            attributes={"runplane.replayed_from_run_id": run_id},
+        ):
+            row, _ = await self.triggering.trigger(environment_id, spec)
         return row
 
     async def migrate(

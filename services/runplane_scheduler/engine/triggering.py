@@ -133,6 +133,10 @@ class Triggering:
                 self.resources.dispatch_wake.set()
             else:
                 self.attempts.assign(row, attempt_id, key, ex)
+        if cached:
+            telemetry.link_current_span(
+                row.get("traceparent") or "", **{"runplane.run_id": row["id"]}
+            )
         return row, cached
 
     async def batch_trigger(
@@ -194,7 +198,13 @@ class Triggering:
                 cached.append(False)
             return batch_id, rows, cached
 
-        return await self.resources.store.writer.run(op)
+        made = await self.resources.store.writer.run(op)
+        for row, cached in zip(made[1], made[2], strict=True):
+            if cached:
+                telemetry.link_current_span(
+                    row.get("traceparent") or "", **{"runplane.run_id": row["id"]}
+                )
+        return made
 
     @staticmethod
     async def existing_batch(

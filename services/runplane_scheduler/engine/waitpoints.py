@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+from opentelemetry import context as otel_context
 
+from runplane_common import telemetry
 from runplane_common.errors import InvalidArgument, NotFound, ServiceError
 from runplane_common.ids import new_id, random_id
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
@@ -93,6 +95,9 @@ class Waitpoints:
         self.suspended: dict[str, Suspended] = {}  # run id -> its suspended attempt
         self.by_attempt: dict[str, str] = {}  # suspended attempt id -> run id
         self.resuming: set[str] = set()  # WAITING runs queued for a slot to resume
+        # When each of them was queued (ms): a replay's queue span starts there, not at the
+        # run's queued_at, which keeps its first place in the queue.
+        self.resume_queued_at: dict[str, int] = {}
         # Runs ready to resume whose version no connected executor runs: PENDING_VERSION (with
         # parked_from WAITING) until one registers, by (environment id, task id, version).
         self.parked: dict[tuple[str, str, str], list[str]] = {}
@@ -186,9 +191,19 @@ class Waitpoints:
         ]
         if not specs:
             raise InvalidArgument("items", "a batch needs at least one item")
-        _, rows, _ = await self.triggering.batch_trigger(
-            env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
+        # The children join the parent's trace under its wait span (this task is the wait's own).
+        token = (
+            otel_context.attach(telemetry.context_from_traceparent(req.traceparent))
+            if req.traceparent
+            else None
         )
+        try:
+            _, rows, _ = await self.triggering.batch_trigger(
+                env, specs, idempotency_key=f"wait/{run_id}/{attempt}/{req.seq}"
+            )
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         return [r["id"] for r in rows]
 
     async def _journal(
@@ -417,6 +432,7 @@ class Waitpoints:
         if held is not None:
             self.by_attempt.pop(held.attempt_id, None)
         self.resuming.discard(run_id)
+        self.resume_queued_at.pop(run_id, None)
         return held
 
     def cancelled(self, run_id: str) -> bool:
@@ -444,6 +460,7 @@ class Waitpoints:
             self.resources.background.spawn(self._park(m["id"], (env, task_id, version)))
             return
         self.resuming.add(m["id"])
+        self.resume_queued_at[m["id"]] = self.resources.clock.now_ms()
         self.resources.index.removed.discard(m["id"])
         self.resources.enqueue(m, m["queued_at"] or m["created_at"])
 
@@ -524,6 +541,7 @@ class Waitpoints:
         """The WAITING run has a slot (reserved on ``ex``): resume its suspended attempt on the
         executor holding it, or replay it in a fresh attempt on ``ex``."""
         self.resuming.discard(run_id)
+        queued_at = self.resume_queued_at.pop(run_id, None)
         held = self.suspended.get(run_id)
         holder = self.resources.index.executors.get(held.executor_id) if held else None
         if (
@@ -535,7 +553,7 @@ class Waitpoints:
             await self._resume_held(run_id, held, holder, key, ex)
         else:
             self.forget(run_id)
-            await self._replay(run_id, held, key, ex)
+            await self._replay(run_id, held, key, ex, queued_at)
 
     async def _resume_held(
         self, run_id: str, held: Suspended, holder: ExecutorState, key: QueueKey, ex: ExecutorState
@@ -576,7 +594,12 @@ class Waitpoints:
         self._send_resume(holder, held.attempt_id, results)
 
     async def _replay(
-        self, run_id: str, held: Suspended | None, key: QueueKey, ex: ExecutorState
+        self,
+        run_id: str,
+        held: Suspended | None,
+        key: QueueKey,
+        ex: ExecutorState,
+        queued_at: int | None = None,
     ) -> None:
         """A fresh attempt that runs the task from the top; its waits find the journal. It
         takes the lost attempt's number: a replay is not a retry."""
@@ -605,7 +628,7 @@ class Waitpoints:
         row = await self._run_or_unreserve(op, run_id, key, ex)
         if row is not None:
             log.info("run %s resumes by replay on executor %s", run_id, ex.executor_id)
-            self.attempts.assign(dict(row._mapping), attempt_id, key, ex)
+            self.attempts.assign(dict(row._mapping), attempt_id, key, ex, queued_at)
 
     async def _run_or_unreserve(
         self, op: Any, run_id: str, key: QueueKey, ex: ExecutorState
