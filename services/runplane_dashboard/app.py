@@ -94,7 +94,7 @@ def _login_response(
         status=status,
     )
     response.set_cookie(
-        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict", path="/login", max_age=3600
+        LOGIN_CSRF_COOKIE, token, httponly=True, samesite="Strict", path="/", max_age=3600
     )
     return response
 
@@ -140,7 +140,7 @@ class Dashboard:
                 web.get("/batches/{batch_id}", self._batch),
                 web.get("/batches/{batch_id}/events", self._batch_events),
                 web.get("/queues", self._queues),
-                web.post("/queues/{queue}/{action}", self._queue_action),
+                web.post("/queues/{queue_id}/{action}", self._queue_action),
                 web.get("/schedules", self._schedules),
                 web.post("/schedules/{schedule_id}/{action}", self._schedule_action),
                 web.get("/waitpoints", self._waitpoints),
@@ -284,7 +284,7 @@ class Dashboard:
             path="/",
             secure=self.settings.tls.serves_tls,
         )
-        response.del_cookie(LOGIN_CSRF_COOKIE, path="/login")
+        response.del_cookie(LOGIN_CSRF_COOKIE, path="/")
         raise response
 
     async def log_in(self, key: str) -> Session:
@@ -527,7 +527,7 @@ class Dashboard:
 
     async def _queue_action(self, request: web.Request) -> web.StreamResponse:
         session = request[SESSION_KEY]
-        name, action = request.match_info["queue"], request.match_info["action"]
+        name, action = request.match_info["queue_id"], request.match_info["action"]
         api = session.client.queues
         try:
             if action == "pause":

@@ -314,19 +314,19 @@ def queues_page(queues: Sequence[QueueInfo], csrf: str, message: str = "", error
     rows = []
     for q in queues:
         toggle = (
-            button_form(f"/queues/{q.name}/resume", "Resume", csrf)
+            button_form(f"/queues/{q.id}/resume", "Resume", csrf)
             if q.paused
-            else button_form(f"/queues/{q.name}/pause", "Pause", csrf)
+            else button_form(f"/queues/{q.id}/pause", "Pause", csrf)
         )
         field = f"limit-{q.id}"
         override = (
-            f'<form method="post" action={attr(f"/queues/{q.name}/limit")} class="inline">'
+            f'<form method="post" action={attr(f"/queues/{q.id}/limit")} class="inline">'
             f"{csrf_field(csrf)}<label for={attr(field)}>Limit for {esc(q.name)}</label>"
             f'<input id={attr(field)} name="limit" type="number" min="0" step="1" required '
             f'value="{q.concurrency_limit or ""}"><button type="submit">Override</button></form>'
         )
         reset = (
-            button_form(f"/queues/{q.name}/reset-limit", "Reset limit", csrf)
+            button_form(f"/queues/{q.id}/reset-limit", "Reset limit", csrf)
             if q.override_concurrency_limit is not None
             else ""
         )
