@@ -55,8 +55,9 @@ button.danger { color: var(--bad); border-color: #ffcecb; }
 .notice { padding: .5rem .7rem; border-radius: .3rem; }
 .notice.error { background: #ffebe9; color: var(--bad); }
 .notice.info { background: #ddf4ff; }
-dl.details { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem;
-  margin: .8rem 0; }
+dl.details { display: grid; grid-template-columns: repeat(3, max-content minmax(8rem, 1fr));
+  gap: .2rem 1rem; margin: .8rem 0; }
+@media (max-width: 900px) { dl.details { grid-template-columns: max-content 1fr; } }
 dl.details dt { color: var(--muted); }
 dl.details dd { margin: 0; }
 .actions { display: flex; flex-wrap: wrap; gap: .4rem; margin: .4rem 0; }

@@ -251,9 +251,11 @@ def run_live(timeline: RunTimeline, csrf: str, message: str = "") -> str:
     return (
         (notice(message, "info") if message else "")
         + f'<div class="actions" role="group" aria-label="Run actions">{"".join(actions)}</div>'
-        + details
         + '<section aria-labelledby="h-waterfall"><h2 id="h-waterfall">Waterfall</h2>'
         + waterfall.render(timeline)
+        + "</section>"
+        + '<section aria-labelledby="h-details"><h2 id="h-details">Details</h2>'
+        + details
         + "</section>"
         + error
         + '<section aria-labelledby="h-io"><h2 id="h-io">Payload, output and metadata</h2>'

@@ -175,6 +175,77 @@ async def test_log_in_watch_runs_live_read_the_waterfall_cancel_and_pause(
     await client.close()
 
 
+async def test_batch_token_schedule_and_version_pages(
+    cluster: Cluster, dashboard: str, browser: Browser
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    client = cluster.client()
+    waits = runplane.WaitAPI(client)
+    batch = await client.tasks.batch_trigger(
+        "dash-sleepy", [{"payload": {"seconds": 0.1}}, {"payload": {"seconds": 0.2}}]
+    )
+    token = await waits.create_token(timeout="10m", tags=["by-hand"])
+    schedule = await client.schedules.create(task="dash-sleepy", cron="0 * * * *")
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(UI_TIMEOUT)
+    page = await context.new_page()
+    await _log_in(page, dashboard, cluster.keys["dev"])
+
+    # A batch's runs, followed until they complete.
+    await page.get_by_role("link", name="Batches").click()
+    await page.get_by_label("Batch id").fill(batch.batch_id)
+    await page.get_by_role("button", name="Open").click()
+    await expect(page.get_by_role("heading", name=f"Batch {batch.batch_id}")).to_be_visible()
+    for handle in batch.runs:
+        await expect(_status(page, handle.id)).to_have_attribute(
+            "data-status", "COMPLETED", timeout=30_000
+        )
+
+    # A wait token completed by hand: bad JSON is refused, good JSON completes it.
+    await page.get_by_role("link", name="Wait tokens").click()
+    data = page.get_by_label(f"JSON data for {token.id}")
+    await data.fill("{not json")
+    await page.locator(f'tr[data-token="{token.id}"]').get_by_role("button").click()
+    await expect(page.get_by_role("alert")).to_contain_text("is not JSON")
+    assert (await waits.retrieve_token(token.id)).status == "WAITING"
+    await page.get_by_label(f"JSON data for {token.id}").fill('{"approved": "by hand"}')
+    await page.locator(f'tr[data-token="{token.id}"]').get_by_role("button").click()
+    await expect(page.get_by_role("status")).to_contain_text(f"Token {token.id} is COMPLETED")
+    done = await waits.retrieve_token(token.id)
+    assert done.status == "COMPLETED" and done.output == {"approved": "by hand"}
+
+    # A schedule: its next tick, deactivated and activated again.
+    await page.get_by_role("link", name="Schedules").click()
+    row = page.locator(f'tr[data-schedule="{schedule.id}"]')
+    await expect(row.locator("time").first).to_be_attached()
+    await row.get_by_role("button", name="Deactivate").click()
+    await expect(page.get_by_role("status")).to_contain_text("inactive")
+    assert not (await client.schedules.retrieve(schedule.id)).active
+    await (
+        page.locator(f'tr[data-schedule="{schedule.id}"]')
+        .get_by_role("button", name="Activate")
+        .click()
+    )
+    await expect(page.get_by_role("status")).to_contain_text(f"Schedule {schedule.id} is active")
+    assert (await client.schedules.retrieve(schedule.id)).active
+
+    # Versions: the executor's version is current and holds the runs locked to it; rolling
+    # back with nothing to roll back to is refused, saying why.
+    [version] = await client.versions.list()
+    await page.get_by_role("link", name="Versions").click()
+    row = page.locator(f'tr[data-version="{version.version}"]')
+    await expect(row).to_contain_text("current")
+    await row.get_by_role("link", name=re.compile("runs held")).click()
+    await expect(page.get_by_label("Version")).to_have_value(version.version)
+    await expect(_status(page, batch.runs[0].id)).to_be_visible()
+    await page.get_by_role("link", name="Versions").click()
+    await page.get_by_role("button", name="Roll back the latest promotion").click()
+    await expect(page.get_by_role("alert")).to_be_visible()
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-versions.png"), full_page=True)
+    await context.close()
+    await client.close()
+
+
 def _every_route(run_id: str) -> list[tuple[str, str]]:
     """(method, path) of every route of the dashboard, with real ids in them."""
     app = Dashboard(DashboardSettings()).app
