@@ -300,7 +300,8 @@ def _attempt_error(text: str | None) -> run_pb2.RunError | None:
 def queue_intervals(run: RunRow, attempts: Sequence[RunRow]) -> list[rpb.TimelineInterval]:
     """When the run waited for an attempt: DELAYED from its creation to its delay's end, then
     QUEUED until its first attempt was dequeued, and between each attempt's end and the next
-    one's dequeue (a retry's delay and its time in the queue)."""
+    one's dequeue (a retry's delay and its time in the queue). The last one is open (no end)
+    while the run is still delayed or queued."""
     intervals: list[rpb.TimelineInterval] = []
     queued_from = run.queued_at or run.created_at
     if run.delay_until is not None and run.queued_at is not None and run.queued_at > run.created_at:
@@ -323,6 +324,8 @@ def queue_intervals(run: RunRow, attempts: Sequence[RunRow]) -> list[rpb.Timelin
         queued_from = attempt.finished_at
     if queued_from is not None and run.status in _QUEUED_NOW:
         intervals.append(rpb.TimelineInterval(kind="QUEUED", started_at=timestamp(queued_from)))
+    elif run.status == Status.DELAYED.value and not attempts:
+        intervals.append(rpb.TimelineInterval(kind="DELAYED", started_at=timestamp(run.created_at)))
     return intervals
 
 
