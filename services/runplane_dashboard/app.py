@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -129,6 +129,7 @@ class Dashboard:
                 web.get("/api/session", self._session_info),
                 web.get("/runs", self._runs),
                 web.get("/runs/events", self._runs_events),
+                web.get("/runs/table", self._runs_table),
                 web.get("/runs/{run_id}", self._run),
                 web.get("/runs/{run_id}/live", self._run_live),
                 web.get("/runs/{run_id}/events", self._run_events),
@@ -353,30 +354,50 @@ class Dashboard:
     # -- runs ------------------------------------------------------------------------------------
 
     async def _runs(self, request: web.Request) -> web.StreamResponse:
+        filters, page_token, runs, next_token, error = await self._runs_listing(request)
+        body = pages.runs_page(runs, filters, next_token, page_token, error)
+        return self._page(request, "Runs", body, 400 if error else 200, current="/runs")
+
+    async def _runs_table(self, request: web.Request) -> web.StreamResponse:
+        """The runs table alone (a list page fetches it when new runs appear)."""
+        filters, page_token, runs, _, error = await self._runs_listing(request)
+        live = pages.live_runs_url(runs, filters, not page_token and not error)
+        return web.Response(
+            text=pages.runs_table(runs, live_url=live),
+            content_type="text/html",
+            status=400 if error else 200,
+        )
+
+    async def _runs_listing(
+        self, request: web.Request
+    ) -> tuple[dict[str, str], str, list[Run], str | None, str]:
+        """The filters, page token, runs and next page token of a list request, or the
+        error that names a bad filter."""
         session = request[SESSION_KEY]
         filters = {k: request.query.get(k, "").strip() for k in pages.RUN_FILTERS}
         page_token = request.query.get("page_token", "")
-        runs: list[Run] = []
-        next_token: str | None = None
-        error = ""
-        status = 200
         try:
-            options = _run_filters(filters)
             result = await session.client.runs.page(
-                **options, page_size=25, page_token=page_token or None
+                **_run_filters(filters), page_size=25, page_token=page_token or None
             )
-            runs, next_token = result.runs, result.next_page_token
         except (ValueError, InvalidArgumentError) as problem:
-            error = str(problem)
-            status = 400
-        body = pages.runs_page(runs, filters, next_token, page_token, error)
-        return self._page(request, "Runs", body, status, current="/runs")
+            return filters, page_token, [], None, str(problem)
+        return filters, page_token, result.runs, result.next_page_token, ""
 
     async def _runs_events(self, request: web.Request) -> web.StreamResponse:
         session = request[SESSION_KEY]
         ids = [i for i in request.query.get("ids", "").split(",") if i][:100]
         urls = [feeds.run_feed_url(session.realtime_http_url, i) for i in ids]
-        return await feeds.relay(request, self.http, urls, session.secret_key)
+        extra = []
+        newest = request.query.get("newest", "")
+        if newest:
+            filters = {k: request.query.get(k, "").strip() for k in pages.RUN_FILTERS}
+            try:
+                options = _run_filters(filters)
+            except ValueError as error:
+                raise web.HTTPBadRequest(text=str(error)) from None
+            extra.append(_new_runs(session.client, options, newest))
+        return await feeds.relay(request, self.http, urls, session.secret_key, extra=extra)
 
     async def _run(self, request: web.Request) -> web.StreamResponse:
         session = request[SESSION_KEY]
@@ -648,6 +669,26 @@ class Dashboard:
             raise web.HTTPSeeOther(query("/versions", {"error": str(error)})) from None
         message = f"Rolled back: version {v.version} is current again."
         raise web.HTTPSeeOther(query("/versions", {"message": message}))
+
+
+# How often a list's first page asks whether a run appeared (no feed covers an environment).
+NEW_RUNS_INTERVAL = 2.0
+
+
+async def _new_runs(
+    client: Client, options: dict[str, Any], newest: str, interval: float = NEW_RUNS_INTERVAL
+) -> AsyncIterator[feeds.Event]:
+    """A ``new`` event each time the newest run matching ``options`` is another one."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            page = await client.runs.page(**options, page_size=1)
+        except ApiError as error:
+            yield feeds.error_event(error.code.name, error.message)
+            return
+        if page.runs and page.runs[0].id != newest:
+            newest = page.runs[0].id
+            yield feeds.Event("new", orjson.dumps({"id": newest}).decode())
 
 
 def _run_filters(filters: dict[str, str]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 The script is progressive: every page works without it (reload to see changes). With it, a
 list of runs follows the runs that may still change over the dashboard's SSE relay of the
-realtime feeds, and a run's page reloads its live part when the run changes (and every two
-seconds while it runs, for log lines, waits and child runs, which do not change the run).
+realtime feeds (and a first page shows new runs as they come); a run's page reloads its live
+part when the run changes, and every two seconds while it runs, for log lines, waits and child
+runs, which do not change the run.
 """
 
 CSS = """
@@ -130,25 +131,52 @@ JS = r"""
     return span;
   }
 
-  function followList(table) {
-    follow(table.dataset.live, function (run) {
-      var rows = table.querySelectorAll("tr[data-run-id]");
-      for (var i = 0; i < rows.length; i++) {
-        var row = rows[i];
-        if (row.dataset.runId !== run.id) { continue; }
-        var status = statusName(run.status);
-        var cell = row.querySelector(".status");
-        if (cell) {
-          cell.dataset.status = status;
-          cell.replaceChildren(badge(status));
-        }
-        var attempts = row.querySelector(".attempts");
-        if (attempts) { attempts.textContent = String(run.attempt_count || 0); }
-        var took = row.querySelector(".duration");
-        if (took && run.duration_ms) { took.textContent = duration(Number(run.duration_ms)); }
-        row.dataset.final = FINAL.indexOf(status) >= 0 ? "true" : "false";
+  function updateRow(table, run) {
+    var rows = table.querySelectorAll("tr[data-run-id]");
+    for (var i = 0; i < rows.length; i++) {
+      var row = rows[i];
+      if (row.dataset.runId !== run.id) { continue; }
+      var status = statusName(run.status);
+      var cell = row.querySelector(".status");
+      if (cell) {
+        cell.dataset.status = status;
+        cell.replaceChildren(badge(status));
       }
-    });
+      var attempts = row.querySelector(".attempts");
+      if (attempts) { attempts.textContent = String(run.attempt_count || 0); }
+      var took = row.querySelector(".duration");
+      if (took && run.duration_ms) { took.textContent = duration(Number(run.duration_ms)); }
+      row.dataset.final = FINAL.indexOf(status) >= 0 ? "true" : "false";
+    }
+  }
+
+  // A list of runs: the runs on it follow their feeds; on a first page, a new run fetches the
+  // table again (with the new run in it) and follows that table's runs instead.
+  function followList(table) {
+    var source = null;
+    function start(current) {
+      source = follow(current.dataset.live, function (run) { updateRow(current, run); });
+      source.addEventListener("new", function () {
+        source.close();
+        fetch("/runs/table" + window.location.search,
+              { credentials: "same-origin", headers: { Accept: "text/html" } })
+          .then(function (response) {
+            if (response.status === 401) { window.location.reload(); return null; }
+            return response.ok ? response.text() : null;
+          })
+          .then(function (text) {
+            if (!text) { return; }
+            var holder = document.createElement("div");
+            holder.innerHTML = text;
+            var fresh = holder.querySelector("#runs");
+            if (!fresh) { return; }
+            current.replaceWith(fresh);
+            if (fresh.dataset.live) { start(fresh); }
+          })
+          .catch(function () { start(current); });
+      });
+    }
+    start(table);
   }
 
   function followRun(live) {

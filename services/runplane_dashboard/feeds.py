@@ -5,7 +5,9 @@ session cookie), and the dashboard follows the realtime service's feed with the 
 (``Authorization: Bearer``) and passes its events on. A list page follows many runs at once
 over one connection: their feeds are merged into one stream. Events are the realtime service's
 own: ``run`` (the run's JSON), ``error`` and ``end`` (the stream is over: the page stops
-listening instead of reconnecting).
+listening instead of reconnecting); and ``new`` when a list's first page has a run it did not
+show (found by asking for the newest run every two seconds: no feed covers a whole
+environment), so the page fetches its table again.
 """
 
 from __future__ import annotations
@@ -107,10 +109,11 @@ async def relay(
     urls: Sequence[str],
     key: str,
     keepalive: float = KEEPALIVE,
+    extra: Sequence[AsyncIterator[Event]] = (),
 ) -> web.StreamResponse:
-    """One SSE response carrying the events of every feed in ``urls`` (in order per feed); it
-    ends with ``end`` once each feed has ended. With one feed, the browser's Last-Event-ID
-    resumes it."""
+    """One SSE response carrying the events of every feed in ``urls`` (in order per feed) and
+    of the ``extra`` sources; it ends with ``end`` once each has ended. With one feed, the
+    browser's Last-Event-ID resumes it."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -131,7 +134,15 @@ async def relay(
         finally:
             await events.put(None)
 
+    async def pump_extra(source: AsyncIterator[Event]) -> None:
+        try:
+            async for event in source:
+                await events.put(event)
+        finally:
+            await events.put(None)
+
     pumps = [asyncio.create_task(pump(url)) for url in urls]
+    pumps += [asyncio.create_task(pump_extra(source)) for source in extra]
     try:
         open_feeds = len(pumps)
         while open_feeds:

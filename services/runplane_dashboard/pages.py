@@ -85,9 +85,16 @@ def runs_table(runs: Sequence[Run], caption: str = "Runs", live_url: str = "") -
     )
 
 
-def live_runs_url(runs: Sequence[Run]) -> str:
-    """The feed of the runs on a page that may still change; empty when none can."""
+def live_runs_url(
+    runs: Sequence[Run], filters: Mapping[str, str] | None = None, first_page: bool = False
+) -> str:
+    """The feed of the runs on a page that may still change, and on a first page (with its
+    ``filters``) of the runs that appear; empty when nothing can change."""
     ids = [r.id for r in runs if not r.is_completed]
+    if first_page:
+        params = {k: (filters or {}).get(k) for k in RUN_FILTERS}
+        newest = runs[0].id if runs else "none"
+        return query("/runs/events", {"ids": ",".join(ids), "newest": newest, **params})
     return query("/runs/events", {"ids": ",".join(ids)}) if ids else ""
 
 
@@ -135,7 +142,7 @@ def runs_page(
         "<h1>Runs</h1>"
         + form
         + (notice(error) if error else "")
-        + runs_table(runs, live_url=live_runs_url(runs))
+        + runs_table(runs, live_url=live_runs_url(runs, filters, not page_token and not error))
         + nav
     )
 

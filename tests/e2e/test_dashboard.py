@@ -128,6 +128,14 @@ async def test_log_in_watch_runs_live_read_the_waterfall_cancel_and_pause(
     await expect(run_page.locator("#run-status")).to_have_text("COMPLETED", timeout=30_000)
     assert await _not_reloaded(run_page)
 
+    # A run triggered now appears on the list's first page and is followed to its end.
+    fresh = await client.tasks.trigger("dash-sleepy", {"seconds": 0.5})
+    await expect(_status(listing, fresh.id)).to_have_attribute(
+        "data-status", "COMPLETED", timeout=30_000
+    )
+    assert await _not_reloaded(listing)
+    await listing.screenshot(path=str(ARTIFACTS / "dashboard-runs.png"), full_page=True)
+
     # The waterfall: the run, its queue time, its attempt(s) with log marks, its three waits
     # (a duration, the child run, the token) and the child run's bar, which links to it.
     waterfall = run_page.locator("#waterfall")
