@@ -111,6 +111,8 @@ async def test_log_in_watch_runs_live_read_the_waterfall_cancel_and_pause(
     listing = await context.new_page()
     await _log_in(listing, dashboard, cluster.keys["dev"])
     await expect(listing.locator("#environment")).to_have_text("dev")
+    [cookie] = [c for c in await context.cookies() if c["name"] == "runplane_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
     await expect(_status(listing, parent.id)).to_have_attribute("data-status", "WAITING")
     await _mark(listing)
 
@@ -163,6 +165,28 @@ async def test_log_in_watch_runs_live_read_the_waterfall_cancel_and_pause(
     assert (await client.runs.retrieve(sleepy.id)).status is runplane.RunStatus.CANCELED
     await run_page.screenshot(path=str(ARTIFACTS / "dashboard-canceled.png"))
 
+    # Replay it: a new run of the same task and payload, whose page says so.
+    await run_page.get_by_role("button", name="Replay run").click()
+    await expect(run_page.get_by_role("status")).to_contain_text(f"Replay of {sleepy.id}")
+    replay_id = run_page.url.split("/runs/")[1].split("?")[0]
+    replay = await client.runs.retrieve(replay_id)
+    assert replay.replayed_from_run_id == sleepy.id and replay.payload == {"seconds": 120}
+    await client.runs.cancel(replay_id)
+
+    # Reschedule a delayed run (the form is there for DELAYED runs only).
+    delayed = await client.tasks.trigger("dash-sleepy", {"seconds": 1}, delay="10m")
+    await run_page.goto(f"{dashboard}/runs/{delayed.id}")
+    await expect(run_page.locator("#run-status")).to_have_text("DELAYED")
+    before = (await client.runs.retrieve(delayed.id)).delay_until
+    await run_page.get_by_label("Start in (seconds)").fill("3600")
+    await run_page.get_by_role("button", name="Reschedule").click()
+    await expect(run_page.get_by_role("status")).to_contain_text("now starts at")
+    after = (await client.runs.retrieve(delayed.id)).delay_until
+    assert before is not None and after is not None and after > before
+    await client.runs.cancel(delayed.id)
+    await run_page.goto(f"{dashboard}/runs/{delayed.id}")
+    await expect(run_page.get_by_role("button", name="Reschedule")).to_have_count(0)
+
     # Pause a queue.
     await listing.goto(f"{dashboard}/queues")
     row = listing.locator('tr[data-queue="task/dash-sleepy"]')
@@ -171,6 +195,11 @@ async def test_log_in_watch_runs_live_read_the_waterfall_cancel_and_pause(
         "paused"
     )
     assert (await client.queues.retrieve("task/dash-sleepy")).paused
+    row = listing.locator('tr[data-queue="task/dash-sleepy"]')
+    await row.get_by_label("Limit for task/dash-sleepy").fill("3")
+    await row.get_by_role("button", name="Override").click()
+    await expect(listing.get_by_role("status")).to_contain_text("limit 3")
+    assert (await client.queues.retrieve("task/dash-sleepy")).override_concurrency_limit == 3
     await listing.screenshot(path=str(ARTIFACTS / "dashboard-queues.png"), full_page=True)
 
     # Log out: the session is gone.
