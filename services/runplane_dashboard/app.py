@@ -103,7 +103,8 @@ def _safe_next(path: str) -> str:
     """Only a path on this site (no scheme, no host): no open redirect."""
     if not path.startswith("/") or path.startswith("//") or "\\" in path:
         return "/runs"
-    if path.startswith(("/login", "/logout", "/assets/")) or path.endswith("/events"):
+    bare = path.split("?", 1)[0]
+    if bare.startswith(("/login", "/logout", "/assets/", "/api/")) or bare.endswith("/events"):
         return "/runs"
     return path
 
