@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a Debian machine for runplane development and CI; safe to run again (it then takes a second).
 #
-#   1. apt: nats-server and postgresql (and a Python >= 3.11 with venv), only when missing
+#   1. apt: nats-server, postgresql and chromium (and a Python >= 3.11 with venv), only when missing
 #   2. PostgreSQL answering on 127.0.0.1:5432 as `postgresql://postgres@127.0.0.1:5432/test`:
 #      starts (or creates) the cluster on port 5432; on a fresh Debian install, where 127.0.0.1 asks
 #      for a password (scram-sha-256) that the postgres role does not have, it prepends
@@ -53,6 +53,8 @@ find_python() {
 # --- 1. system packages ---------------------------------------------------------------------------
 missing=()
 command -v nats-server >/dev/null || [[ -x /usr/sbin/nats-server ]] || missing+=(nats-server)
+# The dashboard's browser tests drive Debian's chromium through Playwright (never its own download).
+command -v chromium >/dev/null || [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null && command -v psql >/dev/null \
     || missing+=(postgresql postgresql-client)
 if [[ ! -x .venv/bin/python ]] && ! find_python >/dev/null; then
@@ -62,7 +64,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     step "[1/4] installing ${missing[*]} (apt)"
     apt_install "${missing[@]}"
 else
-    step "[1/4] nats-server, postgresql: present"
+    step "[1/4] nats-server, postgresql, chromium: present"
 fi
 
 # --- 2. PostgreSQL --------------------------------------------------------------------------------

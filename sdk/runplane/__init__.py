@@ -59,6 +59,13 @@ from runplane._queues import QueuesAPI, queues
 from runplane._schedules import Schedule, ScheduledPayload, SchedulesAPI, schedules
 from runplane._streams import Stream, StreamsAPI, streams
 from runplane._task import Queue, RetryOptions, Task, queue, task
+from runplane._timeline import (
+    RunPage,
+    RunTimeline,
+    TimelineAttempt,
+    TimelineInterval,
+    TimelineWait,
+)
 from runplane._wait import Result, WaitAPI, WaitToken, wait
 
 __version__ = "0.1.0"
@@ -94,7 +101,9 @@ __all__ = [
     "Run",
     "RunError",
     "RunHandle",
+    "RunPage",
     "RunStatus",
+    "RunTimeline",
     "RunplaneError",
     "RunsAPI",
     "Schedule",
@@ -107,6 +116,9 @@ __all__ = [
     "Task",
     "TaskRunError",
     "TasksAPI",
+    "TimelineAttempt",
+    "TimelineInterval",
+    "TimelineWait",
     "UnauthenticatedError",
     "UnavailableError",
     "WaitAPI",

@@ -28,6 +28,7 @@ from runplane._queues import QueuesAPI
 from runplane._realtime import subscribe_to_batch, subscribe_to_run, subscribe_to_runs_with_tag
 from runplane._schedules import SchedulesAPI
 from runplane._serde import dumps
+from runplane._timeline import RunPage, RunTimeline
 from runplane._transport import Transport, provide_default
 from runplane._trigger import batch_trigger, task_items, trigger
 from runplane._versions import VersionsAPI
@@ -198,6 +199,58 @@ class RunsAPI(Namespace):
 
     def list_sync(self, **filters: Any) -> Iterator[Run]:
         return self._transport.iterate_sync(self.list(**filters))
+
+    async def page(
+        self,
+        *,
+        status: RunStatus | str | Sequence[RunStatus | str] | None = None,
+        task: str | Sequence[str] | None = None,
+        tag: str | Sequence[str] | None = None,
+        batch: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 25,
+        version: str | None = None,
+        page_token: str | None = None,
+    ) -> RunPage:
+        """One page of runs, newest first, with ``list``'s filters; pass the page's
+        ``next_page_token`` (with the same filters) for the next one."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        request = rpb.ListRunsRequest(
+            statuses=[run_pb2.RunStatus.ValueType(RunStatus(s).to_pb()) for s in statuses],
+            task_ids=[task] if isinstance(task, str) else list(task or []),
+            tags=[tag] if isinstance(tag, str) else list(tag or []),
+            batch_id=batch or "",
+            page_size=page_size,
+            version=version or "",
+            page_token=page_token or "",
+        )
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
+        transport = self._transport
+        response = await transport.call(transport.run_stub().ListRuns, request)
+        return RunPage(
+            runs=[Run.from_pb(pb) for pb in response.runs],
+            next_page_token=response.next_page_token or None,
+        )
+
+    def page_sync(self, **filters: Any) -> RunPage:
+        return self._transport.run_sync(self.page(**filters))
+
+    async def timeline(self, run_id: str | RunHandle) -> RunTimeline:
+        """The run's waterfall: the intervals it spent queued, its attempts, waits, child runs
+        and log lines."""
+        transport = self._transport
+        run_id = run_id.id if isinstance(run_id, RunHandle) else run_id
+        response = await transport.call(
+            transport.run_stub().GetRunTimeline, rpb.GetRunTimelineRequest(run_id=run_id)
+        )
+        return RunTimeline.from_pb(response)
+
+    def timeline_sync(self, run_id: str | RunHandle) -> RunTimeline:
+        return self._transport.run_sync(self.timeline(run_id))
 
     async def replay(self, run_id: str | RunHandle) -> RunHandle:
         """A new run of the same task with the same payload (``ctx.run.is_replay`` is true)."""

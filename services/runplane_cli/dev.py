@@ -1,5 +1,6 @@
-"""``runplane dev``: NATS, the scheduler, an executor and the realtime service on one machine,
-each its own process, supervised (a process that dies is restarted, and the restart is shown)."""
+"""``runplane dev``: NATS, the scheduler, an executor, the realtime service and the web dashboard
+on one machine, each its own process, supervised (a process that dies is restarted, and the
+restart is shown)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,7 +35,7 @@ STATE_DIR = Path(".runplane")
 # What the services write under STATE_DIR (the database with the signing key, NATS's store) is
 # for the user alone, as is dev.env with the keys.
 PRIVATE_UMASK = 0o077
-COLORS = {"nats": 35, "scheduler": 36, "executor": 33, "realtime": 32, "dev": 1}
+COLORS = {"nats": 35, "scheduler": 36, "executor": 33, "realtime": 32, "dashboard": 34, "dev": 1}
 
 
 def say(name: str, line: str) -> None:
@@ -172,6 +174,24 @@ async def wait_executor_connected(
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the executor did not connect in {timeout:.0f} s")
+            await asyncio.sleep(0.1)
+
+
+async def wait_http(url: str, timeout: float = 60.0, tls: TlsSettings | None = None) -> None:
+    """Wait until ``url`` answers 200 (the dashboard's login page)."""
+    deadline = time.monotonic() + timeout
+    tls = tls or TlsSettings()
+    ssl = tls.client_ssl_context() if url.startswith("https:") else False
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl)) as http:
+        while True:
+            try:
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
             await asyncio.sleep(0.1)
 
 
@@ -450,6 +470,8 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             RUNPLANE_SCHEDULER_HTTP_URL=scheduler_http_url,
             RUNPLANE_EXECUTOR_HTTP_LISTEN=executor_http_listen,
         )
+        dashboard_listen = f"127.0.0.1:{free_port()}"
+        dashboard_url = f"{http}://{dashboard_listen}"
         env.update(
             RUNPLANE_REALTIME_HTTP_URL=realtime_http_url,
             RUNPLANE_REALTIME_HTTP_LISTEN=realtime_http_listen,
@@ -458,12 +480,14 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             RUNPLANE_REALTIME_URL=realtime_url,
             RUNPLANE_REALTIME_LISTEN=realtime_url,
             RUNPLANE_EXECUTOR_LISTEN=f"127.0.0.1:{executor_port}",
+            RUNPLANE_DASHBOARD_LISTEN=dashboard_listen,
         )
         tasks_args = [arg for module in args.tasks for arg in ("--tasks", module)]
         for name, argv in (
             ("scheduler", [python, "-m", "runplane_cli", "scheduler"]),
             ("realtime", [python, "-m", "runplane_cli", "realtime"]),
             ("executor", [python, "-m", "runplane_cli", "executor", *tasks_args]),
+            ("dashboard", [python, "-m", "runplane_cli", "dashboard"]),
         ):
             umask = -1 if name == "executor" else PRIVATE_UMASK
             service = Service(name, argv, env, umask=umask)
@@ -477,6 +501,7 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 wait_executor_connected(
                     f"127.0.0.1:{executor_port}", tls=client_tls, key=worker_key
                 ),
+                wait_http(f"{dashboard_url}/login", tls=client_tls),
             )
         )
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
@@ -491,6 +516,7 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "RUNPLANE_REALTIME_HTTP_URL": realtime_http_url,
             "RUNPLANE_SCHEDULER_HTTP_URL": scheduler_http_url,
             "RUNPLANE_EXECUTOR_HTTP_URL": executor_http_url,
+            "RUNPLANE_DASHBOARD_URL": dashboard_url,
             "RUNPLANE_SECRET_KEY": key,
             "RUNPLANE_WORKER_KEY": worker_key,
             **(tls_env(client_tls) if args.tls else {}),
@@ -505,6 +531,11 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "dev",
             f"metrics and health (/metrics, /healthz, /readyz): scheduler {scheduler_http_url}, "
             f"executor {executor_http_url}, realtime {realtime_http_url}",
+        )
+        say(
+            "dev",
+            f"dashboard: {dashboard_url} (log in with RUNPLANE_SECRET_KEY from "
+            f"{STATE_DIR / 'dev.env'})",
         )
         say(
             "dev",

@@ -360,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 60, 0: never)",
     )
     sub.add_parser("realtime", help="run the realtime service")
+    sub.add_parser(
+        "dashboard",
+        help="run the web dashboard (RUNPLANE_DASHBOARD_LISTEN, RUNPLANE_API_URL); log in with "
+        "a secret key",
+    )
 
     trig = sub.add_parser("trigger", help="trigger a task")
     trig.add_argument("task")
@@ -510,6 +515,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from runplane_realtime.server import main as realtime_main
 
         realtime_main()
+        return 0
+    if args.command == "dashboard":
+        from runplane_dashboard.app import main as dashboard_main
+
+        dashboard_main()
         return 0
     if args.command == "trigger":
         return run_async(_trigger(args))

@@ -302,3 +302,32 @@ class ExecutorSettings:
             version=os.environ.get("RUNPLANE_VERSION", "") if version is None else version,
             http_listen=os.environ.get("RUNPLANE_EXECUTOR_HTTP_LISTEN", ""),
         )
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """The web dashboard (``runplane dashboard``): where it listens, and the API it is a client
+    of. Users log in with a secret key; the dashboard holds no key of its own."""
+
+    # host:port of the dashboard's HTTP server (RUNPLANE_DASHBOARD_LISTEN).
+    listen: str = "127.0.0.1:7073"
+    # The scheduler's gRPC API (RUNPLANE_API_URL).
+    api_url: str = DEFAULT_API_URL
+    # The realtime service's HTTP base URL for its SSE feeds (RUNPLANE_REALTIME_HTTP_URL); empty:
+    # what the scheduler announces.
+    realtime_http_url: str = ""
+    # A session ends after this long without a request (seconds).
+    session_idle_timeout: float = 12 * 3600.0
+    # TLS to the scheduler and the realtime service, and on the dashboard's own port when a
+    # certificate is set (RUNPLANE_TLS_*; see runplane.tls).
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    @classmethod
+    def from_env(cls) -> DashboardSettings:
+        d = cls()
+        return cls(
+            listen=os.environ.get("RUNPLANE_DASHBOARD_LISTEN") or d.listen,
+            api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
+            realtime_http_url=os.environ.get("RUNPLANE_REALTIME_HTTP_URL", ""),
+            tls=TlsSettings.from_env(os.environ),
+        )

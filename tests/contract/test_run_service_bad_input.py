@@ -2,10 +2,10 @@
 
 TriggerRun and BatchTriggerRuns (with every option: debounce, delays, TTLs, parents, machines),
 GetRun, CancelRun, ListRuns, GetBatch, ReplayRun, RescheduleRun, ResetIdempotencyKey,
-UpdateRunMetadata, AddRunTags and ListRunLogs, called over real gRPC (``tests.helpers.contract``).
-Every answer must be proper (never UNKNOWN, INTERNAL or a hang), a refusal must name the field at
-fault and leave the database exactly as it was (no run, batch, timer or event row), and a valid
-request must be accepted.
+UpdateRunMetadata, AddRunTags, ListRunLogs and GetRunTimeline, called over real gRPC
+(``tests.helpers.contract``). Every answer must be proper (never UNKNOWN, INTERNAL or a hang), a
+refusal must name the field at fault and leave the database exactly as it was (no run, batch,
+timer or event row), and a valid request must be accepted.
 """
 
 from __future__ import annotations
@@ -1478,6 +1478,56 @@ def test_list_run_logs_of_another_environments_run_is_not_found(
         assert get.code is NOT_FOUND, str(get)
     mine = w.call(RUN + "ListRunLogs", rpb.ListRunLogsRequest(run_id=w.runs["dev"]), "dev")
     assert mine.code is OK, str(mine)
+
+
+# -- RunService.GetRunTimeline ---------------------------------------------------------------------
+
+
+@given(run_ref=run_ids, who=auths)
+@FUZZ
+def test_get_run_timeline_with_random_ids_answers_properly(
+    schedule_world: ScheduleWorld, run_ref: str, who: str
+) -> None:
+    w = schedule_world
+    run_id = w.resolve(run_ref)
+    request = rpb.GetRunTimelineRequest(run_id=run_id)
+    what = f"GetRunTimeline({request!r}) as {who!r}"
+    outcome = w.call(RUN + "GetRunTimeline", request, who, rpb.GetRunTimelineResponse)
+    assert_proper(outcome, what)
+    if who not in KEYS:
+        assert outcome.code is UNAUTHENTICATED, f"{what}: {outcome}"
+    elif not RUN_ID.fullmatch(run_id):
+        assert_refused(outcome, {"run_id"}, what)
+    elif w.run_env.get(run_id) != who:
+        assert outcome.code is NOT_FOUND, f"{what}: {outcome}"
+        assert run_id in outcome.details, str(outcome)
+    else:
+        assert outcome.code is OK, f"{what}: {outcome}"
+        timeline = outcome.responses[0]
+        assert timeline.run.id == run_id
+        assert not timeline.attempts and not timeline.logs  # no executor ran anything
+
+
+def test_get_run_timeline_of_another_environments_run_is_not_found(
+    schedule_world: ScheduleWorld,
+) -> None:
+    w = schedule_world
+    for who, run in (("dev", w.runs["prod"]), ("prod", w.runs["dev"])):
+        outcome = w.call(RUN + "GetRunTimeline", rpb.GetRunTimelineRequest(run_id=run), who)
+        assert outcome.code is NOT_FOUND, f"GetRunTimeline({run}) as {who}: {outcome}"
+        assert run in outcome.details, str(outcome)
+    mine = w.call(
+        RUN + "GetRunTimeline",
+        rpb.GetRunTimelineRequest(run_id=w.runs["dev"]),
+        "dev",
+        rpb.GetRunTimelineResponse,
+    )
+    assert mine.code is OK, str(mine)
+    timeline = mine.responses[0]
+    assert timeline.run.id == w.runs["dev"]
+    # Never dequeued: one open QUEUED interval from the run's queueing.
+    assert [i.kind for i in timeline.queue_intervals] == ["QUEUED"]
+    assert not timeline.queue_intervals[0].HasField("finished_at")
 
 
 # -- metadata updates from an attempt --------------------------------------------------------------

@@ -28,12 +28,24 @@ async def test_dev_runs_an_example_and_stops(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 100)
     text = out.decode()
     assert proc.returncode == 0, text
-    for service in ("nats", "scheduler", "realtime", "executor"):
+    for service in ("nats", "scheduler", "realtime", "executor", "dashboard"):
         assert f"{service:>9} | started" in text, text
         assert f"{service:>9} | stopped" in text, text
     assert "Hello, dev!" in text
     assert "COMPLETED" in text
     dev_env = (tmp_path / ".runplane" / "dev.env").read_text()
-    for name in ("RUNPLANE_API_URL", "RUNPLANE_REALTIME_URL", "RUNPLANE_SECRET_KEY"):
+    for name in (
+        "RUNPLANE_API_URL",
+        "RUNPLANE_REALTIME_URL",
+        "RUNPLANE_SECRET_KEY",
+        "RUNPLANE_DASHBOARD_URL",
+    ):
         assert f"{name}=" in dev_env
+    dashboard_url = next(
+        line.split("=", 1)[1]
+        for line in dev_env.splitlines()
+        if line.startswith("RUNPLANE_DASHBOARD_URL=")
+    )
+    assert dashboard_url.startswith("http://127.0.0.1:"), dev_env
+    assert f"dashboard: {dashboard_url}" in text, text
     assert (tmp_path / ".runplane" / "runplane.db").exists()

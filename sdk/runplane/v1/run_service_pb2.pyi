@@ -838,3 +838,214 @@ class ListRunLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRunLogsResponse: _TypeAlias = ListRunLogsResponse  # noqa: Y015
+
+@_typing.final
+class GetRunTimelineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTimelineRequest: _TypeAlias = GetRunTimelineRequest  # noqa: Y015
+
+@_typing.final
+class TimelineAttempt(_message.Message):
+    """One attempt of a run: created when it was dequeued, started when the task process began it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    number: _builtins.int
+    status: _builtins.str
+    """PENDING, EXECUTING, COMPLETED, FAILED, CANCELED, ..."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: not started yet."""
+
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: still running (or waiting)."""
+
+    @_builtins.property
+    def error(self) -> _run_pb2.RunError: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        number: _builtins.int = ...,
+        status: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        error: _run_pb2.RunError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "finished_at", b"finished_at", "id", b"id", "number", b"number", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineAttempt: _TypeAlias = TimelineAttempt  # noqa: Y015
+
+@_typing.final
+class TimelineWait(_message.Message):
+    """A wait of the run: a duration, a token, or child runs (BATCH: trigger_and_wait is a batch of
+    one).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_NUMBER_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DUE_AT_FIELD_NUMBER: _builtins.int
+    CHILD_RUN_IDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: _builtins.str
+    """DURATION, TOKEN or BATCH."""
+    status: _builtins.str
+    """PENDING or COMPLETED."""
+    attempt_number: _builtins.int
+    target: _builtins.str
+    """The token or batch waited for; empty for a duration."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: still waiting."""
+
+    @_builtins.property
+    def due_at(self) -> _timestamp_pb2.Timestamp:
+        """A duration's end or a token's timeout."""
+
+    @_builtins.property
+    def child_run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """BATCH: the child runs waited for, in item order."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        status: _builtins.str = ...,
+        attempt_number: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        target: _builtins.str = ...,
+        due_at: _timestamp_pb2.Timestamp | None = ...,
+        child_run_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["due_at", b"due_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_number", b"attempt_number", "child_run_ids", b"child_run_ids", "due_at", b"due_at", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "started_at", b"started_at", "status", b"status", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineWait: _TypeAlias = TimelineWait  # noqa: Y015
+
+@_typing.final
+class TimelineInterval(_message.Message):
+    """An interval the run spent queued (or delayed) before an attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """QUEUED or DELAYED."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset: still queued."""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "kind", b"kind", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimelineInterval: _TypeAlias = TimelineInterval  # noqa: Y015
+
+@_typing.final
+class GetRunTimelineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    WAITS_FIELD_NUMBER: _builtins.int
+    QUEUE_INTERVALS_FIELD_NUMBER: _builtins.int
+    CHILDREN_FIELD_NUMBER: _builtins.int
+    LOGS_FIELD_NUMBER: _builtins.int
+    LOGS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    logs_truncated: _builtins.bool
+    """More log lines than were returned exist (page through ListRunLogs)."""
+    @_builtins.property
+    def run(self) -> _run_pb2.Run: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineAttempt]:
+        """Oldest first."""
+
+    @_builtins.property
+    def waits(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineWait]:
+        """In the order they began."""
+
+    @_builtins.property
+    def queue_intervals(self) -> _containers.RepeatedCompositeFieldContainer[Global___TimelineInterval]: ...
+    @_builtins.property
+    def children(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
+        """The runs this run triggered, oldest first."""
+
+    @_builtins.property
+    def logs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.LogEntry]:
+        """The run's log lines, oldest first (at most 1,000)."""
+
+    def __init__(
+        self,
+        *,
+        run: _run_pb2.Run | None = ...,
+        attempts: _abc.Iterable[Global___TimelineAttempt] | None = ...,
+        waits: _abc.Iterable[Global___TimelineWait] | None = ...,
+        queue_intervals: _abc.Iterable[Global___TimelineInterval] | None = ...,
+        children: _abc.Iterable[_run_pb2.Run] | None = ...,
+        logs: _abc.Iterable[_run_pb2.LogEntry] | None = ...,
+        logs_truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "children", b"children", "logs", b"logs", "logs_truncated", b"logs_truncated", "queue_intervals", b"queue_intervals", "run", b"run", "waits", b"waits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTimelineResponse: _TypeAlias = GetRunTimelineResponse  # noqa: Y015

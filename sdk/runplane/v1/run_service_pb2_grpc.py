@@ -98,6 +98,11 @@ class RunServiceStub:
                 request_serializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.SerializeToString,
                 response_deserializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.FromString,
                 _registered_method=True)
+        self.GetRunTimeline = channel.unary_unary(
+                '/runplane.v1.RunService/GetRunTimeline',
+                request_serializer=runplane_dot_v1_dot_run__service__pb2.GetRunTimelineRequest.SerializeToString,
+                response_deserializer=runplane_dot_v1_dot_run__service__pb2.GetRunTimelineResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -185,6 +190,13 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunTimeline(self, request, context):
+        """A run's waterfall: its queue intervals, attempts, waits, child runs and log lines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +259,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListRunLogs,
                     request_deserializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.FromString,
                     response_serializer=runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.SerializeToString,
+            ),
+            'GetRunTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunTimeline,
+                    request_deserializer=runplane_dot_v1_dot_run__service__pb2.GetRunTimelineRequest.FromString,
+                    response_serializer=runplane_dot_v1_dot_run__service__pb2.GetRunTimelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +593,33 @@ class RunService:
             '/runplane.v1.RunService/ListRunLogs',
             runplane_dot_v1_dot_run__service__pb2.ListRunLogsRequest.SerializeToString,
             runplane_dot_v1_dot_run__service__pb2.ListRunLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runplane.v1.RunService/GetRunTimeline',
+            runplane_dot_v1_dot_run__service__pb2.GetRunTimelineRequest.SerializeToString,
+            runplane_dot_v1_dot_run__service__pb2.GetRunTimelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,8 @@ class RunServiceStub:
     """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
     ListRunLogs: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]
     """The log lines of a run's attempts, oldest first, a page at a time."""
+    GetRunTimeline: _grpc.UnaryUnaryMultiCallable[_run_service_pb2.GetRunTimelineRequest, _run_service_pb2.GetRunTimelineResponse]
+    """A run's waterfall: its queue intervals, attempts, waits, child runs and log lines."""
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -84,6 +86,8 @@ class RunServiceAsyncStub(RunServiceStub):
     """Add tags to a run (at most 10 tags of 1..128 characters per run)."""
     ListRunLogs: _aio.UnaryUnaryMultiCallable[_run_service_pb2.ListRunLogsRequest, _run_service_pb2.ListRunLogsResponse]  # type: ignore[assignment]
     """The log lines of a run's attempts, oldest first, a page at a time."""
+    GetRunTimeline: _aio.UnaryUnaryMultiCallable[_run_service_pb2.GetRunTimelineRequest, _run_service_pb2.GetRunTimelineResponse]  # type: ignore[assignment]
+    """A run's waterfall: its queue intervals, attempts, waits, child runs and log lines."""
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     """RunService triggers, reads and cancels runs. Every call is authorised by a secret key (or a
@@ -181,5 +185,13 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_run_service_pb2.ListRunLogsResponse, _abc.Awaitable[_run_service_pb2.ListRunLogsResponse]]:
         """The log lines of a run's attempts, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetRunTimeline(
+        self,
+        request: _run_service_pb2.GetRunTimelineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_run_service_pb2.GetRunTimelineResponse, _abc.Awaitable[_run_service_pb2.GetRunTimelineResponse]]:
+        """A run's waterfall: its queue intervals, attempts, waits, child runs and log lines."""
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

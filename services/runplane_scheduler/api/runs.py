@@ -1,13 +1,18 @@
 """RunService: trigger, batch trigger, read, list, cancel, replay, reschedule, tags, metadata
-and logs of runs."""
+and logs of runs, and a run's timeline."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import orjson
+
 from runplane.v1 import (
-    run_service_pb2 as rpb,
+    run_pb2,
+    run_service_pb2_grpc,
 )
 from runplane.v1 import (
-    run_service_pb2_grpc,
+    run_service_pb2 as rpb,
 )
 from runplane_common import auth
 from runplane_common.auth import principal
@@ -18,7 +23,7 @@ from runplane_scheduler.api import Context
 from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.states import FINAL, Status
-from runplane_scheduler.store import now_ms, run_to_pb, timestamp
+from runplane_scheduler.store import RunRow, now_ms, run_to_pb, timestamp
 from runplane_scheduler.store.errors import is_duplicate
 
 
@@ -219,3 +224,109 @@ class RunServicer(run_service_pb2_grpc.RunServiceServicer):
             )
             entry.time.FromMilliseconds(row.time)
         return response
+
+    async def GetRunTimeline(
+        self, request: rpb.GetRunTimelineRequest, context: Context
+    ) -> rpb.GetRunTimelineResponse:
+        run_id = validation.run_id(request.run_id)
+        env = principal().environment_id
+        row = await self.engine.store.get_run(env, run_id)
+        if row is None:
+            raise NotFound(f"run {run_id} not found")
+        rows = await self.engine.timeline(env, run_id, TIMELINE_LOG_LINES + 1)
+        response = rpb.GetRunTimelineResponse(
+            run=run_to_pb(row),
+            logs_truncated=len(rows.logs) > TIMELINE_LOG_LINES,
+            queue_intervals=queue_intervals(row, rows.attempts),
+        )
+        for attempt in rows.attempts:
+            response.attempts.add(
+                id=attempt.id,
+                number=attempt.number,
+                status=attempt.status,
+                created_at=timestamp(attempt.created_at),
+                started_at=timestamp(attempt.started_at),
+                finished_at=timestamp(attempt.finished_at),
+                error=_attempt_error(attempt.error),
+            )
+        for wait in rows.waits:
+            response.waits.add(
+                id=wait.id,
+                kind=wait.kind,
+                status=wait.status,
+                attempt_number=wait.attempt or 0,
+                started_at=timestamp(wait.created_at),
+                finished_at=timestamp(wait.completed_at),
+                target=wait.target or "",
+                due_at=timestamp(wait.due_at),
+                child_run_ids=rows.wait_children.get(wait.id, []),
+            )
+        response.children.extend(run_to_pb(child) for child in rows.children)
+        for log_row in rows.logs[:TIMELINE_LOG_LINES]:
+            entry = response.logs.add(
+                run_id=log_row.run_id,
+                attempt_id=log_row.attempt_id,
+                attempt_number=log_row.attempt_number,
+                level=log_row.level,
+                message=log_row.message,
+                attributes=log_row.attributes,
+                trace_id=log_row.trace_id,
+                span_id=log_row.span_id,
+            )
+            entry.time.FromMilliseconds(log_row.time)
+        return response
+
+
+# The log lines a timeline carries; the rest are ListRunLogs' to page through.
+TIMELINE_LOG_LINES = 1000
+
+
+def _attempt_error(text: str | None) -> run_pb2.RunError | None:
+    if not text:
+        return None
+    try:
+        e = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return run_pb2.RunError(message=text)
+    if not isinstance(e, dict):
+        return run_pb2.RunError(message=str(e))
+    return run_pb2.RunError(
+        type=str(e.get("type", "")),
+        message=str(e.get("message", "")),
+        stack_trace=str(e.get("stack_trace", "")),
+    )
+
+
+def queue_intervals(run: RunRow, attempts: Sequence[RunRow]) -> list[rpb.TimelineInterval]:
+    """When the run waited for an attempt: DELAYED from its creation to its delay's end, then
+    QUEUED until its first attempt was dequeued, and between each attempt's end and the next
+    one's dequeue (a retry's delay and its time in the queue). The last one is open (no end)
+    while the run is still delayed or queued."""
+    intervals: list[rpb.TimelineInterval] = []
+    queued_from = run.queued_at or run.created_at
+    if run.delay_until is not None and run.queued_at is not None and run.queued_at > run.created_at:
+        intervals.append(
+            rpb.TimelineInterval(
+                kind="DELAYED",
+                started_at=timestamp(run.created_at),
+                finished_at=timestamp(run.queued_at),
+            )
+        )
+    for attempt in attempts:
+        if queued_from is not None and attempt.created_at >= queued_from:
+            intervals.append(
+                rpb.TimelineInterval(
+                    kind="QUEUED",
+                    started_at=timestamp(queued_from),
+                    finished_at=timestamp(attempt.created_at),
+                )
+            )
+        queued_from = attempt.finished_at
+    if queued_from is not None and run.status in _QUEUED_NOW:
+        intervals.append(rpb.TimelineInterval(kind="QUEUED", started_at=timestamp(queued_from)))
+    elif run.status == Status.DELAYED.value and not attempts:
+        intervals.append(rpb.TimelineInterval(kind="DELAYED", started_at=timestamp(run.created_at)))
+    return intervals
+
+
+_QUEUED_NOW = frozenset({Status.QUEUED.value, Status.PENDING_VERSION.value})

@@ -28,6 +28,7 @@ from runplane_scheduler.engine.waitpoints import Waitpoints
 from runplane_scheduler.specs import TaskDef, TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import RunRow, Store
+from runplane_scheduler.store import runs as stored_runs
 from runplane_scheduler.worker_messages import (
     Ack,
     AttemptResult,
@@ -158,6 +159,11 @@ class RunEngine:
         self, environment_id: str, run_id: str, after_id: str | None, limit: int
     ) -> list[RunRow]:
         return await self.runs.list_logs(environment_id, run_id, after_id, limit)
+
+    async def timeline(
+        self, environment_id: str, run_id: str, log_limit: int
+    ) -> stored_runs.TimelineRows:
+        return await self.runs.timeline(environment_id, run_id, log_limit)
 
     async def update_queue(self, environment_id: str, queue: str, **values: Any) -> RunRow:
         return await self.executors.update_queue(environment_id, queue, **values)

@@ -407,3 +407,11 @@ class Runs:
         return await stored_runs.list_logs(
             self.resources.store.db, environment_id, run_id, after_id, limit
         )
+
+    async def timeline(
+        self, environment_id: str, run_id: str, log_limit: int
+    ) -> stored_runs.TimelineRows:
+        """The rows of a run's waterfall: attempts, waits, child runs, its first log lines."""
+        return await stored_runs.timeline(
+            self.resources.store.db, environment_id, run_id, log_limit
+        )

@@ -1,9 +1,11 @@
 """Run queries the engine makes inside a write: conditions of a run transition, parents,
-batches, debounce, idempotency keys, descendants to cancel, tags and log lines."""
+batches, debounce, idempotency keys, descendants to cancel, tags, log lines and a run's
+timeline."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select, update
@@ -205,3 +207,65 @@ async def for_migration(
             .limit(MIGRATE_LIMIT)
         )
     return list((await tx.execute(query)).all())
+
+
+@dataclass(frozen=True)
+class TimelineRows:
+    """What a run's waterfall is drawn from: its attempts, waits (with the child runs of each
+    BATCH wait), child runs and its first log lines."""
+
+    attempts: list[RunRow]
+    waits: list[RunRow]
+    wait_children: dict[str, list[str]]
+    children: list[RunRow]
+    logs: list[RunRow]
+
+
+async def timeline(
+    database: AsyncEngine, environment_id: str, run_id: str, log_limit: int
+) -> TimelineRows:
+    """The rows of a run's waterfall (the run itself is the caller's to check); at most
+    ``log_limit`` log lines, oldest first."""
+    a = db.attempts.c
+    w = db.waitpoints.c
+    wc = db.waitpoint_children.c
+    lg = db.run_logs.c
+    async with database.connect() as conn:
+        attempts = (
+            await conn.execute(select(db.attempts).where(a.run_id == run_id).order_by(a.number))
+        ).all()
+        waits = (
+            await conn.execute(
+                select(db.waitpoints)
+                .where(w.run_id == run_id, w.environment_id == environment_id)
+                .order_by(w.created_at, w.attempt, w.seq)
+            )
+        ).all()
+        wait_children: dict[str, list[str]] = {}
+        batch_ids = [row.id for row in waits if row.kind == "BATCH"]
+        if batch_ids:
+            rows = (
+                await conn.execute(
+                    select(wc.waitpoint_id, wc.run_id)
+                    .where(wc.waitpoint_id.in_(batch_ids))
+                    .order_by(wc.waitpoint_id, wc.position)
+                )
+            ).all()
+            for row in rows:
+                wait_children.setdefault(row.waitpoint_id, []).append(row.run_id)
+        children = (
+            await conn.execute(
+                select(db.runs)
+                .where(r.parent_run_id == run_id, r.environment_id == environment_id)
+                .order_by(r.created_at, r.id)
+            )
+        ).all()
+        logs = (
+            await conn.execute(
+                select(db.run_logs)
+                .where(lg.environment_id == environment_id, lg.run_id == run_id)
+                .order_by(lg.id)
+                .limit(log_limit)
+            )
+        ).all()
+    return TimelineRows(list(attempts), list(waits), wait_children, list(children), list(logs))
