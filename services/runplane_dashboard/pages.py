@@ -190,7 +190,7 @@ def _logs(logs: Sequence[LogEntry], start: datetime | None, truncated: bool) -> 
     )
 
 
-def run_live(timeline: RunTimeline, csrf: str, message: str = "") -> str:
+def run_live(timeline: RunTimeline, csrf: str) -> str:
     """Everything on a run's page that changes while it runs (reloaded by the page script)."""
     run = timeline.run
     actions = []
@@ -256,8 +256,7 @@ def run_live(timeline: RunTimeline, csrf: str, message: str = "") -> str:
         empty="No child runs.",
     )
     return (
-        (notice(message, "info") if message else "")
-        + f'<div class="actions" role="group" aria-label="Run actions">{"".join(actions)}</div>'
+        f'<div class="actions" role="group" aria-label="Run actions">{"".join(actions)}</div>'
         + '<section aria-labelledby="h-waterfall"><h2 id="h-waterfall">Waterfall</h2>'
         + waterfall.render(timeline)
         + "</section>"
@@ -289,8 +288,10 @@ def run_page(timeline: RunTimeline, csrf: str, message: str = "") -> str:
         live = f" data-live={attr(f'/runs/{run.id}/events')}"
     return (
         f"<h1>Run <code>{esc(run.id)}</code></h1>"
-        f'<div id="run-live" data-fragment={attr(f"/runs/{run.id}/live")}{live} '
-        f'aria-live="polite">{run_live(timeline, csrf, message)}</div>'
+        # The action's message stays outside the live part: a live reload must not erase it.
+        + (notice(message, "info") if message else "")
+        + f'<div id="run-live" data-fragment={attr(f"/runs/{run.id}/live")}{live} '
+        f'aria-live="polite">{run_live(timeline, csrf)}</div>'
     )
 
 

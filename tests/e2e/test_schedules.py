@@ -87,7 +87,7 @@ async def test_the_schedules_cli_creates_lists_shows_changes_and_deletes(cluster
 
     code, out, _ = await _cli(cluster, "ls", "--task", "user-reminder")
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()] == [schedule_id]
+    assert [line.split()[0] for line in out.splitlines()] == ["SCHEDULE", schedule_id]
     code, out, _ = await _cli(cluster, "show", schedule_id)
     assert code == 0
     assert '"cron": "30 8 * * *"' in out and '"external_id": null' in out
@@ -110,4 +110,12 @@ async def test_the_schedules_cli_creates_lists_shows_changes_and_deletes(cluster
     )
     assert code != 0 and "timezone" in err and "Moon/Base" in err
     code, out, _ = await _cli(cluster, "ls", "--task", "user-reminder")
-    assert code == 0 and out == ""
+    assert code == 0 and out.split() == [
+        "SCHEDULE",
+        "TASK",
+        "CRON",
+        "TIMEZONE",
+        "STATE",
+        "NEXT",
+        "TYPE",
+    ]

@@ -15,7 +15,8 @@ from runplane_common.config import SchedulerSettings
 from runplane_scheduler.dispatch import DispatchIndex
 from runplane_scheduler.engine.clock import Clock, SystemClock
 from runplane_scheduler.specs import TaskDef
-from runplane_scheduler.store import CLEAN_ERRORS, Store, Tx
+from runplane_scheduler.states import Status
+from runplane_scheduler.store import CLEAN_ERRORS, RunRow, Store, Tx
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -136,6 +137,22 @@ class EngineResources:
             key, m["id"], m["task_id"], queued_at, m["priority"], m.get("worker_version") or ""
         )
         self.dispatch_wake.set()
+
+    async def park(self, run_id: str, parked_from: Status) -> RunRow | None:
+        """The run (in ``parked_from``) waits in PENDING_VERSION for an executor of its version;
+        None when it was no longer in ``parked_from``."""
+
+        async def op(tx: Tx) -> RunRow | None:
+            return await tx.transition(
+                run_id,
+                [parked_from],
+                Status.PENDING_VERSION,
+                "pending_version",
+                parked_from=parked_from.value,
+                updated_at=self.clock.now_ms(),
+            )
+
+        return await self.store.writer.run(op)
 
     def release(self, attempt_id: str) -> None:
         """Free the attempt's slot; the next queued run may take it."""

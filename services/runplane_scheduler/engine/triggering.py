@@ -24,7 +24,7 @@ from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.retry import RetryPolicy
 from runplane_scheduler.specs import TriggerSpec, TxGuard
 from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx
+from runplane_scheduler.store import Store, Tx
 from runplane_scheduler.store import runs as stored_runs
 
 log = logging.getLogger("runplane.scheduler")
@@ -470,19 +470,8 @@ class Triggering:
             queued.version,
         )
 
-        async def op(tx: Tx) -> RunRow | None:
-            ts = self.resources.clock.now_ms()
-            return await tx.transition(
-                run_id,
-                [Status.QUEUED],
-                Status.PENDING_VERSION,
-                "pending_version",
-                parked_from=Status.QUEUED.value,
-                updated_at=ts,
-            )
-
         try:
-            row = await self.resources.store.writer.run(op)
+            row = await self.resources.park(run_id, Status.QUEUED)
         except Exception:
             log.exception("parking %s for version %s failed", run_id, version)
             # Back in its queue: it is still QUEUED in the database.

@@ -471,19 +471,8 @@ class Waitpoints:
         self.resources.background.spawn(self._park(run_id, (environment_id, task_id, version)))
 
     async def _park(self, run_id: str, key: tuple[str, str, str]) -> None:
-        async def op(tx: Tx) -> RunRow | None:
-            ts = self.resources.clock.now_ms()
-            return await tx.transition(
-                run_id,
-                [Status.WAITING],
-                Status.PENDING_VERSION,
-                "pending_version",
-                parked_from=Status.WAITING.value,
-                updated_at=ts,
-            )
-
         try:
-            row = await self.resources.store.writer.run(op)
+            row = await self.resources.park(run_id, Status.WAITING)
         except Exception:
             log.exception("parking %s for version %s failed", run_id, key[2])
             return
