@@ -52,18 +52,31 @@ class WaitpointTimeoutError(RunplaneError):
 
 
 class ApiError(RunplaneError):
-    """A runplane API call failed. ``code`` is the gRPC status code."""
+    """A runplane API call failed. ``code`` is the gRPC status code; ``field`` the request field
+    the server named as invalid; ``reason`` and ``info`` its machine-readable reason (the
+    status's ``google.rpc.ErrorInfo``); ``retry_after`` the seconds the server asks a retry to
+    wait (its ``google.rpc.RetryInfo``, on UNAVAILABLE), or None."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, field: str = ""
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        field: str = "",
+        reason: str = "",
+        info: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.field = field
+        self.reason = reason
+        self.info = info or {}
+        self.retry_after = retry_after
 
 
 class InvalidArgumentError(ApiError, ValueError):
@@ -117,7 +130,7 @@ def from_rpc_error(error: Any) -> ApiError:
     """The typed error for a ``grpc.RpcError``, with the violated field when the server named it."""
     code = error.code()
     message = error.details() or code.name
-    field = ""
+    field, reason, info, retry_after = "", "", {}, None
     try:
         status = rpc_status.from_call(error)
         if status is not None:
@@ -127,6 +140,16 @@ def from_rpc_error(error: Any) -> ApiError:
                     detail.Unpack(bad)
                     if bad.field_violations:
                         field = bad.field_violations[0].field
+                elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    error_info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(error_info)
+                    reason, info = error_info.reason, dict(error_info.metadata)
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     except Exception:  # details are a bonus; the status alone is enough
         pass
-    return _BY_CODE.get(code, ApiError)(message, code=code, field=field)
+    return _BY_CODE.get(code, ApiError)(
+        message, code=code, field=field, reason=reason, info=info, retry_after=retry_after
+    )

@@ -12,6 +12,7 @@ raise them without depending on the transport.
     ├── PermissionDenied     PERMISSION_DENIED
     └── Unavailable          UNAVAILABLE
 
+An UNAVAILABLE error carries a ``RetryInfo`` detail (its :attr:`Unavailable.retry_after_seconds`).
 An error with a :attr:`ServiceError.reason` also carries an ``ErrorInfo`` detail (domain
 :data:`ERROR_DOMAIN`, that reason, and :attr:`ServiceError.info` as its metadata).
 """
@@ -79,4 +80,10 @@ class PermissionDenied(ServiceError):
 
 
 class Unavailable(ServiceError):
+    """Worth a retry: the status carries a ``RetryInfo`` detail saying when."""
+
     code = Code.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds

@@ -20,7 +20,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from runplane.tls import TlsSettings
-from runplane_common import telemetry
+from runplane_common import deadlines, telemetry
 from runplane_common.auth import Principal, authorize_method, current_principal
 from runplane_common.errors import (
     ERROR_DOMAIN,
@@ -55,14 +55,18 @@ STATUS_CODES = {code: grpc.StatusCode[code.name] for code in Code}
 
 def to_status(error: ServiceError) -> status_pb2.Status:
     """The ``google.rpc.Status`` a call that failed with ``error`` answers with: its code and
-    message, with a BadRequest detail naming an invalid field, and an ErrorInfo detail when the
-    error has a reason."""
+    message, with a BadRequest detail naming an invalid field, a RetryInfo detail when it is
+    worth a retry (UNAVAILABLE), and an ErrorInfo detail when the error has a reason."""
     status = status_pb2.Status(code=error.code.value, message=error.message)
     if isinstance(error, InvalidArgument):
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=error.field, description=error.problem
         )
         status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(error, Unavailable):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
+        status.details.add().Pack(retry)
     if error.reason:
         info = error_details_pb2.ErrorInfo(
             reason=error.reason, domain=ERROR_DOMAIN, metadata=error.info
@@ -172,6 +176,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> object:
             metadata = context.invocation_metadata()
+            deadlines.set_caller_deadline(context.time_remaining())
             ctx = telemetry.context_from_metadata(metadata)
             token = otel_context.attach(ctx)
             if authenticate is not None:

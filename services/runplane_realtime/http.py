@@ -118,7 +118,12 @@ def _error_body(error: errors.ServiceError) -> dict[str, Any]:
 
 
 def _error_response(error: errors.ServiceError) -> web.Response:
-    return web.json_response(_error_body(error), status=_HTTP_STATUS.get(error.code, 500))
+    headers = {}
+    if isinstance(error, errors.Unavailable):  # HTTP's RetryInfo
+        headers["Retry-After"] = str(max(1, round(error.retry_after_seconds)))
+    return web.json_response(
+        _error_body(error), status=_HTTP_STATUS.get(error.code, 500), headers=headers
+    )
 
 
 def _credentials(request: web.Request) -> Metadata:

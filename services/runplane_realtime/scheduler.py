@@ -20,7 +20,7 @@ from runplane.v1 import (
     run_service_pb2,
     run_service_pb2_grpc,
 )
-from runplane_common import errors
+from runplane_common import deadlines, errors
 
 Metadata: TypeAlias = tuple[tuple[str, str], ...]
 T = TypeVar("T")
@@ -86,6 +86,8 @@ class NextTrip:
     async def _trip(
         self, key: Hashable, future: asyncio.Future[Any], read: Callable[[], Awaitable[Any]]
     ) -> None:
+        # A shared trip is for every caller that joins it, so no one caller's deadline limits it.
+        deadlines.set_caller_deadline(None)
         try:
             future.set_result(await read())
         except asyncio.CancelledError:
@@ -122,7 +124,9 @@ class Scheduler:
         async with self._in_flight:
             try:
                 return await method(
-                    request, metadata=(*credentials, *carrier.items()), timeout=SNAPSHOT_TIMEOUT
+                    request,
+                    metadata=(*credentials, *carrier.items()),
+                    timeout=deadlines.inner_timeout(SNAPSHOT_TIMEOUT),
                 )
             except grpc.aio.AioRpcError as error:
                 raise _refusal(error, field) from None

@@ -73,8 +73,16 @@ def frozen_stack(database_url: str) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def run_world(stack: Stack) -> RunWorld:
+def bare_stack(database_url: str) -> Iterator[Stack]:
+    """``stack`` with no task registered yet."""
+    with _quiet_nats_client():
+        yield from start_stack(database_url, f"nats://127.0.0.1:{free_port()}", tasks=())
+
+
+@pytest.fixture
+def run_world(bare_stack: Stack) -> RunWorld:
     """Queues, runs and batches in both environments (see ``RunWorld``)."""
+    stack = bare_stack
     w = RunWorld(stack)
     register_queues(stack, "dev", DEV_QUEUES)
     register_queues(stack, "prod", PROD_QUEUES)

@@ -24,6 +24,7 @@ from tests.helpers.contract import (
     NOT_FOUND,
     OK,
     QUEUE,
+    TRIGGERABLE,
     UNAUTHENTICATED,
     assert_proper,
     assert_refused,
@@ -68,7 +69,7 @@ queue_refs = st.one_of(
     st.just(""),
     task_id_ok,
     id_like("queue_"),
-    st.sampled_from(["task/t", "engine-q1\n", "ENGINE-Q1", "engine-q1 ", "q" * 129, "queue_"]),
+    st.sampled_from(["task/none", "engine-q1\n", "ENGINE-Q1", "engine-q1 ", "q" * 129, "queue_"]),
     texts,
 )
 
@@ -77,6 +78,13 @@ def _queue_ref(w: RunWorld, ref: str) -> str:
     if ref.startswith("@id:"):
         return w.queue_ids[ref[4:]]
     return ref[1:] if ref.startswith("@") else ref
+
+
+def _listed(who: str) -> list[str]:
+    """The queues ``who``'s environment lists: the declared ones and the triggerable tasks'."""
+    return sorted(
+        [*(DEV_QUEUES if who == "dev" else PROD_QUEUES), *(f"task/{t}" for t in TRIGGERABLE)]
+    )
 
 
 def _queue_row(w: RunWorld, name: str) -> dict[str, Any]:
@@ -178,7 +186,7 @@ def test_list_queues_with_random_pages_answers_properly(
     what = f"ListQueues({request!r}) as {who!r}"
     assert_proper(outcome, what)
     assert_unchanged(before, w.state(), what)
-    mine = sorted(DEV_QUEUES if who == "dev" else PROD_QUEUES)
+    mine = _listed(who)
     if who not in ("dev", "prod"):
         assert outcome.code is UNAUTHENTICATED, str(outcome)
     elif not 0 <= page_size <= LIMITS.page_size:
@@ -212,7 +220,7 @@ def test_list_queues_pages_through_each_queue_once(run_world: RunWorld, who: str
         token = page.next_page_token
         if not token:
             break
-    assert names == sorted(DEV_QUEUES if who == "dev" else PROD_QUEUES)
+    assert names == _listed(who)
 
 
 @given(

@@ -259,6 +259,31 @@ def test_a_valid_trigger_is_accepted(stack: Stack, request: rpb.TriggerRunReques
     assert outcome.code is OK, f"TriggerRun({request!r}): {outcome}"
 
 
+def test_a_task_no_version_registered_is_refused_naming_the_known_tasks(stack: Stack) -> None:
+    """A typo in a task id (or the wrong environment's key) is INVALID_ARGUMENT at once, with
+    the tasks the environment knows, not a run that waits forever; nothing is written."""
+    before = stack.state()
+    outcome = unary(
+        stack.channel(),
+        RUN + "TriggerRun",
+        rpb.TriggerRunRequest(task_id="t-typo"),
+        stack.auth("dev"),
+        rpb.TriggerRunResponse,
+    )
+    assert_refused(outcome, {"task_id"}, "TriggerRun(t-typo)")
+    assert "unknown task 't-typo'" in outcome.details and "known tasks: 't'" in outcome.details
+    items = [rpb.BatchTriggerItem(task_id="t"), rpb.BatchTriggerItem(task_id="t-typo")]
+    outcome = unary(
+        stack.channel(),
+        RUN + "BatchTriggerRuns",
+        rpb.BatchTriggerRunsRequest(items=items),
+        stack.auth("dev"),
+        rpb.BatchTriggerRunsResponse,
+    )
+    assert_refused(outcome, {"items[1].task_id"}, "BatchTriggerRuns([t, t-typo])")
+    assert_unchanged(before, stack.state(), "refused triggers of an unknown task")
+
+
 # -- RunService.GetRun, CancelRun, ListRuns --------------------------------------------------------
 
 

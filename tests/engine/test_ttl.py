@@ -11,6 +11,9 @@ from tests.helpers.engine import ENV, engine_on_sqlite
 
 async def test_a_run_no_executor_provides_expires_after_its_ttl(tmp_path: Path) -> None:
     async with engine_on_sqlite(tmp_path) as h:
+        # Its executor registered the task, then went away.
+        gone = await h.executor(wpb.TaskDefinition(id="nobody"))
+        h.engine.executor_disconnected(gone.state)
         row, _ = await h.engine.trigger(ENV, TriggerSpec(task_id="nobody", ttl_ms=10_000))
         run_id = row["id"]
         await h.status_becomes(run_id, "PENDING_VERSION")

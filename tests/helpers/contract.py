@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from runplane.v1 import meta_service_pb2
 from runplane.v1 import run_service_pb2 as rpb
+from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common.config import Limits, RealtimeSettings, SchedulerSettings
 from runplane_realtime.server import RealtimeService, serve
 from runplane_scheduler.app import Scheduler, start_scheduler
@@ -76,6 +77,9 @@ RT = "/runplane.v1.RealtimeService/"
 SUBSCRIBE = RT + "SubscribeToRun"
 CONNECT = "/runplane.v1.WorkerService/Connect"
 
+# The tasks a stack's environments know (a trigger of any other task is INVALID_ARGUMENT).
+TRIGGERABLE = ("t",)
+
 
 # -- the servers, on a loop of their own -----------------------------------------------------------
 
@@ -88,6 +92,8 @@ class Stack:
     database_url: str
     nats_url: str
     with_realtime: bool = False
+    # Tasks an executor registers in both environments at start, so runs of them are accepted.
+    tasks: tuple[str, ...] = TRIGGERABLE
     # More SchedulerSettings fields (a frozen schedule clock, say).
     options: dict[str, Any] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
@@ -127,6 +133,25 @@ class Stack:
                     )
                 )
             )
+
+        if self.tasks:
+            for env in ("dev", "prod"):
+                self.register_tasks(env, [wpb.TaskDefinition(id=t) for t in self.tasks])
+
+    def register_tasks(self, who: str, tasks: list[wpb.TaskDefinition]) -> None:
+        """An executor registers ``tasks`` in ``who``'s environment, then goes away: their
+        definitions stay, so runs of them are accepted (and wait in PENDING_VERSION)."""
+        register = wpb.Register(manifest=wpb.Manifest(tasks=tasks), capacity=1)
+        outcome = streaming(
+            self.channel(),
+            CONNECT,
+            [wpb.ConnectRequest(register=register)],
+            self.auth(who),
+            response_type=wpb.ConnectResponse,
+            client_streaming=True,
+            first_only=True,
+        )
+        assert outcome.code is OK and outcome.responses, str(outcome)
 
     def stop(self) -> None:
         for channel in self._channels.values():
@@ -186,10 +211,14 @@ class Stack:
 
 
 def start_stack(
-    database_url: str, nats_url: str, with_realtime: bool = False, **options: Any
+    database_url: str,
+    nats_url: str,
+    with_realtime: bool = False,
+    tasks: tuple[str, ...] = TRIGGERABLE,
+    **options: Any,
 ) -> Iterator[Stack]:
     """A started ``Stack`` for the length of a fixture; ``options`` are more SchedulerSettings."""
-    stack = Stack(database_url, nats_url, with_realtime, options)
+    stack = Stack(database_url, nats_url, with_realtime, tasks, options)
     stack.start()
     try:
         yield stack

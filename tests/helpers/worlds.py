@@ -28,6 +28,7 @@ from tests.helpers.contract import (
     KEYS,
     OK,
     RUN,
+    TRIGGERABLE,
     Calls,
     Stack,
     some_runs,
@@ -128,11 +129,12 @@ def stable(state: dict[str, Any], *run_ids: str) -> dict[str, Any]:
 
 
 def register_queues(stack: Stack, who: str, queues: dict[str, int]) -> None:
-    """An executor connects with a manifest defining ``queues``, then goes away (they stay)."""
+    """An executor connects with a manifest defining ``queues`` and the triggerable tasks, then
+    goes away (they stay). One manifest: the environment has one version."""
     tasks = [
         wpb.TaskDefinition(id=f"{name}-task", queue=name, queue_concurrency_limit=limit)
         for name, limit in queues.items()
-    ]
+    ] + [wpb.TaskDefinition(id=t) for t in TRIGGERABLE]
     outcome = streaming(
         stack.channel(),
         CONNECT,

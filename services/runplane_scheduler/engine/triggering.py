@@ -76,6 +76,7 @@ class Triggering:
         index = self.resources.index
         # A child run's version is its parent's (read in the transaction) unless one is asked.
         inherits = bool(spec.parent_run_id and not spec.version)
+        self.check_task(environment_id, spec, "task_id")
         self.check_version(environment_id, spec, "options.version")
         version = self.resources.lock_version(environment_id, spec.task_id, spec.version)
         self.check_payload(environment_id, spec, "payload", version)
@@ -146,6 +147,7 @@ class Triggering:
         lock = self.resources.lock_version
         versions = [lock(environment_id, s.task_id, s.version) for s in specs]
         for i, spec in enumerate(specs):
+            self.check_task(environment_id, spec, f"items[{i}].task_id")
             self.check_version(environment_id, spec, f"items[{i}].options.version")
             self.check_payload(environment_id, spec, f"items[{i}].payload", versions[i])
         queues = [
@@ -219,6 +221,29 @@ class Triggering:
     def runnable(self, environment_id: str, task_id: str, version: str) -> bool:
         """A run of ``task_id`` locked to ``version`` can be dispatched now ('' : not yet)."""
         return bool(version) and self.resources.index.provides(environment_id, task_id, version)
+
+    def check_task(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
+        """A task no version in the environment ever registered is a mistake (a typo, the wrong
+        environment), not a run to keep until one does: refused, naming the known tasks. A known
+        task with no executor online waits in PENDING_VERSION instead."""
+        r = self.resources
+        if (environment_id, spec.task_id) in r.task_defs:
+            return
+        known: set[str] = set()
+        for (env, _), defs in r.version_defs.items():
+            if env == environment_id:
+                if spec.task_id in defs:
+                    return
+                known.update(defs)
+        known.update(task for env, task in r.task_defs if env == environment_id)
+        names = sorted(known)
+        listed = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
+        raise InvalidArgument(
+            field_name,
+            f"unknown task {spec.task_id[:128]!r}: no worker version in this environment "
+            "has registered it; "
+            + (f"known tasks: {listed}" if names else "no task is registered here yet"),
+        )
 
     def check_version(self, environment_id: str, spec: TriggerSpec, field_name: str) -> None:
         """A trigger's explicit version must be registered in the environment and define the
