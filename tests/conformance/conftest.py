@@ -4,18 +4,19 @@ implementation cannot run."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.cluster import ServiceProcess
-from tests.helpers.conformance import IMPLEMENTATIONS, Implementation, ScriptedScheduler
-
-# The worker version every conformance worker registers.
-VERSION = "conformance-1"
-
-StartWorker = Callable[..., Awaitable[ServiceProcess]]
+from tests.helpers.conformance import (
+    IMPLEMENTATIONS,
+    VERSION,
+    Implementation,
+    ScriptedScheduler,
+    StartWorker,
+)
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda i: i.name)

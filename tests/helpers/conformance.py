@@ -17,7 +17,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,12 @@ TIMEOUT = 30.0
 # The first Register of a freshly started worker process.
 START_TIMEOUT = 90.0
 
+# The worker version every conformance worker registers (RUNPLANE_VERSION).
+VERSION = "conformance-1"
+
 Predicate = Callable[[wpb.ConnectRequest], bool]
+# start(address, key, **env): a started worker process of the implementation under test.
+StartWorker = Callable[..., Awaitable[ServiceProcess]]
 
 
 def attempt_of(message: wpb.ConnectRequest) -> str:
