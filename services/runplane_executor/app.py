@@ -495,6 +495,14 @@ class Executor:
                         log.info("connected to the scheduler at %s", self.settings.api_url)
                     elif kind == "assignment":
                         a = response.assignment
+                        if self.pool.has(a.attempt_id):
+                            # A duplicate of an attempt running here: acknowledged again,
+                            # never run twice (docs/worker-protocol.md).
+                            log.info("attempt %s assigned again: acknowledged", a.attempt_id)
+                            self._send(
+                                wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
+                            )
+                            continue
                         self.metrics.assigned()
                         self.starts.assigned(a.attempt_id)
                         self.pool.submit(

@@ -255,6 +255,10 @@ class ProcessPool:
     def running_attempts(self) -> list[str]:
         return list(self._where)
 
+    def has(self, attempt_id: str) -> bool:
+        """The attempt runs (or waits) here and has not ended."""
+        return attempt_id in self._where
+
     def submit(self, attempt: Attempt) -> None:
         """Start an attempt: in a process of its own when it has a memory limit, else on the
         least busy warm process."""

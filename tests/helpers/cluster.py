@@ -137,7 +137,9 @@ class Cluster:
             tmp,
         )
 
-    async def start(self) -> None:
+    async def start(self, *, executor: bool = True) -> None:
+        """Create the keys and start the services; without ``executor`` the test connects
+        workers of its own (``worker_keys``)."""
         engine = db.create_engine(self.database_url)
         try:
             await db.upgrade(engine)
@@ -156,7 +158,8 @@ class Cluster:
             self.realtime.start()
             await wait_serving(self.api_url, 60, self.tls)
             await wait_serving(self.realtime_url, 60, self.tls)
-            await self.start_executor()
+            if executor:
+                await self.start_executor()
         except BaseException:
             print(self.logs())
             await self.stop()
