@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,15 @@ async def start_node_worker(
     )
     assert READY in process.log(), process.log()
     return process
+
+
+# The spec reporter's summary lines: "<symbol> pass 30".
+_SUMMARY = re.compile(r"^\S+ (tests|pass|fail|skipped|cancelled|todo) (\d+)$", re.MULTILINE)
+
+
+def summary(output: str) -> dict[str, int]:
+    """The counts of a ``node --test`` run's summary (tests, pass, fail, skipped, ...)."""
+    return {name: int(count) for name, count in _SUMMARY.findall(output)}
 
 
 async def run_node_tests(env: dict[str, str], *files: str, timeout: float = 150) -> tuple[int, str]:
