@@ -123,3 +123,20 @@ async def test_cancelling_a_node_run_stops_its_plain_sleep(cluster: Cluster) -> 
     # The worker reported the attempt canceled and takes new work.
     done = await client.tasks.trigger("conformance-echo", 7)
     assert (await _final(client, done.id)).output == 7
+
+
+async def test_a_node_worker_reconnects_after_a_scheduler_restart_and_keeps_its_attempt(
+    cluster: Cluster,
+) -> None:
+    await start_node_worker(cluster, "node-worker")
+    client = cluster.client()
+    handle = await client.tasks.trigger("conformance-sleep", {"seconds": 3})
+    await eventually(
+        lambda: _status_is(client, handle.id, RunStatus.EXECUTING), 30, description="EXECUTING"
+    )
+    await cluster.restart_scheduler()
+    # It registers again with its executor id, session token and the running attempt, whose
+    # result (sent then, or buffered while the stream was down) completes the run.
+    run = await _final(client, handle.id)
+    assert (run.status, run.output) == (RunStatus.COMPLETED, {"slept": 3}), cluster.logs()
+    assert run.attempt_count == 1

@@ -36,6 +36,9 @@ export const PROTOCOL_VERSION = 1;
 // Reports about attempts that must reach the scheduler: kept while disconnected, sent on reconnect.
 const REPORTS = new Set(["started", "result", "metadata", "logs", "wait"]);
 const FLUSH_INTERVAL_MS = 1000;
+// Reconnect attempts back off to at most this: well within the scheduler's lease timeout (15 s
+// by default, 3 s in the tests), which is all the time a worker has to claim its attempts again.
+const MAX_BACKOFF_MS = 1000;
 
 export interface WorkerOptions {
   // biome-ignore lint/suspicious/noExplicitAny: tasks of any payload and output
@@ -189,6 +192,7 @@ export class Worker {
   private loop: Promise<void> | null = null;
   private flusher: NodeJS.Timeout | null = null;
   private markReady: () => void = () => {};
+  private wakeUp: () => void = () => {};
 
   constructor(options: WorkerOptions) {
     const env = process.env;
@@ -232,6 +236,7 @@ export class Worker {
     if (this.flusher !== null) clearInterval(this.flusher);
     for (const attempt of this.attempts.values()) attempt.stop("stopped", 0);
     this.session?.abort();
+    this.wakeUp();
     await this.loop;
   }
 
@@ -261,8 +266,14 @@ export class Worker {
       }
       this.connected = false;
       if (this.stopping) break;
-      await new Promise((resolve) => setTimeout(resolve, backoff));
-      backoff = Math.min(backoff * 2, 5000);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, backoff);
+        this.wakeUp = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
     }
   }
 
@@ -323,7 +334,9 @@ export class Worker {
         break;
       }
       case "assignment":
-        void this.execute(m.value);
+        this.execute(m.value).catch((error: unknown) => {
+          this.log(`attempt ${m.value.attemptId} failed in the worker: ${errorInfo(error).stackTrace || String(error)}`);
+        });
         break;
       case "cancel":
         this.attempts.get(m.value.attemptId)?.stop("canceled", this.cancelGraceMs);
@@ -405,9 +418,8 @@ export class Worker {
       wait: (spec) => this.wait(attempt, spec, onExpiry),
     };
     attempt.startClock(onExpiry);
-    const payload: unknown = run.payload ? JSON.parse(run.payload) : null;
     const settled = attemptStorage
-      .run(scope, async () => task.options.run(payload as never, ctx))
+      .run(scope, async () => task.options.run((run.payload ? JSON.parse(run.payload) : null) as never, ctx))
       .then(
         (output) => ({ ok: true as const, output }),
         (error: unknown) => ({ ok: false as const, error }),
