@@ -37,7 +37,7 @@ import {
   tokenFromPb,
   triggerOptionsToPb,
 } from "./models.js";
-import { type TlsOptions, openTransport, tlsFromEnv } from "./transport.js";
+import { type Channel, type TlsOptions, openTransport, tlsFromEnv } from "./transport.js";
 
 export const DEFAULT_API_URL = "localhost:7070";
 
@@ -152,8 +152,8 @@ export class Client {
   realtimeUrl: string;
   readonly tls: TlsOptions;
   readonly timeoutMs: number;
-  private readonly transport: Transport;
-  private realtimeTransport: Transport | null = null;
+  private readonly channel: Channel;
+  private realtimeChannel: Channel | null = null;
   /** The generated connect clients, for what the SDK does not wrap. */
   readonly rpc: {
     runs: ConnectClient<typeof RunService>;
@@ -181,15 +181,16 @@ export class Client {
     this.realtimeUrl = options.realtimeUrl || process.env.RUNPLANE_REALTIME_URL || "";
     this.tls = tlsFromEnv(options.tls);
     this.timeoutMs = options.timeoutMs ?? 30_000;
-    this.transport = openTransport(this.apiUrl, this.secretKey, this.tls);
+    this.channel = openTransport(this.apiUrl, this.secretKey, this.tls);
+    const transport: Transport = this.channel.transport;
     this.rpc = {
-      runs: createClient(RunService, this.transport),
-      queues: createClient(QueueService, this.transport),
-      schedules: createClient(ScheduleService, this.transport),
-      waitpoints: createClient(WaitpointService, this.transport),
-      versions: createClient(VersionService, this.transport),
-      auth: createClient(AuthService, this.transport),
-      meta: createClient(MetaService, this.transport),
+      runs: createClient(RunService, transport),
+      queues: createClient(QueueService, transport),
+      schedules: createClient(ScheduleService, transport),
+      waitpoints: createClient(WaitpointService, transport),
+      versions: createClient(VersionService, transport),
+      auth: createClient(AuthService, transport),
+      meta: createClient(MetaService, transport),
     };
     this.runs = new RunsAPI(this);
     this.batch = new BatchAPI(this);
@@ -246,16 +247,22 @@ export class Client {
 
   /** The realtime service's client: RUNPLANE_REALTIME_URL, or what the scheduler announces. */
   async realtime(): Promise<ConnectClient<typeof RealtimeService>> {
-    if (this.realtimeTransport === null) {
+    if (this.realtimeChannel === null) {
       if (!this.realtimeUrl) {
         this.realtimeUrl = (await this.serverInfo()).realtimeUrl;
         if (!this.realtimeUrl) {
           throw new ConfigurationError("the scheduler announces no realtime service; set RUNPLANE_REALTIME_URL");
         }
       }
-      this.realtimeTransport = openTransport(this.realtimeUrl, this.secretKey, this.tls);
+      this.realtimeChannel = openTransport(this.realtimeUrl, this.secretKey, this.tls);
     }
-    return createClient(RealtimeService, this.realtimeTransport);
+    return createClient(RealtimeService, this.realtimeChannel.transport);
+  }
+
+  /** Close this client's HTTP/2 sessions (an open one keeps a Node process alive). */
+  close(): void {
+    this.channel.close();
+    this.realtimeChannel?.close();
   }
 }
 

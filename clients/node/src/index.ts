@@ -52,6 +52,7 @@ export type { TlsOptions } from "./transport.js";
 export {
   Result,
   batchTriggerAndWait,
+  closeClient,
   configure,
   logger,
   metadata,

@@ -8,7 +8,7 @@
 import fs from "node:fs";
 
 import type { Interceptor, Transport } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 
 import { ConfigurationError } from "./errors.js";
 
@@ -53,19 +53,24 @@ export function tlsFromEnv(given: TlsOptions = {}, env: NodeJS.ProcessEnv = proc
   return tls;
 }
 
-/** A gRPC transport (always HTTP/2 in connect-node 2) to `url` sending `key` as the bearer token (an empty key sends none). */
-export function openTransport(url: string, key: string, tls: TlsOptions): Transport {
+/** A channel: a gRPC transport (HTTP/2, one session per address) and the way to close it. */
+export interface Channel {
+  transport: Transport;
+  /** Close the HTTP/2 session (its calls fail); a later call opens a new one. */
+  close(): void;
+}
+
+/** A gRPC channel (always HTTP/2 in connect-node 2) to `url` sending `key` as the bearer token
+ * (an empty key sends none). */
+export function openTransport(url: string, key: string, tls: TlsOptions): Channel {
   const base = baseUrl(url, tls);
   const auth: Interceptor = (next) => (request) => {
     if (key) request.header.set("authorization", `Bearer ${key}`);
     return next(request);
   };
   const read = (file?: string): Buffer | undefined => (file ? fs.readFileSync(file) : undefined);
-  return createGrpcTransport({
-    baseUrl: base,
-    interceptors: [auth],
-    nodeOptions: base.startsWith("https://")
-      ? { ca: read(tls.ca), cert: read(tls.cert), key: read(tls.key) }
-      : {},
-  });
+  const nodeOptions = base.startsWith("https://") ? { ca: read(tls.ca), cert: read(tls.cert), key: read(tls.key) } : {};
+  const sessionManager = new Http2SessionManager(base, {}, nodeOptions);
+  const transport = createGrpcTransport({ baseUrl: base, interceptors: [auth], sessionManager });
+  return { transport, close: () => sessionManager.abort() };
 }

@@ -11,6 +11,7 @@ import {
   InvalidArgumentError,
   NotFoundError,
   PermissionDeniedError,
+  closeClient,
   metadata,
   startWorker,
   task,
@@ -72,6 +73,7 @@ describe("runs", { skip }, () => {
     assert.equal((await reader.runs.retrieve(handle.id)).status, "COMPLETED");
     const other = await client.trigger("py-child", { n: 1 });
     await assert.rejects(reader.runs.retrieve(other.id), PermissionDeniedError);
+    reader.close();
   });
 
   test("cancel, reschedule and replay; tags, metadata, logs and the timeline", async () => {
@@ -269,5 +271,6 @@ describe("a worker in this process", { skip: live && process.env.RUNPLANE_WORKER
 
 after(() => {
   // Open HTTP/2 sessions would keep the process alive.
-  setTimeout(() => process.exit(process.exitCode ?? 0), 100).unref();
+  client?.close();
+  closeClient();
 });

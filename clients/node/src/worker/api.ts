@@ -38,6 +38,12 @@ export function client(): Client {
   return defaultClient;
 }
 
+/** Close the default client's sessions, if one was made. */
+export function closeClient(): void {
+  defaultClient?.close();
+  defaultClient = null;
+}
+
 /** Use this client for `tasks.trigger`, `wait.createToken`, ... instead of one from the environment. */
 export function configure(c: Client): void {
   defaultClient = c;

@@ -249,7 +249,8 @@ export class Worker {
   }
 
   private async connectForever(): Promise<void> {
-    const rpc = createClient(WorkerService, openTransport(this.apiUrl, this.workerKey, this.tls));
+    const channel = openTransport(this.apiUrl, this.workerKey, this.tls);
+    const rpc = createClient(WorkerService, channel.transport);
     let backoff = 100;
     while (!this.stopping) {
       try {
@@ -275,6 +276,7 @@ export class Worker {
       });
       backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
     }
+    channel.close();
   }
 
   private async runSession(rpc: ReturnType<typeof createClient<typeof WorkerService>>): Promise<void> {
