@@ -140,3 +140,12 @@ async def test_a_node_worker_reconnects_after_a_scheduler_restart_and_keeps_its_
     run = await _final(client, handle.id)
     assert (run.status, run.output) == (RunStatus.COMPLETED, {"slept": 3}), cluster.logs()
     assert run.attempt_count == 1
+
+
+async def test_a_node_task_past_its_max_duration_ends_timed_out(cluster: Cluster) -> None:
+    await start_node_worker(cluster, "node-fixture-worker", FIXTURE_WORKER)
+    client = cluster.client()
+    handle = await client.tasks.trigger("node-overrun", {"seconds": 30})
+    run = await _final(client, handle.id, timeout=30)
+    assert run.status is RunStatus.TIMED_OUT, cluster.logs()
+    assert run.attempt_count == 1  # never retried
