@@ -1,6 +1,7 @@
-"""The Node.js package (clients/node) against a real cluster: its own ``node --test`` suite (unit
-tests, then the client's integration tests: every namespace, realtime subscriptions, streams and a
-worker in the test process), with this cluster's addresses and keys."""
+"""The Node.js package (clients/node) against a real cluster: its whole ``node --test`` suite (unit
+tests, the worker against a scripted scheduler, and the client's integration tests: every
+namespace, realtime subscriptions, streams and a worker in the test process), with this
+cluster's addresses and keys."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import asyncio
 import pytest
 
 from tests.helpers.cluster import Cluster
-from tests.helpers.node import node_env, run_node_tests, summary
+from tests.helpers.node import node_env, node_test_files, run_node_tests, summary
 from tests.helpers.reflection import list_services
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -18,9 +19,7 @@ CLUSTER_TASKS = "tests.e2e.node_tasks"
 
 
 async def test_the_node_suite_passes_against_a_live_cluster(cluster: Cluster) -> None:
-    code, out = await run_node_tests(
-        node_env(cluster), "test/unit.test.mjs", "test/client.integration.test.mjs"
-    )
+    code, out = await run_node_tests(node_env(cluster), *node_test_files())
     assert code == 0, f"{out}\n{cluster.logs()}"
     # Nothing skipped: the integration tests found the cluster.
     counts = summary(out)

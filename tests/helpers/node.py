@@ -65,6 +65,11 @@ async def start_node_worker(
     return process
 
 
+def node_test_files() -> list[str]:
+    """Every test file of the package's suite (what ``npm test`` runs), relative to it."""
+    return sorted(str(p.relative_to(NODE_PACKAGE)) for p in NODE_PACKAGE.glob("test/*.test.mjs"))
+
+
 # The spec reporter's summary lines: "<symbol> pass 30".
 _SUMMARY = re.compile(r"^\S+ (tests|pass|fail|skipped|cancelled|todo) (\d+)$", re.MULTILINE)
 

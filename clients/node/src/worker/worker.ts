@@ -306,6 +306,7 @@ export class Worker {
     try {
       for await (const response of rpc.connect(outgoing, { signal: session.signal })) {
         this.handle(response, outgoing, (interval) => {
+          if (heartbeat !== null) clearInterval(heartbeat);
           heartbeat = setInterval(() => {
             if (!outgoing.isClosed) outgoing.push(create(ConnectRequestSchema, { message: { case: "heartbeat", value: {} } }));
           }, interval);
