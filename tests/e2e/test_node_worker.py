@@ -28,7 +28,7 @@ async def _status_is(client: runplane.Client, run_id: str, status: RunStatus) ->
 async def test_node_tasks_triggered_from_python_complete_with_logs_and_metadata(
     cluster: Cluster,
 ) -> None:
-    await start_node_worker(cluster, "node-worker")
+    worker = await start_node_worker(cluster, "node-worker")
     client = cluster.client()
     payload = {"a": [1, "two", None], "b": {"c": 3.5}}
     echo = await client.tasks.trigger("conformance-echo", payload)
@@ -41,6 +41,9 @@ async def test_node_tasks_triggered_from_python_complete_with_logs_and_metadata(
     assert run.metadata == {"step": 1}
     lines = [line async for line in client.runs.logs(logged.id)]
     assert [(line.level, line.message) for line in lines] == [("info", "hello")]
+    # SIGTERM: it stops and exits 0.
+    await worker.stop()
+    assert worker.process is not None and worker.process.returncode == 0, worker.log()
 
 
 async def test_a_node_task_waits_for_a_python_child_with_trigger_and_wait(
