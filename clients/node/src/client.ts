@@ -8,12 +8,12 @@ import { durationFromMs, timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { type Client as ConnectClient, type Transport, createClient } from "@connectrpc/connect";
 
 import { type DurationLike, toMs } from "./durations.js";
-import { ConfigurationError, fromCallError } from "./errors.js";
+import { ConfigurationError, RunplaneError, fromCallError } from "./errors.js";
 import { AuthService } from "./gen/runplane/v1/auth_service_pb.js";
 import { MetaService } from "./gen/runplane/v1/meta_service_pb.js";
 import { QueueService } from "./gen/runplane/v1/queue_service_pb.js";
 import { RealtimeService } from "./gen/runplane/v1/realtime_service_pb.js";
-import { RunStatus as RunStatusPb, type Run as RunPb } from "./gen/runplane/v1/run_pb.js";
+import { type LogEntry, RunStatus as RunStatusPb, type Run as RunPb } from "./gen/runplane/v1/run_pb.js";
 import { RunService } from "./gen/runplane/v1/run_service_pb.js";
 import { ScheduleService } from "./gen/runplane/v1/schedule_service_pb.js";
 import { VersionService, type WorkerVersion as WorkerVersionPb } from "./gen/runplane/v1/version_service_pb.js";
@@ -23,6 +23,7 @@ import {
   type BatchHandle,
   type Queue,
   type Run,
+  type RunErrorInfo,
   type RunHandle,
   type RunStatus,
   type Schedule,
@@ -31,6 +32,7 @@ import {
   batchFromPb,
   date,
   queueFromPb,
+  runError,
   runFromPb,
   scheduleFromPb,
   toJson,
@@ -114,6 +116,32 @@ function versionFromPb(v: WorkerVersionPb): WorkerVersion {
     executors: v.executors,
     activeRuns: Number(v.activeRuns),
   };
+}
+
+function logLine(e: LogEntry): LogLine {
+  return {
+    runId: e.runId,
+    attemptId: e.attemptId,
+    attemptNumber: e.attemptNumber,
+    level: e.level,
+    message: e.message,
+    attributes: (e.attributes ? JSON.parse(e.attributes) : {}) as Record<string, unknown>,
+    time: date(e.time),
+  };
+}
+
+/** A run's waterfall (`client.runs.timeline`). */
+export interface RunTimeline {
+  run: Run;
+  attempts: { id: string; number: number; status: string; createdAt: Date | null; startedAt: Date | null; finishedAt: Date | null; error: RunErrorInfo | null }[];
+  /** kind: DURATION, TOKEN or BATCH; status: PENDING or COMPLETED. */
+  waits: { id: string; kind: string; status: string; attemptNumber: number; startedAt: Date | null; finishedAt: Date | null; target: string; dueAt: Date | null; childRunIds: string[] }[];
+  /** kind: QUEUED or DELAYED. */
+  queueIntervals: { kind: string; startedAt: Date | null; finishedAt: Date | null }[];
+  children: Run[];
+  logs: LogLine[];
+  /** More log lines exist than `logs` has (page through `runs.logs`). */
+  logsTruncated: boolean;
 }
 
 function list<T>(value: T | T[] | undefined): T[] {
@@ -339,24 +367,53 @@ export class RunsAPI extends Namespace {
     let pageToken = "";
     do {
       const reply = await call(this.client.rpc.runs.listRunLogs({ runId, pageToken }, this.client.callOptions));
-      for (const e of reply.entries) {
-        yield {
-          runId: e.runId,
-          attemptId: e.attemptId,
-          attemptNumber: e.attemptNumber,
-          level: e.level,
-          message: e.message,
-          attributes: (e.attributes ? JSON.parse(e.attributes) : {}) as Record<string, unknown>,
-          time: date(e.time),
-        };
-      }
+      for (const e of reply.entries) yield logLine(e);
       pageToken = reply.nextPageToken;
     } while (pageToken);
   }
 
-  /** The run's waterfall (attempts, waits, queue intervals, children, logs), as the API gives it. */
-  async timeline(runId: string) {
-    return call(this.client.rpc.runs.getRunTimeline({ runId }, this.client.callOptions));
+  /** The run's waterfall: its attempts, waits, queue intervals, child runs and log lines. */
+  async timeline(runId: string): Promise<RunTimeline> {
+    const t = await call(this.client.rpc.runs.getRunTimeline({ runId }, this.client.callOptions));
+    return {
+      run: runFromPb(t.run as RunPb),
+      attempts: t.attempts.map((a) => ({
+        id: a.id,
+        number: a.number,
+        status: a.status,
+        createdAt: date(a.createdAt),
+        startedAt: date(a.startedAt),
+        finishedAt: date(a.finishedAt),
+        error: runError(a.error),
+      })),
+      waits: t.waits.map((w) => ({
+        id: w.id,
+        kind: w.kind,
+        status: w.status,
+        attemptNumber: w.attemptNumber,
+        startedAt: date(w.startedAt),
+        finishedAt: date(w.finishedAt),
+        target: w.target,
+        dueAt: date(w.dueAt),
+        childRunIds: [...w.childRunIds],
+      })),
+      queueIntervals: t.queueIntervals.map((i) => ({ kind: i.kind, startedAt: date(i.startedAt), finishedAt: date(i.finishedAt) })),
+      children: t.children.map(runFromPb),
+      logs: t.logs.map(logLine),
+      logsTruncated: t.logsTruncated,
+    };
+  }
+
+  /** Retrieve the run every `intervalMs` (1 s) until it is final; after `timeoutMs` (default:
+   * no limit) a RunplaneError naming its status. */
+  async poll(runId: string, options: { intervalMs?: number; timeoutMs?: number } = {}): Promise<Run> {
+    const deadline = Date.now() + (options.timeoutMs ?? Number.POSITIVE_INFINITY);
+    for (;;) {
+      const run = await this.retrieve(runId);
+      if (run.isFinal) return run;
+      if (Date.now() >= deadline) throw new RunplaneError(`run ${runId} is still ${run.status}`);
+      await new Promise((resolve) => setTimeout(resolve, options.intervalMs ?? 1000));
+    }
   }
 
   /** The run's current state, then every change in order, ending after its final status. */

@@ -10,6 +10,7 @@ export {
   type TaskBatchItem,
   type ListRunsFilter,
   type LogLine,
+  type RunTimeline,
   type StreamChunk,
   type WorkerVersion,
   type CreateScheduleOptions,

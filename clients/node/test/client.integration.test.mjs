@@ -94,7 +94,13 @@ describe("runs", { skip }, () => {
     assert.deepEqual((await finalRun(replay.id)).output, { doubled: 6, parent: null });
     assert.ok(Array.isArray(await collect(client.runs.logs(done.id))));
     const timeline = await client.runs.timeline(done.id);
-    assert.equal(timeline.attempts.length, 1);
+    assert.equal(timeline.run.id, done.id);
+    assert.deepEqual(
+      timeline.attempts.map((a) => [a.number, a.status]),
+      [[1, "COMPLETED"]],
+    );
+    assert.ok(timeline.attempts[0].finishedAt instanceof Date);
+    assert.equal((await client.runs.poll(done.id, { intervalMs: 50 })).status, "COMPLETED");
   });
 
   test("idempotency keys return the same run until reset", async () => {
