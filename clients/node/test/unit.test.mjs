@@ -28,6 +28,41 @@ import { MetadataBuffer } from "../dist/worker/metadata.js";
 import { AsyncQueue } from "../dist/worker/queue.js";
 import { traceIds } from "../dist/worker/worker.js";
 
+test("the public names are frozen: a change here is an API change", async () => {
+  const names = Object.keys(await import("../dist/index.js")).sort();
+  assert.deepEqual(names, [
+    "AbortTaskRunError",
+    "AlreadyExistsError",
+    "ApiError",
+    "Client",
+    "ConfigurationError",
+    "FINAL_STATUSES",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "PROTOCOL_VERSION",
+    "PermissionDeniedError",
+    "Result",
+    "RunplaneError",
+    "TaskRunError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "WaitpointTimeoutError",
+    "Worker",
+    "batchTriggerAndWait",
+    "closeClient",
+    "configure",
+    "logger",
+    "metadata",
+    "startWorker",
+    "task",
+    "toMs",
+    "trigger",
+    "triggerAndWait",
+    "wait",
+  ]);
+});
+
 describe("durations", () => {
   test("numbers are seconds; text has units", () => {
     assert.equal(toMs(1.5), 1500);
