@@ -10,6 +10,7 @@ setup:
 
 gen:
 	$(PY) scripts/gen_protos.py
+	node clients/node/scripts/gen.mjs
 
 # ruff (with the SLF and os.environ rules), the import contracts of ARCHITECTURE.md, and the protos:
 # buf lint, buf format, and buf breaking against protos/baseline.binpb (the last accepted API).
@@ -31,6 +32,7 @@ typecheck:
 
 check-gen:
 	$(PY) scripts/gen_protos.py --check
+	node clients/node/scripts/gen.mjs --check
 
 # Runs the PostgreSQL variants too (tests marked `postgres`); with CI set they fail, not skip,
 # when PostgreSQL is unreachable. Three workers for most tests (they mostly wait on services);

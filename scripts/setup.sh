@@ -11,6 +11,7 @@
 #   3. .venv with `pip install -e '.[dev]'`, redone only when pyproject.toml or the set of
 #      top-level packages under sdk/ and services/ changed (the editable finder maps top-level names).
 #   4. buf from npm (node_modules/.bin/buf), when missing or another version.
+#   Then clients/node (Node >= 20): npm ci and npm run build (skipped with a warning without node).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -162,18 +163,22 @@ else
     warn "[4/4] npm not found: buf not installed, so \`make lint\` cannot check protos"
 fi
 
-# --- Node.js client (clients/node): its gRPC dependencies, from the committed lock file ----------
+# --- Node.js package (clients/node): its dependencies from the committed lock file, then tsc --------
 if command -v node >/dev/null && command -v npm >/dev/null; then
     node_major=$(node -p 'process.versions.node.split(".")[0]')
-    if ((node_major < 18)); then
-        warn "node $(node --version) is older than 18: clients/node not installed"
-    elif [[ -d clients/node/node_modules/@grpc/grpc-js && clients/node/node_modules/.package-lock.json -nt clients/node/package-lock.json ]]; then
-        step "clients/node: dependencies present"
+    if ((node_major < 20)); then
+        warn "node $(node --version) is older than 20: clients/node not installed"
     else
-        step "clients/node: npm ci ($(node --version))"
-        (cd clients/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci in clients/node failed"
+        if [[ -d clients/node/node_modules/@connectrpc/connect-node && clients/node/node_modules/.package-lock.json -nt clients/node/package-lock.json ]]; then
+            step "clients/node: dependencies present"
+        else
+            step "clients/node: npm ci ($(node --version))"
+            (cd clients/node && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || die "npm ci in clients/node failed"
+        fi
+        step "clients/node: npm run build (tsc to clients/node/dist)"
+        (cd clients/node && npm run --silent build) || die "npm run build in clients/node failed"
     fi
 else
-    warn "node/npm not found: the Node.js client (clients/node) is not installed"
+    warn "node/npm not found: the Node.js package (clients/node) is not installed"
 fi
 step "done"

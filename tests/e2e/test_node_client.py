@@ -1,47 +1,29 @@
-"""The Node.js client (clients/node) against a real cluster: another language on the same gRPC
-API, with the protos loaded at runtime."""
+"""The Node.js package (clients/node) against a real cluster: its whole ``node --test`` suite (unit
+tests, the worker against a scripted scheduler, and the client's integration tests: every
+namespace, realtime subscriptions, streams and a worker in the test process), with this
+cluster's addresses and keys."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import pytest
 
-from tests.helpers.cluster import ROOT, Cluster
+from tests.helpers.cluster import Cluster
+from tests.helpers.node import node_env, node_test_files, run_node_tests, summary
 from tests.helpers.reflection import list_services
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-NODE_CLIENT = ROOT / "clients" / "node"
-
-
-CLUSTER_TASKS = "tests.e2e.realtime_tasks"
+CLUSTER_TASKS = "tests.e2e.node_tasks"
 
 
-async def test_the_node_client_triggers_follows_and_reads_a_stream(cluster: Cluster) -> None:
-    node = shutil.which("node")
-    if node is None or not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").exists():
-        pytest.fail("node or clients/node/node_modules missing: run scripts/setup.sh")
-    env = {
-        **cluster.env,
-        "RUNPLANE_API_URL": cluster.api_url,
-        "RUNPLANE_REALTIME_URL": cluster.realtime_url,
-        "RUNPLANE_SECRET_KEY": cluster.keys["dev"],
-    }
-    proc = await asyncio.create_subprocess_exec(
-        node,
-        "test.mjs",
-        cwd=NODE_CLIENT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, (
-        f"stdout:\n{out.decode()}\nstderr:\n{err.decode()}\n{cluster.logs()}"
-    )
-    assert out.decode().startswith("ok: run_")
+async def test_the_node_suite_passes_against_a_live_cluster(cluster: Cluster) -> None:
+    code, out = await run_node_tests(node_env(cluster), *node_test_files())
+    assert code == 0, f"{out}\n{cluster.logs()}"
+    # Nothing skipped: the integration tests found the cluster.
+    counts = summary(out)
+    assert counts["pass"] == counts["tests"] > 20 and counts["skipped"] == 0, out
 
 
 async def test_every_process_lists_its_services_through_reflection(cluster: Cluster) -> None:

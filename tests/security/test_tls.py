@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
+import re
 import stat
 import subprocess
 import sys
@@ -30,9 +30,8 @@ from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
 from tests.helpers.cluster import ROOT, Cluster
+from tests.helpers.node import node_env, run_node_tests, summary
 from tests.helpers.wait import eventually
-
-NODE_CLIENT = ROOT / "clients" / "node"
 
 
 @pytest.fixture
@@ -90,7 +89,7 @@ async def tls_cluster(
         tmp_path,
         nats_server.url,
         f"sqlite+aiosqlite:///{tmp_path / 'runplane.db'}",
-        tasks=["examples.waits", "tests.e2e.realtime_tasks"],  # the latter for the Node client
+        tasks=["examples.waits", "tests.e2e.node_tasks"],  # the latter for the Node package
         env=env,
     )
     await c.start()
@@ -163,33 +162,22 @@ async def test_a_cluster_over_tls_runs_a_task_followed_by_the_sdk_and_sse(
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(150)
-async def test_the_node_client_speaks_tls(tls_cluster: Cluster) -> None:
-    node = shutil.which("node")
-    if node is None or not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").exists():
-        pytest.fail("node or clients/node/node_modules missing: run scripts/setup.sh")
+@pytest.mark.timeout(240)
+async def test_the_node_package_speaks_tls(tls_cluster: Cluster) -> None:
+    """The Node package's integration suite (client, realtime, and a worker over
+    WorkerService.Connect) with the cluster's CA (and, for mutual TLS, its certificate)."""
     cluster = tls_cluster
-    env = {
-        **cluster.env,  # RUNPLANE_TLS_*: the CA, and a certificate for mutual TLS
-        "RUNPLANE_API_URL": cluster.api_url,
-        "RUNPLANE_REALTIME_URL": cluster.realtime_url,
-        "RUNPLANE_SECRET_KEY": cluster.keys["dev"],
-    }
-    proc = await asyncio.create_subprocess_exec(
-        node, "test.mjs", cwd=NODE_CLIENT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode == 0, f"stdout:\n{out.decode()}\nstderr:\n{err.decode()}"
-    assert out.decode().startswith("ok: run_")
-    # Without the CA it speaks plaintext, which the cluster refuses.
+    env = node_env(cluster)  # RUNPLANE_TLS_*: the CA, and a certificate for mutual TLS
+    code, out = await run_node_tests(env, "test/client.integration.test.mjs")
+    counts = summary(out)
+    assert code == 0 and counts["skipped"] == 0 and counts["pass"] > 10, out
+    # Without the CA it speaks plaintext, which the cluster refuses: the HTTP/2 connection is
+    # closed under the call (connect-node reports CANCELLED, grpc-js UNAVAILABLE).
     del env["RUNPLANE_TLS_CA"]
-    proc = await asyncio.create_subprocess_exec(
-        node, "test.mjs", cwd=NODE_CLIENT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode != 0 and "UNAVAILABLE" in err.decode(), err.decode()
+    code, out = await run_node_tests(
+        env, "--test-name-pattern=typed errors", "test/client.integration.test.mjs"
+    )
+    assert code != 0 and re.search(r"(UNAVAILABLE|CANCELLED): http/2", out), out
 
 
 @pytest.fixture
