@@ -71,6 +71,9 @@ def payload_schema(t: Task[Any]) -> str:
     return orjson.dumps(schema()).decode() if schema is not None else ""
 
 
+# The longest wait between two tries to reach the scheduler (seconds).
+RECONNECT_BACKOFF_CAP = 1.0
+
 # Messages about attempts that must reach the scheduler: kept while disconnected, sent on reconnect.
 REPORTS = ("started", "result", "metadata", "logs", "wait")
 # An admin call's key, once the scheduler accepted it, is not asked about again for this long:
@@ -442,7 +445,10 @@ class Executor:
             self.connected = False
             log.info("reconnecting to the scheduler in %.1f s", backoff)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            # Capped well below a lease: after a scheduler restart the attempts this executor
+            # runs are only its own again once it reconnects and claims them, and a reconnect
+            # that waited past the lease would see them run a second time elsewhere.
+            backoff = min(backoff * 2, RECONNECT_BACKOFF_CAP)
 
     async def _session(self) -> None:
         outgoing: asyncio.Queue[wpb.ConnectRequest | None] = asyncio.Queue()

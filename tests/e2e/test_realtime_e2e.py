@@ -25,6 +25,7 @@ from runplane_scheduler.keys import PublicTokens
 from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
+from tests.helpers.registration import register_tasks
 from tests.helpers.wait import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -406,6 +407,7 @@ async def test_a_secret_key_of_one_environment_sees_nothing_of_another(cluster: 
         await runplane.Stream[str]("tokens", prod).append("x", target=handle.id)
     seen = Seen()
     follower = asyncio.create_task(_follow_tag(prod, "env-test", seen))
+    await register_tasks(cluster.api_url, cluster.worker_keys["prod"], ("not-deployed",))
     marker = await prod.tasks.trigger("not-deployed", {}, tags=["env-test"])
     await eventually(lambda: marker.id in seen.versions, timeout=60)
     follower.cancel()

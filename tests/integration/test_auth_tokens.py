@@ -18,6 +18,7 @@ from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import PublicTokens, create_key
 from runplane_scheduler.store import tables as db
+from tests.helpers.registration import register_tasks
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,7 +33,9 @@ async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Schedu
 
 
 async def _client(s: Scheduler, env: str = "dev") -> runplane.Client:
+    """A client of ``env``, where the tasks these tests trigger are known and nobody runs them."""
     key = await create_key(s.engine_db, env)
+    await register_tasks(f"127.0.0.1:{s.port}", await create_key(s.engine_db, env, kind="worker"))
     return runplane.Client(api_url=f"127.0.0.1:{s.port}", secret_key=key)
 
 

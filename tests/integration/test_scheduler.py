@@ -21,6 +21,7 @@ from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
 from runplane_scheduler.store import tables as db
 from tests.helpers.events import stream_events
+from tests.helpers.registration import register_tasks
 from tests.helpers.wait import eventually
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,7 +41,9 @@ async def scheduler(database_url: str, nats_server: Any) -> AsyncIterator[Schedu
 
 
 async def _client(s: Scheduler, env: str = "dev") -> runplane.Client:
+    """A client of ``env``, where the tasks these tests trigger are known and nobody runs them."""
     key = await create_key(s.engine_db, env, execute=True)
+    await register_tasks(f"127.0.0.1:{s.port}", key)
     return runplane.Client(api_url=f"127.0.0.1:{s.port}", secret_key=key)
 
 
@@ -141,6 +144,7 @@ async def test_relay_resumes_after_a_crash_between_commit_and_publish(
     first = await _start(database_url, nats_server.url)
     await first.relay.connected.wait()
     client = await _client(first)
+    await eventually(lambda: _outbox_empty(first), timeout=20, description="outbox relayed")
     await nats_server.stop()
     ids = [(await client.tasks.trigger("t", {"i": i})).id for i in range(5)]
     assert await _count(first, db.outbox) == 5  # committed, not yet published

@@ -18,6 +18,7 @@ from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.app import Scheduler
 from runplane_scheduler.keys import create_key
+from tests.helpers.registration import register_in
 from tests.helpers.worker import RawWorker
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,6 +40,7 @@ async def test_json_nested_past_the_depth_limit_is_refused_where_it_enters(
     scheduler: Scheduler,
 ) -> None:
     key = await create_key(scheduler.engine_db, "dev")
+    await register_in(scheduler, "dev", ("t",))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{scheduler.port}") as channel:
         runs = run_service_pb2_grpc.RunServiceStub(channel)
         tokens = waitpoint_service_pb2_grpc.WaitpointServiceStub(channel)

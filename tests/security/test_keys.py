@@ -31,6 +31,7 @@ from runplane_common.auth import MAX_TOKEN_LIFETIME_MS, sign_jwt
 from runplane_common.config import SchedulerSettings
 from runplane_scheduler.app import Scheduler, start_scheduler
 from tests.helpers.cluster import ROOT, Cluster
+from tests.helpers.registration import register_in
 from tests.helpers.wait import eventually
 
 # Within this long of a revocation every service refuses the key (the caches hold 2 s).
@@ -264,6 +265,7 @@ async def test_a_correctly_signed_token_living_over_30_days_is_refused(
 
     api = f"127.0.0.1:{scheduler.port}"
     owner = runplane.Client(api_url=api, secret_key=await make_key(scheduler.engine_db, "dev"))
+    await register_in(scheduler, "dev", ("not-deployed",))
     handle = await owner.tasks.trigger("not-deployed", {})
     env_id = (await owner.runs.retrieve(handle)).raw.environment_id
     now = int(time.time())

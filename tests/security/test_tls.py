@@ -31,6 +31,7 @@ from runplane_scheduler.app import Scheduler, start_scheduler
 from runplane_scheduler.keys import create_key
 from tests.helpers.cluster import ROOT, Cluster
 from tests.helpers.node import node_env, run_node_tests, summary
+from tests.helpers.registration import register_in
 from tests.helpers.wait import eventually
 
 
@@ -209,6 +210,7 @@ async def test_a_tls_scheduler_refuses_a_plaintext_client(
     address = f"127.0.0.1:{s.port}"
     assert await _plaintext_refused(address) is grpc.StatusCode.UNAVAILABLE
     key = await create_key(s.engine_db, "dev")
+    await register_in(s, "dev", ("not-deployed",), TlsSettings(ca=str(certs.ca)))
     plain = runplane.Client(api_url=address, secret_key=key, tls_ca="", tls_cert="", tls_key="")
     with pytest.raises(runplane.UnavailableError):
         await plain.tasks.trigger("not-deployed", None)

@@ -16,6 +16,7 @@ from runplane.v1 import run_service_pb2_grpc
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane_scheduler.app import Scheduler
 from runplane_scheduler.keys import create_key
+from tests.helpers.registration import register_in
 from tests.helpers.worker import RawWorker
 
 pytestmark = pytest.mark.timeout(90)
@@ -49,6 +50,7 @@ async def test_a_trigger_token_may_set_only_tags_metadata_delay_and_ttl(
     scheduler: Scheduler,
 ) -> None:
     key = await create_key(scheduler.engine_db, "dev")
+    await register_in(scheduler, "dev", ("checkout",))
     server = runplane.Client(api_url=f"127.0.0.1:{scheduler.port}", secret_key=key)
     token = await server.auth.create_trigger_public_token("checkout")
     for name, options in FORBIDDEN.items():
@@ -74,6 +76,7 @@ async def test_a_trigger_token_cannot_take_over_a_servers_run(scheduler: Schedul
     """The attack: a browser passes the idempotency key a server used, to replace nothing but
     learn the server's payload and get a read token for its run."""
     key = await create_key(scheduler.engine_db, "dev")
+    await register_in(scheduler, "dev", ("checkout",))
     server = runplane.Client(api_url=f"127.0.0.1:{scheduler.port}", secret_key=key)
     mine = await server.tasks.trigger(
         "checkout", {"card": "4242"}, idempotency_key="order-7", tags=["server"]
