@@ -43,6 +43,7 @@ from runplane_scheduler.store import tables as db
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer
 from tests.helpers.private_postgres import PrivatePostgres
+from tests.helpers.registration import register_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -428,6 +429,7 @@ async def _scheduler_on(
         )
     )
     key = await create_key(scheduler.engine_db, "dev")
+    await register_in(scheduler, "dev", (TASK,))  # known, with nobody to run it
     return scheduler, runplane.Client(api_url=f"127.0.0.1:{scheduler.port}", secret_key=key)
 
 
