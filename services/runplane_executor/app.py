@@ -256,12 +256,12 @@ def _http_port(executor: Executor) -> _HttpPort | None:
         missing = (error.name or "").partition(".")[0]
         if missing not in _HTTP_PACKAGES:
             raise
-        why = f'{missing} is not installed (pip install "runplane[server]")'
+        why = f'the server extra ({missing} is not installed): pip install "runplane[server]"'
         if executor.settings.http_listen:
             raise ConfigurationError(
-                f"RUNPLANE_EXECUTOR_HTTP_LISTEN is set but the executor's HTTP port needs {why}"
+                f"RUNPLANE_EXECUTOR_HTTP_LISTEN is set, but the executor's HTTP port needs {why}"
             ) from None
-        log.info("executor HTTP port (/metrics, /healthz, /readyz) off: %s", why)
+        log.info("executor HTTP port (/metrics, /healthz, /readyz) off: it needs %s", why)
         return None
     return probe_server(executor.counts, executor, executor.not_ready)
 

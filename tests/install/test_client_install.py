@@ -182,6 +182,21 @@ async def test_a_client_only_install_triggers_and_follows_a_run(
         assert 'pip install "runplane[server]"' in result.stderr, result.stderr
         assert result.stdout == ""
 
+    # An executor asked for its HTTP port, which needs the extra, says so before it connects.
+    result = _run(
+        [cli, "executor", "--processes", "1", "--tasks", "install_tasks"],
+        cwd=work,
+        env=_client_env(
+            PYTHONPATH=str(work),
+            RUNPLANE_WORKER_KEY="rp_dev_unused",
+            RUNPLANE_EXECUTOR_HTTP_LISTEN="127.0.0.1:0",
+        ),
+        timeout=60,
+    )
+    assert result.returncode == 2, result
+    assert "RUNPLANE_EXECUTOR_HTTP_LISTEN" in result.stderr, result.stderr
+    assert 'pip install "runplane[server]"' in result.stderr, result.stderr
+
     _step("starting scheduler and realtime, and the executor from the client install", started)
     cluster = Cluster(
         tmp_path,
