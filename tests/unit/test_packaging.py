@@ -5,13 +5,16 @@ constraints.txt pins every dependency CI installs."""
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import tomllib
 from pathlib import Path
+from typing import Any
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from runplane_cli.main import SERVER_PACKAGES
+from runplane_cli.main import SERVER_COMMANDS, SERVER_PACKAGES, main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -63,3 +66,25 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
         version = pins.get(canonicalize_name(requirement.name))
         assert version is not None, f"constraints.txt does not pin {requirement.name}"
         assert requirement.specifier.contains(version, prereleases=True), (requirement, version)
+
+
+@pytest.mark.parametrize("command", sorted(SERVER_COMMANDS))
+def test_a_service_command_without_the_server_extra_says_what_to_install(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As if asyncpg were not installed (tests/install checks a real client-only install).
+    find_spec = importlib.util.find_spec
+
+    def without_asyncpg(name: str, *args: Any) -> Any:
+        return None if name == "asyncpg" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_asyncpg)
+    argv = {"dev": ["dev", "--tasks", "app"], "keys": ["keys", "ls"], "db": ["db", "upgrade"]}
+    with pytest.raises(SystemExit) as exited:
+        main(argv.get(command, [command]))
+    assert exited.value.code == 2
+    assert capsys.readouterr() == (
+        "",
+        f"runplane: `runplane {command}` needs the server extra (asyncpg is not installed): "
+        'pip install "runplane[server]"\n',
+    )
