@@ -8,8 +8,9 @@
 #      `host all all 127.0.0.1/32 trust` (and ::1/128) to pg_hba.conf, marked "runplane:" — loopback
 #      only, for a development/CI machine; then creates database `test` when missing.
 #      Skipped when RUNPLANE_TEST_POSTGRES_URL points the tests elsewhere.
-#   3. .venv with `pip install -e '.[dev]'`, redone only when pyproject.toml or the set of
-#      top-level packages under sdk/ and services/ changed (the editable finder maps top-level names).
+#   3. .venv with `pip install -c constraints.txt -e '.[server,dev]'` (the exact versions CI tests),
+#      redone only when pyproject.toml, constraints.txt or the set of top-level packages under sdk/
+#      and services/ changed (the editable finder maps top-level names).
 #   4. buf from npm (node_modules/.bin/buf), when missing or another version.
 #   Then clients/node (Node >= 20): npm ci and npm run build (skipped with a warning without node).
 set -euo pipefail
@@ -135,16 +136,17 @@ fi
 stamp=.venv/.runplane-install-stamp
 wanted=$(
     {
-        sha256sum pyproject.toml
+        sha256sum pyproject.toml constraints.txt
         ls -d sdk/*/ services/*/ 2>/dev/null
         readlink -f .venv/bin/python
     } | sha256sum | cut -d' ' -f1
 )
 if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
-    step "[3/4] .venv: runplane installed (pyproject.toml unchanged)"
+    step "[3/4] .venv: runplane installed (pyproject.toml and constraints.txt unchanged)"
 else
-    step "[3/4] .venv: pip install -e '.[dev]' (log in .venv/pip-install.log)"
-    if ! .venv/bin/python -m pip install --disable-pip-version-check -q -e '.[dev]' >.venv/pip-install.log 2>&1; then
+    step "[3/4] .venv: pip install -c constraints.txt -e '.[server,dev]' (log in .venv/pip-install.log)"
+    if ! .venv/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+        -e '.[server,dev]' >.venv/pip-install.log 2>&1; then
         tail -n 40 .venv/pip-install.log >&2
         die "pip install failed (full log: .venv/pip-install.log)"
     fi

@@ -1,23 +1,48 @@
 """The ``runplane`` command line: the parser, and the commands that talk to the API through the
 SDK's client. The service commands import their service only when run, so ``runplane trigger``
-does not load the scheduler, SQLAlchemy or the task modules."""
+does not load the scheduler, SQLAlchemy or the task modules, and works with ``pip install
+runplane`` alone; the service commands (:data:`SERVER_COMMANDS`) need the ``server`` extra and
+say so in one line when it is missing."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from runplane import ApiError, Client, ConfigurationError, RunplaneError, RunStatus
 from runplane.worker import run_async
 from runplane_cli import fail
+
+T = TypeVar("T")
+
+# The commands that run or manage the services, and the import names of the packages of the
+# `server` extra (pyproject.toml) they need.
+SERVER_COMMANDS = frozenset({"dev", "scheduler", "realtime", "dashboard", "keys", "db"})
+SERVER_PACKAGES = (
+    "sqlalchemy",
+    "alembic",
+    "aiosqlite",
+    "asyncpg",
+    "nats",
+    "jsonschema",
+    "aiohttp",
+    "prometheus_client",
+    "cryptography",
+)
+
+
+def missing_server_package() -> str | None:
+    """The first package of the server extra that is not installed; None when all are."""
+    return next((name for name in SERVER_PACKAGES if importlib.util.find_spec(name) is None), None)
 
 
 def _parse_json(text: str, what: str) -> Any:
@@ -99,12 +124,15 @@ async def _runs(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([_run_dict(run) async for run in runs])
             return 0
-        print(f"{'RUN':<30} {'TASK':<24} {'STATUS':<15} {'CREATED':<25}  VERSION")
-        async for run in runs:
+
+        def row(run: Any) -> None:
             created = run.created_at.isoformat(timespec="seconds") if run.created_at else ""
             version = run.worker_version or "-"
             status = _color(f"{run.status:<15}", run.status)
             print(f"{run.id:<30} {run.task_id:<24} {status} {created:<25}  {version}")
+
+        header = f"{'RUN':<30} {'TASK':<24} {'STATUS':<15} {'CREATED':<25}  VERSION"
+        await _table(header, runs, row)
         return 0
     if args.runs_command == "show":
         _print_json(_run_dict(await client.runs.retrieve(args.run_id)))
@@ -128,6 +156,19 @@ async def _runs(args: argparse.Namespace) -> int:
                 _print_run(run)
         return 0
     return fail(f"unknown runs command {args.runs_command}")
+
+
+async def _table(header: str, items: AsyncIterable[T], row: Callable[[T], None]) -> None:
+    """``header``, then a ``row`` per item: the header only once the first page has come, so a
+    listing that fails (no key, no scheduler) prints its error alone."""
+    iterator = aiter(items)
+    first = await anext(iterator, None)
+    print(header)
+    if first is None:
+        return
+    row(first)
+    async for item in iterator:
+        row(item)
 
 
 async def _logs(client: Client, run_id: str, follow: bool) -> int:
@@ -237,11 +278,14 @@ async def _queues(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([_run_dict(q) async for q in client.queues.list()])
             return 0
-        print(f"{'QUEUE':<32} {'RUNNING':>7} {'QUEUED':>7} {'LIMIT':>6}  STATE")
-        async for q in client.queues.list():
+
+        def row(q: Any) -> None:
             limit = str(q.concurrency_limit) if q.concurrency_limit else "-"
             state = "paused" if q.paused else "active"
             print(f"{q.name:<32} {q.running:>7} {q.queued:>7} {limit:>6}  {state}")
+
+        header = f"{'QUEUE':<32} {'RUNNING':>7} {'QUEUED':>7} {'LIMIT':>6}  STATE"
+        await _table(header, client.queues.list(), row)
         return 0
     if args.queues_command == "pause":
         q = await client.queues.pause(args.queue)
@@ -268,11 +312,10 @@ async def _schedules(args: argparse.Namespace) -> int:
         if args.json:
             _print_json([_run_dict(schedule) async for schedule in api.list(task=args.task)])
             return 0
-        print(
+        header = (
             f"{'SCHEDULE':<30}  {'TASK':<24} {'CRON':<18} {'TIMEZONE':<20} {'STATE':<8} NEXT  TYPE"
         )
-        async for schedule in api.list(task=args.task):
-            _print_schedule(schedule)
+        await _table(header, api.list(task=args.task), _print_schedule)
         return 0
     if command == "create":
         _print_schedule(
@@ -489,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in SERVER_COMMANDS and (missing := missing_server_package()):
+        return fail(
+            f"`runplane {args.command}` needs the server extra ({missing} is not installed): "
+            'pip install "runplane[server]"'
+        )
     # Each service command imports its service here: the others need none of it.
     if args.command == "dev":
         from runplane_cli.dev import run_dev

@@ -9,11 +9,12 @@ import hashlib
 import hmac
 import logging
 import signal
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import orjson
@@ -55,10 +56,9 @@ from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
-from runplane_common.metrics import Probes, ProbeServer, new_registry
 from runplane_common.protocol import WORKER_PROTOCOL_VERSION
 from runplane_executor import waits
-from runplane_executor.metrics import ExecutorMetrics
+from runplane_executor.counts import ExecutorCounts
 from runplane_executor.pool import ProcessPool
 from runplane_executor.starts import HeldStarts
 
@@ -241,6 +241,34 @@ def logs_message(entries: list[dict[str, Any]]) -> wpb.ConnectRequest:
     return wpb.ConnectRequest(logs=batch)
 
 
+class _HttpPort(Protocol):
+    async def start(self, listen: str, ssl_context: ssl.SSLContext | None = None) -> int: ...
+    async def stop(self) -> None: ...
+
+
+# What the executor's HTTP port needs beyond `pip install runplane`: the server extra's.
+_HTTP_PACKAGES = ("aiohttp", "prometheus_client")
+
+
+def _http_port(executor: Executor) -> _HttpPort | None:
+    """The executor's /metrics, /healthz and /readyz port; None without the server extra (an
+    error when RUNPLANE_EXECUTOR_HTTP_LISTEN asks for the port)."""
+    try:
+        from runplane_executor.metrics import probe_server
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").partition(".")[0]
+        if missing not in _HTTP_PACKAGES:
+            raise
+        why = f'the server extra ({missing} is not installed): pip install "runplane[server]"'
+        if executor.settings.http_listen:
+            raise ConfigurationError(
+                f"RUNPLANE_EXECUTOR_HTTP_LISTEN is set, but the executor's HTTP port needs {why}"
+            ) from None
+        log.info("executor HTTP port (/metrics, /healthz, /readyz) off: it needs %s", why)
+        return None
+    return probe_server(executor.counts, executor, executor.not_ready)
+
+
 class Executor:
     def __init__(self, settings: ExecutorSettings) -> None:
         if not settings.secret_key:
@@ -278,10 +306,9 @@ class Executor:
         self._task: asyncio.Task[None] | None = None
         self.server = Server(authenticate=self.authenticate_admin, tls=settings.tls)
         self.port = 0
-        # /metrics, /healthz and /readyz on an HTTP port of its own; a registry per instance.
-        self.registry = new_registry()
-        self.metrics = ExecutorMetrics(self.registry, self)
-        self.http = ProbeServer(Probes(self.registry, self.not_ready))
+        self.counts = ExecutorCounts()
+        # /metrics, /healthz and /readyz on an HTTP port of its own, with the server extra.
+        self.http = _http_port(self)
         self.http_url = ""
 
     async def start(self) -> None:
@@ -300,12 +327,13 @@ class Executor:
         )
         self.port = await self.server.start(self.settings.listen)
         tls = self.settings.tls
-        http_listen = self.settings.http_listen or "127.0.0.1:0"
-        http_port = await self.http.start(
-            http_listen, tls.server_ssl_context() if tls.serves_tls else None
-        )
-        scheme = "https" if tls.serves_tls else "http"
-        self.http_url = f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
+        if self.http is not None:
+            http_listen = self.settings.http_listen or "127.0.0.1:0"
+            http_port = await self.http.start(
+                http_listen, tls.server_ssl_context() if tls.serves_tls else None
+            )
+            scheme = "https" if tls.serves_tls else "http"
+            self.http_url = f"{scheme}://{http_listen.rsplit(':', 1)[0]}:{http_port}"
         self._task = asyncio.create_task(self._connect_forever(), name="scheduler-stream")
 
     async def stop(self) -> None:
@@ -313,7 +341,8 @@ class Executor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.server.stop(grace=1.0)
-        await self.http.stop()
+        if self.http is not None:
+            await self.http.stop()
         await self.pool.stop()
 
     # What the metrics read (runplane_executor.metrics.ExecutorState).
@@ -406,7 +435,7 @@ class Executor:
             case Started(attempt_id=attempt_id):
                 self.starts.started(attempt_id)
             case Result(attempt_id=attempt_id, result=result):
-                self.metrics.finished(result)
+                self.counts.finished(result)
                 message = result_message(attempt_id, result)
                 started_at = self.starts.ended(attempt_id)
                 if started_at is not None:
@@ -430,7 +459,7 @@ class Executor:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as error:
-                self.metrics.stream_failed()
+                self.counts.stream_failed()
                 if error.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
@@ -440,7 +469,7 @@ class Executor:
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
             except Exception:
-                self.metrics.stream_failed()
+                self.counts.stream_failed()
                 log.exception("scheduler stream failed")
             self.connected = False
             log.info("reconnecting to the scheduler in %.1f s", backoff)
@@ -509,7 +538,7 @@ class Executor:
                                 wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
                             )
                             continue
-                        self.metrics.assigned()
+                        self.counts.assigned()
                         self.starts.assigned(a.attempt_id)
                         self.pool.submit(
                             assignment_to_attempt(
@@ -582,7 +611,8 @@ async def _serve(settings: ExecutorSettings) -> None:
     executor = Executor(settings)
     await executor.start()
     log.info("executor status service on 127.0.0.1:%d", executor.port)
-    log.info("executor HTTP (/metrics, /healthz, /readyz) on %s", executor.http_url)
+    if executor.http_url:
+        log.info("executor HTTP (/metrics, /healthz, /readyz) on %s", executor.http_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

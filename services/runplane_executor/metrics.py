@@ -1,4 +1,6 @@
-"""The executor's Prometheus series (see :mod:`runplane_common.metrics` for the routes):
+"""The executor's Prometheus series (see :mod:`runplane_common.metrics` for the routes), read
+from its :class:`~runplane_executor.counts.ExecutorCounts` and its state at scrape time. Needs
+the ``server`` extra (prometheus-client, aiohttp): without it the executor has no HTTP port.
 
 runplane_executor_connected                      1 while registered with the scheduler
 runplane_executor_slots                          its capacity (concurrent attempts)
@@ -14,25 +16,22 @@ runplane_executor_stream_errors_total            scheduler streams that ended in
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from runplane.worker import AttemptResult
-from runplane_common.metrics import Snapshot, counter, gauge
-
-OUTCOMES = ("ok", "error", "canceled", "timed_out", "out_of_memory", "lost")
-
-
-def outcome(result: AttemptResult) -> str:
-    """How an attempt ended, one of :data:`OUTCOMES`."""
-    for flag in ("canceled", "timed_out", "out_of_memory", "lost"):
-        if result.get(flag):
-            return flag
-    return "ok" if "output" in result else "error"
+from runplane_common.metrics import (
+    Probes,
+    ProbeServer,
+    Readiness,
+    Snapshot,
+    counter,
+    gauge,
+    new_registry,
+)
+from runplane_executor.counts import OUTCOMES, ExecutorCounts
 
 
 class ExecutorState(Protocol):
@@ -50,25 +49,24 @@ class ExecutorState(Protocol):
     def task_processes(self) -> int: ...
 
 
+def probe_server(counts: ExecutorCounts, state: ExecutorState, ready: Readiness) -> ProbeServer:
+    """The executor's HTTP port (/metrics, /healthz, /readyz), its series in a registry of its
+    own."""
+    registry = new_registry()
+    ExecutorMetrics(registry, counts, state)
+    return ProbeServer(Probes(registry, ready))
+
+
 class ExecutorMetrics:
-    """One executor's series in ``registry``; :meth:`assigned`, :meth:`finished` and
-    :meth:`stream_failed` count events, the rest is read from ``state`` per scrape."""
+    """One executor's series in ``registry``, read per scrape from ``counts`` (the events) and
+    ``state`` (the rest)."""
 
-    def __init__(self, registry: CollectorRegistry, state: ExecutorState) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, counts: ExecutorCounts, state: ExecutorState
+    ) -> None:
+        self._counts = counts
         self._state_of = state
-        self.assignments = 0
-        self.stream_errors = 0
-        self.outcomes: Counter[str] = Counter()
         registry.register(Snapshot(self._state))
-
-    def assigned(self) -> None:
-        self.assignments += 1
-
-    def finished(self, result: AttemptResult) -> None:
-        self.outcomes[outcome(result)] += 1
-
-    def stream_failed(self) -> None:
-        self.stream_errors += 1
 
     def _state(self) -> Iterator[Metric]:
         s = self._state_of
@@ -86,17 +84,17 @@ class ExecutorMetrics:
             "runplane_executor_assignments",
             "Attempts the scheduler assigned to this executor.",
             [],
-            {(): self.assignments},
+            {(): self._counts.assignments},
         )
         yield counter(
             "runplane_executor_attempts_finished",
             "Attempts that ended here, by outcome.",
             ["outcome"],
-            {(o,): self.outcomes[o] for o in OUTCOMES},
+            {(o,): self._counts.outcomes[o] for o in OUTCOMES},
         )
         yield counter(
             "runplane_executor_stream_errors",
             "Streams to the scheduler that ended in an error.",
             [],
-            {(): self.stream_errors},
+            {(): self._counts.stream_errors},
         )

@@ -43,6 +43,22 @@ def _cli(stack: Stack, *args: str, key: str = "dev") -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.parametrize("listing", ["runs", "queues", "schedules", "versions"])
+def test_cli_ls_without_a_key_prints_the_error_alone(listing: str) -> None:
+    # No table header before the error: the key is checked before the first page is asked for.
+    result = subprocess.run(
+        [sys.executable, "-m", "runplane_cli", listing, "ls"],
+        env={**os.environ, "RUNPLANE_API_URL": "127.0.0.1:1", "RUNPLANE_SECRET_KEY": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "no secret key" in _one_clear_line(result)
+
+
 def _one_clear_line(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode != 0, result
     assert "Traceback" not in result.stderr, result.stderr

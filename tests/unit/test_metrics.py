@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from runplane_common.ids import new_id, timestamp_ms
 from runplane_common.metrics import Histograms, Probes, new_registry
-from runplane_executor.metrics import ExecutorMetrics, outcome
+from runplane_executor.counts import ExecutorCounts, outcome
+from runplane_executor.metrics import ExecutorMetrics
 from runplane_scheduler.dispatch import DispatchIndex, ExecutorState
 from runplane_scheduler.metrics import SchedulerMetrics
 from runplane_scheduler.relay import Relay
@@ -285,7 +286,8 @@ class FakeExecutor:
 def test_executor_slots_and_attempt_outcomes() -> None:
     state = FakeExecutor()
     registry = new_registry()
-    metrics = ExecutorMetrics(registry, state)
+    counts = ExecutorCounts()
+    ExecutorMetrics(registry, counts, state)
     assert sample(registry, "runplane_executor_free_slots") == 7
     state.draining = True
     assert sample(registry, "runplane_executor_free_slots") == 0
@@ -293,10 +295,10 @@ def test_executor_slots_and_attempt_outcomes() -> None:
     assert sample(registry, "runplane_executor_free_slots") == 0
     assert sample(registry, "runplane_executor_connected") == 0
     assert sample(registry, "runplane_executor_slots") == 10
-    metrics.assigned()
-    metrics.finished({"output": "{}"})
-    metrics.finished({"error": {"type": "E", "message": "m", "stack_trace": ""}})
-    metrics.finished({"timed_out": True})
+    counts.assigned()
+    counts.finished({"output": "{}"})
+    counts.finished({"error": {"type": "E", "message": "m", "stack_trace": ""}})
+    counts.finished({"timed_out": True})
     assert sample(registry, "runplane_executor_assignments_total") == 1
     for name, count in (("ok", 1), ("error", 1), ("timed_out", 1), ("canceled", 0)):
         assert sample(registry, "runplane_executor_attempts_finished_total", outcome=name) == count
