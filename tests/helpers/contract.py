@@ -152,6 +152,7 @@ class Stack:
             first_only=True,
         )
         assert outcome.code is OK and outcome.responses, str(outcome)
+        assert outcome.responses[0].WhichOneof("message") == "registered", str(outcome)
 
     def stop(self) -> None:
         for channel in self._channels.values():

@@ -135,17 +135,7 @@ def register_queues(stack: Stack, who: str, queues: dict[str, int]) -> None:
         wpb.TaskDefinition(id=f"{name}-task", queue=name, queue_concurrency_limit=limit)
         for name, limit in queues.items()
     ] + [wpb.TaskDefinition(id=t) for t in TRIGGERABLE]
-    outcome = streaming(
-        stack.channel(),
-        CONNECT,
-        [wpb.ConnectRequest(register=wpb.Register(manifest=wpb.Manifest(tasks=tasks), capacity=1))],
-        stack.auth(who),
-        response_type=wpb.ConnectResponse,
-        client_streaming=True,
-        first_only=True,
-    )
-    assert outcome.code is OK and outcome.responses, str(outcome)
-    assert outcome.responses[0].WhichOneof("message") == "registered"
+    stack.register_tasks(who, tasks)
 
 
 # -- runs, schedules and wait tokens ---------------------------------------------------------------
