@@ -153,3 +153,53 @@ test("register, assignments, journaled waits, a reconnect and a cancel, in proto
   assert.equal(canceled[1].attemptId, "att_3");
   assert.equal(canceled[1].canceled, true);
 });
+
+test("a duplicate assignment is acknowledged again and not run twice; a Resume for an unknown attempt is reported lost", { timeout: 10_000 }, async () => {
+  const seen = [];
+  let finish;
+  const finished = new Promise((resolve) => {
+    finish = resolve;
+  });
+  const { server, url } = await scheduler(async function* (_session, next) {
+    await next(); // register
+    yield message("registered", { executorId: "exec_2", sessionToken: "token", heartbeatIntervalMs: 60_000, protocolVersion: 1 });
+    const assignment = { run: run("run_d", "sleepy", { ms: 300 }), attemptId: "att_d", attemptNumber: 1 };
+    yield message("assignment", assignment);
+    for (const m of [await next(), await next()]) seen.push([m.case, m.value.attemptId]); // ack, started
+    yield message("assignment", assignment);
+    const again = await next();
+    seen.push([again.case, again.value.attemptId]);
+    yield message("resume", { attemptId: "att_nobody", results: [{ seq: 1, ok: true, output: "null" }] });
+    const lost = await next();
+    seen.push([lost.case, lost.value.attemptId, lost.value.lost, lost.value.outcome.case]);
+    const result = await next();
+    seen.push([result.case, result.value.attemptId, result.value.outcome.value]);
+    // A barrier: a second run of att_d would have reported by the time this one does.
+    yield message("assignment", { run: run("run_b", "sleepy", { ms: 400 }), attemptId: "att_b", attemptNumber: 1 });
+    for (;;) {
+      const m = await next();
+      seen.push([m.case, m.value.attemptId]);
+      if (m.case === "result" && m.value.attemptId === "att_b") break;
+    }
+    finish();
+    await next(); // until the worker stops
+  });
+  const worker = startWorker({ tasks: [sleepy], apiUrl: url, workerKey: "rp_worker_test", executorId: "exec_2", log: () => {} });
+  after(async () => {
+    await worker.stop();
+    server.close();
+  });
+  await worker.ready;
+  await finished;
+
+  assert.deepEqual(seen, [
+    ["ack", "att_d"],
+    ["started", "att_d"],
+    ["ack", "att_d"],
+    ["result", "att_nobody", true, undefined],
+    ["result", "att_d", '"slept"'],
+    ["ack", "att_b"],
+    ["started", "att_b"],
+    ["result", "att_b"],
+  ]);
+});

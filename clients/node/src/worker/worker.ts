@@ -337,6 +337,13 @@ export class Worker {
         break;
       }
       case "assignment":
+        if (this.attempts.has(m.value.attemptId)) {
+          // A duplicate of an attempt running here: acknowledged again, never run twice
+          // (docs/worker-protocol.md).
+          this.log(`attempt ${m.value.attemptId} assigned again: acknowledged`);
+          this.send({ message: { case: "ack", value: { attemptId: m.value.attemptId } } });
+          break;
+        }
         this.execute(m.value).catch((error: unknown) => {
           this.log(`attempt ${m.value.attemptId} failed in the worker: ${errorInfo(error).stackTrace || String(error)}`);
         });
@@ -346,7 +353,13 @@ export class Worker {
         break;
       case "resume": {
         const attempt = this.attempts.get(m.value.attemptId);
-        attempt?.journal.resume(
+        if (attempt === undefined) {
+          // Not an attempt this worker has (it ended, or was never here): reported lost, so
+          // the scheduler runs it again, replaying its journal.
+          this.send({ message: { case: "result", value: { attemptId: m.value.attemptId, lost: true } } });
+          break;
+        }
+        attempt.journal.resume(
           m.value.results.map((r) => ({
             seq: r.seq,
             ok: r.ok,
