@@ -15,7 +15,17 @@ from runplane.v1 import run_service_pb2 as rpb
 from runplane.v1 import schedule_service_pb2 as spb
 from runplane.v1 import waitpoint_service_pb2 as wspb
 from runplane.v1 import worker_service_pb2 as wpb
-from tests.helpers.contract import KEYS, QUEUE, RUN, SCHED, WAIT, Stack, some_runs, start_stack
+from tests.helpers.contract import (
+    KEYS,
+    QUEUE,
+    RUN,
+    SCHED,
+    WAIT,
+    Stack,
+    register_tasks,
+    some_runs,
+    start_stack,
+)
 from tests.helpers.ports import free_port
 from tests.helpers.worlds import (
     DECLARED,
@@ -27,7 +37,6 @@ from tests.helpers.worlds import (
     RunWorld,
     ScheduleWorld,
     register_queues,
-    register_tasks,
 )
 
 

@@ -136,23 +136,7 @@ class Stack:
 
         if self.tasks:
             for env in ("dev", "prod"):
-                self.register_tasks(env, [wpb.TaskDefinition(id=t) for t in self.tasks])
-
-    def register_tasks(self, who: str, tasks: list[wpb.TaskDefinition]) -> None:
-        """An executor registers ``tasks`` in ``who``'s environment, then goes away: their
-        definitions stay, so runs of them are accepted (and wait in PENDING_VERSION)."""
-        register = wpb.Register(manifest=wpb.Manifest(tasks=tasks), capacity=1)
-        outcome = streaming(
-            self.channel(),
-            CONNECT,
-            [wpb.ConnectRequest(register=register)],
-            self.auth(who),
-            response_type=wpb.ConnectResponse,
-            client_streaming=True,
-            first_only=True,
-        )
-        assert outcome.code is OK and outcome.responses, str(outcome)
-        assert outcome.responses[0].WhichOneof("message") == "registered", str(outcome)
+                register_tasks(self, env, [wpb.TaskDefinition(id=t) for t in self.tasks])
 
     def stop(self) -> None:
         for channel in self._channels.values():
@@ -209,6 +193,22 @@ class Stack:
             return out
 
         return self.run(count())
+
+
+def register_tasks(stack: Stack, who: str, tasks: list[wpb.TaskDefinition]) -> None:
+    """An executor connects with ``tasks``, then goes away (its task definitions stay)."""
+    register = wpb.Register(manifest=wpb.Manifest(tasks=tasks), capacity=1)
+    outcome = streaming(
+        stack.channel(),
+        CONNECT,
+        [wpb.ConnectRequest(register=register)],
+        stack.auth(who),
+        response_type=wpb.ConnectResponse,
+        client_streaming=True,
+        first_only=True,
+    )
+    assert outcome.code is OK and outcome.responses, str(outcome)
+    assert outcome.responses[0].WhichOneof("message") == "registered", str(outcome)
 
 
 def start_stack(

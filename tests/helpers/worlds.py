@@ -24,15 +24,14 @@ from runplane.v1 import worker_service_pb2 as wpb
 from runplane_common import subjects
 from runplane_scheduler.store import tables as db
 from tests.helpers.contract import (
-    CONNECT,
     KEYS,
     OK,
     RUN,
     TRIGGERABLE,
     Calls,
     Stack,
+    register_tasks,
     some_runs,
-    streaming,
     unary,
 )
 
@@ -135,7 +134,7 @@ def register_queues(stack: Stack, who: str, queues: dict[str, int]) -> None:
         wpb.TaskDefinition(id=f"{name}-task", queue=name, queue_concurrency_limit=limit)
         for name, limit in queues.items()
     ] + [wpb.TaskDefinition(id=t) for t in TRIGGERABLE]
-    stack.register_tasks(who, tasks)
+    register_tasks(stack, who, tasks)
 
 
 # -- runs, schedules and wait tokens ---------------------------------------------------------------
@@ -178,21 +177,6 @@ class ScheduleWorld(Calls):
             return out
 
         return self.stack.run(read())
-
-
-def register_tasks(stack: Stack, who: str, tasks: list[wpb.TaskDefinition]) -> None:
-    """An executor connects with ``tasks``, then goes away (its task definitions stay)."""
-    register = wpb.Register(manifest=wpb.Manifest(tasks=tasks), capacity=1)
-    outcome = streaming(
-        stack.channel(),
-        CONNECT,
-        [wpb.ConnectRequest(register=register)],
-        stack.auth(who),
-        response_type=wpb.ConnectResponse,
-        client_streaming=True,
-        first_only=True,
-    )
-    assert outcome.code is OK and outcome.responses, str(outcome)
 
 
 def token_rows(w: ScheduleWorld) -> dict[str, list[tuple[Any, ...]]]:
