@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import importlib
@@ -23,9 +24,10 @@ import sys
 import time
 import traceback
 
+from bench import procmem
 from bench.resp import Redis
 
-KIND = {"W1": "noop", "W2": "noop", "W3": "sleep", "W6": "noop", "warm": "noop"}
+KIND = {"W1": "noop", "W1C": "noop", "W2": "noop", "W3": "sleep", "W6": "noop", "warm": "noop"}
 # W4 and W5 are runplane-only and have their own flow (bench/clients/runplane_w45.py).
 SPECIAL = ("W4", "W5")
 
@@ -44,13 +46,22 @@ async def enqueue_all(
     """Enqueue n tasks; returns (t_first, t_done, ids by index (None = failed), errors, first)."""
     ids: list = [None] * n
     errors, first_err = 0, ""
+    # A sync client library (Celery's delay, Dramatiq's send) gets its calls in flight the way
+    # an app using it would: from that many threads.
+    pool = None
+    if conc > 1 and hasattr(client, "enqueue_sync"):
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=conc)
+    loop = asyncio.get_running_loop()
     t0 = time.time()
 
     async def one(i: int) -> None:
         nonlocal errors, first_err
         t = time.time()  # the task's t_enq: right before its enqueue call
         try:
-            ids[i] = await client.enqueue(kind, key, i, t)
+            if pool is not None:
+                ids[i] = await loop.run_in_executor(pool, client.enqueue_sync, kind, key, i, t)
+            else:
+                ids[i] = await client.enqueue(kind, key, i, t)
         except Exception as e:  # count, keep going: a lost task fails the run anyway
             errors += 1
             first_err = first_err or repr(e)
@@ -99,6 +110,8 @@ async def enqueue_all(
             break
     if pending:
         await asyncio.gather(*pending)
+    if pool is not None:
+        pool.shutdown()
     return t0, time.time(), ids, errors, first_err
 
 
@@ -152,6 +165,11 @@ async def amain(a: argparse.Namespace) -> dict:
     mod = importlib.import_module(f"bench.clients.{os.environ['BENCH_CLIENT']}")
     client = await mod.open_client({})
     res: dict = {"workload": a.workload, "n": a.n, "rate": a.rate, "batch": a.batch}
+    # CPU per run of the system's own processes (runplane: scheduler, executor), from /proc:
+    # utime + stime from the first enqueue to the last completion, so other load on the
+    # machine and the verification's reads afterwards do not count.
+    pids = json.loads(a.pids) if a.pids else {}
+    cpu0 = procmem.cpu(pids)
     try:
         t0, t_enq_end, ids, errors, first_err = await enqueue_all(
             client, kind, a.key, a.n, a.rate, a.batch, a.concurrency, deadline
@@ -160,6 +178,10 @@ async def amain(a: argparse.Namespace) -> dict:
         # a run with enqueue errors has failed already; only wait briefly to report what completed
         stall = a.stall if errors == 0 else min(a.stall, 3.0)
         _, why = wait_done(rec, a.key, a.n - errors, deadline, stall)
+        cpu1 = procmem.cpu(pids)
+        res["cpu_ms_per_run"] = {
+            k: round((cpu1[k] - cpu0[k]) * 1000 / a.n, 3) for k in cpu1 if k in cpu0
+        }
         if errors:
             why = why or "enqueue errors"
         raw = rec.call("LRANGE", a.key, 0, -1)
@@ -237,7 +259,11 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=300.0)
     ap.add_argument("--stall", type=float, default=30.0)
     ap.add_argument("--verify-max", type=int, default=0)
-    ap.add_argument("--pids", default="", help="W4: JSON {name: pid} of process trees to measure")
+    ap.add_argument(
+        "--pids",
+        default="",
+        help="JSON {name: pid} of process trees to measure (W1, W1C: CPU; W4: memory)",
+    )
     ap.add_argument(
         "--mode",
         default="run",

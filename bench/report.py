@@ -39,6 +39,11 @@ def summarize(
     if workload == "W5":
         return _summarize_w5(out, ok_reps)
     out["enqueue_rate"] = _stat([r["enqueue_rate"] for r in ok_reps])
+    procs = sorted({k for r in ok_reps for k in r.get("cpu_ms_per_run", {})}, reverse=True)
+    if procs:  # scheduler, executor
+        out["cpu_ms_per_run"] = {
+            k: _stat([r.get("cpu_ms_per_run", {}).get(k, math.nan) for r in ok_reps]) for k in procs
+        }
     out["e2e_rate"] = _stat([r["e2e_rate"] for r in ok_reps])
     out["e2e_s"] = _stat([r["e2e_s"] for r in ok_reps])
     for p in ("50", "95", "99", "100"):
@@ -123,30 +128,41 @@ def render(results: dict[str, Any]) -> str:
         f"runplane benchmark  {meta['date']}  ({meta['host']})  reps<={cfg['reps']}  "
         "values: median [min-max] over the reps that ran (check column)"
     )
-    # W1
+    # W1, W1C
     body = []
-    for name, row in rows.items():
-        s = row["workloads"].get("W1")
-        if not s:
-            continue
-        if not s["ok"]:
+    for wl in ("W1", "W1C"):
+        for name, row in rows.items():
+            s = row["workloads"].get(wl)
+            if not s:
+                continue
+            inflight = f"{cfg.get('w1c_concurrency', 64)} in flight"
+            label = f"{name} {'1 at a time' if wl == 'W1' else inflight}"
+            if not s["ok"]:
+                body.append(
+                    [
+                        label,
+                        "FAIL",
+                        "FAIL",
+                        "",
+                        f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}",
+                    ]
+                )
+                continue
+            cpu = s.get("cpu_ms_per_run") or {}
             body.append(
-                [name, "FAIL", "FAIL", f"{s['ok_reps']}/{s['reps']}: {s.get('error', '')[:70]}"]
+                [
+                    label,
+                    cell(s["enqueue_rate"]),
+                    cell(s["e2e_rate"]),
+                    " / ".join(f"{cell(v)}" for v in cpu.values()) if cpu else "-",
+                    f"{s['ok_reps']}/{s['reps']} ok" + (f", {s['dups']} dup" if s["dups"] else ""),
+                ]
             )
-            continue
-        body.append(
-            [
-                name,
-                cell(s["enqueue_rate"]),
-                cell(s["e2e_rate"]),
-                f"{s['ok_reps']}/{s['reps']} ok" + (f", {s['dups']} dup" if s["dups"] else ""),
-            ]
-        )
     if body:
         parts.append(
-            f"\nW1 throughput: {cfg['n1']:,} no-op tasks, one enqueue call each"
-            " (+batch rows: batched)\n"
-            + _table(["system", "enqueue /s", "end-to-end /s", "check"], body)
+            f"\nW1 throughput: {cfg['n1']:,} no-op tasks, one enqueue call at a time (W1C: many"
+            " in flight; +batch rows: batched); CPU ms/run: scheduler / executor from /proc\n"
+            + _table(["system", "enqueue /s", "end-to-end /s", "CPU ms/run", "check"], body)
         )
     # W2
     body = []
@@ -405,6 +421,7 @@ def ratios(rows: dict[str, Any]) -> str:
     metrics = [
         ("W1", "e2e_rate", "W1 e2e/s (>1 better)"),
         ("W1", "enqueue_rate", "W1 enqueue/s (>1 better)"),
+        ("W1C", "e2e_rate", "W1C e2e/s (>1 better)"),
         ("W2", "p50_ms", "W2 p50 (<1 better)"),
         ("W2", "p99_ms", "W2 p99 (<1 better)"),
         ("W3", "e2e_s", "W3 makespan (<1 better)"),

@@ -43,7 +43,7 @@ BENCH = REPO / "bench"
 PEERS_VENV = Path(os.environ.get("BENCH_PEERS_VENV") or BENCH / ".venv-peers")
 PEERS_REQ = BENCH / "requirements-peers.txt"
 RESULTS = BENCH / "results"
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W1C", "W2", "W3", "W4", "W5", "W6")
 W5_MODES = ("run", "tag", "sse-tag", "stream")
 W5_DEFAULT = "run:1000/10000,tag:1000,tag@1:1000,sse-tag@1:1000,stream:100"
 W5_TAG_RATE = 0.0
@@ -219,7 +219,7 @@ class Runner:
         return self.client(system, "warm", n, deadline=self.a.ready_timeout)
 
     def deadline_for(self, wl: str, n: int) -> float:
-        if wl == "W1":
+        if wl in ("W1", "W1C"):
             return self.a.w1_timeout
         if wl == "W2":
             return n / self.a.rate2 + 60
@@ -243,7 +243,7 @@ class Runner:
         plan: list[tuple[Profile, list[tuple[str, str, str, dict]]]] = []
         std = Profile("std", a.procs, a.slots)
         wide = Profile("wide", a.procs, a.slots3 // a.procs)
-        std_jobs = [(system.name, w, w, {}) for w in todo if w in ("W1", "W2")]
+        std_jobs = [(system.name, w, w, {}) for w in todo if w in ("W1", "W1C", "W2")]
         # W6: one batch of n6 items through the batch API; reported as time to accepted.
         std_jobs += [(system.name, "W6", "W6", {"batch": a.n6}) for w in todo if w == "W6"]
         extra = [(nm, wl, wl, x) for nm, (wl, x) in system.extra_rows.items() if wl in todo]
@@ -305,10 +305,18 @@ class Runner:
                     continue
                 log(f"   {system.name}: workers ready (warm-up {w['n']} tasks ok)")
                 for nm, key, wl, extra in jobs:
-                    n = {"W1": a.n1, "W2": a.n2, "W3": a.n3, "W4": a.n4, "W6": a.n6}.get(wl, 0)
+                    n = {
+                        "W1": a.n1,
+                        "W1C": a.n1,
+                        "W2": a.n2,
+                        "W3": a.n3,
+                        "W4": a.n4,
+                        "W6": a.n6,
+                    }.get(wl, 0)
                     special: tuple[str, ...] = ()
-                    if wl == "W4":
-                        special = ("--pids", json.dumps(system.pids()))  # type: ignore[attr-defined]
+                    if wl in ("W1", "W1C", "W4") and system.pids():
+                        # W1, W1C: CPU per run of these processes; W4: their memory
+                        special = ("--pids", json.dumps(system.pids()))
                     if wl == "W5":
                         n = extra["subs"]
                         kind, _, rate = extra["mode"].partition("@")
@@ -355,7 +363,7 @@ class Runner:
                                 n,
                                 rate=a.rate2 if wl == "W2" else 0,
                                 batch=extra.get("batch", 0),
-                                concurrency=1 if wl == "W1" else a.enqueue_concurrency,
+                                concurrency=self.concurrency(wl),
                                 deadline=self.deadline_for(wl, n),
                                 verify_max=a.verify_max,
                                 kind=extra.get("kind", ""),
@@ -385,6 +393,12 @@ class Runner:
                 log(f"   {system.name}: teardown warning: {e}")
             log(f"== {system.name}: done in {time.monotonic() - t_sys:.0f} s")
 
+    def concurrency(self, wl: str) -> int:
+        """Enqueue calls in flight: W1 one at a time, W1C as an async web app triggers."""
+        if wl == "W1":
+            return 1
+        return self.a.w1c_concurrency if wl == "W1C" else self.a.enqueue_concurrency
+
     @staticmethod
     def line(wl: str, r: dict) -> str:
         if not r.get("ok"):
@@ -395,10 +409,13 @@ class Runner:
         chk = f"{r['completed']}/{done_of} ok" + (f", {r['dups']} dup" if r.get("dups") else "")
         if "verify" in r:
             chk += f", {r['verify'].get('checked')} runs COMPLETED"
-        if wl == "W1":
+        if wl in ("W1", "W1C"):
+            cpu = "".join(
+                f", {proc} CPU {ms:.2f} ms/run" for proc, ms in r.get("cpu_ms_per_run", {}).items()
+            )
             return (
                 f"enqueue {r['enqueue_rate']:,.0f}/s, end-to-end {r['e2e_rate']:,.0f}/s "
-                f"({r['e2e_s']:.1f} s) [{chk}]"
+                f"({r['e2e_s']:.1f} s){cpu} [{chk}]"
             )
         if wl == "W4":
             mem = "; ".join(
@@ -461,13 +478,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--box",
-        default="W1=45,W2=26,W3=28,W4=1,W5=1,W3+wait=1",
+        default="W1=45,W1C=45,W2=26,W3=28,W4=1,W5=1,W3+wait=1",
         help="without --reps: start another rep only while time spent on that "
         "system+workload plus the last rep's duration fits this many seconds",
     )
     ap.add_argument("--n1", type=int, default=None, help="W1 task count (default 10000; quick 500)")
     ap.add_argument("--n2", type=int, default=None, help="W2 task count (default 1000; quick 100)")
     ap.add_argument("--rate2", type=float, default=100.0, help="W2 enqueue rate per second")
+    ap.add_argument(
+        "--w1c-concurrency",
+        type=int,
+        default=64,
+        help="W1C: the W1 tasks enqueued with this many calls in flight (sync clients: threads)",
+    )
     ap.add_argument("--n3", type=int, default=None, help="W3 task count (default 1000; quick 100)")
     ap.add_argument("--slots3", type=int, default=100, help="W3 total slots (split over --procs)")
     ap.add_argument(

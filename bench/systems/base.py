@@ -44,7 +44,7 @@ class SystemError_(RuntimeError):
 
 class System:
     name = "?"
-    workloads = ("W1", "W2", "W3")
+    workloads = ("W1", "W1C", "W2", "W3")
     # extra result rows: row name -> (workload, client args), run with the std profile
     extra_rows: dict[str, tuple[str, dict]] = {}
     notes: list[str] = []  # e.g. rows skipped because a feature is missing
@@ -70,6 +70,10 @@ class System:
         return ""
 
     def broker_env(self) -> dict[str, str]:
+        return {}
+
+    def pids(self) -> dict[str, int]:
+        """Process trees whose CPU per run W1 and W1C report (runplane: scheduler, executor)."""
         return {}
 
     def versions(self) -> dict[str, str]:

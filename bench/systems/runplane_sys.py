@@ -28,7 +28,7 @@ from bench.systems.base import REPO, Profile, System, SystemError_
 class Runplane(System):
     client_module = "runplane_client"
     backend = "pg"
-    workloads = ("W1", "W2", "W3", "W4", "W5", "W6")
+    workloads = ("W1", "W1C", "W2", "W3", "W4", "W5", "W6")
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
         self.name = f"runplane-{self.backend}"
