@@ -4,6 +4,7 @@ when an executor falls silent."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -15,21 +16,19 @@ from opentelemetry import trace
 from runplane_common import telemetry
 from runplane_scheduler import json_depth
 from runplane_scheduler.dispatch import ExecutorState, Lease, QueueKey
-from runplane_scheduler.engine.resources import EngineResources
+from runplane_scheduler.engine.resources import Coalesce, EngineResources
 from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import (
-    DURATION_SINCE_START,
-    DURATION_SO_FAR,
     FIRST_START,
     ONE_MORE_ATTEMPT,
-    STARTED_AT_START,
     Store,
     Tx,
-    Via,
+    hot,
 )
 from runplane_scheduler.store import runs as stored_runs
+from runplane_scheduler.store.hot import Completed
 from runplane_scheduler.worker_messages import Assignment, AttemptResult
 
 log = logging.getLogger("runplane.scheduler")
@@ -276,66 +275,30 @@ class Attempts:
         return True
 
     def complete(self, lease: Lease, output: str, started_at: int = 0) -> None:
-        """The attempt returned ``output``; with ``started_at`` its start is recorded with it."""
-        attempt_id = lease.attempt_id
-        release = self.resources.release
-
-        async def op(tx: Tx) -> None:
-            ts = self.resources.clock.now_ms()
-            tx.after_commit.append(lambda: release(attempt_id))
-            if started_at:
-                await self.start_and_complete(tx, lease, output, min(started_at, ts), ts)
-                return
-            row = await tx.transition(
-                lease.run_id,
-                [Status.EXECUTING],
-                Status.COMPLETED,
-                "completed",
-                stored_runs.attempt_is(attempt_id),
-                output=output,
-                finished_at=ts,
-                updated_at=ts,
-                current_attempt_id=None,
-                duration_ms=DURATION_SO_FAR,
-                params={"p_now": ts},
+        """The attempt returned ``output``; with ``started_at`` its start is recorded with it.
+        Completions reported one after another are written together (``store/hot.py``)."""
+        self.resources.background.submit(
+            Coalesce(
+                self.complete_all, Completed(lease.run_id, lease.attempt_id, output, started_at)
             )
-            if row is not None:
-                await Store.finish_attempt(tx, attempt_id, "COMPLETED")
-
-        self.resources.background.submit(op)
-
-    @staticmethod
-    async def start_and_complete(tx: Tx, lease: Lease, output: str, start: int, ts: int) -> None:
-        """DEQUEUED -> EXECUTING -> COMPLETED in one statement, with both events."""
-        attempt_id = lease.attempt_id
-
-        def as_started(m: dict[str, Any]) -> None:
-            m.update(
-                updated_at=start,
-                output=None,
-                finished_at=None,
-                current_attempt_id=attempt_id,
-                duration_ms=m["duration_ms"] - (ts - m["started_at"]),
-            )
-
-        row = await tx.transition(
-            lease.run_id,
-            [Status.DEQUEUED],
-            Status.COMPLETED,
-            "completed",
-            stored_runs.attempt_is(attempt_id),
-            via=Via(Status.EXECUTING, "started", as_started),
-            output=output,
-            finished_at=ts,
-            updated_at=ts,
-            current_attempt_id=None,
-            started_at=STARTED_AT_START,
-            attempt_count=ONE_MORE_ATTEMPT,
-            duration_ms=DURATION_SINCE_START,
-            params={"p_now": ts, "p_start": start},
         )
-        if row is not None:
-            await Store.start_and_finish_attempt(tx, attempt_id, "COMPLETED", start, ts)
+
+    async def complete_all(self, tx: Tx, items: list[Completed]) -> None:
+        ts = self.resources.clock.now_ms()
+        release = self.resources.release
+        for item in items:
+            tx.after_commit.append(functools.partial(release, item.attempt_id))
+        done = await hot.complete_many(tx, items, ts)
+        await Store.finish_attempts(
+            tx,
+            [
+                (i.attempt_id, min(i.started_at, ts) if i.started_at else 0)
+                for i in items
+                if i.attempt_id in done
+            ],
+            "COMPLETED",
+            ts,
+        )
 
     def fail(
         self,

@@ -9,6 +9,8 @@ attempts and waitpoints, and waitpoints build on attempts."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from runplane_common.ids import random_id
 from runplane_scheduler.dispatch import ExecutorState, QueueKey
@@ -16,8 +18,8 @@ from runplane_scheduler.engine.attempts import Attempts, attempt_row
 from runplane_scheduler.engine.resources import EngineResources
 from runplane_scheduler.engine.triggering import Triggering
 from runplane_scheduler.engine.waitpoints import Waitpoints
-from runplane_scheduler.states import Status
-from runplane_scheduler.store import RunRow, Store, Tx
+from runplane_scheduler.store import Store, Tx, hot
+from runplane_scheduler.store.hot import Dequeued
 
 log = logging.getLogger("runplane.scheduler")
 
@@ -63,38 +65,41 @@ class Dequeue:
                     self.waitpoints.strand(queued.run_id, key[0], queued.task_id, queued.version)
                 else:
                     spawn(self.triggering.strand(queued, key))
+            fresh: list[tuple[str, QueueKey, ExecutorState]] = []
             for queued, key, ex in picked:
                 if queued.run_id in self.waitpoints.resuming:
                     spawn(self.waitpoints.resume(queued.run_id, key, ex))
                 else:
-                    spawn(self.dequeue(queued.run_id, key, ex))
+                    fresh.append((queued.run_id, key, ex))
+            if fresh:
+                spawn(self.dequeue(fresh))
 
-    async def dequeue(self, run_id: str, key: QueueKey, ex: ExecutorState) -> None:
-        attempt_id = random_id("attempt")
+    async def dequeue(self, picked: list[tuple[str, QueueKey, ExecutorState]]) -> None:
+        """QUEUED -> DEQUEUED with a new attempt for each picked run, in one write, then lease
+        each attempt to its executor; a run that was not QUEUED any more gives its slot back."""
+        items = [Dequeued(run_id, random_id("attempt"), ex.executor_id) for run_id, _, ex in picked]
 
-        async def op(tx: Tx) -> RunRow | None:
+        async def op(tx: Tx) -> dict[str, Mapping[str, Any]]:
             ts = self.resources.clock.now_ms()
-            row = await tx.transition(
-                run_id,
-                [Status.QUEUED],
-                Status.DEQUEUED,
-                "dequeued",
-                current_attempt_id=attempt_id,
-                executor_id=ex.executor_id,
-                updated_at=ts,
-            )
-            if row is not None:
-                number = row._mapping["attempt_count"] + 1
-                await Store.insert_attempt(tx, attempt_row(attempt_id, run_id, number, ex, ts))
-            return row
+            moved = await hot.dequeue_many(tx, items, ts)
+            for item, (run_id, _, ex) in zip(items, picked, strict=True):
+                row = moved.get(run_id)
+                if row is not None:
+                    number = row["attempt_count"] + 1
+                    await Store.insert_attempt(
+                        tx, attempt_row(item.attempt_id, run_id, number, ex, ts)
+                    )
+            return moved
 
         try:
-            row = await self.resources.store.writer.run(op)
+            moved = await self.resources.store.writer.run(op)
         except Exception:
-            log.exception("dequeue of %s failed", run_id)
-            row = None
-        if row is None:
-            self.resources.index.unreserve(run_id, key, ex)
-            self.resources.dispatch_wake.set()
-            return
-        self.attempts.assign(dict(row._mapping), attempt_id, key, ex)
+            log.exception("dequeue of %d runs failed", len(picked))
+            moved = {}
+        for item, (run_id, key, ex) in zip(items, picked, strict=True):
+            row = moved.get(run_id)
+            if row is None:
+                self.resources.index.unreserve(run_id, key, ex)
+                self.resources.dispatch_wake.set()
+            else:
+                self.attempts.assign(row, item.attempt_id, key, ex)

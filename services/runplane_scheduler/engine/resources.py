@@ -23,6 +23,43 @@ log = logging.getLogger("runplane.scheduler")
 Op = Callable[[Tx], Coroutine[Any, Any, Any]]
 
 
+@dataclass(frozen=True)
+class Coalesce:
+    """A background write that joins the ones like it submitted right before it (nothing else
+    in between, so the order of writes stays as submitted): ``apply`` writes them all in one
+    go (one statement for many runs, ``store/hot.py``)."""
+
+    apply: Callable[[Tx, list[Any]], Coroutine[Any, Any, None]]
+    item: Any
+
+
+def _coalesced(entries: list[Op | Coalesce]) -> list[tuple[Op, list[Op | Coalesce]]]:
+    """The writes to submit, each with the entries it carries (runs of like Coalesce entries
+    become one write)."""
+    out: list[tuple[Op, list[Op | Coalesce]]] = []
+    for entry in entries:
+        if isinstance(entry, Coalesce):
+            last = out[-1][1] if out else None
+            if last and isinstance(last[0], Coalesce) and last[0].apply == entry.apply:
+                last.append(entry)
+                continue
+            group: list[Op | Coalesce] = [entry]
+            apply = entry.apply
+            out.append((_apply_group(apply, group), group))
+        else:
+            out.append((entry, [entry]))
+    return out
+
+
+def _apply_group(
+    apply: Callable[[Tx, list[Any]], Coroutine[Any, Any, None]], group: list[Op | Coalesce]
+) -> Op:
+    def op(tx: Tx) -> Coroutine[Any, Any, None]:
+        return apply(tx, [e.item for e in group if isinstance(e, Coalesce)])
+
+    return op
+
+
 class Background:
     """The engine's background tasks: its loops, fire-and-forget work, and the report queue.
 
@@ -32,7 +69,7 @@ class Background:
         self.store = store
         self.loops: list[asyncio.Task[None]] = []
         self.spawned: set[asyncio.Task[Any]] = set()
-        self.reports: deque[Op] = deque()
+        self.reports: deque[Op | Coalesce] = deque()
         self.reports_wake = asyncio.Event()
 
     def run_loop(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -43,7 +80,7 @@ class Background:
         self.spawned.add(task)
         task.add_done_callback(self.spawned.discard)
 
-    def submit(self, op: Op) -> None:
+    def submit(self, op: Op | Coalesce) -> None:
         """Queue a write nobody waits for (executor reports, lapsed leases). Such writes are
         applied in submission order and retried until the database takes them, so a report
         that arrives while the database is down is not lost."""
@@ -55,11 +92,11 @@ class Background:
         while True:
             await self.reports_wake.wait()
             self.reports_wake.clear()
-            ops = list(self.reports)
+            groups = _coalesced(list(self.reports))
             self.reports.clear()
             # Submitted together, so they share commits; the writer keeps their order.
             results = await asyncio.gather(
-                *(self.store.writer.submit(op) for op in ops), return_exceptions=True
+                *(self.store.writer.submit(op) for op, _ in groups), return_exceptions=True
             )
             failed = next(
                 (
@@ -78,7 +115,7 @@ class Background:
             # Writes are guarded by status and attempt id, so re-applying the ones after the
             # failure that did commit changes nothing.
             log.warning("database write failed (%s); retrying in %.1f s", results[failed], backoff)
-            self.reports.extendleft(reversed(ops[failed:]))
+            self.reports.extendleft(reversed([e for _, g in groups[failed:] for e in g]))
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
             self.reports_wake.set()

@@ -344,13 +344,13 @@ class Waitpoints:
             m = run._mapping
             tx.after_commit.append(lambda: self._queue_resume(m))
 
-    async def run_finished(self, tx: Tx, row: RunRow) -> None:
+    async def run_finished(self, tx: Tx, row: Mapping[Any, Any]) -> None:
         """A run reached a final status: a wait on child runs may be complete now."""
-        if row.id not in self.awaited:
+        run_id = row["id"]
+        if run_id not in self.awaited:
             return
-        run_id = row.id
         tx.after_commit.append(lambda: self.awaited.discard(run_id))
-        for waitpoint_id in await stored.pending_waits_on_child(tx, row.id):
+        for waitpoint_id in await stored.pending_waits_on_child(tx, run_id):
             results = await self._children_results(tx, waitpoint_id)
             if results is not None:
                 await self.complete(tx, waitpoint_id, ok=True, output=results, error=None)

@@ -332,6 +332,27 @@ class Store:
         )
 
     @staticmethod
+    async def finish_attempts(
+        tx: Tx, attempts: Sequence[tuple[str, int]], status: str, finished_at: int
+    ) -> None:
+        """End many attempts in one statement per kind: (attempt id, its start if it is recorded
+        with its end, else 0)."""
+        started = [
+            {"attempt_id": a, "status": status, "finished_at": finished_at, "error": None}
+            for a, start in attempts
+            if not start
+        ]
+        held = [
+            {"attempt_id": a, "status": status, "started_at": start, "finished_at": finished_at}
+            for a, start in attempts
+            if start
+        ]
+        if started:
+            await tx.execute(_FINISH_ATTEMPT, started)
+        if held:
+            await tx.execute(_START_AND_FINISH_ATTEMPT, held)
+
+    @staticmethod
     async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
         await tx.execute(_START_ATTEMPT, {"attempt_id": attempt_id, "started_at": ts})
 

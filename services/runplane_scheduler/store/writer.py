@@ -73,7 +73,7 @@ class RunChange(NamedTuple):
 # Called after each commit with the run events it committed, in order.
 ChangeHook = Callable[[list[RunChange]], None]
 # Called in the transaction when a run reaches a final status (a parent may wait on it).
-FinalHook = Callable[["Tx", Row[Any]], Awaitable[None]]
+FinalHook = Callable[["Tx", Mapping[Any, Any]], Awaitable[None]]
 IDLE_FLUSH = 0.5  # seconds; published outbox rows are deleted at least this often
 # Published outbox rows ride along with a busy writer's commits in chunks this large (or once
 # the oldest has waited IDLE_FLUSH), not one small DELETE per commit.
@@ -184,6 +184,10 @@ class InlineConnection:
     async def close(self) -> None:
         self._conn.close()
 
+    def dbapi(self) -> Any:
+        """The sqlite3 connection underneath (its statements join the open transaction)."""
+        return self._conn.connection.driver_connection
+
 
 WriterConnection = AsyncConnection | InlineConnection
 
@@ -218,6 +222,18 @@ class Tx:
         await self.batch.flush()
         result: CursorResult[Any] = await self.batch.conn.execute(statement, params)
         return result
+
+    async def driver(self) -> Any:
+        """The driver's own connection, in this transaction, for statements SQLAlchemy's
+        execution path would cost too much on (``store/hot.py``): an asyncpg connection, a
+        sqlite3 one, or None (aiosqlite: no fast path)."""
+        await self.batch.flush()
+        conn = self.batch.conn
+        if isinstance(conn, InlineConnection):
+            return conn.dbapi()
+        if conn.dialect.name == "postgresql":
+            return (await conn.get_raw_connection()).driver_connection
+        return None
 
     def insert_later(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` with the rest of the batch (one statement for many operations)."""
@@ -319,15 +335,27 @@ class Tx:
             )
             row = (await self.execute(stmt, params or None)).first()
         if row is not None:
-            if via is not None:
-                then = dict(row._mapping)
-                then.update(status=via.status.value, version=row.version - 1)
-                via.as_then(then)
-                self.emit(via.event_type, then, sources)
-            self.emit(event_type, row, sources if via is None else (via.status,))
-            if target in FINAL and self.on_final is not None:
-                await self.on_final(self, row)
+            await self.emit_transition(row._mapping, sources, target, event_type, via)
         return row
+
+    async def emit_transition(
+        self,
+        row: Mapping[Any, Any],
+        sources: tuple[Status, ...],
+        target: Status,
+        event_type: str,
+        via: Via | None = None,
+    ) -> None:
+        """The events of a run that moved from ``sources`` to ``target`` (through ``via``), and
+        the final hook if it ended."""
+        if via is not None:
+            then = dict(row)
+            then.update(status=via.status.value, version=row["version"] - 1)
+            via.as_then(then)
+            self.emit(via.event_type, then, sources)
+        self.emit(event_type, row, sources if via is None else (via.status,))
+        if target in FINAL and self.on_final is not None:
+            await self.on_final(self, row)
 
 
 def _p(name: str) -> BindParameter[Any]:
