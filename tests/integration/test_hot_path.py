@@ -13,7 +13,7 @@ from sqlalchemy import select
 from runplane.v1 import events_pb2
 from runplane_scheduler.store import Store, Tx, hot
 from runplane_scheduler.store import tables as db
-from runplane_scheduler.store.hot import Completed, Dequeued
+from runplane_scheduler.store.hot import Completed, Dequeued, Started
 
 T0 = 1_700_000_000_000
 TS = T0 + 5_000
@@ -83,6 +83,14 @@ RUNS = [
         duration_ms=10,
     ),
     _run("run_ex", "QUEUED", current_attempt_id=None),
+    _run("run_s1", "DEQUEUED", current_attempt_id="att_s1", executor_id="ex_1"),
+    _run("run_s2", "DEQUEUED", current_attempt_id="att_s2", executor_id="ex_1", attempt_count=1),
+    _run("run_sx", "EXECUTING", current_attempt_id="att_sx", started_at=T0, attempt_count=1),
+]
+START = [
+    Started("run_s1", "att_s1", 0),  # now
+    Started("run_s2", "att_s2", T0 + 3_000),
+    Started("run_sx", "att_sx", T0 + 3_000),  # started already
 ]
 DEQUEUE = [
     Dequeued("run_q1", "att_q1", "ex_1"),
@@ -120,14 +128,15 @@ async def _scenario(store: Store) -> tuple[dict[str, Any], set[str], list[dict[s
             await tx.execute(db.runs.delete().where(db.runs.c.id == row["id"]))
             tx.insert_later(db.runs, row)
 
-    async def move(tx: Tx) -> tuple[set[str], set[str]]:
+    async def move(tx: Tx) -> tuple[set[str], set[str], set[str]]:
         dequeued = await hot.dequeue_many(tx, DEQUEUE, TS)
+        started = await hot.start_many(tx, START, TS)
         completed = await hot.complete_many(tx, COMPLETE, TS)
         events.extend(tx.batch.events)
-        return set(dequeued), completed
+        return set(dequeued), started, completed
 
     await store.writer.run(seed)
-    dequeued, completed = await store.writer.run(move)
+    dequeued, started, completed = await store.writer.run(move)
     async with store.db.connect() as conn:
         rows = (await conn.execute(select(db.runs).order_by(db.runs.c.id))).all()
     after = {r.id: dict(r._mapping) for r in rows}
@@ -146,7 +155,7 @@ async def _scenario(store: Store) -> tuple[dict[str, Any], set[str], list[dict[s
                 "started_at": event.run.started_at.ToMilliseconds(),
             }
         )
-    return {"dequeued": dequeued, "rows": after}, completed, snapshots
+    return {"dequeued": dequeued, "started": started, "rows": after}, completed, snapshots
 
 
 def _one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,6 +182,18 @@ async def test_many_run_transitions_move_the_matching_runs(
     assert rows["run_q1"]["updated_at"] == TS
     assert rows["run_qx"]["status"] == "CANCELED"
 
+    assert moved["started"] == {"att_s1", "att_s2"}
+    s1, s2 = rows["run_s1"], rows["run_s2"]
+    assert (s1["status"], s1["version"], s1["started_at"], s1["attempt_count"]) == (
+        "EXECUTING",
+        4,
+        TS,
+        1,
+    )
+    assert (s2["started_at"], s2["attempt_count"], s2["updated_at"]) == (T0 + 3_000, 2, TS)
+    assert rows["run_sx"]["started_at"] == T0
+    assert rows["run_sx"]["version"] == 3
+
     assert completed == {"att_d1", "att_d2", "att_e1"}
     d1 = rows["run_d1"]
     assert (d1["status"], d1["output"], d1["version"]) == ("COMPLETED", '{"a": 1}', 5)
@@ -197,6 +218,8 @@ async def test_many_run_transitions_move_the_matching_runs(
             ("started", "run_d2", 4),
             ("completed", "run_d2", 5),
             ("completed", "run_e1", 4),
+            ("started", "run_s1", 4),
+            ("started", "run_s2", 4),
         ]
     )
     started = next(e for e in events if e["type"] == "started" and e["run_id"] == "run_d1")

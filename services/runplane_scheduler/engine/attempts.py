@@ -21,14 +21,12 @@ from runplane_scheduler.engine.timers import TimerKind, Timers
 from runplane_scheduler.retry import RetryPolicy, retry_delay, should_retry
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import (
-    FIRST_START,
-    ONE_MORE_ATTEMPT,
     Store,
     Tx,
     hot,
 )
 from runplane_scheduler.store import runs as stored_runs
-from runplane_scheduler.store.hot import Completed
+from runplane_scheduler.store.hot import Completed, Started
 from runplane_scheduler.worker_messages import Assignment, AttemptResult
 
 log = logging.getLogger("runplane.scheduler")
@@ -183,31 +181,22 @@ class Attempts:
     # -- reports ---------------------------------------------------------------------------------
 
     def started(self, attempt_id: str, started_at: int = 0) -> None:
-        """The attempt began (at ``started_at`` by the executor's clock; 0: now)."""
+        """The attempt began (at ``started_at`` by the executor's clock; 0: now). Starts
+        reported one after another are written together (``store/hot.py``)."""
         lease = self.resources.index.leases.get(attempt_id)
         if lease is None:
             return
         lease.acked = lease.started = True
-        run_id = lease.run_id
+        self.resources.background.submit(
+            Coalesce(self.start_all, Started(lease.run_id, attempt_id, started_at))
+        )
 
-        async def op(tx: Tx) -> None:
-            ts = self.resources.clock.now_ms()
-            start = min(started_at, ts) if started_at else ts
-            row = await tx.transition(
-                run_id,
-                [Status.DEQUEUED],
-                Status.EXECUTING,
-                "started",
-                stored_runs.attempt_is(attempt_id),
-                started_at=FIRST_START,
-                attempt_count=ONE_MORE_ATTEMPT,
-                updated_at=ts,
-                params={"p_now": start},
-            )
-            if row is not None:
-                await Store.start_attempt(tx, attempt_id, start)
-
-        self.resources.background.submit(op)
+    async def start_all(self, tx: Tx, items: list[Started]) -> None:
+        ts = self.resources.clock.now_ms()
+        done = await hot.start_many(tx, items, ts)
+        await Store.start_attempts(
+            tx, [(i.attempt_id, hot.start_of(i, ts)) for i in items if i.attempt_id in done]
+        )
 
     def result(self, result: AttemptResult) -> bool:
         """The attempt's end, as its executor reported it. False when the attempt holds no

@@ -353,8 +353,12 @@ class Store:
             await tx.execute(_START_AND_FINISH_ATTEMPT, held)
 
     @staticmethod
-    async def start_attempt(tx: Tx, attempt_id: str, ts: int) -> None:
-        await tx.execute(_START_ATTEMPT, {"attempt_id": attempt_id, "started_at": ts})
+    async def start_attempts(tx: Tx, attempts: Sequence[tuple[str, int]]) -> None:
+        """Start many attempts in one statement: (attempt id, its start)."""
+        if attempts:
+            await tx.execute(
+                _START_ATTEMPT, [{"attempt_id": a, "started_at": ts} for a, ts in attempts]
+            )
 
     @staticmethod
     async def add_timer(tx: Tx, timer_id: str, due_at: int, kind: str, target: str) -> None:

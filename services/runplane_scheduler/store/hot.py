@@ -27,6 +27,7 @@ from runplane_scheduler.store.runs import attempt_is
 from runplane_scheduler.store.writer import (
     DURATION_SINCE_START,
     DURATION_SO_FAR,
+    FIRST_START,
     ONE_MORE_ATTEMPT,
     STARTED_AT_START,
     Tx,
@@ -45,6 +46,17 @@ class Dequeued:
 
 
 @dataclass(frozen=True)
+class Started:
+    run_id: str
+    attempt_id: str
+    started_at: int  # by the executor's clock, capped at the transition's time; 0: then
+
+
+def start_of(i: Started, ts: int) -> int:
+    return min(i.started_at, ts) if i.started_at else ts
+
+
+@dataclass(frozen=True)
 class Completed:
     run_id: str
     attempt_id: str
@@ -60,6 +72,13 @@ UPDATE {_RUNS} SET status = 'DEQUEUED', version = {_RUNS}.version + 1, updated_a
     current_attempt_id = v.attempt_id, executor_id = v.executor_id
 FROM unnest($2::text[], $3::text[], $4::text[]) AS v(id, attempt_id, executor_id)
 WHERE {_RUNS}.id = v.id AND {_RUNS}.status = 'QUEUED'
+RETURNING {_RUNS}.*, v.attempt_id AS _attempt"""
+_PG_START = f"""
+UPDATE {_RUNS} SET status = 'EXECUTING', version = {_RUNS}.version + 1, updated_at = $1::bigint,
+    started_at = coalesce({_RUNS}.started_at, v.start), attempt_count = {_RUNS}.attempt_count + 1
+FROM unnest($2::text[], $3::text[], $4::bigint[]) AS v(id, attempt_id, start)
+WHERE {_RUNS}.id = v.id AND {_RUNS}.status = 'DEQUEUED'
+    AND {_RUNS}.current_attempt_id = v.attempt_id
 RETURNING {_RUNS}.*, v.attempt_id AS _attempt"""
 _PG_COMPLETE = f"""
 UPDATE {_RUNS} SET status = 'COMPLETED', version = {_RUNS}.version + 1,
@@ -85,6 +104,11 @@ _LITE_DEQUEUE = f"""
 UPDATE {_RUNS} SET status = 'DEQUEUED', version = version + 1, updated_at = :ts,
     current_attempt_id = :attempt_id, executor_id = :executor_id
 WHERE id = :id AND status = 'QUEUED'
+RETURNING *"""
+_LITE_START = f"""
+UPDATE {_RUNS} SET status = 'EXECUTING', version = version + 1, updated_at = :ts,
+    started_at = coalesce(started_at, :start), attempt_count = attempt_count + 1
+WHERE id = :id AND status = 'DEQUEUED' AND current_attempt_id = :attempt_id
 RETURNING *"""
 _LITE_COMPLETE = f"""
 UPDATE {_RUNS} SET status = 'COMPLETED', version = version + 1, updated_at = :ts,
@@ -167,6 +191,45 @@ async def dequeue_many(tx: Tx, items: Sequence[Dequeued], ts: int) -> dict[str, 
         del m["_attempt"]
         await tx.emit_transition(m, (Status.QUEUED,), Status.DEQUEUED, "dequeued")
     return {m["id"]: m for m in rows}
+
+
+async def start_many(tx: Tx, items: Sequence[Started], ts: int) -> set[str]:
+    """Each item's attempt began: DEQUEUED -> EXECUTING. The attempt ids whose runs moved."""
+    if not items:
+        return set()
+    rows = await _bulk(
+        tx,
+        _PG_START,
+        _LITE_START,
+        {
+            "id": [i.run_id for i in items],
+            "attempt_id": [i.attempt_id for i in items],
+            "start": [start_of(i, ts) for i in items],
+        },
+        ts,
+    )
+    if rows is None:
+        done: set[str] = set()
+        for i in items:
+            row = await tx.transition(
+                i.run_id,
+                [Status.DEQUEUED],
+                Status.EXECUTING,
+                "started",
+                attempt_is(i.attempt_id),
+                started_at=FIRST_START,
+                attempt_count=ONE_MORE_ATTEMPT,
+                updated_at=ts,
+                params={"p_now": start_of(i, ts)},
+            )
+            if row is not None:
+                done.add(i.attempt_id)
+        return done
+    started: set[str] = set()
+    for m in rows:
+        started.add(m.pop("_attempt"))
+        await tx.emit_transition(m, (Status.DEQUEUED,), Status.EXECUTING, "started")
+    return started
 
 
 async def complete_many(tx: Tx, items: Sequence[Completed], ts: int) -> set[str]:
