@@ -4,6 +4,9 @@ needs no database), and :func:`is_duplicate` for callers that race on a unique k
 
 from __future__ import annotations
 
+import sqlite3
+
+import asyncpg
 from sqlalchemy import exc as sa_exc
 
 from runplane_common.errors import ServiceError
@@ -15,7 +18,18 @@ def map_database_error(error: Exception) -> ServiceError | None:
     refused statement stays a logged INTERNAL."""
     if isinstance(error, sa_exc.DBAPIError) and _is_unavailable(error):
         return unavailable(error)
+    if _driver_unavailable(error):
+        return unavailable(error)
     return None
+
+
+def _driver_unavailable(error: Exception) -> bool:
+    """The same for the drivers' own errors (statements ``store/hot.py`` and the writer's
+    inserts send without SQLAlchemy)."""
+    if isinstance(error, OSError | asyncpg.InterfaceError | sqlite3.OperationalError):
+        return True
+    code = str(getattr(error, "sqlstate", "") or "")
+    return isinstance(error, asyncpg.PostgresError) and code.startswith(("08", "57"))
 
 
 def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
@@ -29,4 +43,6 @@ def _is_unavailable(error: sa_exc.DBAPIError) -> bool:
 
 def is_duplicate(error: Exception) -> bool:
     """A write refused by a unique constraint (another writer inserted the same key first)."""
-    return isinstance(error, sa_exc.IntegrityError)
+    return isinstance(
+        error, sa_exc.IntegrityError | asyncpg.UniqueViolationError | sqlite3.IntegrityError
+    )

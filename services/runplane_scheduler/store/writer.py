@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -192,6 +193,50 @@ class InlineConnection:
 WriterConnection = AsyncConnection | InlineConnection
 
 
+async def driver_of(conn: WriterConnection) -> Any:
+    """The driver's own connection under ``conn``, in its open transaction: a sqlite3 one
+    (SQLite, driven inline), an asyncpg one, or None (aiosqlite: no fast path)."""
+    if isinstance(conn, InlineConnection):
+        return conn.dbapi()
+    if conn.dialect.name == "postgresql":
+        return (await conn.get_raw_connection()).driver_connection
+    return None
+
+
+_INSERTS: dict[tuple[str, tuple[str, ...], bool], str] = {}
+
+
+def _insert_sql(table: Table, columns: tuple[str, ...], postgres: bool) -> str:
+    key = (table.name, columns, postgres)
+    sql = _INSERTS.get(key)
+    if sql is None:
+        marks = (
+            ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+            if postgres
+            else ", ".join("?" for _ in columns)
+        )
+        sql = _INSERTS[key] = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({marks})"
+    return sql
+
+
+async def insert_rows(conn: WriterConnection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` into ``table``: one prepared statement run for every row, straight to the
+    driver (asyncpg pipelines them; sqlite3 runs them inline), else through SQLAlchemy."""
+    driver = await driver_of(conn)
+    if driver is None:
+        await conn.execute(insert(table), rows)
+        return
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    for row in rows:
+        columns = tuple(row)
+        groups.setdefault(columns, []).append(tuple(row.values()))
+    for columns, values in groups.items():
+        if isinstance(driver, sqlite3.Connection):
+            driver.executemany(_insert_sql(table, columns, False), values)
+        else:
+            await driver.executemany(_insert_sql(table, columns, True), values)
+
+
 @dataclass
 class _Batch:
     """One group-commit transaction: its connection, outbox rows and deferred inserts."""
@@ -205,7 +250,7 @@ class _Batch:
     async def flush(self) -> None:
         for table, rows in self.pending.items():
             if rows:
-                await self.conn.execute(insert(table), rows)
+                await insert_rows(self.conn, table, rows)
         self.pending.clear()
 
 
@@ -228,12 +273,7 @@ class Tx:
         execution path would cost too much on (``store/hot.py``): an asyncpg connection, a
         sqlite3 one, or None (aiosqlite: no fast path)."""
         await self.batch.flush()
-        conn = self.batch.conn
-        if isinstance(conn, InlineConnection):
-            return conn.dbapi()
-        if conn.dialect.name == "postgresql":
-            return (await conn.get_raw_connection()).driver_connection
-        return None
+        return await driver_of(self.batch.conn)
 
     def insert_later(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` with the rest of the batch (one statement for many operations)."""
@@ -647,5 +687,5 @@ class Writer:
                 after.extend(tx.after_commit)
             await work.flush()
             if events:
-                await conn.execute(insert(db.outbox), events)
+                await insert_rows(conn, db.outbox, events)
         return events
