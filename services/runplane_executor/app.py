@@ -56,7 +56,7 @@ from runplane_common.config import ExecutorSettings, TelemetrySettings
 from runplane_common.errors import Unauthenticated
 from runplane_common.grpcserver import Server
 from runplane_common.ids import new_id
-from runplane_common.protocol import WORKER_PROTOCOL_VERSION
+from runplane_common.protocol import BATCHES, MAX_BATCH, WORKER_PROTOCOL_VERSION
 from runplane_executor import waits
 from runplane_executor.counts import ExecutorCounts
 from runplane_executor.pool import ProcessPool
@@ -295,6 +295,9 @@ class Executor:
         self.draining = False
         # The stream's queue; None in it ends the stream (the executor then registers again).
         self._outgoing: asyncio.Queue[wpb.ConnectRequest | None] | None = None
+        # The worker protocol version this executor registers with: its own, or 1 once a
+        # scheduler that speaks only 1 refused it (an older scheduler during an upgrade).
+        self._protocol_version = WORKER_PROTOCOL_VERSION
         self._channel: grpc.aio.Channel | None = None
         self._registered_draining = False
         self._admin_key_checked = 0.0
@@ -466,6 +469,18 @@ class Executor:
                 ):
                     log.error("the scheduler refused this executor: %s", error.details())
                     self._key_refused = True
+                elif (
+                    error.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and "protocol version" in (error.details() or "")
+                    and self._protocol_version > 1
+                ):
+                    log.warning(
+                        "the scheduler does not speak worker protocol version %d (%s); "
+                        "registering with version 1",
+                        self._protocol_version,
+                        error.details(),
+                    )
+                    self._protocol_version = 1
                 else:
                     log.warning("scheduler stream ended: %s %s", error.code().name, error.details())
             except Exception:
@@ -485,7 +500,7 @@ class Executor:
         outgoing.put_nowait(
             wpb.ConnectRequest(
                 register=wpb.Register(
-                    protocol_version=WORKER_PROTOCOL_VERSION,
+                    protocol_version=self._protocol_version,
                     executor_id=self.executor_id,
                     session_token=self._session_token,
                     manifest=self.manifest,
@@ -499,9 +514,25 @@ class Executor:
             )
         )
 
+        batches = False  # the scheduler answered a version with batches
+
         async def requests() -> AsyncIterator[wpb.ConnectRequest]:
             while (message := await outgoing.get()) is not None:
-                yield message
+                if not batches or outgoing.empty():
+                    yield message
+                    continue
+                # Version 2: the reports queued meanwhile go in one message, in order.
+                reports = [message]
+                end = False
+                while not outgoing.empty() and len(reports) < MAX_BATCH:
+                    more = outgoing.get_nowait()
+                    if more is None:
+                        end = True
+                        break
+                    reports.append(more)
+                yield wpb.ConnectRequest(batch=wpb.ReportBatch(reports=reports))
+                if end:
+                    return
 
         async with open_channel(self.settings.api_url, self.settings.tls) as channel:
             stub = worker_service_pb2_grpc.WorkerServiceStub(channel)
@@ -512,12 +543,13 @@ class Executor:
             heartbeat: asyncio.Task[None] | None = None
             try:
                 async for response in call:
-                    kind = response.WhichOneof("message")
-                    if kind == "registered":
-                        self._session_token = response.registered.session_token
+                    if response.WhichOneof("message") == "registered":
+                        registered = response.registered
+                        self._session_token = registered.session_token
                         self._key_refused = False
                         self._outgoing = outgoing
                         self.connected = True
+                        batches = registered.protocol_version >= BATCHES
                         for message in self._unsent:
                             outgoing.put_nowait(message)
                         self._unsent.clear()
@@ -525,43 +557,14 @@ class Executor:
                             outgoing.put_nowait(
                                 wpb.ConnectRequest(heartbeat=wpb.Heartbeat(draining=True))
                             )
-                        interval = response.registered.heartbeat_interval_ms / 1000 or 2.0
+                        interval = registered.heartbeat_interval_ms / 1000 or 2.0
                         heartbeat = asyncio.create_task(self._heartbeat(outgoing, interval))
                         log.info("connected to the scheduler at %s", self.settings.api_url)
-                    elif kind == "assignment":
-                        a = response.assignment
-                        if self.pool.has(a.attempt_id):
-                            # A duplicate of an attempt running here: acknowledged again,
-                            # never run twice (docs/worker-protocol.md).
-                            log.info("attempt %s assigned again: acknowledged", a.attempt_id)
-                            self._send(
-                                wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id))
-                            )
-                            continue
-                        self.counts.assigned()
-                        self.starts.assigned(a.attempt_id)
-                        self.pool.submit(
-                            assignment_to_attempt(
-                                a, self.tasks.get(a.run.task_id), self.manifest.version
-                            )
-                        )
-                    elif kind == "cancel":
-                        self.pool.cancel(response.cancel.attempt_id)
-                    elif kind == "run_canceled":
-                        c = response.run_canceled
-                        assignment = wpb.Assignment(
-                            run=c.run,
-                            attempt_id="",
-                            environment_slug=c.environment_slug,
-                            environment_id=c.environment_id,
-                        )
-                        task = self.tasks.get(c.run.task_id)
-                        self.pool.cancel_hooks(
-                            assignment_to_attempt(assignment, task, self.manifest.version)
-                        )
-                    elif kind == "resume":
-                        r = response.resume
-                        self.pool.resume(r.attempt_id, waits.resume_results(r))
+                    elif response.WhichOneof("message") == "batch":
+                        for one in response.batch.messages:
+                            self._received(one)
+                    else:
+                        self._received(response)
             finally:
                 self.connected = False
                 self._outgoing = None
@@ -575,6 +578,38 @@ class Executor:
                     heartbeat.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await heartbeat
+
+    def _received(self, response: wpb.ConnectResponse) -> None:
+        """One of the scheduler's messages after the registration (alone or from a batch)."""
+        kind = response.WhichOneof("message")
+        if kind == "assignment":
+            a = response.assignment
+            if self.pool.has(a.attempt_id):
+                # A duplicate of an attempt running here: acknowledged again, never run twice
+                # (docs/worker-protocol.md).
+                log.info("attempt %s assigned again: acknowledged", a.attempt_id)
+                self._send(wpb.ConnectRequest(ack=wpb.AssignmentAck(attempt_id=a.attempt_id)))
+                return
+            self.counts.assigned()
+            self.starts.assigned(a.attempt_id)
+            self.pool.submit(
+                assignment_to_attempt(a, self.tasks.get(a.run.task_id), self.manifest.version)
+            )
+        elif kind == "cancel":
+            self.pool.cancel(response.cancel.attempt_id)
+        elif kind == "run_canceled":
+            c = response.run_canceled
+            assignment = wpb.Assignment(
+                run=c.run,
+                attempt_id="",
+                environment_slug=c.environment_slug,
+                environment_id=c.environment_id,
+            )
+            task = self.tasks.get(c.run.task_id)
+            self.pool.cancel_hooks(assignment_to_attempt(assignment, task, self.manifest.version))
+        elif kind == "resume":
+            r = response.resume
+            self.pool.resume(r.attempt_id, waits.resume_results(r))
 
     async def _heartbeat(
         self, outgoing: asyncio.Queue[wpb.ConnectRequest | None], interval: float

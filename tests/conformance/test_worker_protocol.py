@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from runplane.v1 import worker_service_pb2 as wpb
+from runplane_common.protocol import BATCHES, SPOKEN_WORKER_PROTOCOL_VERSIONS
 from tests.helpers.cluster import ServiceProcess
 from tests.helpers.conformance import ScriptedScheduler, WorkerStream, summary
 
@@ -51,7 +52,7 @@ async def test_the_first_message_registers_the_conformance_tasks(
     register = stream.register
     assert register is not None
     assert stream.metadata.get("authorization") == f"Bearer {scheduler.key}"
-    assert register.protocol_version in (0, 1)
+    assert register.protocol_version in (0, *SPOKEN_WORKER_PROTOCOL_VERSIONS)
     assert {t.id for t in register.manifest.tasks} >= TASKS, register.manifest
     assert register.manifest.version == "conformance-1"  # RUNPLANE_VERSION
     assert register.capacity > 0
@@ -315,3 +316,61 @@ async def test_a_refused_registration_is_retried_as_the_same_executor(
     again.registered()
     again.assign("att_after_refusal", "conformance-echo", "still here")
     assert output(await again.result("att_after_refusal")) == "still here"
+
+
+# -- protocol version 2: batches -------------------------------------------------------------------
+
+
+async def _speaks_batches(scheduler: ScriptedScheduler) -> WorkerStream:
+    stream = await scheduler.connection()
+    assert stream.register is not None
+    if (stream.register.protocol_version or 1) < BATCHES:
+        pytest.skip("this worker speaks worker protocol version 1, which has no batches")
+    return stream
+
+
+async def test_a_batch_from_the_scheduler_is_taken_in_order(
+    scheduler: ScriptedScheduler, worker: ServiceProcess
+) -> None:
+    stream = await _speaks_batches(scheduler)
+    stream.registered(protocol_version=BATCHES)
+    one = stream.assign("att_b1", "conformance-echo", {"n": 1}, send=False)
+    two = stream.assign("att_b2", "conformance-echo", {"n": 2}, send=False)
+    long = stream.assign("att_b3", "conformance-sleep", {"seconds": 60}, send=False)
+    stream.batch(*(wpb.ConnectResponse(assignment=a) for a in (one, two, long)))
+    assert output(await stream.result("att_b1")) == {"n": 1}
+    assert output(await stream.result("att_b2")) == {"n": 2}
+    await stream.expect("started", "att_b3")
+    cancel = wpb.CancelAttempt(attempt_id="att_b3", run_id="run_att_b3")
+    echo = stream.assign("att_b4", "conformance-echo", "after", send=False)
+    stream.batch(wpb.ConnectResponse(cancel=cancel), wpb.ConnectResponse(assignment=echo))
+    assert (await stream.result("att_b3")).canceled
+    assert output(await stream.result("att_b4")) == "after"
+
+
+async def test_a_version_1_answer_gets_no_batches(
+    scheduler: ScriptedScheduler, worker: ServiceProcess
+) -> None:
+    stream = await _speaks_batches(scheduler)
+    stream.registered(protocol_version=1)  # a scheduler that speaks only version 1
+    for n in range(20):
+        stream.assign(f"att_v1_{n}", "conformance-echo", n)
+    for n in range(20):
+        assert output(await stream.result(f"att_v1_{n}")) == n
+    assert stream.batches == 0
+
+
+async def test_a_scheduler_refusing_version_2_is_asked_again_with_version_1(
+    scheduler: ScriptedScheduler, worker: ServiceProcess
+) -> None:
+    refused = await _speaks_batches(scheduler)
+    refused.refuse(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "worker protocol version 2 is not spoken by this scheduler (it speaks 1; "
+        "docs/worker-protocol.md)",
+    )
+    again = await scheduler.registered()
+    assert again.register is not None
+    assert again.register.protocol_version == 1
+    again.assign("att_downgraded", "conformance-echo", "v1")
+    assert output(await again.result("att_downgraded")) == "v1"

@@ -77,6 +77,7 @@ class WorkerStream:
         self._outbox: asyncio.Queue[wpb.ConnectResponse | _End] = asyncio.Queue()
         self.closed = asyncio.Event()  # the worker ended its side, or the stream ended
         self.register: wpb.Register | None = None
+        self.batches = 0  # ReportBatches received (their reports are in ``received``)
 
     # -- what the worker receives ------------------------------------------------------------
 
@@ -88,15 +89,16 @@ class WorkerStream:
         executor_id: str = "",
         session_token: str = "token-1",
         heartbeat_interval_ms: int = 500,
+        protocol_version: int = 1,
     ) -> wpb.Registered:
         """Answer the Register: with ``executor_id`` (default: the one the worker asked for, or
-        a new one) and ``session_token``."""
+        a new one), ``session_token`` and the protocol version the stream speaks."""
         assert self.register is not None
         registered = wpb.Registered(
             executor_id=executor_id or self.register.executor_id or "exec_conformance",
             session_token=session_token,
             heartbeat_interval_ms=heartbeat_interval_ms,
-            protocol_version=1,
+            protocol_version=protocol_version,
         )
         self.send(wpb.ConnectResponse(registered=registered))
         return registered
@@ -109,6 +111,7 @@ class WorkerStream:
         *,
         run_id: str = "",
         attempt_number: int = 1,
+        send: bool = True,
     ) -> wpb.Assignment:
         assignment = wpb.Assignment(
             run=run_pb2.Run(
@@ -125,8 +128,13 @@ class WorkerStream:
             environment_slug="dev",
             environment_id="env_conformance",
         )
-        self.send(wpb.ConnectResponse(assignment=assignment))
+        if send:
+            self.send(wpb.ConnectResponse(assignment=assignment))
         return assignment
+
+    def batch(self, *messages: wpb.ConnectResponse) -> None:
+        """Send ``messages`` as one ResponseBatch (protocol version 2)."""
+        self.send(wpb.ConnectResponse(batch=wpb.ResponseBatch(messages=messages)))
 
     def resume(self, attempt_id: str, *results: wpb.WaitResult) -> None:
         self.send(wpb.ConnectResponse(resume=wpb.Resume(attempt_id=attempt_id, results=results)))
@@ -229,7 +237,11 @@ class WorkerStream:
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    self.received.append(message)
+                    if message.WhichOneof("message") == "batch":  # protocol version 2
+                        self.batches += 1
+                        self.received.extend(message.batch.reports)
+                    else:
+                        self.received.append(message)
                     self._arrived.set()
             finally:
                 self._ended()

@@ -354,6 +354,7 @@ class ConnectRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     LOGS_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
@@ -370,6 +371,10 @@ class ConnectRequest(_message.Message):
     def logs(self) -> Global___LogBatch: ...
     @_builtins.property
     def wait(self) -> Global___WaitRequest: ...
+    @_builtins.property
+    def batch(self) -> Global___ReportBatch:
+        """Protocol version 2: several reports in one message."""
+
     def __init__(
         self,
         *,
@@ -381,16 +386,41 @@ class ConnectRequest(_message.Message):
         metadata: Global___MetadataUpdate | None = ...,
         logs: Global___LogBatch | None = ...,
         wait: Global___WaitRequest | None = ...,
+        batch: Global___ReportBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "batch", b"batch", "heartbeat", b"heartbeat", "logs", b"logs", "message", b"message", "metadata", b"metadata", "register", b"register", "result", b"result", "started", b"started", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result", "metadata", "logs", "wait"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["register", "heartbeat", "ack", "started", "result", "metadata", "logs", "wait", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ReportBatch(_message.Message):
+    """ReportBatch (protocol version 2) carries reports in the order the executor produced them;
+    each means what it means sent alone. It holds no Register and no other batch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]: ...
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportBatch: _TypeAlias = ReportBatch  # noqa: Y015
 
 @_typing.final
 class Registered(_message.Message):
@@ -489,6 +519,7 @@ class ConnectResponse(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
     RUN_CANCELED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
@@ -499,6 +530,10 @@ class ConnectResponse(_message.Message):
     def resume(self) -> Global___Resume: ...
     @_builtins.property
     def run_canceled(self) -> Global___RunCanceled: ...
+    @_builtins.property
+    def batch(self) -> Global___ResponseBatch:
+        """Protocol version 2: several messages in one."""
+
     def __init__(
         self,
         *,
@@ -507,16 +542,41 @@ class ConnectResponse(_message.Message):
         cancel: Global___CancelAttempt | None = ...,
         resume: Global___Resume | None = ...,
         run_canceled: Global___RunCanceled | None = ...,
+        batch: Global___ResponseBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment", "batch", b"batch", "cancel", b"cancel", "message", b"message", "registered", b"registered", "resume", b"resume", "run_canceled", b"run_canceled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "resume", "run_canceled"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "assignment", "cancel", "resume", "run_canceled", "batch"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ResponseBatch(_message.Message):
+    """ResponseBatch (protocol version 2) carries the scheduler's messages in the order it sent
+    them; each means what it means sent alone. It holds no Registered and no other batch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectResponse]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ConnectResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseBatch: _TypeAlias = ResponseBatch  # noqa: Y015
 
 @_typing.final
 class MetadataOperation(_message.Message):

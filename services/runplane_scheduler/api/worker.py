@@ -69,22 +69,24 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
         outbox: asyncio.Queue[ToExecutor] = asyncio.Queue()
         register = validation.register(first.register)
         ex = await self.engine.register_executor(env, registration(register), outbox)
+        version = protocol.effective_version(register.protocol_version)
         yield wpb.ConnectResponse(
             registered=wpb.Registered(
                 executor_id=ex.executor_id,
                 heartbeat_interval_ms=int(self.settings.heartbeat_interval * 1000),
                 session_token=ex.session_token,
-                protocol_version=protocol.effective_version(register.protocol_version),
+                protocol_version=version,
             )
         )
         limits = self.settings.limits
 
         async def read() -> None:
             async for msg in request_iterator:
-                try:
-                    self.engine.on_message(ex, report(msg, limits))
-                except Exception:
-                    log.exception("message from executor %s failed: %s", ex.executor_id, msg)
+                for one in unbatched(msg):
+                    try:
+                        self.engine.on_message(ex, report(one, limits))
+                    except Exception:
+                        log.exception("message from executor %s failed: %s", ex.executor_id, one)
 
         reader = asyncio.create_task(read(), name=f"executor-{ex.executor_id}")
         get: asyncio.Future[ToExecutor] | None = None
@@ -92,13 +94,22 @@ class WorkerServicer(worker_service_pb2_grpc.WorkerServiceServicer):
             while True:
                 get = asyncio.ensure_future(outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
+                if get not in done:
+                    get.cancel()
+                    break
+                if version < protocol.BATCHES:
                     yield response(get.result())
                     while not outbox.empty():
                         yield response(outbox.get_nowait())
+                    continue
+                # Version 2: what the engine queued meanwhile goes in one message.
+                messages = [response(get.result())]
+                while not outbox.empty() and len(messages) < protocol.MAX_BATCH:
+                    messages.append(response(outbox.get_nowait()))
+                if len(messages) == 1:
+                    yield messages[0]
                 else:
-                    get.cancel()
-                    break
+                    yield wpb.ConnectResponse(batch=wpb.ResponseBatch(messages=messages))
         finally:
             if get is not None:
                 get.cancel()  # the stream ended (or was cancelled) while waiting for the outbox
@@ -149,6 +160,14 @@ def task_def(t: wpb.TaskDefinition) -> TaskDef:
         queue_total_limit=t.queue_total_concurrency_limit,
         payload_schema=t.payload_schema,
     )
+
+
+def unbatched(msg: wpb.ConnectRequest) -> list[wpb.ConnectRequest]:
+    """The reports a message carries: itself, or a batch's (protocol version 2), in order. A
+    batch inside a batch, or a Register in one, carries nothing the engine acts on."""
+    if msg.WhichOneof("message") != "batch":
+        return [msg]
+    return [m for m in msg.batch.reports if m.WhichOneof("message") not in ("batch", "register")]
 
 
 def report(msg: wpb.ConnectRequest, limits: Limits) -> WorkerReport | None:

@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file runplane/v1/worker_service.proto.
  */
 export const file_runplane_v1_worker_service: GenFile = /*@__PURE__*/
-  fileDesc("CiBydW5wbGFuZS92MS93b3JrZXJfc2VydmljZS5wcm90bxILcnVucGxhbmUudjEigAEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoBRIOCgZmYWN0b3IYAiABKAESGwoTbWluX3RpbWVvdXRfc2Vjb25kcxgDIAEoARIbChNtYXhfdGltZW91dF9zZWNvbmRzGAQgASgBEhEKCXJhbmRvbWl6ZRgFIAEoCCL+AgoOVGFza0RlZmluaXRpb24SCgoCaWQYASABKAkSDQoFcXVldWUYAiABKAkSHwoXcXVldWVfY29uY3VycmVuY3lfbGltaXQYAyABKAUSJwoFcmV0cnkYBCABKAsyGC5ydW5wbGFuZS52MS5SZXRyeVBvbGljeRIcChRtYXhfZHVyYXRpb25fc2Vjb25kcxgFIAEoARIPCgdtYWNoaW5lGAYgASgJEhMKC2Rlc2NyaXB0aW9uGAcgASgJEhMKC3R0bF9zZWNvbmRzGAggASgBEhgKEHF1ZXVlX3JhdGVfbGltaXQYCSABKAUSIQoZcXVldWVfcmF0ZV9wZXJpb2Rfc2Vjb25kcxgKIAEoARIlCh1xdWV1ZV90b3RhbF9jb25jdXJyZW5jeV9saW1pdBgLIAEoBRIWCg5wYXlsb2FkX3NjaGVtYRgMIAEoCRIyCghzY2hlZHVsZRgNIAEoCzIgLnJ1bnBsYW5lLnYxLkRlY2xhcmF0aXZlU2NoZWR1bGUiRwoITWFuaWZlc3QSKgoFdGFza3MYASADKAsyGy5ydW5wbGFuZS52MS5UYXNrRGVmaW5pdGlvbhIPCgd2ZXJzaW9uGAIgASgJIqgBCghSZWdpc3RlchITCgtleGVjdXRvcl9pZBgBIAEoCRInCghtYW5pZmVzdBgCIAEoCzIVLnJ1bnBsYW5lLnYxLk1hbmlmZXN0EhAKCGNhcGFjaXR5GAMgASgFEhsKE3J1bm5pbmdfYXR0ZW1wdF9pZHMYBCADKAkSFQoNc2Vzc2lvbl90b2tlbhgFIAEoCRIYChBwcm90b2NvbF92ZXJzaW9uGAYgASgFIh0KCUhlYXJ0YmVhdBIQCghkcmFpbmluZxgBIAEoCCIjCg1Bc3NpZ25tZW50QWNrEhIKCmF0dGVtcHRfaWQYASABKAkiVAoOQXR0ZW1wdFN0YXJ0ZWQSEgoKYXR0ZW1wdF9pZBgBIAEoCRIuCgpzdGFydGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLuAgoNQXR0ZW1wdFJlc3VsdBISCgphdHRlbXB0X2lkGAEgASgJEhAKBm91dHB1dBgCIAEoCUgAEiYKBWVycm9yGAMgASgLMhUucnVucGxhbmUudjEuUnVuRXJyb3JIABIVCg1za2lwX3JldHJ5aW5nGAQgASgIEhAKCGNhbmNlbGVkGAUgASgIEgwKBGxvc3QYBiABKAgSGwoOcmV0cnlfZGVsYXlfbXMYByABKANIAYgBARIsCghyZXRyeV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJdGltZWRfb3V0GAkgASgIEhUKDW91dF9vZl9tZW1vcnkYCiABKAgSFQoNcmV0cnlfbWFjaGluZRgLIAEoCRIuCgpzdGFydGVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIJCgdvdXRjb21lQhEKD19yZXRyeV9kZWxheV9tcyL+AgoOQ29ubmVjdFJlcXVlc3QSKQoIcmVnaXN0ZXIYASABKAsyFS5ydW5wbGFuZS52MS5SZWdpc3RlckgAEisKCWhlYXJ0YmVhdBgCIAEoCzIWLnJ1bnBsYW5lLnYxLkhlYXJ0YmVhdEgAEikKA2FjaxgDIAEoCzIaLnJ1bnBsYW5lLnYxLkFzc2lnbm1lbnRBY2tIABIuCgdzdGFydGVkGAQgASgLMhsucnVucGxhbmUudjEuQXR0ZW1wdFN0YXJ0ZWRIABIsCgZyZXN1bHQYBSABKAsyGi5ydW5wbGFuZS52MS5BdHRlbXB0UmVzdWx0SAASLwoIbWV0YWRhdGEYBiABKAsyGy5ydW5wbGFuZS52MS5NZXRhZGF0YVVwZGF0ZUgAEiUKBGxvZ3MYByABKAsyFS5ydW5wbGFuZS52MS5Mb2dCYXRjaEgAEigKBHdhaXQYCCABKAsyGC5ydW5wbGFuZS52MS5XYWl0UmVxdWVzdEgAQgkKB21lc3NhZ2UicQoKUmVnaXN0ZXJlZBITCgtleGVjdXRvcl9pZBgBIAEoCRIdChVoZWFydGJlYXRfaW50ZXJ2YWxfbXMYAiABKAUSFQoNc2Vzc2lvbl90b2tlbhgDIAEoCRIYChBwcm90b2NvbF92ZXJzaW9uGAQgASgFIp4BCgpBc3NpZ25tZW50Eh0KA3J1bhgBIAEoCzIQLnJ1bnBsYW5lLnYxLlJ1bhISCgphdHRlbXB0X2lkGAIgASgJEhYKDmF0dGVtcHRfbnVtYmVyGAMgASgFEhMKC3RyYWNlcGFyZW50GAQgASgJEhgKEGVudmlyb25tZW50X3NsdWcYBSABKAkSFgoOZW52aXJvbm1lbnRfaWQYBiABKAkiMwoNQ2FuY2VsQXR0ZW1wdBISCgphdHRlbXB0X2lkGAEgASgJEg4KBnJ1bl9pZBgCIAEoCSKBAgoPQ29ubmVjdFJlc3BvbnNlEi0KCnJlZ2lzdGVyZWQYASABKAsyFy5ydW5wbGFuZS52MS5SZWdpc3RlcmVkSAASLQoKYXNzaWdubWVudBgCIAEoCzIXLnJ1bnBsYW5lLnYxLkFzc2lnbm1lbnRIABIsCgZjYW5jZWwYAyABKAsyGi5ydW5wbGFuZS52MS5DYW5jZWxBdHRlbXB0SAASJQoGcmVzdW1lGAQgASgLMhMucnVucGxhbmUudjEuUmVzdW1lSAASMAoMcnVuX2NhbmNlbGVkGAUgASgLMhgucnVucGxhbmUudjEuUnVuQ2FuY2VsZWRIAEIJCgdtZXNzYWdlIj0KEU1ldGFkYXRhT3BlcmF0aW9uEgwKBHR5cGUYASABKAkSCwoDa2V5GAIgASgJEg0KBXZhbHVlGAMgASgJImgKDk1ldGFkYXRhVXBkYXRlEg4KBnJ1bl9pZBgBIAEoCRISCgphdHRlbXB0X2lkGAIgASgJEjIKCm9wZXJhdGlvbnMYAyADKAsyHi5ydW5wbGFuZS52MS5NZXRhZGF0YU9wZXJhdGlvbiIyCghMb2dCYXRjaBImCgdlbnRyaWVzGAEgAygLMhUucnVucGxhbmUudjEuTG9nRW50cnkiNQoTRGVjbGFyYXRpdmVTY2hlZHVsZRIMCgRjcm9uGAEgASgJEhAKCHRpbWV6b25lGAIgASgJIvUBCgtXYWl0UmVxdWVzdBISCgphdHRlbXB0X2lkGAEgASgJEgsKA3NlcRgCIAEoBRIVCgtkdXJhdGlvbl9tcxgDIAEoA0gAEhIKCHVudGlsX21zGAQgASgDSAASEgoIdG9rZW5faWQYBSABKAlIABIwCghjaGlsZHJlbhgGIAEoCzIcLnJ1bnBsYW5lLnYxLldhaXRGb3JDaGlsZHJlbkgAEhcKD2lkZW1wb3RlbmN5X2tleRgHIAEoCRIeChZpZGVtcG90ZW5jeV9rZXlfdHRsX21zGAggASgDEhMKC3RyYWNlcGFyZW50GAkgASgJQgYKBHdhaXQiPwoPV2FpdEZvckNoaWxkcmVuEiwKBWl0ZW1zGAEgAygLMh0ucnVucGxhbmUudjEuQmF0Y2hUcmlnZ2VySXRlbSJbCgpXYWl0UmVzdWx0EgsKA3NlcRgBIAEoBRIKCgJvaxgCIAEoCBIOCgZvdXRwdXQYAyABKAkSJAoFZXJyb3IYBCABKAsyFS5ydW5wbGFuZS52MS5SdW5FcnJvciJGCgZSZXN1bWUSEgoKYXR0ZW1wdF9pZBgBIAEoCRIoCgdyZXN1bHRzGAIgAygLMhcucnVucGxhbmUudjEuV2FpdFJlc3VsdCJeCgtSdW5DYW5jZWxlZBIdCgNydW4YASABKAsyEC5ydW5wbGFuZS52MS5SdW4SGAoQZW52aXJvbm1lbnRfc2x1ZxgCIAEoCRIWCg5lbnZpcm9ubWVudF9pZBgDIAEoCTJZCg1Xb3JrZXJTZXJ2aWNlEkgKB0Nvbm5lY3QSGy5ydW5wbGFuZS52MS5Db25uZWN0UmVxdWVzdBocLnJ1bnBsYW5lLnYxLkNvbm5lY3RSZXNwb25zZSgBMAFCXQoPZGV2LnJ1bnBsYW5lLnYxUAFaOmdpdGh1Yi5jb20vcnVucGxhbmUvcnVucGxhbmUvZ2VuL2dvL3J1bnBsYW5lL3YxO3J1bnBsYW5ldjGqAgtSdW5wbGFuZS5WMWIGcHJvdG8z", [file_google_protobuf_timestamp, file_runplane_v1_run, file_runplane_v1_run_service]);
+  fileDesc("CiBydW5wbGFuZS92MS93b3JrZXJfc2VydmljZS5wcm90bxILcnVucGxhbmUudjEigAEKC1JldHJ5UG9saWN5EhQKDG1heF9hdHRlbXB0cxgBIAEoBRIOCgZmYWN0b3IYAiABKAESGwoTbWluX3RpbWVvdXRfc2Vjb25kcxgDIAEoARIbChNtYXhfdGltZW91dF9zZWNvbmRzGAQgASgBEhEKCXJhbmRvbWl6ZRgFIAEoCCL+AgoOVGFza0RlZmluaXRpb24SCgoCaWQYASABKAkSDQoFcXVldWUYAiABKAkSHwoXcXVldWVfY29uY3VycmVuY3lfbGltaXQYAyABKAUSJwoFcmV0cnkYBCABKAsyGC5ydW5wbGFuZS52MS5SZXRyeVBvbGljeRIcChRtYXhfZHVyYXRpb25fc2Vjb25kcxgFIAEoARIPCgdtYWNoaW5lGAYgASgJEhMKC2Rlc2NyaXB0aW9uGAcgASgJEhMKC3R0bF9zZWNvbmRzGAggASgBEhgKEHF1ZXVlX3JhdGVfbGltaXQYCSABKAUSIQoZcXVldWVfcmF0ZV9wZXJpb2Rfc2Vjb25kcxgKIAEoARIlCh1xdWV1ZV90b3RhbF9jb25jdXJyZW5jeV9saW1pdBgLIAEoBRIWCg5wYXlsb2FkX3NjaGVtYRgMIAEoCRIyCghzY2hlZHVsZRgNIAEoCzIgLnJ1bnBsYW5lLnYxLkRlY2xhcmF0aXZlU2NoZWR1bGUiRwoITWFuaWZlc3QSKgoFdGFza3MYASADKAsyGy5ydW5wbGFuZS52MS5UYXNrRGVmaW5pdGlvbhIPCgd2ZXJzaW9uGAIgASgJIqgBCghSZWdpc3RlchITCgtleGVjdXRvcl9pZBgBIAEoCRInCghtYW5pZmVzdBgCIAEoCzIVLnJ1bnBsYW5lLnYxLk1hbmlmZXN0EhAKCGNhcGFjaXR5GAMgASgFEhsKE3J1bm5pbmdfYXR0ZW1wdF9pZHMYBCADKAkSFQoNc2Vzc2lvbl90b2tlbhgFIAEoCRIYChBwcm90b2NvbF92ZXJzaW9uGAYgASgFIh0KCUhlYXJ0YmVhdBIQCghkcmFpbmluZxgBIAEoCCIjCg1Bc3NpZ25tZW50QWNrEhIKCmF0dGVtcHRfaWQYASABKAkiVAoOQXR0ZW1wdFN0YXJ0ZWQSEgoKYXR0ZW1wdF9pZBgBIAEoCRIuCgpzdGFydGVkX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLuAgoNQXR0ZW1wdFJlc3VsdBISCgphdHRlbXB0X2lkGAEgASgJEhAKBm91dHB1dBgCIAEoCUgAEiYKBWVycm9yGAMgASgLMhUucnVucGxhbmUudjEuUnVuRXJyb3JIABIVCg1za2lwX3JldHJ5aW5nGAQgASgIEhAKCGNhbmNlbGVkGAUgASgIEgwKBGxvc3QYBiABKAgSGwoOcmV0cnlfZGVsYXlfbXMYByABKANIAYgBARIsCghyZXRyeV9hdBgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJdGltZWRfb3V0GAkgASgIEhUKDW91dF9vZl9tZW1vcnkYCiABKAgSFQoNcmV0cnlfbWFjaGluZRgLIAEoCRIuCgpzdGFydGVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIJCgdvdXRjb21lQhEKD19yZXRyeV9kZWxheV9tcyKpAwoOQ29ubmVjdFJlcXVlc3QSKQoIcmVnaXN0ZXIYASABKAsyFS5ydW5wbGFuZS52MS5SZWdpc3RlckgAEisKCWhlYXJ0YmVhdBgCIAEoCzIWLnJ1bnBsYW5lLnYxLkhlYXJ0YmVhdEgAEikKA2FjaxgDIAEoCzIaLnJ1bnBsYW5lLnYxLkFzc2lnbm1lbnRBY2tIABIuCgdzdGFydGVkGAQgASgLMhsucnVucGxhbmUudjEuQXR0ZW1wdFN0YXJ0ZWRIABIsCgZyZXN1bHQYBSABKAsyGi5ydW5wbGFuZS52MS5BdHRlbXB0UmVzdWx0SAASLwoIbWV0YWRhdGEYBiABKAsyGy5ydW5wbGFuZS52MS5NZXRhZGF0YVVwZGF0ZUgAEiUKBGxvZ3MYByABKAsyFS5ydW5wbGFuZS52MS5Mb2dCYXRjaEgAEigKBHdhaXQYCCABKAsyGC5ydW5wbGFuZS52MS5XYWl0UmVxdWVzdEgAEikKBWJhdGNoGAkgASgLMhgucnVucGxhbmUudjEuUmVwb3J0QmF0Y2hIAEIJCgdtZXNzYWdlIjsKC1JlcG9ydEJhdGNoEiwKB3JlcG9ydHMYASADKAsyGy5ydW5wbGFuZS52MS5Db25uZWN0UmVxdWVzdCJxCgpSZWdpc3RlcmVkEhMKC2V4ZWN1dG9yX2lkGAEgASgJEh0KFWhlYXJ0YmVhdF9pbnRlcnZhbF9tcxgCIAEoBRIVCg1zZXNzaW9uX3Rva2VuGAMgASgJEhgKEHByb3RvY29sX3ZlcnNpb24YBCABKAUingEKCkFzc2lnbm1lbnQSHQoDcnVuGAEgASgLMhAucnVucGxhbmUudjEuUnVuEhIKCmF0dGVtcHRfaWQYAiABKAkSFgoOYXR0ZW1wdF9udW1iZXIYAyABKAUSEwoLdHJhY2VwYXJlbnQYBCABKAkSGAoQZW52aXJvbm1lbnRfc2x1ZxgFIAEoCRIWCg5lbnZpcm9ubWVudF9pZBgGIAEoCSIzCg1DYW5jZWxBdHRlbXB0EhIKCmF0dGVtcHRfaWQYASABKAkSDgoGcnVuX2lkGAIgASgJIq4CCg9Db25uZWN0UmVzcG9uc2USLQoKcmVnaXN0ZXJlZBgBIAEoCzIXLnJ1bnBsYW5lLnYxLlJlZ2lzdGVyZWRIABItCgphc3NpZ25tZW50GAIgASgLMhcucnVucGxhbmUudjEuQXNzaWdubWVudEgAEiwKBmNhbmNlbBgDIAEoCzIaLnJ1bnBsYW5lLnYxLkNhbmNlbEF0dGVtcHRIABIlCgZyZXN1bWUYBCABKAsyEy5ydW5wbGFuZS52MS5SZXN1bWVIABIwCgxydW5fY2FuY2VsZWQYBSABKAsyGC5ydW5wbGFuZS52MS5SdW5DYW5jZWxlZEgAEisKBWJhdGNoGAYgASgLMhoucnVucGxhbmUudjEuUmVzcG9uc2VCYXRjaEgAQgkKB21lc3NhZ2UiPwoNUmVzcG9uc2VCYXRjaBIuCghtZXNzYWdlcxgBIAMoCzIcLnJ1bnBsYW5lLnYxLkNvbm5lY3RSZXNwb25zZSI9ChFNZXRhZGF0YU9wZXJhdGlvbhIMCgR0eXBlGAEgASgJEgsKA2tleRgCIAEoCRINCgV2YWx1ZRgDIAEoCSJoCg5NZXRhZGF0YVVwZGF0ZRIOCgZydW5faWQYASABKAkSEgoKYXR0ZW1wdF9pZBgCIAEoCRIyCgpvcGVyYXRpb25zGAMgAygLMh4ucnVucGxhbmUudjEuTWV0YWRhdGFPcGVyYXRpb24iMgoITG9nQmF0Y2gSJgoHZW50cmllcxgBIAMoCzIVLnJ1bnBsYW5lLnYxLkxvZ0VudHJ5IjUKE0RlY2xhcmF0aXZlU2NoZWR1bGUSDAoEY3JvbhgBIAEoCRIQCgh0aW1lem9uZRgCIAEoCSL1AQoLV2FpdFJlcXVlc3QSEgoKYXR0ZW1wdF9pZBgBIAEoCRILCgNzZXEYAiABKAUSFQoLZHVyYXRpb25fbXMYAyABKANIABISCgh1bnRpbF9tcxgEIAEoA0gAEhIKCHRva2VuX2lkGAUgASgJSAASMAoIY2hpbGRyZW4YBiABKAsyHC5ydW5wbGFuZS52MS5XYWl0Rm9yQ2hpbGRyZW5IABIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkSHgoWaWRlbXBvdGVuY3lfa2V5X3R0bF9tcxgIIAEoAxITCgt0cmFjZXBhcmVudBgJIAEoCUIGCgR3YWl0Ij8KD1dhaXRGb3JDaGlsZHJlbhIsCgVpdGVtcxgBIAMoCzIdLnJ1bnBsYW5lLnYxLkJhdGNoVHJpZ2dlckl0ZW0iWwoKV2FpdFJlc3VsdBILCgNzZXEYASABKAUSCgoCb2sYAiABKAgSDgoGb3V0cHV0GAMgASgJEiQKBWVycm9yGAQgASgLMhUucnVucGxhbmUudjEuUnVuRXJyb3IiRgoGUmVzdW1lEhIKCmF0dGVtcHRfaWQYASABKAkSKAoHcmVzdWx0cxgCIAMoCzIXLnJ1bnBsYW5lLnYxLldhaXRSZXN1bHQiXgoLUnVuQ2FuY2VsZWQSHQoDcnVuGAEgASgLMhAucnVucGxhbmUudjEuUnVuEhgKEGVudmlyb25tZW50X3NsdWcYAiABKAkSFgoOZW52aXJvbm1lbnRfaWQYAyABKAkyWQoNV29ya2VyU2VydmljZRJICgdDb25uZWN0EhsucnVucGxhbmUudjEuQ29ubmVjdFJlcXVlc3QaHC5ydW5wbGFuZS52MS5Db25uZWN0UmVzcG9uc2UoATABQl0KD2Rldi5ydW5wbGFuZS52MVABWjpnaXRodWIuY29tL3J1bnBsYW5lL3J1bnBsYW5lL2dlbi9nby9ydW5wbGFuZS92MTtydW5wbGFuZXYxqgILUnVucGxhbmUuVjFiBnByb3RvMw", [file_google_protobuf_timestamp, file_runplane_v1_run, file_runplane_v1_run_service]);
 
 /**
  * RetryPolicy of a task: delay for failed attempt n is
@@ -447,6 +447,14 @@ export type ConnectRequest = Message<"runplane.v1.ConnectRequest"> & {
      */
     value: WaitRequest;
     case: "wait";
+  } | {
+    /**
+     * Protocol version 2: several reports in one message.
+     *
+     * @generated from field: runplane.v1.ReportBatch batch = 9;
+     */
+    value: ReportBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -456,6 +464,26 @@ export type ConnectRequest = Message<"runplane.v1.ConnectRequest"> & {
  */
 export const ConnectRequestSchema: GenMessage<ConnectRequest> = /*@__PURE__*/
   messageDesc(file_runplane_v1_worker_service, 8);
+
+/**
+ * ReportBatch (protocol version 2) carries reports in the order the executor produced them;
+ * each means what it means sent alone. It holds no Register and no other batch.
+ *
+ * @generated from message runplane.v1.ReportBatch
+ */
+export type ReportBatch = Message<"runplane.v1.ReportBatch"> & {
+  /**
+   * @generated from field: repeated runplane.v1.ConnectRequest reports = 1;
+   */
+  reports: ConnectRequest[];
+};
+
+/**
+ * Describes the message runplane.v1.ReportBatch.
+ * Use `create(ReportBatchSchema)` to create a new message.
+ */
+export const ReportBatchSchema: GenMessage<ReportBatch> = /*@__PURE__*/
+  messageDesc(file_runplane_v1_worker_service, 9);
 
 /**
  * @generated from message runplane.v1.Registered
@@ -491,7 +519,7 @@ export type Registered = Message<"runplane.v1.Registered"> & {
  * Use `create(RegisteredSchema)` to create a new message.
  */
 export const RegisteredSchema: GenMessage<Registered> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 9);
+  messageDesc(file_runplane_v1_worker_service, 10);
 
 /**
  * @generated from message runplane.v1.Assignment
@@ -535,7 +563,7 @@ export type Assignment = Message<"runplane.v1.Assignment"> & {
  * Use `create(AssignmentSchema)` to create a new message.
  */
 export const AssignmentSchema: GenMessage<Assignment> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 10);
+  messageDesc(file_runplane_v1_worker_service, 11);
 
 /**
  * @generated from message runplane.v1.CancelAttempt
@@ -557,7 +585,7 @@ export type CancelAttempt = Message<"runplane.v1.CancelAttempt"> & {
  * Use `create(CancelAttemptSchema)` to create a new message.
  */
 export const CancelAttemptSchema: GenMessage<CancelAttempt> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 11);
+  messageDesc(file_runplane_v1_worker_service, 12);
 
 /**
  * @generated from message runplane.v1.ConnectResponse
@@ -596,6 +624,14 @@ export type ConnectResponse = Message<"runplane.v1.ConnectResponse"> & {
      */
     value: RunCanceled;
     case: "runCanceled";
+  } | {
+    /**
+     * Protocol version 2: several messages in one.
+     *
+     * @generated from field: runplane.v1.ResponseBatch batch = 6;
+     */
+    value: ResponseBatch;
+    case: "batch";
   } | { case: undefined; value?: undefined };
 };
 
@@ -604,7 +640,27 @@ export type ConnectResponse = Message<"runplane.v1.ConnectResponse"> & {
  * Use `create(ConnectResponseSchema)` to create a new message.
  */
 export const ConnectResponseSchema: GenMessage<ConnectResponse> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 12);
+  messageDesc(file_runplane_v1_worker_service, 13);
+
+/**
+ * ResponseBatch (protocol version 2) carries the scheduler's messages in the order it sent
+ * them; each means what it means sent alone. It holds no Registered and no other batch.
+ *
+ * @generated from message runplane.v1.ResponseBatch
+ */
+export type ResponseBatch = Message<"runplane.v1.ResponseBatch"> & {
+  /**
+   * @generated from field: repeated runplane.v1.ConnectResponse messages = 1;
+   */
+  messages: ConnectResponse[];
+};
+
+/**
+ * Describes the message runplane.v1.ResponseBatch.
+ * Use `create(ResponseBatchSchema)` to create a new message.
+ */
+export const ResponseBatchSchema: GenMessage<ResponseBatch> = /*@__PURE__*/
+  messageDesc(file_runplane_v1_worker_service, 14);
 
 /**
  * MetadataOperation is one change of a run's metadata object, applied in order.
@@ -637,7 +693,7 @@ export type MetadataOperation = Message<"runplane.v1.MetadataOperation"> & {
  * Use `create(MetadataOperationSchema)` to create a new message.
  */
 export const MetadataOperationSchema: GenMessage<MetadataOperation> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 13);
+  messageDesc(file_runplane_v1_worker_service, 15);
 
 /**
  * MetadataUpdate is one flush of metadata operations made by an attempt (on its own run, its
@@ -671,7 +727,7 @@ export type MetadataUpdate = Message<"runplane.v1.MetadataUpdate"> & {
  * Use `create(MetadataUpdateSchema)` to create a new message.
  */
 export const MetadataUpdateSchema: GenMessage<MetadataUpdate> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 14);
+  messageDesc(file_runplane_v1_worker_service, 16);
 
 /**
  * LogBatch carries log lines of attempts running on the executor.
@@ -690,7 +746,7 @@ export type LogBatch = Message<"runplane.v1.LogBatch"> & {
  * Use `create(LogBatchSchema)` to create a new message.
  */
 export const LogBatchSchema: GenMessage<LogBatch> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 15);
+  messageDesc(file_runplane_v1_worker_service, 17);
 
 /**
  * A schedule declared in code with its task.
@@ -718,7 +774,7 @@ export type DeclarativeSchedule = Message<"runplane.v1.DeclarativeSchedule"> & {
  * Use `create(DeclarativeScheduleSchema)` to create a new message.
  */
 export const DeclarativeScheduleSchema: GenMessage<DeclarativeSchedule> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 16);
+  messageDesc(file_runplane_v1_worker_service, 18);
 
 /**
  * WaitRequest blocks the attempt's run on a waitpoint. `seq` numbers the run's waits in call
@@ -804,7 +860,7 @@ export type WaitRequest = Message<"runplane.v1.WaitRequest"> & {
  * Use `create(WaitRequestSchema)` to create a new message.
  */
 export const WaitRequestSchema: GenMessage<WaitRequest> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 17);
+  messageDesc(file_runplane_v1_worker_service, 19);
 
 /**
  * @generated from message runplane.v1.WaitForChildren
@@ -821,7 +877,7 @@ export type WaitForChildren = Message<"runplane.v1.WaitForChildren"> & {
  * Use `create(WaitForChildrenSchema)` to create a new message.
  */
 export const WaitForChildrenSchema: GenMessage<WaitForChildren> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 18);
+  messageDesc(file_runplane_v1_worker_service, 20);
 
 /**
  * WaitResult is a completed waitpoint of the run.
@@ -857,7 +913,7 @@ export type WaitResult = Message<"runplane.v1.WaitResult"> & {
  * Use `create(WaitResultSchema)` to create a new message.
  */
 export const WaitResultSchema: GenMessage<WaitResult> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 19);
+  messageDesc(file_runplane_v1_worker_service, 21);
 
 /**
  * Resume tells the executor holding a waiting attempt that its run may go on, with the results
@@ -882,7 +938,7 @@ export type Resume = Message<"runplane.v1.Resume"> & {
  * Use `create(ResumeSchema)` to create a new message.
  */
 export const ResumeSchema: GenMessage<Resume> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 20);
+  messageDesc(file_runplane_v1_worker_service, 22);
 
 /**
  * RunCanceled asks the executor to run the task's on_cancel hooks for a run cancelled while it
@@ -913,7 +969,7 @@ export type RunCanceled = Message<"runplane.v1.RunCanceled"> & {
  * Use `create(RunCanceledSchema)` to create a new message.
  */
 export const RunCanceledSchema: GenMessage<RunCanceled> = /*@__PURE__*/
-  messageDesc(file_runplane_v1_worker_service, 21);
+  messageDesc(file_runplane_v1_worker_service, 23);
 
 /**
  * WorkerService is the executor <-> scheduler channel: one bidirectional stream per executor
