@@ -1,11 +1,19 @@
-"""deploy/compose.yaml's structure: the services issue 15 lists, each with its image, command,
-environment and healthcheck; start order by depends_on conditions; secrets only in the env
-files, which are git-ignored and made from the committed examples."""
+"""deploy/compose.yaml's structure: valid against the Compose specification (the Rust
+``compose_spec`` parser, through the ``compose-spec`` package); the services issue 15 lists,
+each with its image, command, environment and healthcheck; start order by depends_on
+conditions; secrets only in the env files, which are git-ignored and made from the committed
+examples."""
 
 from __future__ import annotations
 
+import copy
+import importlib
+import json
 import subprocess
+from types import ModuleType
 from typing import Any
+
+import pytest
 
 from tests.helpers.deploy import (
     DEPLOY,
@@ -19,6 +27,7 @@ from tests.helpers.deploy import (
     image_env,
     load_compose,
 )
+from tests.helpers.unavailable import unavailable
 
 NATS = ("nats-1", "nats-2", "nats-3")
 RUNPLANE = ("migrate", "scheduler", "executor-1", "executor-2", "realtime", "dashboard")
@@ -36,6 +45,50 @@ HTTP_PORT_SETTING = {
 def services() -> dict[str, Any]:
     found: dict[str, Any] = load_compose()["services"]
     return found
+
+
+@pytest.fixture(scope="module")
+def compose_spec() -> ModuleType:
+    try:
+        return importlib.import_module("compose_spec")
+    except ImportError as error:
+        unavailable(f"compose-spec is not installed ({error}): run `make setup`")
+
+
+def parse(compose_spec: ModuleType, compose: dict[str, Any]) -> Any:
+    """The spec's parser over the file as Compose reads it (YAML merge keys resolved)."""
+    return compose_spec.PyCompose.from_json(json.dumps(compose))
+
+
+def test_it_is_valid_compose(compose_spec: ModuleType) -> None:
+    parsed = parse(compose_spec, load_compose())
+    assert set(parsed.service_names()) == set(services())
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "error"),
+    [
+        (("services", "scheduler"), "healtcheck", {"test": ["CMD", "true"]}, "healtcheck"),
+        (("services", "scheduler", "healthcheck"), "interval", "5 sec", "duration unit"),
+        (
+            ("services", "realtime", "depends_on", "scheduler"),
+            "condition",
+            "service_ready",
+            "unknown variant",
+        ),
+    ],
+)
+def test_the_spec_check_refuses_a_broken_file(
+    compose_spec: ModuleType, where: tuple[str, ...], key: str, value: Any, error: str
+) -> None:
+    """The check above can fail: a misspelt key, a bad duration, an unknown condition."""
+    broken = copy.deepcopy(load_compose())
+    node = broken
+    for name in where:
+        node = node[name]
+    node[key] = value
+    with pytest.raises(ValueError, match=error):
+        parse(compose_spec, broken)
 
 
 def test_it_has_the_services_issue_15_lists() -> None:
