@@ -6,6 +6,7 @@ free loopback port, started in depends_on order and waited on by their own healt
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import subprocess
@@ -124,8 +125,9 @@ class ComposeProcesses:
             env["RUNPLANE_SECRET_KEY"] = self.key("secret")
         if "RUNPLANE_NATS_URL" in env and not nats_url_lists_supported():
             # TODO(issue 15): the services read one NATS URL until the NATS-cluster branch
-            # (comma-separated RUNPLANE_NATS_URL, RUNPLANE_NATS_REPLICAS) lands; until then they
-            # get the first node of compose.yaml's list, which reaches the whole cluster.
+            # (comma-separated RUNPLANE_NATS_URL, RUNPLANE_NATS_REPLICAS) lands: nats-py refuses
+            # the comma list today ("invalid connect url option"). Until then they get the
+            # first node of compose.yaml's list, which reaches the whole cluster.
             env["RUNPLANE_NATS_URL"] = env["RUNPLANE_NATS_URL"].split(",")[0]
         return env
 
@@ -245,8 +247,8 @@ class ComposeProcesses:
 
 
 def nats_url_lists_supported() -> bool:
-    """Whether the services read RUNPLANE_NATS_URL as a comma-separated list (and
-    RUNPLANE_NATS_REPLICAS): the NATS-cluster work of issue 15 adds both."""
-    from runplane_common.config import SchedulerSettings
+    """Whether the services read RUNPLANE_NATS_URL as a comma-separated list: the NATS-cluster
+    work of issue 15 adds that together with the RUNPLANE_NATS_REPLICAS setting."""
+    from runplane_common import config
 
-    return "nats_replicas" in SchedulerSettings.__dataclass_fields__
+    return "RUNPLANE_NATS_REPLICAS" in inspect.getsource(config)
