@@ -5,6 +5,7 @@ it as a library), and every rendered object validated against the Kubernetes JSO
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -168,6 +169,21 @@ def test_secrets_are_referenced_never_inlined(helm: ModuleType) -> None:
 def test_without_the_database_secret_rendering_fails_naming_it(helm: ModuleType) -> None:
     with pytest.raises(helm.HelmError, match=r"database\.existingSecret"):
         render(helm, {"keys": {"existingSecret": "runplane-keys"}})
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"executr": {"replicas": 3}}, "additional properties 'executr' not allowed"),
+        ({"scheduler": {"replicas": 2}}, "/scheduler/replicas"),  # one until issue 15
+        ({"nats": {"url": "nats-0:4222", "replicas": 3}}, "/nats/url"),
+    ],
+)
+def test_values_schema_refuses_typos_and_two_schedulers(
+    helm: ModuleType, values: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(error)):
+        render(helm, {**REQUIRED, **values})
 
 
 def test_services_use_a_nats_cluster_with_three_stream_replicas(helm: ModuleType) -> None:
