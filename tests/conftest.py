@@ -7,10 +7,8 @@ When a dependency is missing its tests are skipped, or fail when ``CI`` is set.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -19,18 +17,13 @@ from runplane_scheduler.store.tables import create_engine, upgrade
 from tests.helpers import postgres
 from tests.helpers.cluster import Cluster
 from tests.helpers.nats import NatsServer, find_binary
-
-
-def _unavailable(message: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-        pytest.fail(f"{message} (CI is set, so this fails instead of skipping)", pytrace=False)
-    pytest.skip(message)
+from tests.helpers.unavailable import unavailable
 
 
 def _nats_binary() -> str:
     binary = find_binary()
     if binary is None:
-        _unavailable("nats-server not found: run `make setup` or set RUNPLANE_NATS_SERVER")
+        unavailable("nats-server not found: run `make setup` or set RUNPLANE_NATS_SERVER")
     return binary
 
 
@@ -70,7 +63,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     server = postgres.server_url()
     if reason := await postgres.unreachable_reason(server):
         where = make_url(server)  # its str() hides a password
-        _unavailable(f"PostgreSQL at {where} is unreachable: {reason}")
+        unavailable(f"PostgreSQL at {where} is unreachable: {reason}")
     name, url = await postgres.create_database(server)
     try:
         yield url

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.helpers.ports import free_port
@@ -50,9 +51,18 @@ class NatsServer:
     Start it from the thread that owns it (the event loop's): on Linux it dies with that thread.
     """
 
-    def __init__(self, store_dir: Path, *, port: int | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        args: Sequence[str] = (),
+    ):
         self.store_dir = store_dir
         self.binary = binary or find_binary() or "nats-server"
+        # More command-line options (a cluster node's name, cluster address and routes).
+        self.args = list(args)
         self.port = port or 0
         self._fixed_port = port is not None
         self._process: subprocess.Popen[bytes] | None = None
@@ -158,7 +168,10 @@ class NatsServer:
         if not self.port:
             self.port = free_port(HOST)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(self.port)]
+        command = [
+            *(self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(self.port)),
+            *self.args,
+        ]
         with self.log_path.open("ab") as log:
             log.write(f"--- {' '.join(command)}\n".encode())
             log.flush()
