@@ -15,7 +15,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 log = logging.getLogger("runplane.jetstream")
 
@@ -50,7 +50,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config)
         return
-    except BadRequestError as error:  # it exists with another configuration, or NATS refuses it
+    except ServiceUnavailableError:  # no meta leader yet: worth retrying as it is
+        raise
+    except APIError as error:  # it exists with another configuration, or NATS refuses it
         refused = error
     assert config.name is not None
     try:
@@ -63,13 +65,22 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         if (value := getattr(config, f.name)) is not None and value != getattr(current, f.name)
     )
     try:
-        await js.update_stream(config)
+        updated = await js.update_stream(config)
     except APIError as error:
         raise StreamSetupError(
             f"stream {config.name} differs from runplane's configuration ({changes}) and NATS "
             f"refused to update it: {error.description} (err_code {error.err_code})"
         ) from error
     log.info("stream %s updated: %s", config.name, changes or "no visible change")
+    # A server outside a cluster takes more replicas for an existing stream, and keeps one copy.
+    replicas = config.num_replicas or 1
+    if replicas > 1 and (updated.cluster is None or not updated.cluster.leader):
+        log.warning(
+            "stream %s is set to %d replicas (RUNPLANE_NATS_REPLICAS), but NATS is not a "
+            "JetStream cluster: it keeps one copy",
+            config.name,
+            replicas,
+        )
 
 
 def _refusal(config: StreamConfig, error: APIError) -> str:

@@ -1,4 +1,5 @@
-"""A real ``nats-server`` with JetStream, as a subprocess on a free loopback port."""
+"""A real ``nats-server`` with JetStream, as a subprocess on a free loopback port; and a cluster
+of them (:class:`NatsCluster`), routed to each other on loopback ports."""
 
 from __future__ import annotations
 
@@ -9,7 +10,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
 
 from tests.helpers.ports import free_port
 
@@ -50,8 +56,17 @@ class NatsServer:
     Start it from the thread that owns it (the event loop's): on Linux it dies with that thread.
     """
 
-    def __init__(self, store_dir: Path, *, port: int | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        args: Sequence[str] = (),
+    ):
+        """``args``: more command-line options (a cluster member's name and routes)."""
         self.store_dir = store_dir
+        self.args = tuple(args)
         self.binary = binary or find_binary() or "nats-server"
         self.port = port or 0
         self._fixed_port = port is not None
@@ -158,7 +173,10 @@ class NatsServer:
         if not self.port:
             self.port = free_port(HOST)
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(self.port)]
+        command = [
+            *(self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(self.port)),
+            *self.args,
+        ]
         with self.log_path.open("ab") as log:
             log.write(f"--- {' '.join(command)}\n".encode())
             log.flush()
@@ -209,3 +227,98 @@ class NatsServer:
 
 def _is_jetstream_info(line: bytes) -> bool:
     return line.startswith(b"INFO ") and b'"jetstream":true' in line
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream in one cluster (named ``n0``, ``n1``, ...), each
+    routed to the others on loopback ports. Nodes stop, start and are killed one at a time
+    through :attr:`nodes`; their ports and stores stay, so a restarted node rejoins."""
+
+    NAME = "runplane-test"
+
+    def __init__(self, root: Path, *, size: int = 3, binary: str | None = None) -> None:
+        client_ports = [free_port(HOST) for _ in range(size)]
+        route_ports = [free_port(HOST) for _ in range(size)]
+        # Every node gets every route, its own too (which it ignores).
+        routes = ",".join(f"nats://{HOST}:{port}" for port in route_ports)
+        self.nodes = [
+            NatsServer(
+                root / f"n{i}",
+                port=client_ports[i],
+                binary=binary,
+                args=(
+                    *("--name", f"n{i}", "--cluster_name", self.NAME),
+                    *("--cluster", f"nats://{HOST}:{route_ports[i]}", "--routes", routes),
+                ),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (as RUNPLANE_NATS_URL takes them)."""
+        return ",".join(self.urls)
+
+    def node(self, name: str) -> NatsServer:
+        """The node of that server name (``n0``, ...)."""
+        return self.nodes[int(name.removeprefix("n"))]
+
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start every node and wait until JetStream has a meta leader."""
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every running node answers JetStream API requests (the cluster has a meta
+        leader, and each running node knows it)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.running:
+                continue
+            while not await _jetstream_answers(node.url):
+                if time.monotonic() > deadline:
+                    raise NatsServerError(
+                        f"JetStream on {node.url} never answered:\n{node.log_tail()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    async def connect(self) -> NATS:
+        """A client of the running nodes."""
+        return await nats.connect(
+            servers=[node.url for node in self.nodes if node.running], connect_timeout=2
+        )
+
+    async def stream_leader(self, stream: str) -> NatsServer:
+        """The node that leads ``stream`` now."""
+        nc = await self.connect()
+        try:
+            info = await nc.jetstream(timeout=5).stream_info(stream)
+        finally:
+            await nc.close()
+        assert info.cluster is not None and info.cluster.leader, f"{stream} has no leader"
+        return self.node(info.cluster.leader)
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(f"--- {node.url}\n{node.log_tail(lines)}" for node in self.nodes)
+
+
+async def _jetstream_answers(url: str) -> bool:
+    try:
+        nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+    except Exception:  # not up yet
+        return False
+    try:
+        reply = await nc.request("$JS.API.INFO", b"", timeout=1)
+        return "error" not in orjson.loads(reply.data)
+    except Exception:  # no meta leader yet: no answer, or an error answer
+        return False
+    finally:
+        await nc.close()
