@@ -140,7 +140,7 @@ class Relay:
         backoff = 0.2
         while True:
             try:
-                self._nc = await jetstream.connect(self._nats_servers)
+                self._nc = await jetstream.connect(self._nats_servers, error_cb=self._on_error)
                 js = self._nc.jetstream()
                 await ensure_streams(js, self._replicas)
                 self.connected.set()
@@ -157,6 +157,10 @@ class Relay:
                     self._nc = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _on_error(self, error: Exception) -> None:
+        # nats-py's own report is a traceback per failed reconnect; one line says as much.
+        log.warning("NATS: %r", error)
 
     async def _run(self) -> None:
         js = await self._connect()
@@ -212,7 +216,9 @@ async def _acknowledged(acks: list[asyncio.Future[Any]]) -> None:
     pending: set[asyncio.Future[Any]] = set(acks)
     while pending:
         done, pending = await asyncio.wait(pending, timeout=ACK_STALL)
-        error = next((e for f in done if (e := f.exception()) is not None), None)
+        # Every failure is looked at (asyncio logs the ones nobody retrieved); the first is raised.
+        errors = [e for f in done if (e := f.exception()) is not None]
+        error = errors[0] if errors else None
         if error is None and not done:
             error = TimeoutError(f"{len(pending)} of {len(acks)} events not acknowledged")
         if error is not None:

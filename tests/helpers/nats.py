@@ -292,15 +292,23 @@ class NatsCluster:
             servers=[node.url for node in self.nodes if node.running], connect_timeout=2
         )
 
-    async def stream_leader(self, stream: str) -> NatsServer:
-        """The node that leads ``stream`` now."""
+    async def stream_leader(self, stream: str, timeout: float = 30.0) -> NatsServer:
+        """The node that leads ``stream`` now, once it has a leader (after an election)."""
+        deadline = time.monotonic() + timeout
         nc = await self.connect()
         try:
-            info = await nc.jetstream(timeout=5).stream_info(stream)
+            while True:
+                try:
+                    info = await nc.jetstream(timeout=1).stream_info(stream)
+                    if info.cluster is not None and info.cluster.leader:
+                        return self.node(info.cluster.leader)
+                except Exception:  # no leader to answer yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise NatsServerError(f"{stream} has no leader after {timeout:g}s")
+                await asyncio.sleep(0.1)
         finally:
             await nc.close()
-        assert info.cluster is not None and info.cluster.leader, f"{stream} has no leader"
-        return self.node(info.cluster.leader)
 
     def kill(self) -> None:
         for node in self.nodes:
