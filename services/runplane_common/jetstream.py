@@ -25,12 +25,13 @@ class StreamSetupError(Exception):
     cluster has servers, or any above 1 on a server that is not in a cluster)."""
 
 
-async def connect(servers: Sequence[str], **callbacks: Any) -> NATS:
+async def connect(servers: Sequence[str], name: str, **callbacks: Any) -> NATS:
     """A connection to any of ``servers`` (and the servers the cluster announces) that
-    reconnects forever, to whichever server answers; ``callbacks`` are nats-py's
-    ``disconnected_cb``, ``reconnected_cb``, ``error_cb``, ..."""
+    reconnects forever, to whichever server answers. ``name`` is how NATS's monitoring lists
+    it (``/connz``); ``callbacks`` are nats-py's ``disconnected_cb``, ``error_cb``, ..."""
     return await nats.connect(
         servers=list(servers),
+        name=name,
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

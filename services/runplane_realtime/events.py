@@ -99,6 +99,7 @@ class NatsLink:
                 # returns once NATS is up; the loop only covers errors it does not retry.
                 self._nc = await jetstream.connect(
                     self.servers,
+                    "runplane-realtime",
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,

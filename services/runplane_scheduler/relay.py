@@ -140,7 +140,9 @@ class Relay:
         backoff = 0.2
         while True:
             try:
-                self._nc = await jetstream.connect(self._nats_servers, error_cb=self._on_error)
+                self._nc = await jetstream.connect(
+                    self._nats_servers, "runplane-relay", error_cb=self._on_error
+                )
                 js = self._nc.jetstream()
                 await ensure_streams(js, self._replicas)
                 self.connected.set()

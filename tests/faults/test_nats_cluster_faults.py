@@ -1,13 +1,15 @@
 """kill -9 of a NATS node under load, with the relay and the realtime service on a 3-node
 JetStream cluster (RUNPLANE_NATS_REPLICAS=3).
 
-The node killed leads RUN_EVENTS at the time, so the relay's publishes meet a leader election
-(no responders, time-outs) and the realtime service may lose its connection or its consumer. It
-stays dead a few seconds, then comes back and catches up. The ledger check of every fault test
-follows (every run COMPLETED once, every version in JetStream once and in order, run
-subscribers ending at the final version), and: every event's Nats-Msg-Id is in the stream once,
-tag subscribers saw every run's final version, and none of them went longer than MAX_STALL
-without a change while triggers kept coming (the measured figure is printed).
+The node killed leads RUN_EVENTS at the time (the relay's publishes meet a leader election: no
+responders, time-outs), or is the one the relay is connected to (its publishes in flight are
+never acknowledged, and it reconnects elsewhere); either way the realtime service may lose its
+connection or its consumer. The node stays dead a few seconds, then comes back and catches up.
+The ledger check of every fault test follows (every run COMPLETED once, every version in
+JetStream once and in order, run subscribers ending at the final version), and: every event's
+Nats-Msg-Id is in the stream once, tag subscribers saw every run's final version, and neither
+they nor the stream went longer than MAX_STALL without news while triggers kept coming (the
+measured figures are printed).
 """
 
 from __future__ import annotations
@@ -67,21 +69,27 @@ async def stored_events(nats_cluster: NatsCluster) -> tuple[Counter[str], float]
         await nc.close()
 
 
-async def test_kill_9_of_the_run_events_leader_mid_load_loses_nothing_and_stalls_no_one(
-    on_nats_cluster: Cluster, nats_cluster: NatsCluster
+@pytest.mark.parametrize("victim", ["stream-leader", "relay-server"])
+async def test_kill_9_of_a_nats_node_mid_load_loses_no_event_and_stalls_no_subscriber(
+    on_nats_cluster: Cluster, nats_cluster: NatsCluster, victim: str
 ) -> None:
+    """``victim``: the node leading RUN_EVENTS (an election), or the one the scheduler's relay
+    is connected to (its publishes in flight get no acknowledgement; it reconnects)."""
     cluster = on_nats_cluster
     killed: list[str] = []
     new_leader: list[str] = []
 
     async def fault(load: Load) -> None:
-        leader = await nats_cluster.stream_leader(subjects.RUN_EVENTS_STREAM)
-        killed.append(leader.url)
-        leader.kill()
+        if victim == "stream-leader":
+            node = await nats_cluster.stream_leader(subjects.RUN_EVENTS_STREAM)
+        else:
+            node = await nats_cluster.serving("runplane-relay")
+        killed.append(node.url)
+        node.kill()
         load.went_down()
         await asyncio.sleep(DOWN)
         new_leader.append((await nats_cluster.stream_leader(subjects.RUN_EVENTS_STREAM)).url)
-        await leader.start()
+        await node.start()
         await nats_cluster.wait_ready()
 
     fault_at = COUNT // 3
@@ -131,11 +139,13 @@ async def test_kill_9_of_the_run_events_leader_mid_load_loses_nothing_and_stalls
     ]
     began, ended = load.fault_window
     print(
-        f"killed {killed[0]} (the RUN_EVENTS leader; then {new_leader[0]}); the fault took "
+        f"killed {victim} {killed[0]} (RUN_EVENTS leader after: {new_leader[0]}); the fault took "
         f"{ended - began:.1f}s; triggers retried {dict(load.retried)}; longest time between "
         f"two events stored {publish_stall:.2f}s; longest tag subscriber gap during the load "
         f"{max(gaps):.2f}s (each: {', '.join(f'{g:.2f}' for g in gaps)})"
     )
     assert new_leader[0] != killed[0], "RUN_EVENTS kept its dead leader"
+    if victim == "relay-server":
+        assert (await nats_cluster.serving("runplane-relay")).url != killed[0]
     assert max(gaps) < MAX_STALL, f"a tag subscriber stalled {max(gaps):.1f}s"
     assert publish_stall < MAX_STALL, f"no event was stored for {publish_stall:.1f}s"

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -239,6 +240,7 @@ class NatsCluster:
     def __init__(self, root: Path, *, size: int = 3, binary: str | None = None) -> None:
         client_ports = [free_port(HOST) for _ in range(size)]
         route_ports = [free_port(HOST) for _ in range(size)]
+        self.monitor_ports = [free_port(HOST) for _ in range(size)]
         # Every node gets every route, its own too (which it ignores).
         routes = ",".join(f"nats://{HOST}:{port}" for port in route_ports)
         self.nodes = [
@@ -249,6 +251,7 @@ class NatsCluster:
                 args=(
                     *("--name", f"n{i}", "--cluster_name", self.NAME),
                     *("--cluster", f"nats://{HOST}:{route_ports[i]}", "--routes", routes),
+                    *("-m", str(self.monitor_ports[i])),
                 ),
             )
             for i in range(size)
@@ -309,6 +312,20 @@ class NatsCluster:
                 await asyncio.sleep(0.1)
         finally:
             await nc.close()
+
+    async def serving(self, client_name: str) -> NatsServer:
+        """The node the client connection named ``client_name`` is connected to now (from
+        each running node's ``/connz`` monitoring endpoint)."""
+
+        def names(port: int) -> set[str]:
+            url = f"http://{HOST}:{port}/connz?limit=1024"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return {c.get("name", "") for c in orjson.loads(response.read())["connections"]}
+
+        for node, port in zip(self.nodes, self.monitor_ports, strict=True):
+            if node.running and client_name in await asyncio.to_thread(names, port):
+                return node
+        raise NatsServerError(f"no node serves a client named {client_name!r}")
 
     def kill(self) -> None:
         for node in self.nodes:
