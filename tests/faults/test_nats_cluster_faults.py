@@ -25,7 +25,7 @@ from runplane import Run, RunStatus
 from runplane_common import subjects
 from tests.helpers.cluster import Cluster
 from tests.helpers.load import Load, check_ledger, watch_around
-from tests.helpers.nats import NatsCluster
+from tests.helpers.nats import NatsCluster, NatsServer
 from tests.helpers.wait import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -69,12 +69,44 @@ async def stored_events(nats_cluster: NatsCluster) -> tuple[Counter[str], float]
         await nc.close()
 
 
-@pytest.mark.parametrize("victim", ["stream-leader", "relay-server"])
+async def consumers_delivered_to_the_end(nats_cluster: NatsCluster) -> bool:
+    """Some consumer of RUN_EVENTS (the realtime service's, after the failover) has delivered
+    the stream's last message: events flow through JetStream again, subscribers are not left
+    on the scheduler's snapshots."""
+    nc = await nats_cluster.connect()
+    try:
+        js = nc.jetstream(timeout=5)
+        last = (await js.stream_info(subjects.RUN_EVENTS_STREAM)).state.last_seq
+        consumers = await js.consumers_info(subjects.RUN_EVENTS_STREAM)
+    finally:
+        await nc.close()
+    delivered = [c.delivered.stream_seq for c in consumers if c.delivered is not None]
+    assert delivered, "RUN_EVENTS has no consumer"
+    assert max(delivered) == last, f"consumers delivered up to {max(delivered)} of {last}"
+    return True
+
+
+async def consumer_node(nats_cluster: NatsCluster) -> NatsServer:
+    """The node that holds the realtime service's consumer of RUN_EVENTS (the one furthest on)."""
+    nc = await nats_cluster.connect()
+    try:
+        consumers = await nc.jetstream(timeout=5).consumers_info(subjects.RUN_EVENTS_STREAM)
+    finally:
+        await nc.close()
+    live = [c for c in consumers if c.delivered is not None and c.cluster and c.cluster.leader]
+    assert live, "the realtime service has no consumer of RUN_EVENTS"
+    newest = max(live, key=lambda c: c.delivered.stream_seq if c.delivered else 0)
+    assert newest.cluster is not None and newest.cluster.leader
+    return nats_cluster.node(newest.cluster.leader)
+
+
+@pytest.mark.parametrize("victim", ["stream-leader", "relay-server", "consumer-server"])
 async def test_kill_9_of_a_nats_node_mid_load_loses_no_event_and_stalls_no_subscriber(
     on_nats_cluster: Cluster, nats_cluster: NatsCluster, victim: str
 ) -> None:
-    """``victim``: the node leading RUN_EVENTS (an election), or the one the scheduler's relay
-    is connected to (its publishes in flight get no acknowledgement; it reconnects)."""
+    """``victim``: the node leading RUN_EVENTS (an election), the one the scheduler's relay
+    is connected to (its publishes in flight get no acknowledgement; it reconnects), or the one
+    holding realtime's consumer (remade elsewhere after missed heartbeats)."""
     cluster = on_nats_cluster
     killed: list[str] = []
     new_leader: list[str] = []
@@ -82,8 +114,10 @@ async def test_kill_9_of_a_nats_node_mid_load_loses_no_event_and_stalls_no_subsc
     async def fault(load: Load) -> None:
         if victim == "stream-leader":
             node = await nats_cluster.stream_leader(subjects.RUN_EVENTS_STREAM)
-        else:
+        elif victim == "relay-server":
             node = await nats_cluster.serving("runplane-relay")
+        else:
+            node = await consumer_node(nats_cluster)
         killed.append(node.url)
         node.kill()
         load.went_down()
@@ -114,6 +148,11 @@ async def test_kill_9_of_a_nats_node_mid_load_loses_no_event_and_stalls_no_subsc
             )
 
         await eventually(all_final, 60.0, description="every tag subscriber saw every run final")
+        await eventually(
+            lambda: consumers_delivered_to_the_end(nats_cluster),
+            30.0,
+            description="the realtime service's consumer delivers again",
+        )
         for n, seen in enumerate(tag_seen):
             versions: dict[str, list[int]] = {}
             for _, run in seen:
