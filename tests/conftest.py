@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from runplane_scheduler.store.tables import create_engine, upgrade
 from tests.helpers import postgres
 from tests.helpers.cluster import Cluster
-from tests.helpers.nats import NatsServer, find_binary
+from tests.helpers.nats import NatsCluster, NatsServer, find_binary
 from tests.helpers.unavailable import unavailable
 
 
@@ -36,6 +36,18 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """Three nats-servers with JetStream in one cluster, for this test alone; it may stop,
+    start and kill each node."""
+    cluster = NatsCluster(tmp_path / "nats-cluster", binary=_nats_binary())
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture(scope="session")

@@ -437,6 +437,8 @@ async def dev(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             await nats.start()
             services.append(nats)
             env["RUNPLANE_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
+            # One server keeps one copy, whatever a deploy's environment asks of a cluster.
+            env["RUNPLANE_NATS_REPLICAS"] = "1"
         say("dev", f"NATS at {env['RUNPLANE_NATS_URL']}")
         say("dev", f"database {database_url}")
         key, worker_key = await ensure_dev_keys(database_url)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from runplane.telemetry import TraceExport
 from runplane.tls import TlsSettings
@@ -28,6 +29,52 @@ def _float(name: str, default: float) -> float:
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return int(raw) if raw else default
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+# JetStream keeps at most 5 copies of a stream (one per server of a cluster).
+MAX_NATS_REPLICAS = 5
+
+
+def parse_nats_servers(value: str) -> tuple[str, ...]:
+    """``RUNPLANE_NATS_URL``: one NATS server URL, or the servers of a cluster comma-separated
+    (``nats://n1:4222,nats://n2:4222``); ``host:port`` means ``nats://host:port``. A bad value
+    is a ``ValueError`` naming the variable (without any password the URLs carry)."""
+    servers = tuple(part.strip() for part in value.split(","))
+    for server in servers:
+        url = urlsplit(server if "://" in server else f"nats://{server}")
+        shown = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl() if server else ""
+        try:
+            valid = url.scheme in NATS_SCHEMES and bool(url.hostname) and url.port != 0
+        except ValueError:  # a port that is not a number, or out of range
+            valid = False
+        if not valid:
+            raise ValueError(
+                "RUNPLANE_NATS_URL must be a NATS server URL (nats://host:port) or several, "
+                f"comma-separated; {shown!r} is not one"
+            )
+    return servers
+
+
+def check_nats_replicas(replicas: int) -> None:
+    if not 1 <= replicas <= MAX_NATS_REPLICAS:
+        raise ValueError(
+            f"RUNPLANE_NATS_REPLICAS must be 1 to {MAX_NATS_REPLICAS} (at most the NATS "
+            f"cluster's size), not {replicas}"
+        )
+
+
+def _nats_replicas() -> int:
+    raw = os.environ.get("RUNPLANE_NATS_REPLICAS", "").strip()
+    if not raw:
+        return 1
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(
+            f"RUNPLANE_NATS_REPLICAS must be a whole number from 1 to {MAX_NATS_REPLICAS}, "
+            f"not {raw!r}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -121,7 +168,10 @@ class TelemetrySettings:
 @dataclass(frozen=True)
 class SchedulerSettings:
     database_url: str = field(default_factory=default_database_url)
+    # RUNPLANE_NATS_URL as given; nats_servers is it parsed (one URL, or a cluster's).
     nats_url: str = DEFAULT_NATS_URL
+    # RUNPLANE_NATS_REPLICAS: the copies JetStream keeps of every stream runplane makes.
+    nats_replicas: int = 1
     listen: str = "127.0.0.1:7070"
     realtime_url: str = ""
     # An executor whose stream is silent this long loses its attempts.
@@ -149,8 +199,11 @@ class SchedulerSettings:
     # and deploys that are "start the new executors"); "manual": only `runplane deploy`
     # (`versions promote`) makes a version current.
     version_promotion: str = "auto"
+    nats_servers: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "nats_servers", parse_nats_servers(self.nats_url))
+        check_nats_replicas(self.nats_replicas)
         if self.version_promotion not in ("auto", "manual"):
             raise ValueError(
                 "RUNPLANE_VERSION_PROMOTION must be 'auto' or 'manual', "
@@ -163,6 +216,7 @@ class SchedulerSettings:
         return cls(
             database_url=os.environ.get("RUNPLANE_DATABASE_URL") or d.database_url,
             nats_url=os.environ.get("RUNPLANE_NATS_URL") or d.nats_url,
+            nats_replicas=_nats_replicas(),
             listen=os.environ.get("RUNPLANE_SCHEDULER_LISTEN") or d.listen,
             realtime_url=os.environ.get("RUNPLANE_REALTIME_URL", ""),
             lease_timeout=_float("RUNPLANE_LEASE_TIMEOUT", d.lease_timeout),
@@ -187,7 +241,9 @@ class SchedulerSettings:
 
 @dataclass(frozen=True)
 class RealtimeSettings:
+    # RUNPLANE_NATS_URL and RUNPLANE_NATS_REPLICAS, as for the scheduler.
     nats_url: str = DEFAULT_NATS_URL
+    nats_replicas: int = 1
     api_url: str = DEFAULT_API_URL
     listen: str = "127.0.0.1:7071"
     # With no event for this long, a subscription checks the scheduler's snapshot.
@@ -209,12 +265,18 @@ class RealtimeSettings:
     subscriber_buffer: int = 4 * 1024 * 1024
     # The API limits (RUNPLANE_LIMIT_*): a trigger by URL carries a payload up to payload_bytes.
     limits: Limits = field(default_factory=Limits)
+    nats_servers: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nats_servers", parse_nats_servers(self.nats_url))
+        check_nats_replicas(self.nats_replicas)
 
     @classmethod
     def from_env(cls) -> RealtimeSettings:
         d = cls()
         return cls(
             nats_url=os.environ.get("RUNPLANE_NATS_URL") or d.nats_url,
+            nats_replicas=_nats_replicas(),
             api_url=os.environ.get("RUNPLANE_API_URL") or d.api_url,
             listen=os.environ.get("RUNPLANE_REALTIME_LISTEN") or d.listen,
             reconcile_interval=_float("RUNPLANE_RECONCILE_INTERVAL", d.reconcile_interval),

@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from runplane_common import jetstream
 
 log = logging.getLogger("runplane.realtime.events")
 
@@ -26,6 +28,10 @@ JS_TIMEOUT = 2.0
 # The server deletes a consumer nobody listens to after this long: a safety net for consumers
 # this process could not delete itself (it crashed, or NATS was unreachable at the time).
 CONSUMER_INACTIVE_THRESHOLD = 30.0
+# An ordered consumer that brings neither a message nor a heartbeat for two of these is remade
+# (by nats-py) after its stream sequence: so a consumer lost with its NATS server (in a cluster,
+# the consumer may live on another server than the connection's) stalls its readers ~2 s.
+CONSUMER_HEARTBEAT = 1.0
 
 
 class EventsUnavailable(Exception):
@@ -41,8 +47,10 @@ class NatsLink:
     server keeps no in-memory consumers), so readers remake theirs when it changes.
     """
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, servers: str | Sequence[str]) -> None:
+        """``servers``: one server's URL, or the servers of a cluster."""
+        self.servers = (servers,) if isinstance(servers, str) else tuple(servers)
+        self.url = ",".join(self.servers)  # for messages
         self.epoch = 0
         self._nc: NATS | None = None
         self._up = asyncio.Event()
@@ -89,11 +97,9 @@ class NatsLink:
             try:
                 # With max_reconnect_attempts=-1 nats-py retries the first connection too, so this
                 # returns once NATS is up; the loop only covers errors it does not retry.
-                self._nc = await nats.connect(
-                    self.url,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
+                self._nc = await jetstream.connect(
+                    self.servers,
+                    "runplane-realtime",
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
@@ -200,6 +206,7 @@ class OrderedReader:
                 deliver_policy=policy,
                 config=config,
                 inactive_threshold=CONSUMER_INACTIVE_THRESHOLD,
+                idle_heartbeat=CONSUMER_HEARTBEAT,
             )
         except (nats.errors.Error, TimeoutError) as error:
             raise EventsUnavailable(f"cannot read {self._subject}: {error!r}") from error

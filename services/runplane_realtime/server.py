@@ -203,7 +203,7 @@ class RealtimeService:
 
     def __init__(self, settings: RealtimeSettings) -> None:
         self.settings = settings
-        self.link = NatsLink(settings.nats_url)
+        self.link = NatsLink(settings.nats_servers)
         self.scheduler = Scheduler(settings.api_url, settings.tls)
         self.realtime = Realtime(settings, self.link, self.scheduler)
         # No authenticator: the scheduler authorises each call (see Realtime); the interceptor

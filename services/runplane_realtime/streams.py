@@ -21,7 +21,7 @@ import nats.js.errors
 import orjson
 from nats.js.api import StorageType, StreamConfig
 
-from runplane_common import errors, subjects
+from runplane_common import errors, jetstream, subjects
 from runplane_common.config import RealtimeSettings
 from runplane_realtime.events import JS_TIMEOUT, EventsUnavailable, NatsLink
 from runplane_realtime.fanout import Hubs, Message
@@ -88,13 +88,14 @@ class RunStreams:
             subjects=subjects.run_streams_subjects(),
             storage=StorageType.FILE,
             max_age=self._settings.stream_retention,
+            num_replicas=self._settings.nats_replicas,
         )
         js = self._link.jetstream()
         try:
-            try:
-                await asyncio.wait_for(js.add_stream(config), JS_TIMEOUT)
-            except nats.js.errors.BadRequestError:
-                await asyncio.wait_for(js.update_stream(config), JS_TIMEOUT)
+            await asyncio.wait_for(jetstream.ensure_stream(js, config), 3 * JS_TIMEOUT)
+        except jetstream.StreamSetupError as error:
+            log.error("%s", error)
+            raise EventsUnavailable(str(error)) from error
         except (nats.errors.Error, TimeoutError) as error:
             raise EventsUnavailable(
                 f"cannot make {subjects.RUN_STREAMS_STREAM}: {error!r}"

@@ -49,7 +49,7 @@ class Scheduler:
         self.engine_db = db.create_engine(settings.database_url)
         self.relay: Relay
         self.store = Store(self.engine_db, on_commit=lambda events: self.relay.committed(events))
-        self.relay = Relay(self.store, settings.nats_url)
+        self.relay = Relay(self.store, settings.nats_servers, settings.nats_replicas)
         self.engine = RunEngine(self.store, settings)
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative

@@ -10,15 +10,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
-from runplane_common import subjects
+from runplane_common import jetstream, subjects
 from runplane_scheduler.store import Store
 
 log = logging.getLogger("runplane.scheduler.relay")
@@ -37,26 +36,32 @@ class Outgoing(NamedTuple):
 
 # Longest time a published row can wait for deletion before a restart re-publishes it.
 DUPLICATE_WINDOW = 120.0
+# A batch whose acknowledgements stop coming for this long is published again (JetStream drops
+# what it already has). They stop when the server the relay is connected to dies, or a stream's
+# leader does before a new one is elected: waiting longer only stalls every subscriber.
+ACK_STALL = 2.0
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
     config = StreamConfig(
         name=subjects.RUN_EVENTS_STREAM,
         subjects=subjects.run_events_subjects(),
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW,
         max_age=7 * 24 * 3600,
+        num_replicas=replicas,
     )
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+    await jetstream.ensure_stream(js, config)
 
 
 class Relay:
-    def __init__(self, store: Store, nats_url: str) -> None:
+    def __init__(self, store: Store, nats_servers: Sequence[str], replicas: int = 1) -> None:
+        """``nats_servers``: one server's URL, or the servers of a cluster; ``replicas``: the
+        copies JetStream keeps of RUN_EVENTS."""
         self._store = store
-        self._nats_url = nats_url
+        self._nats_servers = tuple(nats_servers)
+        self._nats_url = ",".join(self._nats_servers)  # for the log
+        self._replicas = replicas
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._nc: NATS | None = None
@@ -135,26 +140,29 @@ class Relay:
         backoff = 0.2
         while True:
             try:
-                self._nc = await nats.connect(
-                    self._nats_url,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
-                    allow_reconnect=True,
+                self._nc = await jetstream.connect(
+                    self._nats_servers, "runplane-relay", error_cb=self._on_error
                 )
                 js = self._nc.jetstream()
-                await ensure_streams(js)
+                await ensure_streams(js, self._replicas)
                 self.connected.set()
                 log.info("relay connected to NATS at %s", self._nats_url)
                 return js
             except Exception as error:
                 self.errors["nats_connect"] += 1
-                log.warning("NATS at %s not reachable (%s); retrying", self._nats_url, error)
+                if isinstance(error, jetstream.StreamSetupError):
+                    log.error("%s; retrying", error)
+                else:
+                    log.warning("NATS at %s not reachable (%s); retrying", self._nats_url, error)
                 if self._nc is not None:
                     await self._nc.close()
                     self._nc = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    async def _on_error(self, error: Exception) -> None:
+        # nats-py's own report is a traceback per failed reconnect; one line says as much.
+        log.warning("NATS: %r", error)
 
     async def _run(self) -> None:
         js = await self._connect()
@@ -187,17 +195,14 @@ class Relay:
                     )
                     for r in rows
                 ]
-                results = await asyncio.wait_for(
-                    asyncio.gather(*acks, return_exceptions=True), timeout=10
-                )
-                failed = next((r for r in results if isinstance(r, BaseException)), None)
-                if failed is not None:
-                    raise failed
+                await _acknowledged(acks)
             except Exception as error:
                 self.errors["nats_publish"] += 1
                 log.warning("publishing %d events failed (%s); retrying", len(rows), error)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # At most a second: a cluster elects a new stream leader within seconds, and
+                # the relay should find it soon after.
+                backoff = min(backoff * 2, 1.0)
                 continue  # the same batch again: JetStream drops the ones it already has
             backoff = 0.2
             self._store.writer.published([r.event_id for r in rows])
@@ -205,3 +210,20 @@ class Relay:
             self.published += len(rows)
             rows = []
             self._in_flight = []
+
+
+async def _acknowledged(acks: list[asyncio.Future[Any]]) -> None:
+    """Wait for every acknowledgement while they keep coming; raise the first failure, or
+    TimeoutError once none came for ACK_STALL seconds."""
+    pending: set[asyncio.Future[Any]] = set(acks)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=ACK_STALL)
+        # Every failure is looked at (asyncio logs the ones nobody retrieved); the first is raised.
+        errors = [e for f in done if (e := f.exception()) is not None]
+        error = errors[0] if errors else None
+        if error is None and not done:
+            error = TimeoutError(f"{len(pending)} of {len(acks)} events not acknowledged")
+        if error is not None:
+            for future in pending:
+                future.cancel()
+            raise error

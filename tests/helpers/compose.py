@@ -6,7 +6,6 @@ free loopback port, started in depends_on order and waited on by their own healt
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import re
 import subprocess
@@ -123,12 +122,6 @@ class ComposeProcesses:
         if "RUNPLANE_WORKER_KEY" in env:
             env["RUNPLANE_WORKER_KEY"] = self.key("worker")
             env["RUNPLANE_SECRET_KEY"] = self.key("secret")
-        if "RUNPLANE_NATS_URL" in env and not nats_url_lists_supported():
-            # TODO(issue 15): the services read one NATS URL until the NATS-cluster branch
-            # (comma-separated RUNPLANE_NATS_URL, RUNPLANE_NATS_REPLICAS) lands: nats-py refuses
-            # the comma list today ("invalid connect url option"). Until then they get the
-            # first node of compose.yaml's list, which reaches the whole cluster.
-            env["RUNPLANE_NATS_URL"] = env["RUNPLANE_NATS_URL"].split(",")[0]
         return env
 
     def argv(self, name: str) -> list[str]:
@@ -244,11 +237,3 @@ class ComposeProcesses:
         parts = [f"===== {n}\n{p.log()[-6000:]}" for n, p in self.processes.items()]
         parts += [f"===== {n}\n{s.log_tail(30)}" for n, s in self.nats.items()]
         return "\n".join(parts)
-
-
-def nats_url_lists_supported() -> bool:
-    """Whether the services read RUNPLANE_NATS_URL as a comma-separated list: the NATS-cluster
-    work of issue 15 adds that together with the RUNPLANE_NATS_REPLICAS setting."""
-    from runplane_common import config
-
-    return "RUNPLANE_NATS_REPLICAS" in inspect.getsource(config)

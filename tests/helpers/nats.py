@@ -1,4 +1,5 @@
-"""A real ``nats-server`` with JetStream, as a subprocess on a free loopback port."""
+"""A real ``nats-server`` with JetStream, as a subprocess on a free loopback port; and a cluster
+of them (:class:`NatsCluster`), routed to each other on loopback ports."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
 
 from tests.helpers.ports import free_port
 
@@ -59,10 +65,10 @@ class NatsServer:
         binary: str | None = None,
         args: Sequence[str] = (),
     ):
+        """``args``: more command-line options (a cluster member's name and routes)."""
         self.store_dir = store_dir
+        self.args = tuple(args)
         self.binary = binary or find_binary() or "nats-server"
-        # More command-line options (a cluster node's name, cluster address and routes).
-        self.args = list(args)
         self.port = port or 0
         self._fixed_port = port is not None
         self._process: subprocess.Popen[bytes] | None = None
@@ -222,3 +228,122 @@ class NatsServer:
 
 def _is_jetstream_info(line: bytes) -> bool:
     return line.startswith(b"INFO ") and b'"jetstream":true' in line
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream in one cluster (named ``n0``, ``n1``, ...), each
+    routed to the others on loopback ports. Nodes stop, start and are killed one at a time
+    through :attr:`nodes`; their ports and stores stay, so a restarted node rejoins."""
+
+    NAME = "runplane-test"
+
+    def __init__(self, root: Path, *, size: int = 3, binary: str | None = None) -> None:
+        client_ports = [free_port(HOST) for _ in range(size)]
+        route_ports = [free_port(HOST) for _ in range(size)]
+        self.monitor_ports = [free_port(HOST) for _ in range(size)]
+        # Every node gets every route, its own too (which it ignores).
+        routes = ",".join(f"nats://{HOST}:{port}" for port in route_ports)
+        self.nodes = [
+            NatsServer(
+                root / f"n{i}",
+                port=client_ports[i],
+                binary=binary,
+                args=(
+                    *("--name", f"n{i}", "--cluster_name", self.NAME),
+                    *("--cluster", f"nats://{HOST}:{route_ports[i]}", "--routes", routes),
+                    *("-m", str(self.monitor_ports[i])),
+                ),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated (as RUNPLANE_NATS_URL takes them)."""
+        return ",".join(self.urls)
+
+    def node(self, name: str) -> NatsServer:
+        """The node of that server name (``n0``, ...)."""
+        return self.nodes[int(name.removeprefix("n"))]
+
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start every node and wait until JetStream has a meta leader."""
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every running node answers JetStream API requests (the cluster has a meta
+        leader, and each running node knows it)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if not node.running:
+                continue
+            while not await _jetstream_answers(node.url):
+                if time.monotonic() > deadline:
+                    raise NatsServerError(
+                        f"JetStream on {node.url} never answered:\n{node.log_tail()}"
+                    )
+                await asyncio.sleep(0.1)
+
+    async def connect(self) -> NATS:
+        """A client of the running nodes."""
+        return await nats.connect(
+            servers=[node.url for node in self.nodes if node.running], connect_timeout=2
+        )
+
+    async def stream_leader(self, stream: str, timeout: float = 30.0) -> NatsServer:
+        """The node that leads ``stream`` now, once it has a leader (after an election)."""
+        deadline = time.monotonic() + timeout
+        nc = await self.connect()
+        try:
+            while True:
+                try:
+                    info = await nc.jetstream(timeout=1).stream_info(stream)
+                    if info.cluster is not None and info.cluster.leader:
+                        return self.node(info.cluster.leader)
+                except Exception:  # no leader to answer yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise NatsServerError(f"{stream} has no leader after {timeout:g}s")
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    async def serving(self, client_name: str) -> NatsServer:
+        """The node the client connection named ``client_name`` is connected to now (from
+        each running node's ``/connz`` monitoring endpoint)."""
+
+        def names(port: int) -> set[str]:
+            url = f"http://{HOST}:{port}/connz?limit=1024"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return {c.get("name", "") for c in orjson.loads(response.read())["connections"]}
+
+        for node, port in zip(self.nodes, self.monitor_ports, strict=True):
+            if node.running and client_name in await asyncio.to_thread(names, port):
+                return node
+        raise NatsServerError(f"no node serves a client named {client_name!r}")
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(f"--- {node.url}\n{node.log_tail(lines)}" for node in self.nodes)
+
+
+async def _jetstream_answers(url: str) -> bool:
+    try:
+        nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False)
+    except Exception:  # not up yet
+        return False
+    try:
+        reply = await nc.request("$JS.API.INFO", b"", timeout=1)
+        return "error" not in orjson.loads(reply.data)
+    except Exception:  # no meta leader yet: no answer, or an error answer
+        return False
+    finally:
+        await nc.close()

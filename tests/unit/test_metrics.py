@@ -67,7 +67,7 @@ def scheduler_metrics(
 ) -> tuple[SchedulerMetrics, Relay]:
     # An engine that is never connected: nothing here does I/O.
     store = Store(create_async_engine("sqlite+aiosqlite://"), on_commit=lambda events: None)
-    relay = Relay(store, "nats://127.0.0.1:1")
+    relay = Relay(store, ("nats://127.0.0.1:1",))
     metrics = SchedulerMetrics(
         registry, index or DispatchIndex(100), relay, store.writer, clock_ms=lambda: now_ms
     )
