@@ -17,9 +17,9 @@ hook see the same as before."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from runplane_scheduler.states import Status
 from runplane_scheduler.store import tables as db
@@ -30,12 +30,23 @@ from runplane_scheduler.store.writer import (
     FIRST_START,
     ONE_MORE_ATTEMPT,
     STARTED_AT_START,
+    RunRow,
     Tx,
     Via,
 )
 
 RunMap = Mapping[str, Any]
 _RUNS = db.runs.name
+
+
+class Item(Protocol):
+    """What every transition here moves: a run, by its current (or new) attempt."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def attempt_id(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -156,157 +167,72 @@ async def _bulk(
     return [dict(r) for r in records]
 
 
-async def dequeue_many(tx: Tx, items: Sequence[Dequeued], ts: int) -> dict[str, RunMap]:
-    """QUEUED -> DEQUEUED for each item's run, with its new attempt and executor. The runs
-    that moved, by id (a run no longer QUEUED is left alone)."""
+@dataclass(frozen=True)
+class _Move:
+    """One kind of transition: its statements, source and target, and its one-run twin."""
+
+    pg: str
+    lite: str
+    source: Status
+    target: Status
+    event_type: str
+    # The same transition through Tx.transition, for connections with no fast path.
+    one: Callable[[Tx, Any, int], Awaitable[RunRow | None]]
+    # The status a run passes through on the way (its event's snapshot from the final row).
+    via: Callable[[Any, int], Via] | None = None
+
+
+async def _move(
+    tx: Tx, move: _Move, items: Sequence[Any], columns: dict[str, list[Any]], ts: int
+) -> dict[str, RunMap]:
+    """Apply ``move`` to ``items``; the runs that moved, by the item's attempt id."""
     if not items:
         return {}
-    rows = await _bulk(
-        tx,
-        _PG_DEQUEUE,
-        _LITE_DEQUEUE,
-        {
-            "id": [i.run_id for i in items],
-            "attempt_id": [i.attempt_id for i in items],
-            "executor_id": [i.executor_id for i in items],
-        },
-        ts,
-    )
+    rows = await _bulk(tx, move.pg, move.lite, columns, ts)
+    moved: dict[str, RunMap] = {}
     if rows is None:
-        moved: dict[str, RunMap] = {}
-        for i in items:
-            row = await tx.transition(
-                i.run_id,
-                [Status.QUEUED],
-                Status.DEQUEUED,
-                "dequeued",
-                current_attempt_id=i.attempt_id,
-                executor_id=i.executor_id,
-                updated_at=ts,
-            )
+        for item in items:
+            row = await move.one(tx, item, ts)
             if row is not None:
-                moved[i.run_id] = dict(row._mapping)
+                moved[item.attempt_id] = dict(row._mapping)
         return moved
+    by_attempt = {item.attempt_id: item for item in items}
     for m in rows:
-        del m["_attempt"]
-        await tx.emit_transition(m, (Status.QUEUED,), Status.DEQUEUED, "dequeued")
-    return {m["id"]: m for m in rows}
+        attempt_id = m.pop("_attempt")
+        moved[attempt_id] = m
+        via = None if move.via is None else move.via(by_attempt[attempt_id], ts)
+        await tx.emit_transition(m, (move.source,), move.target, move.event_type, via)
+    return moved
 
 
-async def start_many(tx: Tx, items: Sequence[Started], ts: int) -> set[str]:
-    """Each item's attempt began: DEQUEUED -> EXECUTING. The attempt ids whose runs moved."""
-    if not items:
-        return set()
-    rows = await _bulk(
-        tx,
-        _PG_START,
-        _LITE_START,
-        {
-            "id": [i.run_id for i in items],
-            "attempt_id": [i.attempt_id for i in items],
-            "start": [start_of(i, ts) for i in items],
-        },
-        ts,
+async def _dequeue_one(tx: Tx, i: Dequeued, ts: int) -> RunRow | None:
+    return await tx.transition(
+        i.run_id,
+        [Status.QUEUED],
+        Status.DEQUEUED,
+        "dequeued",
+        current_attempt_id=i.attempt_id,
+        executor_id=i.executor_id,
+        updated_at=ts,
     )
-    if rows is None:
-        done: set[str] = set()
-        for i in items:
-            row = await tx.transition(
-                i.run_id,
-                [Status.DEQUEUED],
-                Status.EXECUTING,
-                "started",
-                attempt_is(i.attempt_id),
-                started_at=FIRST_START,
-                attempt_count=ONE_MORE_ATTEMPT,
-                updated_at=ts,
-                params={"p_now": start_of(i, ts)},
-            )
-            if row is not None:
-                done.add(i.attempt_id)
-        return done
-    started: set[str] = set()
-    for m in rows:
-        started.add(m.pop("_attempt"))
-        await tx.emit_transition(m, (Status.DEQUEUED,), Status.EXECUTING, "started")
-    return started
 
 
-async def complete_many(tx: Tx, items: Sequence[Completed], ts: int) -> set[str]:
-    """Each item's attempt returned its output: EXECUTING -> COMPLETED, or, with its start
-    reported alongside, DEQUEUED -> EXECUTING -> COMPLETED (both events). The attempt ids whose
-    runs moved."""
-    started = [i for i in items if not i.started_at]
-    held = [i for i in items if i.started_at]
-    done: set[str] = set()
-    if started:
-        rows = await _bulk(
-            tx,
-            _PG_COMPLETE,
-            _LITE_COMPLETE,
-            {
-                "id": [i.run_id for i in started],
-                "attempt_id": [i.attempt_id for i in started],
-                "output": [i.output for i in started],
-            },
-            ts,
-        )
-        if rows is None:
-            for i in started:
-                if await _complete_one(tx, i, ts):
-                    done.add(i.attempt_id)
-        else:
-            for row in rows:
-                done.add(row.pop("_attempt"))
-                await tx.emit_transition(row, (Status.EXECUTING,), Status.COMPLETED, "completed")
-    if held:
-        starts = {i.run_id: min(i.started_at, ts) for i in held}
-        rows = await _bulk(
-            tx,
-            _PG_START_AND_COMPLETE,
-            _LITE_START_AND_COMPLETE,
-            {
-                "id": [i.run_id for i in held],
-                "attempt_id": [i.attempt_id for i in held],
-                "output": [i.output for i in held],
-                "start": [starts[i.run_id] for i in held],
-            },
-            ts,
-        )
-        if rows is None:
-            for i in held:
-                if await _start_and_complete_one(tx, i, starts[i.run_id], ts):
-                    done.add(i.attempt_id)
-        else:
-            for row in rows:
-                attempt_id = row.pop("_attempt")
-                done.add(attempt_id)
-                via = Via(
-                    Status.EXECUTING, "started", as_started(attempt_id, starts[row["id"]], ts)
-                )
-                await tx.emit_transition(
-                    row, (Status.DEQUEUED,), Status.COMPLETED, "completed", via=via
-                )
-    return done
+async def _start_one(tx: Tx, i: Started, ts: int) -> RunRow | None:
+    return await tx.transition(
+        i.run_id,
+        [Status.DEQUEUED],
+        Status.EXECUTING,
+        "started",
+        attempt_is(i.attempt_id),
+        started_at=FIRST_START,
+        attempt_count=ONE_MORE_ATTEMPT,
+        updated_at=ts,
+        params={"p_now": start_of(i, ts)},
+    )
 
 
-def as_started(attempt_id: str, start: int, ts: int) -> Any:
-    """Turns a run completed at ``ts`` into its snapshot as it started at ``start``."""
-
-    def then(m: dict[str, Any]) -> None:
-        m.update(
-            updated_at=start,
-            output=None,
-            finished_at=None,
-            current_attempt_id=attempt_id,
-            duration_ms=m["duration_ms"] - (ts - m["started_at"]),
-        )
-
-    return then
-
-
-async def _complete_one(tx: Tx, i: Completed, ts: int) -> bool:
-    row = await tx.transition(
+async def _complete_one(tx: Tx, i: Completed, ts: int) -> RunRow | None:
+    return await tx.transition(
         i.run_id,
         [Status.EXECUTING],
         Status.COMPLETED,
@@ -319,17 +245,32 @@ async def _complete_one(tx: Tx, i: Completed, ts: int) -> bool:
         duration_ms=DURATION_SO_FAR,
         params={"p_now": ts},
     )
-    return row is not None
 
 
-async def _start_and_complete_one(tx: Tx, i: Completed, start: int, ts: int) -> bool:
-    row = await tx.transition(
+def _as_started(i: Completed, ts: int) -> Via:
+    """A run completed at ``ts`` passed through EXECUTING at its start: that event's snapshot."""
+    start = min(i.started_at, ts)
+
+    def then(m: dict[str, Any]) -> None:
+        m.update(
+            updated_at=start,
+            output=None,
+            finished_at=None,
+            current_attempt_id=i.attempt_id,
+            duration_ms=m["duration_ms"] - (ts - m["started_at"]),
+        )
+
+    return Via(Status.EXECUTING, "started", then)
+
+
+async def _start_and_complete_one(tx: Tx, i: Completed, ts: int) -> RunRow | None:
+    return await tx.transition(
         i.run_id,
         [Status.DEQUEUED],
         Status.COMPLETED,
         "completed",
         attempt_is(i.attempt_id),
-        via=Via(Status.EXECUTING, "started", as_started(i.attempt_id, start, ts)),
+        via=_as_started(i, ts),
         output=i.output,
         finished_at=ts,
         updated_at=ts,
@@ -337,6 +278,57 @@ async def _start_and_complete_one(tx: Tx, i: Completed, start: int, ts: int) -> 
         started_at=STARTED_AT_START,
         attempt_count=ONE_MORE_ATTEMPT,
         duration_ms=DURATION_SINCE_START,
-        params={"p_now": ts, "p_start": start},
+        params={"p_now": ts, "p_start": min(i.started_at, ts)},
     )
-    return row is not None
+
+
+_DEQUEUE = _Move(
+    _PG_DEQUEUE, _LITE_DEQUEUE, Status.QUEUED, Status.DEQUEUED, "dequeued", _dequeue_one
+)
+_START = _Move(_PG_START, _LITE_START, Status.DEQUEUED, Status.EXECUTING, "started", _start_one)
+_COMPLETE = _Move(
+    _PG_COMPLETE, _LITE_COMPLETE, Status.EXECUTING, Status.COMPLETED, "completed", _complete_one
+)
+_START_AND_COMPLETE = _Move(
+    _PG_START_AND_COMPLETE,
+    _LITE_START_AND_COMPLETE,
+    Status.DEQUEUED,
+    Status.COMPLETED,
+    "completed",
+    _start_and_complete_one,
+    via=_as_started,
+)
+
+
+def _ids(items: Sequence[Item]) -> dict[str, list[Any]]:
+    return {"id": [i.run_id for i in items], "attempt_id": [i.attempt_id for i in items]}
+
+
+async def dequeue_many(tx: Tx, items: Sequence[Dequeued], ts: int) -> dict[str, RunMap]:
+    """QUEUED -> DEQUEUED for each item's run, with its new attempt and executor. The runs
+    that moved, by id (a run no longer QUEUED is left alone)."""
+    columns = {**_ids(items), "executor_id": [i.executor_id for i in items]}
+    moved = await _move(tx, _DEQUEUE, items, columns, ts)
+    return {m["id"]: m for m in moved.values()}
+
+
+async def start_many(tx: Tx, items: Sequence[Started], ts: int) -> set[str]:
+    """Each item's attempt began: DEQUEUED -> EXECUTING. The attempt ids whose runs moved."""
+    columns = {**_ids(items), "start": [start_of(i, ts) for i in items]}
+    return set(await _move(tx, _START, items, columns, ts))
+
+
+async def complete_many(tx: Tx, items: Sequence[Completed], ts: int) -> set[str]:
+    """Each item's attempt returned its output: EXECUTING -> COMPLETED, or, with its start
+    reported alongside, DEQUEUED -> EXECUTING -> COMPLETED (both events). The attempt ids whose
+    runs moved."""
+    started = [i for i in items if not i.started_at]
+    held = [i for i in items if i.started_at]
+    columns = {**_ids(started), "output": [i.output for i in started]}
+    done = set(await _move(tx, _COMPLETE, started, columns, ts))
+    columns = {
+        **_ids(held),
+        "output": [i.output for i in held],
+        "start": [min(i.started_at, ts) for i in held],
+    }
+    return done | set(await _move(tx, _START_AND_COMPLETE, held, columns, ts))
