@@ -159,9 +159,17 @@ def render(results: dict[str, Any]) -> str:
                 ]
             )
     if body:
+        bound = meta.get("pg_fsync_per_s")
+        durable = (
+            f"; the durable bound of one commit at a time here (pg_test_fsync, fdatasync): "
+            f"{bound:,.0f}/s"
+            if bound
+            else ""
+        )
         parts.append(
             f"\nW1 throughput: {cfg['n1']:,} no-op tasks, one enqueue call at a time (W1C: many"
-            " in flight; +batch rows: batched); CPU ms/run: scheduler / executor from /proc\n"
+            " in flight; +batch rows: batched); CPU ms/run: scheduler / executor from /proc"
+            f"{durable}\n"
             + _table(["system", "enqueue /s", "end-to-end /s", "CPU ms/run", "check"], body)
         )
     # W2

@@ -145,6 +145,29 @@ def ensure_system_packages(systems: list[str]) -> None:
             log(f"apt-get install failed: {r.stderr.strip()[-300:]}")
 
 
+def fsync_bound(workdir: Path) -> float | None:
+    """The durable bound of one-at-a-time commits on this disk: fdatasync of one 8 kB write per
+    second, as `pg_test_fsync` measures it (on PostgreSQL's data disk when it is local)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_test_fsync"))
+    if not found:
+        log("pg_test_fsync not found: no durable bound in the W1 table")
+        return None
+    where = Path("/var/lib/postgresql")
+    target = (where if where.is_dir() else workdir) / f"runplane-bench-fsync-{os.getpid()}"
+    try:
+        r = procs.run([str(found[-1]), "-s", "1", "-f", str(target)], timeout=120)
+    finally:
+        target.unlink(missing_ok=True)
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if parts[:1] == ["fdatasync"] and len(parts) > 1:
+            bound = float(parts[1])
+            log(f"pg_test_fsync: fdatasync {bound:,.0f}/s (the durable bound of W1 on PostgreSQL)")
+            return bound
+    log(f"pg_test_fsync printed no fdatasync figure: {r.stdout[-300:]} {r.stderr[-300:]}")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 class Runner:
     def __init__(self, a: argparse.Namespace, ctx: Ctx) -> None:
@@ -678,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 pg = Postgres(workdir).start()
             except BrokerError as e:
                 log(f"PostgreSQL unavailable: {e}")
+            results["meta"]["pg_fsync_per_s"] = fsync_bound(workdir)
         ctx = Ctx(
             workdir=workdir,
             logdir=logdir,
