@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from runplane.v1 import worker_service_pb2 as wpb
 from runplane.v1 import worker_service_pb2_grpc
+from runplane_common.protocol import SPOKEN_WORKER_PROTOCOL_VERSIONS
 from tests.helpers.contract import (
     CONNECT,
     DEADLINE,
@@ -219,7 +220,13 @@ def test_a_register_with_a_bad_manifest_is_refused_as_invalid_argument(
     assert "manifest" in outcome.details, str(outcome)
 
 
-@given(version=st.one_of(st.integers(2, 1000), st.integers(-(2**31), -1), int32))
+@given(
+    version=st.one_of(
+        st.integers(max(SPOKEN_WORKER_PROTOCOL_VERSIONS) + 1, 1000),
+        st.integers(-(2**31), -1),
+        int32,
+    )
+)
 @FUZZ
 def test_a_register_with_a_protocol_version_the_scheduler_does_not_speak_is_refused(
     stack: Stack, version: int
@@ -239,11 +246,12 @@ def test_a_register_with_a_protocol_version_the_scheduler_does_not_speak_is_refu
         client_streaming=True,
     )
     assert_proper(outcome, f"Connect with protocol_version={version}")
-    if version in (0, 1):
+    if version in (0, *SPOKEN_WORKER_PROTOCOL_VERSIONS):
         return  # int32 may draw one of the spoken ones
     assert outcome.code is grpc.StatusCode.FAILED_PRECONDITION, str(outcome)
     assert f"worker protocol version {version} is not spoken" in outcome.details, str(outcome)
-    assert "it speaks 1" in outcome.details, str(outcome)
+    spoken = ", ".join(map(str, SPOKEN_WORKER_PROTOCOL_VERSIONS))
+    assert f"it speaks {spoken}" in outcome.details, str(outcome)
     assert_unchanged(before, stack.state(), "a refused registration")
 
 
