@@ -240,3 +240,27 @@ async def test_the_driver_path_writes_what_the_one_at_a_time_path_writes(
     _one_at_a_time(monkeypatch)
     slow = comparable(await _scenario(store))
     assert fast == slow
+
+
+async def test_a_batch_that_fails_after_a_driver_statement_writes_nothing(store: Store) -> None:
+    """The driver's statements are in the batch's transaction: when an operation fails after
+    one, the whole batch rolls back (on PostgreSQL, asyncpg would otherwise commit a statement
+    sent before SQLAlchemy's first one on its own)."""
+
+    async def seed(tx: Tx) -> None:
+        await tx.execute(db.runs.delete().where(db.runs.c.id == "run_q1"))
+        tx.insert_later(db.runs, RUNS[0])
+
+    async def fails(tx: Tx) -> None:
+        moved = await hot.dequeue_many(tx, DEQUEUE[:1], TS)
+        assert set(moved) == {"run_q1"}
+        raise RuntimeError("the operation failed after its driver statement")
+
+    await store.writer.run(seed)
+    with pytest.raises(RuntimeError, match="after its driver statement"):
+        await store.writer.run(fails)
+    async with store.db.connect() as conn:
+        row = (await conn.execute(select(db.runs).where(db.runs.c.id == "run_q1"))).one()
+        outbox = (await conn.execute(select(db.outbox))).all()
+    assert (row.status, row.version, row.current_attempt_id) == ("QUEUED", 3, None)
+    assert not [e for e in outbox if b"run_q1" in e.data]

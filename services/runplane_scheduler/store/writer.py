@@ -669,6 +669,12 @@ class Writer:
         changes: list[RunChange],
     ) -> list[dict[str, Any]]:
         async with conn.begin():
+            if isinstance(conn, AsyncConnection) and conn.dialect.name == "postgresql":
+                # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement, not at
+                # begin(): a statement sent to the driver before it (store/hot.py, the inserts)
+                # would commit on its own. One statement through SQLAlchemy opens the
+                # transaction for all of them.
+                await conn.exec_driver_sql("SELECT 1")
             for start in range(0, len(published), 500):
                 chunk = published[start : start + 500]
                 await conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(chunk)))
