@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -118,11 +119,22 @@ class Transport:
     async def call(
         self, method: Callable[..., Any], request: Any, timeout: float | None = 30
     ) -> Any:
-        """Call a unary ``method`` of a stub; a failure raises the SDK's typed error."""
-        try:
-            return await method(request, metadata=self.metadata(), timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+        """Call a unary ``method`` of a stub; a failure raises the SDK's typed error. A call no
+        scheduler replica could take (one is taking over from another: the status's reason is
+        NO_LEADER, and nothing was done) is retried within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return await method(request, metadata=self.metadata(), timeout=left)
+            except grpc.aio.AioRpcError as error:
+                failure = from_rpc_error(error)
+                pause = failure.retry_after or 0.5
+                if failure.reason != NO_LEADER or (
+                    deadline is not None and time.monotonic() + pause >= deadline
+                ):
+                    raise failure from None
+            await asyncio.sleep(pause)
 
     async def paged(
         self, method: Callable[..., Any], request: Any, items: str, limit: int | None = None
@@ -156,6 +168,9 @@ class Transport:
             self._run_stubs.pop(id(channel), None)
             await channel.close()
 
+
+# The reason of a call no scheduler replica could take (see Transport.call).
+NO_LEADER = "NO_LEADER"
 
 _default: Callable[[], Transport] | None = None
 

@@ -5,6 +5,7 @@ services reads the environment; tests build settings directly."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -165,6 +166,11 @@ class TelemetrySettings:
         )
 
 
+def default_replica_id() -> str:
+    """A scheduler replica's default name: its host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     database_url: str = field(default_factory=default_database_url)
@@ -199,10 +205,19 @@ class SchedulerSettings:
     # and deploys that are "start the new executors"); "manual": only `runplane deploy`
     # (`versions promote`) makes a version current.
     version_promotion: str = "auto"
+    # Replicas (PostgreSQL): this one's name in the lease, the address the others forward
+    # calls to (empty: the listen host and the bound port), and the lease's length in seconds.
+    replica_id: str = field(default_factory=default_replica_id)
+    advertise: str = ""
+    replica_lease: float = 5.0
     nats_servers: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nats_servers", parse_nats_servers(self.nats_url))
+        if not 1.0 <= self.replica_lease <= 300.0:
+            raise ValueError(
+                f"RUNPLANE_REPLICA_LEASE_SECONDS must be 1-300 seconds, not {self.replica_lease}"
+            )
         check_nats_replicas(self.nats_replicas)
         if self.version_promotion not in ("auto", "manual"):
             raise ValueError(
@@ -236,6 +251,9 @@ class SchedulerSettings:
             http_listen=os.environ.get("RUNPLANE_SCHEDULER_HTTP_LISTEN", ""),
             http_url=os.environ.get("RUNPLANE_SCHEDULER_HTTP_URL", ""),
             version_promotion=os.environ.get("RUNPLANE_VERSION_PROMOTION") or d.version_promotion,
+            replica_id=os.environ.get("RUNPLANE_REPLICA_ID") or d.replica_id,
+            advertise=os.environ.get("RUNPLANE_ADVERTISE", ""),
+            replica_lease=_float("RUNPLANE_REPLICA_LEASE_SECONDS", d.replica_lease),
         )
 
 

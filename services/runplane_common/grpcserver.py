@@ -89,6 +89,11 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceErro
 ErrorMapper = Callable[[Exception], ServiceError | None]
 
 
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> None:
+    """End the call with ``error``'s status and details."""
+    await _abort(context, error)
+
+
 def as_service_error(error: Exception, mappers: Sequence[ErrorMapper] = ()) -> ServiceError:
     """The status a failed call answers with: its own, the first of ``mappers`` that knows the
     error, UNAVAILABLE for a failure of the network, or a logged INTERNAL."""
@@ -345,9 +350,11 @@ class Server:
         tls: TlsSettings | None = None,
         map_errors: Sequence[ErrorMapper] = (),
         max_pending_calls: int = 0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ):
         """``max_pending_calls``: calls that may wait to be taken in at once before gRPC
-        cancels the rest (0: gRPC's default, 1,000; the hard limit is three times it)."""
+        cancels the rest (0: gRPC's default, 1,000; the hard limit is three times it).
+        ``interceptors`` see each call before authentication (a replica's forwarding)."""
         self.tls = tls or TlsSettings()
         pending = (
             [
@@ -358,7 +365,7 @@ class Server:
             else []
         )
         self.grpc = grpc.aio.server(
-            interceptors=[ServiceInterceptor(authenticate, map_errors)],
+            interceptors=[*interceptors, ServiceInterceptor(authenticate, map_errors)],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
+import sys
+from typing import IO
 
 from runplane.v1 import (
     auth_service_pb2_grpc,
@@ -19,6 +23,8 @@ from runplane.v1 import (
 from runplane.worker import configure_logging, run_async
 from runplane_common import telemetry
 from runplane_common.config import SchedulerSettings, TelemetrySettings
+from runplane_common.errors import ServiceError
+from runplane_common.forwarding import ForwardInterceptor
 from runplane_common.grpcserver import Server
 from runplane_common.metrics import Probes, new_registry
 from runplane_scheduler.api.auth import AuthServicer
@@ -33,8 +39,9 @@ from runplane_scheduler.engine import RunEngine
 from runplane_scheduler.keys import KeyAuthenticator, PublicTokens
 from runplane_scheduler.metrics import SchedulerMetrics
 from runplane_scheduler.relay import Relay
+from runplane_scheduler.replicas import Leadership
 from runplane_scheduler.schedules import ScaledClock, ScheduleRunner, ScheduleServicer
-from runplane_scheduler.store import Store
+from runplane_scheduler.store import Store, leases
 from runplane_scheduler.store import tables as db
 from runplane_scheduler.store.errors import map_database_error
 
@@ -54,11 +61,21 @@ class Scheduler:
         self.schedules = ScheduleRunner(self.engine, ScaledClock.from_settings(settings))
         self.engine.on_register = self.schedules.sync_declarative
         self.tokens = PublicTokens(self.engine_db, settings.signing_key)
+        # Replicas: the lease decides whether this one runs the engine or forwards every call
+        # to the one that does (see replicas.py). Its addresses are known once the ports are.
+        self.sqlite = settings.database_url.startswith("sqlite")
+        self._sqlite_lock: IO[str] | None = None
+        self.leadership = Leadership(
+            self.engine_db, settings.replica_id, settings.replica_lease, "", "", single=self.sqlite
+        )
+        self.forward = ForwardInterceptor(self.leadership, settings.tls)
         self.server = Server(
             KeyAuthenticator(self.engine_db, self.tokens),
             tls=settings.tls,
             map_errors=[map_database_error],
+            interceptors=[self.forward],
         )
+        self._stepping_down: asyncio.Task[None] | None = None
         self.port = 0
         # /metrics, /healthz and /readyz on the token HTTP port; a registry per instance.
         self.registry = new_registry()
@@ -66,15 +83,27 @@ class Scheduler:
             self.registry, self.engine.index, self.relay, self.store.writer
         )
         self.store.writer.on_changes = self.metrics.observe
-        self.http = TokenHttpServer(self.engine.waits, Probes(self.registry, self.not_ready))
+        self.metrics.leading(lambda: self.leadership.leading)
+        self.http = TokenHttpServer(
+            self.engine.waits,
+            Probes(self.registry, self.not_ready),
+            leader=self.leadership.leader_http,
+            tls=settings.tls,
+        )
         self.http_url = ""
 
     async def start(self) -> None:
+        if self.sqlite:
+            self._sqlite_lock = leases.lock_sqlite(self.settings.database_url)
+        try:
+            await self._start()
+        except BaseException:
+            leases.unlock_sqlite(self._sqlite_lock)
+            raise
+
+    async def _start(self) -> None:
         await db.upgrade(self.engine_db)
         await self.tokens.load()
-        await self.engine.start()
-        await self.schedules.start()
-        self.relay.start()
         # Wait tokens are completed by POSTing to a URL on this endpoint.
         host = self.settings.listen.rsplit(":", 1)[0]
         http_listen = self.settings.http_listen or f"{host}:0"
@@ -127,6 +156,43 @@ class Scheduler:
             "runplane.v1.AuthService",
         )
         self.port = await self.server.start(self.settings.listen)
+        leadership = self.leadership
+        leadership.grpc_address = self.settings.advertise or f"{advertised(host)}:{self.port}"
+        leadership.http_address = self.http_url
+        if await leadership.try_take():
+            await self._lead()
+        elif leadership.lease is not None:
+            log.info(
+                "scheduler replica %s stands by: %s leads at %s; calls are forwarded there",
+                self.settings.replica_id,
+                leadership.lease.holder,
+                leadership.lease.grpc_address,
+            )
+        leadership.start(self._lead)
+        self._stepping_down = asyncio.create_task(self._step_down_when_lost())
+
+    async def _lead(self) -> None:
+        """Run the engine: this replica holds the lease."""
+        lease = self.leadership.lease
+        assert lease is not None
+        writer = self.store.writer
+        if not self.sqlite:
+            writer.fence = lambda conn: leases.fence(conn, lease)
+        writer.on_fenced = lambda: self.leadership.lose("a write found its lease taken")
+        await self.engine.start()
+        await self.schedules.start()
+        self.relay.start()
+        self.leadership.led()
+
+    async def _step_down_when_lost(self) -> None:
+        """A replica that lost its lease stops acting at once (its process then ends)."""
+        await self.leadership.lost.wait()
+        await self._stop_engine()
+
+    async def _stop_engine(self) -> None:
+        await self.schedules.stop()
+        await self.engine.stop()
+        await self.relay.stop()
 
     async def not_ready(self) -> str | None:
         """Why the scheduler cannot serve now (None: it can): its gRPC port, its database,
@@ -137,17 +203,37 @@ class Scheduler:
             await self.store.ping()
         except Exception as error:
             return f"the database is unreachable ({type(error).__name__})"
+        if not self.leadership.leading:
+            try:
+                self.leadership.route(forwarded=False)
+            except ServiceError as error:
+                return error.message
+            return None  # a standby: it forwards to the leader
         if not self.relay.nats_connected:
             return f"not connected to NATS at {self.settings.nats_url}"
         return None
 
     async def stop(self) -> None:
         await self.server.stop(grace=2.0)
-        await self.schedules.stop()
         await self.http.stop()
-        await self.engine.stop()
-        await self.relay.stop()
+        if self._stepping_down is not None:
+            self._stepping_down.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stepping_down
+        await self._stop_engine()
+        # After the engine: its last writes commit under the lease; then a standby takes over.
+        await self.leadership.stop()
+        await self.forward.close()
         await self.engine_db.dispose()
+        leases.unlock_sqlite(self._sqlite_lock)
+        self._sqlite_lock = None
+
+
+def advertised(host: str) -> str:
+    """The host other replicas reach this one at, when it listens on ``host``."""
+    if host in ("", "0.0.0.0", "[::]", "::"):
+        return socket.gethostname()
+    return host
 
 
 async def start_scheduler(settings: SchedulerSettings) -> Scheduler:
@@ -172,10 +258,15 @@ async def _serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    lost = asyncio.create_task(scheduler.leadership.lost.wait())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((lost, stopping), return_when=asyncio.FIRST_COMPLETED)
     log.info("scheduler stopping")
     await scheduler.stop()
     telemetry.shutdown()
+    if scheduler.leadership.lost.is_set():
+        # Crash-only: whatever runs this process starts it again, as a standby.
+        sys.exit(f"scheduler replica lost its lease ({scheduler.leadership.lost_why})")
 
 
 def _redact(url: str) -> str:

@@ -64,6 +64,7 @@ class SchedulerMetrics:
         self._relay = relay
         self._writer = writer
         self._clock_ms = clock_ms
+        self._leading: Callable[[], bool] = lambda: True
         # By (environment, task); finished by (environment, task, status).
         self.triggered: defaultdict[Labels, int] = defaultdict(int)
         self.started: defaultdict[Labels, int] = defaultdict(int)
@@ -74,6 +75,10 @@ class SchedulerMetrics:
         self.execution = Histograms()
         registry.register(Snapshot(self._runs))
         registry.register(Snapshot(self._state))
+
+    def leading(self, leading: Callable[[], bool]) -> None:
+        """Where ``runplane_scheduler_leader`` reads whether this replica leads."""
+        self._leading = leading
 
     def observe(self, changes: list[RunChange]) -> None:
         """Count committed run events (the writer's ``on_changes`` hook; it runs for every
@@ -133,6 +138,13 @@ class SchedulerMetrics:
         )
 
     def _state(self) -> Iterator[Metric]:
+        yield gauge(
+            "runplane_scheduler_leader",
+            "1 while this scheduler replica holds the lease and runs the engine; 0 while it "
+            "stands by and forwards calls to the one that does.",
+            [],
+            {(): 1.0 if self._leading() else 0.0},
+        )
         yield from queue_families(self._index)
         yield from executor_families(self._index)
         count, oldest = self._relay.backlog()

@@ -13,11 +13,13 @@ import contextlib
 import logging
 import re
 import ssl
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from runplane_common.errors import NotFound
+from runplane.tls import TlsSettings
+from runplane_common.errors import NotFound, Unavailable
 from runplane_common.metrics import Answer, Probes
 from runplane_scheduler.engine.waitpoints import Waitpoints
 
@@ -32,9 +34,19 @@ class _BadRequest(ValueError):
 
 
 class TokenHttpServer:
-    def __init__(self, waits: Waitpoints, probes: Probes | None = None) -> None:
+    def __init__(
+        self,
+        waits: Waitpoints,
+        probes: Probes | None = None,
+        leader: Callable[[], str | None] = lambda: None,
+        tls: TlsSettings | None = None,
+    ) -> None:
+        """``leader``: the leading replica's URL when another replica leads (a completion is
+        forwarded there), None when this one does; raises Unavailable when none does."""
         self.waits = waits
         self.probes = probes
+        self.leader = leader
+        self.tls = tls or TlsSettings()
         self._server: asyncio.Server | None = None
 
     async def start(self, listen: str, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -133,6 +145,12 @@ class TokenHttpServer:
             data = orjson.loads(body) if body.strip() else None
         except orjson.JSONDecodeError:
             return 400, {"error": "the body must be JSON"}
+        try:
+            leader = self.leader()
+        except Unavailable as error:
+            return 503, {"error": str(error)}
+        if leader is not None:
+            return await self._forward(leader, target, body)
         secret = parse_qs(url.query).get("secret", [""])[0]
         try:
             token = await self.waits.complete_token(
@@ -141,3 +159,45 @@ class TokenHttpServer:
         except NotFound as error:
             return 404, {"error": str(error)}
         return 200, {"id": token["id"], "status": "COMPLETED"}
+
+    async def _forward(self, leader: str, target: str, body: bytes) -> Answer:
+        """POST the completion to the leading replica's endpoint and answer with its answer."""
+        url = urlsplit(leader)
+        secure = url.scheme == "https"
+        context = self.tls.client_ssl_context() if secure else None
+        port = url.port or (443 if secure else 80)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(url.hostname, port, ssl=context), 10
+            )
+        except (OSError, TimeoutError):
+            return Answer(
+                503,
+                "application/json",
+                orjson.dumps(
+                    {"error": f"the leading scheduler replica at {leader} is unreachable"}
+                ),
+            )
+        try:
+            writer.write(
+                f"POST {target} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 30)
+        finally:
+            writer.close()
+        head, _, data = answer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1]) if lines and len(lines[0].split(" ")) > 1 else 502
+        kind = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in lines
+                if line.lower().startswith("content-type:")
+            ),
+            "application/json",
+        )
+        return Answer(status, kind, data)

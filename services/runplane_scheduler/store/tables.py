@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -267,6 +268,9 @@ def _alembic_upgrade(connection: Connection) -> None:
 async def upgrade(engine: AsyncEngine) -> None:
     """Apply every pending migration (``runplane db upgrade``)."""
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Replicas starting together: one migrates, the others wait and find it done.
+            await conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7070707070)")
         await conn.run_sync(_alembic_upgrade)
 
 
@@ -398,4 +402,23 @@ used_public_tokens = Table(
     Column("token_id", String(40), primary_key=True),
     Column("used_at", BigInteger, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
+)
+
+
+# -- scheduler replicas -----------------------------------------------------------------------
+
+# The lease the leading replica holds (name "scheduler"). Every write transaction of the leader
+# checks it (store/leases.py): a replica that lost it cannot commit over the one that took it.
+scheduler_leases = Table(
+    "scheduler_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    # The fencing token: one more at every change of holder.
+    Column("token", BigInteger, nullable=False),
+    # Epoch seconds on the database's clock: replicas never compare their own clocks.
+    Column("expires_at", Float, nullable=False),
+    # Where the other replicas forward calls while this one leads.
+    Column("grpc_address", String(256), nullable=False),
+    Column("http_address", String(256), nullable=False),
 )

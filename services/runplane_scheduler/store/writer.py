@@ -37,7 +37,7 @@ from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ClauseEleme
 
 from runplane.v1 import events_pb2, run_pb2
 from runplane_common import subjects
-from runplane_common.errors import ServiceError
+from runplane_common.errors import ServiceError, Unavailable
 from runplane_common.ids import new_id
 from runplane_scheduler.states import FINAL, Status, TransitionError, can_transition
 from runplane_scheduler.store import tables as db
@@ -515,6 +515,32 @@ Op = Callable[[Tx], Awaitable[T]]
 CLEAN_ERRORS = (ServiceError, TransitionError)
 
 
+# Checks, first in every write transaction, that this replica still leads (store/leases.py).
+Fence = Callable[[AsyncConnection], Awaitable[bool]]
+
+
+class Fenced(Unavailable):
+    """The write transaction found this replica's lease taken by another: nothing was written,
+    and this replica writes nothing more."""
+
+    reason = "REPLICA_FENCED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this scheduler replica lost its lease to another replica and stops; retry: the "
+            "call reaches the new leader"
+        )
+
+
+def _stopped(batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+    """The writer stopped with ``batch`` not committed (or not known to be): its callers get
+    UNAVAILABLE, which a gRPC caller may retry, rather than a call that never ends."""
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(Unavailable("the scheduler stopped before this write committed"))
+            future.exception()  # retrieved: nobody may be waiting any more
+
+
 class Writer:
     """Runs write operations in batches, one transaction per batch (group commit)."""
 
@@ -536,6 +562,10 @@ class Writer:
         self.on_changes: ChangeHook | None = None
         # Batches the database refused (each is then retried one operation at a time).
         self.failures = 0
+        # Scheduler replicas on PostgreSQL: the lease check every transaction opens with, and
+        # what to do once it fails (the replica stops).
+        self.fence: Fence | None = None
+        self.on_fenced: Callable[[], None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
@@ -545,6 +575,10 @@ class Writer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        waiting = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        _stopped(waiting)
         if self._published:
             with contextlib.suppress(Exception):
                 await self._commit([])
@@ -604,23 +638,30 @@ class Writer:
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit(batch)
+                await self._commit_or_retry(batch)
             except asyncio.CancelledError:
+                _stopped(batch)
+                raise
+
+    async def _commit_or_retry(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            await self._commit(batch)
+        except Exception as failure:
+            self.failures += 1
+            if isinstance(failure, Fenced):  # so will every one of them be
                 for _, future in batch:
                     if not future.done():
-                        future.cancel()
-                raise
-            except Exception:
-                self.failures += 1
-                log.exception("batch of %d failed; retrying one by one", len(batch))
-                await self._drop_connection()
-                for item in batch:
-                    try:
-                        await self._commit([item])
-                    except Exception as error:  # the op's own failure, or the database's
-                        await self._drop_connection()
-                        if not item[1].done():
-                            item[1].set_exception(error)
+                        future.set_exception(failure)
+                return
+            log.exception("batch of %d failed; retrying one by one", len(batch))
+            await self._drop_connection()
+            for item in batch:
+                try:
+                    await self._commit([item])
+                except Exception as error:  # the op's own failure, or the database's
+                    await self._drop_connection()
+                    if not item[1].done():
+                        item[1].set_exception(error)
 
     async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
@@ -673,8 +714,13 @@ class Writer:
                 # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement, not at
                 # begin(): a statement sent to the driver before it (store/hot.py, the inserts)
                 # would commit on its own. One statement through SQLAlchemy opens the
-                # transaction for all of them.
-                await conn.exec_driver_sql("SELECT 1")
+                # transaction for all of them: the lease check when replicas are fenced.
+                if self.fence is None:
+                    await conn.exec_driver_sql("SELECT 1")
+                elif not await self.fence(conn):
+                    if self.on_fenced is not None:
+                        self.on_fenced()
+                    raise Fenced()
             for start in range(0, len(published), 500):
                 chunk = published[start : start + 500]
                 await conn.execute(delete(db.outbox).where(db.outbox.c.event_id.in_(chunk)))
