@@ -78,7 +78,7 @@ def system_classes() -> dict[str, type[System]]:
     from bench.systems.celery_sys import Celery
     from bench.systems.dramatiq_sys import Dramatiq
     from bench.systems.procrastinate_sys import Procrastinate
-    from bench.systems.runplane_sys import RunplanePG, RunplaneSQLite
+    from bench.systems.runplane_sys import RunplanePG, RunplanePG2, RunplanePG3, RunplaneSQLite
     from bench.systems.taskiq_sys import Taskiq
 
     return {
@@ -88,6 +88,8 @@ def system_classes() -> dict[str, type[System]]:
         "procrastinate": Procrastinate,
         "runplane-pg": RunplanePG,
         "runplane-sqlite": RunplaneSQLite,
+        "runplane-pg-2rep": RunplanePG2,
+        "runplane-pg-3rep": RunplanePG3,
     }
 
 

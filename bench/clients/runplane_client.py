@@ -26,17 +26,22 @@ def _ids(result) -> list:
 
 
 class Client:
-    def __init__(self, c) -> None:
+    def __init__(self, c, spread: list | None = None) -> None:
         self.c = c
+        self.spread = spread or [c]
+
+    def _next(self, i: int):
+        return self.spread[i % len(self.spread)]
 
     async def enqueue(self, kind: str, key: str, i: int, t: float) -> str:
-        handle = await self.c.tasks.trigger(TASK[kind], {"k": key, "i": i, "t": t})
+        handle = await self._next(i).tasks.trigger(TASK[kind], {"k": key, "i": i, "t": t})
         return handle.id
 
     async def enqueue_batch(self, kind: str, key: str, items: list[tuple[int, float]]) -> list:
         # Trigger.dev shape: batch_trigger(task_id, [{"payload": ...}, ...])
         items_ = [{"payload": {"k": key, "i": i, "t": t}} for i, t in items]
-        return _ids(await self.c.tasks.batch_trigger(TASK[kind], items_))
+        client = self._next(items[0][0] if items else 0)
+        return _ids(await client.tasks.batch_trigger(TASK[kind], items_))
 
     async def verify(self, ids: list, deadline: float) -> dict:
         """Every sampled run must reach status COMPLETED (polled until deadline)."""
@@ -66,15 +71,18 @@ class Client:
             await asyncio.sleep(0.2)
 
     async def close(self) -> None:
-        for name in ("aclose", "close"):
-            f = getattr(self.c, name, None)
-            if f:
-                await _maybe_await(f())
-                return
+        for c in self.spread:
+            for name in ("aclose", "close"):
+                f = getattr(c, name, None)
+                if f:
+                    await _maybe_await(f())
+                    break
 
 
 async def open_client(cfg: dict) -> Client:
-    c = runplane.Client(
-        api_url=os.environ["RUNPLANE_API_URL"], secret_key=os.environ["RUNPLANE_SECRET_KEY"]
-    )
-    return Client(c)
+    # Scheduler replicas: one client per replica, triggers spread over them in turn (as a
+    # load balancer in front of them would), so most calls are forwarded to the leader.
+    urls = os.environ.get("BENCH_RUNPLANE_API_URLS", "") or os.environ["RUNPLANE_API_URL"]
+    key = os.environ["RUNPLANE_SECRET_KEY"]
+    clients = [runplane.Client(api_url=url, secret_key=key) for url in urls.split(",")]
+    return Client(clients[0], clients)

@@ -29,11 +29,17 @@ class Runplane(System):
     client_module = "runplane_client"
     backend = "pg"
     workloads = ("W1", "W1C", "W2", "W3", "W4", "W5", "W6")
+    # Scheduler replicas: the first leads; the others stand by and forward. The client spreads
+    # its calls over all of them and the executor connects through the last one.
+    replicas = 1
+    suffix = ""
 
     def __init__(self, ctx) -> None:  # type: ignore[no-untyped-def]
-        self.name = f"runplane-{self.backend}"
+        self.name = f"runplane-{self.backend}{self.suffix}"
         super().__init__(ctx)
         self.scheduler = None
+        self.standbys: list = []
+        self.standby_ports: list[int] = []
         self.realtime = None
         self.realtime_port = 0
         self.realtime_http_port = 0
@@ -56,6 +62,8 @@ class Runplane(System):
                 )
         # W3 with a durable wait (`wait.for_(seconds=1)` frees the slot while waiting)
         self.extra_rows[f"{self.name}+wait"] = ("W3", {"kind": "wait"})
+        if self.replicas > 1:  # the replicas rows are W1 and W1C only
+            self.extra_rows = {}
 
     def _sdk_has(self, cls: str, attr: str) -> bool:
         code = f"import runplane; print(hasattr(getattr(runplane, {cls!r}, None), {attr!r}))"
@@ -82,6 +90,9 @@ class Runplane(System):
         }
         if self.key:
             env["RUNPLANE_SECRET_KEY"] = self.key
+        if self.standby_ports:
+            urls = [f"127.0.0.1:{p}" for p in (self.port, *self.standby_ports)]
+            env["BENCH_RUNPLANE_API_URLS"] = ",".join(urls)
         if self.realtime_port:
             env["RUNPLANE_REALTIME_LISTEN"] = env["RUNPLANE_REALTIME_URL"] = (
                 f"127.0.0.1:{self.realtime_port}"
@@ -146,6 +157,8 @@ class Runplane(System):
                 f"scheduler not SERVING on 127.0.0.1:{self.port}: {r.stderr.strip()}\n"
                 f"{procs.tail(log)}"
             )
+        for n in range(1, self.replicas):
+            self._start_standby(n)
         # which executor pool flags this CLI has (env vars are set as well)
         r = procs.run([*self.exe, "executor", "--help"], env=self.env(), cwd=REPO, timeout=30)
         helptext = r.stdout + r.stderr
@@ -154,6 +167,25 @@ class Runplane(System):
             for f in ("--processes", "--capacity")
             if re.search(rf"(^|\s){re.escape(f)}[\s=]", helptext)
         }
+
+    def _start_standby(self, n: int) -> None:
+        port = procs.free_port()
+        env = {**self.env(), "RUNPLANE_SCHEDULER_LISTEN": f"127.0.0.1:{port}"}
+        env["RUNPLANE_REPLICA_ID"] = f"standby-{n}"
+        log = self.logdir / f"standby-{n}.log"
+        standby = procs.spawn(
+            f"{self.name}:standby-{n}", [*self.exe, "scheduler"], env=env, cwd=REPO, log_path=log
+        )
+        self.standbys.append(standby)
+        self.standby_ports.append(port)
+        r = procs.run(
+            [self.python, "-m", "bench.clients.grpc_health", f"127.0.0.1:{port}", "60"],
+            env=env,
+            cwd=REPO,
+            timeout=75,
+        )
+        if r.returncode != 0 or standby.poll() is not None:
+            raise SystemError_(f"standby {n} not SERVING on 127.0.0.1:{port}\n{procs.tail(log)}")
 
     def start_realtime(self) -> None:
         """The realtime service (W5 only): `runplane realtime` on a free port."""
@@ -193,6 +225,8 @@ class Runplane(System):
             out["executor"] = self.workers[0].pid
         if self.scheduler is not None:
             out["scheduler"] = self.scheduler.pid
+        for n, standby in enumerate(self.standbys, 1):
+            out[f"standby-{n}"] = standby.pid
         if self.realtime is not None:
             out["realtime"] = self.realtime.pid
             nats = getattr(getattr(self, "nats", None), "proc", None)
@@ -202,6 +236,9 @@ class Runplane(System):
 
     def stop_infra(self) -> None:
         self.stop_realtime()
+        for standby in self.standbys:
+            procs.stop(standby)
+        self.standbys, self.standby_ports = [], []
         if self.scheduler is not None:
             procs.stop(self.scheduler)
             self.scheduler = None
@@ -216,6 +253,8 @@ class Runplane(System):
         env = self.env()
         env["RUNPLANE_EXECUTOR_PROCESSES"] = str(profile.procs)
         env["RUNPLANE_EXECUTOR_CAPACITY"] = str(profile.total)
+        if self.standby_ports:  # through a standby, which forwards its session to the leader
+            env["RUNPLANE_API_URL"] = f"127.0.0.1:{self.standby_ports[-1]}"
         argv = [*self.exe, "executor", "--tasks", "bench.tasks_runplane"]
         if "--processes" in self._flags:
             argv += ["--processes", str(profile.procs)]
@@ -250,8 +289,13 @@ class Runplane(System):
 
     def describe(self, profile: Profile) -> str:
         db = "PostgreSQL (asyncpg)" if self.backend == "pg" else "SQLite (aiosqlite)"
+        schedulers = (
+            f"{self.replicas} scheduler replicas (1 leads; calls spread over all, forwarded)"
+            if self.replicas > 1
+            else "1 scheduler"
+        )
         return (
-            f"1 scheduler + 1 executor --processes {profile.procs} --capacity {profile.total}; "
+            f"{schedulers} + 1 executor --processes {profile.procs} --capacity {profile.total}; "
             f"{db}; own nats-server -js"
         )
 
@@ -265,3 +309,17 @@ class RunplanePG(Runplane):
 
 class RunplaneSQLite(Runplane):
     backend = "sqlite"
+
+
+class RunplanePG2(RunplanePG):
+    """W1 and W1C with 2 scheduler replicas (a leader and a standby that forwards)."""
+
+    replicas = 2
+    suffix = "-2rep"
+    workloads = ("W1", "W1C")
+
+
+class RunplanePG3(RunplanePG):
+    replicas = 3
+    suffix = "-3rep"
+    workloads = ("W1", "W1C")

@@ -101,7 +101,9 @@ class ForwardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = error.code()
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.info("forwarding %s to %s: %s", method, address, error.details())
-                await context.abort(code, error.details() or "", error.trailing_metadata())
+                # Its trailers (the status's details among them) go back as they came.
+                trailers = tuple(error.trailing_metadata() or ())
+                await context.abort(code, error.details() or "", trailers)
             raise error
 
         if handler.unary_unary:

@@ -158,7 +158,14 @@ class Scheduler:
         self.port = await self.server.start(self.settings.listen)
         leadership = self.leadership
         leadership.grpc_address = self.settings.advertise or f"{advertised(host)}:{self.port}"
-        leadership.http_address = self.http_url
+        # Replica to replica: the address this one's HTTP port is reached at, not the public
+        # URL of the tokens (which may name a load balancer in front of every replica).
+        http_host = http_listen.rsplit(":", 1)[0]
+        leadership.http_address = f"{scheme}://{advertised(http_host)}:{http_port}"
+        if self.settings.advertise:
+            leadership.http_address = (
+                f"{scheme}://{self.settings.advertise.rsplit(':', 1)[0]}:{http_port}"
+            )
         if await leadership.try_take():
             await self._lead()
         elif leadership.lease is not None:

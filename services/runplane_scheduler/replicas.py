@@ -127,6 +127,10 @@ class Leadership:
     def start(self, take_over: Callable[[], Awaitable[None]]) -> None:
         """Keep the lease while leading; while standing by, watch it and, once it lapses, take
         it and call ``take_over`` (which starts the engine and calls :meth:`led`)."""
+        if self.single:
+            # SQLite: the file lock is the lease, held for the process's life; nothing to renew,
+            # and a second writer on the file would only contend with the engine's.
+            return
         self._task = asyncio.create_task(self._loop(take_over), name="replica-lease")
 
     async def _loop(self, take_over: Callable[[], Awaitable[None]]) -> None:

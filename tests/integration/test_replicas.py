@@ -120,6 +120,13 @@ async def test_a_standby_forwards_calls_and_an_executors_stream_then_takes_over(
     run = await client.runs.poll(handle, timeout=60)
     assert run.status is runplane.RunStatus.COMPLETED
     assert run.output["message"] == "Hello, standby!"
+    # A refusal comes back as the leader gave it: status, message and details.
+    with pytest.raises(runplane.ApiError) as missing:
+        await client.runs.retrieve("run_" + "0" * 26)
+    assert missing.value.code is grpc.StatusCode.NOT_FOUND, missing.value
+    with pytest.raises(runplane.ApiError) as bad:
+        await client.tasks.trigger("hello-world", {"name": "x"}, tags=["x" * 200])
+    assert bad.value.code is grpc.StatusCode.INVALID_ARGUMENT and bad.value.field, bad.value
     # The leader stops cleanly: it gives the lease up and the standby leads at once.
     await cluster.scheduler.stop()
     await eventually(lambda: _leads(standby), timeout=30, description="the standby leads")

@@ -27,6 +27,8 @@ log = logging.getLogger("runplane.scheduler.http")
 
 PATH = re.compile(r"^/api/v1/waitpoints/tokens/(waitpoint_[0-9a-z]{1,36})/complete\Z")
 MAX_BODY = 3 * 1024 * 1024
+# Set on a completion a standby forwards to the leader (see TokenHttpServer._forward).
+FORWARDED = "x-runplane-forwarded-by"
 
 
 class _BadRequest(ValueError):
@@ -119,11 +121,13 @@ class TokenHttpServer:
             raise _BadRequest("malformed request line (expected: METHOD /path HTTP/1.1)")
         method, target, _ = parts
         length = 0
+        forwarded = False
         while True:
             line = (await reader.readline()).decode("latin-1").strip()
             if not line:
                 break
             name, _, value = line.partition(":")
+            forwarded = forwarded or name.strip().lower() == FORWARDED
             if name.strip().lower() == "content-length":
                 if not (value.strip().isascii() and value.strip().isdigit()):
                     raise _BadRequest(f"Content-Length {value.strip()[:40]!r} is not a number")
@@ -150,6 +154,8 @@ class TokenHttpServer:
         except Unavailable as error:
             return 503, {"error": str(error)}
         if leader is not None:
+            if forwarded:  # the leader changed meanwhile: never a second hop
+                return 503, {"error": "this scheduler replica does not lead now; retry"}
             return await self._forward(leader, target, body)
         secret = parse_qs(url.query).get("secret", [""])[0]
         try:
@@ -181,7 +187,7 @@ class TokenHttpServer:
         try:
             writer.write(
                 f"POST {target} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                "Content-Type: application/json\r\n"
+                f"Content-Type: application/json\r\n{FORWARDED}: 1\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )

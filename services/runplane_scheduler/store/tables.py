@@ -237,6 +237,11 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("pool_pre_ping", True)
+    if "asyncpg" in url:
+        # A transaction left open by a process that froze (paused, cut off) is ended by the
+        # server, so it cannot hold the replicas' lease row, and a takeover, for ever.
+        settings = {"idle_in_transaction_session_timeout": "15000"}
+        kwargs.setdefault("connect_args", {}).setdefault("server_settings", settings)
     return create_async_engine(url, **kwargs)
 
 
