@@ -1,6 +1,7 @@
 """deploy/compose.yaml's structure: valid against the Compose specification (the Rust
 ``compose_spec`` parser, through the ``compose-spec`` package); the services issue 15 lists,
-each with its image, command, environment and healthcheck; start order by depends_on
+each with its image, command, environment and healthcheck; two scheduler replicas behind one
+network alias, each with its own name and advertised address; start order by depends_on
 conditions; secrets only in the env files, which are git-ignored and made from the committed
 examples."""
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.compose import LoopbackPorts, network_aliases
 from tests.helpers.deploy import (
     DEPLOY,
     DOCKERFILE,
@@ -30,11 +32,13 @@ from tests.helpers.deploy import (
 from tests.helpers.unavailable import unavailable
 
 NATS = ("nats-1", "nats-2", "nats-3")
-RUNPLANE = ("migrate", "scheduler", "executor-1", "executor-2", "realtime", "dashboard")
+SCHEDULERS = ("scheduler-1", "scheduler-2")
+RUNPLANE = ("migrate", *SCHEDULERS, "executor-1", "executor-2", "realtime", "dashboard")
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 # What a service's healthcheck URL must reach: its HTTP port in the image (the Dockerfile's ENV).
 HTTP_PORT_SETTING = {
-    "scheduler": "RUNPLANE_SCHEDULER_HTTP_LISTEN",
+    "scheduler-1": "RUNPLANE_SCHEDULER_HTTP_LISTEN",
+    "scheduler-2": "RUNPLANE_SCHEDULER_HTTP_LISTEN",
     "executor-1": "RUNPLANE_EXECUTOR_HTTP_LISTEN",
     "executor-2": "RUNPLANE_EXECUTOR_HTTP_LISTEN",
     "realtime": "RUNPLANE_REALTIME_HTTP_LISTEN",
@@ -68,10 +72,11 @@ def test_it_is_valid_compose(compose_spec: ModuleType) -> None:
 @pytest.mark.parametrize(
     ("where", "key", "value", "error"),
     [
-        (("services", "scheduler"), "healtcheck", {"test": ["CMD", "true"]}, "healtcheck"),
-        (("services", "scheduler", "healthcheck"), "interval", "5 sec", "duration unit"),
+        (("services", "scheduler-1"), "healtcheck", {"test": ["CMD", "true"]}, "healtcheck"),
+        (("services", "scheduler-1", "healthcheck"), "interval", "5 sec", "duration unit"),
+        (("services", "scheduler-2", "networks", "default"), "alias", ["scheduler"], "alias"),
         (
-            ("services", "realtime", "depends_on", "scheduler"),
+            ("services", "realtime", "depends_on", "scheduler-1"),
             "condition",
             "service_ready",
             "unknown variant",
@@ -118,11 +123,35 @@ def test_runplane_services_run_the_image_with_a_service_command() -> None:
     assert services()["migrate"]["command"] == ["db", "upgrade"]
 
 
-def test_one_scheduler_until_scheduler_replicas_exist() -> None:
-    """Two schedulers on one database would both dispatch (issue 15 brings replicas)."""
-    schedulers = [s for s in services().values() if s.get("command", [None])[0] == "scheduler"]
-    assert len(schedulers) == 1
-    assert schedulers[0].get("deploy", {}).get("replicas", 1) == 1
+def test_scheduler_replicas_share_an_alias_with_their_own_names_and_addresses() -> None:
+    """Two schedulers on one database: one leads, the other stands by and forwards to the
+    address the leader advertises (its own service name, never the shared alias)."""
+    all_services = services()
+    schedulers = {
+        n: s for n, s in all_services.items() if s.get("command", [None])[0] == "scheduler"
+    }
+    assert set(schedulers) == set(SCHEDULERS)
+    host_ports = set()
+    for name, service in schedulers.items():
+        assert service.get("deploy", {}).get("replicas", 1) == 1, name  # named copies instead
+        assert service["networks"]["default"]["aliases"] == ["scheduler"], name
+        env = environment(service)
+        assert env["RUNPLANE_REPLICA_ID"] == name
+        assert env["RUNPLANE_ADVERTISE"] == f"{name}:7070"
+        # The leader's wait-token endpoint, where a standby forwards a POST it is sent.
+        assert env["RUNPLANE_SCHEDULER_HTTP_URL"] == f"http://{name}:7074"
+        assert service["env_file"] == ["runplane.env"], name  # RUNPLANE_DATABASE_URL
+        # Crash-only: a leader that lost its lease exits non-zero and comes back as a standby.
+        assert service["restart"] in ("always", "unless-stopped", "on-failure"), name
+        (mapping,) = service["ports"]
+        host, _, container = mapping.rpartition(":")
+        assert container == "7070" and host.startswith("127.0.0.1:"), (name, mapping)
+        host_ports.add(host)
+    assert len(host_ports) == len(SCHEDULERS)
+    # Every other service reaches the schedulers by the alias, whichever leads.
+    for name in RUNPLANE:
+        assert environment(all_services[name])["RUNPLANE_API_URL"] == "scheduler:7070", name
+    assert "scheduler" not in all_services
 
 
 def test_healthchecks_reach_the_port_the_service_listens_on() -> None:
@@ -149,11 +178,13 @@ def test_depends_on_names_services_with_known_conditions_and_no_cycle() -> None:
         ]
         assert ready, f"a depends_on cycle among {set(all_services) - set(order)}"
         order.extend(sorted(ready))
-    scheduler = all_services["scheduler"]["depends_on"]
-    assert scheduler["migrate"]["condition"] == "service_completed_successfully"
-    assert {scheduler[n]["condition"] for n in NATS} == {"service_healthy"}
-    for name in ("executor-1", "executor-2", "realtime"):
-        assert all_services[name]["depends_on"]["scheduler"]["condition"] == "service_healthy"
+    for replica in SCHEDULERS:
+        scheduler = all_services[replica]["depends_on"]
+        assert scheduler["migrate"]["condition"] == "service_completed_successfully"
+        assert {scheduler[n]["condition"] for n in NATS} == {"service_healthy"}
+        for name in ("executor-1", "executor-2", "realtime", "dashboard"):
+            depends_on = all_services[name]["depends_on"]
+            assert depends_on[replica]["condition"] == "service_healthy", name
 
 
 def test_nats_nodes_form_one_jetstream_cluster() -> None:
@@ -181,3 +212,17 @@ def test_secrets_come_from_git_ignored_env_files_made_from_the_examples() -> Non
     for name, service in services().items():
         for key in environment(service):
             assert not key.endswith(("_KEY", "PASSWORD", "DATABASE_URL")), (name, key)
+
+
+def test_the_process_topology_resolves_the_alias_to_every_replica() -> None:
+    """tests/helpers/compose.py: ``scheduler:7070`` as a gRPC target lists both replicas'
+    loopback ports (as Compose's DNS answers with both); in a URL it names the first; each
+    replica's own addresses stay its own."""
+    all_services = services()
+    ports = LoopbackPorts(set(all_services), network_aliases(all_services))
+    assert ports.aliases == {"scheduler": list(SCHEDULERS)}
+    one, two = (f"127.0.0.1:{ports.port(name, 7070)}" for name in SCHEDULERS)
+    assert ports.rewrite("scheduler:7070", "realtime") == f"ipv4:{one},{two}"
+    assert ports.rewrite("http://scheduler:7070/x", "realtime") == f"http://{one}/x"
+    assert ports.rewrite("scheduler-2:7070", "scheduler-2") == two
+    assert ports.rewrite("0.0.0.0:7070", "scheduler-2") == two

@@ -120,10 +120,51 @@ def test_the_chart_has_every_component(helm: ModuleType) -> None:
     hpa = by_kind(objects, "HorizontalPodAutoscaler")["rp-runplane-executor"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "rp-runplane-executor"
     assert "replicas" not in deployments["rp-runplane-executor"]["spec"]  # the HPA owns it
-    # ONE scheduler until scheduler replicas land (issue 15), and never two during an upgrade.
-    scheduler = deployments["rp-runplane-scheduler"]["spec"]
-    assert scheduler["replicas"] == 1 and scheduler["strategy"] == {"type": "Recreate"}
     assert not any(o["kind"] in ("StatefulSet", "Secret") for o in objects)
+
+
+def test_schedulers_are_replicas_that_roll_and_advertise_their_own_pod(helm: ModuleType) -> None:
+    """One leads, the others stand by: a rolling update starts a standby before it stops a
+    pod (writes are fenced), and each replica is named and reached by its own pod."""
+    objects = render(helm, REQUIRED)
+    scheduler = by_kind(objects, "Deployment")["rp-runplane-scheduler"]["spec"]
+    assert scheduler["replicas"] == 2
+    assert scheduler["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    (container,) = scheduler["template"]["spec"]["containers"]
+    env = {v["name"]: v for v in container["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    names = [v["name"] for v in container["env"]]
+    # $(VAR) expands only variables defined earlier in the list.
+    for setting, value in [
+        ("RUNPLANE_REPLICA_ID", "$(POD_NAME)"),
+        ("RUNPLANE_ADVERTISE", "$(POD_IP):7070"),
+        ("RUNPLANE_SCHEDULER_HTTP_URL", "http://$(POD_IP):7074"),
+    ]:
+        assert env[setting]["value"] == value, setting
+        used = re.search(r"\$\((\w+)\)", value)
+        assert used and names.index(setting) > names.index(used.group(1)), setting
+    # Clients reach whichever replica through the Service; a standby forwards.
+    assert env["RUNPLANE_API_URL"]["value"] == "rp-runplane-scheduler:7070"
+    # A drain keeps one replica; with one, the PDB is the others' (at most one unavailable).
+    pdb = by_kind(objects, "PodDisruptionBudget")["rp-runplane-scheduler"]["spec"]
+    assert pdb["minAvailable"] == 1 and "maxUnavailable" not in pdb
+    one = {**REQUIRED, "scheduler": {"replicas": 1, "resources": {}}}
+    pdb = by_kind(render(helm, one), "PodDisruptionBudget")["rp-runplane-scheduler"]["spec"]
+    assert pdb == {**pdb, "maxUnavailable": 1} and "minAvailable" not in pdb
+
+
+def test_an_operators_scheduler_http_url_is_not_overridden(helm: ModuleType) -> None:
+    values = {**REQUIRED, "env": {"RUNPLANE_SCHEDULER_HTTP_URL": "https://hooks.example.com"}}
+    objects = render(helm, values)
+    (container,) = by_kind(objects, "Deployment")["rp-runplane-scheduler"]["spec"]["template"][
+        "spec"
+    ]["containers"]
+    urls = [v["value"] for v in container["env"] if v["name"] == "RUNPLANE_SCHEDULER_HTTP_URL"]
+    assert urls == ["https://hooks.example.com"]
 
 
 def test_the_migration_job_is_a_pre_install_and_pre_upgrade_hook(helm: ModuleType) -> None:
@@ -171,19 +212,34 @@ def test_without_the_database_secret_rendering_fails_naming_it(helm: ModuleType)
         render(helm, {"keys": {"existingSecret": "runplane-keys"}})
 
 
+SCHEDULER = {"resources": {}}
+
+
 @pytest.mark.parametrize(
     ("values", "error"),
     [
         ({"executr": {"replicas": 3}}, "additional properties 'executr' not allowed"),
-        ({"scheduler": {"replicas": 2}}, "/scheduler/replicas"),  # one until issue 15
+        ({"scheduler": {**SCHEDULER, "replicas": 0}}, "/scheduler/replicas"),
+        ({"scheduler": {**SCHEDULER, "replicas": "2"}}, "/scheduler/replicas"),
+        ({"scheduler": {**SCHEDULER, "replica": 2}}, "additional properties 'replica'"),
         ({"nats": {"url": "nats-0:4222", "replicas": 3}}, "/nats/url"),
     ],
 )
-def test_values_schema_refuses_typos_and_two_schedulers(
+def test_values_schema_refuses_typos_and_no_scheduler(
     helm: ModuleType, values: dict[str, Any], error: str
 ) -> None:
     with pytest.raises(helm.HelmValuesError, match=re.escape(error)):
         render(helm, {**REQUIRED, **values})
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_values_schema_accepts_any_number_of_scheduler_replicas(
+    helm: ModuleType, kubernetes_validate: ModuleType, replicas: int
+) -> None:
+    objects = render(helm, {**REQUIRED, "scheduler": {**SCHEDULER, "replicas": replicas}})
+    assert by_kind(objects, "Deployment")["rp-runplane-scheduler"]["spec"]["replicas"] == replicas
+    for o in objects:
+        kubernetes_validate.validate(o, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_services_use_a_nats_cluster_with_three_stream_replicas(helm: ModuleType) -> None:

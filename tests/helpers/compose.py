@@ -1,7 +1,12 @@
 """What deploy/compose.yaml describes, started as local processes: each service's command and
 environment as its container would have them (the image's ENV, the env files made from the
 examples, the service's own environment), with every ``host:port`` of a service rewritten to a
-free loopback port, started in depends_on order and waited on by their own healthchecks."""
+free loopback port, started in depends_on order and waited on by their own healthchecks.
+
+A network alias several services share (the scheduler replicas' ``scheduler``) resolves to all
+of them in Compose: as a whole setting value (a gRPC target) it becomes gRPC's address list,
+``ipv4:127.0.0.1:P1,127.0.0.1:P2``, whose addresses a channel tries in turn as it would the A
+records of the name; inside a URL (HTTP) it becomes the first service's address."""
 
 from __future__ import annotations
 
@@ -40,10 +45,12 @@ NATS_OWN_OPTIONS = ("--jetstream", "--store_dir", "--port")
 
 
 class LoopbackPorts:
-    """One free loopback port per (service, container port), the same wherever it is named."""
+    """One free loopback port per (service, container port), the same wherever it is named.
+    ``aliases``: each network alias and the services that answer to it, in order."""
 
-    def __init__(self, services: set[str]) -> None:
+    def __init__(self, services: set[str], aliases: dict[str, list[str]] | None = None) -> None:
         self.services = services
+        self.aliases = aliases or {}
         self.ports: dict[tuple[str, int], int] = {}
 
     def port(self, service: str, port: int) -> int:
@@ -53,16 +60,37 @@ class LoopbackPorts:
 
     def rewrite(self, text: str, service: str) -> str:
         """``text`` with each ``host:port`` of a service (or, for ``service``'s own addresses,
-        ``0.0.0.0``/``127.0.0.1``/``localhost``) as its loopback address."""
+        ``0.0.0.0``/``127.0.0.1``/``localhost``) as its loopback address. A whole ``alias:port``
+        becomes the gRPC address list of the alias's services; in a URL, the first one's."""
+        whole = re.fullmatch(r"(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d+)", text)
+        if whole and whole.group("host") in self.aliases:
+            port = int(whole.group("port"))
+            targets = self.aliases[whole.group("host")]
+            return "ipv4:" + ",".join(f"{LOOPBACK}:{self.port(t, port)}" for t in targets)
 
         def local(match: re.Match[str]) -> str:
             host, port = match.group("host"), int(match.group("port"))
             target = service if host in LOCAL_HOSTS else host
+            target = self.aliases.get(target, [target])[0]
             if target not in self.services:
                 return match.group(0)
             return f"{LOOPBACK}:{self.port(target, port)}"
 
         return re.sub(r"(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d+)\b", local, text)
+
+
+def network_aliases(services: dict[str, Any]) -> dict[str, list[str]]:
+    """Each network alias (``networks: {NET: {aliases: [...]}}``) and the services with it."""
+    aliases: dict[str, list[str]] = {}
+    for name, service in services.items():
+        networks = service.get("networks") or {}
+        if isinstance(networks, list):  # the short form names networks and gives no aliases
+            continue
+        for network in networks.values():
+            for alias in (network or {}).get("aliases", []):
+                assert alias not in services, f"alias {alias} is also a service's name"
+                aliases.setdefault(alias, []).append(name)
+    return aliases
 
 
 def start_order(services: dict[str, Any]) -> list[str]:
@@ -92,7 +120,7 @@ class ComposeProcesses:
         self.tmp = tmp
         self.database_url = database_url
         self.nats_binary = nats_binary
-        self.ports = LoopbackPorts(set(self.services))
+        self.ports = LoopbackPorts(set(self.services), network_aliases(self.services))
         self.nats: dict[str, NatsServer] = {}
         self.processes: dict[str, ServiceProcess] = {}
         self.keys: dict[str, str] = {}
@@ -227,6 +255,12 @@ class ComposeProcesses:
         except OSError:
             return False
         return True
+
+    async def restart(self, name: str) -> None:
+        """Start a stopped service again (its restart policy) and wait on its healthcheck."""
+        self._healthy.discard(name)
+        self.processes[name].start()
+        await self.wait_healthy(name)
 
     async def down(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.processes.values()))
