@@ -285,6 +285,7 @@ class ScheduleRunner:
             metadata="{}",
             max_attempts=0,
             idempotency_key=f"schedule:{schedule_id}:{tick}",
+            schedule_tick=f"{schedule_id}:{tick}",
             concurrency_key="",
             priority=0,
         )

@@ -63,6 +63,8 @@ class TriggerSpec:
     debounce: Debounce | None = None
     # The worker version to lock to ('': the parent's, else the task's current one).
     version: str = ""
+    # A schedule's tick ("schedule id:tick"): at most one run is ever made for it.
+    schedule_tick: str = ""
 
 
 @dataclass(frozen=True)

@@ -378,6 +378,7 @@ class Triggering:
             "max_duration_ms": spec.max_duration_ms,
             "machine": spec.machine,
             "replayed_from_run_id": spec.replayed_from_run_id or None,
+            "schedule_tick": spec.schedule_tick or None,
             "started_at": None,
             "finished_at": None,
             "duration_ms": 0,

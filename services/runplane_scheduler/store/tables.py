@@ -103,7 +103,17 @@ runs = Table(
     # Set while a run waits in PENDING_VERSION after leaving WAITING (its waits completed and
     # no executor of its version was connected): 'WAITING', so it resumes rather than restarts.
     Column("parked_from", String(16)),
+    # A schedule's run: "schedule id:tick". Unique, so one tick makes one run whatever races
+    # (replicas, retries), beyond what its idempotency key (which can expire) promises.
+    Column("schedule_tick", String(80)),
     Index("ix_runs_env_id", "environment_id", "id"),
+    Index(
+        "ux_runs_schedule_tick",
+        "schedule_tick",
+        unique=True,
+        sqlite_where=sqlalchemy.text("schedule_tick IS NOT NULL"),
+        postgresql_where=sqlalchemy.text("schedule_tick IS NOT NULL"),
+    ),
     Index("ix_runs_status", "status"),
     Index("ix_runs_idempotency", "environment_id", "task_id", "idempotency_key"),
     Index("ix_runs_batch", "batch_id"),
